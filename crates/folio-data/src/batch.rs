@@ -1,0 +1,187 @@
+//! A client's ids → training batches, as the tutorial builds them: chunks of
+//! `seq_len + 1` ids, a shuffle buffer, batches with input = chunk[..seq_len] and
+//! target = chunk[1..]. The padded variant keeps the last partial chunk and batch
+//! (masked), so that short clients still contribute.
+
+use crate::rng::SplitMix64;
+
+/// The tutorial's sequence length.
+pub const SEQ_LEN: usize = 100;
+/// The tutorial's batch size.
+pub const BATCH_SIZE: usize = 8;
+/// The tutorial's shuffle buffer.
+pub const SHUFFLE_BUFFER: usize = 100;
+/// Id written at padded positions; they carry mask 0, so its value never matters.
+pub const PAD_ID: u32 = 0;
+
+/// What happens to a last chunk or batch that is not full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Remainder {
+    /// Dropped, as the tutorial does: clients under one full batch give nothing.
+    Drop,
+    /// Padded with [`PAD_ID`] and masked out.
+    #[default]
+    Pad,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchConfig {
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub shuffle_buffer: usize,
+    pub seed: u64,
+    pub remainder: Remainder,
+}
+
+impl BatchConfig {
+    /// The tutorial's pipeline: 8 × 100, buffer 100, drop remainder.
+    pub fn tutorial(seed: u64) -> Self {
+        Self {
+            seq_len: SEQ_LEN,
+            batch_size: BATCH_SIZE,
+            shuffle_buffer: SHUFFLE_BUFFER,
+            seed,
+            remainder: Remainder::Drop,
+        }
+    }
+
+    /// The tutorial's shapes with the last partial chunk and batch padded.
+    pub fn padded(seed: u64) -> Self {
+        Self {
+            remainder: Remainder::Pad,
+            ..Self::tutorial(seed)
+        }
+    }
+
+    /// Ids one full batch consumes.
+    pub fn ids_per_batch(&self) -> usize {
+        self.batch_size * (self.seq_len + 1)
+    }
+}
+
+/// One batch, row-major `[batch_size, seq_len]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub inputs: Vec<u32>,
+    pub targets: Vec<u32>,
+    /// 1.0 where the target is real, 0.0 where it is padding.
+    pub mask: Vec<f32>,
+}
+
+impl Batch {
+    /// Number of real (unmasked) target positions.
+    pub fn real_targets(&self) -> usize {
+        self.mask.iter().filter(|&&m| m > 0.0).count()
+    }
+}
+
+/// Number of batches [`batches`] yields for `len` ids, without building them.
+pub fn batch_count(len: usize, config: &BatchConfig) -> usize {
+    let chunk = config.seq_len + 1;
+    match config.remainder {
+        Remainder::Drop => len / chunk / config.batch_size,
+        Remainder::Pad => {
+            let chunks = len / chunk + usize::from(len % chunk >= 2);
+            chunks.div_ceil(config.batch_size)
+        }
+    }
+}
+
+/// Builds the batches of one client's ids.
+pub fn batches(ids: &[u32], config: &BatchConfig) -> Vec<Batch> {
+    let chunk_len = config.seq_len + 1;
+    let mut chunks: Vec<&[u32]> = ids.chunks(chunk_len).collect();
+    match config.remainder {
+        // A last chunk of one id has no target: it carries nothing even padded.
+        Remainder::Pad => chunks.retain(|c| c.len() >= 2),
+        Remainder::Drop => chunks.retain(|c| c.len() == chunk_len),
+    }
+    let chunks = shuffle_with_buffer(chunks, config.shuffle_buffer, config.seed);
+    let groups = chunks.chunks(config.batch_size);
+    groups
+        .filter(|group| config.remainder == Remainder::Pad || group.len() == config.batch_size)
+        .map(|group| assemble(group, config))
+        .collect()
+}
+
+fn assemble(rows: &[&[u32]], config: &BatchConfig) -> Batch {
+    let (b, t) = (config.batch_size, config.seq_len);
+    let mut batch = Batch {
+        batch_size: b,
+        seq_len: t,
+        inputs: vec![PAD_ID; b * t],
+        targets: vec![PAD_ID; b * t],
+        mask: vec![0.0; b * t],
+    };
+    for (row, chunk) in rows.iter().enumerate() {
+        let real = chunk.len() - 1;
+        let at = row * t;
+        batch.inputs[at..at + real].copy_from_slice(&chunk[..real]);
+        batch.targets[at..at + real].copy_from_slice(&chunk[1..]);
+        batch.mask[at..at + real].fill(1.0);
+    }
+    batch
+}
+
+/// `tf.data.Dataset.shuffle(buffer)`: keep a buffer of `buffer` items, emit a
+/// random one and refill its slot from the input.
+fn shuffle_with_buffer<T>(items: Vec<T>, buffer: usize, seed: u64) -> Vec<T> {
+    let mut rng = SplitMix64::new(seed);
+    let mut input = items.into_iter();
+    let mut pool: Vec<T> = input.by_ref().take(buffer.max(1)).collect();
+    let mut out = Vec::with_capacity(pool.len() + input.len());
+    for next in input {
+        let pick = rng.below(pool.len());
+        out.push(std::mem::replace(&mut pool[pick], next));
+    }
+    while !pool.is_empty() {
+        let pick = rng.below(pool.len());
+        out.push(pool.swap_remove(pick));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| i % 86).collect()
+    }
+
+    #[test]
+    fn shuffle_is_a_seeded_permutation() {
+        let items: Vec<u32> = (0..1000).collect();
+        let a = shuffle_with_buffer(items.clone(), 100, 3);
+        assert_eq!(a, shuffle_with_buffer(items.clone(), 100, 3));
+        assert_ne!(a, shuffle_with_buffer(items.clone(), 100, 4));
+        assert_ne!(a, items);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, items);
+    }
+
+    #[test]
+    fn counts_match_built_batches() {
+        for len in [0, 1, 2, 100, 101, 102, 807, 808, 809, 5000, 8080] {
+            for config in [BatchConfig::tutorial(1), BatchConfig::padded(1)] {
+                assert_eq!(
+                    batches(&ramp(len), &config).len(),
+                    batch_count(len, &config),
+                    "len {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn padded_batches_mask_exactly_the_missing_targets() {
+        let ids = ramp(3 * 101 + 50);
+        let all = batches(&ids, &BatchConfig::padded(9));
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].real_targets(), 3 * 100 + 49);
+        assert!(batches(&ids, &BatchConfig::tutorial(9)).is_empty());
+    }
+}

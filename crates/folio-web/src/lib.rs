@@ -1,0 +1,49 @@
+//! The browser side of folio: what the page calls through wasm-bindgen.
+
+use js_sys::{Function, Promise, Reflect};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+
+/// Text → vocabulary ids, under the same out-of-vocabulary policy as the server.
+#[wasm_bindgen(js_name = encodeText)]
+pub fn encode_text(text: &str) -> Vec<u32> {
+    folio_data::vocab::encode(text).0
+}
+
+/// Vocabulary ids → text.
+#[wasm_bindgen(js_name = decodeIds)]
+pub fn decode_ids(ids: &[u32]) -> String {
+    folio_data::vocab::decode(ids)
+}
+
+/// Describes the browser's WebGPU adapter (`vendor architecture`), or `None` when
+/// the browser has no WebGPU or no adapter (the CPU fallback then trains).
+#[wasm_bindgen(js_name = webgpuAdapter)]
+pub async fn webgpu_adapter() -> Option<String> {
+    let navigator = Reflect::get(&js_sys::global(), &"navigator".into()).ok()?;
+    let gpu = Reflect::get(&navigator, &"gpu".into()).ok()?;
+    if gpu.is_undefined() {
+        return None;
+    }
+    let request: Function = Reflect::get(&gpu, &"requestAdapter".into())
+        .ok()?
+        .dyn_into()
+        .ok()?;
+    let promise: Promise = request.call0(&gpu).ok()?.dyn_into().ok()?;
+    let adapter = JsFuture::from(promise).await.ok()?;
+    if adapter.is_null() || adapter.is_undefined() {
+        return None;
+    }
+    let info = Reflect::get(&adapter, &"info".into()).ok()?;
+    let field = |name: &str| {
+        Reflect::get(&info, &name.into())
+            .ok()
+            .and_then(|v| v.as_string())
+            .unwrap_or_default()
+    };
+    Some(
+        format!("{} {}", field("vendor"), field("architecture"))
+            .trim()
+            .to_owned(),
+    )
+}
