@@ -1,8 +1,11 @@
 //! `folio`: the command line of the federated char-RNN.
 
+mod bench;
 mod data;
+mod model;
+mod pretrain;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +29,15 @@ enum Command {
     /// Inspect the federated Shakespeare dataset.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Central training on a text corpus (Dickens by default).
+    Pretrain(pretrain::PretrainArgs),
+    /// Loss and accuracy of a checkpoint on a client's data or on random text.
+    Eval(model::EvalArgs),
+    /// Text from a checkpoint, streamed as it is sampled.
+    Generate(model::GenerateArgs),
+    /// Benchmarks that print figures measured side by side.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +45,10 @@ fn main() -> ExitCode {
     let data_dir = cli.data_dir.unwrap_or_else(data::default_data_dir);
     let result = match cli.command {
         Command::Data(command) => data::run(command, &data_dir),
+        Command::Bench(command) => bench::run(command),
+        Command::Eval(args) => model::eval(args, &data_dir),
+        Command::Generate(args) => model::generate_text(args),
+        Command::Pretrain(args) => pretrain::run(args, Path::new(".")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

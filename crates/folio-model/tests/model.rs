@@ -1,0 +1,231 @@
+//! The char-RNN on flex, small preset, real text (the Dickens books in the repo).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::prelude::*;
+use folio_data::batch::batches;
+use folio_data::dickens::{default_dickens_files, load_books};
+use folio_data::{Batch, BatchConfig, vocab};
+use folio_model::checkpoint::{self, Precision};
+use folio_model::eval::{evaluate, random_batches};
+use folio_model::generate::{GenerateConfig, generate};
+use folio_model::params::{apply_delta, delta};
+use folio_model::train::{BatchTensors, loss_and_gradients};
+use folio_model::{CharRnn, ModelConfig, OptimizerKind, Preset, TrainConfig, Trainer};
+use pollster::block_on;
+
+fn small() -> ModelConfig {
+    Preset::Small.config()
+}
+
+fn dickens_batches(count: usize) -> Vec<Batch> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let books = load_books(&default_dickens_files(&root)).unwrap();
+    let (ids, _) = vocab::encode(&books[1][..60_000]);
+    let mut all = batches(&ids, &BatchConfig::tutorial(7));
+    all.truncate(count);
+    assert_eq!(all.len(), count, "not enough text");
+    all
+}
+
+fn logits(model: &CharRnn, batch: &Batch) -> Vec<f32> {
+    let tensors = BatchTensors::new(batch, &model.embeddings.device());
+    let (logits, _) = model.forward(tensors.inputs, None);
+    logits.into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn one_sgd_step_lowers_the_loss_on_a_fixed_batch() {
+    let batch = &dickens_batches(1)[0];
+    let device = Device::flex().autodiff();
+    let mut trainer = Trainer::new(CharRnn::init(small(), 1, &device), TrainConfig::tutorial());
+    let before = block_on(trainer.step(batch).read()).unwrap();
+    let after = block_on(evaluate(trainer.model(), std::slice::from_ref(batch))).unwrap();
+    assert!(
+        after.loss < before.loss,
+        "{} -> {}",
+        before.loss,
+        after.loss
+    );
+    assert_eq!(before.targets, 800);
+}
+
+#[test]
+fn a_few_dozen_steps_overfit_a_tiny_corpus() {
+    let batch = &dickens_batches(1)[0];
+    let device = Device::flex().autodiff();
+    let config = TrainConfig {
+        optimizer: OptimizerKind::Adam,
+        learning_rate: 0.02,
+        clip_norm: Some(5.0),
+    };
+    let mut trainer = Trainer::new(CharRnn::init(small(), 2, &device), config);
+    for _ in 0..60 {
+        trainer.step(batch);
+    }
+    let fitted = block_on(evaluate(trainer.model(), std::slice::from_ref(batch))).unwrap();
+    assert!(fitted.accuracy > 0.9, "accuracy {}", fitted.accuracy);
+}
+
+#[test]
+fn flat_parameters_round_trip_exactly_and_deltas_apply() {
+    let device = Device::flex().autodiff();
+    let model = CharRnn::init(small(), 3, &device);
+    let old = block_on(model.to_flat()).unwrap();
+    assert_eq!(old.len(), small().num_params());
+    let rebuilt = CharRnn::from_flat(small(), &old, &device).unwrap();
+    assert_eq!(block_on(rebuilt.to_flat()).unwrap(), old);
+
+    let mut trainer = Trainer::new(rebuilt, TrainConfig::tutorial());
+    trainer.step(&dickens_batches(1)[0]);
+    let new = block_on(trainer.model().to_flat()).unwrap();
+    let d = delta(&new, &old);
+    assert!(d.iter().any(|&x| x != 0.0));
+    let mut applied = old.clone();
+    apply_delta(&mut applied, &d);
+    assert_eq!(applied, new, "old + (new - old) must be new");
+
+    let err = CharRnn::from_flat(small(), &old[1..], &device).unwrap_err();
+    assert!(err.to_string().contains("needs"), "{err}");
+}
+
+#[test]
+fn checkpoints_round_trip_to_the_same_logits() {
+    let device = Device::flex();
+    let model = CharRnn::init(small(), 4, &device);
+    let weights = block_on(model.to_flat()).unwrap();
+    let batch = &dickens_batches(1)[0];
+    let reference = logits(&model, batch);
+    let extra = BTreeMap::from([("note".to_owned(), "test".to_owned())]);
+
+    let bytes = checkpoint::encode(small(), &weights, Precision::F32, &extra).unwrap();
+    let loaded = checkpoint::decode(&bytes, Some(small())).unwrap();
+    assert_eq!(loaded.weights, weights);
+    assert_eq!(loaded.metadata["note"], "test");
+    let reloaded = CharRnn::from_flat(loaded.config, &loaded.weights, &device).unwrap();
+    assert_eq!(logits(&reloaded, batch), reference);
+
+    let half = checkpoint::encode(small(), &weights, Precision::F16, &extra).unwrap();
+    assert!(half.len() < bytes.len() * 6 / 10);
+    let loaded = checkpoint::decode(&half, None).unwrap();
+    let reloaded = CharRnn::from_flat(loaded.config, &loaded.weights, &device).unwrap();
+    assert!(max_abs_diff(&logits(&reloaded, batch), &reference) < 1e-2);
+
+    let seed = checkpoint::decode(&bytes, Some(Preset::Seed.config())).unwrap_err();
+    assert!(seed.to_string().contains("expected"), "{seed}");
+    let garbage = checkpoint::decode(b"not a checkpoint", None).unwrap_err();
+    assert!(garbage.to_string().contains("safetensors"), "{garbage}");
+}
+
+#[test]
+fn generation_is_reproducible_with_a_seed() {
+    let device = Device::flex();
+    let model = CharRnn::init(small(), 5, &device);
+    let config = GenerateConfig {
+        length: 40,
+        seed: 11,
+        top_k: Some(10),
+        ..GenerateConfig::default()
+    };
+    let mut streamed = String::new();
+    let first = block_on(generate(&model, "What of folio, you ask? ", &config, |c| {
+        streamed.push(c)
+    }))
+    .unwrap();
+    assert_eq!(first.chars().count(), 40);
+    assert_eq!(streamed, first);
+    let again = block_on(generate(
+        &model,
+        "What of folio, you ask? ",
+        &config,
+        |_| {},
+    ))
+    .unwrap();
+    assert_eq!(first, again);
+    let other = GenerateConfig { seed: 12, ..config };
+    assert_ne!(
+        first,
+        block_on(generate(&model, "What of folio, you ask? ", &other, |_| {})).unwrap()
+    );
+}
+
+#[test]
+fn one_char_at_a_time_with_carried_state_equals_the_whole_sequence() {
+    let device = Device::flex();
+    let model = CharRnn::init(small(), 6, &device);
+    let (ids, _) = vocab::encode("Marley was dead: to begin with.");
+    let as_tensor = |ids: &[u32]| {
+        let values: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(values, [1, ids.len()]), &device)
+    };
+    let (whole, _) = model.forward(as_tensor(&ids), None);
+    let whole = whole.into_data().try_to_vec::<f32>().unwrap();
+    let mut state = None;
+    let mut stepped = Vec::new();
+    for &id in &ids {
+        let (logits, last) = model.forward(as_tensor(&[id]), state);
+        state = Some(last);
+        stepped.extend(logits.into_data().try_to_vec::<f32>().unwrap());
+    }
+    assert!(max_abs_diff(&whole, &stepped) < 1e-5);
+}
+
+#[test]
+fn an_untrained_model_scores_chance_on_random_text() {
+    let model = CharRnn::init(small(), 7, &Device::flex());
+    let metrics = block_on(evaluate(&model, &random_batches(4, 8, 100, 86, 1))).unwrap();
+    assert!(
+        (metrics.loss - (86f64).ln()).abs() < 0.1,
+        "loss {}",
+        metrics.loss
+    );
+    assert!(metrics.accuracy < 0.05, "accuracy {}", metrics.accuracy);
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let config = ModelConfig {
+        vocab: 86,
+        embed: 4,
+        hidden: 6,
+    };
+    let device = Device::flex().autodiff();
+    let batch = &dickens_batches(1)[0];
+    let weights = block_on(CharRnn::init(config, 8, &device).to_flat()).unwrap();
+    let model = CharRnn::from_flat(config, &weights, &device).unwrap();
+    let (loss, grads) = block_on(loss_and_gradients(&model, batch)).unwrap();
+    assert_eq!(grads.len(), weights.len());
+    let loss_at = |w: &[f32]| {
+        let m = CharRnn::from_flat(config, w, &device).unwrap();
+        f64::from(block_on(loss_and_gradients(&m, batch)).unwrap().0)
+    };
+    // Check the largest gradient of each tensor against a central difference.
+    let mut start = 0;
+    for (name, shape) in config.param_shapes() {
+        let len: usize = shape.iter().product();
+        let i = start
+            + (0..len)
+                .max_by(|&a, &b| grads[start + a].abs().total_cmp(&grads[start + b].abs()))
+                .unwrap();
+        let h = 1e-2f32;
+        let (mut plus, mut minus) = (weights.clone(), weights.clone());
+        plus[i] += h;
+        minus[i] -= h;
+        let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * f64::from(h));
+        let analytic = f64::from(grads[i]);
+        assert!(
+            (numeric - analytic).abs() < 0.05 * analytic.abs().max(1e-3),
+            "{name}: {numeric} vs {analytic} (loss {loss})"
+        );
+        start += len;
+    }
+}
