@@ -1,5 +1,8 @@
 //! The browser side of folio: what the page calls through wasm-bindgen.
 
+use std::cell::RefCell;
+
+use burn::prelude::Device;
 use js_sys::{Function, Promise, Reflect};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -46,4 +49,22 @@ pub async fn webgpu_adapter() -> Option<String> {
             .trim()
             .to_owned(),
     )
+}
+
+thread_local! {
+    /// A page can register WebGPU with burn once: every caller shares the device.
+    static WEBGPU: RefCell<Option<Device>> = const { RefCell::new(None) };
+}
+
+/// burn's WebGPU device, initialised on first use (async, as browsers require).
+pub async fn webgpu_device() -> Result<Device, String> {
+    if let Some(device) = WEBGPU.with(|cell| cell.borrow().clone()) {
+        return Ok(device);
+    }
+    let device = Device::wgpu_options()
+        .init_async()
+        .await
+        .map_err(|err| format!("WebGPU initialisation failed: {err:?}"))?;
+    WEBGPU.with(|cell| *cell.borrow_mut() = Some(device.clone()));
+    Ok(device)
 }

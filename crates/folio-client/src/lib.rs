@@ -1,0 +1,271 @@
+//! The client loop, written once: join → receive the global weights → train
+//! locally on this client's Shakespeare lines → send the encoded delta → wait.
+//! A [`Transport`] carries the frames: tokio-tungstenite natively ([`native`]),
+//! the browser's WebSocket in `folio-web`.
+
+#[cfg(not(target_family = "wasm"))]
+pub mod native;
+
+use burn::prelude::Device;
+use folio_data::batch::batches;
+use folio_data::{BatchConfig, vocab};
+use folio_fed::codec;
+use folio_model::params::delta;
+use folio_model::{CharRnn, ModelConfig, OptimizerKind, TrainConfig, Trainer};
+use folio_proto::{
+    ClientKind, ClientMessage, ErrorCode, ErrorMessage, Join, Optimizer, PROTOCOL_VERSION, RoundResult, RoundStart,
+    ServerMessage, Update, Welcome,
+};
+use web_time::Instant;
+
+/// Carries binary frames to and from the aggregator.
+#[allow(async_fn_in_trait)]
+pub trait Transport {
+    async fn send(&mut self, frame: Vec<u8>) -> Result<(), ClientError>;
+    /// The next binary frame; `None` once the connection is closed.
+    async fn recv(&mut self) -> Result<Option<Vec<u8>>, ClientError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connection: {0}")]
+    Connection(String),
+    #[error("the server closed the connection")]
+    Closed,
+    #[error("bad frame from the server: {0}")]
+    Frame(#[from] folio_proto::FrameError),
+    #[error("the server refused us ({}): {}", .0.code.name(), .0.message)]
+    Rejected(ErrorMessage),
+    #[error("the server sent {0} before a welcome")]
+    NotWelcomed(&'static str),
+    #[error(transparent)]
+    Model(#[from] folio_model::ModelError),
+    #[error(transparent)]
+    Fed(#[from] folio_fed::FedError),
+}
+
+/// What the client is doing, for a page or a log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientState {
+    Waiting,
+    Downloading,
+    Training { round: u64, batch: usize, of: usize },
+    Uploading,
+}
+
+/// Everything worth showing, as it happens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    Welcomed { client_id: String, session: String, train_chars: usize },
+    State(ClientState),
+    Trained(RoundReport),
+    RoundResult(RoundResult),
+    /// An error the server reported that does not end the session.
+    ServerError(ErrorMessage),
+}
+
+/// One round as this client saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundReport {
+    pub round: u64,
+    pub examples: u64,
+    pub train_loss: f32,
+    pub train_accuracy: f32,
+    pub train_seconds: f32,
+    pub bytes_down: usize,
+    pub bytes_up: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub kind: ClientKind,
+    /// Backend name reported to the server (`flex`, `webgpu`).
+    pub backend: String,
+    pub adapter: Option<String>,
+    pub token: Option<String>,
+    pub resume: Option<String>,
+    /// Train as this Shakespeare client.
+    pub client: Option<String>,
+    /// Return after this many round results (`None`: until the server closes).
+    pub max_rounds: Option<u64>,
+}
+
+impl ClientOptions {
+    pub fn native() -> Self {
+        Self {
+            kind: ClientKind::Native,
+            backend: "flex".into(),
+            adapter: None,
+            token: None,
+            resume: None,
+            client: None,
+            max_rounds: None,
+        }
+    }
+}
+
+/// This client's data and model shape, from the welcome.
+struct Session {
+    welcome: Welcome,
+    ids: Vec<u32>,
+    config: ModelConfig,
+}
+
+/// Runs the client loop until the server closes the connection or `max_rounds`
+/// round results arrived. Returns the rounds this client trained.
+pub async fn run<T: Transport>(
+    transport: &mut T,
+    device: &Device,
+    options: &ClientOptions,
+    mut on_event: impl FnMut(ClientEvent),
+) -> Result<Vec<RoundReport>, ClientError> {
+    transport
+        .send(folio_proto::encode(&ClientMessage::Join(Join {
+            protocol: PROTOCOL_VERSION,
+            kind: options.kind,
+            backend: options.backend.clone(),
+            adapter: options.adapter.clone(),
+            token: options.token.clone(),
+            resume: options.resume.clone(),
+            client: options.client.clone(),
+        })))
+        .await?;
+    let mut session: Option<Session> = None;
+    let mut reports = Vec::new();
+    let mut results = 0;
+    loop {
+        let Some(frame) = transport.recv().await? else {
+            return if session.is_some() { Ok(reports) } else { Err(ClientError::Closed) };
+        };
+        let bytes_down = frame.len();
+        match folio_proto::decode_server(&frame)? {
+            ServerMessage::Welcome(welcome) => {
+                let (ids, _) = vocab::encode(&welcome.train_text);
+                on_event(ClientEvent::Welcomed {
+                    client_id: welcome.client_id.clone(),
+                    session: welcome.session.clone(),
+                    train_chars: ids.len(),
+                });
+                let config = ModelConfig {
+                    vocab: welcome.model.vocab as usize,
+                    embed: welcome.model.embed as usize,
+                    hidden: welcome.model.hidden as usize,
+                };
+                session = Some(Session { welcome, ids, config });
+                on_event(ClientEvent::State(ClientState::Waiting));
+            }
+            ServerMessage::RoundStart(start) => {
+                let session = session.as_ref().ok_or(ClientError::NotWelcomed("a round start"))?;
+                on_event(ClientEvent::State(ClientState::Downloading));
+                let update = train_round(device, session, &start, &mut on_event).await?;
+                on_event(ClientEvent::State(ClientState::Uploading));
+                let frame = folio_proto::encode(&ClientMessage::Update(update.clone()));
+                let report = RoundReport {
+                    round: update.round,
+                    examples: update.examples,
+                    train_loss: update.train_loss,
+                    train_accuracy: update.train_accuracy,
+                    train_seconds: update.train_seconds,
+                    bytes_down,
+                    bytes_up: frame.len(),
+                };
+                transport.send(frame).await?;
+                on_event(ClientEvent::Trained(report.clone()));
+                on_event(ClientEvent::State(ClientState::Waiting));
+                reports.push(report);
+            }
+            ServerMessage::RoundResult(result) => {
+                on_event(ClientEvent::RoundResult(result));
+                results += 1;
+                if options.max_rounds.is_some_and(|max| results >= max) {
+                    return Ok(reports);
+                }
+            }
+            ServerMessage::Heartbeat => transport.send(folio_proto::encode(&ClientMessage::Heartbeat)).await?,
+            ServerMessage::Error(error) if is_fatal(error.code) => return Err(ClientError::Rejected(error)),
+            ServerMessage::Error(error) => on_event(ClientEvent::ServerError(error)),
+        }
+    }
+}
+
+/// Errors after which the server will not work with this connection.
+fn is_fatal(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::ProtocolVersion | ErrorCode::BadToken | ErrorCode::UnknownClient | ErrorCode::NoFreeClient
+    )
+}
+
+/// Trains one round from the global weights in `start` and returns the update.
+/// Stops early, after at least one batch, when 90% of the deadline is gone.
+async fn train_round(
+    device: &Device,
+    session: &Session,
+    start: &RoundStart,
+    on_event: &mut impl FnMut(ClientEvent),
+) -> Result<Update, ClientError> {
+    let started = Instant::now();
+    let global = codec::decode(&start.weights, &[session.config.num_params()], folio_fed::Encoding::F32)?;
+    let model = CharRnn::from_flat(session.config, &global, &device.clone().autodiff())?;
+    let mut trainer = Trainer::new(
+        model,
+        TrainConfig {
+            optimizer: match start.optimizer {
+                Optimizer::Sgd => OptimizerKind::Sgd,
+                Optimizer::Adam => OptimizerKind::Adam,
+            },
+            learning_rate: f64::from(start.learning_rate),
+            clip_norm: start.clip_norm,
+        },
+    );
+    let per_epoch = start.max_batches.map_or(usize::MAX, |max| max as usize);
+    let plan: Vec<_> = (0..start.local_epochs.max(1))
+        .flat_map(|epoch| {
+            let config = BatchConfig {
+                batch_size: session.welcome.batch_size as usize,
+                seq_len: session.welcome.seq_len as usize,
+                ..BatchConfig::padded(start.seed.wrapping_add(u64::from(epoch)))
+            };
+            batches(&session.ids, &config).into_iter().take(per_epoch)
+        })
+        .collect();
+    let deadline = start.deadline_ms as f64 / 1000.0 * 0.9;
+    let mut metrics = None;
+    let mut examples = 0u64;
+    for (i, batch) in plan.iter().enumerate() {
+        if i > 0 && started.elapsed().as_secs_f64() > deadline {
+            break;
+        }
+        on_event(ClientEvent::State(ClientState::Training {
+            round: start.round,
+            batch: i + 1,
+            of: plan.len(),
+        }));
+        let step = trainer.step(batch);
+        metrics = Some(match metrics {
+            None => step,
+            Some(sum) => step.merge(sum),
+        });
+        examples += (0..batch.batch_size).filter(|row| batch.mask[row * batch.seq_len] > 0.0).count() as u64;
+    }
+    let metrics = match metrics {
+        Some(metrics) => metrics.read().await?,
+        None => return Err(ClientError::Model(folio_model::ModelError::NoBatches)),
+    };
+    let trained = trainer.model().to_flat().await?;
+    let segments: Vec<usize> = session
+        .config
+        .param_shapes()
+        .iter()
+        .map(|(_, shape)| shape.iter().product())
+        .collect();
+    Ok(Update {
+        round: start.round,
+        examples,
+        encoding: start.delta_encoding,
+        delta: codec::encode(&delta(&trained, &global), &segments, start.delta_encoding),
+        train_loss: metrics.loss as f32,
+        train_accuracy: metrics.accuracy as f32,
+        train_seconds: started.elapsed().as_secs_f32(),
+    })
+}

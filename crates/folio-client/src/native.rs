@@ -1,0 +1,42 @@
+//! The native transport: tokio-tungstenite.
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+use crate::{ClientError, Transport};
+
+pub struct WsTransport {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsTransport {
+    /// Connects to the aggregator's WebSocket (`ws://127.0.0.1:8080/ws`).
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let (socket, _) = connect_async(url)
+            .await
+            .map_err(|err| ClientError::Connection(format!("{url}: {err}; is `folio serve` running?")))?;
+        Ok(Self { socket })
+    }
+}
+
+impl Transport for WsTransport {
+    async fn send(&mut self, frame: Vec<u8>) -> Result<(), ClientError> {
+        self.socket
+            .send(Message::Binary(frame.into()))
+            .await
+            .map_err(|err| ClientError::Connection(err.to_string()))
+    }
+
+    async fn recv(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        while let Some(message) = self.socket.next().await {
+            match message.map_err(|err| ClientError::Connection(err.to_string()))? {
+                Message::Binary(frame) => return Ok(Some(frame.to_vec())),
+                Message::Close(_) => return Ok(None),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+}

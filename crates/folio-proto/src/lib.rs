@@ -1,0 +1,282 @@
+//! The WebSocket messages, the same types for browser tabs and native clients.
+//!
+//! A frame is one binary WebSocket message: `postcard((version, message))`. The
+//! version comes first so that a peer speaking another version is told so, not
+//! handed a decoding error.
+
+use folio_fed::Encoding;
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any change to the messages below.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest frame either side accepts: the seed model's f32 weights (16.2 MB) with room.
+pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
+
+/// Client → server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    Join(Join),
+    Update(Update),
+    Heartbeat,
+}
+
+/// Server → client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    Welcome(Welcome),
+    RoundStart(RoundStart),
+    RoundResult(RoundResult),
+    Heartbeat,
+    Error(ErrorMessage),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientKind {
+    Native,
+    Browser,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    pub protocol: u16,
+    pub kind: ClientKind,
+    /// `flex`, `webgpu`, ...
+    pub backend: String,
+    /// The GPU adapter's name, where there is one.
+    pub adapter: Option<String>,
+    /// Required when the server was started with a join token.
+    pub token: Option<String>,
+    /// A session id from an earlier [`Welcome`]: rejoin as the same client.
+    pub resume: Option<String>,
+    /// Ask for this Shakespeare client id rather than the next free one.
+    pub client: Option<String>,
+}
+
+/// The model's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelShape {
+    pub vocab: u32,
+    pub embed: u32,
+    pub hidden: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Optimizer {
+    Sgd,
+    Adam,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Pass back in [`Join::resume`] to rejoin as the same client.
+    pub session: String,
+    /// The Shakespeare client this connection trains as.
+    pub client_id: String,
+    /// That client's training text: it reaches the client once, here.
+    pub train_text: String,
+    pub preset: String,
+    pub model: ModelShape,
+    pub batch_size: u32,
+    pub seq_len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundStart {
+    pub round: u64,
+    /// The global weights, f32 little-endian, in parameter order.
+    pub weights: Vec<u8>,
+    /// Milliseconds the client has to report.
+    pub deadline_ms: u64,
+    pub local_epochs: u32,
+    /// Stop after this many batches per epoch (the tutorial trains 5).
+    pub max_batches: Option<u32>,
+    pub optimizer: Optimizer,
+    pub learning_rate: f32,
+    pub clip_norm: Option<f32>,
+    /// How the update's delta must be encoded.
+    pub delta_encoding: Encoding,
+    /// Seeds the client's batch shuffle this round.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    pub round: u64,
+    /// Training examples (sequences) the delta was trained on.
+    pub examples: u64,
+    pub encoding: Encoding,
+    /// `new - old`, encoded.
+    pub delta: Vec<u8>,
+    pub train_loss: f32,
+    pub train_accuracy: f32,
+    pub train_seconds: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundResult {
+    pub round: u64,
+    pub clients: u32,
+    pub eval_loss: f32,
+    pub eval_accuracy: f32,
+}
+
+/// Machine-readable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    MalformedFrame,
+    UnknownMessage,
+    ProtocolVersion,
+    FrameTooLarge,
+    NotJoined,
+    AlreadyJoined,
+    BadToken,
+    UnknownClient,
+    NoFreeClient,
+    WrongRound,
+    NotSelected,
+    DuplicateUpdate,
+    BadDelta,
+    RoundClosed,
+    TextFrame,
+}
+
+impl ErrorCode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedFrame => "malformed_frame",
+            ErrorCode::UnknownMessage => "unknown_message",
+            ErrorCode::ProtocolVersion => "protocol_version",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::AlreadyJoined => "already_joined",
+            ErrorCode::BadToken => "bad_token",
+            ErrorCode::UnknownClient => "unknown_client",
+            ErrorCode::NoFreeClient => "no_free_client",
+            ErrorCode::WrongRound => "wrong_round",
+            ErrorCode::NotSelected => "not_selected",
+            ErrorCode::DuplicateUpdate => "duplicate_update",
+            ErrorCode::BadDelta => "bad_delta",
+            ErrorCode::RoundClosed => "round_closed",
+            ErrorCode::TextFrame => "text_frame",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is above the {MAX_FRAME_BYTES}-byte cap")]
+    TooLarge(usize),
+    #[error("peer speaks protocol version {0}, this side {PROTOCOL_VERSION}")]
+    Version(u16),
+    #[error("unknown message type {0}")]
+    UnknownMessage(u32),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl FrameError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::TooLarge(_) => ErrorCode::FrameTooLarge,
+            FrameError::Version(_) => ErrorCode::ProtocolVersion,
+            FrameError::UnknownMessage(_) => ErrorCode::UnknownMessage,
+            FrameError::Malformed(_) => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Encodes a message as one frame.
+pub fn encode<M: Serialize>(message: &M) -> Vec<u8> {
+    postcard::to_allocvec(&(PROTOCOL_VERSION, message)).expect("messages always serialise")
+}
+
+/// Decodes a frame, telling a wrong version and an unknown message type apart from
+/// plain garbage.
+pub fn decode<M: for<'de> Deserialize<'de>>(frame: &[u8], variants: u32) -> Result<M, FrameError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(frame.len()));
+    }
+    let malformed = |err: postcard::Error| FrameError::Malformed(err.to_string());
+    let (version, rest): (u16, _) = postcard::take_from_bytes(frame).map_err(malformed)?;
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::Version(version));
+    }
+    let (tag, _): (u32, _) = postcard::take_from_bytes(rest).map_err(malformed)?;
+    if tag >= variants {
+        return Err(FrameError::UnknownMessage(tag));
+    }
+    let (_, message): (u16, M) = postcard::from_bytes(frame).map_err(malformed)?;
+    Ok(message)
+}
+
+/// Number of [`ClientMessage`] variants (for [`decode`]).
+pub const CLIENT_MESSAGES: u32 = 3;
+/// Number of [`ServerMessage`] variants (for [`decode`]).
+pub const SERVER_MESSAGES: u32 = 5;
+
+pub fn decode_client(frame: &[u8]) -> Result<ClientMessage, FrameError> {
+    decode(frame, CLIENT_MESSAGES)
+}
+
+pub fn decode_server(frame: &[u8]) -> Result<ServerMessage, FrameError> {
+    decode(frame, SERVER_MESSAGES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join() -> ClientMessage {
+        ClientMessage::Join(Join {
+            protocol: PROTOCOL_VERSION,
+            kind: ClientKind::Browser,
+            backend: "webgpu".into(),
+            adapter: Some("google swiftshader".into()),
+            token: None,
+            resume: None,
+            client: Some("THE_TRAGEDY_OF_KING_LEAR_KENT".into()),
+        })
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let update = ClientMessage::Update(Update {
+            round: 3,
+            examples: 40,
+            encoding: Encoding::Int8,
+            delta: vec![1, 2, 3],
+            train_loss: 2.5,
+            train_accuracy: 0.3,
+            train_seconds: 1.5,
+        });
+        for message in [join(), update, ClientMessage::Heartbeat] {
+            assert_eq!(decode_client(&encode(&message)).unwrap(), message);
+        }
+        let error = ServerMessage::Error(ErrorMessage {
+            code: ErrorCode::WrongRound,
+            message: "round 2 is over".into(),
+        });
+        assert_eq!(decode_server(&encode(&error)).unwrap(), error);
+    }
+
+    #[test]
+    fn tells_version_unknown_type_garbage_and_size_apart() {
+        let mut other_version = encode(&join());
+        other_version[0] = 9;
+        assert_eq!(decode_client(&other_version), Err(FrameError::Version(9)));
+        let unknown = postcard::to_allocvec(&(PROTOCOL_VERSION, 7u32)).unwrap();
+        assert_eq!(decode_client(&unknown), Err(FrameError::UnknownMessage(7)));
+        assert!(matches!(decode_client(&[1, 0, 0xff]), Err(FrameError::Malformed(_))));
+        assert!(matches!(decode_client(&[]), Err(FrameError::Malformed(_))));
+        let huge = vec![0u8; MAX_FRAME_BYTES + 1];
+        assert_eq!(decode_client(&huge).unwrap_err().code(), ErrorCode::FrameTooLarge);
+    }
+}
