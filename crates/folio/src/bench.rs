@@ -2,9 +2,11 @@
 
 use std::time::Instant;
 
+use anyhow::Context;
 use burn::prelude::Device;
 use clap::Subcommand;
 use folio_data::{Batch, BatchConfig, batch::batches, vocab};
+use folio_fed::{Aggregator, Encoding, Weighting, codec};
 use folio_model::{CharRnn, Preset, TrainConfig, Trainer};
 
 #[derive(Subcommand)]
@@ -23,6 +25,16 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// Folding one seed-size delta into a round, per encoding, against a memcpy of
+    /// the same bytes; and peak memory of a round with 10 and 100 clients.
+    Aggregate {
+        /// Folds timed per encoding.
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+    },
+    /// (Internal) one round of `clients` seed-size deltas; prints peak RSS.
+    #[command(hide = true)]
+    AggregatePeak { clients: usize },
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -50,7 +62,90 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        BenchCommand::Aggregate { repeats } => aggregate(repeats),
+        BenchCommand::AggregatePeak { clients } => {
+            fold_round(clients);
+            println!("{}", peak_rss_kib()?);
+            Ok(())
+        }
     }
+}
+
+fn seed_segments() -> Vec<usize> {
+    Preset::Seed.config().param_shapes().iter().map(|(_, shape)| shape.iter().product()).collect()
+}
+
+/// A delta like a client's: small values of either sign.
+fn sample_delta(n: usize, salt: u64) -> Vec<f32> {
+    let mut rng = folio_data::rng::SplitMix64::new(salt);
+    (0..n).map(|_| ((rng.next_f64() - 0.5) * 1e-2) as f32).collect()
+}
+
+fn aggregate(repeats: usize) -> anyhow::Result<()> {
+    let segments = seed_segments();
+    let n: usize = segments.iter().sum();
+    let delta = sample_delta(n, 1);
+    println!("one seed-size delta ({n} parameters), {repeats} folds each");
+    println!("encoding     bytes   fold ms   memcpy ms   fold / memcpy");
+    for encoding in Encoding::ALL {
+        let bytes = codec::encode(&delta, &segments, encoding);
+        let mut aggregator = Aggregator::new(n, Weighting::Examples);
+        let start = Instant::now();
+        for _ in 0..repeats {
+            let decoded = codec::decode(&bytes, &segments, encoding)?;
+            aggregator.add(&decoded, 8)?;
+        }
+        let fold = start.elapsed().as_secs_f64() / repeats as f64;
+        let mut target = vec![0u8; bytes.len()];
+        let start = Instant::now();
+        for _ in 0..repeats {
+            target.copy_from_slice(std::hint::black_box(&bytes));
+            std::hint::black_box(&mut target);
+        }
+        let copy = start.elapsed().as_secs_f64() / repeats as f64;
+        println!(
+            "{:<8} {:>9}  {:>8.2}  {:>10.3}  {:>14.0}x",
+            format!("{encoding:?}"),
+            bytes.len(),
+            fold * 1e3,
+            copy * 1e3,
+            fold / copy
+        );
+    }
+    println!("\npeak memory of one round (a fresh process each; each delta arrives, is folded, dropped)");
+    let exe = std::env::current_exe()?;
+    for clients in [10, 100] {
+        let output = std::process::Command::new(&exe)
+            .args(["bench", "aggregate-peak", &clients.to_string()])
+            .output()?;
+        anyhow::ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let kib: u64 = String::from_utf8_lossy(&output.stdout).trim().parse()?;
+        println!("{clients:>4} clients: peak RSS {:.1} MiB", kib as f64 / 1024.0);
+    }
+    Ok(())
+}
+
+/// One round as the server folds it: int8 deltas arrive one at a time.
+fn fold_round(clients: usize) {
+    let segments = seed_segments();
+    let n: usize = segments.iter().sum();
+    let mut aggregator = Aggregator::new(n, Weighting::Examples);
+    for client in 0..clients {
+        let frame = codec::encode(&sample_delta(n, client as u64), &segments, Encoding::Int8);
+        let delta = codec::decode(&frame, &segments, Encoding::Int8).expect("valid frame");
+        aggregator.add(&delta, 8).expect("valid delta");
+    }
+    std::hint::black_box(aggregator.mean().expect("updates were added"));
+}
+
+/// The process's peak resident set (Linux `VmHWM`), in KiB.
+fn peak_rss_kib() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/self/status (not Linux?)")?;
+    Ok(line.split_whitespace().nth(1).context("malformed VmHWM")?.parse()?)
 }
 
 fn rayon_threads() -> usize {

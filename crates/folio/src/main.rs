@@ -2,6 +2,7 @@
 
 mod bench;
 mod data;
+mod federate;
 mod model;
 mod pretrain;
 
@@ -29,6 +30,12 @@ enum Command {
     /// Inspect the federated Shakespeare dataset.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// The aggregator: serves the page and runs FedAvg rounds over WebSocket.
+    Serve(federate::ServeArgs),
+    /// One native client (a device) training against an aggregator.
+    Client(federate::ClientArgs),
+    /// An aggregator and N native clients in one process; prints a table per round.
+    Simulate(federate::SimulateArgs),
     /// Central training on a text corpus (Dickens by default).
     Pretrain(pretrain::PretrainArgs),
     /// Loss and accuracy of a checkpoint on a client's data or on random text.
@@ -48,6 +55,9 @@ fn main() -> ExitCode {
         Command::Bench(command) => bench::run(command),
         Command::Eval(args) => model::eval(args, &data_dir),
         Command::Generate(args) => model::generate_text(args),
+        Command::Serve(args) => federate::serve(args, &data_dir),
+        Command::Client(args) => federate::client(args),
+        Command::Simulate(args) => federate::simulate(args, &data_dir),
         Command::Pretrain(args) => pretrain::run(args, Path::new(".")),
     };
     match result {

@@ -1,0 +1,351 @@
+//! `folio serve`, `folio client` and `folio simulate`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use burn::prelude::Device;
+use clap::{Args, ValueEnum};
+use folio_client::native::WsTransport;
+use folio_client::{ClientEvent, ClientOptions};
+use folio_fed::{Encoding, ServerOptimizerConfig, Weighting};
+use folio_model::Preset;
+use folio_proto::Optimizer;
+use folio_server::federation::RoundRecord;
+use folio_server::{RoundConfig, Server, ServerConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::model::SHIPPED_MODEL;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ServerOpt {
+    Fedavg,
+    Fedavgm,
+    Fedadagrad,
+    Fedadam,
+    Fedyogi,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ClientOpt {
+    Sgd,
+    Adam,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DeltaEncoding {
+    F32,
+    F16,
+    Int8,
+}
+
+/// How rounds run. Defaults: the better setup found by `folio simulate` (see the
+/// README); `--tutorial` gives the tutorial's.
+#[derive(Args, Clone)]
+pub struct RoundArgs {
+    /// The tutorial's setup: 2 clients, 5 batches, SGD 0.5, FedAvg, eval on 2
+    /// batches of King Lear's Lear (overrides the flags below).
+    #[arg(long)]
+    tutorial: bool,
+    #[arg(long, default_value = "seed")]
+    preset: Preset,
+    /// Initial global model [default: the shipped model for `seed`, fresh weights otherwise]
+    #[arg(long)]
+    init: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    clients_per_round: usize,
+    /// Connected clients needed to start a round [default: --clients-per-round]
+    #[arg(long)]
+    min_clients: Option<usize>,
+    /// Updates that close a round at its deadline [default: half the round, at least 1]
+    #[arg(long)]
+    quorum: Option<usize>,
+    #[arg(long, default_value_t = 600.0)]
+    deadline_secs: f64,
+    #[arg(long, default_value_t = 1)]
+    local_epochs: u32,
+    /// Batches per local epoch (0: all).
+    #[arg(long, default_value_t = 5)]
+    max_batches: u32,
+    #[arg(long, value_enum, default_value = "sgd")]
+    client_optimizer: ClientOpt,
+    #[arg(long, default_value_t = 0.1)]
+    client_lr: f32,
+    #[arg(long)]
+    clip_norm: Option<f32>,
+    #[arg(long, value_enum, default_value = "fedavg")]
+    server_optimizer: ServerOpt,
+    #[arg(long, default_value_t = 1.0)]
+    server_lr: f32,
+    /// FedAvgM momentum, or β1 of the adaptive optimizers.
+    #[arg(long, default_value_t = 0.9)]
+    server_momentum: f32,
+    #[arg(long, value_enum, default_value = "f32")]
+    encoding: DeltaEncoding,
+    /// Weight client deltas uniformly rather than by examples.
+    #[arg(long)]
+    uniform: bool,
+    /// Central evaluation on the test split of this many clients...
+    #[arg(long, default_value_t = 8)]
+    eval_clients: usize,
+    /// ...this many batches each.
+    #[arg(long, default_value_t = 2)]
+    eval_batches: usize,
+    /// Evaluate on this client's first training batches instead.
+    #[arg(long)]
+    eval_client: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl RoundArgs {
+    fn round_config(&self) -> RoundConfig {
+        if self.tutorial {
+            return RoundConfig {
+                eval_client: Some("THE_TRAGEDY_OF_KING_LEAR_LEAR".into()),
+                ..RoundConfig::tutorial()
+            };
+        }
+        let (lr, beta1) = (self.server_lr, self.server_momentum);
+        let (beta2, tau) = (0.99, 1e-3);
+        RoundConfig {
+            clients_per_round: self.clients_per_round,
+            min_clients: self.min_clients.unwrap_or(self.clients_per_round),
+            quorum: self.quorum.unwrap_or(self.clients_per_round.div_ceil(2)),
+            deadline: Duration::from_secs_f64(self.deadline_secs),
+            local_epochs: self.local_epochs,
+            max_batches: (self.max_batches > 0).then_some(self.max_batches),
+            batch_size: 8,
+            seq_len: 100,
+            client_optimizer: match self.client_optimizer {
+                ClientOpt::Sgd => Optimizer::Sgd,
+                ClientOpt::Adam => Optimizer::Adam,
+            },
+            client_lr: self.client_lr,
+            clip_norm: self.clip_norm,
+            server_optimizer: match self.server_optimizer {
+                ServerOpt::Fedavg => ServerOptimizerConfig::FedAvg { lr },
+                ServerOpt::Fedavgm => ServerOptimizerConfig::FedAvgM { lr, momentum: beta1 },
+                ServerOpt::Fedadagrad => ServerOptimizerConfig::FedAdagrad { lr, beta1, tau },
+                ServerOpt::Fedadam => ServerOptimizerConfig::FedAdam { lr, beta1, beta2, tau },
+                ServerOpt::Fedyogi => ServerOptimizerConfig::FedYogi { lr, beta1, beta2, tau },
+            },
+            weighting: if self.uniform { Weighting::Uniform } else { Weighting::Examples },
+            delta_encoding: match self.encoding {
+                DeltaEncoding::F32 => Encoding::F32,
+                DeltaEncoding::F16 => Encoding::F16,
+                DeltaEncoding::Int8 => Encoding::Int8,
+            },
+            eval_clients: self.eval_clients,
+            eval_batches: self.eval_batches,
+            eval_client: self.eval_client.clone(),
+        }
+    }
+
+    fn init(&self) -> Option<PathBuf> {
+        self.init
+            .clone()
+            .or_else(|| (self.preset == Preset::Seed).then(|| PathBuf::from(SHIPPED_MODEL)))
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// Checkpoints and metrics; restarting on the same folder resumes.
+    #[arg(long, default_value = "data/state")]
+    state_dir: PathBuf,
+    /// Stop after this many rounds.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Clients must send this token to join.
+    #[arg(long)]
+    token: Option<String>,
+    #[command(flatten)]
+    round: RoundArgs,
+}
+
+#[derive(Args)]
+pub struct ClientArgs {
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    server: String,
+    /// Train as this Shakespeare client.
+    #[arg(long)]
+    client: Option<String>,
+    #[arg(long)]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+pub struct SimulateArgs {
+    #[arg(long, default_value_t = 2)]
+    clients: usize,
+    #[arg(long, default_value_t = 5)]
+    rounds: u64,
+    /// Checkpoints and metrics [default: a fresh temporary folder]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    round: RoundArgs,
+}
+
+fn server_config(round: &RoundArgs, addr: std::net::SocketAddr, state_dir: PathBuf, data_dir: &Path) -> ServerConfig {
+    ServerConfig {
+        addr,
+        state_dir,
+        data_dir: data_dir.to_owned(),
+        web_root: Path::new("index.html").exists().then(|| PathBuf::from(".")),
+        preset: round.preset,
+        init: round.init(),
+        rounds: round.round_config(),
+        seed: round.seed,
+        join_token: None,
+        max_rounds: None,
+    }
+}
+
+pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
+    let mut config = server_config(&args.round, args.addr, args.state_dir, data_dir);
+    config.join_token = args.token;
+    config.max_rounds = args.rounds;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let server = Server::start(config).await?;
+        println!("folio aggregator on http://{0} (WebSocket ws://{0}/ws, status http://{0}/api/status)", server.addr);
+        println!("open http://{} in several tabs, or run `folio client` in several terminals", server.addr);
+        let mut shown = 0;
+        loop {
+            let history = server.history();
+            for record in &history[shown.min(history.len())..] {
+                println!("{}", row(record));
+            }
+            shown = history.len();
+            if args.rounds.is_some_and(|max| history.last().is_some_and(|r| r.round >= max)) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+pub fn client(args: ClientArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut transport = WsTransport::connect(&args.server).await?;
+        let options = ClientOptions {
+            client: args.client,
+            token: args.token,
+            ..ClientOptions::native()
+        };
+        folio_client::run(&mut transport, &Device::flex(), &options, |event| match event {
+            ClientEvent::Welcomed { client_id, train_chars, .. } => {
+                println!("training as {client_id} ({train_chars} chars of lines)")
+            }
+            ClientEvent::Trained(report) => println!(
+                "round {}: {} examples, loss {:.4}, accuracy {:.4}, {:.1}s, {} bytes up",
+                report.round, report.examples, report.train_loss, report.train_accuracy, report.train_seconds, report.bytes_up
+            ),
+            ClientEvent::RoundResult(result) => println!(
+                "round {} global: eval loss {:.4}, accuracy {:.4} ({} clients)",
+                result.round, result.eval_loss, result.eval_accuracy, result.clients
+            ),
+            ClientEvent::ServerError(error) => eprintln!("server: {} ({})", error.message, error.code.name()),
+            ClientEvent::State(_) => {}
+        })
+        .await?;
+        Ok(())
+    })
+}
+
+pub const TABLE_HEADER: &str = "round  clients  train loss  train acc  eval loss  eval acc    bytes up   seconds";
+
+pub fn row(r: &RoundRecord) -> String {
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
+    format!(
+        "{:>5}  {:>7}  {:>10}  {:>9}  {:>9.4}  {:>8.4}  {:>10}  {:>8.1}",
+        r.round,
+        r.clients,
+        opt(r.train_loss),
+        opt(r.train_accuracy),
+        r.eval_loss,
+        r.eval_accuracy,
+        r.bytes_up,
+        r.seconds
+    )
+}
+
+pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
+    let temp = std::env::temp_dir().join(format!("folio-simulate-{}", std::process::id()));
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| temp.clone());
+    let mut config = server_config(&args.round, "127.0.0.1:0".parse()?, state_dir, data_dir);
+    config.max_rounds = Some(args.rounds);
+    config.web_root = None;
+    let clients = args.clients;
+    anyhow::ensure!(
+        clients >= config.rounds.min_clients,
+        "{clients} clients can never start a round that needs {}",
+        config.rounds.min_clients
+    );
+    let runtime = tokio::runtime::Runtime::new()?;
+    let started = Instant::now();
+    let history = runtime.block_on(async {
+        let server = Server::start(config).await.context("starting the aggregator")?;
+        let url = format!("ws://{}/ws", server.addr);
+        let mut threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let url = url.clone();
+                // Training is CPU work: each client gets its own thread and runtime.
+                std::thread::spawn(move || -> anyhow::Result<()> {
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    runtime.block_on(async {
+                        let mut transport = WsTransport::connect(&url).await?;
+                        folio_client::run(&mut transport, &Device::flex(), &ClientOptions::native(), |_| {}).await?;
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        let bar = ProgressBar::new(args.rounds);
+        bar.set_style(ProgressStyle::with_template("[{bar:30}] round {pos}/{len}, {elapsed} {msg}").expect("valid template"));
+        // Rows above the bar on a terminal, plain lines in a log.
+        let print = |line: String| if bar.is_hidden() { println!("{line}") } else { bar.println(line) };
+        print(TABLE_HEADER.to_owned());
+        let mut shown = 0;
+        while shown <= args.rounds as usize {
+            let history = server.history();
+            for record in &history[shown.min(history.len())..] {
+                print(row(record));
+                bar.set_position(record.round);
+            }
+            shown = history.len();
+            if let Some(finished) = threads.iter().position(|t| t.is_finished())
+                && shown <= args.rounds as usize
+            {
+                let outcome = threads.swap_remove(finished).join();
+                let why = match outcome {
+                    Ok(Err(err)) => format!("{err:#}"),
+                    Ok(Ok(())) => "the server closed its connection".to_owned(),
+                    Err(_) => "it panicked".to_owned(),
+                };
+                anyhow::bail!("a client stopped before the last round: {why}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bar.finish_and_clear();
+        let history = server.history();
+        server.abort();
+        anyhow::Ok(history)
+    })?;
+    if args.state_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    let first = history.first().map_or(0.0, |r| r.eval_accuracy);
+    let last = history.last().map_or(0.0, |r| r.eval_accuracy);
+    println!(
+        "{} rounds, {clients} clients: eval accuracy {first:.4} -> {last:.4} in {:.0}s",
+        args.rounds,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
