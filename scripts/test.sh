@@ -13,10 +13,10 @@ step "formatting"
 cargo fmt --all --check
 
 step "native tests"
-cargo test --workspace --locked
+cargo test --workspace --release --locked
 
 step "browser tests: wasm32 in headless Chromium"
 WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}" \
-    cargo test -p folio-web --locked --target wasm32-unknown-unknown
+    cargo test -p folio-web --release --locked --target wasm32-unknown-unknown
 
 step "all tests passed in ${SECONDS}s"

@@ -13,8 +13,8 @@ use folio_fed::codec;
 use folio_model::params::delta;
 use folio_model::{CharRnn, ModelConfig, OptimizerKind, TrainConfig, Trainer};
 use folio_proto::{
-    ClientKind, ClientMessage, ErrorCode, ErrorMessage, Join, Optimizer, PROTOCOL_VERSION, RoundResult, RoundStart,
-    ServerMessage, Update, Welcome,
+    ClientKind, ClientMessage, ErrorCode, ErrorMessage, Join, Optimizer, PROTOCOL_VERSION,
+    RoundResult, RoundStart, ServerMessage, Update, Welcome,
 };
 use web_time::Instant;
 
@@ -56,7 +56,11 @@ pub enum ClientState {
 /// Everything worth showing, as it happens.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientEvent {
-    Welcomed { client_id: String, session: String, train_chars: usize },
+    Welcomed {
+        client_id: String,
+        session: String,
+        train_chars: usize,
+    },
     State(ClientState),
     Trained(RoundReport),
     RoundResult(RoundResult),
@@ -135,7 +139,11 @@ pub async fn run<T: Transport>(
     let mut results = 0;
     loop {
         let Some(frame) = transport.recv().await? else {
-            return if session.is_some() { Ok(reports) } else { Err(ClientError::Closed) };
+            return if session.is_some() {
+                Ok(reports)
+            } else {
+                Err(ClientError::Closed)
+            };
         };
         let bytes_down = frame.len();
         match folio_proto::decode_server(&frame)? {
@@ -151,11 +159,17 @@ pub async fn run<T: Transport>(
                     embed: welcome.model.embed as usize,
                     hidden: welcome.model.hidden as usize,
                 };
-                session = Some(Session { welcome, ids, config });
+                session = Some(Session {
+                    welcome,
+                    ids,
+                    config,
+                });
                 on_event(ClientEvent::State(ClientState::Waiting));
             }
             ServerMessage::RoundStart(start) => {
-                let session = session.as_ref().ok_or(ClientError::NotWelcomed("a round start"))?;
+                let session = session
+                    .as_ref()
+                    .ok_or(ClientError::NotWelcomed("a round start"))?;
                 on_event(ClientEvent::State(ClientState::Downloading));
                 let update = train_round(device, session, &start, &mut on_event).await?;
                 on_event(ClientEvent::State(ClientState::Uploading));
@@ -181,8 +195,14 @@ pub async fn run<T: Transport>(
                     return Ok(reports);
                 }
             }
-            ServerMessage::Heartbeat => transport.send(folio_proto::encode(&ClientMessage::Heartbeat)).await?,
-            ServerMessage::Error(error) if is_fatal(error.code) => return Err(ClientError::Rejected(error)),
+            ServerMessage::Heartbeat => {
+                transport
+                    .send(folio_proto::encode(&ClientMessage::Heartbeat))
+                    .await?
+            }
+            ServerMessage::Error(error) if is_fatal(error.code) => {
+                return Err(ClientError::Rejected(error));
+            }
             ServerMessage::Error(error) => on_event(ClientEvent::ServerError(error)),
         }
     }
@@ -192,7 +212,10 @@ pub async fn run<T: Transport>(
 fn is_fatal(code: ErrorCode) -> bool {
     matches!(
         code,
-        ErrorCode::ProtocolVersion | ErrorCode::BadToken | ErrorCode::UnknownClient | ErrorCode::NoFreeClient
+        ErrorCode::ProtocolVersion
+            | ErrorCode::BadToken
+            | ErrorCode::UnknownClient
+            | ErrorCode::NoFreeClient
     )
 }
 
@@ -205,7 +228,11 @@ async fn train_round(
     on_event: &mut impl FnMut(ClientEvent),
 ) -> Result<Update, ClientError> {
     let started = Instant::now();
-    let global = codec::decode(&start.weights, &[session.config.num_params()], folio_fed::Encoding::F32)?;
+    let global = codec::decode(
+        &start.weights,
+        &[session.config.num_params()],
+        folio_fed::Encoding::F32,
+    )?;
     let model = CharRnn::from_flat(session.config, &global, &device.clone().autodiff())?;
     let mut trainer = Trainer::new(
         model,
@@ -246,7 +273,9 @@ async fn train_round(
             None => step,
             Some(sum) => step.merge(sum),
         });
-        examples += (0..batch.batch_size).filter(|row| batch.mask[row * batch.seq_len] > 0.0).count() as u64;
+        examples += (0..batch.batch_size)
+            .filter(|row| batch.mask[row * batch.seq_len] > 0.0)
+            .count() as u64;
     }
     let metrics = match metrics {
         Some(metrics) => metrics.read().await?,

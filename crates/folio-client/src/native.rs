@@ -14,9 +14,9 @@ pub struct WsTransport {
 impl WsTransport {
     /// Connects to the aggregator's WebSocket (`ws://127.0.0.1:8080/ws`).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let (socket, _) = connect_async(url)
-            .await
-            .map_err(|err| ClientError::Connection(format!("{url}: {err}; is `folio serve` running?")))?;
+        let (socket, _) = connect_async(url).await.map_err(|err| {
+            ClientError::Connection(format!("{url}: {err}; is `folio serve` running?"))
+        })?;
         Ok(Self { socket })
     }
 }

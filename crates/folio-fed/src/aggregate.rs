@@ -79,7 +79,11 @@ impl Aggregator {
         if self.updates == 0 {
             return Err(FedError::NoUpdates);
         }
-        Ok(self.sum.iter().map(|s| (s / self.total_weight) as f32).collect())
+        Ok(self
+            .sum
+            .iter()
+            .map(|s| (s / self.total_weight) as f32)
+            .collect())
     }
 }
 
@@ -103,12 +107,24 @@ mod tests {
     fn rejects_bad_deltas_without_changing_the_sum() {
         let mut agg = Aggregator::new(2, Weighting::Examples);
         agg.add(&[1.0, 1.0], 1).unwrap();
-        assert!(matches!(agg.add(&[1.0], 1), Err(FedError::WrongLength { .. })));
-        assert!(matches!(agg.add(&[f32::NAN, 1.0], 1), Err(FedError::NotFinite { index: 0, .. })));
-        assert!(matches!(agg.add(&[1.0, f32::INFINITY], 1), Err(FedError::NotFinite { index: 1, .. })));
+        assert!(matches!(
+            agg.add(&[1.0], 1),
+            Err(FedError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            agg.add(&[f32::NAN, 1.0], 1),
+            Err(FedError::NotFinite { index: 0, .. })
+        ));
+        assert!(matches!(
+            agg.add(&[1.0, f32::INFINITY], 1),
+            Err(FedError::NotFinite { index: 1, .. })
+        ));
         assert_eq!(agg.add(&[1.0, 1.0], 0), Err(FedError::NoExamples));
         assert_eq!(agg.updates(), 1);
         assert_eq!(agg.mean().unwrap(), vec![1.0, 1.0]);
-        assert_eq!(Aggregator::new(1, Weighting::Uniform).mean(), Err(FedError::NoUpdates));
+        assert_eq!(
+            Aggregator::new(1, Weighting::Uniform).mean(),
+            Err(FedError::NoUpdates)
+        );
     }
 }

@@ -36,7 +36,11 @@ impl Encoding {
 
 /// Encodes `values` (the tensors of `segments`, back to back).
 pub fn encode(values: &[f32], segments: &[usize], encoding: Encoding) -> Vec<u8> {
-    assert_eq!(values.len(), segments.iter().sum::<usize>(), "segments do not cover the values");
+    assert_eq!(
+        values.len(),
+        segments.iter().sum::<usize>(),
+        "segments do not cover the values"
+    );
     let mut out = Vec::with_capacity(encoding.encoded_len(segments));
     match encoding {
         Encoding::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
@@ -47,9 +51,17 @@ pub fn encode(values: &[f32], segments: &[usize], encoding: Encoding) -> Vec<u8>
                 let (tensor, tail) = rest.split_at(len);
                 rest = tail;
                 let max = tensor.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let scale = if max > 0.0 && max.is_finite() { max / 127.0 } else { 1.0 };
+                let scale = if max > 0.0 && max.is_finite() {
+                    max / 127.0
+                } else {
+                    1.0
+                };
                 out.extend(scale.to_le_bytes());
-                out.extend(tensor.iter().map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8));
+                out.extend(
+                    tensor
+                        .iter()
+                        .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8),
+                );
             }
         }
     }
@@ -102,7 +114,9 @@ mod tests {
     use super::*;
 
     fn sample() -> (Vec<f32>, Vec<usize>) {
-        let values: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect();
+        let values: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+            .collect();
         (values, vec![600, 300, 100])
     }
 
@@ -113,7 +127,11 @@ mod tests {
             let bytes = encode(&values, &segments, encoding);
             assert_eq!(bytes.len(), encoding.encoded_len(&segments));
             let back = decode(&bytes, &segments, encoding).unwrap();
-            let worst = values.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let worst = values
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             let tolerance = match encoding {
                 Encoding::F32 => 0.0,
                 Encoding::F16 => 0.05 * 1e-3,
@@ -126,8 +144,16 @@ mod tests {
     #[test]
     fn int8_scales_per_tensor_and_handles_zeros() {
         let values = [1000.0, -1000.0, 0.001, -0.002, 0.0, 0.0];
-        let back = decode(&encode(&values, &[2, 2, 2], Encoding::Int8), &[2, 2, 2], Encoding::Int8).unwrap();
-        assert!((back[2] - 0.001).abs() < 1e-5 && (back[3] + 0.002).abs() < 1e-5, "{back:?}");
+        let back = decode(
+            &encode(&values, &[2, 2, 2], Encoding::Int8),
+            &[2, 2, 2],
+            Encoding::Int8,
+        )
+        .unwrap();
+        assert!(
+            (back[2] - 0.001).abs() < 1e-5 && (back[3] + 0.002).abs() < 1e-5,
+            "{back:?}"
+        );
         assert_eq!(&back[4..], &[0.0, 0.0]);
     }
 
@@ -135,10 +161,16 @@ mod tests {
     fn rejects_wrong_lengths_and_non_finite_values() {
         let (values, segments) = sample();
         let bytes = encode(&values, &segments, Encoding::F32);
-        assert!(matches!(decode(&bytes[1..], &segments, Encoding::F32), Err(FedError::WrongByteLength { .. })));
+        assert!(matches!(
+            decode(&bytes[1..], &segments, Encoding::F32),
+            Err(FedError::WrongByteLength { .. })
+        ));
         let mut nan = bytes.clone();
         nan[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
-        assert!(matches!(decode(&nan, &segments, Encoding::F32), Err(FedError::NotFinite { index: 2, .. })));
+        assert!(matches!(
+            decode(&nan, &segments, Encoding::F32),
+            Err(FedError::NotFinite { index: 2, .. })
+        ));
         let mut bad_scale = encode(&values, &segments, Encoding::Int8);
         bad_scale[..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
         assert!(decode(&bad_scale, &segments, Encoding::Int8).is_err());

@@ -19,11 +19,30 @@ use crate::FedError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum ServerOptimizerConfig {
-    FedAvg { lr: f32 },
-    FedAvgM { lr: f32, momentum: f32 },
-    FedAdagrad { lr: f32, beta1: f32, tau: f32 },
-    FedAdam { lr: f32, beta1: f32, beta2: f32, tau: f32 },
-    FedYogi { lr: f32, beta1: f32, beta2: f32, tau: f32 },
+    FedAvg {
+        lr: f32,
+    },
+    FedAvgM {
+        lr: f32,
+        momentum: f32,
+    },
+    FedAdagrad {
+        lr: f32,
+        beta1: f32,
+        tau: f32,
+    },
+    FedAdam {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        tau: f32,
+    },
+    FedYogi {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        tau: f32,
+    },
 }
 
 impl ServerOptimizerConfig {
@@ -92,10 +111,20 @@ impl ServerOptimizer {
             ServerOptimizerConfig::FedAdagrad { lr, beta1, tau } => {
                 self.adaptive(weights, delta, lr, beta1, tau, |v, d2| v + d2)
             }
-            ServerOptimizerConfig::FedAdam { lr, beta1, beta2, tau } => {
-                self.adaptive(weights, delta, lr, beta1, tau, |v, d2| beta2 * v + (1.0 - beta2) * d2)
-            }
-            ServerOptimizerConfig::FedYogi { lr, beta1, beta2, tau } => self.adaptive(weights, delta, lr, beta1, tau, |v, d2| {
+            ServerOptimizerConfig::FedAdam {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            } => self.adaptive(weights, delta, lr, beta1, tau, |v, d2| {
+                beta2 * v + (1.0 - beta2) * d2
+            }),
+            ServerOptimizerConfig::FedYogi {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            } => self.adaptive(weights, delta, lr, beta1, tau, |v, d2| {
                 v - (1.0 - beta2) * d2 * (v - d2).signum()
             }),
         }
@@ -111,7 +140,12 @@ impl ServerOptimizer {
         tau: f32,
         second_moment: impl Fn(f32, f32) -> f32,
     ) {
-        for (((w, m), v), d) in weights.iter_mut().zip(&mut self.m).zip(&mut self.v).zip(delta) {
+        for (((w, m), v), d) in weights
+            .iter_mut()
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+            .zip(delta)
+        {
             *m = beta1 * *m + (1.0 - beta1) * d;
             *v = second_moment(*v, d * d);
             *w += lr * *m / (v.sqrt() + tau);
@@ -133,7 +167,13 @@ mod tests {
 
     #[test]
     fn fedavgm_accumulates_momentum() {
-        let mut opt = ServerOptimizer::new(ServerOptimizerConfig::FedAvgM { lr: 1.0, momentum: 0.5 }, 1);
+        let mut opt = ServerOptimizer::new(
+            ServerOptimizerConfig::FedAvgM {
+                lr: 1.0,
+                momentum: 0.5,
+            },
+            1,
+        );
         let mut w = vec![0.0];
         opt.step(&mut w, &[1.0]).unwrap();
         opt.step(&mut w, &[1.0]).unwrap();
@@ -148,15 +188,40 @@ mod tests {
         let v0 = tau * tau;
         let expected = |v: f32| lr * m / (v.sqrt() + tau);
         let cases = [
-            (ServerOptimizerConfig::FedAdagrad { lr, beta1, tau }, v0 + d * d),
-            (ServerOptimizerConfig::FedAdam { lr, beta1, beta2, tau }, beta2 * v0 + (1.0 - beta2) * d * d),
-            (ServerOptimizerConfig::FedYogi { lr, beta1, beta2, tau }, v0 + (1.0 - beta2) * d * d),
+            (
+                ServerOptimizerConfig::FedAdagrad { lr, beta1, tau },
+                v0 + d * d,
+            ),
+            (
+                ServerOptimizerConfig::FedAdam {
+                    lr,
+                    beta1,
+                    beta2,
+                    tau,
+                },
+                beta2 * v0 + (1.0 - beta2) * d * d,
+            ),
+            (
+                ServerOptimizerConfig::FedYogi {
+                    lr,
+                    beta1,
+                    beta2,
+                    tau,
+                },
+                v0 + (1.0 - beta2) * d * d,
+            ),
         ];
         for (config, v) in cases {
             let mut opt = ServerOptimizer::new(config, 1);
             let mut w = vec![0.0];
             opt.step(&mut w, &[d]).unwrap();
-            assert!((w[0] - expected(v)).abs() < 1e-6, "{}: {} vs {}", config.name(), w[0], expected(v));
+            assert!(
+                (w[0] - expected(v)).abs() < 1e-6,
+                "{}: {} vs {}",
+                config.name(),
+                w[0],
+                expected(v)
+            );
         }
     }
 }

@@ -274,9 +274,15 @@ mod tests {
         assert_eq!(decode_client(&other_version), Err(FrameError::Version(9)));
         let unknown = postcard::to_allocvec(&(PROTOCOL_VERSION, 7u32)).unwrap();
         assert_eq!(decode_client(&unknown), Err(FrameError::UnknownMessage(7)));
-        assert!(matches!(decode_client(&[1, 0, 0xff]), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode_client(&[1, 0, 0xff]),
+            Err(FrameError::Malformed(_))
+        ));
         assert!(matches!(decode_client(&[]), Err(FrameError::Malformed(_))));
         let huge = vec![0u8; MAX_FRAME_BYTES + 1];
-        assert_eq!(decode_client(&huge).unwrap_err().code(), ErrorCode::FrameTooLarge);
+        assert_eq!(
+            decode_client(&huge).unwrap_err().code(),
+            ErrorCode::FrameTooLarge
+        );
     }
 }

@@ -12,8 +12,8 @@ use folio_fed::sampling::sample_clients;
 use folio_fed::{Aggregator, ServerOptimizer, codec};
 use folio_model::ModelConfig;
 use folio_proto::{
-    ClientKind, ErrorCode, ErrorMessage, Join, ModelShape, PROTOCOL_VERSION, RoundResult, RoundStart, ServerMessage,
-    Update, Welcome,
+    ClientKind, ErrorCode, ErrorMessage, Join, ModelShape, PROTOCOL_VERSION, RoundResult,
+    RoundStart, ServerMessage, Update, Welcome,
 };
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
@@ -22,6 +22,9 @@ use crate::config::RoundConfig;
 
 /// Frames queued for one connection.
 pub type Outbox = UnboundedSender<Vec<u8>>;
+
+/// Frames to hand to connections once the lock is released.
+pub type Deliveries = Vec<(Outbox, Vec<u8>)>;
 
 /// One round's figures, as the status API and the metrics history show them.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -205,7 +208,10 @@ impl Federation {
         if join.protocol != PROTOCOL_VERSION {
             return Err(error(
                 ErrorCode::ProtocolVersion,
-                format!("client speaks protocol {}, server {PROTOCOL_VERSION}", join.protocol),
+                format!(
+                    "client speaks protocol {}, server {PROTOCOL_VERSION}",
+                    join.protocol
+                ),
             ));
         }
         if self.join_token.is_some() && join.token != self.join_token {
@@ -240,19 +246,28 @@ impl Federation {
                         rounds: 0,
                         last: None,
                         reported_rounds: Vec::new(),
-                        resume_token: format!("{:016x}-{session}", self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ session),
+                        resume_token: format!(
+                            "{:016x}-{session}",
+                            self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ session
+                        ),
                         outbox: None,
                     },
                 );
                 session
             }
         };
-        let info = self.sessions.get_mut(&session).expect("session just found or made");
+        let info = self
+            .sessions
+            .get_mut(&session)
+            .expect("session just found or made");
         info.connected = true;
         info.backend = join.backend;
         info.adapter = join.adapter;
         info.outbox = Some(outbox);
-        let client = self.corpus.client(&info.client_id).expect("pool holds corpus ids");
+        let client = self
+            .corpus
+            .client(&info.client_id)
+            .expect("pool holds corpus ids");
         let welcome = Welcome {
             session: info.resume_token.clone(),
             client_id: info.client_id.clone(),
@@ -285,19 +300,28 @@ impl Federation {
                     .id
                     .clone();
                 if taken.contains(id.as_str()) {
-                    return Err(error(ErrorCode::NoFreeClient, format!("{id} is already training in another connection")));
+                    return Err(error(
+                        ErrorCode::NoFreeClient,
+                        format!("{id} is already training in another connection"),
+                    ));
                 }
                 Ok(id)
             }
             None => {
                 // A client no session ever had, else one whose session left.
-                let ever: BTreeSet<&str> = self.sessions.values().map(|s| s.client_id.as_str()).collect();
+                let ever: BTreeSet<&str> = self
+                    .sessions
+                    .values()
+                    .map(|s| s.client_id.as_str())
+                    .collect();
                 self.pool
                     .iter()
                     .find(|id| !ever.contains(id.as_str()))
                     .or_else(|| self.pool.iter().find(|id| !taken.contains(id.as_str())))
                     .cloned()
-                    .ok_or_else(|| error(ErrorCode::NoFreeClient, "every Shakespeare client is taken"))
+                    .ok_or_else(|| {
+                        error(ErrorCode::NoFreeClient, "every Shakespeare client is taken")
+                    })
             }
         }
     }
@@ -328,16 +352,30 @@ impl Federation {
 
     /// Opens the next round if enough clients are connected; returns the frames
     /// to send (one per selected client).
-    pub fn try_start_round(&mut self, now: Instant) -> Option<Vec<(Outbox, Vec<u8>)>> {
+    pub fn try_start_round(&mut self, now: Instant) -> Option<Deliveries> {
         if self.open.is_some() {
             return None;
         }
-        let connected: Vec<u64> = self.sessions.values().filter(|s| s.connected).map(|s| s.session).collect();
+        let connected: Vec<u64> = self
+            .sessions
+            .values()
+            .filter(|s| s.connected)
+            .map(|s| s.session)
+            .collect();
         if connected.len() < self.config.min_clients.max(1) {
             return None;
         }
-        let selected = sample_clients(&connected, self.config.clients_per_round, self.seed, self.round);
-        let weights = codec::encode(&self.weights, &[self.weights.len()], folio_fed::Encoding::F32);
+        let selected = sample_clients(
+            &connected,
+            self.config.clients_per_round,
+            self.seed,
+            self.round,
+        );
+        let weights = codec::encode(
+            &self.weights,
+            &[self.weights.len()],
+            folio_fed::Encoding::F32,
+        );
         let frame = folio_proto::encode(&ServerMessage::RoundStart(RoundStart {
             round: self.round,
             weights,
@@ -350,9 +388,14 @@ impl Federation {
             delta_encoding: self.config.delta_encoding,
             seed: self.seed ^ self.round,
         }));
-        let sends: Vec<(Outbox, Vec<u8>)> = selected
+        let sends: Deliveries = selected
             .iter()
-            .filter_map(|s| self.sessions[s].outbox.clone().map(|outbox| (outbox, frame.clone())))
+            .filter_map(|s| {
+                self.sessions[s]
+                    .outbox
+                    .clone()
+                    .map(|outbox| (outbox, frame.clone()))
+            })
             .collect();
         self.open = Some(OpenRound {
             round: self.round,
@@ -377,7 +420,11 @@ impl Federation {
         let reported = open.reported.len();
         let waiting = open.selected.len() - reported;
         if waiting == 0 {
-            return if reported == 0 { RoundPhase::Failed } else { RoundPhase::Complete };
+            return if reported == 0 {
+                RoundPhase::Failed
+            } else {
+                RoundPhase::Complete
+            };
         }
         if now < open.deadline {
             return RoundPhase::Collecting;
@@ -394,17 +441,39 @@ impl Federation {
     pub fn handle_update(&mut self, session: u64, update: Update) -> Result<(), ErrorMessage> {
         let segments = self.segments();
         let Some(open) = &mut self.open else {
-            return Err(error(ErrorCode::RoundClosed, format!("no round is open; update for round {} ignored", update.round)));
+            return Err(error(
+                ErrorCode::RoundClosed,
+                format!(
+                    "no round is open; update for round {} ignored",
+                    update.round
+                ),
+            ));
         };
         if update.round != open.round {
-            let code = if update.round < open.round { ErrorCode::RoundClosed } else { ErrorCode::WrongRound };
-            return Err(error(code, format!("update for round {}, the open round is {}", update.round, open.round)));
+            let code = if update.round < open.round {
+                ErrorCode::RoundClosed
+            } else {
+                ErrorCode::WrongRound
+            };
+            return Err(error(
+                code,
+                format!(
+                    "update for round {}, the open round is {}",
+                    update.round, open.round
+                ),
+            ));
         }
         if open.reported.contains(&session) {
-            return Err(error(ErrorCode::DuplicateUpdate, format!("a second update for round {}", open.round)));
+            return Err(error(
+                ErrorCode::DuplicateUpdate,
+                format!("a second update for round {}", open.round),
+            ));
         }
         if !open.selected.contains(&session) {
-            return Err(error(ErrorCode::NotSelected, format!("this client was not selected for round {}", open.round)));
+            return Err(error(
+                ErrorCode::NotSelected,
+                format!("this client was not selected for round {}", open.round),
+            ));
         }
         let delta = codec::decode(&update.delta, &segments, update.encoding)
             .map_err(|err| error(ErrorCode::BadDelta, err.to_string()))?;
@@ -418,7 +487,10 @@ impl Federation {
         open.loss_sum += f64::from(update.train_loss) * update.examples as f64;
         open.accuracy_sum += f64::from(update.train_accuracy) * update.examples as f64;
         open.examples += update.examples;
-        let info = self.sessions.get_mut(&session).expect("selected sessions exist");
+        let info = self
+            .sessions
+            .get_mut(&session)
+            .expect("selected sessions exist");
         info.rounds += 1;
         info.reported_rounds.push(update.round);
         info.last = Some(ClientRound {
@@ -433,20 +505,23 @@ impl Federation {
 
     /// Ends a round that failed (no quorum): nothing changes, the selected clients
     /// that did not report are told, and the same round number runs again.
-    pub fn abandon_round(&mut self) -> Vec<(Outbox, Vec<u8>)> {
+    pub fn abandon_round(&mut self) -> Deliveries {
         let Some(open) = self.open.take() else {
             return Vec::new();
         };
         let frame = folio_proto::encode(&ServerMessage::Error(error(
             ErrorCode::RoundClosed,
-            format!("round {} closed without a quorum; it will run again", open.round),
+            format!(
+                "round {} closed without a quorum; it will run again",
+                open.round
+            ),
         )));
         self.outboxes(open.selected.difference(&open.reported).copied(), &frame)
     }
 
     /// Aggregates the open round and moves the global weights. Tells clients that
     /// were selected but did not report that the round is closed.
-    pub fn close_round(&mut self, now: Instant) -> Option<(ClosedRound, Vec<(Outbox, Vec<u8>)>)> {
+    pub fn close_round(&mut self, now: Instant) -> Option<(ClosedRound, Deliveries)> {
         let open = self.open.take()?;
         let mean = open.aggregator.mean().ok()?;
         self.optimizer
@@ -454,7 +529,10 @@ impl Federation {
             .expect("the aggregator checked the length");
         let late = folio_proto::encode(&ServerMessage::Error(error(
             ErrorCode::RoundClosed,
-            format!("round {} closed on quorum; your update will be ignored", open.round),
+            format!(
+                "round {} closed on quorum; your update will be ignored",
+                open.round
+            ),
         )));
         let notices = self.outboxes(open.selected.difference(&open.reported).copied(), &late);
         let examples = open.examples.max(1) as f64;
@@ -473,7 +551,7 @@ impl Federation {
     }
 
     /// Records an evaluated round and returns the result frame for every connection.
-    pub fn record(&mut self, record: RoundRecord) -> Vec<(Outbox, Vec<u8>)> {
+    pub fn record(&mut self, record: RoundRecord) -> Deliveries {
         let frame = folio_proto::encode(&ServerMessage::RoundResult(RoundResult {
             round: record.round,
             clients: record.clients as u32,
@@ -485,7 +563,7 @@ impl Federation {
         self.outboxes(everyone.into_iter(), &frame)
     }
 
-    fn outboxes(&self, sessions: impl Iterator<Item = u64>, frame: &[u8]) -> Vec<(Outbox, Vec<u8>)> {
+    fn outboxes(&self, sessions: impl Iterator<Item = u64>, frame: &[u8]) -> Deliveries {
         sessions
             .filter_map(|s| self.sessions.get(&s)?.outbox.clone())
             .map(|outbox| (outbox, frame.to_vec()))

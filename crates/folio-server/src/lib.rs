@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use tower_http::services::ServeDir;
 
 pub use config::{RoundConfig, ServerConfig};
-use federation::{Federation, Outbox, RoundPhase, RoundRecord};
+use federation::{Deliveries, Federation, RoundPhase, RoundRecord};
 
 /// How often the driver looks at the open round.
 const POLL: Duration = Duration::from_millis(20);
@@ -54,7 +54,9 @@ impl Shared {
     fn fed(&self) -> MutexGuard<'_, Federation> {
         // A panic while holding the lock is a bug; the state is still consistent
         // (every method leaves it so before it can panic), so keep serving.
-        self.fed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.fed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -71,22 +73,36 @@ impl Server {
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
         let corpus = Corpus::load(&config.data_dir.join("shakespeare"))?;
         let model = config.preset.config();
-        std::fs::create_dir_all(&config.state_dir)
-            .with_context(|| format!("cannot create the state dir {}", config.state_dir.display()))?;
+        std::fs::create_dir_all(&config.state_dir).with_context(|| {
+            format!("cannot create the state dir {}", config.state_dir.display())
+        })?;
         let rounds = &config.rounds;
-        let (weights, optimizer, completed) =
-            match state::load(&config.state_dir, rounds.server_optimizer, model.num_params())? {
-                Some(saved) => (saved.weights, saved.optimizer, saved.completed_rounds),
-                None => {
-                    let weights = match &config.init {
-                        Some(path) => checkpoint::load(path, Some(model))
+        let (weights, optimizer, completed) = match state::load(
+            &config.state_dir,
+            rounds.server_optimizer,
+            model.num_params(),
+        )? {
+            Some(saved) => (saved.weights, saved.optimizer, saved.completed_rounds),
+            None => {
+                let weights = match &config.init {
+                    Some(path) => {
+                        checkpoint::load(path, Some(model))
                             .with_context(|| format!("cannot start from {}", path.display()))?
-                            .weights,
-                        None => CharRnn::init(model, config.seed, &Device::flex()).to_flat().await?,
-                    };
-                    (weights, ServerOptimizer::new(rounds.server_optimizer, model.num_params()), 0)
-                }
-            };
+                            .weights
+                    }
+                    None => {
+                        CharRnn::init(model, config.seed, &Device::flex())
+                            .to_flat()
+                            .await?
+                    }
+                };
+                (
+                    weights,
+                    ServerOptimizer::new(rounds.server_optimizer, model.num_params()),
+                    0,
+                )
+            }
+        };
         let eval_batches = eval_batches(&corpus, rounds, config.seed)?;
         let history = state::load_history(&config.state_dir, completed);
         let fed = Federation::new(
@@ -101,9 +117,12 @@ impl Server {
             completed,
             history,
         );
-        let listener = TcpListener::bind(config.addr)
-            .await
-            .with_context(|| format!("cannot listen on {}: is another server running?", config.addr))?;
+        let listener = TcpListener::bind(config.addr).await.with_context(|| {
+            format!(
+                "cannot listen on {}: is another server running?",
+                config.addr
+            )
+        })?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             fed: Mutex::new(fed),
@@ -154,7 +173,10 @@ impl Server {
 fn router(shared: Arc<Shared>) -> Router {
     let mut router = Router::new()
         .route("/ws", get(ws::upgrade))
-        .route("/api/status", get(|State(shared): State<Arc<Shared>>| async move { Json(status_json(&shared)) }))
+        .route(
+            "/api/status",
+            get(|State(shared): State<Arc<Shared>>| async move { Json(status_json(&shared)) }),
+        )
         .route("/api/model", get(model_file));
     if let Some(root) = &shared.config.web_root {
         router = router.fallback_service(ServeDir::new(root));
@@ -170,7 +192,11 @@ async fn model_file(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let metadata = BTreeMap::from([("round".to_owned(), round.to_string())]);
     match checkpoint::encode(model, &weights, Precision::F16, &metadata) {
         Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
-        Err(err) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+        Err(err) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            err.to_string(),
+        )
+            .into_response(),
     }
 }
 
@@ -232,7 +258,10 @@ fn eval_batches(corpus: &Corpus, rounds: &RoundConfig, seed: u64) -> anyhow::Res
                 .collect()
         }
     };
-    anyhow::ensure!(!batches.is_empty(), "no evaluation batches: check --eval-client / --eval-clients");
+    anyhow::ensure!(
+        !batches.is_empty(),
+        "no evaluation batches: check --eval-client / --eval-clients"
+    );
     Ok(batches)
 }
 
@@ -245,7 +274,7 @@ async fn evaluate_weights(shared: &Arc<Shared>, weights: Vec<f32>) -> anyhow::Re
     .await?
 }
 
-fn deliver(frames: Vec<(Outbox, Vec<u8>)>) {
+fn deliver(frames: Deliveries) {
     for (outbox, frame) in frames {
         // A closed outbox is a connection that just left; the disconnect handles it.
         let _ = outbox.send(frame);
@@ -315,7 +344,13 @@ async fn close_round(shared: &Arc<Shared>) -> anyhow::Result<()> {
         deliver(notices);
         (closed, fed.optimizer.clone())
     };
-    state::save(&shared.config.state_dir, closed.round, &closed.weights, &optimizer, shared.config.seed)?;
+    state::save(
+        &shared.config.state_dir,
+        closed.round,
+        &closed.weights,
+        &optimizer,
+        shared.config.seed,
+    )?;
     let eval_started = Instant::now();
     let metrics = evaluate_weights(shared, closed.weights).await?;
     let record = RoundRecord {

@@ -32,7 +32,13 @@ fn bytes_of(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-pub fn save(dir: &Path, completed_rounds: u64, weights: &[f32], optimizer: &ServerOptimizer, seed: u64) -> anyhow::Result<()> {
+pub fn save(
+    dir: &Path,
+    completed_rounds: u64,
+    weights: &[f32],
+    optimizer: &ServerOptimizer,
+    seed: u64,
+) -> anyhow::Result<()> {
     let buffers = [
         ("weights", bytes_of(weights)),
         ("server_m", bytes_of(&optimizer.m)),
@@ -40,35 +46,55 @@ pub fn save(dir: &Path, completed_rounds: u64, weights: &[f32], optimizer: &Serv
     ];
     let views = buffers
         .iter()
-        .map(|(name, bytes)| Ok((*name, TensorView::new(Dtype::F32, vec![bytes.len() / 4], bytes)?)))
+        .map(|(name, bytes)| {
+            Ok((
+                *name,
+                TensorView::new(Dtype::F32, vec![bytes.len() / 4], bytes)?,
+            ))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let metadata = HashMap::from([
         ("round".to_owned(), completed_rounds.to_string()),
         ("seed".to_owned(), seed.to_string()),
-        ("server_optimizer".to_owned(), serde_json::to_string(&optimizer.config)?),
+        (
+            "server_optimizer".to_owned(),
+            serde_json::to_string(&optimizer.config)?,
+        ),
     ]);
     let bytes = safetensors::serialize(views, Some(metadata))?;
     let path = state_path(dir);
     let partial = path.with_extension("partial");
-    std::fs::write(&partial, bytes).with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::write(&partial, bytes)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
     std::fs::rename(&partial, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
 /// The saved state, if `dir` has one. An optimizer configured differently from the
 /// saved one starts afresh (its moments belong to another rule).
-pub fn load(dir: &Path, optimizer: ServerOptimizerConfig, num_params: usize) -> anyhow::Result<Option<SavedState>> {
+pub fn load(
+    dir: &Path,
+    optimizer: ServerOptimizerConfig,
+    num_params: usize,
+) -> anyhow::Result<Option<SavedState>> {
     let path = state_path(dir);
     if !path.exists() {
         return Ok(None);
     }
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let tensors = SafeTensors::deserialize(&bytes).with_context(|| format!("{} is corrupt", path.display()))?;
+    let tensors = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is corrupt", path.display()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes)?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let read = |name: &str| -> anyhow::Result<Vec<f32>> {
-        let view = tensors.tensor(name).with_context(|| format!("{} has no `{name}`", path.display()))?;
-        Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        let view = tensors
+            .tensor(name)
+            .with_context(|| format!("{} has no `{name}`", path.display()))?;
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
     };
     let weights = read("weights")?;
     anyhow::ensure!(
@@ -77,8 +103,9 @@ pub fn load(dir: &Path, optimizer: ServerOptimizerConfig, num_params: usize) -> 
         path.display(),
         weights.len()
     );
-    let saved_config: Option<ServerOptimizerConfig> =
-        metadata.get("server_optimizer").and_then(|json| serde_json::from_str(json).ok());
+    let saved_config: Option<ServerOptimizerConfig> = metadata
+        .get("server_optimizer")
+        .and_then(|json| serde_json::from_str(json).ok());
     let optimizer = if saved_config == Some(optimizer) {
         ServerOptimizer {
             config: optimizer,
@@ -88,7 +115,10 @@ pub fn load(dir: &Path, optimizer: ServerOptimizerConfig, num_params: usize) -> 
     } else {
         ServerOptimizer::new(optimizer, num_params)
     };
-    let completed_rounds = metadata.get("round").and_then(|r| r.parse().ok()).unwrap_or(0);
+    let completed_rounds = metadata
+        .get("round")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
     Ok(Some(SavedState {
         completed_rounds,
         weights,

@@ -44,7 +44,11 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
     while let Some(message) = stream.next().await {
         let reply = match message {
             Ok(Message::Binary(frame)) => handle_frame(&shared, &mut joined, &frame, &outbox),
-            Ok(Message::Text(_)) => Some(refuse(&shared, ErrorCode::TextFrame, "frames are binary (folio-proto)".into())),
+            Ok(Message::Text(_)) => Some(refuse(
+                &shared,
+                ErrorCode::TextFrame,
+                "frames are binary (folio-proto)".into(),
+            )),
             Ok(Message::Close(_)) => break,
             Ok(_) => None,
             Err(err) => {

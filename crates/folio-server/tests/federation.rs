@@ -10,15 +10,18 @@ use folio_client::{ClientError, ClientOptions, Transport};
 use folio_fed::{Encoding, ServerOptimizerConfig, codec};
 use folio_model::Preset;
 use folio_proto::{
-    ClientKind, ClientMessage, ErrorCode, Join, PROTOCOL_VERSION, ServerMessage, Update, decode_client, decode_server,
+    ClientKind, ClientMessage, ErrorCode, Join, PROTOCOL_VERSION, ServerMessage, Update,
+    decode_client, decode_server,
 };
 use folio_server::{RoundConfig, Server, ServerConfig};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn data_dir() -> PathBuf {
-    std::env::var_os("FOLIO_DATA_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/cache"), PathBuf::from)
+    std::env::var_os("FOLIO_DATA_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/cache"),
+        PathBuf::from,
+    )
 }
 
 fn config(state_dir: &std::path::Path, rounds: RoundConfig, max_rounds: u64) -> ServerConfig {
@@ -64,7 +67,11 @@ struct Recording {
 
 impl Transport for Recording {
     async fn send(&mut self, frame: Vec<u8>) -> Result<(), ClientError> {
-        self.log.lock().unwrap().sent.push(decode_client(&frame).unwrap());
+        self.log
+            .lock()
+            .unwrap()
+            .sent
+            .push(decode_client(&frame).unwrap());
         self.inner.send(frame).await
     }
 
@@ -88,7 +95,10 @@ fn spawn_client(url: String, die_on_round: bool) -> (Arc<Mutex<Log>>, std::threa
     let handle = {
         let log = log.clone();
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async {
                 let inner = WsTransport::connect(&url).await.unwrap();
                 let mut transport = Recording {
@@ -96,7 +106,13 @@ fn spawn_client(url: String, die_on_round: bool) -> (Arc<Mutex<Log>>, std::threa
                     log,
                     die_on_round,
                 };
-                let _ = folio_client::run(&mut transport, &Device::flex(), &ClientOptions::native(), |_| {}).await;
+                let _ = folio_client::run(
+                    &mut transport,
+                    &Device::flex(),
+                    &ClientOptions::native(),
+                    |_| {},
+                )
+                .await;
             });
         })
     };
@@ -127,12 +143,21 @@ fn updates(log: &Log, round: u64) -> Vec<Update> {
 }
 
 fn segments() -> Vec<usize> {
-    Preset::Small.config().param_shapes().iter().map(|(_, s)| s.iter().product()).collect()
+    Preset::Small
+        .config()
+        .param_shapes()
+        .iter()
+        .map(|(_, s)| s.iter().product())
+        .collect()
 }
 
 fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32) {
     assert_eq!(actual.len(), expected.len());
-    let worst = actual.iter().zip(expected).map(|(a, e)| (a - e).abs()).fold(0f32, f32::max);
+    let worst = actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0f32, f32::max);
     assert!(worst <= tolerance, "weights differ by {worst}");
 }
 
@@ -141,7 +166,9 @@ async fn three_clients_three_rounds_of_example_weighted_fedavg() {
     let dir = tempfile::tempdir().unwrap();
     let mut round_config = rounds(3);
     round_config.delta_encoding = Encoding::Int8;
-    let server = Server::start(config(dir.path(), round_config, 3)).await.unwrap();
+    let server = Server::start(config(dir.path(), round_config, 3))
+        .await
+        .unwrap();
     let clients: Vec<_> = (0..3).map(|_| spawn_client(url(&server), false)).collect();
     server.wait_for_round(3).await;
 
@@ -158,16 +185,32 @@ async fn three_clients_three_rounds_of_example_weighted_fedavg() {
             }
             examples += update.examples;
         }
-        let expected: Vec<f32> = old.iter().zip(&sum).map(|(w, s)| w + (s / examples as f64) as f32).collect();
+        let expected: Vec<f32> = old
+            .iter()
+            .zip(&sum)
+            .map(|(w, s)| w + (s / examples as f64) as f32)
+            .collect();
         let actual = round_start_weights(&logs[0], round + 1).unwrap_or_else(|| server.weights());
         assert_close(&actual, &expected, 1e-6);
         assert_ne!(actual, old, "round {round} changed nothing");
     }
     let history = server.history();
-    assert_eq!(history.iter().map(|r| (r.round, r.clients)).collect::<Vec<_>>(), [(0, 0), (1, 3), (2, 3), (3, 3)]);
+    assert_eq!(
+        history
+            .iter()
+            .map(|r| (r.round, r.clients))
+            .collect::<Vec<_>>(),
+        [(0, 0), (1, 3), (2, 3), (3, 3)]
+    );
     let status = server.status();
     assert_eq!(status["connected"], 3);
-    assert!(status["clients"].as_array().unwrap().iter().all(|c| c["bytes_up"].as_u64().unwrap() > 0));
+    assert!(
+        status["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["bytes_up"].as_u64().unwrap() > 0)
+    );
     drop(logs);
     server.abort();
 }
@@ -181,45 +224,70 @@ async fn a_client_killed_mid_round_leaves_the_round_to_the_quorum() {
         deadline: Duration::from_secs(3600),
         ..rounds(3)
     };
-    let server = Server::start(config(dir.path(), round_config, 2)).await.unwrap();
+    let server = Server::start(config(dir.path(), round_config, 2))
+        .await
+        .unwrap();
     // All three are in round 1 (it needs three); one dies on receiving the weights.
     let (_, doomed) = spawn_client(url(&server), true);
     let _healthy: Vec<_> = (0..2).map(|_| spawn_client(url(&server), false)).collect();
-    tokio::time::timeout(Duration::from_secs(300), server.wait_for_round(1)).await.expect("round 1 stalled");
+    tokio::time::timeout(Duration::from_secs(300), server.wait_for_round(1))
+        .await
+        .expect("round 1 stalled");
     doomed.join().unwrap();
-    assert_eq!(server.history()[1].clients, 2, "round 1 closes with the two that reported");
+    assert_eq!(
+        server.history()[1].clients,
+        2,
+        "round 1 closes with the two that reported"
+    );
     // A replacement (a reloaded tab) joins, and the next round runs.
     let _replacement = spawn_client(url(&server), false);
-    tokio::time::timeout(Duration::from_secs(300), server.wait_for_round(2)).await.expect("round 2 stalled");
+    tokio::time::timeout(Duration::from_secs(300), server.wait_for_round(2))
+        .await
+        .expect("round 2 stalled");
     assert_eq!(server.history()[2].clients, 3);
     let status = server.status();
     let clients = status["clients"].as_array().unwrap();
     assert_eq!(clients.len(), 4);
-    assert_eq!(clients.iter().filter(|c| c["connected"] == false).count(), 1);
+    assert_eq!(
+        clients.iter().filter(|c| c["connected"] == false).count(),
+        1
+    );
     server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let momentum = ServerOptimizerConfig::FedAvgM { lr: 1.0, momentum: 0.9 };
+    let momentum = ServerOptimizerConfig::FedAvgM {
+        lr: 1.0,
+        momentum: 0.9,
+    };
     let round_config = RoundConfig {
         server_optimizer: momentum,
         ..rounds(2)
     };
-    let first = Server::start(config(dir.path(), round_config.clone(), 2)).await.unwrap();
+    let first = Server::start(config(dir.path(), round_config.clone(), 2))
+        .await
+        .unwrap();
     let _clients: Vec<_> = (0..2).map(|_| spawn_client(url(&first), false)).collect();
     first.wait_for_round(2).await;
     let after_two = first.weights();
     first.abort();
 
-    let saved = folio_server::state::load(dir.path(), momentum, after_two.len()).unwrap().unwrap();
+    let saved = folio_server::state::load(dir.path(), momentum, after_two.len())
+        .unwrap()
+        .unwrap();
     assert_eq!(saved.completed_rounds, 2);
     assert_eq!(saved.weights, after_two);
-    let second = Server::start(config(dir.path(), round_config, 3)).await.unwrap();
+    let second = Server::start(config(dir.path(), round_config, 3))
+        .await
+        .unwrap();
     let clients: Vec<_> = (0..2).map(|_| spawn_client(url(&second), false)).collect();
     second.wait_for_round(3).await;
-    assert_eq!(second.history().iter().map(|r| r.round).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert_eq!(
+        second.history().iter().map(|r| r.round).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
 
     // Round 3 started from the round-2 weights and applied FedAvgM with the saved momentum.
     let logs: Vec<_> = clients.iter().map(|(log, _)| log.lock().unwrap()).collect();
@@ -245,7 +313,8 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
     second.abort();
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn next_message(socket: &mut Socket) -> ServerMessage {
     loop {
@@ -275,21 +344,55 @@ fn binary(message: &ClientMessage) -> Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_counted_and_harmless() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path(), rounds(1), 1)).await.unwrap();
-    let (mut socket, _) = tokio_tungstenite::connect_async(url(&server)).await.unwrap();
+    let server = Server::start(config(dir.path(), rounds(1), 1))
+        .await
+        .unwrap();
+    let (mut socket, _) = tokio_tungstenite::connect_async(url(&server))
+        .await
+        .unwrap();
     let initial = server.weights();
 
     // Before joining.
-    expect_error(&mut socket, Message::Binary(vec![1, 0, 0xff, 0xff].into()), ErrorCode::MalformedFrame).await;
+    expect_error(
+        &mut socket,
+        Message::Binary(vec![1, 0, 0xff, 0xff].into()),
+        ErrorCode::MalformedFrame,
+    )
+    .await;
     let unknown = [1u8, 9];
-    expect_error(&mut socket, Message::Binary(unknown.to_vec().into()), ErrorCode::UnknownMessage).await;
+    expect_error(
+        &mut socket,
+        Message::Binary(unknown.to_vec().into()),
+        ErrorCode::UnknownMessage,
+    )
+    .await;
     let mut old_version = folio_proto::encode(&ClientMessage::Heartbeat);
     old_version[0] = 0;
-    expect_error(&mut socket, Message::Binary(old_version.into()), ErrorCode::ProtocolVersion).await;
-    expect_error(&mut socket, Message::Text("hello".into()), ErrorCode::TextFrame).await;
+    expect_error(
+        &mut socket,
+        Message::Binary(old_version.into()),
+        ErrorCode::ProtocolVersion,
+    )
+    .await;
+    expect_error(
+        &mut socket,
+        Message::Text("hello".into()),
+        ErrorCode::TextFrame,
+    )
+    .await;
     let huge = vec![0u8; folio_proto::MAX_FRAME_BYTES + 1];
-    expect_error(&mut socket, Message::Binary(huge.into()), ErrorCode::FrameTooLarge).await;
-    expect_error(&mut socket, binary(&ClientMessage::Heartbeat), ErrorCode::NotJoined).await;
+    expect_error(
+        &mut socket,
+        Message::Binary(huge.into()),
+        ErrorCode::FrameTooLarge,
+    )
+    .await;
+    expect_error(
+        &mut socket,
+        binary(&ClientMessage::Heartbeat),
+        ErrorCode::NotJoined,
+    )
+    .await;
 
     // Join; with one client connected the first round starts for it.
     let join = Join {
@@ -301,11 +404,23 @@ async fn bad_input_is_refused_counted_and_harmless() {
         resume: None,
         client: Some("THE_TRAGEDY_OF_KING_LEAR_KENT".into()),
     };
-    socket.send(binary(&ClientMessage::Join(join.clone()))).await.unwrap();
-    let ServerMessage::Welcome(welcome) = next_message(&mut socket).await else { panic!("no welcome") };
+    socket
+        .send(binary(&ClientMessage::Join(join.clone())))
+        .await
+        .unwrap();
+    let ServerMessage::Welcome(welcome) = next_message(&mut socket).await else {
+        panic!("no welcome")
+    };
     assert_eq!(welcome.client_id, "THE_TRAGEDY_OF_KING_LEAR_KENT");
-    let ServerMessage::RoundStart(start) = next_message(&mut socket).await else { panic!("no round start") };
-    expect_error(&mut socket, binary(&ClientMessage::Join(join)), ErrorCode::AlreadyJoined).await;
+    let ServerMessage::RoundStart(start) = next_message(&mut socket).await else {
+        panic!("no round start")
+    };
+    expect_error(
+        &mut socket,
+        binary(&ClientMessage::Join(join)),
+        ErrorCode::AlreadyJoined,
+    )
+    .await;
 
     let n = initial.len();
     let update = |delta: &[f32], round: u64| {
@@ -319,19 +434,46 @@ async fn bad_input_is_refused_counted_and_harmless() {
             train_seconds: 1.0,
         })
     };
-    expect_error(&mut socket, binary(&update(&vec![0.0; n - 1], start.round)), ErrorCode::BadDelta).await;
+    expect_error(
+        &mut socket,
+        binary(&update(&vec![0.0; n - 1], start.round)),
+        ErrorCode::BadDelta,
+    )
+    .await;
     let mut nan = vec![0.0; n];
     nan[7] = f32::NAN;
-    expect_error(&mut socket, binary(&update(&nan, start.round)), ErrorCode::BadDelta).await;
+    expect_error(
+        &mut socket,
+        binary(&update(&nan, start.round)),
+        ErrorCode::BadDelta,
+    )
+    .await;
     let mut inf = vec![0.0; n];
     inf[n - 1] = f32::INFINITY;
-    expect_error(&mut socket, binary(&update(&inf, start.round)), ErrorCode::BadDelta).await;
-    expect_error(&mut socket, binary(&update(&vec![0.0; n], start.round + 1)), ErrorCode::WrongRound).await;
-    assert_eq!(server.weights(), initial, "no bad update may touch the model");
+    expect_error(
+        &mut socket,
+        binary(&update(&inf, start.round)),
+        ErrorCode::BadDelta,
+    )
+    .await;
+    expect_error(
+        &mut socket,
+        binary(&update(&vec![0.0; n], start.round + 1)),
+        ErrorCode::WrongRound,
+    )
+    .await;
+    assert_eq!(
+        server.weights(),
+        initial,
+        "no bad update may touch the model"
+    );
 
     // A good update closes the round; a second one is refused.
     let step = vec![0.001; n];
-    socket.send(binary(&update(&step, start.round))).await.unwrap();
+    socket
+        .send(binary(&update(&step, start.round)))
+        .await
+        .unwrap();
     let again = binary(&update(&step, start.round));
     socket.send(again).await.unwrap();
     let mut codes = Vec::new();
@@ -353,7 +495,15 @@ async fn bad_input_is_refused_counted_and_harmless() {
     assert_close(&server.weights(), &expected, 1e-6);
 
     let errors = &server.status()["errors"];
-    for code in ["malformed_frame", "unknown_message", "protocol_version", "text_frame", "frame_too_large", "not_joined", "already_joined"] {
+    for code in [
+        "malformed_frame",
+        "unknown_message",
+        "protocol_version",
+        "text_frame",
+        "frame_too_large",
+        "not_joined",
+        "already_joined",
+    ] {
         assert_eq!(errors[code], 1, "{code}: {errors}");
     }
     assert_eq!(errors["bad_delta"], 3, "{errors}");

@@ -40,7 +40,10 @@ async fn webgpu() -> Device {
 #[wasm_bindgen_test]
 async fn webgpu_and_flex_give_the_same_loss_and_gradients() {
     let batch = tiny_batch();
-    let weights = CharRnn::init(TINY, 9, &Device::flex()).to_flat().await.unwrap();
+    let weights = CharRnn::init(TINY, 9, &Device::flex())
+        .to_flat()
+        .await
+        .unwrap();
     let mut results = Vec::new();
     for device in [Device::flex(), webgpu().await] {
         let model = CharRnn::from_flat(TINY, &weights, &device.autodiff()).unwrap();
@@ -48,10 +51,20 @@ async fn webgpu_and_flex_give_the_same_loss_and_gradients() {
     }
     let (cpu_loss, cpu_grads) = &results[0];
     let (gpu_loss, gpu_grads) = &results[1];
-    assert!((cpu_loss - gpu_loss).abs() <= 1e-4 * cpu_loss.abs(), "loss: flex {cpu_loss}, webgpu {gpu_loss}");
+    assert!(
+        (cpu_loss - gpu_loss).abs() <= 1e-4 * cpu_loss.abs(),
+        "loss: flex {cpu_loss}, webgpu {gpu_loss}"
+    );
     let scale = cpu_grads.iter().fold(0f32, |m, g| m.max(g.abs()));
-    let worst = cpu_grads.iter().zip(gpu_grads).map(|(c, g)| (c - g).abs()).fold(0f32, f32::max);
-    assert!(worst <= 1e-4 * scale, "gradients differ by {worst} (largest gradient {scale})");
+    let worst = cpu_grads
+        .iter()
+        .zip(gpu_grads)
+        .map(|(c, g)| (c - g).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-4 * scale,
+        "gradients differ by {worst} (largest gradient {scale})"
+    );
 }
 
 #[wasm_bindgen_test]
@@ -60,6 +73,13 @@ async fn one_training_step_on_webgpu_lowers_the_loss() {
     let device = webgpu().await.autodiff();
     let mut trainer = Trainer::new(CharRnn::init(TINY, 10, &device), TrainConfig::tutorial());
     let before = trainer.step(&batch).read().await.unwrap();
-    let after = evaluate(trainer.model(), std::slice::from_ref(&batch)).await.unwrap();
-    assert!(after.loss < before.loss, "{} -> {}", before.loss, after.loss);
+    let after = evaluate(trainer.model(), std::slice::from_ref(&batch))
+        .await
+        .unwrap();
+    assert!(
+        after.loss < before.loss,
+        "{} -> {}",
+        before.loss,
+        after.loss
+    );
 }

@@ -72,13 +72,20 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn seed_segments() -> Vec<usize> {
-    Preset::Seed.config().param_shapes().iter().map(|(_, shape)| shape.iter().product()).collect()
+    Preset::Seed
+        .config()
+        .param_shapes()
+        .iter()
+        .map(|(_, shape)| shape.iter().product())
+        .collect()
 }
 
 /// A delta like a client's: small values of either sign.
 fn sample_delta(n: usize, salt: u64) -> Vec<f32> {
     let mut rng = folio_data::rng::SplitMix64::new(salt);
-    (0..n).map(|_| ((rng.next_f64() - 0.5) * 1e-2) as f32).collect()
+    (0..n)
+        .map(|_| ((rng.next_f64() - 0.5) * 1e-2) as f32)
+        .collect()
 }
 
 fn aggregate(repeats: usize) -> anyhow::Result<()> {
@@ -112,15 +119,24 @@ fn aggregate(repeats: usize) -> anyhow::Result<()> {
             fold / copy
         );
     }
-    println!("\npeak memory of one round (a fresh process each; each delta arrives, is folded, dropped)");
+    println!(
+        "\npeak memory of one round (a fresh process each; each delta arrives, is folded, dropped)"
+    );
     let exe = std::env::current_exe()?;
     for clients in [10, 100] {
         let output = std::process::Command::new(&exe)
             .args(["bench", "aggregate-peak", &clients.to_string()])
             .output()?;
-        anyhow::ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        anyhow::ensure!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let kib: u64 = String::from_utf8_lossy(&output.stdout).trim().parse()?;
-        println!("{clients:>4} clients: peak RSS {:.1} MiB", kib as f64 / 1024.0);
+        println!(
+            "{clients:>4} clients: peak RSS {:.1} MiB",
+            kib as f64 / 1024.0
+        );
     }
     Ok(())
 }
@@ -145,7 +161,11 @@ fn peak_rss_kib() -> anyhow::Result<u64> {
         .lines()
         .find(|l| l.starts_with("VmHWM:"))
         .context("no VmHWM in /proc/self/status (not Linux?)")?;
-    Ok(line.split_whitespace().nth(1).context("malformed VmHWM")?.parse()?)
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed VmHWM")?
+        .parse()?)
 }
 
 fn rayon_threads() -> usize {

@@ -125,12 +125,29 @@ impl RoundArgs {
             clip_norm: self.clip_norm,
             server_optimizer: match self.server_optimizer {
                 ServerOpt::Fedavg => ServerOptimizerConfig::FedAvg { lr },
-                ServerOpt::Fedavgm => ServerOptimizerConfig::FedAvgM { lr, momentum: beta1 },
+                ServerOpt::Fedavgm => ServerOptimizerConfig::FedAvgM {
+                    lr,
+                    momentum: beta1,
+                },
                 ServerOpt::Fedadagrad => ServerOptimizerConfig::FedAdagrad { lr, beta1, tau },
-                ServerOpt::Fedadam => ServerOptimizerConfig::FedAdam { lr, beta1, beta2, tau },
-                ServerOpt::Fedyogi => ServerOptimizerConfig::FedYogi { lr, beta1, beta2, tau },
+                ServerOpt::Fedadam => ServerOptimizerConfig::FedAdam {
+                    lr,
+                    beta1,
+                    beta2,
+                    tau,
+                },
+                ServerOpt::Fedyogi => ServerOptimizerConfig::FedYogi {
+                    lr,
+                    beta1,
+                    beta2,
+                    tau,
+                },
             },
-            weighting: if self.uniform { Weighting::Uniform } else { Weighting::Examples },
+            weighting: if self.uniform {
+                Weighting::Uniform
+            } else {
+                Weighting::Examples
+            },
             delta_encoding: match self.encoding {
                 DeltaEncoding::F32 => Encoding::F32,
                 DeltaEncoding::F16 => Encoding::F16,
@@ -190,7 +207,12 @@ pub struct SimulateArgs {
     round: RoundArgs,
 }
 
-fn server_config(round: &RoundArgs, addr: std::net::SocketAddr, state_dir: PathBuf, data_dir: &Path) -> ServerConfig {
+fn server_config(
+    round: &RoundArgs,
+    addr: std::net::SocketAddr,
+    state_dir: PathBuf,
+    data_dir: &Path,
+) -> ServerConfig {
     ServerConfig {
         addr,
         state_dir,
@@ -212,8 +234,14 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let server = Server::start(config).await?;
-        println!("folio aggregator on http://{0} (WebSocket ws://{0}/ws, status http://{0}/api/status)", server.addr);
-        println!("open http://{} in several tabs, or run `folio client` in several terminals", server.addr);
+        println!(
+            "folio aggregator on http://{0} (WebSocket ws://{0}/ws, status http://{0}/api/status)",
+            server.addr
+        );
+        println!(
+            "open http://{} in several tabs, or run `folio client` in several terminals",
+            server.addr
+        );
         let mut shown = 0;
         loop {
             let history = server.history();
@@ -221,7 +249,10 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
                 println!("{}", row(record));
             }
             shown = history.len();
-            if args.rounds.is_some_and(|max| history.last().is_some_and(|r| r.round >= max)) {
+            if args
+                .rounds
+                .is_some_and(|max| history.last().is_some_and(|r| r.round >= max))
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -230,7 +261,9 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub fn client(args: ClientArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let mut transport = WsTransport::connect(&args.server).await?;
         let options = ClientOptions {
@@ -238,27 +271,44 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
             token: args.token,
             ..ClientOptions::native()
         };
-        folio_client::run(&mut transport, &Device::flex(), &options, |event| match event {
-            ClientEvent::Welcomed { client_id, train_chars, .. } => {
-                println!("training as {client_id} ({train_chars} chars of lines)")
-            }
-            ClientEvent::Trained(report) => println!(
-                "round {}: {} examples, loss {:.4}, accuracy {:.4}, {:.1}s, {} bytes up",
-                report.round, report.examples, report.train_loss, report.train_accuracy, report.train_seconds, report.bytes_up
-            ),
-            ClientEvent::RoundResult(result) => println!(
-                "round {} global: eval loss {:.4}, accuracy {:.4} ({} clients)",
-                result.round, result.eval_loss, result.eval_accuracy, result.clients
-            ),
-            ClientEvent::ServerError(error) => eprintln!("server: {} ({})", error.message, error.code.name()),
-            ClientEvent::State(_) => {}
-        })
+        folio_client::run(
+            &mut transport,
+            &Device::flex(),
+            &options,
+            |event| match event {
+                ClientEvent::Welcomed {
+                    client_id,
+                    train_chars,
+                    ..
+                } => {
+                    println!("training as {client_id} ({train_chars} chars of lines)")
+                }
+                ClientEvent::Trained(report) => println!(
+                    "round {}: {} examples, loss {:.4}, accuracy {:.4}, {:.1}s, {} bytes up",
+                    report.round,
+                    report.examples,
+                    report.train_loss,
+                    report.train_accuracy,
+                    report.train_seconds,
+                    report.bytes_up
+                ),
+                ClientEvent::RoundResult(result) => println!(
+                    "round {} global: eval loss {:.4}, accuracy {:.4} ({} clients)",
+                    result.round, result.eval_loss, result.eval_accuracy, result.clients
+                ),
+                ClientEvent::ServerError(error) => {
+                    eprintln!("server: {} ({})", error.message, error.code.name())
+                }
+                ClientEvent::State(_) => {}
+            },
+        )
         .await?;
         Ok(())
     })
 }
 
-pub const TABLE_HEADER: &str = "round  clients  train loss  train acc  eval loss  eval acc    bytes up   seconds";
+pub const TABLE_HEADER: &str =
+    "round  clients  train loss  train acc  eval loss  eval acc    bytes up   seconds";
 
 pub fn row(r: &RoundRecord) -> String {
     let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
@@ -290,26 +340,45 @@ pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let started = Instant::now();
     let history = runtime.block_on(async {
-        let server = Server::start(config).await.context("starting the aggregator")?;
+        let server = Server::start(config)
+            .await
+            .context("starting the aggregator")?;
         let url = format!("ws://{}/ws", server.addr);
         let mut threads: Vec<_> = (0..clients)
             .map(|_| {
                 let url = url.clone();
                 // Training is CPU work: each client gets its own thread and runtime.
                 std::thread::spawn(move || -> anyhow::Result<()> {
-                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
                     runtime.block_on(async {
                         let mut transport = WsTransport::connect(&url).await?;
-                        folio_client::run(&mut transport, &Device::flex(), &ClientOptions::native(), |_| {}).await?;
+                        folio_client::run(
+                            &mut transport,
+                            &Device::flex(),
+                            &ClientOptions::native(),
+                            |_| {},
+                        )
+                        .await?;
                         Ok(())
                     })
                 })
             })
             .collect();
         let bar = ProgressBar::new(args.rounds);
-        bar.set_style(ProgressStyle::with_template("[{bar:30}] round {pos}/{len}, {elapsed} {msg}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("[{bar:30}] round {pos}/{len}, {elapsed} {msg}")
+                .expect("valid template"),
+        );
         // Rows above the bar on a terminal, plain lines in a log.
-        let print = |line: String| if bar.is_hidden() { println!("{line}") } else { bar.println(line) };
+        let print = |line: String| {
+            if bar.is_hidden() {
+                println!("{line}")
+            } else {
+                bar.println(line)
+            }
+        };
         print(TABLE_HEADER.to_owned());
         let mut shown = 0;
         while shown <= args.rounds as usize {

@@ -10,18 +10,26 @@ use folio_model::{CharRnn, Preset};
 
 fn folio() -> Command {
     let mut cmd = Command::cargo_bin("folio").unwrap();
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).arg("--data-dir").arg(data_dir());
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("--data-dir")
+        .arg(data_dir());
     cmd
 }
 
 fn data_dir() -> PathBuf {
-    std::env::var_os("FOLIO_DATA_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/cache"), PathBuf::from)
+    std::env::var_os("FOLIO_DATA_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/cache"),
+        PathBuf::from,
+    )
 }
 
 fn stdout(cmd: &mut Command) -> String {
     let output = cmd.output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout).unwrap()
 }
 
@@ -29,8 +37,16 @@ fn stdout(cmd: &mut Command) -> String {
 fn data_stats_reports_the_federation() {
     let out = stdout(folio().args(["data", "stats"]));
     let figure = |label: &str| -> usize {
-        let line = out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no `{label}` in\n{out}"));
-        line[label.len()..].split_whitespace().next().unwrap().parse().unwrap()
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no `{label}` in\n{out}"));
+        line[label.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert_eq!(figure("plays"), 37);
     assert!(figure("clients (2+ speeches)") >= 900, "{out}");
@@ -39,12 +55,27 @@ fn data_stats_reports_the_federation() {
 
 #[test]
 fn data_show_prints_a_client_and_suggests_close_ids() {
-    let out = stdout(folio().args(["data", "show", "the tragedy of king lear kent", "--lines", "2"]));
-    assert!(out.contains("I thought the King had more affected the Duke of Albany than"), "{out}");
-    let output = folio().args(["data", "show", "THE_TRAGEDY_OF_KING_LEAR_KANT"]).output().unwrap();
+    let out = stdout(folio().args([
+        "data",
+        "show",
+        "the tragedy of king lear kent",
+        "--lines",
+        "2",
+    ]));
+    assert!(
+        out.contains("I thought the King had more affected the Duke of Albany than"),
+        "{out}"
+    );
+    let output = folio()
+        .args(["data", "show", "THE_TRAGEDY_OF_KING_LEAR_KANT"])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);
-    assert!(err.contains("no client") && err.contains("THE_TRAGEDY_OF_KING_LEAR_KENT"), "{err}");
+    assert!(
+        err.contains("no client") && err.contains("THE_TRAGEDY_OF_KING_LEAR_KENT"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -69,13 +100,45 @@ fn eval_and_generate_run_on_a_checkpoint() {
 
     let out = stdout(folio().args(["eval", "--checkpoint", path, "--random"]));
     assert!(out.contains("random text: 5 batches, 4000 chars"), "{out}");
-    let out = stdout(folio().args(["eval", "--checkpoint", path, "--client", "THE_TRAGEDY_OF_KING_LEAR_LEAR"]));
-    assert!(out.contains("THE_TRAGEDY_OF_KING_LEAR_LEAR: 5 batches"), "{out}");
-    let out = stdout(folio().args(["generate", "--checkpoint", path, "--length", "30", "--prompt", "Hi "]));
-    assert_eq!(out.strip_suffix('\n').unwrap().chars().count(), 33, "{out:?}");
+    let out = stdout(folio().args([
+        "eval",
+        "--checkpoint",
+        path,
+        "--client",
+        "THE_TRAGEDY_OF_KING_LEAR_LEAR",
+    ]));
+    assert!(
+        out.contains("THE_TRAGEDY_OF_KING_LEAR_LEAR: 5 batches"),
+        "{out}"
+    );
+    let out = stdout(folio().args([
+        "generate",
+        "--checkpoint",
+        path,
+        "--length",
+        "30",
+        "--prompt",
+        "Hi ",
+    ]));
+    assert_eq!(
+        out.strip_suffix('\n').unwrap().chars().count(),
+        33,
+        "{out:?}"
+    );
 
-    let output = folio().args(["eval", "--checkpoint", "/nonexistent.safetensors", "--random"]).output().unwrap();
+    let output = folio()
+        .args([
+            "eval",
+            "--checkpoint",
+            "/nonexistent.safetensors",
+            "--random",
+        ])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && err.contains("folio pretrain"), "{err}");
+    assert!(
+        !output.status.success() && err.contains("folio pretrain"),
+        "{err}"
+    );
     std::fs::remove_file(path).unwrap();
 }
