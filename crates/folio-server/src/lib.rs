@@ -2,7 +2,7 @@
 //!
 //! `GET /ws` is the clients' WebSocket ([`folio_proto`] frames), `GET /api/status`
 //! the JSON status, `GET /api/model` the current global model (f16 safetensors),
-//! and `/` serves the page. A driver task runs the rounds: pick clients among those
+//! and `/` and `/web/` serve the page. A driver task runs the rounds: pick clients among those
 //! connected, send the global weights, collect updates until every selected client
 //! reported or the deadline passed with a quorum, aggregate, step the server
 //! optimizer, evaluate centrally, broadcast the result, checkpoint.
@@ -34,7 +34,7 @@ use folio_model::{CharRnn, Metrics};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower_http::services::ServeDir;
+use tower_http::services::{ServeDir, ServeFile};
 
 pub use config::{RoundConfig, ServerConfig};
 use federation::{Deliveries, Federation, RoundPhase, RoundRecord};
@@ -179,7 +179,10 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/model", get(model_file));
     if let Some(root) = &shared.config.web_root {
-        router = router.fallback_service(ServeDir::new(root));
+        // The page and its assets only, not the folder they live in.
+        router = router
+            .route_service("/", ServeFile::new(root.join("index.html")))
+            .nest_service("/web", ServeDir::new(root.join("web")));
     }
     router.with_state(shared)
 }

@@ -510,3 +510,42 @@ async fn bad_input_is_refused_counted_and_harmless() {
     assert_eq!(errors["wrong_round"], 1, "{errors}");
     server.abort();
 }
+
+async fn http_get(server: &Server, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_the_page_the_status_and_the_model_but_not_the_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), rounds(1), 1);
+    config.web_root = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    let server = Server::start(config).await.unwrap();
+    assert!(http_get(&server, "/").await.contains("folio aggregator"));
+    assert!(
+        http_get(&server, "/web/status.js")
+            .await
+            .starts_with("HTTP/1.0 200")
+    );
+    assert!(
+        http_get(&server, "/api/status")
+            .await
+            .contains("\"preset\":\"small\"")
+    );
+    let model = http_get(&server, "/api/model").await;
+    assert!(model.starts_with("HTTP/1.0 200") && model.contains("folio-char-rnn"));
+    assert!(
+        http_get(&server, "/Cargo.toml")
+            .await
+            .starts_with("HTTP/1.0 404")
+    );
+    server.abort();
+}
