@@ -549,3 +549,42 @@ async fn serves_the_page_the_status_and_the_model_but_not_the_repository() {
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_out_at_the_deadline_on_quorum() {
+    let dir = tempfile::tempdir().unwrap();
+    let round_config = RoundConfig {
+        quorum: 2,
+        deadline: Duration::from_secs(4),
+        ..rounds(3)
+    };
+    let server = Server::start(config(dir.path(), round_config, 1)).await.unwrap();
+    // Joins, takes the weights, never answers.
+    let (mut silent, _) = tokio_tungstenite::connect_async(url(&server)).await.unwrap();
+    let join = Join {
+        protocol: PROTOCOL_VERSION,
+        kind: ClientKind::Native,
+        backend: "test".into(),
+        adapter: None,
+        token: None,
+        resume: None,
+        client: None,
+    };
+    silent.send(binary(&ClientMessage::Join(join))).await.unwrap();
+    let _workers: Vec<_> = (0..2).map(|_| spawn_client(url(&server), false)).collect();
+    let started = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        match next_message(&mut silent).await {
+            ServerMessage::Error(error) if error.code == ErrorCode::RoundClosed => told = true,
+            ServerMessage::RoundResult(result) => {
+                assert_eq!((result.round, result.clients), (1, 2));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(told, "the late client is told the round closed");
+    assert!(started.elapsed() >= Duration::from_secs(3), "closed before the deadline");
+    server.abort();
+}
