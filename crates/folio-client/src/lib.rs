@@ -82,27 +82,25 @@ pub struct RoundReport {
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    pub kind: ClientKind,
-    /// Backend name reported to the server (`flex`, `webgpu`).
-    pub backend: String,
-    pub adapter: Option<String>,
-    pub token: Option<String>,
-    pub resume: Option<String>,
-    /// Train as this Shakespeare client.
-    pub client: Option<String>,
+    /// What this client says when it joins (kind, backend, token, wanted client...).
+    pub join: Join,
     /// Return after this many round results (`None`: until the server closes).
     pub max_rounds: Option<u64>,
 }
 
 impl ClientOptions {
+    /// A native process on the CPU backend.
     pub fn native() -> Self {
         Self {
-            kind: ClientKind::Native,
-            backend: "flex".into(),
-            adapter: None,
-            token: None,
-            resume: None,
-            client: None,
+            join: Join {
+                protocol: PROTOCOL_VERSION,
+                kind: ClientKind::Native,
+                backend: "flex".into(),
+                adapter: None,
+                token: None,
+                resume: None,
+                client: None,
+            },
             max_rounds: None,
         }
     }
@@ -124,15 +122,9 @@ pub async fn run<T: Transport>(
     mut on_event: impl FnMut(ClientEvent),
 ) -> Result<Vec<RoundReport>, ClientError> {
     transport
-        .send(folio_proto::encode(&ClientMessage::Join(Join {
-            protocol: PROTOCOL_VERSION,
-            kind: options.kind,
-            backend: options.backend.clone(),
-            adapter: options.adapter.clone(),
-            token: options.token.clone(),
-            resume: options.resume.clone(),
-            client: options.client.clone(),
-        })))
+        .send(folio_proto::encode(&ClientMessage::Join(
+            options.join.clone(),
+        )))
         .await?;
     let mut session: Option<Session> = None;
     let mut reports = Vec::new();

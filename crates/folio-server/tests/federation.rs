@@ -9,10 +9,7 @@ use folio_client::native::WsTransport;
 use folio_client::{ClientError, ClientOptions, Transport};
 use folio_fed::{Encoding, ServerOptimizerConfig, codec};
 use folio_model::Preset;
-use folio_proto::{
-    ClientKind, ClientMessage, ErrorCode, Join, PROTOCOL_VERSION, ServerMessage, Update,
-    decode_client, decode_server,
-};
+use folio_proto::{ClientMessage, ErrorCode, ServerMessage, Update, decode_client, decode_server};
 use folio_server::{RoundConfig, Server, ServerConfig};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -337,6 +334,13 @@ async fn expect_error(socket: &mut Socket, frame: Message, code: ErrorCode) {
     }
 }
 
+fn join(client: Option<&str>) -> ClientMessage {
+    let mut options = ClientOptions::native();
+    options.join.backend = "test".into();
+    options.join.client = client.map(str::to_owned);
+    ClientMessage::Join(options.join)
+}
+
 fn binary(message: &ClientMessage) -> Message {
     Message::Binary(folio_proto::encode(message).into())
 }
@@ -395,19 +399,8 @@ async fn bad_input_is_refused_counted_and_harmless() {
     .await;
 
     // Join; with one client connected the first round starts for it.
-    let join = Join {
-        protocol: PROTOCOL_VERSION,
-        kind: ClientKind::Native,
-        backend: "test".into(),
-        adapter: None,
-        token: None,
-        resume: None,
-        client: Some("THE_TRAGEDY_OF_KING_LEAR_KENT".into()),
-    };
-    socket
-        .send(binary(&ClientMessage::Join(join.clone())))
-        .await
-        .unwrap();
+    let join = join(Some("THE_TRAGEDY_OF_KING_LEAR_KENT"));
+    socket.send(binary(&join)).await.unwrap();
     let ServerMessage::Welcome(welcome) = next_message(&mut socket).await else {
         panic!("no welcome")
     };
@@ -415,12 +408,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     let ServerMessage::RoundStart(start) = next_message(&mut socket).await else {
         panic!("no round start")
     };
-    expect_error(
-        &mut socket,
-        binary(&ClientMessage::Join(join)),
-        ErrorCode::AlreadyJoined,
-    )
-    .await;
+    expect_error(&mut socket, binary(&join), ErrorCode::AlreadyJoined).await;
 
     let n = initial.len();
     let update = |delta: &[f32], round: u64| {
@@ -558,19 +546,14 @@ async fn a_silent_client_is_closed_out_at_the_deadline_on_quorum() {
         deadline: Duration::from_secs(4),
         ..rounds(3)
     };
-    let server = Server::start(config(dir.path(), round_config, 1)).await.unwrap();
+    let server = Server::start(config(dir.path(), round_config, 1))
+        .await
+        .unwrap();
     // Joins, takes the weights, never answers.
-    let (mut silent, _) = tokio_tungstenite::connect_async(url(&server)).await.unwrap();
-    let join = Join {
-        protocol: PROTOCOL_VERSION,
-        kind: ClientKind::Native,
-        backend: "test".into(),
-        adapter: None,
-        token: None,
-        resume: None,
-        client: None,
-    };
-    silent.send(binary(&ClientMessage::Join(join))).await.unwrap();
+    let (mut silent, _) = tokio_tungstenite::connect_async(url(&server))
+        .await
+        .unwrap();
+    silent.send(binary(&join(None))).await.unwrap();
     let _workers: Vec<_> = (0..2).map(|_| spawn_client(url(&server), false)).collect();
     let started = std::time::Instant::now();
     let mut told = false;
@@ -585,6 +568,9 @@ async fn a_silent_client_is_closed_out_at_the_deadline_on_quorum() {
         }
     }
     assert!(told, "the late client is told the round closed");
-    assert!(started.elapsed() >= Duration::from_secs(3), "closed before the deadline");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "closed before the deadline"
+    );
     server.abort();
 }

@@ -266,11 +266,9 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let mut transport = WsTransport::connect(&args.server).await?;
-        let options = ClientOptions {
-            client: args.client,
-            token: args.token,
-            ..ClientOptions::native()
-        };
+        let mut options = ClientOptions::native();
+        options.join.client = args.client;
+        options.join.token = args.token;
         folio_client::run(
             &mut transport,
             &Device::flex(),
