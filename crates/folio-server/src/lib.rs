@@ -48,6 +48,8 @@ pub struct Shared {
     config: ServerConfig,
     /// The number of completed rounds, for whoever waits on progress.
     completed: watch::Sender<u64>,
+    /// Set when the server finishes: connections close cleanly.
+    closing: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -128,6 +130,7 @@ impl Server {
             fed: Mutex::new(fed),
             eval_batches,
             completed: watch::channel(completed).0,
+            closing: watch::channel(false).0,
             config,
         });
         let router = router(shared.clone());
@@ -160,6 +163,13 @@ impl Server {
 
     pub fn status(&self) -> serde_json::Value {
         status_json(&self.shared)
+    }
+
+    /// Closes every client connection cleanly (after the last round).
+    pub async fn close_connections(&self) {
+        self.shared.closing.send_replace(true);
+        // Let the writers send what is queued and their close frames.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     /// Stops serving at once, as a killed process would (the last checkpoint stays).

@@ -31,17 +31,28 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
             while let Some(frame) = queue.recv().await {
                 let len = frame.len() as u64;
                 if sink.send(Message::Binary(frame.into())).await.is_err() {
-                    break;
+                    return;
                 }
                 let id = session.load(std::sync::atomic::Ordering::Relaxed);
                 if id != 0 {
                     shared.fed().add_bytes(id, 0, len);
                 }
             }
+            // The server let go of this connection (it is finishing): say goodbye.
+            let _ = sink.send(Message::Close(None)).await;
         })
     };
     let mut joined: Option<u64> = None;
-    while let Some(message) = stream.next().await {
+    let mut closing = shared.closing.subscribe();
+    loop {
+        let message = tokio::select! {
+            message = stream.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            // The server is finishing: stop reading, let the writer say goodbye.
+            _ = closing.wait_for(|&closing| closing) => break,
+        };
         let reply = match message {
             Ok(Message::Binary(frame)) => handle_frame(&shared, &mut joined, &frame, &outbox),
             Ok(Message::Text(_)) => Some(refuse(
@@ -52,7 +63,10 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
             Ok(Message::Close(_)) => break,
             Ok(_) => None,
             Err(err) => {
-                shared.fed().count_error(ErrorCode::FrameTooLarge);
+                // Frames beyond 4× the cap end the connection; count those.
+                if err.to_string().contains("Space limit exceeded") {
+                    shared.fed().count_error(ErrorCode::FrameTooLarge);
+                }
                 eprintln!("connection dropped: {err}");
                 break;
             }

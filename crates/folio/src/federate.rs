@@ -242,6 +242,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
             "open http://{} in several tabs, or run `folio client` in several terminals",
             server.addr
         );
+        println!("{TABLE_HEADER}");
         let mut shown = 0;
         loop {
             let history = server.history();
@@ -253,6 +254,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
                 .rounds
                 .is_some_and(|max| history.last().is_some_and(|r| r.round >= max))
             {
+                server.close_connections().await;
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -401,6 +403,7 @@ pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
         }
         bar.finish_and_clear();
         let history = server.history();
+        server.close_connections().await;
         server.abort();
         anyhow::Ok(history)
     })?;
