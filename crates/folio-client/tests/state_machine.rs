@@ -1,0 +1,171 @@
+//! The client loop against a scripted server: what it does with a round start, a
+//! deadline it cannot meet, and error messages. (The real server on loopback is in
+//! folio-server's tests; here the server's side is fixed frames, so each path is
+//! exercised exactly.)
+
+use std::collections::VecDeque;
+
+use burn::prelude::Device;
+use folio_client::{ClientError, ClientEvent, ClientOptions, ClientState, Transport};
+use folio_fed::{Encoding, codec};
+use folio_model::{CharRnn, Preset};
+use folio_proto::{
+    ClientMessage, ErrorCode, ErrorMessage, ModelShape, Optimizer, RoundResult, RoundStart,
+    ServerMessage, Welcome, decode_client,
+};
+
+/// Plays `script` to the client and keeps what it sends.
+struct Scripted {
+    script: VecDeque<ServerMessage>,
+    sent: Vec<ClientMessage>,
+}
+
+impl Transport for Scripted {
+    async fn send(&mut self, frame: Vec<u8>) -> Result<(), ClientError> {
+        self.sent.push(decode_client(&frame).unwrap());
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.script.pop_front().map(|m| folio_proto::encode(&m)))
+    }
+}
+
+fn welcome() -> ServerMessage {
+    let config = Preset::Small.config();
+    ServerMessage::Welcome(Welcome {
+        session: "s1".into(),
+        client_id: "THE_TRAGEDY_OF_KING_LEAR_KENT".into(),
+        train_text: "I thought the King had more affected the Duke of Albany than Cornwall.\n"
+            .repeat(60),
+        preset: "small".into(),
+        model: ModelShape {
+            vocab: config.vocab as u32,
+            embed: config.embed as u32,
+            hidden: config.hidden as u32,
+        },
+        batch_size: 8,
+        seq_len: 100,
+    })
+}
+
+fn round_start(round: u64, deadline_ms: u64) -> ServerMessage {
+    let config = Preset::Small.config();
+    let weights = pollster::block_on(CharRnn::init(config, 3, &Device::flex()).to_flat()).unwrap();
+    ServerMessage::RoundStart(RoundStart {
+        round,
+        weights: codec::encode(&weights, &[weights.len()], Encoding::F32),
+        deadline_ms,
+        local_epochs: 1,
+        max_batches: Some(5),
+        optimizer: Optimizer::Sgd,
+        learning_rate: 0.1,
+        clip_norm: None,
+        delta_encoding: Encoding::Int8,
+        seed: 1,
+    })
+}
+
+fn run(
+    script: Vec<ServerMessage>,
+) -> (
+    Result<usize, ClientError>,
+    Vec<ClientEvent>,
+    Vec<ClientMessage>,
+) {
+    let mut transport = Scripted {
+        script: script.into(),
+        sent: Vec::new(),
+    };
+    let mut events = Vec::new();
+    let result = pollster::block_on(folio_client::run(
+        &mut transport,
+        &Device::flex(),
+        &ClientOptions::native(),
+        |e| events.push(e),
+    ));
+    (result.map(|reports| reports.len()), events, transport.sent)
+}
+
+#[test]
+fn a_round_start_is_trained_encoded_and_answered() {
+    let result = ServerMessage::RoundResult(RoundResult {
+        round: 1,
+        clients: 2,
+        eval_loss: 4.0,
+        eval_accuracy: 0.1,
+    });
+    let (outcome, events, sent) = run(vec![welcome(), round_start(1, 600_000), result]);
+    assert_eq!(outcome.unwrap(), 1);
+    let [ClientMessage::Join(_), ClientMessage::Update(update)] = sent.as_slice() else {
+        panic!("expected a join and one update, got {sent:?}")
+    };
+    assert_eq!(
+        (update.round, update.encoding, update.examples),
+        (1, Encoding::Int8, 40)
+    );
+    let segments: Vec<usize> = Preset::Small
+        .config()
+        .param_shapes()
+        .iter()
+        .map(|(_, s)| s.iter().product())
+        .collect();
+    let delta = codec::decode(&update.delta, &segments, Encoding::Int8).unwrap();
+    assert!(delta.iter().any(|&d| d != 0.0));
+    let trained = events
+        .iter()
+        .filter(|e| matches!(e, ClientEvent::State(ClientState::Training { .. })))
+        .count();
+    assert_eq!(trained, 5, "five batches, each announced");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::RoundResult(r) if r.round == 1))
+    );
+}
+
+#[test]
+fn a_deadline_it_cannot_meet_cuts_the_round_short_after_one_batch() {
+    let (outcome, _, sent) = run(vec![welcome(), round_start(1, 0)]);
+    assert_eq!(outcome.unwrap(), 1);
+    let Some(ClientMessage::Update(update)) = sent.last() else {
+        panic!("no update")
+    };
+    assert_eq!(update.examples, 8, "one batch of 8, then the deadline");
+}
+
+#[test]
+fn error_messages_are_reported_and_fatal_ones_end_the_session() {
+    let late = ServerMessage::Error(ErrorMessage {
+        code: ErrorCode::RoundClosed,
+        message: "round 1 closed on quorum".into(),
+    });
+    let (outcome, events, _) = run(vec![welcome(), late.clone()]);
+    assert_eq!(
+        outcome.unwrap(),
+        0,
+        "the session goes on after a late notice"
+    );
+    assert!(
+        events.iter().any(
+            |e| matches!(e, ClientEvent::ServerError(err) if err.code == ErrorCode::RoundClosed)
+        )
+    );
+
+    let refused = ServerMessage::Error(ErrorMessage {
+        code: ErrorCode::ProtocolVersion,
+        message: "server speaks 2".into(),
+    });
+    let (outcome, _, _) = run(vec![refused]);
+    assert!(
+        matches!(outcome, Err(ClientError::Rejected(e)) if e.code == ErrorCode::ProtocolVersion)
+    );
+
+    let (outcome, _, _) = run(vec![round_start(1, 1000)]);
+    assert!(
+        matches!(outcome, Err(ClientError::NotWelcomed(_))),
+        "weights before a welcome"
+    );
+    let (outcome, _, _) = run(vec![]);
+    assert!(matches!(outcome, Err(ClientError::Closed)));
+}
