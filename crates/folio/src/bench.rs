@@ -172,7 +172,7 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Training chars/s of `preset` on flex over real text (Dickens).
+/// Training chars/s of `preset` on flex (the text does not change the work done).
 fn train_rate(
     preset: Preset,
     batch_size: usize,
