@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: the aggregator with the shipped pre-trained model, serving the page
-# on http://127.0.0.1:8080. Installs what is missing first. With arguments, runs
-# `folio <arguments>` instead (e.g. `scripts/run.sh data stats`).
+# (each tab that opens it trains as one device) on http://127.0.0.1:8080. Installs
+# what is missing first. With arguments, runs `folio <arguments>` instead (e.g.
+# `scripts/run.sh data stats`).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_rust
 ensure_corpus
@@ -11,7 +12,13 @@ folio="$CARGO_TARGET_DIR/release/folio"
 if [ "$#" -gt 0 ]; then
     exec "$folio" "$@"
 fi
+ensure_wasm_target
+ensure_wasm_bindgen
+step "building the page's wasm (release)"
+cargo build --release --locked -q -p folio-web --target wasm32-unknown-unknown
+wasm-bindgen --target web --out-dir "$FOLIO_ROOT/pkg" \
+    "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/folio_web.wasm"
 step "the federated Shakespeare dataset"
 "$folio" data stats
-step "folio serve (Ctrl-C stops it; run \`$folio client\` in other terminals to add devices)"
+step "folio serve: open http://127.0.0.1:8080 in several tabs (each is a device), Ctrl-C stops"
 exec "$folio" serve

@@ -192,7 +192,8 @@ fn router(shared: Arc<Shared>) -> Router {
         // The page and its assets only, not the folder they live in.
         router = router
             .route_service("/", ServeFile::new(root.join("index.html")))
-            .nest_service("/web", ServeDir::new(root.join("web")));
+            .nest_service("/web", ServeDir::new(root.join("web")))
+            .nest_service("/pkg", ServeDir::new(root.join("pkg")));
     }
     router.with_state(shared)
 }

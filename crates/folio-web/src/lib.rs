@@ -1,9 +1,15 @@
 //! The browser side of folio: what the page calls through wasm-bindgen.
 
+mod transport;
+
+pub use transport::BrowserTransport;
+
 use std::cell::RefCell;
 
 use burn::prelude::Device;
-use js_sys::{Function, Promise, Reflect};
+use folio_client::{ClientEvent, ClientOptions, ClientState};
+use folio_proto::ClientKind;
+use js_sys::{Function, Object, Promise, Reflect};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 
@@ -67,4 +73,107 @@ pub async fn webgpu_device() -> Result<Device, String> {
         .map_err(|err| format!("WebGPU initialisation failed: {err:?}"))?;
     WEBGPU.with(|cell| *cell.borrow_mut() = Some(device.clone()));
     Ok(device)
+}
+
+/// The device this tab trains on: WebGPU when the browser offers it, else the
+/// pure-Rust CPU backend. Returns the device, its backend name and the adapter.
+pub async fn pick_device() -> (Device, &'static str, Option<String>) {
+    match webgpu_device().await {
+        Ok(device) => (device, "webgpu", webgpu_adapter().await),
+        Err(_) => (Device::flex(), "flex", None),
+    }
+}
+
+fn object(fields: &[(&str, JsValue)]) -> JsValue {
+    let object = Object::new();
+    for (key, value) in fields {
+        let _ = Reflect::set(&object, &(*key).into(), value);
+    }
+    object.into()
+}
+
+fn event_object(event: &ClientEvent) -> JsValue {
+    match event {
+        ClientEvent::Welcomed {
+            client_id,
+            session,
+            train_chars,
+        } => object(&[
+            ("type", "welcome".into()),
+            ("client", client_id.into()),
+            ("session", session.into()),
+            ("trainChars", (*train_chars as f64).into()),
+        ]),
+        ClientEvent::State(state) => {
+            let (name, batch, of) = match state {
+                ClientState::Waiting => ("waiting", 0, 0),
+                ClientState::Downloading => ("downloading", 0, 0),
+                ClientState::Training { batch, of, .. } => ("training", *batch, *of),
+                ClientState::Uploading => ("uploading", 0, 0),
+            };
+            object(&[
+                ("type", "state".into()),
+                ("state", name.into()),
+                ("batch", (batch as f64).into()),
+                ("of", (of as f64).into()),
+            ])
+        }
+        ClientEvent::Trained(report) => object(&[
+            ("type", "trained".into()),
+            ("round", (report.round as f64).into()),
+            ("loss", report.train_loss.into()),
+            ("accuracy", report.train_accuracy.into()),
+            ("seconds", report.train_seconds.into()),
+            ("bytesDown", (report.bytes_down as f64).into()),
+            ("bytesUp", (report.bytes_up as f64).into()),
+        ]),
+        ClientEvent::RoundResult(result) => object(&[
+            ("type", "result".into()),
+            ("round", (result.round as f64).into()),
+            ("evalLoss", result.eval_loss.into()),
+            ("evalAccuracy", result.eval_accuracy.into()),
+        ]),
+        ClientEvent::ServerError(error) => object(&[
+            ("type", "error".into()),
+            ("code", error.code.name().into()),
+            ("message", error.message.as_str().into()),
+        ]),
+    }
+}
+
+/// Runs this tab as one device against the aggregator at `url` until it closes.
+/// `on_event` gets plain objects (`{type: "backend" | "welcome" | "state" | "trained"
+/// | "result" | "error", ...}`).
+#[wasm_bindgen(js_name = runDevice)]
+pub async fn run_device(
+    url: String,
+    client: Option<String>,
+    on_event: Function,
+) -> Result<(), JsValue> {
+    let (device, backend, adapter) = pick_device().await;
+    let emit = |value: JsValue| {
+        let _ = on_event.call1(&JsValue::NULL, &value);
+    };
+    emit(object(&[
+        ("type", "backend".into()),
+        ("backend", backend.into()),
+        (
+            "adapter",
+            adapter.clone().map_or(JsValue::NULL, JsValue::from),
+        ),
+    ]));
+    let mut options = ClientOptions::native();
+    options.join.kind = ClientKind::Browser;
+    options.join.backend = backend.into();
+    options.join.adapter = adapter;
+    options.join.client = client;
+    let mut transport = BrowserTransport::connect(&url)
+        .await
+        .map_err(|e| JsValue::from_str(&e.to_string()))?;
+    folio_client::run(&mut transport, &device, &options, |event| {
+        emit(event_object(&event))
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| JsValue::from_str(&e.to_string()))
 }

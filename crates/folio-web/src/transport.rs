@@ -1,0 +1,86 @@
+//! The browser's WebSocket as a [`Transport`] for the shared client loop.
+
+use folio_client::{ClientError, Transport};
+use futures_channel::{mpsc, oneshot};
+use futures_util::StreamExt;
+use js_sys::{ArrayBuffer, Uint8Array};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
+
+pub struct BrowserTransport {
+    socket: WebSocket,
+    frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    // Kept alive as long as the socket calls them.
+    _on_message: Closure<dyn FnMut(MessageEvent)>,
+    _on_close: Closure<dyn FnMut(CloseEvent)>,
+}
+
+impl BrowserTransport {
+    /// Opens `url` (`ws://host/ws`) and waits until the socket is open.
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let socket =
+            WebSocket::new(url).map_err(|e| ClientError::Connection(format!("{url}: {e:?}")))?;
+        socket.set_binary_type(BinaryType::Arraybuffer);
+        let (frames_tx, frames) = mpsc::unbounded();
+        let on_message = {
+            let frames_tx = frames_tx.clone();
+            Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
+                if let Ok(buffer) = event.data().dyn_into::<ArrayBuffer>() {
+                    let _ = frames_tx.unbounded_send(Uint8Array::new(&buffer).to_vec());
+                }
+            })
+        };
+        let (opened_tx, opened) = oneshot::channel::<bool>();
+        let opened_tx = std::cell::RefCell::new(Some(opened_tx));
+        let on_close = Closure::<dyn FnMut(CloseEvent)>::new(move |_: CloseEvent| {
+            // Ends `recv`; also answers `connect` if the socket never opened.
+            frames_tx.close_channel();
+            if let Some(tx) = opened_tx.borrow_mut().take() {
+                let _ = tx.send(false);
+            }
+        });
+        socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        socket.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+        let (open_tx, open_rx) = oneshot::channel::<()>();
+        let open_tx = std::cell::RefCell::new(Some(open_tx));
+        let on_open = Closure::<dyn FnMut()>::new(move || {
+            if let Some(tx) = open_tx.borrow_mut().take() {
+                let _ = tx.send(());
+            }
+        });
+        socket.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+        let opened_ok = futures_util::future::select(open_rx, opened).await;
+        socket.set_onopen(None);
+        drop(on_open);
+        match opened_ok {
+            futures_util::future::Either::Left((Ok(()), _)) => Ok(Self {
+                socket,
+                frames,
+                _on_message: on_message,
+                _on_close: on_close,
+            }),
+            _ => Err(ClientError::Connection(format!(
+                "{url}: cannot connect; is `folio serve` running?"
+            ))),
+        }
+    }
+}
+
+impl Transport for BrowserTransport {
+    async fn send(&mut self, frame: Vec<u8>) -> Result<(), ClientError> {
+        self.socket
+            .send_with_u8_array(&frame)
+            .map_err(|e| ClientError::Connection(format!("{e:?}")))
+    }
+
+    async fn recv(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.frames.next().await)
+    }
+}
+
+impl Drop for BrowserTransport {
+    fn drop(&mut self) {
+        let _ = self.socket.close();
+    }
+}

@@ -1,0 +1,42 @@
+// Runs this tab as one federated device (the Rust client loop compiled to wasm).
+// `?client=ID` asks for a Shakespeare client; `?device=off` only shows the status.
+import init, { runDevice } from "../pkg/folio_web.js";
+
+const params = new URLSearchParams(location.search);
+const status = document.getElementById("device-status");
+const rounds = document.querySelector("#device-rounds tbody");
+const device = { backend: "?", client: "?", state: "connecting" };
+const show = () => {
+  status.textContent = `${device.client} on ${device.backend}${device.adapter ? ` (${device.adapter})` : ""}: ${device.state}`;
+  document.body.dataset.deviceState = device.state;
+};
+
+function onEvent(event) {
+  switch (event.type) {
+    case "backend": Object.assign(device, { backend: event.backend, adapter: event.adapter }); break;
+    case "welcome": device.client = event.client; break;
+    case "state":
+      device.state = event.state === "training" ? `training batch ${event.batch} of ${event.of}` : event.state;
+      break;
+    case "trained": {
+      const tr = document.createElement("tr");
+      for (const v of [event.round, event.loss.toFixed(4), event.accuracy.toFixed(4), event.seconds.toFixed(1), event.bytesDown, event.bytesUp]) {
+        tr.append(Object.assign(document.createElement("td"), { textContent: v }));
+      }
+      rounds.prepend(tr);
+      break;
+    }
+    case "error": console.warn(`server: ${event.message} (${event.code})`); break;
+  }
+  show();
+}
+
+if (params.get("device") !== "off") {
+  const ws = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+  init()
+    .then(() => runDevice(ws, params.get("client"), onEvent))
+    .then(() => { device.state = "done: the aggregator closed"; show(); })
+    .catch((err) => { device.state = `stopped: ${err}`; show(); });
+} else {
+  document.getElementById("device").hidden = true;
+}
