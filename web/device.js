@@ -14,7 +14,11 @@ const show = () => {
 function onEvent(event) {
   switch (event.type) {
     case "backend": Object.assign(device, { backend: event.backend, adapter: event.adapter }); break;
-    case "welcome": device.client = event.client; break;
+    case "welcome":
+      device.client = event.client;
+      // A reload of this tab rejoins as the same client.
+      sessionStorage.setItem("folio-session", event.session);
+      break;
     case "state":
       device.state = event.state === "training" ? `training batch ${event.batch} of ${event.of}` : event.state;
       break;
@@ -34,7 +38,7 @@ function onEvent(event) {
 if (params.get("device") !== "off") {
   const ws = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
   init()
-    .then(() => runDevice(ws, params.get("client"), onEvent))
+    .then(() => runDevice(ws, params.get("client"), sessionStorage.getItem("folio-session"), onEvent))
     .then(() => { device.state = "done: the aggregator closed"; show(); })
     .catch((err) => { device.state = `stopped: ${err}`; show(); });
 } else {

@@ -142,12 +142,14 @@ fn event_object(event: &ClientEvent) -> JsValue {
 }
 
 /// Runs this tab as one device against the aggregator at `url` until it closes.
-/// `on_event` gets plain objects (`{type: "backend" | "welcome" | "state" | "trained"
-/// | "result" | "error", ...}`).
+/// `client` asks for a Shakespeare client; `resume` is the session of an earlier
+/// welcome (a reloaded tab rejoins as the same client). `on_event` gets plain objects
+/// (`{type: "backend" | "welcome" | "state" | "trained" | "result" | "error", ...}`).
 #[wasm_bindgen(js_name = runDevice)]
 pub async fn run_device(
     url: String,
     client: Option<String>,
+    resume: Option<String>,
     on_event: Function,
 ) -> Result<(), JsValue> {
     let (device, backend, adapter) = pick_device().await;
@@ -167,6 +169,7 @@ pub async fn run_device(
     options.join.backend = backend.into();
     options.join.adapter = adapter;
     options.join.client = client;
+    options.join.resume = resume;
     let mut transport = BrowserTransport::connect(&url)
         .await
         .map_err(|e| JsValue::from_str(&e.to_string()))?;
