@@ -180,3 +180,33 @@ pub async fn run_device(
     .map(|_| ())
     .map_err(|e| JsValue::from_str(&e.to_string()))
 }
+
+/// Generates `length` chars after `prompt` from a checkpoint (safetensors bytes, as
+/// `GET /api/model` or `models/dickens-seed.safetensors` serve them), on this tab's
+/// device, calling `on_char` with each char as it is sampled. Returns the text.
+#[wasm_bindgen(js_name = generateText)]
+pub async fn generate_text(
+    checkpoint: Vec<u8>,
+    prompt: String,
+    length: usize,
+    temperature: f64,
+    seed: u64,
+    on_char: Function,
+) -> Result<String, JsValue> {
+    let error = |e: folio_model::ModelError| JsValue::from_str(&e.to_string());
+    let saved = folio_model::checkpoint::decode(&checkpoint, None).map_err(error)?;
+    let (device, _, _) = pick_device().await;
+    let model =
+        folio_model::CharRnn::from_flat(saved.config, &saved.weights, &device).map_err(error)?;
+    let config = folio_model::generate::GenerateConfig {
+        length,
+        temperature,
+        top_k: None,
+        seed,
+    };
+    folio_model::generate::generate(&model, &prompt, &config, |c| {
+        let _ = on_char.call1(&JsValue::NULL, &JsValue::from_str(&c.to_string()));
+    })
+    .await
+    .map_err(error)
+}
