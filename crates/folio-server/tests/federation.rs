@@ -523,6 +523,11 @@ async fn serves_the_page_the_status_and_the_model_but_not_the_repository() {
             .await
             .starts_with("HTTP/1.0 200")
     );
+    let shipped = http_get(&server, "/models/dickens-seed.safetensors").await;
+    assert!(
+        shipped.starts_with("HTTP/1.0 200"),
+        "the generator's fallback model is served"
+    );
     assert!(
         http_get(&server, "/api/status")
             .await
