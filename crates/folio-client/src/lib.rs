@@ -3,6 +3,7 @@
 //! A [`Transport`] carries the frames: tokio-tungstenite natively ([`native`]),
 //! the browser's WebSocket in `folio-web`.
 
+pub mod bench;
 #[cfg(not(target_family = "wasm"))]
 pub mod native;
 
@@ -48,9 +49,18 @@ pub enum ClientError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientState {
     Waiting,
-    Downloading,
-    Training { round: u64, batch: usize, of: usize },
-    Uploading,
+    /// The round's weights arrived and are loading into the model.
+    Downloading {
+        round: u64,
+    },
+    Training {
+        round: u64,
+        batch: usize,
+        of: usize,
+    },
+    Uploading {
+        round: u64,
+    },
 }
 
 /// Everything worth showing, as it happens.
@@ -162,9 +172,13 @@ pub async fn run<T: Transport>(
                 let session = session
                     .as_ref()
                     .ok_or(ClientError::NotWelcomed("a round start"))?;
-                on_event(ClientEvent::State(ClientState::Downloading));
+                on_event(ClientEvent::State(ClientState::Downloading {
+                    round: start.round,
+                }));
                 let update = train_round(device, session, &start, &mut on_event).await?;
-                on_event(ClientEvent::State(ClientState::Uploading));
+                on_event(ClientEvent::State(ClientState::Uploading {
+                    round: start.round,
+                }));
                 let frame = folio_proto::encode(&ClientMessage::Update(update.clone()));
                 let report = RoundReport {
                     round: update.round,

@@ -1,7 +1,8 @@
 //! The client loop against a scripted server: what it does with a round start, a
 //! deadline it cannot meet, and error messages. (The real server on loopback is in
 //! folio-server's tests; here the server's side is fixed frames, so each path is
-//! exercised exactly.)
+//! exercised exactly.) Each test runs natively (`cargo test`) and in headless
+//! Chromium (`wasm-pack test --headless --chrome crates/folio-client`).
 
 use std::collections::VecDeque;
 
@@ -13,6 +14,26 @@ use folio_proto::{
     ClientMessage, ErrorCode, ErrorMessage, ModelShape, Optimizer, RoundResult, RoundStart,
     ServerMessage, Welcome, decode_client,
 };
+
+#[cfg(target_family = "wasm")]
+wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
+/// Declares `$name` as a native test and as a browser test running `$body`'s future.
+macro_rules! native_and_browser_test {
+    ($name:ident, $body:ident) => {
+        #[cfg(not(target_family = "wasm"))]
+        #[test]
+        fn $name() {
+            pollster::block_on($body());
+        }
+
+        #[cfg(target_family = "wasm")]
+        #[wasm_bindgen_test::wasm_bindgen_test]
+        async fn $name() {
+            $body().await;
+        }
+    };
+}
 
 /// Plays `script` to the client and keeps what it sends.
 struct Scripted {
@@ -49,9 +70,12 @@ fn welcome() -> ServerMessage {
     })
 }
 
-fn round_start(round: u64, deadline_ms: u64) -> ServerMessage {
+async fn round_start(round: u64, deadline_ms: u64) -> ServerMessage {
     let config = Preset::Small.config();
-    let weights = pollster::block_on(CharRnn::init(config, 3, &Device::flex()).to_flat()).unwrap();
+    let weights = CharRnn::init(config, 3, &Device::flex())
+        .to_flat()
+        .await
+        .unwrap();
     ServerMessage::RoundStart(RoundStart {
         round,
         weights: codec::encode(&weights, &[weights.len()], Encoding::F32),
@@ -66,7 +90,7 @@ fn round_start(round: u64, deadline_ms: u64) -> ServerMessage {
     })
 }
 
-fn run(
+async fn run(
     script: Vec<ServerMessage>,
 ) -> (
     Result<usize, ClientError>,
@@ -78,24 +102,24 @@ fn run(
         sent: Vec::new(),
     };
     let mut events = Vec::new();
-    let result = pollster::block_on(folio_client::run(
+    let result = folio_client::run(
         &mut transport,
         &Device::flex(),
         &ClientOptions::native(),
         |e| events.push(e),
-    ));
+    )
+    .await;
     (result.map(|reports| reports.len()), events, transport.sent)
 }
 
-#[test]
-fn a_round_start_is_trained_encoded_and_answered() {
+async fn a_round_start_is_trained_encoded_and_answered_body() {
     let result = ServerMessage::RoundResult(RoundResult {
         round: 1,
         clients: 2,
         eval_loss: 4.0,
         eval_accuracy: 0.1,
     });
-    let (outcome, events, sent) = run(vec![welcome(), round_start(1, 600_000), result]);
+    let (outcome, events, sent) = run(vec![welcome(), round_start(1, 600_000).await, result]).await;
     assert_eq!(outcome.unwrap(), 1);
     let [ClientMessage::Join(_), ClientMessage::Update(update)] = sent.as_slice() else {
         panic!("expected a join and one update, got {sent:?}")
@@ -124,9 +148,8 @@ fn a_round_start_is_trained_encoded_and_answered() {
     );
 }
 
-#[test]
-fn a_deadline_it_cannot_meet_cuts_the_round_short_after_one_batch() {
-    let (outcome, _, sent) = run(vec![welcome(), round_start(1, 0)]);
+async fn a_deadline_it_cannot_meet_cuts_the_round_short_after_one_batch_body() {
+    let (outcome, _, sent) = run(vec![welcome(), round_start(1, 0).await]).await;
     assert_eq!(outcome.unwrap(), 1);
     let Some(ClientMessage::Update(update)) = sent.last() else {
         panic!("no update")
@@ -134,13 +157,12 @@ fn a_deadline_it_cannot_meet_cuts_the_round_short_after_one_batch() {
     assert_eq!(update.examples, 8, "one batch of 8, then the deadline");
 }
 
-#[test]
-fn error_messages_are_reported_and_fatal_ones_end_the_session() {
+async fn error_messages_are_reported_and_fatal_ones_end_the_session_body() {
     let late = ServerMessage::Error(ErrorMessage {
         code: ErrorCode::RoundClosed,
         message: "round 1 closed on quorum".into(),
     });
-    let (outcome, events, _) = run(vec![welcome(), late.clone()]);
+    let (outcome, events, _) = run(vec![welcome(), late.clone()]).await;
     assert_eq!(
         outcome.unwrap(),
         0,
@@ -156,16 +178,29 @@ fn error_messages_are_reported_and_fatal_ones_end_the_session() {
         code: ErrorCode::ProtocolVersion,
         message: "server speaks 2".into(),
     });
-    let (outcome, _, _) = run(vec![refused]);
+    let (outcome, _, _) = run(vec![refused]).await;
     assert!(
         matches!(outcome, Err(ClientError::Rejected(e)) if e.code == ErrorCode::ProtocolVersion)
     );
 
-    let (outcome, _, _) = run(vec![round_start(1, 1000)]);
+    let (outcome, _, _) = run(vec![round_start(1, 1000).await]).await;
     assert!(
         matches!(outcome, Err(ClientError::NotWelcomed(_))),
         "weights before a welcome"
     );
-    let (outcome, _, _) = run(vec![]);
+    let (outcome, _, _) = run(vec![]).await;
     assert!(matches!(outcome, Err(ClientError::Closed)));
 }
+
+native_and_browser_test!(
+    a_round_start_is_trained_encoded_and_answered,
+    a_round_start_is_trained_encoded_and_answered_body
+);
+native_and_browser_test!(
+    a_deadline_it_cannot_meet_cuts_the_round_short_after_one_batch,
+    a_deadline_it_cannot_meet_cuts_the_round_short_after_one_batch_body
+);
+native_and_browser_test!(
+    error_messages_are_reported_and_fatal_ones_end_the_session,
+    error_messages_are_reported_and_fatal_ones_end_the_session_body
+);

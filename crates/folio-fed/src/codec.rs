@@ -111,7 +111,11 @@ pub fn decode(bytes: &[u8], segments: &[usize], encoding: Encoding) -> Result<Ve
 
 #[cfg(test)]
 mod tests {
+    //! Also run in headless Chromium: `wasm-pack test --headless --chrome crates/folio-fed`.
     use super::*;
+
+    #[cfg(target_family = "wasm")]
+    wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
 
     fn sample() -> (Vec<f32>, Vec<usize>) {
         let values: Vec<f32> = (0..1000)
@@ -120,7 +124,8 @@ mod tests {
         (values, vec![600, 300, 100])
     }
 
-    #[test]
+    #[cfg_attr(not(target_family = "wasm"), test)]
+    #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
     fn encodings_round_trip_within_their_precision() {
         let (values, segments) = sample();
         for encoding in Encoding::ALL {
@@ -141,7 +146,8 @@ mod tests {
         }
     }
 
-    #[test]
+    #[cfg_attr(not(target_family = "wasm"), test)]
+    #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
     fn int8_scales_per_tensor_and_handles_zeros() {
         let values = [1000.0, -1000.0, 0.001, -0.002, 0.0, 0.0];
         let back = decode(
@@ -157,7 +163,8 @@ mod tests {
         assert_eq!(&back[4..], &[0.0, 0.0]);
     }
 
-    #[test]
+    #[cfg_attr(not(target_family = "wasm"), test)]
+    #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
     fn rejects_wrong_lengths_and_non_finite_values() {
         let (values, segments) = sample();
         let bytes = encode(&values, &segments, Encoding::F32);

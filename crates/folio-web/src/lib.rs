@@ -75,13 +75,25 @@ pub async fn webgpu_device() -> Result<Device, String> {
     Ok(device)
 }
 
-/// The device this tab trains on: WebGPU when the browser offers it, else the
-/// pure-Rust CPU backend. Returns the device, its backend name and the adapter.
-pub async fn pick_device() -> (Device, &'static str, Option<String>) {
-    match webgpu_device().await {
-        Ok(device) => (device, "webgpu", webgpu_adapter().await),
-        Err(_) => (Device::flex(), "flex", None),
+/// Which backend a tab may use: `"auto"` (WebGPU when the browser offers it, else
+/// the CPU) or `"cpu"` (the pure-Rust CPU backend even where WebGPU exists).
+fn wants_gpu(backend: &str) -> Result<bool, JsValue> {
+    match backend {
+        "auto" => Ok(true),
+        "cpu" => Ok(false),
+        other => Err(JsValue::from_str(&format!(
+            "unknown backend {other:?}: use \"auto\" or \"cpu\""
+        ))),
     }
+}
+
+/// The device this tab computes on: WebGPU when allowed and offered, else the
+/// pure-Rust CPU backend. Returns the device, its backend name and the adapter.
+pub async fn pick_device(gpu: bool) -> (Device, &'static str, Option<String>) {
+    if gpu && let Ok(device) = webgpu_device().await {
+        return (device, "webgpu", webgpu_adapter().await);
+    }
+    (Device::flex(), "flex", None)
 }
 
 fn object(fields: &[(&str, JsValue)]) -> JsValue {
@@ -105,15 +117,16 @@ fn event_object(event: &ClientEvent) -> JsValue {
             ("trainChars", (*train_chars as f64).into()),
         ]),
         ClientEvent::State(state) => {
-            let (name, batch, of) = match state {
-                ClientState::Waiting => ("waiting", 0, 0),
-                ClientState::Downloading => ("downloading", 0, 0),
-                ClientState::Training { batch, of, .. } => ("training", *batch, *of),
-                ClientState::Uploading => ("uploading", 0, 0),
+            let (name, round, batch, of) = match *state {
+                ClientState::Waiting => ("waiting", 0, 0, 0),
+                ClientState::Downloading { round } => ("downloading", round, 0, 0),
+                ClientState::Training { round, batch, of } => ("training", round, batch, of),
+                ClientState::Uploading { round } => ("uploading", round, 0, 0),
             };
             object(&[
                 ("type", "state".into()),
                 ("state", name.into()),
+                ("round", (round as f64).into()),
                 ("batch", (batch as f64).into()),
                 ("of", (of as f64).into()),
             ])
@@ -143,16 +156,18 @@ fn event_object(event: &ClientEvent) -> JsValue {
 
 /// Runs this tab as one device against the aggregator at `url` until it closes.
 /// `client` asks for a Shakespeare client; `resume` is the session of an earlier
-/// welcome (a reloaded tab rejoins as the same client). `on_event` gets plain objects
+/// welcome (a reloaded tab rejoins as the same client); `backend` is `"auto"` or
+/// `"cpu"`. `on_event` gets plain objects
 /// (`{type: "backend" | "welcome" | "state" | "trained" | "result" | "error", ...}`).
 #[wasm_bindgen(js_name = runDevice)]
 pub async fn run_device(
     url: String,
     client: Option<String>,
     resume: Option<String>,
+    backend: String,
     on_event: Function,
 ) -> Result<(), JsValue> {
-    let (device, backend, adapter) = pick_device().await;
+    let (device, backend, adapter) = pick_device(wants_gpu(&backend)?).await;
     let emit = |value: JsValue| {
         let _ = on_event.call1(&JsValue::NULL, &value);
     };
@@ -170,20 +185,19 @@ pub async fn run_device(
     options.join.adapter = adapter;
     options.join.client = client;
     options.join.resume = resume;
-    let mut transport = BrowserTransport::connect(&url)
-        .await
-        .map_err(|e| JsValue::from_str(&e.to_string()))?;
+    let mut transport = BrowserTransport::connect(&url).await.map_err(js_error)?;
     folio_client::run(&mut transport, &device, &options, |event| {
         emit(event_object(&event))
     })
     .await
     .map(|_| ())
-    .map_err(|e| JsValue::from_str(&e.to_string()))
+    .map_err(js_error)
 }
 
 /// Generates `length` chars after `prompt` from a checkpoint (safetensors bytes, as
 /// `GET /api/model` or `models/dickens-seed.safetensors` serve them), on this tab's
-/// device, calling `on_char` with each char as it is sampled. Returns the text.
+/// device (`backend` as in [`run_device`]), calling `on_char` with each char as it is
+/// sampled. Returns the text.
 #[wasm_bindgen(js_name = generateText)]
 pub async fn generate_text(
     checkpoint: Vec<u8>,
@@ -191,13 +205,13 @@ pub async fn generate_text(
     length: usize,
     temperature: f64,
     seed: u64,
+    backend: String,
     on_char: Function,
 ) -> Result<String, JsValue> {
-    let error = |e: folio_model::ModelError| JsValue::from_str(&e.to_string());
-    let saved = folio_model::checkpoint::decode(&checkpoint, None).map_err(error)?;
-    let (device, _, _) = pick_device().await;
+    let saved = folio_model::checkpoint::decode(&checkpoint, None).map_err(js_error)?;
+    let (device, _, _) = pick_device(wants_gpu(&backend)?).await;
     let model =
-        folio_model::CharRnn::from_flat(saved.config, &saved.weights, &device).map_err(error)?;
+        folio_model::CharRnn::from_flat(saved.config, &saved.weights, &device).map_err(js_error)?;
     let config = folio_model::generate::GenerateConfig {
         length,
         temperature,
@@ -208,5 +222,37 @@ pub async fn generate_text(
         let _ = on_char.call1(&JsValue::NULL, &JsValue::from_str(&c.to_string()));
     })
     .await
-    .map_err(error)
+    .map_err(js_error)
+}
+
+/// Training chars/s of a `preset` ("small" or "seed") model on this tab's
+/// `backend` ("auto": WebGPU, "cpu"), B × T = `batch_size` × `seq_len`, over `steps`
+/// timed steps: the same measurement as `folio bench train`.
+#[wasm_bindgen(js_name = benchTrain)]
+pub async fn bench_train(
+    preset: String,
+    backend: String,
+    batch_size: usize,
+    seq_len: usize,
+    steps: usize,
+) -> Result<f64, JsValue> {
+    let preset: folio_model::Preset = preset.parse().map_err(|e: String| JsValue::from(e))?;
+    let gpu = wants_gpu(&backend)?;
+    let (device, name, _) = pick_device(gpu).await;
+    if gpu && name != "webgpu" {
+        return Err(JsValue::from_str("this browser offers no WebGPU adapter"));
+    }
+    folio_client::bench::train_chars_per_second(
+        preset.config(),
+        &device.autodiff(),
+        batch_size,
+        seq_len,
+        steps,
+    )
+    .await
+    .map_err(js_error)
+}
+
+fn js_error(error: impl std::fmt::Display) -> JsValue {
+    JsValue::from_str(&error.to_string())
 }

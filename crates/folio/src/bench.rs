@@ -5,9 +5,9 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::prelude::Device;
 use clap::Subcommand;
-use folio_data::{Batch, BatchConfig, batch::batches, vocab};
+use folio_client::bench::train_chars_per_second;
 use folio_fed::{Aggregator, Encoding, Weighting, codec};
-use folio_model::{CharRnn, Preset, TrainConfig, Trainer};
+use folio_model::Preset;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -172,7 +172,7 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Training chars/s of `preset` on flex (the text does not change the work done).
+/// Training chars/s of `preset` on flex.
 fn train_rate(
     preset: Preset,
     batch_size: usize,
@@ -180,25 +180,11 @@ fn train_rate(
     steps: usize,
 ) -> anyhow::Result<f64> {
     let device = Device::flex().autodiff();
-    let text = "It was the best of times, it was the worst of times, it was the age of wisdom, "
-        .repeat(2000);
-    let (ids, _) = vocab::encode(&text);
-    let config = BatchConfig {
-        seq_len,
+    Ok(pollster::block_on(train_chars_per_second(
+        preset.config(),
+        &device,
         batch_size,
-        ..BatchConfig::tutorial(0)
-    };
-    let all: Vec<Batch> = batches(&ids, &config);
-    anyhow::ensure!(all.len() > steps, "not enough text for {steps} steps");
-    let mut trainer = Trainer::new(
-        CharRnn::init(preset.config(), 0, &device),
-        TrainConfig::tutorial(),
-    );
-    // The first step pays for allocations; a read waits for the device.
-    pollster::block_on(trainer.step(&all[0]).read())?;
-    let start = Instant::now();
-    for batch in &all[1..=steps] {
-        pollster::block_on(trainer.step(batch).read())?;
-    }
-    Ok((steps * batch_size * seq_len) as f64 / start.elapsed().as_secs_f64())
+        seq_len,
+        steps,
+    ))?)
 }

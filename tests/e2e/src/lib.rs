@@ -1,0 +1,72 @@
+//! Drives the real page in headless Chromium: the end-to-end test of browser tabs
+//! as federated devices (`tests/`) and `browser-bench` (training chars/s in a tab
+//! against native flex).
+
+pub mod webdriver;
+
+use std::path::PathBuf;
+
+use anyhow::ensure;
+
+/// The repository root: `folio serve`'s web root (index.html, web/, pkg/, models/).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The page's wasm, built by `scripts/test.sh` or `scripts/run.sh serve` into pkg/.
+pub fn check_page_built() -> anyhow::Result<()> {
+    let wasm = repo_root().join("pkg/folio_web_bg.wasm");
+    ensure!(
+        wasm.is_file(),
+        "{} is missing: build the page first (`scripts/test.sh` or `scripts/run.sh serve` do)",
+        wasm.display()
+    );
+    Ok(())
+}
+
+/// Where the Shakespeare corpus lives (`FOLIO_DATA_DIR`, else data/cache).
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("FOLIO_DATA_DIR").map_or_else(|| repo_root().join("data/cache"), PathBuf::from)
+}
+
+/// The real aggregator (small preset) on a loopback port, serving the page, on
+/// its own tokio runtime so that blocking WebDriver calls can drive the browser.
+pub struct LocalServer {
+    pub server: folio_server::Server,
+    _state: tempfile::TempDir,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl LocalServer {
+    pub fn start(rounds: folio_server::RoundConfig, max_rounds: u64) -> anyhow::Result<Self> {
+        check_page_built()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let state = tempfile::tempdir()?;
+        let config = folio_server::ServerConfig {
+            addr: "127.0.0.1:0".parse()?,
+            state_dir: state.path().to_owned(),
+            data_dir: data_dir(),
+            web_root: Some(repo_root()),
+            preset: folio_model::Preset::Small,
+            init: None,
+            rounds,
+            seed: 7,
+            join_token: None,
+            max_rounds: Some(max_rounds),
+        };
+        let server = runtime.block_on(folio_server::Server::start(config))?;
+        Ok(Self {
+            server,
+            _state: state,
+            _runtime: runtime,
+        })
+    }
+
+    /// The page's address.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.server.addr)
+    }
+}

@@ -1,0 +1,225 @@
+//! The real page in headless Chromium against the real aggregator on loopback:
+//! browser tabs train as federated devices (`scripts/test.sh` builds the page first).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use folio_e2e::LocalServer;
+use folio_e2e::webdriver::{ChromeDriver, Session};
+use folio_server::RoundConfig;
+use serde_json::{Value, json};
+
+/// Rounds on SwiftShader take minutes on two busy cores.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(900);
+
+fn rounds(clients: usize, quorum: usize, max_batches: u32) -> RoundConfig {
+    RoundConfig {
+        clients_per_round: clients,
+        min_clients: clients,
+        quorum,
+        max_batches: Some(max_batches),
+        client_lr: 0.1,
+        eval_clients: 2,
+        eval_batches: 1,
+        ..RoundConfig::tutorial()
+    }
+}
+
+/// Polls the status API until `done` holds, printing progress.
+fn wait_until(
+    server: &LocalServer,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let status = server.server.status();
+        if done(&status) {
+            eprintln!("[{:>4.0} s] {what}", started.elapsed().as_secs_f64());
+            return Ok(status);
+        }
+        ensure!(
+            started.elapsed() < ROUND_TIMEOUT,
+            "gave up waiting for {what}; status: {status:#}"
+        );
+        if last_print.elapsed() > Duration::from_secs(30) {
+            eprintln!(
+                "[{:>4.0} s] waiting for {what}: completed rounds {}, open round {}, connected {}",
+                started.elapsed().as_secs_f64(),
+                status["completed_rounds"],
+                status["open_round"],
+                status["connected"]
+            );
+            last_print = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn completed(status: &Value) -> u64 {
+    status["completed_rounds"].as_u64().unwrap_or(0)
+}
+
+/// Sessions that reported in `round`, as (kind, backend).
+fn reporters(status: &Value, round: u64) -> Vec<(String, String)> {
+    status["clients"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            c["reported_rounds"]
+                .as_array()
+                .is_some_and(|r| r.contains(&json!(round)))
+        })
+        .map(|c| {
+            (
+                c["kind"].as_str().unwrap_or("").to_owned(),
+                c["backend"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn page_text(tab: &Session, id: &str) -> anyhow::Result<String> {
+    let value = tab.execute(
+        "return document.getElementById(arguments[0]).textContent",
+        json!([id]),
+    )?;
+    Ok(value.as_str().unwrap_or_default().to_owned())
+}
+
+fn artefact_dir() -> std::path::PathBuf {
+    std::env::var_os("FOLIO_ARTIFACTS")
+        .map_or_else(|| folio_e2e::repo_root().join("artifacts"), Into::into)
+}
+
+#[test]
+fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow::Result<()> {
+    // Quorum 2 of 3: a round still closes when one tab goes away.
+    let server = LocalServer::start(rounds(3, 2, 1), 3)?;
+    let initial = server.server.weights();
+    let driver = ChromeDriver::start()?;
+    let browser = driver.session(1200, 1600)?;
+    browser.navigate(&server.url())?;
+    let first = browser.tab()?;
+    browser.open_tab(&server.url())?;
+    let third = browser.open_tab(&server.url())?;
+    browser.switch_to(&first)?;
+
+    wait_until(&server, "round 1", |s| completed(s) >= 1)?;
+    // The generator runs the current global model in the tab, beside its training.
+    browser.execute(
+        "document.getElementById('gen-length').value = 24;
+         document.getElementById('gen-button').click();",
+        json!([]),
+    )?;
+    browser.wait_for(
+        "the page's generator",
+        "return document.body.dataset.generated === 'yes'",
+        ROUND_TIMEOUT,
+    )?;
+    let prompt = browser.execute(
+        "return document.getElementById('gen-prompt').value",
+        json!([]),
+    )?;
+    let generated = page_text(&browser, "gen-output")?;
+    let source = page_text(&browser, "gen-source")?;
+    eprintln!("generated ({source}): {generated:?}");
+    ensure!(
+        generated.chars().count() == prompt.as_str().unwrap_or("").chars().count() + 24,
+        "the generator should stream 24 chars after the prompt, shown: {generated:?}"
+    );
+    ensure!(source == "from the current global model", "{source}");
+
+    // A screenshot during a round, with the generator's text on the page.
+    wait_until(&server, "an open round", |s| !s["open_round"].is_null())?;
+    let dir = artefact_dir();
+    std::fs::create_dir_all(&dir)?;
+    let shot = dir.join("three-tabs-during-a-round.png");
+    std::fs::write(&shot, browser.screenshot()?)?;
+    eprintln!("screenshot: {}", shot.display());
+
+    let status = wait_until(&server, "round 2", |s| completed(s) >= 2)?;
+    for round in 1..=2 {
+        let seen = reporters(&status, round);
+        ensure!(
+            seen.len() == 3
+                && seen
+                    .iter()
+                    .all(|(kind, backend)| kind == "browser" && backend == "webgpu"),
+            "round {round}: expected 3 browser tabs on webgpu, got {seen:?}"
+        );
+    }
+    let history = status["history"].as_array().context("no history")?;
+    ensure!(history.len() == 3, "rounds 0, 1, 2 in {history:?}");
+    let changed = server
+        .server
+        .weights()
+        .iter()
+        .zip(&initial)
+        .filter(|(a, b)| a != b)
+        .count();
+    ensure!(
+        changed > initial.len() / 2,
+        "only {changed} of {} weights changed",
+        initial.len()
+    );
+
+    // Round 3: close a tab while it trains; the other two close the round.
+    browser.switch_to(&third)?;
+    browser.wait_for(
+        "the third tab to train in round 3",
+        "return (document.body.dataset.deviceState || '').startsWith('training')",
+        ROUND_TIMEOUT,
+    )?;
+    browser.close_tab()?;
+    let status = wait_until(&server, "round 3 without the closed tab", |s| {
+        completed(s) >= 3
+    })?;
+    ensure!(
+        status["history"][3]["clients"] == json!(2),
+        "round 3 should close with 2 updates: {:#}",
+        status["history"][3]
+    );
+    ensure!(reporters(&status, 3).len() == 2);
+    let connected = status["connected"].as_u64().unwrap_or(0);
+    ensure!(
+        connected == 2,
+        "{connected} tabs still connected, expected 2"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_tab_on_the_cpu_fallback_trains_in_a_worker_and_its_page_stays_responsive() -> anyhow::Result<()>
+{
+    let server = LocalServer::start(rounds(1, 1, 10), 1)?;
+    let driver = ChromeDriver::start()?;
+    let browser = driver.session(1200, 900)?;
+    browser.navigate(&format!("{}?backend=cpu", server.url()))?;
+    let status = wait_until(&server, "a round on the CPU fallback", |s| {
+        completed(s) >= 1
+    })?;
+    let seen = reporters(&status, 1);
+    ensure!(
+        seen == [("browser".to_owned(), "flex".to_owned())],
+        "{seen:?}"
+    );
+    let seconds = status["clients"][0]["last"]["train_seconds"]
+        .as_f64()
+        .context("no training time")?;
+    let stall = browser.execute(
+        "return Number(document.body.dataset.longestStallMs)",
+        json!([]),
+    )?;
+    eprintln!("trained 10 batches in {seconds:.1} s; the page's longest stall: {stall} ms");
+    // On the main thread, training would hold the page for the whole round.
+    ensure!(
+        stall
+            .as_f64()
+            .is_some_and(|ms| ms < 1000.0 && ms < seconds * 500.0),
+        "the page stalled {stall} ms while training took {seconds:.1} s"
+    );
+    Ok(())
+}
