@@ -10,7 +10,8 @@ use anyhow::ensure;
 
 /// The repository root: `folio serve`'s web root (index.html, web/, pkg/, models/).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root)
 }
 
 /// The page's wasm, built by `scripts/test.sh` or `scripts/run.sh serve` into pkg/.
