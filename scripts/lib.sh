@@ -155,4 +155,6 @@ build_page() {
     (cd "$FOLIO_ROOT" && cargo build --release --locked -q -p folio-web --target wasm32-unknown-unknown)
     wasm-bindgen --target web --out-dir "$FOLIO_ROOT/pkg" \
         "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/folio_web.wasm"
+    # Served in place of the wasm to browsers that accept gzip.
+    gzip -kf "$FOLIO_ROOT/pkg/folio_web_bg.wasm"
 }

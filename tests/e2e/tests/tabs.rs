@@ -236,3 +236,87 @@ fn a_tab_on_the_cpu_fallback_trains_in_a_worker_and_its_page_stays_responsive() 
     );
     Ok(())
 }
+
+#[test]
+fn the_page_wasm_goes_out_gzipped_to_browsers_that_accept_it() -> anyhow::Result<()> {
+    let server = LocalServer::start(rounds(1, 1, 1), 1)?;
+    let wasm = format!("{}pkg/folio_web_bg.wasm", server.url());
+    let mut gzipped = ureq::get(&wasm).header("Accept-Encoding", "gzip").call()?;
+    ensure!(
+        gzipped
+            .headers()
+            .get("content-encoding")
+            .is_some_and(|e| e == "gzip")
+    );
+    let compressed = gzipped
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()?;
+    let plain = ureq::get(&wasm)
+        .header("Accept-Encoding", "identity")
+        .call()?
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()?;
+    ensure!(plain.starts_with(b"\0asm"), "not a wasm module");
+    eprintln!(
+        "the page's wasm: {} bytes, {} gzipped",
+        plain.len(),
+        compressed.len()
+    );
+    ensure!(compressed.len() * 3 < plain.len());
+    Ok(())
+}
+
+#[test]
+fn the_generator_falls_back_to_the_shipped_model_without_an_aggregator() -> anyhow::Result<()> {
+    folio_e2e::check_page_built()?;
+    // A plain static server of the repository: no aggregator, no /api/model.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let url = format!(
+        "http://{}/index.html?device=off&backend=cpu",
+        listener.local_addr()?
+    );
+    let files = axum::Router::new()
+        .fallback_service(tower_http::services::ServeDir::new(folio_e2e::repo_root()));
+    runtime.spawn(async move { axum::serve(listener, files).await });
+
+    let driver = ChromeDriver::start()?;
+    let browser = driver.session(1200, 900)?;
+    browser.navigate(&url)?;
+    browser.execute(
+        "document.getElementById('gen-length').value = 60;
+         document.getElementById('gen-button').click();",
+        json!([]),
+    )?;
+    browser.wait_for(
+        "the generator",
+        "return document.body.dataset.generated === 'yes'",
+        ROUND_TIMEOUT,
+    )?;
+    let prompt = browser.execute(
+        "return document.getElementById('gen-prompt').value",
+        json!([]),
+    )?;
+    let shown = page_text(&browser, "gen-output")?;
+    let source = page_text(&browser, "gen-source")?;
+    eprintln!("generated ({source}): {shown:?}");
+    ensure!(source == "from the shipped model", "{source}");
+    let generated = shown
+        .strip_prefix(prompt.as_str().unwrap_or_default())
+        .context("the prompt starts the text")?;
+    ensure!(generated.chars().count() == 60, "{generated:?}");
+    // Dickens-trained: mostly letters and spaces (uniform sampling: 62%).
+    let wordy = generated
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
+        .count();
+    ensure!(
+        wordy >= 42,
+        "{wordy} of 60 letters or spaces: {generated:?}"
+    );
+    Ok(())
+}

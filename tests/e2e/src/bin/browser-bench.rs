@@ -2,6 +2,8 @@
 //! the CPU fallback, side by side with native flex on the same machine in one run;
 //! and the size of the page's wasm. `cargo run --release -p folio-e2e --bin browser-bench`.
 
+use std::time::Duration;
+
 use anyhow::{Context, bail};
 use burn::prelude::Device;
 use clap::Parser;
@@ -24,14 +26,22 @@ struct Args {
     steps: usize,
 }
 
-/// `benchTrain` from the page's wasm, on the tab's main thread.
+/// `benchTrain` from the page's wasm, on the tab's main thread. Polled: a seed-size
+/// model on SwiftShader takes longer than any one WebDriver script may.
 fn in_tab(tab: &Session, preset: Preset, backend: &str, args: &Args) -> anyhow::Result<f64> {
-    let answer = tab.execute_async(
-        "const [preset, backend, batch, seqLen, steps, done] = arguments;
+    tab.execute(
+        "const [preset, backend, batch, seqLen, steps] = arguments;
+         window.benchResult = null;
          import('/pkg/folio_web.js')
            .then(async (m) => { await m.default(); return m.benchTrain(preset, backend, batch, seqLen, steps); })
-           .then((rate) => done({ rate }), (err) => done({ error: String(err) }));",
+           .then((rate) => { window.benchResult = { rate }; },
+                 (err) => { window.benchResult = { error: String(err) }; });",
         json!([preset.name(), backend, args.batch, args.seq_len, args.steps]),
+    )?;
+    let answer = tab.wait_for(
+        &format!("benchTrain({preset}, {backend})"),
+        "return window.benchResult",
+        Duration::from_secs(4 * 3600),
     )?;
     if let Some(error) = answer["error"].as_str() {
         bail!("benchTrain({preset}, {backend}) in the tab: {error}");
@@ -67,7 +77,7 @@ fn main() -> anyhow::Result<()> {
             args.seq_len,
             args.steps,
         ))?;
-        eprintln!("measuring {preset}: the tab on WebGPU…");
+        eprintln!("{preset}: native flex {native:.0} chars/s; now the tab on WebGPU…");
         let webgpu = in_tab(&tab, preset, "auto", &args)?;
         eprintln!("measuring {preset}: the tab on its CPU fallback…");
         let cpu = in_tab(&tab, preset, "cpu", &args)?;
