@@ -6,8 +6,9 @@ set -euo pipefail
 
 FOLIO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FOLIO_DATA_DIR="${FOLIO_DATA_DIR:-$FOLIO_ROOT/data/cache}"
-# Builds live outside the clone so that fresh clones on one machine share them.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/folio/target}"
+# Each checkout builds into its own target/: a target dir shared between checkouts
+# at other paths can hand out stale test binaries (env!("CARGO_MANIFEST_DIR")).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FOLIO_ROOT/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export PATH="$HOME/.cargo/bin:$PATH"
 
