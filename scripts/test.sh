@@ -23,7 +23,7 @@ cargo test --workspace --exclude folio-web --exclude folio-e2e --release --locke
 export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
 for crate in folio-fed folio-client folio-web; do
     step "browser tests: $crate (wasm-pack test --headless --chrome)"
-    wasm-pack test --headless --chrome --release "crates/$crate" -- --locked
+    wasm-pack test --headless --chrome --release "crates/$crate"
 done
 
 build_page
