@@ -89,6 +89,36 @@ fn page_text(tab: &Session, id: &str) -> anyhow::Result<String> {
     Ok(value.as_str().unwrap_or_default().to_owned())
 }
 
+/// Clicks the page's Generate for `length` chars, waits for them, and returns the
+/// chars after the prompt and where the model came from.
+fn generate_on_page(tab: &Session, length: usize) -> anyhow::Result<(String, String)> {
+    tab.execute(
+        "document.getElementById('gen-length').value = arguments[0];
+         document.getElementById('gen-button').click();",
+        json!([length]),
+    )?;
+    tab.wait_for(
+        "the page's generator",
+        "return document.body.dataset.generated === 'yes'",
+        ROUND_TIMEOUT,
+    )?;
+    let prompt = tab.execute(
+        "return document.getElementById('gen-prompt').value",
+        json!([]),
+    )?;
+    let shown = page_text(tab, "gen-output")?;
+    let source = page_text(tab, "gen-source")?;
+    eprintln!("generated ({source}): {shown:?}");
+    let generated = shown
+        .strip_prefix(prompt.as_str().unwrap_or_default())
+        .context("the prompt starts the text")?;
+    ensure!(
+        generated.chars().count() == length,
+        "the generator should stream {length} chars after the prompt, shown: {shown:?}"
+    );
+    Ok((generated.to_owned(), source))
+}
+
 fn artefact_dir() -> std::path::PathBuf {
     std::env::var_os("FOLIO_ARTIFACTS")
         .map_or_else(|| folio_e2e::repo_root().join("artifacts"), Into::into)
@@ -109,27 +139,7 @@ fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow
 
     wait_until(&server, "round 1", |s| completed(s) >= 1)?;
     // The generator runs the current global model in the tab, beside its training.
-    browser.execute(
-        "document.getElementById('gen-length').value = 24;
-         document.getElementById('gen-button').click();",
-        json!([]),
-    )?;
-    browser.wait_for(
-        "the page's generator",
-        "return document.body.dataset.generated === 'yes'",
-        ROUND_TIMEOUT,
-    )?;
-    let prompt = browser.execute(
-        "return document.getElementById('gen-prompt').value",
-        json!([]),
-    )?;
-    let generated = page_text(&browser, "gen-output")?;
-    let source = page_text(&browser, "gen-source")?;
-    eprintln!("generated ({source}): {generated:?}");
-    ensure!(
-        generated.chars().count() == prompt.as_str().unwrap_or("").chars().count() + 24,
-        "the generator should stream 24 chars after the prompt, shown: {generated:?}"
-    );
+    let (_, source) = generate_on_page(&browser, 24)?;
     ensure!(source == "from the current global model", "{source}");
 
     // A screenshot during a round, with the generator's text on the page.
@@ -287,28 +297,8 @@ fn the_generator_falls_back_to_the_shipped_model_without_an_aggregator() -> anyh
     let driver = ChromeDriver::start()?;
     let browser = driver.session(1200, 900)?;
     browser.navigate(&url)?;
-    browser.execute(
-        "document.getElementById('gen-length').value = 60;
-         document.getElementById('gen-button').click();",
-        json!([]),
-    )?;
-    browser.wait_for(
-        "the generator",
-        "return document.body.dataset.generated === 'yes'",
-        ROUND_TIMEOUT,
-    )?;
-    let prompt = browser.execute(
-        "return document.getElementById('gen-prompt').value",
-        json!([]),
-    )?;
-    let shown = page_text(&browser, "gen-output")?;
-    let source = page_text(&browser, "gen-source")?;
-    eprintln!("generated ({source}): {shown:?}");
+    let (generated, source) = generate_on_page(&browser, 60)?;
     ensure!(source == "from the shipped model", "{source}");
-    let generated = shown
-        .strip_prefix(prompt.as_str().unwrap_or_default())
-        .context("the prompt starts the text")?;
-    ensure!(generated.chars().count() == 60, "{generated:?}");
     // Dickens-trained: mostly letters and spaces (uniform sampling: 62%).
     let wordy = generated
         .chars()
