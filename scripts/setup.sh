@@ -13,6 +13,6 @@ for part in "$@"; do
         page) build_page ;;
         browser) ensure_browser ;;
         data) ensure_corpus ;;
-        *) die "unknown part '$part' (rust wasm wasm-bindgen wasm-pack browser data)" ;;
+        *) die "unknown part '$part' (rust wasm wasm-bindgen wasm-pack browser data page)" ;;
     esac
 done

@@ -17,8 +17,10 @@ pub async fn train_chars_per_second(
     seq_len: usize,
     steps: usize,
 ) -> Result<f64, folio_model::ModelError> {
-    let text = "It was the best of times, it was the worst of times, it was the age of wisdom, "
-        .repeat(1 + (steps + 1) * batch_size * (seq_len + 1) / 80);
+    const SENTENCE: &str =
+        "It was the best of times, it was the worst of times, it was the age of wisdom, ";
+    let needed = (steps + 1) * batch_size * (seq_len + 1);
+    let text = SENTENCE.repeat(needed / SENTENCE.len() + 1);
     let (ids, _) = vocab::encode(&text);
     let batch_config = BatchConfig {
         seq_len,

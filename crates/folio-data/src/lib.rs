@@ -15,7 +15,7 @@ pub mod stats;
 pub mod text;
 pub mod vocab;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use batch::{Batch, BatchConfig, Remainder};
 pub use shakespeare::{Client, Corpus};
@@ -24,6 +24,11 @@ pub use shakespeare::{Client, Corpus};
 pub const DATA_DIR_ENV: &str = "FOLIO_DATA_DIR";
 /// Default data cache, relative to the repository root.
 pub const DEFAULT_DATA_DIR: &str = "data/cache";
+
+/// The data cache: `$FOLIO_DATA_DIR`, else [`DEFAULT_DATA_DIR`] under `repo_root`.
+pub fn data_dir(repo_root: &Path) -> PathBuf {
+    std::env::var_os(DATA_DIR_ENV).map_or_else(|| repo_root.join(DEFAULT_DATA_DIR), PathBuf::from)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {

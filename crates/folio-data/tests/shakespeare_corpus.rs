@@ -1,25 +1,18 @@
 //! Tests on the real corpus (fetched by `scripts/setup.sh data` into data/cache,
 //! or wherever FOLIO_DATA_DIR points).
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::OnceLock;
 
 use folio_data::batch::{batch_count, batches};
 use folio_data::shakespeare::train_len;
 use folio_data::stats::CorpusStats;
-use folio_data::{BatchConfig, Corpus, DATA_DIR_ENV, DEFAULT_DATA_DIR, vocab};
+use folio_data::{BatchConfig, Corpus, vocab};
 
 fn corpus() -> &'static Corpus {
     static CORPUS: OnceLock<Corpus> = OnceLock::new();
     CORPUS.get_or_init(|| {
-        let data_dir = std::env::var_os(DATA_DIR_ENV).map_or_else(
-            || {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("../..")
-                    .join(DEFAULT_DATA_DIR)
-            },
-            PathBuf::from,
-        );
+        let data_dir = folio_data::data_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
         Corpus::load(&data_dir.join("shakespeare")).unwrap_or_else(|err| panic!("{err}"))
     })
 }

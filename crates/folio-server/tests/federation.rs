@@ -15,10 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn data_dir() -> PathBuf {
-    std::env::var_os("FOLIO_DATA_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/cache"),
-        PathBuf::from,
-    )
+    folio_data::data_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
 fn config(state_dir: &std::path::Path, rounds: RoundConfig, max_rounds: u64) -> ServerConfig {

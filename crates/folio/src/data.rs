@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use folio_data::batch::batch_count;
 use folio_data::stats::CorpusStats;
-use folio_data::{BatchConfig, Corpus, DATA_DIR_ENV, DEFAULT_DATA_DIR, vocab};
+use folio_data::{BatchConfig, Corpus, vocab};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -24,7 +24,7 @@ pub enum DataCommand {
 }
 
 pub fn default_data_dir() -> PathBuf {
-    std::env::var_os(DATA_DIR_ENV).map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from)
+    folio_data::data_dir(Path::new(""))
 }
 
 pub fn load_corpus(data_dir: &Path) -> anyhow::Result<Corpus> {

@@ -25,11 +25,6 @@ pub fn check_page_built() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the Shakespeare corpus lives (`FOLIO_DATA_DIR`, else data/cache).
-pub fn data_dir() -> PathBuf {
-    std::env::var_os("FOLIO_DATA_DIR").map_or_else(|| repo_root().join("data/cache"), PathBuf::from)
-}
-
 /// The real aggregator (small preset) on a loopback port, serving the page, on
 /// its own tokio runtime so that blocking WebDriver calls can drive the browser.
 pub struct LocalServer {
@@ -49,7 +44,7 @@ impl LocalServer {
         let config = folio_server::ServerConfig {
             addr: "127.0.0.1:0".parse()?,
             state_dir: state.path().to_owned(),
-            data_dir: data_dir(),
+            data_dir: folio_data::data_dir(&repo_root()),
             web_root: Some(repo_root()),
             preset: folio_model::Preset::Small,
             init: None,
