@@ -222,6 +222,22 @@ fn is_fatal(code: ErrorCode) -> bool {
             | ErrorCode::BadToken
             | ErrorCode::UnknownClient
             | ErrorCode::NoFreeClient
+            | ErrorCode::FieldTooLong
+            | ErrorCode::SessionInUse
+            | ErrorCode::ServerFull
+            | ErrorCode::TooManyErrors
+            | ErrorCode::Timeout
+    )
+}
+
+/// Fatal errors that may clear up: a new connection may succeed later.
+pub fn is_retryable(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::NoFreeClient
+            | ErrorCode::SessionInUse
+            | ErrorCode::ServerFull
+            | ErrorCode::Timeout
     )
 }
 

@@ -1,18 +1,22 @@
 //! Federated Averaging on flat `f32` parameter buffers: pure math, no IO, no burn.
 //!
-//! - [`aggregate`]: streaming weighted averaging of client deltas, O(model) memory;
+//! - [`strategy`]: the round's decisions (selection, quorum, weighting, robust
+//!   aggregation, server optimizer) behind one trait;
+//! - [`robust`]: L2 clipping (fixed or adaptive), trimmed mean, median;
 //! - [`server_opt`]: FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi (Reddi et al. 2020);
 //! - [`codec`]: delta encodings f32 / f16 / int8 (per-tensor scale);
 //! - [`sampling`]: seeded client sampling.
 
-pub mod aggregate;
 pub mod codec;
+pub mod robust;
 pub mod sampling;
 pub mod server_opt;
+pub mod strategy;
 
-pub use aggregate::{Aggregator, Weighting};
 pub use codec::{Encoding, decode, encode};
+pub use robust::{Aggregation, Clipping};
 pub use server_opt::{ServerOptimizer, ServerOptimizerConfig};
+pub use strategy::{Strategy, StrategyConfig, StrategyState, Weighting};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FedError {
@@ -26,8 +30,12 @@ pub enum FedError {
         expected: usize,
         found: usize,
     },
-    #[error("an update must carry at least one example")]
-    NoExamples,
+    #[error(
+        "the update claims {claimed} examples; this client can train on 1 to {allowed} this round"
+    )]
+    BadExamples { claimed: u64, allowed: u64 },
     #[error("nothing to aggregate: no updates this round")]
     NoUpdates,
+    #[error("the aggregate would make the global model non-finite; the round is dropped")]
+    NonFiniteModel,
 }

@@ -8,7 +8,7 @@ use folio_fed::Encoding;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame either side accepts: the seed model's f32 weights (16.2 MB) with room.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
@@ -18,6 +18,7 @@ pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
 pub enum ClientMessage {
     Join(Join),
     Update(Update),
+    /// The answer to the server's heartbeat: this client is alive.
     Heartbeat,
 }
 
@@ -47,7 +48,7 @@ pub struct Join {
     pub adapter: Option<String>,
     /// Required when the server was started with a join token.
     pub token: Option<String>,
-    /// A session id from an earlier [`Welcome`]: rejoin as the same client.
+    /// The token of an earlier [`Welcome`]: rejoin as the same session.
     pub resume: Option<String>,
     /// Ask for this Shakespeare client id rather than the next free one.
     pub client: Option<String>,
@@ -69,7 +70,7 @@ pub enum Optimizer {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
-    /// Pass back in [`Join::resume`] to rejoin as the same client.
+    /// Pass back in [`Join::resume`] to rejoin as the same session: a secret.
     pub session: String,
     /// The Shakespeare client this connection trains as.
     pub client_id: String,
@@ -139,6 +140,20 @@ pub enum ErrorCode {
     BadDelta,
     RoundClosed,
     TextFrame,
+    /// A string in the message is longer than the server's documented limit.
+    FieldTooLong,
+    /// The update claims more (or fewer) examples than the client could train on.
+    BadExamples,
+    /// The update's delta is not in the round's encoding.
+    WrongEncoding,
+    /// The session to resume is connected in another connection.
+    SessionInUse,
+    /// The server holds as many sessions or connections as it allows.
+    ServerFull,
+    /// Too many refused frames: the connection is closed.
+    TooManyErrors,
+    /// The connection did not join, or went silent, in time.
+    Timeout,
 }
 
 impl ErrorCode {
@@ -159,6 +174,13 @@ impl ErrorCode {
             ErrorCode::BadDelta => "bad_delta",
             ErrorCode::RoundClosed => "round_closed",
             ErrorCode::TextFrame => "text_frame",
+            ErrorCode::FieldTooLong => "field_too_long",
+            ErrorCode::BadExamples => "bad_examples",
+            ErrorCode::WrongEncoding => "wrong_encoding",
+            ErrorCode::SessionInUse => "session_in_use",
+            ErrorCode::ServerFull => "server_full",
+            ErrorCode::TooManyErrors => "too_many_errors",
+            ErrorCode::Timeout => "timeout",
         }
     }
 }
@@ -275,7 +297,7 @@ mod tests {
         let unknown = postcard::to_allocvec(&(PROTOCOL_VERSION, 7u32)).unwrap();
         assert_eq!(decode_client(&unknown), Err(FrameError::UnknownMessage(7)));
         assert!(matches!(
-            decode_client(&[1, 0, 0xff]),
+            decode_client(&[PROTOCOL_VERSION as u8, 0, 0xff]),
             Err(FrameError::Malformed(_))
         ));
         assert!(matches!(decode_client(&[]), Err(FrameError::Malformed(_))));

@@ -4,9 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use folio_fed::{Encoding, ServerOptimizerConfig, Weighting};
+use folio_fed::{Encoding, StrategyConfig};
 use folio_model::Preset;
 use folio_proto::Optimizer;
+
+use crate::access::AccessConfig;
+use crate::limits::Limits;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -22,20 +25,17 @@ pub struct ServerConfig {
     pub init: Option<PathBuf>,
     pub rounds: RoundConfig,
     pub seed: u64,
-    /// Clients must present this token to join.
-    pub join_token: Option<String>,
+    /// Join and admin tokens, allowed origins.
+    pub access: AccessConfig,
+    pub limits: Limits,
     /// Stop after this many rounds (`None`: serve forever).
     pub max_rounds: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct RoundConfig {
-    /// Clients picked per round (among those connected).
-    pub clients_per_round: usize,
-    /// Connected clients needed before a round starts.
-    pub min_clients: usize,
-    /// Updates needed to close a round at its deadline.
-    pub quorum: usize,
+    /// Selection, quorum, weighting, clipping, aggregation, server optimizer.
+    pub strategy: StrategyConfig,
     pub deadline: Duration,
     pub local_epochs: u32,
     /// Batches per local epoch (the tutorial: 5).
@@ -44,9 +44,8 @@ pub struct RoundConfig {
     pub seq_len: u32,
     pub client_optimizer: Optimizer,
     pub client_lr: f32,
+    /// The clients' own gradient clipping.
     pub clip_norm: Option<f32>,
-    pub server_optimizer: ServerOptimizerConfig,
-    pub weighting: Weighting,
     pub delta_encoding: Encoding,
     /// Central evaluation: test batches of this many fixed clients...
     pub eval_clients: usize,
@@ -58,12 +57,10 @@ pub struct RoundConfig {
 
 impl RoundConfig {
     /// The tutorial's federation: 2 clients a round, 5 batches of 8 × 100, SGD 0.5,
-    /// plain FedAvg weighted by examples.
+    /// FedAvg weighted by examples (with the server's L2 clipping).
     pub fn tutorial() -> Self {
         Self {
-            clients_per_round: 2,
-            min_clients: 2,
-            quorum: 2,
+            strategy: StrategyConfig::fedavg(2),
             deadline: Duration::from_secs(600),
             local_epochs: 1,
             max_batches: Some(5),
@@ -72,12 +69,30 @@ impl RoundConfig {
             client_optimizer: Optimizer::Sgd,
             client_lr: 0.5,
             clip_norm: None,
-            server_optimizer: ServerOptimizerConfig::fedavg(),
-            weighting: Weighting::Examples,
             delta_encoding: Encoding::F32,
             eval_clients: 8,
             eval_batches: 2,
             eval_client: None,
         }
+    }
+}
+
+impl RoundConfig {
+    /// Refuses settings under which rounds could not run as configured.
+    pub fn validate(&self) -> Result<(), String> {
+        self.strategy.validate()?;
+        if self.deadline.is_zero() {
+            return Err("the round deadline must be above zero".into());
+        }
+        if self.batch_size == 0 || self.seq_len == 0 {
+            return Err("batch size and sequence length must be above zero".into());
+        }
+        if !(self.client_lr.is_finite() && self.client_lr > 0.0) {
+            return Err(format!(
+                "the client learning rate must be positive, not {}",
+                self.client_lr
+            ));
+        }
+        Ok(())
     }
 }

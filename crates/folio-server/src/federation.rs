@@ -1,107 +1,65 @@
 //! The aggregator's state and its round state machine, free of sockets and tasks:
-//! connections come in as [`Federation::join`], frames as
-//! [`Federation::handle_update`], and the round driver (`lib.rs`) calls
-//! [`Federation::try_start_round`], [`Federation::round_phase`] and
-//! [`Federation::close_round`].
+//! a checked join comes in as [`Federation::join`], a decoded update as
+//! [`Federation::handle_update`], and the driver (`driver.rs`) calls
+//! [`Federation::try_start_round`], [`Federation::round_phase`],
+//! [`Federation::aggregate_round`] and [`Federation::commit`]. The decisions
+//! (selection, quorum, weights, robust aggregation, server optimizer) belong to
+//! the [`Strategy`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use folio_data::Corpus;
+use bytes::Bytes;
+use folio_data::{BatchConfig, Corpus, vocab};
 use folio_fed::sampling::sample_clients;
-use folio_fed::{Aggregator, ServerOptimizer, codec};
+use folio_fed::strategy::{Aggregated, RobustFedAvg};
+use folio_fed::{FedError, Strategy, StrategyState, codec};
 use folio_model::ModelConfig;
 use folio_proto::{
-    ClientKind, ErrorCode, ErrorMessage, Join, ModelShape, PROTOCOL_VERSION, RoundResult,
-    RoundStart, ServerMessage, Update, Welcome,
+    ErrorCode, ErrorMessage, ModelShape, RoundResult, RoundStart, ServerMessage, Welcome,
 };
-use serde::Serialize;
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::RoundConfig;
-
-/// Frames queued for one connection.
-pub type Outbox = UnboundedSender<Vec<u8>>;
+use crate::limits::Limits;
+use crate::record::RoundRecord;
+use crate::round::{OpenRound, RoundPhase};
+use crate::sessions::{ClientRound, Outbox, SessionError, SessionInfo, Sessions};
 
 /// Frames to hand to connections once the lock is released.
-pub type Deliveries = Vec<(Outbox, Vec<u8>)>;
+pub type Deliveries = Vec<(Outbox, Bytes)>;
 
-/// One round's figures, as the status API and the metrics history show them.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct RoundRecord {
-    /// 0 is the initial model, before any round.
-    pub round: u64,
-    pub clients: usize,
-    pub train_loss: Option<f64>,
-    pub train_accuracy: Option<f64>,
-    pub eval_loss: f64,
-    pub eval_accuracy: f64,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub seconds: f64,
+pub fn error(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
+    ErrorMessage {
+        code,
+        message: message.into(),
+    }
 }
 
-/// A client's latest round.
-#[derive(Debug, Clone, Serialize)]
-pub struct ClientRound {
+/// A join that passed the checks that need no lock (sizes, protocol, token, the
+/// client id resolved against the corpus).
+#[derive(Debug, Clone)]
+pub struct CheckedJoin {
+    pub kind: &'static str,
+    pub backend: String,
+    pub adapter: Option<String>,
+    pub resume: Option<String>,
+    /// A corpus client id.
+    pub client: Option<String>,
+}
+
+/// An update whose delta is decoded, checked against the round it names.
+#[derive(Debug, Clone)]
+pub struct DecodedUpdate {
     pub round: u64,
     pub examples: u64,
+    pub delta: Vec<f32>,
     pub train_loss: f32,
     pub train_accuracy: f32,
     pub train_seconds: f32,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionInfo {
-    pub session: u64,
-    pub client_id: String,
-    pub kind: &'static str,
-    pub backend: String,
-    pub adapter: Option<String>,
-    pub connected: bool,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub rounds: u64,
-    pub last: Option<ClientRound>,
-    /// Rounds this client reported in.
-    pub reported_rounds: Vec<u64>,
-    #[serde(skip)]
-    resume_token: String,
-    #[serde(skip)]
-    outbox: Option<Outbox>,
-}
-
-/// The round in progress.
-struct OpenRound {
-    round: u64,
-    selected: BTreeSet<u64>,
-    reported: BTreeSet<u64>,
-    aggregator: Aggregator,
-    deadline: Instant,
-    started: Instant,
-    loss_sum: f64,
-    accuracy_sum: f64,
-    examples: u64,
-    bytes_up: u64,
-    bytes_down: u64,
-}
-
-/// Where the open round stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RoundPhase {
-    /// No round open.
-    Idle,
-    /// Still waiting for updates.
-    Collecting,
-    /// Every selected client that is still connected has reported.
-    Complete,
-    /// The deadline passed with at least a quorum of updates.
-    DeadlineWithQuorum,
-    /// The deadline passed without a quorum (or nobody is left to report).
-    Failed,
-}
-
-/// What closing a round produced: the new global weights, before evaluation.
+/// A round aggregated but not yet evaluated, saved or committed.
 pub struct ClosedRound {
     pub round: u64,
     pub clients: usize,
@@ -110,75 +68,98 @@ pub struct ClosedRound {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub seconds: f64,
-    pub weights: Vec<f32>,
+    pub aggregated: Aggregated,
 }
 
 pub struct Federation {
     pub model: ModelConfig,
     pub preset: String,
     pub config: RoundConfig,
-    pub seed: u64,
-    join_token: Option<String>,
+    pub limits: Limits,
+    strategy: RobustFedAvg,
     /// The next round to run (1-based).
     pub round: u64,
     pub weights: Vec<f32>,
-    pub optimizer: ServerOptimizer,
+    pub state: StrategyState,
     /// Shakespeare clients with training data, in the order they are handed out.
     pool: Vec<String>,
-    corpus: Corpus,
-    sessions: BTreeMap<u64, SessionInfo>,
-    next_session: u64,
+    /// Characters (ids) of each pool client's training text.
+    train_ids: BTreeMap<String, usize>,
+    corpus: Arc<Corpus>,
+    pub sessions: Sessions,
     open: Option<OpenRound>,
+    /// Attempts of round `round` abandoned so far, and who failed them.
+    attempt: u32,
+    failed: BTreeSet<u64>,
     pub errors: BTreeMap<&'static str, u64>,
     pub history: Vec<RoundRecord>,
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
-    ErrorMessage {
-        code,
-        message: message.into(),
-    }
+pub struct FederationInit {
+    pub model: ModelConfig,
+    pub preset: String,
+    pub config: RoundConfig,
+    pub limits: Limits,
+    pub seed: u64,
+    pub corpus: Arc<Corpus>,
+    pub weights: Vec<f32>,
+    pub state: Option<StrategyState>,
+    pub history: Vec<RoundRecord>,
 }
 
 impl Federation {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        model: ModelConfig,
-        preset: String,
-        config: RoundConfig,
-        seed: u64,
-        join_token: Option<String>,
-        corpus: Corpus,
-        weights: Vec<f32>,
-        optimizer: ServerOptimizer,
-        completed_rounds: u64,
-        history: Vec<RoundRecord>,
-    ) -> Self {
-        let batch = folio_data::BatchConfig::padded(0);
+    pub fn new(init: FederationInit) -> Self {
+        let FederationInit {
+            model,
+            preset,
+            config,
+            limits,
+            seed,
+            corpus,
+            weights,
+            state,
+            history,
+        } = init;
+        let batch = BatchConfig::padded(0);
+        let train_ids: BTreeMap<String, usize> = corpus
+            .clients
+            .iter()
+            .map(|c| (c.id.clone(), vocab::encode(&c.train_text()).0.len()))
+            .filter(|(_, len)| folio_data::batch::batch_count(*len, &batch) > 0)
+            .collect();
         let eligible: Vec<String> = corpus
             .clients
             .iter()
-            .filter(|c| folio_data::batch::batch_count(c.train_text().len(), &batch) > 0)
+            .filter(|c| train_ids.contains_key(&c.id))
             .map(|c| c.id.clone())
             .collect();
         let pool = sample_clients(&eligible, eligible.len(), seed, 0);
+        let strategy = RobustFedAvg::new(config.strategy, seed);
+        let state = state.unwrap_or_else(|| strategy.initial_state(model.num_params()));
+        let completed = history.last().map_or(0, |r| r.round);
         Self {
             model,
             preset,
             config,
-            seed,
-            join_token,
-            round: completed_rounds + 1,
+            limits,
+            strategy,
+            round: completed + 1,
             weights,
-            optimizer,
+            state,
             pool,
+            train_ids,
             corpus,
-            sessions: BTreeMap::new(),
-            next_session: 1,
+            sessions: Sessions::new(),
             open: None,
+            attempt: 0,
+            failed: BTreeSet::new(),
             errors: BTreeMap::new(),
             history,
         }
+    }
+
+    pub fn strategy(&self) -> &RobustFedAvg {
+        &self.strategy
     }
 
     pub fn segments(&self) -> Vec<usize> {
@@ -194,82 +175,89 @@ impl Federation {
         *self.errors.entry(code.name()).or_default() += 1;
     }
 
-    pub fn sessions(&self) -> impl Iterator<Item = &SessionInfo> {
-        self.sessions.values()
-    }
-
     pub fn connected(&self) -> usize {
-        self.sessions.values().filter(|s| s.connected).count()
+        self.sessions.connected().count()
     }
 
-    /// Admits a connection: a new session (with the next free Shakespeare client,
-    /// or the one asked for) or a resumed one.
-    pub fn join(&mut self, join: Join, outbox: Outbox) -> Result<(u64, Welcome), ErrorMessage> {
-        if join.protocol != PROTOCOL_VERSION {
-            return Err(error(
-                ErrorCode::ProtocolVersion,
-                format!(
-                    "client speaks protocol {}, server {PROTOCOL_VERSION}",
-                    join.protocol
-                ),
-            ));
+    /// The most examples `client_id` can train on in one round: what its data and
+    /// the round's epochs and batches allow.
+    pub fn allowed_examples(&self, client_id: &str) -> u64 {
+        let ids = self.train_ids.get(client_id).copied().unwrap_or(0);
+        let batch = BatchConfig {
+            batch_size: self.config.batch_size as usize,
+            seq_len: self.config.seq_len as usize,
+            ..BatchConfig::padded(0)
+        };
+        let mut batches = folio_data::batch::batch_count(ids, &batch) as u64;
+        if let Some(max) = self.config.max_batches {
+            batches = batches.min(u64::from(max));
         }
-        if self.join_token.is_some() && join.token != self.join_token {
-            return Err(error(ErrorCode::BadToken, "missing or wrong join token"));
-        }
-        let resumed = join.resume.as_ref().and_then(|token| {
-            self.sessions
-                .values()
-                .find(|s| &s.resume_token == token && !s.connected)
-                .map(|s| s.session)
-        });
+        u64::from(self.config.local_epochs.max(1)) * batches * u64::from(self.config.batch_size)
+    }
+
+    /// Admits a connection: a resumed session, or a new one with the client asked
+    /// for or the next free one.
+    pub fn join(
+        &mut self,
+        join: CheckedJoin,
+        outbox: Outbox,
+        now: Instant,
+    ) -> Result<(u64, Welcome), ErrorMessage> {
+        let session_error = |err: SessionError| match err {
+            SessionError::InUse => error(
+                ErrorCode::SessionInUse,
+                "this session is connected in another connection",
+            ),
+            SessionError::ClientTaken(id) => error(
+                ErrorCode::NoFreeClient,
+                format!("{id} is already training in another connection"),
+            ),
+            SessionError::NoFreeClient => {
+                error(ErrorCode::NoFreeClient, "every Shakespeare client is taken")
+            }
+            SessionError::Full => error(
+                ErrorCode::ServerFull,
+                "the server holds as many sessions as it allows; try again later",
+            ),
+        };
+        let resumed = match &join.resume {
+            Some(token) => self.sessions.find_resumable(token).map_err(session_error)?,
+            None => None,
+        };
         let session = match resumed {
             Some(session) => session,
             None => {
-                let client_id = self.pick_client(join.client.as_deref())?;
-                let session = self.next_session;
-                self.next_session += 1;
-                self.sessions.insert(
-                    session,
-                    SessionInfo {
-                        session,
-                        client_id,
-                        kind: match join.kind {
-                            ClientKind::Native => "native",
-                            ClientKind::Browser => "browser",
-                        },
-                        backend: String::new(),
-                        adapter: None,
-                        connected: false,
-                        bytes_up: 0,
-                        bytes_down: 0,
-                        rounds: 0,
-                        last: None,
-                        reported_rounds: Vec::new(),
-                        resume_token: format!(
-                            "{:016x}-{session}",
-                            self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ session
-                        ),
-                        outbox: None,
-                    },
-                );
-                session
+                let client = self
+                    .sessions
+                    .pick_client(join.client.as_deref(), &self.pool)
+                    .map_err(session_error)?;
+                if !self.train_ids.contains_key(&client) {
+                    return Err(error(
+                        ErrorCode::UnknownClient,
+                        format!("{client} has no training text to train on"),
+                    ));
+                }
+                self.sessions
+                    .create(
+                        client,
+                        join.kind,
+                        self.limits.max_sessions,
+                        now,
+                        self.limits.session_ttl,
+                    )
+                    .map_err(session_error)?
             }
         };
-        let info = self
-            .sessions
-            .get_mut(&session)
-            .expect("session just found or made");
-        info.connected = true;
+        self.sessions.connect(session, outbox);
+        let info = self.sessions.get_mut(session).expect("session just made");
         info.backend = join.backend;
         info.adapter = join.adapter;
-        info.outbox = Some(outbox);
         let client = self
             .corpus
             .client(&info.client_id)
             .expect("pool holds corpus ids");
         let welcome = Welcome {
-            session: info.resume_token.clone(),
+            session: info.token(),
             client_id: info.client_id.clone(),
             train_text: client.train_text(),
             preset: self.preset.clone(),
@@ -284,124 +272,96 @@ impl Federation {
         Ok((session, welcome))
     }
 
-    fn pick_client(&self, wanted: Option<&str>) -> Result<String, ErrorMessage> {
-        let taken: BTreeSet<&str> = self
-            .sessions
-            .values()
-            .filter(|s| s.connected)
-            .map(|s| s.client_id.as_str())
-            .collect();
-        match wanted {
-            Some(wanted) => {
-                let id = self
-                    .corpus
-                    .client(wanted)
-                    .map_err(|err| error(ErrorCode::UnknownClient, err.to_string()))?
-                    .id
-                    .clone();
-                if taken.contains(id.as_str()) {
-                    return Err(error(
-                        ErrorCode::NoFreeClient,
-                        format!("{id} is already training in another connection"),
-                    ));
-                }
-                Ok(id)
-            }
-            None => {
-                // A client no session ever had, else one whose session left.
-                let ever: BTreeSet<&str> = self
-                    .sessions
-                    .values()
-                    .map(|s| s.client_id.as_str())
-                    .collect();
-                self.pool
-                    .iter()
-                    .find(|id| !ever.contains(id.as_str()))
-                    .or_else(|| self.pool.iter().find(|id| !taken.contains(id.as_str())))
-                    .cloned()
-                    .ok_or_else(|| {
-                        error(ErrorCode::NoFreeClient, "every Shakespeare client is taken")
-                    })
-            }
+    /// A connection ended: its session can be resumed until it expires; if it was
+    /// training in the open round, the round counts it as dropped.
+    pub fn disconnect(&mut self, session: u64, now: Instant) {
+        self.sessions.disconnect(session, now);
+        if let Some(open) = &mut self.open
+            && open.is_training(session)
+        {
+            open.dropped.insert(session);
         }
     }
 
-    /// A connection ended: its session stays (to be resumed) but leaves any round.
-    pub fn disconnect(&mut self, session: u64) {
-        if let Some(info) = self.sessions.get_mut(&session) {
-            info.connected = false;
-            info.outbox = None;
-        }
-        if let Some(open) = &mut self.open
-            && !open.reported.contains(&session)
-        {
-            open.selected.remove(&session);
-        }
+    /// Forgets sessions disconnected for longer than the TTL.
+    pub fn expire_sessions(&mut self, now: Instant) -> usize {
+        self.sessions.expire(now, self.limits.session_ttl)
     }
 
     pub fn add_bytes(&mut self, session: u64, up: u64, down: u64) {
-        if let Some(info) = self.sessions.get_mut(&session) {
-            info.bytes_up += up;
-            info.bytes_down += down;
+        if let Some(info) = self.sessions.get_mut(session) {
+            info.bytes_up = info.bytes_up.saturating_add(up);
+            info.bytes_down = info.bytes_down.saturating_add(down);
         }
         if let Some(open) = &mut self.open {
-            open.bytes_up += up;
-            open.bytes_down += down;
+            open.bytes_up = open.bytes_up.saturating_add(up);
+            open.bytes_down = open.bytes_down.saturating_add(down);
         }
     }
 
-    /// Opens the next round if enough clients are connected; returns the frames
-    /// to send (one per selected client).
+    /// May `session` stay silent now? Yes while it trains in the open round,
+    /// until the round's deadline.
+    pub fn silent_until(&self, session: u64) -> Option<Instant> {
+        self.open
+            .as_ref()
+            .filter(|open| open.is_training(session))
+            .map(|open| open.deadline)
+    }
+
+    /// Opens the next round if the strategy finds enough clients; returns the
+    /// frames to send (one per selected client).
     pub fn try_start_round(&mut self, now: Instant) -> Option<Deliveries> {
         if self.open.is_some() {
             return None;
         }
-        let connected: Vec<u64> = self
-            .sessions
-            .values()
-            .filter(|s| s.connected)
-            .map(|s| s.session)
-            .collect();
-        if connected.len() < self.config.min_clients.max(1) {
-            return None;
-        }
-        let selected = sample_clients(
-            &connected,
-            self.config.clients_per_round,
-            self.seed,
-            self.round,
-        );
+        let connected: Vec<u64> = self.sessions.connected().map(|s| s.session).collect();
+        let selected =
+            self.strategy
+                .configure_round(self.round, self.attempt, &connected, &self.failed)?;
         let weights = codec::encode(
             &self.weights,
             &[self.weights.len()],
             folio_fed::Encoding::F32,
         );
-        let frame = folio_proto::encode(&ServerMessage::RoundStart(RoundStart {
-            round: self.round,
-            weights,
-            deadline_ms: self.config.deadline.as_millis() as u64,
-            local_epochs: self.config.local_epochs,
-            max_batches: self.config.max_batches,
-            optimizer: self.config.client_optimizer,
-            learning_rate: self.config.client_lr,
-            clip_norm: self.config.clip_norm,
-            delta_encoding: self.config.delta_encoding,
-            seed: self.seed ^ self.round,
-        }));
+        let frame = Bytes::from(folio_proto::encode(&ServerMessage::RoundStart(
+            RoundStart {
+                round: self.round,
+                weights,
+                deadline_ms: self.config.deadline.as_millis() as u64,
+                local_epochs: self.config.local_epochs,
+                max_batches: self.config.max_batches,
+                optimizer: self.config.client_optimizer,
+                learning_rate: self.config.client_lr,
+                clip_norm: self.config.clip_norm,
+                delta_encoding: self.config.delta_encoding,
+                seed: self.strategy.seed ^ self.round,
+            },
+        )));
+        let allowed_examples = selected
+            .iter()
+            .map(|&s| {
+                let client = &self.sessions.get(s).expect("connected").client_id;
+                (s, self.allowed_examples(client))
+            })
+            .collect();
         let sends: Deliveries = selected
             .iter()
-            .filter_map(|s| {
-                self.sessions[s]
-                    .outbox
-                    .clone()
-                    .map(|outbox| (outbox, frame.clone()))
+            .filter_map(|&s| {
+                let outbox = self.sessions.get(s)?.outbox.clone()?;
+                Some((outbox, frame.clone()))
             })
             .collect();
         self.open = Some(OpenRound {
             round: self.round,
+            attempt: self.attempt,
             selected: selected.into_iter().collect(),
             reported: BTreeSet::new(),
-            aggregator: Aggregator::new(self.weights.len(), self.config.weighting),
+            dropped: BTreeSet::new(),
+            allowed_examples,
+            encoding: self.config.delta_encoding,
+            updates: self
+                .strategy
+                .open_round(&self.state, self.model.num_params()),
             deadline: now + self.config.deadline,
             started: now,
             loss_sum: 0.0,
@@ -414,53 +374,30 @@ impl Federation {
     }
 
     pub fn round_phase(&self, now: Instant) -> RoundPhase {
-        let Some(open) = &self.open else {
-            return RoundPhase::Idle;
-        };
-        let reported = open.reported.len();
-        let waiting = open.selected.len() - reported;
-        if waiting == 0 {
-            return if reported == 0 {
-                RoundPhase::Failed
-            } else {
-                RoundPhase::Complete
-            };
-        }
-        if now < open.deadline {
-            return RoundPhase::Collecting;
-        }
-        if reported >= self.config.quorum.max(1) {
-            RoundPhase::DeadlineWithQuorum
-        } else {
-            RoundPhase::Failed
+        match &self.open {
+            None => RoundPhase::Idle,
+            Some(open) => open.phase(self.strategy.quorum(), now),
         }
     }
 
-    /// Folds one client's update into the open round, or says why not. A refused
-    /// update changes nothing.
-    pub fn handle_update(&mut self, session: u64, update: Update) -> Result<(), ErrorMessage> {
-        let segments = self.segments();
-        let Some(open) = &mut self.open else {
+    /// The round an update may be for and how its delta must be encoded: checked
+    /// before the delta is decoded (outside the lock).
+    pub fn expected_update(&self, session: u64, round: u64) -> Result<(), ErrorMessage> {
+        let Some(open) = &self.open else {
             return Err(error(
                 ErrorCode::RoundClosed,
-                format!(
-                    "no round is open; update for round {} ignored",
-                    update.round
-                ),
+                format!("no round is open; update for round {round} ignored"),
             ));
         };
-        if update.round != open.round {
-            let code = if update.round < open.round {
+        if round != open.round {
+            let code = if round < open.round {
                 ErrorCode::RoundClosed
             } else {
                 ErrorCode::WrongRound
             };
             return Err(error(
                 code,
-                format!(
-                    "update for round {}, the open round is {}",
-                    update.round, open.round
-                ),
+                format!("update for round {round}, the open round is {}", open.round),
             ));
         }
         if open.reported.contains(&session) {
@@ -469,72 +406,105 @@ impl Federation {
                 format!("a second update for round {}", open.round),
             ));
         }
-        if !open.selected.contains(&session) {
+        if !open.is_training(session) {
             return Err(error(
                 ErrorCode::NotSelected,
                 format!("this client was not selected for round {}", open.round),
             ));
         }
-        let delta = codec::decode(&update.delta, &segments, update.encoding)
-            .map_err(|err| error(ErrorCode::BadDelta, err.to_string()))?;
-        if !(update.train_loss.is_finite() && update.train_accuracy.is_finite()) {
-            return Err(error(ErrorCode::BadDelta, "train metrics are not finite"));
-        }
-        open.aggregator
-            .add(&delta, update.examples)
-            .map_err(|err| error(ErrorCode::BadDelta, err.to_string()))?;
-        open.reported.insert(session);
-        open.loss_sum += f64::from(update.train_loss) * update.examples as f64;
-        open.accuracy_sum += f64::from(update.train_accuracy) * update.examples as f64;
-        open.examples += update.examples;
-        let info = self
-            .sessions
-            .get_mut(&session)
-            .expect("selected sessions exist");
-        info.rounds += 1;
-        info.reported_rounds.push(update.round);
-        info.last = Some(ClientRound {
-            round: update.round,
-            examples: update.examples,
-            train_loss: update.train_loss,
-            train_accuracy: update.train_accuracy,
-            train_seconds: update.train_seconds,
-        });
         Ok(())
     }
 
-    /// Ends a round that failed (no quorum): nothing changes, the selected clients
-    /// that did not report are told, and the same round number runs again.
-    pub fn abandon_round(&mut self) -> Deliveries {
+    /// The open round's delta encoding.
+    pub fn round_encoding(&self) -> Option<folio_fed::Encoding> {
+        self.open.as_ref().map(|open| open.encoding)
+    }
+
+    /// Folds one client's update into the open round, or says why not. A refused
+    /// update changes nothing.
+    pub fn handle_update(
+        &mut self,
+        session: u64,
+        update: DecodedUpdate,
+    ) -> Result<(), ErrorMessage> {
+        self.expected_update(session, update.round)?;
+        if !(update.train_loss.is_finite() && update.train_accuracy.is_finite()) {
+            return Err(error(ErrorCode::BadDelta, "train metrics are not finite"));
+        }
+        let open = self.open.as_mut().expect("checked above");
+        let allowed = open.allowed_examples.get(&session).copied().unwrap_or(0);
+        self.strategy
+            .accept(&mut open.updates, update.delta, update.examples, allowed)
+            .map_err(|err| match err {
+                FedError::BadExamples { .. } => error(ErrorCode::BadExamples, err.to_string()),
+                _ => error(ErrorCode::BadDelta, err.to_string()),
+            })?;
+        // Bounded by `allowed`, so none of these sums can overflow.
+        open.reported.insert(session);
+        let examples = update.examples as f64;
+        open.loss_sum += f64::from(update.train_loss) * examples;
+        open.accuracy_sum += f64::from(update.train_accuracy) * examples;
+        open.examples += update.examples;
+        if let Some(info) = self.sessions.get_mut(session) {
+            info.reported(ClientRound {
+                round: update.round,
+                examples: update.examples,
+                train_loss: update.train_loss,
+                train_accuracy: update.train_accuracy,
+                train_seconds: update.train_seconds,
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends a round that cannot close: nothing changes, the selected clients that
+    /// did not report are told, and the round runs again with a fresh sample that
+    /// avoids them.
+    pub fn abandon_round(&mut self, why: &str) -> Deliveries {
         let Some(open) = self.open.take() else {
             return Vec::new();
         };
-        let frame = folio_proto::encode(&ServerMessage::Error(error(
+        let failed: Vec<u64> = open.failed().collect();
+        self.failed.extend(failed.iter().copied());
+        self.attempt += 1;
+        let frame = Bytes::from(folio_proto::encode(&ServerMessage::Error(error(
             ErrorCode::RoundClosed,
-            format!(
-                "round {} closed without a quorum; it will run again",
-                open.round
-            ),
-        )));
-        self.outboxes(open.selected.difference(&open.reported).copied(), &frame)
+            format!("round {} {why}; it will run again", open.round),
+        ))));
+        self.outboxes(failed.into_iter(), &frame)
     }
 
-    /// Aggregates the open round and moves the global weights. Tells clients that
-    /// were selected but did not report that the round is closed.
-    pub fn close_round(&mut self, now: Instant) -> Option<(ClosedRound, Deliveries)> {
-        let open = self.open.take()?;
-        let mean = open.aggregator.mean().ok()?;
-        self.optimizer
-            .step(&mut self.weights, &mean)
-            .expect("the aggregator checked the length");
-        let late = folio_proto::encode(&ServerMessage::Error(error(
+    /// Aggregates the open round into a candidate model; nothing is committed. A
+    /// non-finite result abandons the round.
+    pub fn aggregate_round(
+        &mut self,
+        now: Instant,
+    ) -> Result<(ClosedRound, Deliveries), Deliveries> {
+        let Some(open) = &self.open else {
+            return Err(Vec::new());
+        };
+        let result = self
+            .strategy
+            .aggregate(&open.updates, &self.weights, &self.state);
+        let reporters: Vec<u64> = open.reported.iter().copied().collect();
+        let aggregated = match result {
+            Ok(aggregated) => aggregated,
+            Err(err) => {
+                self.count_error(ErrorCode::BadDelta);
+                // Every reporter shares the blame: the retry avoids them all.
+                self.failed.extend(reporters);
+                return Err(self.abandon_round(&format!("was dropped ({err})")));
+            }
+        };
+        let open = self.open.take().expect("checked above");
+        let late = Bytes::from(folio_proto::encode(&ServerMessage::Error(error(
             ErrorCode::RoundClosed,
             format!(
                 "round {} closed on quorum; your update will be ignored",
                 open.round
             ),
-        )));
-        let notices = self.outboxes(open.selected.difference(&open.reported).copied(), &late);
+        ))));
+        let notices = self.outboxes(open.failed(), &late);
         let examples = open.examples.max(1) as f64;
         let closed = ClosedRound {
             round: open.round,
@@ -544,41 +514,53 @@ impl Federation {
             bytes_up: open.bytes_up,
             bytes_down: open.bytes_down,
             seconds: now.duration_since(open.started).as_secs_f64(),
-            weights: self.weights.clone(),
+            aggregated,
         };
-        self.round += 1;
-        Some((closed, notices))
+        Ok((closed, notices))
     }
 
-    /// Records an evaluated round and returns the result frame for every connection.
-    pub fn record(&mut self, record: RoundRecord) -> Deliveries {
-        let frame = folio_proto::encode(&ServerMessage::RoundResult(RoundResult {
-            round: record.round,
-            clients: record.clients as u32,
-            eval_loss: record.eval_loss as f32,
-            eval_accuracy: record.eval_accuracy as f32,
-        }));
+    /// Makes an evaluated, saved round the global model; returns the result frame
+    /// for every connection.
+    pub fn commit(&mut self, aggregated: Aggregated, record: RoundRecord) -> Deliveries {
+        self.weights = aggregated.weights;
+        self.state = aggregated.state;
+        self.round = record.round + 1;
+        self.attempt = 0;
+        self.failed.clear();
+        let frame = Bytes::from(folio_proto::encode(&ServerMessage::RoundResult(
+            RoundResult {
+                round: record.round,
+                clients: record.clients as u32,
+                eval_loss: record.eval_loss as f32,
+                eval_accuracy: record.eval_accuracy as f32,
+            },
+        )));
         self.history.push(record);
-        let everyone: Vec<u64> = self.sessions.keys().copied().collect();
+        let everyone: Vec<u64> = self.sessions.iter().map(|s| s.session).collect();
         self.outboxes(everyone.into_iter(), &frame)
     }
 
-    fn outboxes(&self, sessions: impl Iterator<Item = u64>, frame: &[u8]) -> Deliveries {
+    fn outboxes(&self, sessions: impl Iterator<Item = u64>, frame: &Bytes) -> Deliveries {
         sessions
-            .filter_map(|s| self.sessions.get(&s)?.outbox.clone())
-            .map(|outbox| (outbox, frame.to_vec()))
+            .filter_map(|s| self.sessions.get(s)?.outbox.clone())
+            .map(|outbox| (outbox, frame.clone()))
             .collect()
     }
 
-    /// The open round's number and how long until its deadline.
-    pub fn open_round(&self, now: Instant) -> Option<(u64, Duration, usize, usize)> {
+    /// The open round: number, time left, selected, reported, attempt.
+    pub fn open_round(&self, now: Instant) -> Option<(u64, Duration, usize, usize, u32)> {
         self.open.as_ref().map(|open| {
             (
                 open.round,
-                open.deadline.saturating_duration_since(now),
+                open.seconds_left(now),
                 open.selected.len(),
                 open.reported.len(),
+                open.attempt,
             )
         })
+    }
+
+    pub fn session_list(&self) -> Vec<&SessionInfo> {
+        self.sessions.iter().collect()
     }
 }

@@ -1,23 +1,33 @@
-//! What survives a restart: the global weights, the server optimizer's state and
-//! the round number (one safetensors file, replaced atomically after every round),
-//! and the metrics history (one JSON line per round). Client sampling is a pure
-//! function of the seed and the round number, so the round number is its state.
+//! What survives a restart, committed as one unit after every round: the global
+//! weights, the strategy's state (server optimizer moments, clipping bound) and
+//! the whole round history, in one safetensors file that is written beside the
+//! old one, fsync'd and renamed over it (then the folder is fsync'd). A crash
+//! loses at most the open round. `metrics.jsonl` is a copy of the history for
+//! people and tools, rewritten from the state file after each commit and at start.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use folio_fed::{ServerOptimizer, ServerOptimizerConfig};
+use folio_fed::{ServerOptimizer, ServerOptimizerConfig, StrategyState};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::federation::RoundRecord;
+use crate::record::RoundRecord;
 
 pub struct SavedState {
-    pub completed_rounds: u64,
     pub weights: Vec<f32>,
-    pub optimizer: ServerOptimizer,
+    /// `None` when the strategy was configured differently (its moments belong to
+    /// another rule): it starts afresh.
+    pub strategy: Option<StrategyState>,
+    pub history: Vec<RoundRecord>,
+}
+
+impl SavedState {
+    pub fn completed_rounds(&self) -> u64 {
+        self.history.last().map_or(0, |r| r.round)
+    }
 }
 
 pub fn state_path(dir: &Path) -> PathBuf {
@@ -32,46 +42,71 @@ fn bytes_of(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-pub fn save(
-    dir: &Path,
-    completed_rounds: u64,
-    weights: &[f32],
-    optimizer: &ServerOptimizer,
-    seed: u64,
-) -> anyhow::Result<()> {
-    let buffers = [
-        ("weights", bytes_of(weights)),
-        ("server_m", bytes_of(&optimizer.m)),
-        ("server_v", bytes_of(&optimizer.v)),
-    ];
-    let views = buffers
-        .iter()
-        .map(|(name, bytes)| {
-            Ok((
-                *name,
-                TensorView::new(Dtype::F32, vec![bytes.len() / 4], bytes)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let metadata = HashMap::from([
-        ("round".to_owned(), completed_rounds.to_string()),
-        ("seed".to_owned(), seed.to_string()),
-        (
-            "server_optimizer".to_owned(),
-            serde_json::to_string(&optimizer.config)?,
-        ),
-    ]);
-    let bytes = safetensors::serialize(views, Some(metadata))?;
-    let path = state_path(dir);
+/// Writes `bytes` to `path` atomically and durably.
+fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let partial = path.with_extension("partial");
-    std::fs::write(&partial, bytes)
+    let mut file = std::fs::File::create(&partial)
         .with_context(|| format!("cannot write {}", partial.display()))?;
-    std::fs::rename(&partial, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
     Ok(())
 }
 
-/// The saved state, if `dir` has one. An optimizer configured differently from the
-/// saved one starts afresh (its moments belong to another rule).
+/// Commits a round: weights, strategy state and history together.
+pub fn commit(
+    dir: &Path,
+    weights: &[f32],
+    strategy: &StrategyState,
+    history: &[RoundRecord],
+    seed: u64,
+) -> anyhow::Result<()> {
+    let history_json = serde_json::to_vec(history)?;
+    let buffers = [
+        ("weights", Dtype::F32, bytes_of(weights)),
+        ("server_m", Dtype::F32, bytes_of(&strategy.optimizer.m)),
+        ("server_v", Dtype::F32, bytes_of(&strategy.optimizer.v)),
+        ("history", Dtype::U8, history_json),
+    ];
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, bytes)| {
+            let len = bytes.len() * 8 / dtype.bitsize();
+            Ok((*name, TensorView::new(*dtype, vec![len], bytes)?))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let completed = history.last().map_or(0, |r| r.round);
+    let metadata = HashMap::from([
+        ("round".to_owned(), completed.to_string()),
+        ("seed".to_owned(), seed.to_string()),
+        ("clip_bound".to_owned(), strategy.clip_bound.to_string()),
+        (
+            "server_optimizer".to_owned(),
+            serde_json::to_string(&strategy.optimizer.config)?,
+        ),
+    ]);
+    let bytes = safetensors::serialize(views, Some(metadata))?;
+    write_durably(&state_path(dir), &bytes)?;
+    write_history(dir, history)
+}
+
+/// Rewrites `metrics.jsonl` from the committed history.
+pub fn write_history(dir: &Path, history: &[RoundRecord]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for record in history {
+        text.push_str(&serde_json::to_string(record)?);
+        text.push('\n');
+    }
+    write_durably(&history_path(dir), text.as_bytes())
+}
+
+/// The saved state, if `dir` has one.
 pub fn load(
     dir: &Path,
     optimizer: ServerOptimizerConfig,
@@ -82,16 +117,22 @@ pub fn load(
         return Ok(None);
     }
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let tensors = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is corrupt", path.display()))?;
+    let tensors = SafeTensors::deserialize(&bytes).with_context(|| {
+        format!(
+            "{} is corrupt: move it away to start afresh",
+            path.display()
+        )
+    })?;
     let (_, header) = SafeTensors::read_metadata(&bytes)?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let read = |name: &str| -> anyhow::Result<Vec<f32>> {
-        let view = tensors
+    let raw = |name: &str| -> anyhow::Result<&[u8]> {
+        Ok(tensors
             .tensor(name)
-            .with_context(|| format!("{} has no `{name}`", path.display()))?;
-        Ok(view
-            .data()
+            .with_context(|| format!("{} has no `{name}`", path.display()))?
+            .data())
+    };
+    let read = |name: &str| -> anyhow::Result<Vec<f32>> {
+        Ok(raw(name)?
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
@@ -103,47 +144,31 @@ pub fn load(
         path.display(),
         weights.len()
     );
+    anyhow::ensure!(
+        weights.iter().all(|w| w.is_finite()),
+        "{} holds non-finite weights: move it away to start afresh",
+        path.display()
+    );
+    let history: Vec<RoundRecord> = serde_json::from_slice(raw("history")?)
+        .with_context(|| format!("{}: the history is corrupt", path.display()))?;
     let saved_config: Option<ServerOptimizerConfig> = metadata
         .get("server_optimizer")
         .and_then(|json| serde_json::from_str(json).ok());
-    let optimizer = if saved_config == Some(optimizer) {
-        ServerOptimizer {
-            config: optimizer,
-            m: read("server_m")?,
-            v: read("server_v")?,
-        }
-    } else {
-        ServerOptimizer::new(optimizer, num_params)
+    let clip_bound = metadata.get("clip_bound").and_then(|b| b.parse().ok());
+    let strategy = match (saved_config == Some(optimizer), clip_bound) {
+        (true, Some(clip_bound)) => Some(StrategyState {
+            optimizer: ServerOptimizer {
+                config: optimizer,
+                m: read("server_m")?,
+                v: read("server_v")?,
+            },
+            clip_bound,
+        }),
+        _ => None,
     };
-    let completed_rounds = metadata
-        .get("round")
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(0);
     Ok(Some(SavedState {
-        completed_rounds,
         weights,
-        optimizer,
+        strategy,
+        history,
     }))
-}
-
-pub fn append_history(dir: &Path, record: &RoundRecord) -> anyhow::Result<()> {
-    let path = history_path(dir);
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    writeln!(file, "{}", serde_json::to_string(record)?)?;
-    Ok(())
-}
-
-/// The history of rounds up to `completed_rounds` (later lines, from a round that
-/// was not checkpointed, are dropped).
-pub fn load_history(dir: &Path, completed_rounds: u64) -> Vec<RoundRecord> {
-    std::fs::read_to_string(history_path(dir))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<RoundRecord>(line).ok())
-        .filter(|record| record.round <= completed_rounds)
-        .collect()
 }

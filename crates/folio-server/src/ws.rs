@@ -1,36 +1,87 @@
-//! One WebSocket connection: frames in, replies and round messages out. Any bad
-//! input gets an error frame and a count in the status API; none closes the
-//! connection or touches the model.
+//! One WebSocket connection. Every frame is untrusted: it is checked before any
+//! work (sizes, then the lock-free checks, then the federation under its lock),
+//! refused frames get an error frame and count against the connection's error
+//! budget, and nothing a client sends can grow the server without bound: frames
+//! are capped by the WebSocket layer, replies by a bounded outbox, silence by
+//! timeouts.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
-use folio_proto::{ClientMessage, ErrorCode, ErrorMessage, MAX_FRAME_BYTES, ServerMessage};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use folio_fed::codec;
+use folio_proto::{
+    ClientKind, ClientMessage, ErrorCode, ErrorMessage, Join, ServerMessage, Update,
+};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::Shared;
+use crate::federation::{CheckedJoin, DecodedUpdate, error};
+use crate::limits::{
+    MAX_ADAPTER_BYTES, MAX_BACKEND_BYTES, MAX_CLIENT_ID_BYTES, MAX_RESUME_BYTES, MAX_TOKEN_BYTES,
+};
+use crate::net::PeerInfo;
+use crate::sessions::Outbox;
 
-pub async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Response {
-    // Frames up to 4× the cap are read and refused with an error; larger ones end
-    // the connection (the client is not speaking our protocol).
-    ws.max_message_size(4 * MAX_FRAME_BYTES)
-        .max_frame_size(4 * MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| connection(socket, shared))
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    State(shared): State<Arc<Shared>>,
+) -> Response {
+    if !shared.access.origin_ok(&headers) {
+        shared.fed().count_error(ErrorCode::BadToken);
+        return (
+            StatusCode::FORBIDDEN,
+            "this origin may not open the aggregator's WebSocket (see --allow-origin)",
+        )
+            .into_response();
+    }
+    if let Some(wait) = shared.access.locked_out(peer.address.ip(), Instant::now()) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())],
+            "too many wrong tokens from this address; wait and try again",
+        )
+            .into_response();
+    }
+    // Larger frames are refused by the WebSocket layer from their header, before
+    // they are buffered, and end the connection.
+    let max = shared.max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| connection(socket, shared, peer))
 }
 
-async fn connection(socket: WebSocket, shared: Arc<Shared>) {
+/// Why the server ends a connection, told to the client before it closes.
+struct Goodbye(ErrorMessage);
+
+async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
+    let limits = shared.limits.clone();
     let (mut sink, mut stream) = socket.split();
-    let (outbox, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (frames, mut queue) = mpsc::channel::<Bytes>(limits.outbox_frames);
+    let kill = Arc::new(Notify::new());
+    let outbox = Outbox::new(frames, kill.clone());
     let session = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let writer = {
-        let (shared, session) = (shared.clone(), session.clone());
+    let mut writer = {
+        let (shared, session, kill) = (shared.clone(), session.clone(), kill.clone());
         tokio::spawn(async move {
             while let Some(frame) = queue.recv().await {
                 let len = frame.len() as u64;
-                if sink.send(Message::Binary(frame.into())).await.is_err() {
+                let sent = tokio::time::timeout(
+                    shared.limits.write_timeout,
+                    sink.send(Message::Binary(frame)),
+                )
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    // The client does not take what we send: drop it.
+                    kill.notify_one();
                     return;
                 }
                 let id = session.load(std::sync::atomic::Ordering::Relaxed);
@@ -38,94 +89,249 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
                     shared.fed().add_bytes(id, 0, len);
                 }
             }
-            // The server let go of this connection (it is finishing): say goodbye.
-            let _ = sink.send(Message::Close(None)).await;
+            let _ =
+                tokio::time::timeout(shared.limits.write_timeout, sink.send(Message::Close(None)))
+                    .await;
         })
     };
     let mut joined: Option<u64> = None;
+    let mut errors = 0u32;
+    let opened = Instant::now();
+    let mut last_heard = opened;
     let mut closing = shared.closing.subscribe();
-    loop {
+    let mut tick = tokio::time::interval(limits.heartbeat.min(limits.join_timeout) / 4);
+    let goodbye: Option<Goodbye> = loop {
         let message = tokio::select! {
             message = stream.next() => match message {
-                Some(message) => message,
-                None => break,
-            },
-            // The server is finishing: stop reading, let the writer say goodbye.
-            _ = closing.wait_for(|&closing| closing) => break,
-        };
-        let reply = match message {
-            Ok(Message::Binary(frame)) => handle_frame(&shared, &mut joined, &frame, &outbox),
-            Ok(Message::Text(_)) => Some(refuse(
-                &shared,
-                ErrorCode::TextFrame,
-                "frames are binary (folio-proto)".into(),
-            )),
-            Ok(Message::Close(_)) => break,
-            Ok(_) => None,
-            Err(err) => {
-                // Frames beyond 4× the cap end the connection; count those.
-                if err.to_string().contains("Space limit exceeded") {
-                    shared.fed().count_error(ErrorCode::FrameTooLarge);
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    if err.to_string().contains("Space limit exceeded")
+                        || err.to_string().contains("too long")
+                    {
+                        shared.fed().count_error(ErrorCode::FrameTooLarge);
+                    }
+                    break None;
                 }
-                eprintln!("connection dropped: {err}");
-                break;
+                None => break None,
+            },
+            _ = kill.notified() => {
+                shared.fed().count_error(ErrorCode::Timeout);
+                break None;
             }
+            _ = closing.wait_for(|&closing| closing) => break None,
+            _ = tick.tick() => {
+                let now = Instant::now();
+                match joined {
+                    None if now.duration_since(opened) > limits.join_timeout => {
+                        break Some(Goodbye(error(ErrorCode::Timeout, "join within the join timeout")));
+                    }
+                    Some(id) => {
+                        let silent = now.duration_since(last_heard);
+                        let may_be_silent = shared.fed().silent_until(id).is_some_and(|deadline| now < deadline + limits.idle_timeout);
+                        if silent > limits.idle_timeout && !may_be_silent {
+                            break Some(Goodbye(error(ErrorCode::Timeout, "no heartbeat for too long")));
+                        }
+                        if silent > limits.heartbeat {
+                            outbox.send(Bytes::from(folio_proto::encode(&ServerMessage::Heartbeat)));
+                        }
+                    }
+                    None => {}
+                }
+                continue;
+            }
+        };
+        last_heard = Instant::now();
+        let reply = match message {
+            Message::Binary(frame) => handle_frame(&shared, &peer, &mut joined, &frame, &outbox),
+            Message::Text(_) => Err(error(
+                ErrorCode::TextFrame,
+                "frames are binary (folio-proto)",
+            )),
+            Message::Close(_) => break None,
+            _ => Ok(None),
         };
         if let Some(id) = joined {
             session.store(id, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Some(reply) = reply {
-            let _ = outbox.send(folio_proto::encode(&reply));
+        match reply {
+            Ok(Some(reply)) => outbox.send(Bytes::from(folio_proto::encode(&reply))),
+            Ok(None) => {}
+            Err(refused) => {
+                shared.fed().count_error(refused.code);
+                if refused.code == ErrorCode::BadToken {
+                    break Some(Goodbye(refused));
+                }
+                errors += 1;
+                if errors > limits.error_budget {
+                    break Some(Goodbye(error(
+                        ErrorCode::TooManyErrors,
+                        format!("more than {} refused frames", limits.error_budget),
+                    )));
+                }
+                outbox.send(Bytes::from(folio_proto::encode(&ServerMessage::Error(
+                    refused,
+                ))));
+            }
         }
-    }
+    };
     if let Some(id) = joined {
-        shared.fed().disconnect(id);
+        shared.fed().disconnect(id, Instant::now());
+    }
+    if let Some(Goodbye(reason)) = goodbye {
+        if reason.code != ErrorCode::BadToken {
+            shared.fed().count_error(reason.code);
+        }
+        outbox.send(Bytes::from(folio_proto::encode(&ServerMessage::Error(
+            reason,
+        ))));
     }
     drop(outbox);
-    let _ = writer.await;
+    // The writer sends what is queued and a close frame; a client that does not
+    // read gets a second, then the socket is dropped.
+    if tokio::time::timeout(std::time::Duration::from_secs(1), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
-fn refuse(shared: &Shared, code: ErrorCode, message: String) -> ServerMessage {
-    shared.fed().count_error(code);
-    ServerMessage::Error(ErrorMessage { code, message })
+/// Checks a join's strings, protocol and token, and resolves the client it asks
+/// for: all without the federation's lock.
+fn check_join(shared: &Shared, address: IpAddr, join: Join) -> Result<CheckedJoin, ErrorMessage> {
+    let fields = [
+        ("backend", join.backend.len(), MAX_BACKEND_BYTES),
+        (
+            "adapter",
+            join.adapter.as_ref().map_or(0, String::len),
+            MAX_ADAPTER_BYTES,
+        ),
+        (
+            "token",
+            join.token.as_ref().map_or(0, String::len),
+            MAX_TOKEN_BYTES,
+        ),
+        (
+            "resume",
+            join.resume.as_ref().map_or(0, String::len),
+            MAX_RESUME_BYTES,
+        ),
+        (
+            "client",
+            join.client.as_ref().map_or(0, String::len),
+            MAX_CLIENT_ID_BYTES,
+        ),
+    ];
+    for (name, len, max) in fields {
+        if len > max {
+            return Err(error(
+                ErrorCode::FieldTooLong,
+                format!("`{name}` is {len} bytes; at most {max}"),
+            ));
+        }
+    }
+    if join.protocol != folio_proto::PROTOCOL_VERSION {
+        return Err(error(
+            ErrorCode::ProtocolVersion,
+            format!(
+                "client speaks protocol {}, server {}: reload the page or update the client",
+                join.protocol,
+                folio_proto::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    if !shared.access.join_token_ok(join.token.as_deref()) {
+        shared.access.wrong_token(address, Instant::now());
+        return Err(error(ErrorCode::BadToken, "missing or wrong join token"));
+    }
+    let client = match join.client {
+        Some(wanted) => Some(
+            shared
+                .corpus
+                .client(&wanted)
+                .map_err(|err| error(ErrorCode::UnknownClient, err.to_string()))?
+                .id
+                .clone(),
+        ),
+        None => None,
+    };
+    Ok(CheckedJoin {
+        kind: match join.kind {
+            ClientKind::Native => "native",
+            ClientKind::Browser => "browser",
+        },
+        backend: join.backend,
+        adapter: join.adapter,
+        resume: join.resume,
+        client,
+    })
 }
 
-/// Handles one binary frame; returns the reply, if any.
+/// Checks and decodes an update's delta: the federation's lock is held only to
+/// read the round's rules and, at the end, to fold the delta in.
+fn handle_update(shared: &Shared, id: u64, update: Update) -> Result<(), ErrorMessage> {
+    let (encoding, segments) = {
+        let fed = shared.fed();
+        fed.expected_update(id, update.round)?;
+        (fed.round_encoding(), fed.segments())
+    };
+    if Some(update.encoding) != encoding {
+        return Err(error(
+            ErrorCode::WrongEncoding,
+            format!(
+                "the delta is {:?}; this round takes {encoding:?}",
+                update.encoding
+            ),
+        ));
+    }
+    let delta = codec::decode(&update.delta, &segments, update.encoding)
+        .map_err(|err| error(ErrorCode::BadDelta, err.to_string()))?;
+    shared.fed().handle_update(
+        id,
+        DecodedUpdate {
+            round: update.round,
+            examples: update.examples,
+            delta,
+            train_loss: update.train_loss,
+            train_accuracy: update.train_accuracy,
+            train_seconds: update.train_seconds,
+        },
+    )
+}
+
+/// Handles one binary frame; returns the reply, if any, or why it is refused.
 fn handle_frame(
     shared: &Shared,
+    peer: &PeerInfo,
     joined: &mut Option<u64>,
     frame: &[u8],
-    outbox: &mpsc::UnboundedSender<Vec<u8>>,
-) -> Option<ServerMessage> {
+    outbox: &Outbox,
+) -> Result<Option<ServerMessage>, ErrorMessage> {
     if let Some(id) = *joined {
         shared.fed().add_bytes(id, frame.len() as u64, 0);
     }
-    let message = match folio_proto::decode_client(frame) {
-        Ok(message) => message,
-        Err(err) => return Some(refuse(shared, err.code(), err.to_string())),
-    };
-    let mut fed = shared.fed();
-    let result = match (message, *joined) {
-        (ClientMessage::Join(_), Some(_)) => Err(ErrorMessage {
-            code: ErrorCode::AlreadyJoined,
-            message: "this connection has joined already".into(),
-        }),
-        (ClientMessage::Join(join), None) => fed.join(join, outbox.clone()).map(|(id, welcome)| {
+    let message =
+        folio_proto::decode_client(frame).map_err(|err| error(err.code(), err.to_string()))?;
+    match (message, *joined) {
+        (ClientMessage::Join(_), Some(_)) => Err(error(
+            ErrorCode::AlreadyJoined,
+            "this connection has joined already",
+        )),
+        (ClientMessage::Join(join), None) => {
+            let checked = check_join(shared, peer.address.ip(), join)?;
+            let (id, welcome) = shared.fed().join(checked, outbox.clone(), Instant::now())?;
             *joined = Some(id);
-            Some(ServerMessage::Welcome(welcome))
-        }),
-        (ClientMessage::Update(_), None) | (ClientMessage::Heartbeat, None) => Err(ErrorMessage {
-            code: ErrorCode::NotJoined,
-            message: "join first".into(),
-        }),
-        (ClientMessage::Update(update), Some(id)) => fed.handle_update(id, update).map(|()| None),
-        (ClientMessage::Heartbeat, Some(_)) => Ok(Some(ServerMessage::Heartbeat)),
-    };
-    match result {
-        Ok(reply) => reply,
-        Err(error) => {
-            fed.count_error(error.code);
-            Some(ServerMessage::Error(error))
+            // From now on the connection's liveness is the heartbeat's business.
+            peer.idle.disable();
+            Ok(Some(ServerMessage::Welcome(welcome)))
         }
+        (ClientMessage::Update(_) | ClientMessage::Heartbeat, None) => {
+            Err(error(ErrorCode::NotJoined, "join first"))
+        }
+        (ClientMessage::Update(update), Some(id)) => {
+            handle_update(shared, id, update).map(|()| None)
+        }
+        // A heartbeat only says the client is alive.
+        (ClientMessage::Heartbeat, Some(_)) => Ok(None),
     }
 }

@@ -7,10 +7,10 @@ use std::time::Duration;
 use burn::prelude::Device;
 use folio_client::native::WsTransport;
 use folio_client::{ClientError, ClientOptions, Transport};
-use folio_fed::{Encoding, ServerOptimizerConfig, codec};
+use folio_fed::{Clipping, Encoding, ServerOptimizerConfig, StrategyConfig, codec};
 use folio_model::Preset;
 use folio_proto::{ClientMessage, ErrorCode, ServerMessage, Update, decode_client, decode_server};
-use folio_server::{RoundConfig, Server, ServerConfig};
+use folio_server::{AccessConfig, Limits, RoundConfig, Server, ServerConfig};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -28,16 +28,20 @@ fn config(state_dir: &std::path::Path, rounds: RoundConfig, max_rounds: u64) -> 
         init: None,
         rounds,
         seed: 5,
-        join_token: None,
+        access: AccessConfig::default(),
+        limits: Limits::default(),
         max_rounds: Some(max_rounds),
     }
 }
 
+/// FedAvg without the server's clipping: these tests check its exact arithmetic
+/// (the adversarial suite checks the defences).
 fn rounds(clients: usize) -> RoundConfig {
     RoundConfig {
-        clients_per_round: clients,
-        min_clients: clients,
-        quorum: clients,
+        strategy: StrategyConfig {
+            clipping: Clipping::Off,
+            ..StrategyConfig::fedavg(clients)
+        },
         max_batches: Some(2),
         eval_clients: 2,
         eval_batches: 1,
@@ -212,12 +216,12 @@ async fn three_clients_three_rounds_of_example_weighted_fedavg() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_killed_mid_round_leaves_the_round_to_the_quorum() {
     let dir = tempfile::tempdir().unwrap();
-    let round_config = RoundConfig {
-        quorum: 2,
+    let mut round_config = RoundConfig {
         // Far away: the round must close because the dead client left, not on time.
         deadline: Duration::from_secs(3600),
         ..rounds(3)
     };
+    round_config.strategy.quorum = 2;
     let server = Server::start(config(dir.path(), round_config, 2))
         .await
         .unwrap();
@@ -256,10 +260,8 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
         lr: 1.0,
         momentum: 0.9,
     };
-    let round_config = RoundConfig {
-        server_optimizer: momentum,
-        ..rounds(2)
-    };
+    let mut round_config = rounds(2);
+    round_config.strategy.server_optimizer = momentum;
     let first = Server::start(config(dir.path(), round_config.clone(), 2))
         .await
         .unwrap();
@@ -271,7 +273,7 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
     let saved = folio_server::state::load(dir.path(), momentum, after_two.len())
         .unwrap()
         .unwrap();
-    assert_eq!(saved.completed_rounds, 2);
+    assert_eq!(saved.completed_rounds(), 2);
     assert_eq!(saved.weights, after_two);
     let second = Server::start(config(dir.path(), round_config, 3))
         .await
@@ -298,7 +300,7 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
     }
     let expected: Vec<f32> = after_two
         .iter()
-        .zip(&saved.optimizer.m)
+        .zip(&saved.strategy.as_ref().unwrap().optimizer.m)
         .zip(&mean)
         .map(|((w, m), d)| w + (0.9 * m + (d / examples as f64) as f32))
         .collect();
@@ -356,11 +358,11 @@ async fn bad_input_is_refused_counted_and_harmless() {
     // Before joining.
     expect_error(
         &mut socket,
-        Message::Binary(vec![1, 0, 0xff, 0xff].into()),
+        Message::Binary(vec![folio_proto::PROTOCOL_VERSION as u8, 0, 0xff, 0xff].into()),
         ErrorCode::MalformedFrame,
     )
     .await;
-    let unknown = [1u8, 9];
+    let unknown = [folio_proto::PROTOCOL_VERSION as u8, 9];
     expect_error(
         &mut socket,
         Message::Binary(unknown.to_vec().into()),
@@ -379,13 +381,6 @@ async fn bad_input_is_refused_counted_and_harmless() {
         &mut socket,
         Message::Text("hello".into()),
         ErrorCode::TextFrame,
-    )
-    .await;
-    let huge = vec![0u8; folio_proto::MAX_FRAME_BYTES + 1];
-    expect_error(
-        &mut socket,
-        Message::Binary(huge.into()),
-        ErrorCode::FrameTooLarge,
     )
     .await;
     expect_error(
@@ -485,7 +480,6 @@ async fn bad_input_is_refused_counted_and_harmless() {
         "unknown_message",
         "protocol_version",
         "text_frame",
-        "frame_too_large",
         "not_joined",
         "already_joined",
     ] {
@@ -543,11 +537,11 @@ async fn serves_the_page_the_status_and_the_model_but_not_the_repository() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_is_closed_out_at_the_deadline_on_quorum() {
     let dir = tempfile::tempdir().unwrap();
-    let round_config = RoundConfig {
-        quorum: 2,
+    let mut round_config = RoundConfig {
         deadline: Duration::from_secs(4),
         ..rounds(3)
     };
+    round_config.strategy.quorum = 2;
     let server = Server::start(config(dir.path(), round_config, 1))
         .await
         .unwrap();

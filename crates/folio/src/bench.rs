@@ -6,7 +6,8 @@ use anyhow::Context;
 use burn::prelude::Device;
 use clap::Subcommand;
 use folio_client::bench::train_chars_per_second;
-use folio_fed::{Aggregator, Encoding, Weighting, codec};
+use folio_fed::robust::RoundUpdates;
+use folio_fed::{Aggregation, Encoding, codec};
 use folio_model::Preset;
 
 #[derive(Subcommand)]
@@ -96,11 +97,11 @@ fn aggregate(repeats: usize) -> anyhow::Result<()> {
     println!("encoding     bytes   fold ms   memcpy ms   fold / memcpy");
     for encoding in Encoding::ALL {
         let bytes = codec::encode(&delta, &segments, encoding);
-        let mut aggregator = Aggregator::new(n, Weighting::Examples);
+        let mut round = RoundUpdates::new(Aggregation::Mean, n);
         let start = Instant::now();
         for _ in 0..repeats {
             let decoded = codec::decode(&bytes, &segments, encoding)?;
-            aggregator.add(&decoded, 8)?;
+            round.add(decoded, 8.0);
         }
         let fold = start.elapsed().as_secs_f64() / repeats as f64;
         let mut target = vec![0u8; bytes.len()];
@@ -145,13 +146,17 @@ fn aggregate(repeats: usize) -> anyhow::Result<()> {
 fn fold_round(clients: usize) {
     let segments = seed_segments();
     let n: usize = segments.iter().sum();
-    let mut aggregator = Aggregator::new(n, Weighting::Examples);
+    let mut round = RoundUpdates::new(Aggregation::Mean, n);
     for client in 0..clients {
         let frame = codec::encode(&sample_delta(n, client as u64), &segments, Encoding::Int8);
         let delta = codec::decode(&frame, &segments, Encoding::Int8).expect("valid frame");
-        aggregator.add(&delta, 8).expect("valid delta");
+        round.add(delta, 8.0);
     }
-    std::hint::black_box(aggregator.mean().expect("updates were added"));
+    std::hint::black_box(
+        round
+            .aggregate(Aggregation::Mean)
+            .expect("updates were added"),
+    );
 }
 
 /// The process's peak resident set (Linux `VmHWM`), in KiB.

@@ -8,11 +8,12 @@ use burn::prelude::Device;
 use clap::{Args, ValueEnum};
 use folio_client::native::WsTransport;
 use folio_client::{ClientEvent, ClientOptions};
-use folio_fed::{Encoding, ServerOptimizerConfig, Weighting};
+use folio_fed::{
+    Aggregation, Clipping, Encoding, ServerOptimizerConfig, StrategyConfig, Weighting,
+};
 use folio_model::Preset;
 use folio_proto::Optimizer;
-use folio_server::federation::RoundRecord;
-use folio_server::{RoundConfig, Server, ServerConfig};
+use folio_server::{AccessConfig, Limits, RoundConfig, RoundRecord, Server, ServerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::model::SHIPPED_MODEL;
@@ -30,6 +31,22 @@ pub enum ServerOpt {
 pub enum ClientOpt {
     Sgd,
     Adam,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ClipRule {
+    /// No bound on an update's norm (undefended; for comparison only).
+    Off,
+    Fixed,
+    /// Follows the median norm of the clients' deltas (Andrew et al. 2021).
+    Adaptive,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum AggregationRule {
+    Mean,
+    TrimmedMean,
+    Median,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,6 +99,18 @@ pub struct RoundArgs {
     server_momentum: f32,
     #[arg(long, value_enum, default_value = "f32")]
     encoding: DeltaEncoding,
+    /// How the server bounds each delta's L2 norm.
+    #[arg(long, value_enum, default_value = "adaptive")]
+    clip: ClipRule,
+    /// The L2 bound (fixed), or the first round's bound (adaptive).
+    #[arg(long, default_value_t = 1.0)]
+    clip_bound: f32,
+    /// How the round's (clipped) deltas are combined.
+    #[arg(long, value_enum, default_value = "mean")]
+    aggregation: AggregationRule,
+    /// The fraction trimmed at each end by --aggregation trimmed-mean.
+    #[arg(long, default_value_t = 0.1)]
+    trim: f32,
     /// Weight client deltas uniformly rather than by examples.
     #[arg(long)]
     uniform: bool,
@@ -108,10 +137,51 @@ impl RoundArgs {
         }
         let (lr, beta1) = (self.server_lr, self.server_momentum);
         let (beta2, tau) = (0.99, 1e-3);
-        RoundConfig {
+        let server_optimizer = match self.server_optimizer {
+            ServerOpt::Fedavg => ServerOptimizerConfig::FedAvg { lr },
+            ServerOpt::Fedavgm => ServerOptimizerConfig::FedAvgM {
+                lr,
+                momentum: beta1,
+            },
+            ServerOpt::Fedadagrad => ServerOptimizerConfig::FedAdagrad { lr, beta1, tau },
+            ServerOpt::Fedadam => ServerOptimizerConfig::FedAdam {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            },
+            ServerOpt::Fedyogi => ServerOptimizerConfig::FedYogi {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            },
+        };
+        let strategy = StrategyConfig {
             clients_per_round: self.clients_per_round,
             min_clients: self.min_clients.unwrap_or(self.clients_per_round),
             quorum: self.quorum.unwrap_or(self.clients_per_round.div_ceil(2)),
+            weighting: if self.uniform {
+                Weighting::Uniform
+            } else {
+                Weighting::Examples
+            },
+            clipping: match self.clip {
+                ClipRule::Off => Clipping::Off,
+                ClipRule::Fixed => Clipping::Fixed {
+                    bound: self.clip_bound,
+                },
+                ClipRule::Adaptive => Clipping::adaptive(self.clip_bound),
+            },
+            aggregation: match self.aggregation {
+                AggregationRule::Mean => Aggregation::Mean,
+                AggregationRule::TrimmedMean => Aggregation::TrimmedMean { trim: self.trim },
+                AggregationRule::Median => Aggregation::Median,
+            },
+            server_optimizer,
+        };
+        RoundConfig {
+            strategy,
             deadline: Duration::from_secs_f64(self.deadline_secs),
             local_epochs: self.local_epochs,
             max_batches: (self.max_batches > 0).then_some(self.max_batches),
@@ -123,31 +193,6 @@ impl RoundArgs {
             },
             client_lr: self.client_lr,
             clip_norm: self.clip_norm,
-            server_optimizer: match self.server_optimizer {
-                ServerOpt::Fedavg => ServerOptimizerConfig::FedAvg { lr },
-                ServerOpt::Fedavgm => ServerOptimizerConfig::FedAvgM {
-                    lr,
-                    momentum: beta1,
-                },
-                ServerOpt::Fedadagrad => ServerOptimizerConfig::FedAdagrad { lr, beta1, tau },
-                ServerOpt::Fedadam => ServerOptimizerConfig::FedAdam {
-                    lr,
-                    beta1,
-                    beta2,
-                    tau,
-                },
-                ServerOpt::Fedyogi => ServerOptimizerConfig::FedYogi {
-                    lr,
-                    beta1,
-                    beta2,
-                    tau,
-                },
-            },
-            weighting: if self.uniform {
-                Weighting::Uniform
-            } else {
-                Weighting::Examples
-            },
             delta_encoding: match self.encoding {
                 DeltaEncoding::F32 => Encoding::F32,
                 DeltaEncoding::F16 => Encoding::F16,
@@ -176,11 +221,50 @@ pub struct ServeArgs {
     /// Stop after this many rounds.
     #[arg(long)]
     rounds: Option<u64>,
-    /// Clients must send this token to join.
+    /// A file holding the token clients must send to join [default: $FOLIO_JOIN_TOKEN; none: anyone may join]
     #[arg(long)]
-    token: Option<String>,
+    join_token_file: Option<PathBuf>,
+    /// A file holding the token of the admin API [default: $FOLIO_ADMIN_TOKEN; none: the admin API is off]
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Another origin whose pages may open the WebSocket (repeatable; the page's own always may).
+    #[arg(long)]
+    allow_origin: Vec<String>,
+    /// Open connections at most, in all...
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// ...and from one address.
+    #[arg(long, default_value_t = Limits::default().max_connections_per_address)]
+    max_connections_per_address: usize,
+    /// A disconnected session can be resumed for this long.
+    #[arg(long, default_value_t = Limits::default().session_ttl.as_secs())]
+    session_ttl_secs: u64,
     #[command(flatten)]
     round: RoundArgs,
+}
+
+/// A secret from a file (trailing newline dropped) or else an environment
+/// variable; never from the command line, which other users can read.
+pub fn secret(file: Option<&Path>, env: &str) -> anyhow::Result<Option<String>> {
+    let value = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        ),
+        None => std::env::var(env).ok(),
+    };
+    match value {
+        Some(token) if token.is_empty() => {
+            anyhow::bail!("the token from {env} or its file is empty")
+        }
+        Some(token) if token.len() > folio_server::limits::MAX_TOKEN_BYTES => anyhow::bail!(
+            "the token from {env} or its file is above {} bytes",
+            folio_server::limits::MAX_TOKEN_BYTES
+        ),
+        other => Ok(other),
+    }
 }
 
 #[derive(Args)]
@@ -190,8 +274,9 @@ pub struct ClientArgs {
     /// Train as this Shakespeare client.
     #[arg(long)]
     client: Option<String>,
+    /// A file holding the join token [default: $FOLIO_JOIN_TOKEN]
     #[arg(long)]
-    token: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -222,14 +307,25 @@ fn server_config(
         init: round.init(),
         rounds: round.round_config(),
         seed: round.seed,
-        join_token: None,
+        access: AccessConfig::default(),
+        limits: Limits::default(),
         max_rounds: None,
     }
 }
 
 pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     let mut config = server_config(&args.round, args.addr, args.state_dir, data_dir);
-    config.join_token = args.token;
+    config.access = AccessConfig {
+        join_token: secret(args.join_token_file.as_deref(), "FOLIO_JOIN_TOKEN")?,
+        admin_token: secret(args.admin_token_file.as_deref(), "FOLIO_ADMIN_TOKEN")?,
+        allowed_origins: args.allow_origin,
+    };
+    config.limits = Limits {
+        max_connections: args.max_connections,
+        max_connections_per_address: args.max_connections_per_address,
+        session_ttl: Duration::from_secs(args.session_ttl_secs),
+        ..Limits::default()
+    };
     config.max_rounds = args.rounds;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -266,13 +362,12 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let mut options = ClientOptions::native();
+    options.join.client = args.client;
+    options.join.token = secret(args.token_file.as_deref(), "FOLIO_JOIN_TOKEN")?;
     runtime.block_on(async {
-        let mut transport = WsTransport::connect(&args.server).await?;
-        let mut options = ClientOptions::native();
-        options.join.client = args.client;
-        options.join.token = args.token;
-        folio_client::run(
-            &mut transport,
+        folio_client::native::run_reconnecting(
+            &args.server,
             &Device::flex(),
             &options,
             |event| match event {
@@ -301,6 +396,7 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
                 }
                 ClientEvent::State(_) => {}
             },
+            |err, wait| eprintln!("{err}; reconnecting in {:.1}s", wait.as_secs_f64()),
         )
         .await?;
         Ok(())
@@ -333,9 +429,9 @@ pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
     config.web_root = None;
     let clients = args.clients;
     anyhow::ensure!(
-        clients >= config.rounds.min_clients,
+        clients >= config.rounds.strategy.min_clients,
         "{clients} clients can never start a round that needs {}",
-        config.rounds.min_clients
+        config.rounds.strategy.min_clients
     );
     let runtime = tokio::runtime::Runtime::new()?;
     let started = Instant::now();

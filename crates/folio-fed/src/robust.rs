@@ -1,0 +1,294 @@
+//! Bounding what one client can do to the global model.
+//!
+//! - **Norm clipping** (Sun et al. 2019): every delta is scaled down to an L2 norm
+//!   of at most `bound`. The bound is fixed, or adapts each round towards a quantile
+//!   of the clients' norms (Andrew et al. 2021, Flower's adaptive clipping):
+//!   `bound *= exp(−lr · (fraction of norms ≤ bound − quantile))`.
+//! - **Aggregation**: the weighted mean (streaming, O(model) memory whatever the
+//!   number of clients), or the coordinate-wise trimmed mean or median (Yin et al.
+//!   2018), which hold every delta of the round: O(clients × model) memory, and they
+//!   weigh clients uniformly.
+
+use serde::{Deserialize, Serialize};
+
+use crate::FedError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Clipping {
+    /// No bound: the undefended baseline, for comparison only.
+    Off,
+    Fixed {
+        bound: f32,
+    },
+    Adaptive {
+        /// The bound of the first round.
+        initial: f32,
+        /// The fraction of clients whose norm should fall under the bound.
+        quantile: f32,
+        /// How fast the bound follows (geometric step size).
+        lr: f32,
+    },
+}
+
+impl Clipping {
+    /// Adaptive clipping at the median norm, starting from `initial`.
+    pub fn adaptive(initial: f32) -> Self {
+        Clipping::Adaptive {
+            initial,
+            quantile: 0.5,
+            lr: 0.2,
+        }
+    }
+
+    /// The bound of the first round (infinite when off).
+    pub fn initial_bound(self) -> f32 {
+        match self {
+            Clipping::Off => f32::INFINITY,
+            Clipping::Fixed { bound } => bound,
+            Clipping::Adaptive { initial, .. } => initial,
+        }
+    }
+
+    /// The next round's bound, from this round's bound and the (unclipped) norms
+    /// of its deltas.
+    pub fn next_bound(self, bound: f32, norms: &[f64]) -> f32 {
+        match self {
+            Clipping::Adaptive { quantile, lr, .. } if !norms.is_empty() => {
+                let under = norms.iter().filter(|&&n| n <= f64::from(bound)).count();
+                let fraction = under as f64 / norms.len() as f64;
+                let next =
+                    f64::from(bound) * (-f64::from(lr) * (fraction - f64::from(quantile))).exp();
+                // Keep the bound a usable positive number whatever the norms were.
+                next.clamp(1e-6, 1e6) as f32
+            }
+            _ => bound,
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            Clipping::Off => "off".into(),
+            Clipping::Fixed { bound } => format!("fixed {bound}"),
+            Clipping::Adaptive {
+                initial, quantile, ..
+            } => format!("adaptive (quantile {quantile}, from {initial})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Aggregation {
+    /// The weighted mean: streaming.
+    Mean,
+    /// Drops the `trim` fraction of largest and of smallest values per coordinate.
+    TrimmedMean { trim: f32 },
+    /// The coordinate-wise median.
+    Median,
+}
+
+impl Aggregation {
+    pub fn name(self) -> String {
+        match self {
+            Aggregation::Mean => "mean".into(),
+            Aggregation::TrimmedMean { trim } => format!("trimmed mean ({trim})"),
+            Aggregation::Median => "median".into(),
+        }
+    }
+
+    /// Bytes the round holds for `clients` updates of `num_params` values.
+    pub fn memory_bytes(self, clients: usize, num_params: usize) -> usize {
+        match self {
+            Aggregation::Mean => 8 * num_params,
+            _ => 4 * clients * num_params,
+        }
+    }
+}
+
+/// L2 norm, in f64 so that no finite f32 delta overflows it.
+pub fn l2_norm(values: &[f32]) -> f64 {
+    values
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Scales `delta` down to norm `bound` if it is longer; returns its original norm.
+pub fn clip(delta: &mut [f32], bound: f32) -> f64 {
+    let norm = l2_norm(delta);
+    if norm > f64::from(bound) {
+        let scale = f64::from(bound) / norm;
+        for v in delta.iter_mut() {
+            *v = (f64::from(*v) * scale) as f32;
+        }
+    }
+    norm
+}
+
+/// One round's accepted (already clipped) deltas, folded as the aggregation needs.
+#[derive(Debug, Clone)]
+pub enum RoundUpdates {
+    Streaming {
+        sum: Vec<f64>,
+        total_weight: f64,
+        updates: usize,
+    },
+    Buffered {
+        deltas: Vec<Vec<f32>>,
+    },
+}
+
+impl RoundUpdates {
+    pub fn new(aggregation: Aggregation, num_params: usize) -> Self {
+        match aggregation {
+            Aggregation::Mean => RoundUpdates::Streaming {
+                sum: vec![0.0; num_params],
+                total_weight: 0.0,
+                updates: 0,
+            },
+            _ => RoundUpdates::Buffered { deltas: Vec::new() },
+        }
+    }
+
+    pub fn updates(&self) -> usize {
+        match self {
+            RoundUpdates::Streaming { updates, .. } => *updates,
+            RoundUpdates::Buffered { deltas } => deltas.len(),
+        }
+    }
+
+    /// Folds in a checked delta with a positive, finite weight.
+    pub fn add(&mut self, delta: Vec<f32>, weight: f64) {
+        match self {
+            RoundUpdates::Streaming {
+                sum,
+                total_weight,
+                updates,
+            } => {
+                for (s, &d) in sum.iter_mut().zip(&delta) {
+                    *s += weight * f64::from(d);
+                }
+                *total_weight += weight;
+                *updates += 1;
+            }
+            RoundUpdates::Buffered { deltas } => deltas.push(delta),
+        }
+    }
+
+    /// The aggregate delta.
+    pub fn aggregate(&self, aggregation: Aggregation) -> Result<Vec<f32>, FedError> {
+        if self.updates() == 0 {
+            return Err(FedError::NoUpdates);
+        }
+        Ok(match self {
+            RoundUpdates::Streaming {
+                sum, total_weight, ..
+            } => sum.iter().map(|s| (s / total_weight) as f32).collect(),
+            RoundUpdates::Buffered { deltas } => {
+                let n = deltas.len();
+                let trim = match aggregation {
+                    Aggregation::TrimmedMean { trim } => {
+                        // Never trim everything: keep at least one value.
+                        ((f64::from(trim) * n as f64).floor() as usize).min((n - 1) / 2)
+                    }
+                    _ => 0,
+                };
+                let mut column = vec![0f32; n];
+                (0..deltas[0].len())
+                    .map(|i| {
+                        for (c, delta) in column.iter_mut().zip(deltas) {
+                            *c = delta[i];
+                        }
+                        column.sort_unstable_by(f32::total_cmp);
+                        match aggregation {
+                            Aggregation::Median => {
+                                if n % 2 == 1 {
+                                    column[n / 2]
+                                } else {
+                                    ((f64::from(column[n / 2 - 1]) + f64::from(column[n / 2]))
+                                        / 2.0) as f32
+                                }
+                            }
+                            _ => {
+                                let kept = &column[trim..n - trim];
+                                (kept.iter().map(|&v| f64::from(v)).sum::<f64>()
+                                    / kept.len() as f64) as f32
+                            }
+                        }
+                    })
+                    .collect()
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_scales_long_deltas_only() {
+        let mut long = vec![3.0, 4.0];
+        assert_eq!(clip(&mut long, 1.0), 5.0);
+        assert!((l2_norm(&long) - 1.0).abs() < 1e-6);
+        let mut short = vec![0.3, 0.4];
+        clip(&mut short, 1.0);
+        assert_eq!(short, vec![0.3, 0.4]);
+        let mut huge = vec![f32::MAX, f32::MAX];
+        clip(&mut huge, 2.0);
+        assert!(huge.iter().all(|v| v.is_finite()));
+        assert!((l2_norm(&huge) - 2.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn adaptive_bound_moves_towards_the_median_norm() {
+        let clipping = Clipping::adaptive(1.0);
+        // Every norm above the bound: it grows; every norm below: it shrinks.
+        assert!(clipping.next_bound(1.0, &[5.0, 6.0, 7.0]) > 1.0);
+        assert!(clipping.next_bound(1.0, &[0.1, 0.2]) < 1.0);
+        let mut bound = 1.0;
+        for _ in 0..200 {
+            bound = clipping.next_bound(bound, &[2.0, 3.0, 4.0, 5.0]);
+        }
+        assert!((3.0..=4.0).contains(&bound), "{bound}");
+        assert_eq!(Clipping::Fixed { bound: 2.0 }.next_bound(2.0, &[9.0]), 2.0);
+    }
+
+    #[test]
+    fn trimmed_mean_and_median_ignore_one_outlier() {
+        for aggregation in [Aggregation::TrimmedMean { trim: 0.2 }, Aggregation::Median] {
+            let mut round = RoundUpdates::new(aggregation, 2);
+            for delta in [
+                [1.0, 2.0],
+                [1.2, 2.2],
+                [0.8, 1.8],
+                [1.0, 2.0],
+                [1e30, -1e30],
+            ] {
+                round.add(delta.to_vec(), 1.0);
+            }
+            let agg = round.aggregate(aggregation).unwrap();
+            assert!(
+                (agg[0] - 1.0).abs() < 0.15 && (agg[1] - 2.0).abs() < 0.15,
+                "{agg:?}"
+            );
+        }
+        let mut even = RoundUpdates::new(Aggregation::Median, 1);
+        for v in [1.0, 2.0, 3.0, 10.0] {
+            even.add(vec![v], 1.0);
+        }
+        assert_eq!(even.aggregate(Aggregation::Median).unwrap(), vec![2.5]);
+    }
+
+    #[test]
+    fn the_mean_streams_with_weights() {
+        let mut round = RoundUpdates::new(Aggregation::Mean, 2);
+        round.add(vec![1.0, 0.0], 3.0);
+        round.add(vec![0.0, 4.0], 1.0);
+        assert_eq!(round.aggregate(Aggregation::Mean).unwrap(), vec![0.75, 1.0]);
+        assert_eq!(
+            RoundUpdates::new(Aggregation::Median, 1).aggregate(Aggregation::Median),
+            Err(FedError::NoUpdates)
+        );
+    }
+}

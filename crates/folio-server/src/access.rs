@@ -1,0 +1,214 @@
+//! Who may talk to the aggregator: the join token (clients), the admin token
+//! (anything that changes or exports the server's state), the WebSocket's
+//! `Origin`, and a lockout that makes token guessing slow.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, header};
+
+use crate::sessions::constant_time_eq;
+
+/// Addresses remembered for lockouts at most (the oldest are dropped first).
+const MAX_LOCKOUTS: usize = 10_000;
+
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    /// Clients must present this token to join.
+    pub join_token: Option<String>,
+    /// Guards the admin API; without it the admin API is off.
+    pub admin_token: Option<String>,
+    /// Origins (`scheme://host[:port]`) allowed to open the WebSocket besides the
+    /// page's own. Clients that send no `Origin` (native ones) are not browsers
+    /// and are not subject to it.
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Lockout {
+    until: Instant,
+    failures: u32,
+}
+
+pub struct Access {
+    pub config: AccessConfig,
+    lockouts: Mutex<HashMap<IpAddr, Lockout>>,
+    first: Duration,
+    max: Duration,
+}
+
+impl Access {
+    pub fn new(config: AccessConfig, first: Duration, max: Duration) -> Self {
+        Self {
+            config,
+            lockouts: Mutex::new(HashMap::new()),
+            first,
+            max,
+        }
+    }
+
+    fn lockouts(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Lockout>> {
+        self.lockouts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long `address` must still wait after wrong tokens.
+    pub fn locked_out(&self, address: IpAddr, now: Instant) -> Option<Duration> {
+        let lockouts = self.lockouts();
+        let lockout = lockouts.get(&address)?;
+        (lockout.until > now).then(|| lockout.until - now)
+    }
+
+    /// Records a wrong token: the address waits 1 s, then 2 s, 4 s... up to the max.
+    pub fn wrong_token(&self, address: IpAddr, now: Instant) {
+        let mut lockouts = self.lockouts();
+        if lockouts.len() >= MAX_LOCKOUTS {
+            lockouts.retain(|_, l| l.until > now);
+        }
+        if lockouts.len() >= MAX_LOCKOUTS
+            && let Some(oldest) = lockouts
+                .iter()
+                .min_by_key(|(_, l)| l.until)
+                .map(|(a, _)| *a)
+        {
+            lockouts.remove(&oldest);
+        }
+        let lockout = lockouts.entry(address).or_insert(Lockout {
+            until: now,
+            failures: 0,
+        });
+        let wait = self
+            .first
+            .saturating_mul(1 << lockout.failures.min(20))
+            .min(self.max);
+        lockout.failures = lockout.failures.saturating_add(1);
+        lockout.until = now + wait;
+    }
+
+    pub fn join_token_ok(&self, token: Option<&str>) -> bool {
+        match (&self.config.join_token, token) {
+            (None, _) => true,
+            (Some(expected), Some(given)) => {
+                constant_time_eq(expected.as_bytes(), given.as_bytes())
+            }
+            (Some(_), None) => false,
+        }
+    }
+
+    /// `Ok` for a request carrying `Authorization: Bearer <admin token>`.
+    pub fn admin(&self, headers: &HeaderMap) -> Result<(), AdminRefusal> {
+        let Some(expected) = &self.config.admin_token else {
+            return Err(AdminRefusal::Off);
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(given) if constant_time_eq(expected.as_bytes(), given.as_bytes()) => Ok(()),
+            _ => Err(AdminRefusal::Wrong),
+        }
+    }
+
+    /// A browser may open the WebSocket from the page's own origin or an allowed
+    /// one; a request without `Origin` is not from a browser page.
+    pub fn origin_ok(&self, headers: &HeaderMap) -> bool {
+        let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+            return headers.get(header::ORIGIN).is_none();
+        };
+        if self
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.trim_end_matches('/') == origin)
+        {
+            return true;
+        }
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        let authority = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    /// The server has no admin token.
+    Off,
+    Wrong,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn access() -> Access {
+        Access::new(
+            AccessConfig {
+                join_token: Some("sesame".into()),
+                admin_token: Some("root".into()),
+                allowed_origins: vec!["https://folio.example".into()],
+            },
+            Duration::from_secs(1),
+            Duration::from_secs(8),
+        )
+    }
+
+    #[test]
+    fn wrong_tokens_lock_an_address_out_for_longer_each_time() {
+        let access = access();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let now = Instant::now();
+        assert!(access.join_token_ok(Some("sesame")));
+        assert!(!access.join_token_ok(Some("sesame!")));
+        assert!(!access.join_token_ok(None));
+        assert_eq!(access.locked_out(a, now), None);
+        access.wrong_token(a, now);
+        assert_eq!(access.locked_out(a, now), Some(Duration::from_secs(1)));
+        access.wrong_token(a, now);
+        assert_eq!(access.locked_out(a, now), Some(Duration::from_secs(2)));
+        for _ in 0..10 {
+            access.wrong_token(a, now);
+        }
+        assert_eq!(access.locked_out(a, now), Some(Duration::from_secs(8)));
+        assert_eq!(access.locked_out(b, now), None);
+        assert_eq!(access.locked_out(a, now + Duration::from_secs(9)), None);
+    }
+
+    #[test]
+    fn origins_and_admin_tokens() {
+        let access = access();
+        let headers = |pairs: &[(header::HeaderName, &str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(name, HeaderValue::from_str(value).unwrap());
+            }
+            map
+        };
+        let host = (header::HOST, "127.0.0.1:8080");
+        assert!(access.origin_ok(&headers(&[host.clone()])));
+        assert!(access.origin_ok(&headers(&[
+            host.clone(),
+            (header::ORIGIN, "http://127.0.0.1:8080")
+        ])));
+        assert!(access.origin_ok(&headers(&[
+            host.clone(),
+            (header::ORIGIN, "https://folio.example")
+        ])));
+        assert!(!access.origin_ok(&headers(&[
+            host.clone(),
+            (header::ORIGIN, "http://evil.example")
+        ])));
+        assert!(!access.origin_ok(&headers(&[host, (header::ORIGIN, "null")])));
+        assert_eq!(access.admin(&headers(&[])), Err(AdminRefusal::Wrong));
+        assert_eq!(
+            access.admin(&headers(&[(header::AUTHORIZATION, "Bearer root")])),
+            Ok(())
+        );
+        let off = Access::new(AccessConfig::default(), Duration::ZERO, Duration::ZERO);
+        assert_eq!(off.admin(&headers(&[])), Err(AdminRefusal::Off));
+    }
+}

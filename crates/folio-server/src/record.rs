@@ -1,0 +1,127 @@
+//! One round's figures, as the status API, the metrics history and the saved state
+//! hold them. Numbers that are not finite are written as the strings `"NaN"`,
+//! `"inf"` and `"-inf"` (JSON has no such numbers) and read back as they were.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// 0 is the initial model, before any round.
+    pub round: u64,
+    pub clients: usize,
+    #[serde(with = "opt_float")]
+    pub train_loss: Option<f64>,
+    #[serde(with = "opt_float")]
+    pub train_accuracy: Option<f64>,
+    #[serde(with = "float")]
+    pub eval_loss: f64,
+    #[serde(with = "float")]
+    pub eval_accuracy: f64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub seconds: f64,
+    /// Deltas clipped this round, and the L2 bound they were clipped to.
+    #[serde(default)]
+    pub clipped: usize,
+    #[serde(default, with = "opt_float")]
+    pub clip_bound: Option<f64>,
+    /// FNV-1a of the global weights after this round (f32 little-endian bytes).
+    #[serde(default)]
+    pub model_hash: String,
+}
+
+/// FNV-1a (64 bits) of the weights' bytes, in hex: which model a round produced.
+pub fn model_hash(weights: &[f32]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in weights.iter().flat_map(|w| w.to_le_bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Float {
+    Number(f64),
+    Text(String),
+}
+
+fn to_float(v: f64) -> Float {
+    if v.is_finite() {
+        Float::Number(v)
+    } else if v.is_nan() {
+        Float::Text("NaN".into())
+    } else if v > 0.0 {
+        Float::Text("inf".into())
+    } else {
+        Float::Text("-inf".into())
+    }
+}
+
+fn from_float<E: serde::de::Error>(f: Float) -> Result<f64, E> {
+    match f {
+        Float::Number(v) => Ok(v),
+        Float::Text(text) => match text.as_str() {
+            "NaN" => Ok(f64::NAN),
+            "inf" => Ok(f64::INFINITY),
+            "-inf" => Ok(f64::NEG_INFINITY),
+            other => Err(E::custom(format!("not a number: {other:?}"))),
+        },
+    }
+}
+
+mod float {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        to_float(*v).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        from_float(Float::deserialize(d)?)
+    }
+}
+
+mod opt_float {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        v.map(to_float).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        Option::<Float>::deserialize(d)?.map(from_float).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_metrics_survive_a_round_trip() {
+        let record = RoundRecord {
+            round: 3,
+            clients: 2,
+            train_loss: Some(f64::INFINITY),
+            train_accuracy: None,
+            eval_loss: f64::NAN,
+            eval_accuracy: f64::NEG_INFINITY,
+            bytes_up: 1,
+            bytes_down: 2,
+            seconds: 0.5,
+            clipped: 1,
+            clip_bound: Some(0.25),
+            model_hash: model_hash(&[1.0]),
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert!(json.contains(r#""eval_loss":"NaN""#), "{json}");
+        let back: RoundRecord = serde_json::from_str(&json).unwrap();
+        assert!(back.eval_loss.is_nan());
+        assert_eq!(back.train_loss, Some(f64::INFINITY));
+        assert_eq!(back.eval_accuracy, f64::NEG_INFINITY);
+        assert_eq!(back.model_hash, record.model_hash);
+        assert!(serde_json::from_str::<RoundRecord>(&json.replace("NaN", "nan?")).is_err());
+    }
+}

@@ -1,0 +1,376 @@
+//! Sessions: who is training as which Shakespeare client, and how a dropped
+//! connection gets its session back.
+//!
+//! Rules: a resume token is `<session>.<128 random bits from the OS, hex>`,
+//! compared in constant time and good for that one session; a Shakespeare client
+//! held by a connected session is never handed to another; a session that has been
+//! disconnected for the TTL is forgotten; the table never holds more than
+//! `max_sessions` sessions.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::limits::REPORTED_ROUNDS_KEPT;
+
+/// Frames queued for one connection, bounded; a full queue drops the connection.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    frames: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    kill: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Outbox {
+    pub fn new(
+        frames: tokio::sync::mpsc::Sender<bytes::Bytes>,
+        kill: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Self {
+        Self { frames, kill }
+    }
+
+    /// Queues a frame; a client whose queue is full is not reading: drop it.
+    pub fn send(&self, frame: bytes::Bytes) {
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.frames.try_send(frame) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => self.kill.notify_one(),
+        }
+    }
+}
+
+/// A client's latest round.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientRound {
+    pub round: u64,
+    pub examples: u64,
+    pub train_loss: f32,
+    pub train_accuracy: f32,
+    pub train_seconds: f32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub session: u64,
+    pub client_id: String,
+    pub kind: &'static str,
+    pub backend: String,
+    pub adapter: Option<String>,
+    pub connected: bool,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub rounds: u64,
+    pub last: Option<ClientRound>,
+    /// The latest rounds this client reported in (at most 32).
+    pub reported_rounds: VecDeque<u64>,
+    #[serde(skip)]
+    secret: String,
+    #[serde(skip)]
+    pub outbox: Option<Outbox>,
+    #[serde(skip)]
+    disconnected_at: Option<Instant>,
+}
+
+impl SessionInfo {
+    pub fn reported(&mut self, round: ClientRound) {
+        self.rounds += 1;
+        if self.reported_rounds.len() == REPORTED_ROUNDS_KEPT {
+            self.reported_rounds.pop_front();
+        }
+        self.reported_rounds.push_back(round.round);
+        self.last = Some(round);
+    }
+
+    pub fn token(&self) -> String {
+        format!("{}.{}", self.session, self.secret)
+    }
+}
+
+/// Why a session could not be had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionError {
+    /// The token names a session that is connected right now.
+    InUse,
+    /// The Shakespeare client is held by a connected session.
+    ClientTaken(String),
+    NoFreeClient,
+    Full,
+}
+
+#[derive(Debug, Default)]
+pub struct Sessions {
+    by_id: BTreeMap<u64, SessionInfo>,
+    next: u64,
+}
+
+fn random_secret() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the OS random number generator works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Equal strings, in time that depends on their length only.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Sessions {
+    pub fn new() -> Self {
+        Self {
+            by_id: BTreeMap::new(),
+            next: 1,
+        }
+    }
+
+    pub fn get(&self, session: u64) -> Option<&SessionInfo> {
+        self.by_id.get(&session)
+    }
+
+    pub fn get_mut(&mut self, session: u64) -> Option<&mut SessionInfo> {
+        self.by_id.get_mut(&session)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &SessionInfo> {
+        self.by_id.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn connected(&self) -> impl Iterator<Item = &SessionInfo> {
+        self.by_id.values().filter(|s| s.connected)
+    }
+
+    fn holder(&self, client_id: &str) -> Option<&SessionInfo> {
+        self.by_id.values().find(|s| s.client_id == client_id)
+    }
+
+    /// The disconnected session `token` names, if the token is right.
+    pub fn find_resumable(&self, token: &str) -> Result<Option<u64>, SessionError> {
+        let Some((id, secret)) = token.split_once('.') else {
+            return Ok(None);
+        };
+        let Some(info) = id.parse().ok().and_then(|id: u64| self.by_id.get(&id)) else {
+            return Ok(None);
+        };
+        if !constant_time_eq(secret.as_bytes(), info.secret.as_bytes()) {
+            return Ok(None);
+        }
+        if info.connected {
+            return Err(SessionError::InUse);
+        }
+        Ok(Some(info.session))
+    }
+
+    /// A Shakespeare client for a new session: the one wanted (unless a connected
+    /// session holds it), else one no session holds, else one whose session left.
+    pub fn pick_client(
+        &self,
+        wanted: Option<&str>,
+        pool: &[String],
+    ) -> Result<String, SessionError> {
+        if let Some(wanted) = wanted {
+            return match self.holder(wanted) {
+                Some(holder) if holder.connected => Err(SessionError::ClientTaken(wanted.into())),
+                _ => Ok(wanted.to_owned()),
+            };
+        }
+        let held: BTreeSet<&str> = self.by_id.values().map(|s| s.client_id.as_str()).collect();
+        let connected: BTreeSet<&str> = self.connected().map(|s| s.client_id.as_str()).collect();
+        pool.iter()
+            .find(|id| !held.contains(id.as_str()))
+            .or_else(|| pool.iter().find(|id| !connected.contains(id.as_str())))
+            .cloned()
+            .ok_or(SessionError::NoFreeClient)
+    }
+
+    /// A new session for `client_id`. A disconnected session holding that client
+    /// is revoked: its token stops working.
+    pub fn create(
+        &mut self,
+        client_id: String,
+        kind: &'static str,
+        max_sessions: usize,
+        now: Instant,
+        ttl: Duration,
+    ) -> Result<u64, SessionError> {
+        if let Some(old) = self.holder(&client_id) {
+            debug_assert!(!old.connected, "pick_client checked");
+            let old = old.session;
+            self.by_id.remove(&old);
+        }
+        if self.by_id.len() >= max_sessions {
+            self.expire(now, ttl);
+        }
+        if self.by_id.len() >= max_sessions {
+            return Err(SessionError::Full);
+        }
+        let session = self.next;
+        self.next += 1;
+        self.by_id.insert(
+            session,
+            SessionInfo {
+                session,
+                client_id,
+                kind,
+                backend: String::new(),
+                adapter: None,
+                connected: false,
+                bytes_up: 0,
+                bytes_down: 0,
+                rounds: 0,
+                last: None,
+                reported_rounds: VecDeque::new(),
+                secret: random_secret(),
+                outbox: None,
+                disconnected_at: Some(now),
+            },
+        );
+        Ok(session)
+    }
+
+    pub fn connect(&mut self, session: u64, outbox: Outbox) {
+        if let Some(info) = self.by_id.get_mut(&session) {
+            info.connected = true;
+            info.outbox = Some(outbox);
+            info.disconnected_at = None;
+        }
+    }
+
+    pub fn disconnect(&mut self, session: u64, now: Instant) {
+        if let Some(info) = self.by_id.get_mut(&session) {
+            info.connected = false;
+            info.outbox = None;
+            info.disconnected_at = Some(now);
+        }
+    }
+
+    /// Forgets sessions disconnected for longer than `ttl`; returns how many.
+    pub fn expire(&mut self, now: Instant, ttl: Duration) -> usize {
+        let before = self.by_id.len();
+        self.by_id.retain(|_, s| {
+            s.disconnected_at
+                .is_none_or(|at| now.saturating_duration_since(at) < ttl)
+        });
+        before - self.by_id.len()
+    }
+
+    /// Ends a session now (an operator's revocation).
+    pub fn revoke(&mut self, session: u64) -> Option<SessionInfo> {
+        self.by_id.remove(&session)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    fn pool() -> Vec<String> {
+        ["A", "B"].map(String::from).to_vec()
+    }
+
+    fn outbox() -> Outbox {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        Outbox::new(tx, Default::default())
+    }
+
+    #[test]
+    fn tokens_are_random_and_bound_to_their_session() {
+        let mut sessions = Sessions::new();
+        let now = Instant::now();
+        let a = sessions.create("A".into(), "native", 10, now, TTL).unwrap();
+        let b = sessions.create("B".into(), "native", 10, now, TTL).unwrap();
+        let (ta, tb) = (
+            sessions.get(a).unwrap().token(),
+            sessions.get(b).unwrap().token(),
+        );
+        assert_eq!(ta.len(), "1.".len() + 32);
+        assert_ne!(ta[2..], tb[2..]);
+        assert_eq!(sessions.find_resumable(&ta), Ok(Some(a)));
+        // Another session's secret, a forged one, garbage: no session.
+        let swapped = format!("{a}.{}", &tb[2..]);
+        for forged in [swapped.as_str(), "0000000000000001-1", "1.", "", "x.y"] {
+            assert_eq!(sessions.find_resumable(forged), Ok(None), "{forged}");
+        }
+        sessions.connect(a, outbox());
+        assert_eq!(sessions.find_resumable(&ta), Err(SessionError::InUse));
+    }
+
+    #[test]
+    fn a_connected_client_is_never_handed_out_twice() {
+        let mut sessions = Sessions::new();
+        let now = Instant::now();
+        let a = sessions
+            .create("A".into(), "browser", 10, now, TTL)
+            .unwrap();
+        sessions.connect(a, outbox());
+        assert_eq!(
+            sessions.pick_client(Some("A"), &pool()),
+            Err(SessionError::ClientTaken("A".into()))
+        );
+        assert_eq!(sessions.pick_client(None, &pool()), Ok("B".into()));
+        let b = sessions
+            .create("B".into(), "browser", 10, now, TTL)
+            .unwrap();
+        sessions.connect(b, outbox());
+        assert_eq!(
+            sessions.pick_client(None, &pool()),
+            Err(SessionError::NoFreeClient)
+        );
+        // A leaves; a new session may take A, which revokes A's old token.
+        let token = sessions.get(a).unwrap().token();
+        sessions.disconnect(a, now);
+        assert_eq!(sessions.pick_client(None, &pool()), Ok("A".into()));
+        sessions
+            .create("A".into(), "browser", 10, now, TTL)
+            .unwrap();
+        assert_eq!(sessions.find_resumable(&token), Ok(None));
+    }
+
+    #[test]
+    fn disconnected_sessions_expire_and_the_table_is_bounded() {
+        let mut sessions = Sessions::new();
+        let now = Instant::now();
+        let a = sessions.create("A".into(), "native", 2, now, TTL).unwrap();
+        sessions.connect(a, outbox());
+        sessions.create("B".into(), "native", 2, now, TTL).unwrap();
+        assert_eq!(
+            sessions.create("C".into(), "native", 2, now, TTL),
+            Err(SessionError::Full)
+        );
+        assert_eq!(sessions.expire(now + TTL, TTL), 1);
+        assert!(sessions.get(a).is_some(), "connected sessions never expire");
+        assert!(
+            sessions
+                .create("C".into(), "native", 2, now + TTL, TTL)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_full_outbox_drops_its_connection() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(2);
+        let kill = std::sync::Arc::new(tokio::sync::Notify::new());
+        let outbox = Outbox::new(tx, kill.clone());
+        outbox.send(bytes::Bytes::from_static(b"1"));
+        outbox.send(bytes::Bytes::from_static(b"2"));
+        let killed = kill.notified();
+        outbox.send(bytes::Bytes::from_static(b"3"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), killed)
+                .await
+                .expect("the full queue kills the connection")
+        });
+    }
+}
