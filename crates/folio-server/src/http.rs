@@ -118,6 +118,9 @@ async fn revoke_session(
         return refused;
     }
     let mut fed = shared.fed();
+    if let Some(outbox) = fed.sessions.get(session).and_then(|s| s.outbox.clone()) {
+        outbox.close();
+    }
     fed.disconnect(session, Instant::now());
     match fed.sessions.revoke(session) {
         Some(info) => format!("session {session} ({}) revoked\n", info.client_id).into_response(),

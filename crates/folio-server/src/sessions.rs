@@ -29,6 +29,11 @@ impl Outbox {
         Self { frames, kill }
     }
 
+    /// Ends the connection.
+    pub fn close(&self) {
+        self.kill.notify_one();
+    }
+
     /// Queues a frame; a client whose queue is full is not reading: drop it.
     pub fn send(&self, frame: bytes::Bytes) {
         use tokio::sync::mpsc::error::TrySendError;

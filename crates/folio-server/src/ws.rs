@@ -114,10 +114,8 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
                 }
                 None => break None,
             },
-            _ = kill.notified() => {
-                shared.fed().count_error(ErrorCode::Timeout);
-                break None;
-            }
+            // A full outbox, a stuck write, or an operator's revocation.
+            _ = kill.notified() => break None,
             _ = closing.wait_for(|&closing| closing) => break None,
             _ = tick.tick() => {
                 let now = Instant::now();

@@ -1,38 +1,21 @@
 //! The real aggregator on loopback with real native clients (small preset).
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use burn::prelude::Device;
+use common::*;
 use folio_client::native::WsTransport;
 use folio_client::{ClientError, ClientOptions, Transport};
 use folio_fed::{Clipping, Encoding, ServerOptimizerConfig, StrategyConfig, codec};
 use folio_model::Preset;
 use folio_proto::{ClientMessage, ErrorCode, ServerMessage, Update, decode_client, decode_server};
-use folio_server::{AccessConfig, Limits, RoundConfig, Server, ServerConfig};
-use futures_util::{SinkExt, StreamExt};
+use folio_server::{RoundConfig, Server};
+use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
-
-fn data_dir() -> PathBuf {
-    folio_data::data_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
-}
-
-fn config(state_dir: &std::path::Path, rounds: RoundConfig, max_rounds: u64) -> ServerConfig {
-    ServerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        state_dir: state_dir.to_owned(),
-        data_dir: data_dir(),
-        web_root: None,
-        preset: Preset::Small,
-        init: None,
-        rounds,
-        seed: 5,
-        access: AccessConfig::default(),
-        limits: Limits::default(),
-        max_rounds: Some(max_rounds),
-    }
-}
 
 /// FedAvg without the server's clipping: these tests check its exact arithmetic
 /// (the adversarial suite checks the defences).
@@ -117,10 +100,6 @@ fn spawn_client(url: String, die_on_round: bool) -> (Arc<Mutex<Log>>, std::threa
     (log, handle)
 }
 
-fn url(server: &Server) -> String {
-    format!("ws://{}/ws", server.addr)
-}
-
 fn round_start_weights(log: &Log, round: u64) -> Option<Vec<f32>> {
     log.received.iter().find_map(|m| match m {
         ServerMessage::RoundStart(start) if start.round == round => {
@@ -137,15 +116,6 @@ fn updates(log: &Log, round: u64) -> Vec<Update> {
             ClientMessage::Update(update) if update.round == round => Some(update.clone()),
             _ => None,
         })
-        .collect()
-}
-
-fn segments() -> Vec<usize> {
-    Preset::Small
-        .config()
-        .param_shapes()
-        .iter()
-        .map(|(_, s)| s.iter().product())
         .collect()
 }
 
@@ -309,41 +279,6 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
     second.abort();
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn next_message(socket: &mut Socket) -> ServerMessage {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(60), socket.next())
-            .await
-            .expect("the server answers")
-            .unwrap()
-            .unwrap();
-        if let Message::Binary(frame) = message {
-            return decode_server(&frame).unwrap();
-        }
-    }
-}
-
-async fn expect_error(socket: &mut Socket, frame: Message, code: ErrorCode) {
-    socket.send(frame).await.unwrap();
-    match next_message(socket).await {
-        ServerMessage::Error(error) => assert_eq!(error.code, code, "{}", error.message),
-        other => panic!("expected {code:?}, got {other:?}"),
-    }
-}
-
-fn join(client: Option<&str>) -> ClientMessage {
-    let mut options = ClientOptions::native();
-    options.join.backend = "test".into();
-    options.join.client = client.map(str::to_owned);
-    ClientMessage::Join(options.join)
-}
-
-fn binary(message: &ClientMessage) -> Message {
-    Message::Binary(folio_proto::encode(message).into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_counted_and_harmless() {
     let dir = tempfile::tempdir().unwrap();
@@ -488,18 +423,6 @@ async fn bad_input_is_refused_counted_and_harmless() {
     assert_eq!(errors["bad_delta"], 3, "{errors}");
     assert_eq!(errors["wrong_round"], 1, "{errors}");
     server.abort();
-}
-
-async fn http_get(server: &Server, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    String::from_utf8_lossy(&response).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,8 @@ impl LocalServer {
             init: None,
             rounds,
             seed: 7,
-            join_token: None,
+            access: folio_server::AccessConfig::default(),
+            limits: folio_server::Limits::default(),
             max_rounds: Some(max_rounds),
         };
         let server = runtime.block_on(folio_server::Server::start(config))?;

@@ -14,9 +14,10 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(900);
 
 fn rounds(clients: usize, quorum: usize, max_batches: u32) -> RoundConfig {
     RoundConfig {
-        clients_per_round: clients,
-        min_clients: clients,
-        quorum,
+        strategy: folio_fed::StrategyConfig {
+            quorum,
+            ..folio_fed::StrategyConfig::fedavg(clients)
+        },
         max_batches: Some(max_batches),
         client_lr: 0.1,
         eval_clients: 2,

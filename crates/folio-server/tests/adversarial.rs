@@ -1,0 +1,603 @@
+//! The aggregator against a hostile client: every attack found against it, each
+//! run against the real server on loopback with raw WebSocket and TCP peers, each
+//! asserting the exact outcome (error code, connection closed, model unchanged or
+//! bounded, counts in the status).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use folio_fed::{Clipping, Encoding, StrategyConfig, codec};
+use folio_proto::{ClientMessage, ErrorCode, Join, ServerMessage, Update, Welcome};
+use folio_server::{AccessConfig, Limits, RoundConfig, Server};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const KENT: &str = "THE_TRAGEDY_OF_KING_LEAR_KENT";
+const LEAR: &str = "THE_TRAGEDY_OF_KING_LEAR_LEAR";
+
+/// The hardened defaults: adaptive clipping from bound 1, `clients` per round.
+fn rounds(clients: usize) -> RoundConfig {
+    RoundConfig {
+        strategy: StrategyConfig::fedavg(clients),
+        max_batches: Some(2),
+        eval_clients: 2,
+        eval_batches: 1,
+        ..RoundConfig::tutorial()
+    }
+}
+
+async fn start(
+    rounds: RoundConfig,
+    limits: Limits,
+    access: AccessConfig,
+) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), rounds, 100);
+    config.limits = limits;
+    config.access = access;
+    (dir, Server::start(config).await.unwrap())
+}
+
+async fn connect(server: &Server) -> Socket {
+    tokio_tungstenite::connect_async(url(server))
+        .await
+        .unwrap()
+        .0
+}
+
+async fn join_as(socket: &mut Socket, message: ClientMessage) -> Result<Welcome, ErrorCode> {
+    socket.send(binary(&message)).await.unwrap();
+    loop {
+        match next_message(socket).await {
+            ServerMessage::Welcome(welcome) => return Ok(welcome),
+            ServerMessage::Error(error) => return Err(error.code),
+            _ => {}
+        }
+    }
+}
+
+fn join_with(edit: impl FnOnce(&mut Join)) -> ClientMessage {
+    let ClientMessage::Join(mut join) = join(None) else {
+        unreachable!()
+    };
+    edit(&mut join);
+    ClientMessage::Join(join)
+}
+
+async fn next_round_start(socket: &mut Socket) -> folio_proto::RoundStart {
+    loop {
+        if let ServerMessage::RoundStart(start) = next_message(socket).await {
+            return start;
+        }
+    }
+}
+
+/// Reads until the server ends the connection; returns the error codes it sent.
+async fn until_closed(socket: &mut Socket, within: Duration) -> Vec<ErrorCode> {
+    let mut codes = Vec::new();
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, socket.next()).await {
+            Err(_) => panic!("the connection is still open after {within:?}; codes {codes:?}"),
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return codes,
+            Ok(Some(Ok(Message::Binary(frame)))) => {
+                if let Ok(ServerMessage::Error(error)) = folio_proto::decode_server(&frame) {
+                    codes.push(error.code);
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+fn update(round: u64, examples: u64, delta: &[f32], encoding: Encoding) -> ClientMessage {
+    let segments = common::segments();
+    ClientMessage::Update(Update {
+        round,
+        examples,
+        encoding,
+        delta: codec::encode(delta, &segments, encoding),
+        train_loss: 1.0,
+        train_accuracy: 0.5,
+        train_seconds: 1.0,
+    })
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn error_count(server: &Server, code: &str) -> u64 {
+    server.status()["errors"][code].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_replace_or_destroy_the_global_model() {
+    let (_dir, server) = start(rounds(1), Limits::default(), AccessConfig::default()).await;
+    let mut attacker = connect(&server).await;
+    join_as(&mut attacker, join(Some(KENT))).await.unwrap();
+    let start = next_round_start(&mut attacker).await;
+    let initial = server.weights();
+    let n = initial.len();
+    // Kent trains on at most 2 batches of 8 this round.
+    let target = vec![5.0; n];
+    for examples in [u64::MAX, 17, 0] {
+        expect_error(
+            &mut attacker,
+            binary(&update(start.round, examples, &target, Encoding::F32)),
+            ErrorCode::BadExamples,
+        )
+        .await;
+    }
+    expect_error(
+        &mut attacker,
+        binary(&update(start.round, 8, &target, Encoding::F16)),
+        ErrorCode::WrongEncoding,
+    )
+    .await;
+    assert_eq!(server.weights(), initial, "refused updates touch nothing");
+
+    // Accepted, but clipped to the bound (1.0): the model moves by at most that.
+    attacker
+        .send(binary(&update(
+            start.round,
+            16,
+            &vec![1e30; n],
+            Encoding::F32,
+        )))
+        .await
+        .unwrap();
+    server.wait_for_round(1).await;
+    let after_one = server.weights();
+    assert!(after_one.iter().all(|w| w.is_finite()));
+    let moved = distance(&after_one, &initial);
+    assert!((0.99..=1.0 + 1e-3).contains(&moved), "moved {moved}");
+
+    // f32::MAX everywhere, twice: still finite, still bounded.
+    for round in 2..=3 {
+        let start = next_round_start(&mut attacker).await;
+        assert_eq!(start.round, round);
+        attacker
+            .send(binary(&update(
+                round,
+                16,
+                &vec![f32::MAX; n],
+                Encoding::F32,
+            )))
+            .await
+            .unwrap();
+        server.wait_for_round(round).await;
+    }
+    let after_three = server.weights();
+    assert!(after_three.iter().all(|w| w.is_finite()));
+    assert!(
+        distance(&after_three, &after_one) <= 2.0 * 1.3,
+        "the bound adapts slowly"
+    );
+    let history = server.history();
+    assert!(history.iter().all(|r| r.eval_loss.is_finite()));
+    assert_eq!(history[1].clipped, 1);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_fields_and_frames_are_refused_before_any_work() {
+    let (_dir, server) = start(rounds(2), Limits::default(), AccessConfig::default()).await;
+    let mut socket = connect(&server).await;
+    // A 200 kB client id used to freeze the server in a closest-match search.
+    let started = Instant::now();
+    let long_id = "K".repeat(200_000);
+    let huge_id = join_with(|j| j.client = Some(long_id.clone()));
+    expect_error(&mut socket, binary(&huge_id), ErrorCode::FieldTooLong).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let big_backend = join_with(|j| j.backend = "w".repeat(65));
+    expect_error(&mut socket, binary(&big_backend), ErrorCode::FieldTooLong).await;
+    let big_adapter = join_with(|j| j.adapter = Some("a".repeat(257)));
+    expect_error(&mut socket, binary(&big_adapter), ErrorCode::FieldTooLong).await;
+    // A near-miss id of legal length gets suggestions, quickly.
+    let started = Instant::now();
+    let typo = join_with(|j| j.client = Some("THE_TRAGEDY_OF_KING_LEAR_KENTT".into()));
+    socket.send(binary(&typo)).await.unwrap();
+    let ServerMessage::Error(error) = next_message(&mut socket).await else {
+        panic!("no error")
+    };
+    assert_eq!(error.code, ErrorCode::UnknownClient);
+    assert!(error.message.contains(KENT), "{}", error.message);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Nothing was kept for the refused joins.
+    assert_eq!(server.status()["clients"].as_array().unwrap().len(), 0);
+
+    // A 10 MB frame: cut off by the WebSocket layer from its header.
+    let mut flooder = connect(&server).await;
+    let _ = flooder
+        .send(Message::Binary(vec![0u8; 10 << 20].into()))
+        .await;
+    until_closed(&mut flooder, Duration::from_secs(10)).await;
+    assert_eq!(error_count(&server, "frame_too_large"), 1);
+    // The first connection is unharmed.
+    assert_eq!(
+        join_as(&mut socket, join(Some(KENT)))
+            .await
+            .unwrap()
+            .client_id,
+        KENT
+    );
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_keeps_sending_garbage_is_closed() {
+    let limits = Limits {
+        error_budget: 5,
+        ..Limits::default()
+    };
+    let (_dir, server) = start(rounds(2), limits, AccessConfig::default()).await;
+    let mut socket = connect(&server).await;
+    for _ in 0..6 {
+        let _ = socket.send(Message::Binary(vec![0xff; 3].into())).await;
+    }
+    let codes = until_closed(&mut socket, Duration::from_secs(10)).await;
+    assert_eq!(codes.len(), 6, "{codes:?}");
+    assert_eq!(codes.last(), Some(&ErrorCode::TooManyErrors));
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_cannot_be_forged_stolen_or_doubled() {
+    let limits = Limits {
+        session_ttl: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let (_dir, server) = start(rounds(5), limits, AccessConfig::default()).await;
+    let mut victim = connect(&server).await;
+    let welcome = join_as(&mut victim, join(Some(KENT))).await.unwrap();
+    let (id, secret) = welcome.session.split_once('.').unwrap();
+    assert_eq!(secret.len(), 32, "128 random bits");
+    assert!(secret.chars().all(|c| c.is_ascii_hexdigit()));
+
+    // While the victim is connected: its token, its client, are not to be had.
+    let mut thief = connect(&server).await;
+    let resume = |token: &str| join_with(|j| j.resume = Some(token.to_owned()));
+    assert_eq!(
+        join_as(&mut thief, resume(&welcome.session))
+            .await
+            .unwrap_err(),
+        ErrorCode::SessionInUse
+    );
+    assert_eq!(
+        join_as(&mut thief, join(Some(KENT))).await.unwrap_err(),
+        ErrorCode::NoFreeClient
+    );
+    drop(victim);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Forged tokens (the old scheme, a guessed secret) give a new session and
+    // another client, never the victim's.
+    for forged in [
+        "0000000000000001-1".to_owned(),
+        format!("{id}.{}", "0".repeat(32)),
+        format!("{id}.{}", &secret[..31]),
+    ] {
+        let mut thief = connect(&server).await;
+        let got = join_as(&mut thief, resume(&forged)).await.unwrap();
+        assert_ne!(got.client_id, KENT, "{forged}");
+        assert_ne!(got.session, welcome.session);
+    }
+    // The rightful owner resumes.
+    let mut back = connect(&server).await;
+    let resumed = join_as(&mut back, resume(&welcome.session)).await.unwrap();
+    assert_eq!(
+        (resumed.client_id.as_str(), resumed.session.as_str()),
+        (KENT, welcome.session.as_str())
+    );
+    drop(back);
+
+    // Disconnected longer than the TTL: forgotten.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let status = server.status();
+    let kept: Vec<_> = status["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["client_id"] == KENT)
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    let mut late = connect(&server).await;
+    let fresh = join_as(&mut late, resume(&welcome.session)).await.unwrap();
+    assert_ne!(fresh.session, welcome.session);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_origins_and_the_admin_api() {
+    let limits = Limits {
+        token_lockout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let access = AccessConfig {
+        join_token: Some("sesame".into()),
+        admin_token: Some("root-secret".into()),
+        allowed_origins: vec!["https://folio.example".into()],
+    };
+    let (_dir, server) = start(rounds(5), limits, access).await;
+
+    // A wrong token: refused and disconnected; a guess right after: 429.
+    let mut guesser = connect(&server).await;
+    let guess = join_with(|j| j.token = Some("open".into()));
+    guesser.send(binary(&guess)).await.unwrap();
+    assert_eq!(
+        until_closed(&mut guesser, Duration::from_secs(5)).await,
+        vec![ErrorCode::BadToken]
+    );
+    let refused = tokio_tungstenite::connect_async(url(&server))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("429"), "{refused}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut member = connect(&server).await;
+    let right = join_with(|j| j.token = Some("sesame".into()));
+    assert!(join_as(&mut member, right).await.is_ok());
+
+    // Origin: the page's own and allowed ones; not others.
+    let with_origin = |origin: &str| {
+        let mut request = url(&server).into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().unwrap());
+        request
+    };
+    let own = format!("http://{}", server.addr);
+    assert!(
+        tokio_tungstenite::connect_async(with_origin(&own))
+            .await
+            .is_ok()
+    );
+    assert!(
+        tokio_tungstenite::connect_async(with_origin("https://folio.example"))
+            .await
+            .is_ok()
+    );
+    let evil = tokio_tungstenite::connect_async(with_origin("http://evil.example"))
+        .await
+        .unwrap_err();
+    assert!(evil.to_string().contains("403"), "{evil}");
+
+    // The admin API: state export and revocation, only with the admin token.
+    let admin = |method: &str, path: &str, token: Option<&str>| {
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        format!("{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n")
+    };
+    assert!(
+        raw_http(&server, &admin("GET", "/api/admin/state", None))
+            .await
+            .starts_with("HTTP/1.0 401")
+    );
+    // The address's second wrong token: locked out twice as long (1 s).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let state = raw_http(
+        &server,
+        &admin("GET", "/api/admin/state", Some("root-secret")),
+    )
+    .await;
+    assert!(
+        state.starts_with("HTTP/1.0 200") && state.contains("server_optimizer"),
+        "{} bytes",
+        state.len()
+    );
+    let session = server.status()["clients"][0]["session"].as_u64().unwrap();
+    let revoked = raw_http(
+        &server,
+        &admin(
+            "POST",
+            &format!("/api/admin/sessions/{session}/revoke"),
+            Some("root-secret"),
+        ),
+    )
+    .await;
+    assert!(revoked.starts_with("HTTP/1.0 200"), "{revoked}");
+    until_closed(&mut member, Duration::from_secs(5)).await;
+    server.abort();
+
+    let (_dir, open) = start(rounds(5), Limits::default(), AccessConfig::default()).await;
+    assert!(
+        raw_http(&open, &admin("GET", "/api/admin/state", Some("x")))
+            .await
+            .starts_with("HTTP/1.0 403")
+    );
+    open.abort();
+}
+
+async fn raw_http(server: &Server, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Whether the server closes `stream` within `within` (reads EOF or an error).
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_half_open_and_excess_connections_are_closed() {
+    let limits = Limits {
+        max_connections_per_address: 3,
+        http_idle: Duration::from_millis(800),
+        join_timeout: Duration::from_millis(1500),
+        heartbeat: Duration::from_millis(400),
+        idle_timeout: Duration::from_millis(1500),
+        ..Limits::default()
+    };
+    let (_dir, server) = start(rounds(5), limits, AccessConfig::default()).await;
+    // Per-address cap: the fourth is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let mut fourth = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    assert!(closed_by_server(&mut fourth, Duration::from_millis(300)).await);
+    assert_eq!(server.open_connections(), 3);
+    // Idle sockets and a half-sent request are closed after the idle timeout.
+    held[0]
+        .write_all(b"GET /api/status HTTP/1.1\r\nHost:")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for stream in &mut held {
+        assert!(closed_by_server(stream, Duration::from_secs(5)).await);
+    }
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.open_connections(), 0);
+
+    // A WebSocket that never joins: told, then closed, even if it sends pings.
+    let mut pinger = connect(&server).await;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(5);
+    let mut codes = Vec::new();
+    while Instant::now() < deadline {
+        let _ = pinger.send(Message::Ping(Vec::new().into())).await;
+        match tokio::time::timeout(Duration::from_millis(200), pinger.next()).await {
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => break,
+            Ok(Some(Ok(Message::Binary(frame)))) => {
+                if let Ok(ServerMessage::Error(e)) = folio_proto::decode_server(&frame) {
+                    codes.push(e.code);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(codes, vec![ErrorCode::Timeout]);
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    // A joined client that never answers the heartbeat (and is not training): closed.
+    let mut mute = connect(&server).await;
+    join_as(&mut mute, join(Some(KENT))).await.unwrap();
+    let codes = until_closed(&mut mute, Duration::from_secs(6)).await;
+    assert_eq!(codes.last(), Some(&ErrorCode::Timeout), "{codes:?}");
+    // One that answers stays.
+    let mut alive = connect(&server).await;
+    join_as(&mut alive, join(Some(LEAR))).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        match tokio::time::timeout(Duration::from_millis(100), alive.next()).await {
+            Ok(Some(Ok(Message::Binary(frame)))) => {
+                if let Ok(ServerMessage::Heartbeat) = folio_proto::decode_server(&frame) {
+                    alive.send(binary(&ClientMessage::Heartbeat)).await.unwrap();
+                }
+            }
+            Ok(other) => panic!("the live client was dropped: {other:?}"),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(server.status()["connected"], 1);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_close_only_with_a_quorum_and_retry_with_other_clients() {
+    let mut config = RoundConfig {
+        deadline: Duration::from_millis(1500),
+        ..rounds(2)
+    };
+    config.strategy = StrategyConfig {
+        clipping: Clipping::adaptive(1.0),
+        ..StrategyConfig::fedavg(2)
+    };
+    let (_dir, server) = start(config, Limits::default(), AccessConfig::default()).await;
+    // Four clients; the first two picked stay silent and miss the deadline.
+    let mut sockets = Vec::new();
+    for _ in 0..4 {
+        let mut socket = connect(&server).await;
+        let welcome = join_as(&mut socket, join(None)).await.unwrap();
+        sockets.push((socket, welcome.client_id));
+    }
+    let got_start = |sockets: &mut Vec<(Socket, String)>| {
+        let mut picked = Vec::new();
+        for (i, (socket, _)) in sockets.iter_mut().enumerate() {
+            while let Some(Ok(Message::Binary(frame))) = socket.next().now_or_never().flatten() {
+                if let Ok(ServerMessage::RoundStart(start)) = folio_proto::decode_server(&frame) {
+                    picked.push((i, start));
+                }
+            }
+        }
+        picked
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first: Vec<usize> = got_start(&mut sockets).iter().map(|(i, _)| *i).collect();
+    assert_eq!(first.len(), 2);
+    // The deadline passes without a quorum: abandoned, retried with the other two.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let second = got_start(&mut sockets);
+    let retried: Vec<usize> = second.iter().map(|(i, _)| *i).collect();
+    assert_eq!(retried.len(), 2, "{retried:?}");
+    assert!(
+        retried.iter().all(|i| !first.contains(i)),
+        "{first:?} then {retried:?}"
+    );
+    assert_eq!(server.status()["open_round"]["attempt"], 1);
+    assert_eq!(server.history().len(), 1, "no round closed");
+    // One of the two reports, the other disconnects: still no round below quorum.
+    let n = server.weights().len();
+    let (reporter, start) = (second[0].0, &second[0].1);
+    sockets[reporter]
+        .0
+        .send(binary(&update(
+            start.round,
+            8,
+            &vec![0.0; n],
+            Encoding::F32,
+        )))
+        .await
+        .unwrap();
+    let quitter = second[1].0;
+    let _ = sockets[quitter].0.close(None).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(server.history().len(), 1, "a round closed below its quorum");
+    assert_eq!(server.status()["open_round"]["attempt"], 2);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inconsistent_round_settings_are_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bad = rounds(2);
+    bad.strategy.quorum = 3;
+    let err = Server::start(config(dir.path(), bad, 1))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("quorum of 3"), "{err}");
+    let mut bad = rounds(4);
+    bad.strategy.min_clients = 2;
+    let err = Server::start(config(dir.path(), bad, 1))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("--min-clients"), "{err}");
+}

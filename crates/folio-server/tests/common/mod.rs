@@ -1,0 +1,95 @@
+//! Helpers shared by the server's test files: a server config on loopback, raw
+//! WebSocket clients, HTTP by hand.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use folio_client::ClientOptions;
+use folio_model::Preset;
+use folio_proto::{ClientMessage, ErrorCode, ServerMessage, decode_server};
+use folio_server::{AccessConfig, Limits, RoundConfig, Server, ServerConfig};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+pub fn data_dir() -> PathBuf {
+    folio_data::data_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+pub fn config(state_dir: &std::path::Path, rounds: RoundConfig, max_rounds: u64) -> ServerConfig {
+    ServerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        state_dir: state_dir.to_owned(),
+        data_dir: data_dir(),
+        web_root: None,
+        preset: Preset::Small,
+        init: None,
+        rounds,
+        seed: 5,
+        access: AccessConfig::default(),
+        limits: Limits::default(),
+        max_rounds: Some(max_rounds),
+    }
+}
+
+pub fn url(server: &Server) -> String {
+    format!("ws://{}/ws", server.addr)
+}
+
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub async fn next_message(socket: &mut Socket) -> ServerMessage {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(60), socket.next())
+            .await
+            .expect("the server answers")
+            .unwrap()
+            .unwrap();
+        if let Message::Binary(frame) = message {
+            return decode_server(&frame).unwrap();
+        }
+    }
+}
+
+pub async fn expect_error(socket: &mut Socket, frame: Message, code: ErrorCode) {
+    socket.send(frame).await.unwrap();
+    match next_message(socket).await {
+        ServerMessage::Error(error) => assert_eq!(error.code, code, "{}", error.message),
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}
+
+pub fn join(client: Option<&str>) -> ClientMessage {
+    let mut options = ClientOptions::native();
+    options.join.backend = "test".into();
+    options.join.client = client.map(str::to_owned);
+    ClientMessage::Join(options.join)
+}
+
+pub fn binary(message: &ClientMessage) -> Message {
+    Message::Binary(folio_proto::encode(message).into())
+}
+
+pub async fn http_get(server: &Server, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// The small preset's tensor sizes, in parameter order.
+pub fn segments() -> Vec<usize> {
+    Preset::Small
+        .config()
+        .param_shapes()
+        .iter()
+        .map(|(_, s)| s.iter().product())
+        .collect()
+}
