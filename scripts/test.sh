@@ -13,6 +13,10 @@ cd "$FOLIO_ROOT"
 step "formatting"
 cargo fmt --all --check
 
+step "lints (clippy, warnings are errors)"
+# folio-web is wasm-only (see below); the rest, tests and benches included.
+cargo clippy --workspace --exclude folio-web --all-targets --release --locked -- -D warnings
+
 step "native tests"
 # folio-web is wasm-only (natively it would build the whole wgpu stack for
 # nothing); folio-e2e needs the page built, below.

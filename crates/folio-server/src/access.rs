@@ -189,7 +189,7 @@ mod tests {
             map
         };
         let host = (header::HOST, "127.0.0.1:8080");
-        assert!(access.origin_ok(&headers(&[host.clone()])));
+        assert!(access.origin_ok(&headers(std::slice::from_ref(&host))));
         assert!(access.origin_ok(&headers(&[
             host.clone(),
             (header::ORIGIN, "http://127.0.0.1:8080")

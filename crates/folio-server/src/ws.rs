@@ -54,10 +54,16 @@ pub async fn upgrade(
     // Larger frames are refused by the WebSocket layer from their header, before
     // they are buffered, and end the connection.
     let max = shared.max_frame_bytes;
+    // Small per-connection buffers (tungstenite's defaults are 128 KiB each): an
+    // idle connection costs a few KiB, large frames just take more reads.
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| connection(socket, shared, peer))
 }
+
+const READ_BUFFER_BYTES: usize = 8 * 1024;
 
 /// Why the server ends a connection, told to the client before it closes.
 struct Goodbye(ErrorMessage);

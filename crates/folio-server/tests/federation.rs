@@ -11,7 +11,6 @@ use common::*;
 use folio_client::native::WsTransport;
 use folio_client::{ClientError, ClientOptions, Transport};
 use folio_fed::{Clipping, Encoding, ServerOptimizerConfig, StrategyConfig, codec};
-use folio_model::Preset;
 use folio_proto::{ClientMessage, ErrorCode, ServerMessage, Update, decode_client, decode_server};
 use folio_server::{RoundConfig, Server};
 use futures_util::SinkExt;

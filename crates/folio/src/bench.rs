@@ -33,12 +33,17 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         repeats: usize,
     },
+    /// One attacker among honest clients: distance from the honest-only FedAvg
+    /// model and accuracy, per aggregator and attack.
+    Influence(crate::influence::InfluenceArgs),
+    /// The aggregator under load and floods: its RSS and `/api/status` latency.
+    Server(crate::server_bench::ServerBenchArgs),
     /// (Internal) one round of `clients` seed-size deltas; prints peak RSS.
     #[command(hide = true)]
     AggregatePeak { clients: usize },
 }
 
-pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+pub fn run(command: BenchCommand, data_dir: &std::path::Path) -> anyhow::Result<()> {
     match command {
         BenchCommand::Train {
             presets,
@@ -64,6 +69,8 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Aggregate { repeats } => aggregate(repeats),
+        BenchCommand::Influence(args) => crate::influence::run(args, data_dir),
+        BenchCommand::Server(args) => crate::server_bench::run(args, data_dir),
         BenchCommand::AggregatePeak { clients } => {
             fold_round(clients);
             println!("{}", peak_rss_kib()?);

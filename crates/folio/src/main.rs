@@ -3,8 +3,10 @@
 mod bench;
 mod data;
 mod federate;
+mod influence;
 mod model;
 mod pretrain;
+mod server_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -52,7 +54,7 @@ fn main() -> ExitCode {
     let data_dir = cli.data_dir.unwrap_or_else(data::default_data_dir);
     let result = match cli.command {
         Command::Data(command) => data::run(command, &data_dir),
-        Command::Bench(command) => bench::run(command),
+        Command::Bench(command) => bench::run(command, &data_dir),
         Command::Eval(args) => model::eval(args, &data_dir),
         Command::Generate(args) => model::generate_text(args),
         Command::Serve(args) => federate::serve(args, &data_dir),

@@ -30,8 +30,22 @@ fn serve(addr: &str, state_dir: &Path) -> Child {
     folio()
         .args(["serve", "--preset", "small", "--addr", addr, "--state-dir"])
         .arg(state_dir)
-        .args(["--clients-per-round", "2", "--quorum", "2", "--max-batches", "1"])
-        .args(["--deadline-secs", "60", "--eval-clients", "1", "--eval-batches", "1"])
+        .args([
+            "--clients-per-round",
+            "2",
+            "--quorum",
+            "2",
+            "--max-batches",
+            "1",
+        ])
+        .args([
+            "--deadline-secs",
+            "60",
+            "--eval-clients",
+            "1",
+            "--eval-batches",
+            "1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
