@@ -136,6 +136,8 @@ pub struct Aggregated {
     /// Deltas whose norm was above the bound.
     pub clipped: usize,
     pub updates: usize,
+    /// The median L2 norm of the round's deltas, before clipping.
+    pub median_norm: f64,
 }
 
 pub trait Strategy: Send + Sync {
@@ -317,6 +319,11 @@ impl Strategy for RobustFedAvg {
                 .filter(|&&n| n > f64::from(open.clip_bound))
                 .count(),
             updates: open.len(),
+            median_norm: {
+                let mut norms = open.norms.clone();
+                norms.sort_by(f64::total_cmp);
+                norms.get(norms.len() / 2).copied().unwrap_or(0.0)
+            },
         })
     }
 }

@@ -50,6 +50,7 @@ async fn commit_initial(shared: &Arc<Shared>) -> anyhow::Result<()> {
         seconds: 0.0,
         clipped: 0,
         clip_bound: None,
+        delta_norm: None,
         model_hash: model_hash(&weights),
     };
     let mut history = fed.history.clone();
@@ -144,6 +145,7 @@ async fn close_round(shared: &Arc<Shared>) -> anyhow::Result<()> {
             .initial_bound()
             .is_finite()
             .then(|| f64::from(shared.fed().state.clip_bound)),
+        delta_norm: Some(closed.aggregated.median_norm),
         model_hash: model_hash(&closed.aggregated.weights),
     };
     let mut history = shared.fed().history.clone();

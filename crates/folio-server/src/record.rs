@@ -25,6 +25,9 @@ pub struct RoundRecord {
     pub clipped: usize,
     #[serde(default, with = "opt_float")]
     pub clip_bound: Option<f64>,
+    /// The median L2 norm of the round's deltas before clipping.
+    #[serde(default, with = "opt_float")]
+    pub delta_norm: Option<f64>,
     /// FNV-1a of the global weights after this round (f32 little-endian bytes).
     #[serde(default)]
     pub model_hash: String,
@@ -113,6 +116,7 @@ mod tests {
             seconds: 0.5,
             clipped: 1,
             clip_bound: Some(0.25),
+            delta_norm: Some(0.5),
             model_hash: model_hash(&[1.0]),
         };
         let json = serde_json::to_string(&record).unwrap();

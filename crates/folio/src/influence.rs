@@ -8,6 +8,8 @@
 use std::path::Path;
 use std::time::Instant;
 
+use anyhow::Context;
+
 use burn::prelude::Device;
 use folio_data::batch::{batch_count, batches};
 use folio_data::{BatchConfig, Corpus, vocab};
@@ -22,6 +24,9 @@ use folio_model::{CharRnn, ModelConfig, Preset, TrainConfig, Trainer};
 pub struct InfluenceArgs {
     #[arg(long, default_value = "small")]
     preset: Preset,
+    /// The starting model [default: the shipped Dickens model of the preset]
+    #[arg(long)]
+    init: Option<std::path::PathBuf>,
     /// Honest clients (one attacker joins them).
     #[arg(long, default_value_t = 9)]
     honest: usize,
@@ -189,8 +194,15 @@ pub fn run(args: InfluenceArgs, data_dir: &Path) -> anyhow::Result<()> {
         eval,
         args,
     };
-    let start =
-        pollster::block_on(CharRnn::init(model, setup.args.seed, &Device::flex()).to_flat())?;
+    let init = setup.args.init.clone().unwrap_or_else(|| {
+        std::path::PathBuf::from(format!(
+            "models/dickens-{}.safetensors",
+            setup.args.preset.name()
+        ))
+    });
+    let start = folio_model::checkpoint::load(&init, Some(model))
+        .with_context(|| format!("cannot start from {}: pass --init", init.display()))?
+        .weights;
     let accuracy = |weights: &[f32]| -> anyhow::Result<f64> {
         let model = CharRnn::from_flat(setup.model, weights, &Device::flex())?;
         Ok(pollster::block_on(folio_model::eval::evaluate(&model, &setup.eval))?.accuracy)
@@ -226,8 +238,9 @@ pub fn run(args: InfluenceArgs, data_dir: &Path) -> anyhow::Result<()> {
         ("median", fedavg(Clipping::Off, Aggregation::Median), true),
     ];
     println!(
-        "{} preset, {} honest clients + 1 attacker, {} rounds of {} local batches (SGD {}), clip bound {bound}",
+        "{} preset from {}, {} honest clients + 1 attacker, {} rounds of {} local batches (SGD {}), clip bound {bound}",
         setup.args.preset.name(),
+        init.display(),
         setup.honest.len(),
         setup.args.rounds,
         setup.args.batches,
