@@ -351,25 +351,18 @@ impl Federation {
                 Some((outbox, frame.clone()))
             })
             .collect();
-        self.open = Some(OpenRound {
-            round: self.round,
-            attempt: self.attempt,
-            selected: selected.into_iter().collect(),
-            reported: BTreeSet::new(),
-            dropped: BTreeSet::new(),
+        let updates = self
+            .strategy
+            .open_round(&self.state, self.model.num_params());
+        self.open = Some(OpenRound::new(
+            self.round,
+            self.attempt,
             allowed_examples,
-            encoding: self.config.delta_encoding,
-            updates: self
-                .strategy
-                .open_round(&self.state, self.model.num_params()),
-            deadline: now + self.config.deadline,
-            started: now,
-            loss_sum: 0.0,
-            accuracy_sum: 0.0,
-            examples: 0,
-            bytes_up: 0,
-            bytes_down: 0,
-        });
+            self.config.delta_encoding,
+            updates,
+            now,
+            self.config.deadline,
+        ));
         Some(sends)
     }
 

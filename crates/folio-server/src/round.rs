@@ -44,6 +44,36 @@ pub struct OpenRound {
 }
 
 impl OpenRound {
+    /// A round sent at `now` to the sessions in `allowed_examples` (with the most
+    /// examples each may report), due `deadline` later.
+    pub fn new(
+        round: u64,
+        attempt: u32,
+        allowed_examples: BTreeMap<u64, u64>,
+        encoding: Encoding,
+        updates: OpenUpdates,
+        now: Instant,
+        deadline: Duration,
+    ) -> Self {
+        Self {
+            round,
+            attempt,
+            selected: allowed_examples.keys().copied().collect(),
+            reported: BTreeSet::new(),
+            dropped: BTreeSet::new(),
+            allowed_examples,
+            encoding,
+            updates,
+            deadline: now + deadline,
+            started: now,
+            loss_sum: 0.0,
+            accuracy_sum: 0.0,
+            examples: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+
     fn waiting(&self) -> usize {
         self.selected.len() - self.reported.len() - self.dropped.len()
     }
@@ -92,24 +122,15 @@ mod tests {
 
     fn round(selected: &[u64]) -> OpenRound {
         let strategy = RobustFedAvg::new(StrategyConfig::fedavg(3), 0);
-        let now = Instant::now();
-        OpenRound {
-            round: 1,
-            attempt: 0,
-            selected: selected.iter().copied().collect(),
-            reported: BTreeSet::new(),
-            dropped: BTreeSet::new(),
-            allowed_examples: BTreeMap::new(),
-            encoding: Encoding::F32,
-            updates: folio_fed::Strategy::open_round(&strategy, &strategy.initial_state(1), 1),
-            deadline: now + Duration::from_secs(60),
-            started: now,
-            loss_sum: 0.0,
-            accuracy_sum: 0.0,
-            examples: 0,
-            bytes_up: 0,
-            bytes_down: 0,
-        }
+        OpenRound::new(
+            1,
+            0,
+            selected.iter().map(|&s| (s, 8)).collect(),
+            Encoding::F32,
+            folio_fed::Strategy::open_round(&strategy, &strategy.initial_state(1), 1),
+            Instant::now(),
+            Duration::from_secs(60),
+        )
     }
 
     #[test]

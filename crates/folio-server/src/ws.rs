@@ -203,28 +203,13 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
 /// Checks a join's strings, protocol and token, and resolves the client it asks
 /// for: all without the federation's lock.
 fn check_join(shared: &Shared, address: IpAddr, join: Join) -> Result<CheckedJoin, ErrorMessage> {
+    let len = |field: &Option<String>| field.as_ref().map_or(0, String::len);
     let fields = [
         ("backend", join.backend.len(), MAX_BACKEND_BYTES),
-        (
-            "adapter",
-            join.adapter.as_ref().map_or(0, String::len),
-            MAX_ADAPTER_BYTES,
-        ),
-        (
-            "token",
-            join.token.as_ref().map_or(0, String::len),
-            MAX_TOKEN_BYTES,
-        ),
-        (
-            "resume",
-            join.resume.as_ref().map_or(0, String::len),
-            MAX_RESUME_BYTES,
-        ),
-        (
-            "client",
-            join.client.as_ref().map_or(0, String::len),
-            MAX_CLIENT_ID_BYTES,
-        ),
+        ("adapter", len(&join.adapter), MAX_ADAPTER_BYTES),
+        ("token", len(&join.token), MAX_TOKEN_BYTES),
+        ("resume", len(&join.resume), MAX_RESUME_BYTES),
+        ("client", len(&join.client), MAX_CLIENT_ID_BYTES),
     ];
     for (name, len, max) in fields {
         if len > max {

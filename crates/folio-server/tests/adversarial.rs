@@ -11,7 +11,7 @@ use common::*;
 use folio_fed::{Clipping, Encoding, StrategyConfig, codec};
 use folio_proto::{ClientMessage, ErrorCode, Join, ServerMessage, Update, Welcome};
 use folio_server::{AccessConfig, Limits, RoundConfig, Server};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -530,53 +530,57 @@ async fn rounds_close_only_with_a_quorum_and_retry_with_other_clients() {
         ..StrategyConfig::fedavg(2)
     };
     let (_dir, server) = start(config, Limits::default(), AccessConfig::default()).await;
-    // Four clients; the first two picked stay silent and miss the deadline.
-    let mut sockets = Vec::new();
-    for _ in 0..4 {
+    // Four clients; each reader logs who got a round start, in order.
+    let starts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(usize, u64)>::new()));
+    let mut sinks = Vec::new();
+    for i in 0..4 {
         let mut socket = connect(&server).await;
-        let welcome = join_as(&mut socket, join(None)).await.unwrap();
-        sockets.push((socket, welcome.client_id));
-    }
-    let got_start = |sockets: &mut Vec<(Socket, String)>| {
-        let mut picked = Vec::new();
-        for (i, (socket, _)) in sockets.iter_mut().enumerate() {
-            while let Some(Ok(Message::Binary(frame))) = socket.next().now_or_never().flatten() {
-                if let Ok(ServerMessage::RoundStart(start)) = folio_proto::decode_server(&frame) {
-                    picked.push((i, start));
+        join_as(&mut socket, join(None)).await.unwrap();
+        let (sink, mut stream) = socket.split();
+        sinks.push(sink);
+        let starts = starts.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = stream.next().await {
+                if let Message::Binary(frame) = message
+                    && let Ok(ServerMessage::RoundStart(start)) = folio_proto::decode_server(&frame)
+                {
+                    starts.lock().unwrap().push((i, start.round));
                 }
             }
+        });
+    }
+    let wait_for_starts = |count: usize| {
+        let starts = starts.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while starts.lock().unwrap().len() < count {
+                assert!(Instant::now() < deadline, "{:?}", starts.lock().unwrap());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            starts.lock().unwrap().clone()
         }
-        picked
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let first: Vec<usize> = got_start(&mut sockets).iter().map(|(i, _)| *i).collect();
-    assert_eq!(first.len(), 2);
-    // The deadline passes without a quorum: abandoned, retried with the other two.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let second = got_start(&mut sockets);
-    let retried: Vec<usize> = second.iter().map(|(i, _)| *i).collect();
-    assert_eq!(retried.len(), 2, "{retried:?}");
+    // The two picked first stay silent: the deadline passes without a quorum, the
+    // round is abandoned and retried with the other two.
+    let log = wait_for_starts(4).await;
+    let (first, retried): (Vec<usize>, Vec<usize>) = (
+        log[..2].iter().map(|s| s.0).collect(),
+        log[2..4].iter().map(|s| s.0).collect(),
+    );
+    assert!(log.iter().all(|&(_, round)| round == 1), "{log:?}");
     assert!(
         retried.iter().all(|i| !first.contains(i)),
         "{first:?} then {retried:?}"
     );
     assert_eq!(server.status()["open_round"]["attempt"], 1);
     assert_eq!(server.history().len(), 1, "no round closed");
-    // One of the two reports, the other disconnects: still no round below quorum.
+    // One of the two reports, the other leaves: still no round below the quorum.
     let n = server.weights().len();
-    let (reporter, start) = (second[0].0, &second[0].1);
-    sockets[reporter]
-        .0
-        .send(binary(&update(
-            start.round,
-            8,
-            &vec![0.0; n],
-            Encoding::F32,
-        )))
+    sinks[retried[0]]
+        .send(binary(&update(1, 8, &vec![0.0; n], Encoding::F32)))
         .await
         .unwrap();
-    let quitter = second[1].0;
-    let _ = sockets[quitter].0.close(None).await;
+    let _ = sinks[retried[1]].close().await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(server.history().len(), 1, "a round closed below its quorum");
     assert_eq!(server.status()["open_round"]["attempt"], 2);
