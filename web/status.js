@@ -14,8 +14,10 @@ function fill(id, rows) {
   );
 }
 
-// Eval loss (left scale) and accuracy (right scale, 0..1) of the global model per round.
-function plot(history) {
+// Eval loss (left scale) and accuracy (right scale, 0..1) of the global model per
+// round. Non-finite metrics arrive as the strings "NaN", "inf", "-inf": not plotted.
+function plot(all) {
+  const history = all.filter((r) => Number.isFinite(r.eval_loss) && Number.isFinite(r.eval_accuracy));
   const canvas = document.getElementById("plot");
   const ctx = canvas.getContext("2d");
   const { width, height } = canvas;

@@ -116,7 +116,7 @@ impl Server {
         };
         let completed = history.last().map_or(0, |r| r.round);
         let eval_batches = eval_batches(&corpus, rounds, config.seed)?;
-        let limits = config.limits.clone();
+        let limits = fit_to_file_limit(config.limits.clone());
         let fed = Federation::new(FederationInit {
             model,
             preset: config.preset.to_string(),
@@ -210,6 +210,27 @@ impl Server {
             task.abort();
         }
     }
+}
+
+/// File descriptors kept free for the listener, state files and the like.
+const SPARE_FILES: u64 = 64;
+
+/// Raises the open-files limit to what the system allows and keeps the connection
+/// cap under it, so that a flood of sockets meets the cap, not `accept` failing.
+fn fit_to_file_limit(mut limits: Limits) -> Limits {
+    let Ok(files) = rlimit::increase_nofile_limit(u64::MAX) else {
+        return limits;
+    };
+    let room = files.saturating_sub(SPARE_FILES).max(1) as usize;
+    if limits.max_connections > room {
+        eprintln!(
+            "warning: {} connections asked for, but only {files} open files are allowed: \
+             at most {room} connections (raise `ulimit -n` for more)",
+            limits.max_connections
+        );
+        limits.max_connections = room;
+    }
+    limits
 }
 
 /// The fixed held-out set: the tutorial's check (one client's first training

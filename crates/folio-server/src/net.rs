@@ -175,7 +175,8 @@ impl IdleTimer {
 }
 
 /// A TCP stream that holds its place in the connection count and fails a read
-/// that waits longer than the idle timeout.
+/// that waits longer than the idle timeout with nothing moving either way (a long
+/// download is progress too).
 #[derive(Debug)]
 pub struct GuardedStream {
     inner: TcpStream,
@@ -192,8 +193,7 @@ impl AsyncRead for GuardedStream {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
-                let timeout = this.idle.timeout;
-                this.idle.sleep.as_mut().reset(Instant::now() + timeout);
+                this.progressed();
                 Poll::Ready(result)
             }
             Poll::Pending => {
@@ -210,13 +210,22 @@ impl AsyncRead for GuardedStream {
     }
 }
 
+impl GuardedStream {
+    fn progressed(&mut self) {
+        let timeout = self.idle.timeout;
+        self.idle.sleep.as_mut().reset(Instant::now() + timeout);
+    }
+}
+
 impl AsyncWrite for GuardedStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        self.progressed();
+        Poll::Ready(written)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -232,7 +241,9 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        self.progressed();
+        Poll::Ready(written)
     }
 
     fn is_write_vectored(&self) -> bool {
