@@ -39,7 +39,8 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Frames queued for one connection; a client that does not read is dropped.
     pub outbox_frames: usize,
-    /// Refused frames a connection may send before it is closed.
+    /// Refused frames a connection may send before it is closed (late updates,
+    /// told `round_closed`, do not count).
     pub error_budget: u32,
     /// After a wrong join token, the address is refused for this long, doubling
     /// with every further wrong guess up to `max_token_lockout`.

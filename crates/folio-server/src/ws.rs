@@ -165,7 +165,10 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
                 if refused.code == ErrorCode::BadToken {
                     break Some(Goodbye(refused));
                 }
-                errors += 1;
+                // A late update is a slow client, not a misbehaving one.
+                if refused.code != ErrorCode::RoundClosed {
+                    errors += 1;
+                }
                 if errors > limits.error_budget {
                     break Some(Goodbye(error(
                         ErrorCode::TooManyErrors,

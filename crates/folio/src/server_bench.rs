@@ -52,25 +52,36 @@ async fn status_latency(addr: &str) -> anyhow::Result<(Duration, usize)> {
     Ok((started.elapsed(), body.len()))
 }
 
-/// Polls `/api/status` while `flood` runs; returns (median, max) latency in ms.
+/// Polls `/api/status` from a thread of its own (so that the flood's own work in
+/// this process does not delay it) while `flood` runs; returns (median, max)
+/// latency in ms and the status's size.
 async fn during<F: std::future::Future<Output = anyhow::Result<()>>>(
     addr: &str,
     flood: F,
 ) -> anyhow::Result<(f64, f64, usize)> {
-    let poll = async {
-        let mut samples = Vec::new();
-        let mut bytes = 0;
-        for _ in 0..20 {
-            let (latency, len) = status_latency(addr).await?;
-            samples.push(latency.as_secs_f64() * 1e3);
-            bytes = len;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        anyhow::Ok((samples, bytes))
+    let poller = {
+        let addr = addr.to_owned();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut samples = Vec::new();
+                let mut bytes = 0;
+                for _ in 0..20 {
+                    let (latency, len) = status_latency(&addr).await?;
+                    samples.push(latency.as_secs_f64() * 1e3);
+                    bytes = len;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                anyhow::Ok((samples, bytes))
+            })
+        })
     };
-    let (flooded, polled) = tokio::join!(flood, poll);
-    flooded?;
-    let (mut samples, bytes) = polled?;
+    flood.await?;
+    let (mut samples, bytes) = poller
+        .join()
+        .map_err(|_| anyhow::anyhow!("the status poller panicked"))??;
     samples.sort_by(f64::total_cmp);
     Ok((
         samples[samples.len() / 2],
@@ -225,6 +236,49 @@ pub fn run(args: ServerBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
             &child,
             during(&addr, flood).await?,
         )?;
+
+        // Half-sent HTTP requests and WebSockets that never join: held, then
+        // closed by the idle and join timeouts.
+        let mut half_open = Vec::new();
+        for _ in 0..200 {
+            let mut stream = TcpStream::connect(&addr).await?;
+            stream.write_all(b"GET /api/status HTTP/1.1\r\nHost:").await?;
+            half_open.push(stream);
+        }
+        let mut silent = Vec::new();
+        for _ in 0..200 {
+            silent.push(tokio_tungstenite::connect_async(&url).await?.0);
+        }
+        row(
+            "+ 200 half-sent requests, 200 never-joined sockets",
+            &child,
+            during(&addr, async { Ok(()) }).await?,
+        )?;
+        let started = Instant::now();
+        let mut left = half_open.len() + silent.len();
+        while left > 0 && started.elapsed() < Duration::from_secs(60) {
+            left = 0;
+            for stream in &mut half_open {
+                let mut byte = [0u8; 64];
+                match tokio::time::timeout(Duration::from_millis(1), stream.read(&mut byte)).await {
+                    Ok(Ok(0) | Err(_)) => {}
+                    _ => left += 1,
+                }
+            }
+            for socket in &mut silent {
+                match tokio::time::timeout(Duration::from_millis(1), socket.next()).await {
+                    Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => {}
+                    _ => left += 1,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        println!(
+            "  ...{} of 400 closed by the server after {:.0} s (join timeout 10 s, idle timeout 30 s)",
+            400 - left,
+            started.elapsed().as_secs_f64()
+        );
+        drop((half_open, silent));
 
         // Idle sockets past the connection cap: the excess is closed at accept.
         let mut idle = Vec::new();
