@@ -421,8 +421,18 @@ impl Federation {
         update: DecodedUpdate,
     ) -> Result<(), ErrorMessage> {
         self.expected_update(session, update.round)?;
-        if !(update.train_loss.is_finite() && update.train_accuracy.is_finite()) {
-            return Err(error(ErrorCode::BadDelta, "train metrics are not finite"));
+        // They enter the round's averages: a loss is finite and ≥ 0, an accuracy
+        // in [0, 1], a time finite and ≥ 0.
+        let sane = update.train_loss.is_finite()
+            && update.train_loss >= 0.0
+            && (0.0..=1.0).contains(&update.train_accuracy)
+            && update.train_seconds.is_finite()
+            && update.train_seconds >= 0.0;
+        if !sane {
+            return Err(error(
+                ErrorCode::BadDelta,
+                "train metrics out of range (loss ≥ 0, accuracy in [0, 1], seconds ≥ 0)",
+            ));
         }
         let open = self.open.as_mut().expect("checked above");
         let allowed = open.allowed_examples.get(&session).copied().unwrap_or(0);

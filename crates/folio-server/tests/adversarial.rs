@@ -144,6 +144,24 @@ async fn a_client_cannot_replace_or_destroy_the_global_model() {
         ErrorCode::WrongEncoding,
     )
     .await;
+    for (loss, accuracy, seconds) in [
+        (f32::NAN, 0.5, 1.0),
+        (-1.0, 0.5, 1.0),
+        (1.0, 1e30, 1.0),
+        (1.0, 0.5, f32::INFINITY),
+    ] {
+        let ClientMessage::Update(mut lying) = update(start.round, 8, &target, Encoding::F32)
+        else {
+            unreachable!()
+        };
+        (lying.train_loss, lying.train_accuracy, lying.train_seconds) = (loss, accuracy, seconds);
+        expect_error(
+            &mut attacker,
+            binary(&ClientMessage::Update(lying)),
+            ErrorCode::BadDelta,
+        )
+        .await;
+    }
     assert_eq!(server.weights(), initial, "refused updates touch nothing");
 
     // Accepted, but clipped to the bound (1.0): the model moves by at most that.
