@@ -106,6 +106,31 @@ pub fn batches(ids: &[u32], config: &BatchConfig) -> Vec<Batch> {
         .collect()
 }
 
+/// Evaluation batches over many clients' ids: every client's chunks (the last
+/// one padded and masked), in order, packed `batch_size` to a batch whoever they
+/// belong to. Loss and accuracy over them weigh each client by its real targets,
+/// as per-client evaluations averaged by targets would, with far fewer batches.
+pub fn pack_chunks<'a>(
+    clients: impl IntoIterator<Item = &'a [u32]>,
+    seq_len: usize,
+    batch_size: usize,
+) -> Vec<Batch> {
+    let chunks: Vec<&[u32]> = clients
+        .into_iter()
+        .flat_map(|ids| ids.chunks(seq_len + 1))
+        .filter(|chunk| chunk.len() >= 2)
+        .collect();
+    let config = BatchConfig {
+        seq_len,
+        batch_size,
+        ..BatchConfig::padded(0)
+    };
+    chunks
+        .chunks(batch_size)
+        .map(|group| assemble(group, &config))
+        .collect()
+}
+
 fn assemble(rows: &[&[u32]], config: &BatchConfig) -> Batch {
     let (b, t) = (config.batch_size, config.seq_len);
     let mut batch = Batch {
@@ -174,6 +199,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn packed_chunks_keep_every_real_target_once() {
+        let clients = [ramp(1), ramp(57), ramp(333), ramp(1210)];
+        let packed = pack_chunks(clients.iter().map(Vec::as_slice), 100, 4);
+        let per_client: usize = clients
+            .iter()
+            .flat_map(|ids| batches(ids, &BatchConfig::padded(0)))
+            .map(|b| b.real_targets())
+            .sum();
+        assert_eq!(
+            packed.iter().map(Batch::real_targets).sum::<usize>(),
+            per_client
+        );
+        // 0 + 1 + 4 + 12 chunks, 4 to a batch.
+        assert_eq!(packed.len(), 17usize.div_ceil(4));
     }
 
     #[test]

@@ -18,16 +18,20 @@ pub struct ModelConfig {
 pub enum Preset {
     /// The tutorial's model: E 256, H 1024, ≈4.05 M parameters.
     Seed,
+    /// E 64, H 512 (≈0.94 M parameters): the size of the federated Shakespeare
+    /// papers' models (McMahan et al.'s LSTM has 0.87 M).
+    Medium,
     /// E 32, H 128 (≈70 k parameters): tests, CI and the browser on SwiftShader.
     Small,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 2] = [Preset::Seed, Preset::Small];
+    pub const ALL: [Preset; 3] = [Preset::Seed, Preset::Medium, Preset::Small];
 
     pub fn config(self) -> ModelConfig {
         let (embed, hidden) = match self {
             Preset::Seed => (256, 1024),
+            Preset::Medium => (64, 512),
             Preset::Small => (32, 128),
         };
         ModelConfig {
@@ -40,6 +44,7 @@ impl Preset {
     pub fn name(self) -> &'static str {
         match self {
             Preset::Seed => "seed",
+            Preset::Medium => "medium",
             Preset::Small => "small",
         }
     }
@@ -58,7 +63,7 @@ impl FromStr for Preset {
         Preset::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| format!("unknown preset `{s}` (seed, small)"))
+            .ok_or_else(|| format!("unknown preset `{s}` (seed, medium, small)"))
     }
 }
 
@@ -91,6 +96,7 @@ mod tests {
     #[test]
     fn seed_preset_has_the_tutorials_parameter_count() {
         assert_eq!(Preset::Seed.config().num_params(), 4_048_470);
+        assert_eq!(Preset::Medium.config().num_params(), 937_430);
         assert_eq!("small".parse::<Preset>(), Ok(Preset::Small));
         assert!("huge".parse::<Preset>().is_err());
     }

@@ -28,6 +28,34 @@ pub async fn evaluate(model: &CharRnn, batches: &[Batch]) -> Result<Metrics, Mod
     }
 }
 
+/// Held-out loss and flattened accuracy over many clients' ids (padding
+/// excluded), `batch_size` chunks of 100 to a batch whoever they belong to: the
+/// same figures as per-client evaluations averaged by their targets. Reads back
+/// every `slice` batches and reports `(batches done, batches)`.
+pub async fn evaluate_population(
+    model: &CharRnn,
+    clients: &[Vec<u32>],
+    batch_size: usize,
+    slice: usize,
+    mut on_progress: impl FnMut(usize, usize),
+) -> Result<Metrics, ModelError> {
+    let all = folio_data::batch::pack_chunks(
+        clients.iter().map(Vec::as_slice),
+        folio_data::batch::SEQ_LEN,
+        batch_size,
+    );
+    let mut total: Option<Metrics> = None;
+    for (i, part) in all.chunks(slice.max(1)).enumerate() {
+        let metrics = evaluate(model, part).await?;
+        total = Some(match total {
+            None => metrics,
+            Some(sum) => sum.merge(metrics),
+        });
+        on_progress((i * slice.max(1) + part.len()).min(all.len()), all.len());
+    }
+    total.ok_or(ModelError::NoBatches)
+}
+
 /// Batches of uniformly random ids: the tutorial's sanity check (a model that
 /// learnt anything real scores ≈ 1/86 on them).
 pub fn random_batches(

@@ -81,6 +81,20 @@ pub struct Metrics {
     pub targets: usize,
 }
 
+impl Metrics {
+    /// The metrics of both measurements together (weighted by their targets).
+    pub fn merge(self, other: Metrics) -> Metrics {
+        let targets = self.targets + other.targets;
+        let total = targets.max(1) as f64;
+        let weigh = |a: f64, b: f64| (a * self.targets as f64 + b * other.targets as f64) / total;
+        Metrics {
+            loss: weigh(self.loss, other.loss),
+            accuracy: weigh(self.accuracy, other.accuracy),
+            targets,
+        }
+    }
+}
+
 /// Masked cross-entropy from logits: `(mean loss [1], metrics)`.
 pub fn loss_and_metrics(logits: Tensor<3>, batch: &BatchTensors) -> (Tensor<1>, DeviceMetrics) {
     let [b, t, v] = logits.dims();

@@ -229,3 +229,37 @@ fn gradients_match_finite_differences() {
         start += len;
     }
 }
+
+#[test]
+fn population_evaluation_is_the_target_weighted_mean_of_per_client_ones() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let books = load_books(&default_dickens_files(&root)).unwrap();
+    let (ids, _) = vocab::encode(&books[0][..20_000]);
+    // Four "clients" of Dickens lines, from one chunk to many, one partial batch each.
+    let clients: Vec<Vec<u32>> = [(0, 57), (57, 390), (390, 1600), (1600, 4000)]
+        .iter()
+        .map(|&(a, b)| ids[a..b].to_vec())
+        .collect();
+    let model = CharRnn::init(small(), 3, &Device::flex());
+    let population = pollster::block_on(folio_model::eval::evaluate_population(
+        &model,
+        &clients,
+        16,
+        2,
+        |_, _| {},
+    ))
+    .unwrap();
+    let mut loss = 0.0;
+    let mut correct = 0.0;
+    let mut targets = 0;
+    for client in &clients {
+        let own = batches(client, &BatchConfig::padded(0));
+        let m = pollster::block_on(folio_model::eval::evaluate(&model, &own)).unwrap();
+        loss += m.loss * m.targets as f64;
+        correct += m.accuracy * m.targets as f64;
+        targets += m.targets;
+    }
+    assert_eq!(population.targets, targets);
+    assert!((population.loss - loss / targets as f64).abs() < 1e-5);
+    assert!((population.accuracy - correct / targets as f64).abs() < 1e-9);
+}

@@ -26,11 +26,19 @@ pub enum Split {
 pub struct EvalArgs {
     #[arg(long, default_value = SHIPPED_MODEL)]
     checkpoint: PathBuf,
-    /// Client id (e.g. THE_TRAGEDY_OF_KING_LEAR_LEAR); required unless --random.
-    #[arg(long, required_unless_present = "random")]
+    /// Client id (e.g. THE_TRAGEDY_OF_KING_LEAR_LEAR); required unless --random
+    /// or --population.
+    #[arg(long, required_unless_present_any = ["random", "population"])]
     client: Option<String>,
-    #[arg(long, value_enum, default_value = "train")]
-    split: Split,
+    /// Every client's split instead (padding excluded): the population figure.
+    #[arg(long, conflicts_with_all = ["client", "random"])]
+    population: bool,
+    /// Chunks per evaluation batch with --population.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// [default: train; test with --population]
+    #[arg(long, value_enum)]
+    split: Option<Split>,
     /// Evaluate on the first this many tutorial batches (8 × 100).
     #[arg(long, default_value_t = 5)]
     batches: usize,
@@ -73,8 +81,60 @@ fn load_model(path: &Path) -> anyhow::Result<CharRnn> {
     )?)
 }
 
+/// Held-out loss and accuracy over every client, with a progress bar.
+fn eval_population(args: &EvalArgs, model: &CharRnn, data_dir: &Path) -> anyhow::Result<()> {
+    let corpus = crate::data::load_corpus(data_dir)?;
+    let split = args.split.unwrap_or(Split::Test);
+    let clients: Vec<Vec<u32>> = corpus
+        .clients
+        .iter()
+        .map(|c| {
+            let text = match split {
+                Split::Train => c.train_text(),
+                Split::Test => c.test_text(),
+            };
+            vocab::encode(&text).0
+        })
+        .collect();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "evaluating [{bar:30}] {pos}/{len} batches, {elapsed}, ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    let started = std::time::Instant::now();
+    let metrics = pollster::block_on(folio_model::eval::evaluate_population(
+        model,
+        &clients,
+        args.batch_size,
+        8,
+        |done, all| {
+            bar.set_length(all as u64);
+            bar.set_position(done as u64);
+        },
+    ))?;
+    bar.finish_and_clear();
+    println!(
+        "population ({} clients, {} split, {} chars, padding excluded): loss {:.4}, accuracy {:.4} in {:.0}s",
+        clients.len(),
+        match split {
+            Split::Train => "train",
+            Split::Test => "test",
+        },
+        metrics.targets,
+        metrics.loss,
+        metrics.accuracy,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 pub fn eval(args: EvalArgs, data_dir: &Path) -> anyhow::Result<()> {
     let model = load_model(&args.checkpoint)?;
+    if args.population {
+        return eval_population(&args, &model, data_dir);
+    }
     let (what, eval_batches) = if args.random {
         (
             "random text".to_owned(),
@@ -83,7 +143,7 @@ pub fn eval(args: EvalArgs, data_dir: &Path) -> anyhow::Result<()> {
     } else {
         let corpus = crate::data::load_corpus(data_dir)?;
         let client = corpus.client(args.client.as_deref().unwrap_or_default())?;
-        let text = match args.split {
+        let text = match args.split.unwrap_or(Split::Train) {
             Split::Train => client.train_text(),
             Split::Test => client.test_text(),
         };
