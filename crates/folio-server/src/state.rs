@@ -149,8 +149,24 @@ pub fn load(
         "{} holds non-finite weights: move it away to start afresh",
         path.display()
     );
-    let history: Vec<RoundRecord> = serde_json::from_slice(raw("history")?)
-        .with_context(|| format!("{}: the history is corrupt", path.display()))?;
+    let history: Vec<RoundRecord> = match tensors.tensor("history") {
+        Ok(view) => serde_json::from_slice(view.data())
+            .with_context(|| format!("{}: the history is corrupt", path.display()))?,
+        // A state from before histories were committed with it: the history file's
+        // lines up to its round.
+        Err(_) => {
+            let round: u64 = metadata
+                .get("round")
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0);
+            std::fs::read_to_string(history_path(dir))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| serde_json::from_str::<RoundRecord>(line).ok())
+                .filter(|record| record.round <= round)
+                .collect()
+        }
+    };
     let saved_config: Option<ServerOptimizerConfig> = metadata
         .get("server_optimizer")
         .and_then(|json| serde_json::from_str(json).ok());
