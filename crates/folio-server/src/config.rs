@@ -53,6 +53,9 @@ pub struct RoundConfig {
     pub eval_batches: usize,
     /// Evaluate on this client's *training* batches instead (the tutorial's check).
     pub eval_client: Option<String>,
+    /// Also evaluate on every client's test split (the population figure) after
+    /// every this many rounds and after the last one.
+    pub population_eval_every: Option<u64>,
 }
 
 impl RoundConfig {
@@ -73,6 +76,7 @@ impl RoundConfig {
             eval_clients: 8,
             eval_batches: 2,
             eval_client: None,
+            population_eval_every: None,
         }
     }
 }

@@ -33,10 +33,30 @@ async fn evaluate_weights(shared: &Arc<Shared>, weights: Vec<f32>) -> anyhow::Re
     .await?
 }
 
+/// Held-out metrics over every client's test split.
+async fn evaluate_population(shared: &Arc<Shared>, weights: Vec<f32>) -> anyhow::Result<Metrics> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let model = CharRnn::from_flat(shared.config.preset.config(), &weights, &Device::flex())?;
+        Ok(pollster::block_on(folio_model::eval::evaluate_population(
+            &model,
+            &shared.population,
+            64,
+            usize::MAX,
+            |_, _| {},
+        ))?)
+    })
+    .await?
+}
+
 /// Evaluates the initial model and commits it as round 0 (a fresh state dir).
 async fn commit_initial(shared: &Arc<Shared>) -> anyhow::Result<()> {
     let weights = shared.fed().weights.clone();
     let metrics = evaluate_weights(shared, weights.clone()).await?;
+    let population = match shared.config.rounds.population_eval_every {
+        Some(_) => Some(evaluate_population(shared, weights.clone()).await?),
+        None => None,
+    };
     let mut fed = shared.fed();
     let record = RoundRecord {
         round: 0,
@@ -51,6 +71,8 @@ async fn commit_initial(shared: &Arc<Shared>) -> anyhow::Result<()> {
         clipped: 0,
         clip_bound: None,
         delta_norm: None,
+        population_loss: population.map(|m| m.loss),
+        population_accuracy: population.map(|m| m.accuracy),
         model_hash: model_hash(&weights),
     };
     let mut history = fed.history.clone();
@@ -126,6 +148,13 @@ async fn close_round(shared: &Arc<Shared>) -> anyhow::Result<()> {
     };
     let eval_started = Instant::now();
     let metrics = evaluate_weights(shared, closed.aggregated.weights.clone()).await?;
+    let last = shared.config.max_rounds == Some(closed.round);
+    let population = match shared.config.rounds.population_eval_every {
+        Some(every) if last || closed.round % every.max(1) == 0 => {
+            Some(evaluate_population(shared, closed.aggregated.weights.clone()).await?)
+        }
+        _ => None,
+    };
     let record = RoundRecord {
         round: closed.round,
         clients: closed.clients,
@@ -146,6 +175,8 @@ async fn close_round(shared: &Arc<Shared>) -> anyhow::Result<()> {
             .is_finite()
             .then(|| f64::from(shared.fed().state.clip_bound)),
         delta_norm: Some(closed.aggregated.median_norm),
+        population_loss: population.map(|m| m.loss),
+        population_accuracy: population.map(|m| m.accuracy),
         model_hash: model_hash(&closed.aggregated.weights),
     };
     let mut history = shared.fed().history.clone();

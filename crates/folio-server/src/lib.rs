@@ -46,6 +46,8 @@ pub struct Shared {
     fed: Mutex<Federation>,
     corpus: Arc<Corpus>,
     eval_batches: Vec<Batch>,
+    /// Every client's test ids, when the population is evaluated.
+    population: Vec<Vec<u32>>,
     config: ServerConfig,
     limits: Limits,
     access: access::Access,
@@ -116,6 +118,10 @@ impl Server {
         };
         let completed = history.last().map_or(0, |r| r.round);
         let eval_batches = eval_batches(&corpus, rounds, config.seed)?;
+        let population = match rounds.population_eval_every {
+            Some(_) => population_ids(&corpus),
+            None => Vec::new(),
+        };
         let limits = fit_to_file_limit(config.limits.clone());
         let fed = Federation::new(FederationInit {
             model,
@@ -147,6 +153,7 @@ impl Server {
             fed: Mutex::new(fed),
             corpus,
             eval_batches,
+            population,
             access: access::Access::new(
                 config.access.clone(),
                 limits.token_lockout,
@@ -231,6 +238,15 @@ fn fit_to_file_limit(mut limits: Limits) -> Limits {
         limits.max_connections = room;
     }
     limits
+}
+
+/// Every client's test split, as ids: the population evaluation's data.
+pub fn population_ids(corpus: &Corpus) -> Vec<Vec<u32>> {
+    corpus
+        .clients
+        .iter()
+        .map(|c| vocab::encode(&c.test_text()).0)
+        .collect()
 }
 
 /// The fixed held-out set: the tutorial's check (one client's first training

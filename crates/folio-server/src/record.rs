@@ -28,6 +28,12 @@ pub struct RoundRecord {
     /// The median L2 norm of the round's deltas before clipping.
     #[serde(default, with = "opt_float")]
     pub delta_norm: Option<f64>,
+    /// Held-out loss and accuracy over every client's test split, on the rounds
+    /// that measure it.
+    #[serde(default, with = "opt_float")]
+    pub population_loss: Option<f64>,
+    #[serde(default, with = "opt_float")]
+    pub population_accuracy: Option<f64>,
     /// FNV-1a of the global weights after this round (f32 little-endian bytes).
     #[serde(default)]
     pub model_hash: String,
@@ -117,6 +123,8 @@ mod tests {
             clipped: 1,
             clip_bound: Some(0.25),
             delta_norm: Some(0.5),
+            population_loss: None,
+            population_accuracy: Some(0.5),
             model_hash: model_hash(&[1.0]),
         };
         let json = serde_json::to_string(&record).unwrap();

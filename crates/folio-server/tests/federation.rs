@@ -11,6 +11,7 @@ use common::*;
 use folio_client::native::WsTransport;
 use folio_client::{ClientError, ClientOptions, Transport};
 use folio_fed::{Clipping, Encoding, ServerOptimizerConfig, StrategyConfig, codec};
+use folio_model::Preset;
 use folio_proto::{ClientMessage, ErrorCode, ServerMessage, Update, decode_client, decode_server};
 use folio_server::{RoundConfig, Server};
 use futures_util::SinkExt;
@@ -490,5 +491,38 @@ async fn a_silent_client_is_closed_out_at_the_deadline_on_quorum() {
         started.elapsed() >= Duration::from_secs(3),
         "closed before the deadline"
     );
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_population_is_evaluated_on_the_rounds_asked_for_and_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let round_config = RoundConfig {
+        population_eval_every: Some(3),
+        ..rounds(1)
+    };
+    let server = Server::start(config(dir.path(), round_config, 2))
+        .await
+        .unwrap();
+    let _client = spawn_client(url(&server), false);
+    server.wait_for_round(2).await;
+    let history = server.history();
+    let measured: Vec<bool> = history
+        .iter()
+        .map(|r| r.population_accuracy.is_some())
+        .collect();
+    // The initial model and round 2, the last (every 3rd round would be later).
+    assert_eq!(measured, [true, false, true]);
+    let corpus = folio_data::Corpus::load(&data_dir().join("shakespeare")).unwrap();
+    let model =
+        folio_model::CharRnn::from_flat(Preset::Small.config(), &server.weights(), &Device::flex())
+            .unwrap();
+    let population = folio_server::population_ids(&corpus);
+    let expected = folio_model::eval::evaluate_population(&model, &population, 64, 8, |_, _| {})
+        .await
+        .unwrap();
+    let last = history.last().unwrap();
+    assert!((last.population_accuracy.unwrap() - expected.accuracy).abs() < 1e-9);
+    assert!((last.population_loss.unwrap() - expected.loss).abs() < 1e-5);
     server.abort();
 }

@@ -123,6 +123,10 @@ pub struct RoundArgs {
     /// Evaluate on this client's first training batches instead.
     #[arg(long)]
     eval_client: Option<String>,
+    /// Also evaluate on every client's test split after every this many rounds
+    /// and the last (0: never; `small` takes seconds, `seed` minutes).
+    #[arg(long, default_value_t = 0)]
+    population_eval_every: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -201,6 +205,8 @@ impl RoundArgs {
             eval_clients: self.eval_clients,
             eval_batches: self.eval_batches,
             eval_client: self.eval_client.clone(),
+            population_eval_every: (self.population_eval_every > 0)
+                .then_some(self.population_eval_every),
         }
     }
 
@@ -403,8 +409,7 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
     })
 }
 
-pub const TABLE_HEADER: &str =
-    "round  clients  train loss  train acc  eval loss  eval acc    bytes up   seconds";
+pub const TABLE_HEADER: &str = "round  clients  train loss  train acc  eval loss  eval acc    bytes up   seconds  population acc";
 
 pub fn row(r: &RoundRecord) -> String {
     let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
@@ -418,7 +423,9 @@ pub fn row(r: &RoundRecord) -> String {
         r.eval_accuracy,
         r.bytes_up,
         r.seconds
-    )
+    ) + &r
+        .population_accuracy
+        .map_or_else(String::new, |acc| format!("  {acc:>14.4}"))
 }
 
 pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
