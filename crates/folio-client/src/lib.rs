@@ -241,21 +241,34 @@ pub fn is_retryable(code: ErrorCode) -> bool {
     )
 }
 
-/// Trains one round from the global weights in `start` and returns the update.
-/// Stops early, after at least one batch, when 90% of the deadline is gone.
-async fn train_round(
+/// One client's local training, before encoding.
+#[derive(Debug, Clone)]
+pub struct LocalResult {
+    /// `trained − global`.
+    pub delta: Vec<f32>,
+    /// Sequences trained on (padded rows not counted).
+    pub examples: u64,
+    pub metrics: folio_model::Metrics,
+    pub seconds: f32,
+}
+
+/// Trains `config` from `global` on a client's `ids` as `start` asks (epochs,
+/// batches, optimizer, seed), `batch_size` × `seq_len` a batch: the local step of
+/// every client, in a tab, a process or a simulation. Stops early, after at least
+/// one batch, when 90% of the deadline is gone. `on_batch(k, of)` before each batch.
+#[allow(clippy::too_many_arguments)]
+pub async fn train_locally(
     device: &Device,
-    session: &Session,
+    config: ModelConfig,
+    ids: &[u32],
+    batch_size: usize,
+    seq_len: usize,
+    global: &[f32],
     start: &RoundStart,
-    on_event: &mut impl FnMut(ClientEvent),
-) -> Result<Update, ClientError> {
+    mut on_batch: impl FnMut(usize, usize),
+) -> Result<LocalResult, ClientError> {
     let started = Instant::now();
-    let global = codec::decode(
-        &start.weights,
-        &[session.config.num_params()],
-        folio_fed::Encoding::F32,
-    )?;
-    let model = CharRnn::from_flat(session.config, &global, &device.clone().autodiff())?;
+    let model = CharRnn::from_flat(config, global, &device.clone().autodiff())?;
     let mut trainer = Trainer::new(
         model,
         TrainConfig {
@@ -271,11 +284,11 @@ async fn train_round(
     let plan: Vec<_> = (0..start.local_epochs.max(1))
         .flat_map(|epoch| {
             let config = BatchConfig {
-                batch_size: session.welcome.batch_size as usize,
-                seq_len: session.welcome.seq_len as usize,
+                batch_size,
+                seq_len,
                 ..BatchConfig::padded(start.seed.wrapping_add(u64::from(epoch)))
             };
-            batches(&session.ids, &config).into_iter().take(per_epoch)
+            batches(ids, &config).into_iter().take(per_epoch)
         })
         .collect();
     let deadline = start.deadline_ms as f64 / 1000.0 * 0.9;
@@ -285,11 +298,7 @@ async fn train_round(
         if i > 0 && started.elapsed().as_secs_f64() > deadline {
             break;
         }
-        on_event(ClientEvent::State(ClientState::Training {
-            round: start.round,
-            batch: i + 1,
-            of: plan.len(),
-        }));
+        on_batch(i + 1, plan.len());
         let step = trainer.step(batch);
         metrics = Some(match metrics {
             None => step,
@@ -304,6 +313,43 @@ async fn train_round(
         None => return Err(ClientError::Model(folio_model::ModelError::NoBatches)),
     };
     let trained = trainer.model().to_flat().await?;
+    Ok(LocalResult {
+        delta: delta(&trained, global),
+        examples,
+        metrics,
+        seconds: started.elapsed().as_secs_f32(),
+    })
+}
+
+/// Trains one round from the global weights in `start` and returns the update.
+async fn train_round(
+    device: &Device,
+    session: &Session,
+    start: &RoundStart,
+    on_event: &mut impl FnMut(ClientEvent),
+) -> Result<Update, ClientError> {
+    let global = codec::decode(
+        &start.weights,
+        &[session.config.num_params()],
+        folio_fed::Encoding::F32,
+    )?;
+    let local = train_locally(
+        device,
+        session.config,
+        &session.ids,
+        session.welcome.batch_size as usize,
+        session.welcome.seq_len as usize,
+        &global,
+        start,
+        |batch, of| {
+            on_event(ClientEvent::State(ClientState::Training {
+                round: start.round,
+                batch,
+                of,
+            }))
+        },
+    )
+    .await?;
     let segments: Vec<usize> = session
         .config
         .param_shapes()
@@ -312,11 +358,11 @@ async fn train_round(
         .collect();
     Ok(Update {
         round: start.round,
-        examples,
+        examples: local.examples,
         encoding: start.delta_encoding,
-        delta: codec::encode(&delta(&trained, &global), &segments, start.delta_encoding),
-        train_loss: metrics.loss as f32,
-        train_accuracy: metrics.accuracy as f32,
-        train_seconds: started.elapsed().as_secs_f32(),
+        delta: codec::encode(&local.delta, &segments, start.delta_encoding),
+        train_loss: local.metrics.loss as f32,
+        train_accuracy: local.metrics.accuracy as f32,
+        train_seconds: local.seconds,
     })
 }

@@ -82,6 +82,21 @@ impl RoundConfig {
 }
 
 impl RoundConfig {
+    /// The most examples a client with `train_ids` ids of training text can train
+    /// on in one round: its batches (capped by the round's) × epochs × batch size.
+    pub fn allowed_examples(&self, train_ids: usize) -> u64 {
+        let batch = folio_data::BatchConfig {
+            batch_size: self.batch_size as usize,
+            seq_len: self.seq_len as usize,
+            ..folio_data::BatchConfig::padded(0)
+        };
+        let mut batches = folio_data::batch::batch_count(train_ids, &batch) as u64;
+        if let Some(max) = self.max_batches {
+            batches = batches.min(u64::from(max));
+        }
+        u64::from(self.local_epochs.max(1)) * batches * u64::from(self.batch_size)
+    }
+
     /// Refuses settings under which rounds could not run as configured.
     pub fn validate(&self) -> Result<(), String> {
         self.strategy.validate()?;

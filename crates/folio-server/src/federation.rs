@@ -183,16 +183,7 @@ impl Federation {
     /// the round's epochs and batches allow.
     pub fn allowed_examples(&self, client_id: &str) -> u64 {
         let ids = self.train_ids.get(client_id).copied().unwrap_or(0);
-        let batch = BatchConfig {
-            batch_size: self.config.batch_size as usize,
-            seq_len: self.config.seq_len as usize,
-            ..BatchConfig::padded(0)
-        };
-        let mut batches = folio_data::batch::batch_count(ids, &batch) as u64;
-        if let Some(max) = self.config.max_batches {
-            batches = batches.min(u64::from(max));
-        }
-        u64::from(self.config.local_epochs.max(1)) * batches * u64::from(self.config.batch_size)
+        self.config.allowed_examples(ids)
     }
 
     /// Admits a connection: a resumed session, or a new one with the client asked

@@ -252,7 +252,11 @@ pub fn population_ids(corpus: &Corpus) -> Vec<Vec<u32>> {
 /// The fixed held-out set: the tutorial's check (one client's first training
 /// batches) when `eval_client` is set, else the test split of a seeded sample of
 /// clients.
-fn eval_batches(corpus: &Corpus, rounds: &RoundConfig, seed: u64) -> anyhow::Result<Vec<Batch>> {
+pub fn eval_batches(
+    corpus: &Corpus,
+    rounds: &RoundConfig,
+    seed: u64,
+) -> anyhow::Result<Vec<Batch>> {
     let tutorial = BatchConfig::tutorial(0);
     let take = |text: String| {
         let (ids, _) = vocab::encode(&text);

@@ -132,7 +132,7 @@ pub struct RoundArgs {
 }
 
 impl RoundArgs {
-    fn round_config(&self) -> RoundConfig {
+    pub fn round_config(&self) -> RoundConfig {
         if self.tutorial {
             return RoundConfig {
                 eval_client: Some("THE_TRAGEDY_OF_KING_LEAR_LEAR".into()),
@@ -210,7 +210,15 @@ impl RoundArgs {
         }
     }
 
-    fn init(&self) -> Option<PathBuf> {
+    pub fn preset(&self) -> Preset {
+        self.preset
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    pub fn init(&self) -> Option<PathBuf> {
         self.init
             .clone()
             .or_else(|| (self.preset == Preset::Seed).then(|| PathBuf::from(SHIPPED_MODEL)))
@@ -287,6 +295,11 @@ pub struct ClientArgs {
 
 #[derive(Args)]
 pub struct SimulateArgs {
+    /// Sample each round's clients from every Shakespeare client, in this process
+    /// (resumable from --state-dir), instead of running the aggregator with
+    /// --clients native clients over WebSocket.
+    #[arg(long, requires = "state_dir")]
+    population: bool,
     #[arg(long, default_value_t = 2)]
     clients: usize,
     #[arg(long, default_value_t = 5)]
@@ -429,6 +442,10 @@ pub fn row(r: &RoundRecord) -> String {
 }
 
 pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
+    if args.population {
+        let state_dir = args.state_dir.as_deref().expect("clap requires it");
+        return crate::population::run(&args.round, args.rounds, state_dir, data_dir);
+    }
     let temp = std::env::temp_dir().join(format!("folio-simulate-{}", std::process::id()));
     let state_dir = args.state_dir.clone().unwrap_or_else(|| temp.clone());
     let mut config = server_config(&args.round, "127.0.0.1:0".parse()?, state_dir, data_dir);

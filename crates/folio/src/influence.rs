@@ -18,7 +18,7 @@ use folio_fed::sampling::sample_clients;
 use folio_fed::strategy::RobustFedAvg;
 use folio_fed::{Aggregation, Clipping, Strategy, StrategyConfig};
 use folio_model::params::delta;
-use folio_model::{CharRnn, ModelConfig, Preset, TrainConfig, Trainer};
+use folio_model::{CharRnn, ModelConfig, Preset};
 
 #[derive(clap::Args)]
 pub struct InfluenceArgs {
@@ -76,37 +76,35 @@ struct Setup {
     args: InfluenceArgs,
 }
 
-fn batch_config(seed: u64) -> BatchConfig {
-    BatchConfig::padded(seed)
-}
-
 fn local_update(
     setup: &Setup,
     global: &[f32],
     client: &Client,
     round: u64,
 ) -> anyhow::Result<(Vec<f32>, u64)> {
-    let device = Device::flex().autodiff();
-    let model = CharRnn::from_flat(setup.model, global, &device)?;
-    let mut trainer = Trainer::new(
-        model,
-        TrainConfig {
-            learning_rate: setup.args.client_lr,
-            ..TrainConfig::tutorial()
-        },
-    );
-    let mut examples = 0;
-    for batch in batches(&client.ids, &batch_config(round))
-        .iter()
-        .take(setup.args.batches)
-    {
-        trainer.step(batch);
-        examples += (0..batch.batch_size)
-            .filter(|row| batch.mask[row * batch.seq_len] > 0.0)
-            .count() as u64;
-    }
-    let trained = pollster::block_on(trainer.model().to_flat())?;
-    Ok((delta(&trained, global), examples))
+    let start = folio_proto::RoundStart {
+        round,
+        weights: Vec::new(),
+        deadline_ms: u64::MAX,
+        local_epochs: 1,
+        max_batches: Some(setup.args.batches as u32),
+        optimizer: folio_proto::Optimizer::Sgd,
+        learning_rate: setup.args.client_lr as f32,
+        clip_norm: None,
+        delta_encoding: folio_fed::Encoding::F32,
+        seed: round,
+    };
+    let local = pollster::block_on(folio_client::train_locally(
+        &Device::flex(),
+        setup.model,
+        &client.ids,
+        8,
+        100,
+        global,
+        &start,
+        |_, _| {},
+    ))?;
+    Ok((local.delta, local.examples))
 }
 
 /// Runs `rounds` rounds; returns the global model after round 1 and at the end.
@@ -176,7 +174,8 @@ pub fn run(args: InfluenceArgs, data_dir: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|c| {
             let ids = vocab::encode(&c.train_text()).0;
-            let allowed = (batch_count(ids.len(), &batch_config(0)).min(args.batches) * 8) as u64;
+            let allowed =
+                (batch_count(ids.len(), &BatchConfig::padded(0)).min(args.batches) * 8) as u64;
             Client { ids, allowed }
         })
         .collect();

@@ -5,6 +5,7 @@ mod data;
 mod federate;
 mod influence;
 mod model;
+mod population;
 mod pretrain;
 mod server_bench;
 

@@ -142,3 +142,52 @@ fn eval_and_generate_run_on_a_checkpoint() {
     );
     std::fs::remove_file(path).unwrap();
 }
+
+#[test]
+fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
+    let simulate = |dir: &std::path::Path, rounds: &str| {
+        stdout(folio().args([
+            "simulate",
+            "--population",
+            "--preset",
+            "small",
+            "--clients-per-round",
+            "3",
+            "--max-batches",
+            "1",
+            "--eval-clients",
+            "1",
+            "--eval-batches",
+            "1",
+            "--seed",
+            "4",
+            "--rounds",
+            rounds,
+            "--state-dir",
+            dir.to_str().unwrap(),
+        ]))
+    };
+    let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    simulate(whole.path(), "4");
+    simulate(split.path(), "2");
+    let resumed = simulate(split.path(), "4");
+    assert!(resumed.contains("2 of 4 rounds done"), "{resumed}");
+    let load = |dir: &std::path::Path| {
+        folio_server::state::load(
+            dir,
+            folio_fed::ServerOptimizerConfig::fedavg(),
+            Preset::Small.config().num_params(),
+        )
+        .unwrap()
+        .unwrap()
+    };
+    let (a, b) = (load(whole.path()), load(split.path()));
+    assert_eq!(a.weights, b.weights, "same weights as an uninterrupted run");
+    let figures = |h: &[folio_server::RoundRecord]| -> Vec<(u64, String, f64, Option<f64>)> {
+        h.iter()
+            .map(|r| (r.round, r.model_hash.clone(), r.eval_loss, r.train_loss))
+            .collect()
+    };
+    assert_eq!(figures(&a.history), figures(&b.history));
+    assert_eq!(a.history.len(), 5);
+}

@@ -1,0 +1,257 @@
+//! `folio simulate --population`: federated training at the papers' scale, in one
+//! process. Each round the strategy samples its clients from every Shakespeare
+//! client with training text (1,103), each trains with the same local step as a
+//! tab or a `folio client` ([`folio_client::train_locally`]), and the round goes
+//! through the aggregator's own strategy and commit: the run folder holds the
+//! same state file and `metrics.jsonl` as `folio serve`'s. Sampling and local
+//! shuffles are functions of the seed and the round, so a run stopped at any
+//! point resumes exactly where it stopped.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::prelude::Device;
+use folio_data::{BatchConfig, Corpus, vocab};
+use folio_fed::strategy::RobustFedAvg;
+use folio_fed::{Encoding, Strategy, codec};
+use folio_model::{CharRnn, Metrics};
+use folio_proto::RoundStart;
+use folio_server::record::model_hash;
+use folio_server::{RoundRecord, state};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::federate::{RoundArgs, TABLE_HEADER, row};
+
+struct Client {
+    ids: Vec<u32>,
+    allowed: u64,
+}
+
+pub fn run(
+    round: &RoundArgs,
+    rounds: u64,
+    state_dir: &Path,
+    data_dir: &Path,
+) -> anyhow::Result<()> {
+    let config = round.round_config();
+    config
+        .validate()
+        .map_err(|why| anyhow::anyhow!("inconsistent round settings: {why}"))?;
+    let corpus = Corpus::load(&data_dir.join("shakespeare"))?;
+    let model = round.preset().config();
+    let padded = BatchConfig::padded(0);
+    let clients: Vec<Client> = corpus
+        .clients
+        .iter()
+        .map(|c| vocab::encode(&c.train_text()).0)
+        .filter(|ids| folio_data::batch::batch_count(ids.len(), &padded) > 0)
+        .map(|ids| Client {
+            allowed: config.allowed_examples(ids.len()),
+            ids,
+        })
+        .collect();
+    let eval_batches = folio_server::eval_batches(&corpus, &config, round.seed())?;
+    let population = folio_server::population_ids(&corpus);
+    let strategy = RobustFedAvg::new(config.strategy, round.seed());
+    let segments: Vec<usize> = model
+        .param_shapes()
+        .iter()
+        .map(|(_, shape)| shape.iter().product())
+        .collect();
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+
+    let evaluate = |weights: &[f32]| -> anyhow::Result<Metrics> {
+        let model = CharRnn::from_flat(model, weights, &Device::flex())?;
+        Ok(pollster::block_on(folio_model::eval::evaluate(
+            &model,
+            &eval_batches,
+        ))?)
+    };
+    let evaluate_population = |weights: &[f32]| -> anyhow::Result<Metrics> {
+        let model = CharRnn::from_flat(model, weights, &Device::flex())?;
+        Ok(pollster::block_on(folio_model::eval::evaluate_population(
+            &model,
+            &population,
+            64,
+            usize::MAX,
+            |_, _| {},
+        ))?)
+    };
+    let population_due = |r: u64| {
+        config
+            .population_eval_every
+            .is_some_and(|every| r == 0 || r == rounds || r % every.max(1) == 0)
+    };
+
+    let (mut weights, mut strategy_state, mut history) = match state::load(
+        state_dir,
+        config.strategy.server_optimizer,
+        model.num_params(),
+    )? {
+        Some(saved) => {
+            let strategy_state = saved
+                .strategy
+                .unwrap_or_else(|| strategy.initial_state(model.num_params()));
+            (saved.weights, strategy_state, saved.history)
+        }
+        None => {
+            let weights = match round.init() {
+                Some(path) => {
+                    folio_model::checkpoint::load(&path, Some(model))
+                        .with_context(|| format!("cannot start from {}", path.display()))?
+                        .weights
+                }
+                None => pollster::block_on(
+                    CharRnn::init(model, round.seed(), &Device::flex()).to_flat(),
+                )?,
+            };
+            (
+                weights,
+                strategy.initial_state(model.num_params()),
+                Vec::new(),
+            )
+        }
+    };
+    if history.is_empty() {
+        let metrics = evaluate(&weights)?;
+        let population = population_due(0)
+            .then(|| evaluate_population(&weights))
+            .transpose()?;
+        history.push(RoundRecord {
+            round: 0,
+            clients: 0,
+            train_loss: None,
+            train_accuracy: None,
+            eval_loss: metrics.loss,
+            eval_accuracy: metrics.accuracy,
+            bytes_up: 0,
+            bytes_down: 0,
+            seconds: 0.0,
+            clipped: 0,
+            clip_bound: None,
+            delta_norm: None,
+            population_loss: population.map(|m| m.loss),
+            population_accuracy: population.map(|m| m.accuracy),
+            model_hash: model_hash(&weights),
+        });
+        state::commit(state_dir, &weights, &strategy_state, &history, round.seed())?;
+    }
+    let done = history.last().map_or(0, |r| r.round);
+    let bar = ProgressBar::new(rounds);
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30}] round {pos}/{len}, {elapsed}, ETA {eta} {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(done.min(rounds));
+    let print = |line: String| {
+        if bar.is_hidden() {
+            println!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
+    print(format!(
+        "{} clients to sample from, {} a round; {} of {rounds} rounds done in {}",
+        clients.len(),
+        config.strategy.clients_per_round,
+        done,
+        state_dir.display()
+    ));
+    print(TABLE_HEADER.to_owned());
+    for record in &history {
+        print(row(record));
+    }
+    let everyone: Vec<u64> = (0..clients.len() as u64).collect();
+    for r in done + 1..=rounds {
+        let started = Instant::now();
+        let selected = strategy
+            .configure_round(r, 0, &everyone, &BTreeSet::new())
+            .context("fewer clients than a round needs")?;
+        let start = RoundStart {
+            round: r,
+            weights: Vec::new(),
+            deadline_ms: u64::MAX,
+            local_epochs: config.local_epochs,
+            max_batches: config.max_batches,
+            optimizer: config.client_optimizer,
+            learning_rate: config.client_lr,
+            clip_norm: config.clip_norm,
+            delta_encoding: config.delta_encoding,
+            seed: round.seed() ^ r,
+        };
+        let mut open = strategy.open_round(&strategy_state, weights.len());
+        let (mut loss, mut accuracy, mut examples, mut bytes_up) = (0.0, 0.0, 0u64, 0u64);
+        for (k, &client) in selected.iter().enumerate() {
+            let client = &clients[client as usize];
+            bar.set_message(format!("client {}/{}", k + 1, selected.len()));
+            let local = pollster::block_on(folio_client::train_locally(
+                &Device::flex(),
+                model,
+                &client.ids,
+                config.batch_size as usize,
+                config.seq_len as usize,
+                &weights,
+                &start,
+                |_, _| {},
+            ))?;
+            // The delta as the wire carries it: quantised when the round says so.
+            let encoded = codec::encode(&local.delta, &segments, config.delta_encoding);
+            bytes_up += encoded.len() as u64;
+            let delta = match config.delta_encoding {
+                Encoding::F32 => local.delta,
+                encoding => codec::decode(&encoded, &segments, encoding)?,
+            };
+            loss += local.metrics.loss * local.examples as f64;
+            accuracy += local.metrics.accuracy * local.examples as f64;
+            examples += local.examples;
+            strategy.accept(&mut open, delta, local.examples, client.allowed)?;
+        }
+        let aggregated = strategy.aggregate(&open, &weights, &strategy_state)?;
+        let metrics = evaluate(&aggregated.weights)?;
+        let population = population_due(r)
+            .then(|| evaluate_population(&aggregated.weights))
+            .transpose()?;
+        let record = RoundRecord {
+            round: r,
+            clients: selected.len(),
+            train_loss: Some(loss / examples.max(1) as f64),
+            train_accuracy: Some(accuracy / examples.max(1) as f64),
+            eval_loss: metrics.loss,
+            eval_accuracy: metrics.accuracy,
+            bytes_up,
+            bytes_down: (4 * weights.len() * selected.len()) as u64,
+            seconds: started.elapsed().as_secs_f64(),
+            clipped: aggregated.clipped,
+            clip_bound: config
+                .strategy
+                .clipping
+                .initial_bound()
+                .is_finite()
+                .then_some(f64::from(strategy_state.clip_bound)),
+            delta_norm: Some(aggregated.median_norm),
+            population_loss: population.map(|m| m.loss),
+            population_accuracy: population.map(|m| m.accuracy),
+            model_hash: model_hash(&aggregated.weights),
+        };
+        weights = aggregated.weights;
+        strategy_state = aggregated.state;
+        history.push(record);
+        state::commit(state_dir, &weights, &strategy_state, &history, round.seed())?;
+        print(row(history.last().expect("just pushed")));
+        bar.set_position(r);
+    }
+    bar.finish_and_clear();
+    let last = history.last().expect("round 0 at least");
+    println!(
+        "{} rounds in {}: eval accuracy {:.4}{}",
+        last.round,
+        state_dir.display(),
+        last.eval_accuracy,
+        last.population_accuracy
+            .map_or_else(String::new, |acc| format!(", population accuracy {acc:.4}"))
+    );
+    Ok(())
+}
