@@ -150,7 +150,7 @@ async fn close_round(shared: &Arc<Shared>) -> anyhow::Result<()> {
     let metrics = evaluate_weights(shared, closed.aggregated.weights.clone()).await?;
     let last = shared.config.max_rounds == Some(closed.round);
     let population = match shared.config.rounds.population_eval_every {
-        Some(every) if last || closed.round % every.max(1) == 0 => {
+        Some(every) if last || closed.round.is_multiple_of(every.max(1)) => {
             Some(evaluate_population(shared, closed.aggregated.weights.clone()).await?)
         }
         _ => None,

@@ -83,7 +83,7 @@ pub fn run(
     let population_due = |r: u64| {
         config
             .population_eval_every
-            .is_some_and(|every| r == 0 || r == rounds || r % every.max(1) == 0)
+            .is_some_and(|every| r == 0 || r == rounds || r.is_multiple_of(every.max(1)))
     };
 
     let (mut weights, mut strategy_state, mut history) = match state::load(
