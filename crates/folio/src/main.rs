@@ -5,6 +5,7 @@ mod data;
 mod federate;
 mod influence;
 mod model;
+mod plot;
 mod population;
 mod pretrain;
 mod server_bench;
@@ -37,8 +38,11 @@ enum Command {
     Serve(federate::ServeArgs),
     /// One native client (a device) training against an aggregator.
     Client(federate::ClientArgs),
-    /// An aggregator and N native clients in one process; prints a table per round.
+    /// An aggregator and N native clients in one process, or (--population) rounds
+    /// sampled from every client; prints a table per round.
     Simulate(federate::SimulateArgs),
+    /// Learning curves of run folders, as SVG.
+    Plot(plot::PlotArgs),
     /// Central training on a text corpus (Dickens by default).
     Pretrain(pretrain::PretrainArgs),
     /// Loss and accuracy of a checkpoint on a client's data or on random text.
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => federate::serve(args, &data_dir),
         Command::Client(args) => federate::client(args),
         Command::Simulate(args) => federate::simulate(args, &data_dir),
+        Command::Plot(args) => plot::run(args),
         Command::Pretrain(args) => pretrain::run(args, Path::new(".")),
     };
     match result {

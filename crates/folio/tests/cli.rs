@@ -191,3 +191,43 @@ fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
     assert_eq!(figures(&a.history), figures(&b.history));
     assert_eq!(a.history.len(), 5);
 }
+
+#[test]
+fn plot_draws_every_run_into_one_svg() {
+    let runs = tempfile::tempdir().unwrap();
+    for (name, slope) in [("fedavg", 0.01), ("fedadam", 0.02)] {
+        let dir = runs.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines: String = (0..5)
+            .map(|round| {
+                let population = if round % 2 == 0 { format!("{}", 0.4 + slope * round as f64) } else { "null".into() };
+                format!(
+                    r#"{{"round":{round},"clients":2,"train_loss":null,"train_accuracy":null,"eval_loss":"NaN","eval_accuracy":{},"bytes_up":0,"bytes_down":0,"seconds":1.0,"population_accuracy":{population}}}"#,
+                    0.4 + slope * round as f64
+                ) + "\n"
+            })
+            .collect();
+        std::fs::write(dir.join("metrics.jsonl"), lines).unwrap();
+    }
+    let out = runs.path().join("curves.svg");
+    stdout(
+        folio()
+            .arg("plot")
+            .arg(runs.path().join("fedavg"))
+            .arg(runs.path().join("fedadam"))
+            .arg("--out")
+            .arg(&out),
+    );
+    let svg = std::fs::read_to_string(&out).unwrap();
+    for label in [
+        "fedavg: eval accuracy",
+        "fedadam: population accuracy",
+        "round",
+        "accuracy",
+    ] {
+        assert!(svg.contains(label), "no {label:?} in the plot");
+    }
+    assert!(svg.matches("<circle").count() >= 6, "population points");
+    let missing = folio().args(["plot", "/nonexistent-run"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("is it a run folder?"));
+}

@@ -1,0 +1,150 @@
+//! `folio plot RUN_DIR...`: learning curves of runs (their `metrics.jsonl`) on one
+//! chart, as SVG: eval accuracy per round as lines, population accuracy as dots
+//! where a run measured it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use folio_server::RoundRecord;
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+
+/// Where Debian's fonts-dejavu-core puts the font the labels are laid out with.
+const FONTS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+#[derive(clap::Args)]
+pub struct PlotArgs {
+    /// Run folders (`folio serve --state-dir`, `folio simulate --state-dir`).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    #[arg(long, default_value = "curves.svg")]
+    out: PathBuf,
+    #[arg(
+        long,
+        default_value = "Federated Shakespeare: held-out accuracy per round"
+    )]
+    title: String,
+}
+
+fn load_font() -> anyhow::Result<()> {
+    let bytes = FONTS
+        .iter()
+        .find_map(|path| std::fs::read(path).ok())
+        .context("no DejaVu Sans font: install Debian's fonts-dejavu-core")?;
+    register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(bytes.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("DejaVu Sans is not a usable font"))
+}
+
+fn history(run: &Path) -> anyhow::Result<Vec<RoundRecord>> {
+    let path = folio_server::state::history_path(run);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}: is it a run folder?", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line)
+                .with_context(|| format!("{} line {} is not a round record", path.display(), i + 1))
+        })
+        .collect()
+}
+
+pub fn run(args: PlotArgs) -> anyhow::Result<()> {
+    load_font()?;
+    let runs: Vec<(String, Vec<RoundRecord>)> = args
+        .runs
+        .iter()
+        .map(|dir| {
+            let name = dir.file_name().map_or_else(
+                || dir.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            Ok((name, history(dir)?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let rounds = runs
+        .iter()
+        .flat_map(|(_, h)| h.iter().map(|r| r.round))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let accuracies = runs.iter().flat_map(|(_, h)| {
+        h.iter()
+            .flat_map(|r| [Some(r.eval_accuracy), r.population_accuracy])
+            .flatten()
+    });
+    let finite: Vec<f64> = accuracies.filter(|a| a.is_finite()).collect();
+    anyhow::ensure!(!finite.is_empty(), "no finite accuracy in these runs");
+    let lo = finite.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.1).max(0.01);
+
+    let root = SVGBackend::new(&args.out, (960, 540)).into_drawing_area();
+    let draw = |err: DrawingAreaErrorKind<std::io::Error>| anyhow::anyhow!("drawing: {err}");
+    root.fill(&WHITE).map_err(draw)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(&args.title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0..rounds, (lo - pad).max(0.0)..(hi + pad).min(1.0))
+        .map_err(draw)?;
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc("accuracy")
+        .axis_desc_style(("sans-serif", 16))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(draw)?;
+    for (i, (name, records)) in runs.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let eval = records
+            .iter()
+            .filter(|r| r.eval_accuracy.is_finite())
+            .map(|r| (r.round, r.eval_accuracy));
+        chart
+            .draw_series(LineSeries::new(eval, color.stroke_width(2)))
+            .map_err(draw)?
+            .label(format!("{name}: eval accuracy"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        let population: Vec<(u64, f64)> = records
+            .iter()
+            .filter_map(|r| Some((r.round, r.population_accuracy.filter(|a| a.is_finite())?)))
+            .collect();
+        if !population.is_empty() {
+            chart
+                .draw_series(
+                    population
+                        .into_iter()
+                        .map(|p| Circle::new(p, 4, color.filled())),
+                )
+                .map_err(draw)?
+                .label(format!("{name}: population accuracy"))
+                .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(draw)?;
+    root.present().map_err(draw)?;
+    println!(
+        "{} runs, {rounds} rounds: {}",
+        runs.len(),
+        args.out.display()
+    );
+    Ok(())
+}
