@@ -58,23 +58,7 @@ async fn commit_initial(shared: &Arc<Shared>) -> anyhow::Result<()> {
         None => None,
     };
     let mut fed = shared.fed();
-    let record = RoundRecord {
-        round: 0,
-        clients: 0,
-        train_loss: None,
-        train_accuracy: None,
-        eval_loss: metrics.loss,
-        eval_accuracy: metrics.accuracy,
-        bytes_up: 0,
-        bytes_down: 0,
-        seconds: 0.0,
-        clipped: 0,
-        clip_bound: None,
-        delta_norm: None,
-        population_loss: population.map(|m| m.loss),
-        population_accuracy: population.map(|m| m.accuracy),
-        model_hash: model_hash(&weights),
-    };
+    let record = RoundRecord::initial(&metrics, population.as_ref(), &weights);
     let mut history = fed.history.clone();
     history.push(record);
     state::commit(

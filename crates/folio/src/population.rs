@@ -120,23 +120,11 @@ pub fn run(
         let population = population_due(0)
             .then(|| evaluate_population(&weights))
             .transpose()?;
-        history.push(RoundRecord {
-            round: 0,
-            clients: 0,
-            train_loss: None,
-            train_accuracy: None,
-            eval_loss: metrics.loss,
-            eval_accuracy: metrics.accuracy,
-            bytes_up: 0,
-            bytes_down: 0,
-            seconds: 0.0,
-            clipped: 0,
-            clip_bound: None,
-            delta_norm: None,
-            population_loss: population.map(|m| m.loss),
-            population_accuracy: population.map(|m| m.accuracy),
-            model_hash: model_hash(&weights),
-        });
+        history.push(RoundRecord::initial(
+            &metrics,
+            population.as_ref(),
+            &weights,
+        ));
         state::commit(state_dir, &weights, &strategy_state, &history, round.seed())?;
     }
     let done = history.last().map_or(0, |r| r.round);
