@@ -188,3 +188,84 @@ pub fn load(
         history,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use folio_fed::StrategyConfig;
+
+    fn record(round: u64, eval_loss: f64) -> RoundRecord {
+        let metrics = folio_model::Metrics {
+            loss: eval_loss,
+            accuracy: 0.5,
+            targets: 10,
+        };
+        RoundRecord {
+            round,
+            ..RoundRecord::initial(&metrics, None, &[round as f32])
+        }
+    }
+
+    #[test]
+    fn a_commit_round_trips_weights_state_and_non_finite_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StrategyConfig::fedavg(2);
+        let strategy = folio_fed::strategy::RobustFedAvg::new(config, 0);
+        let mut state = strategy.initial_state(3);
+        state.clip_bound = 0.75;
+        let history = vec![record(0, 2.0), record(1, f64::NAN)];
+        commit(dir.path(), &[1.0, 2.0, 3.0], &state, &history, 9).unwrap();
+        let saved = load(dir.path(), config.server_optimizer, 3)
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.weights, vec![1.0, 2.0, 3.0]);
+        assert_eq!(saved.strategy, Some(state));
+        assert_eq!(saved.completed_rounds(), 1);
+        assert!(saved.history[1].eval_loss.is_nan());
+        let file = std::fs::read_to_string(history_path(dir.path())).unwrap();
+        assert_eq!(file.lines().count(), 2);
+        assert!(
+            load(dir.path(), config.server_optimizer, 4).is_err(),
+            "another model size"
+        );
+    }
+
+    #[test]
+    fn a_state_from_before_committed_histories_reads_its_history_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = bytes_of(&[1.0, 2.0]);
+        let views = vec![
+            (
+                "weights",
+                TensorView::new(Dtype::F32, vec![2], &weights).unwrap(),
+            ),
+            (
+                "server_m",
+                TensorView::new(Dtype::F32, vec![0], &[]).unwrap(),
+            ),
+            (
+                "server_v",
+                TensorView::new(Dtype::F32, vec![0], &[]).unwrap(),
+            ),
+        ];
+        let metadata = HashMap::from([("round".to_owned(), "1".to_owned())]);
+        let bytes = safetensors::serialize(views, Some(metadata)).unwrap();
+        std::fs::write(state_path(dir.path()), bytes).unwrap();
+        // Round 2 was written to the history but never committed.
+        let lines: String = (0..3)
+            .map(|r| serde_json::to_string(&record(r, 1.0)).unwrap() + "\n")
+            .collect();
+        std::fs::write(history_path(dir.path()), lines).unwrap();
+        let saved = load(dir.path(), folio_fed::ServerOptimizerConfig::fedavg(), 2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            saved.history.iter().map(|r| r.round).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        assert_eq!(
+            saved.strategy, None,
+            "no clipping bound saved: start afresh"
+        );
+    }
+}
