@@ -52,8 +52,9 @@ ensure_rust() {
 }
 
 # wasm32-unknown-unknown: rustup where it can download; otherwise Debian's
-# rustc-web with its std sources, built once into Debian's sysroot (design.md),
-# and then that one toolchain builds everything.
+# rustc-web with its std sources (rust-web-src): the wasm32 std is built once with
+# -Z build-std and its rlibs copied into Debian's sysroot, and then that one
+# toolchain builds everything.
 ensure_wasm_target() {
     wasm_std_present && return
     if [ -x /usr/bin/rustc ] && PATH="/usr/bin:$PATH" wasm_std_present; then
@@ -84,7 +85,7 @@ ensure_wasm_target() {
             -exec cp {} "$DEBIAN_RUST_SYSROOT/wasm32-unknown-unknown/lib/" \;
         rm -rf "$scratch"
     fi
-    wasm_std_present || die "no wasm32 std after set-up; see design.md's wasm32 recipe"
+    wasm_std_present || die "no wasm32 std after set-up: check that rust-web-src is installed and $DEBIAN_RUST_SYSROOT is writable, then run again"
 }
 
 use_debian_toolchain() {
