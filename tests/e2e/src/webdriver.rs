@@ -11,7 +11,8 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 /// Headless Chromium with WebGPU on SwiftShader (its CPU Vulkan): without the Vulkan
-/// and WebGPU-adapter flags `navigator.gpu` gives no adapter; background tabs are not throttled, since every tab is a device.
+/// and WebGPU-adapter flags `navigator.gpu` gives no adapter. Background tabs are
+/// not throttled, since every tab is a device.
 const CHROMIUM_ARGS: &[&str] = &[
     "--headless=new",
     "--no-sandbox",
