@@ -270,6 +270,23 @@ async fn a_connection_that_keeps_sending_garbage_is_closed() {
     let codes = until_closed(&mut socket, Duration::from_secs(10)).await;
     assert_eq!(codes.len(), 6, "{codes:?}");
     assert_eq!(codes.last(), Some(&ErrorCode::TooManyErrors));
+
+    // Late updates are a slow client, not garbage: they never spend the budget.
+    let mut slow = connect(&server).await;
+    join_as(&mut slow, join(Some(KENT))).await.unwrap();
+    let n = server.weights().len();
+    for _ in 0..10 {
+        expect_error(
+            &mut slow,
+            binary(&update(0, 8, &vec![0.0; n], Encoding::F32)),
+            ErrorCode::RoundClosed,
+        )
+        .await;
+    }
+    assert!(
+        join_as(&mut slow, join(None)).await.is_err(),
+        "still served"
+    );
     server.abort();
 }
 
