@@ -150,14 +150,8 @@ async fn close_round(shared: &Arc<Shared>) -> anyhow::Result<()> {
         bytes_down: closed.bytes_down,
         seconds: closed.seconds + eval_started.elapsed().as_secs_f64(),
         clipped: closed.aggregated.clipped,
-        clip_bound: shared
-            .config
-            .rounds
-            .strategy
-            .clipping
-            .initial_bound()
-            .is_finite()
-            .then(|| f64::from(shared.fed().state.clip_bound)),
+        // The bound this round clipped to (infinite, so not recorded, when off).
+        clip_bound: Some(f64::from(shared.fed().state.clip_bound)).filter(|b| b.is_finite()),
         delta_norm: Some(closed.aggregated.median_norm),
         population_loss: population.map(|m| m.loss),
         population_accuracy: population.map(|m| m.accuracy),

@@ -213,12 +213,7 @@ pub fn run(
             bytes_down: (4 * weights.len() * selected.len()) as u64,
             seconds: started.elapsed().as_secs_f64(),
             clipped: aggregated.clipped,
-            clip_bound: config
-                .strategy
-                .clipping
-                .initial_bound()
-                .is_finite()
-                .then_some(f64::from(strategy_state.clip_bound)),
+            clip_bound: Some(f64::from(strategy_state.clip_bound)).filter(|b| b.is_finite()),
             delta_norm: Some(aggregated.median_norm),
             population_loss: population.map(|m| m.loss),
             population_accuracy: population.map(|m| m.accuracy),
