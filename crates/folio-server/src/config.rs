@@ -44,6 +44,9 @@ pub struct RoundConfig {
     pub seq_len: u32,
     pub client_optimizer: Optimizer,
     pub client_lr: f32,
+    /// Rounds from which the client learning rate is halved again (a step
+    /// schedule: late rounds gain from smaller, less noisy steps).
+    pub client_lr_halvings: Vec<u64>,
     /// The clients' own gradient clipping.
     pub clip_norm: Option<f32>,
     pub delta_encoding: Encoding,
@@ -71,6 +74,7 @@ impl RoundConfig {
             seq_len: 100,
             client_optimizer: Optimizer::Sgd,
             client_lr: 0.5,
+            client_lr_halvings: Vec::new(),
             clip_norm: None,
             delta_encoding: Encoding::F32,
             eval_clients: 8,
@@ -82,6 +86,17 @@ impl RoundConfig {
 }
 
 impl RoundConfig {
+    /// The client learning rate of `round`: `client_lr` halved once for every
+    /// halving at or before it.
+    pub fn client_lr_at(&self, round: u64) -> f32 {
+        let halvings = self
+            .client_lr_halvings
+            .iter()
+            .filter(|&&r| r <= round)
+            .count();
+        self.client_lr / 2f32.powi(halvings as i32)
+    }
+
     /// The most examples a client with `train_ids` ids of training text can train
     /// on in one round: its batches (capped by the round's) × epochs × batch size.
     pub fn allowed_examples(&self, train_ids: usize) -> u64 {

@@ -322,7 +322,7 @@ impl Federation {
                 local_epochs: self.config.local_epochs,
                 max_batches: self.config.max_batches,
                 optimizer: self.config.client_optimizer,
-                learning_rate: self.config.client_lr,
+                learning_rate: self.config.client_lr_at(self.round),
                 clip_norm: self.config.clip_norm,
                 delta_encoding: self.config.delta_encoding,
                 seed: self.strategy.seed ^ self.round,

@@ -161,7 +161,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "deadline_seconds": rounds.deadline.as_secs_f64(),
             "local_epochs": rounds.local_epochs,
             "max_batches": rounds.max_batches,
-            "client_lr": rounds.client_lr,
+            "client_lr": rounds.client_lr_at(fed.round),
             "server_optimizer": strategy.server_optimizer.name(),
             "delta_encoding": format!("{:?}", rounds.delta_encoding),
             "max_rounds": shared.config.max_rounds,

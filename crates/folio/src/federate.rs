@@ -88,6 +88,9 @@ pub struct RoundArgs {
     client_optimizer: ClientOpt,
     #[arg(long, default_value_t = 0.1)]
     client_lr: f32,
+    /// Halve the client learning rate from each of these rounds on (e.g. 250,600).
+    #[arg(long, value_delimiter = ',')]
+    client_lr_halve_at: Vec<u64>,
     #[arg(long)]
     clip_norm: Option<f32>,
     #[arg(long, value_enum, default_value = "fedavg")]
@@ -196,6 +199,7 @@ impl RoundArgs {
                 ClientOpt::Adam => Optimizer::Adam,
             },
             client_lr: self.client_lr,
+            client_lr_halvings: self.client_lr_halve_at.clone(),
             clip_norm: self.clip_norm,
             delta_encoding: match self.encoding {
                 DeltaEncoding::F32 => Encoding::F32,

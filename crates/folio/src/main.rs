@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         Command::Client(args) => federate::client(args),
         Command::Simulate(args) => federate::simulate(args, &data_dir),
         Command::Plot(args) => plot::run(args),
-        Command::Pretrain(args) => pretrain::run(args, Path::new(".")),
+        Command::Pretrain(args) => pretrain::run(args, Path::new("."), &data_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

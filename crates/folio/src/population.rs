@@ -9,6 +9,8 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -70,15 +72,35 @@ pub fn run(
             &eval_batches,
         ))?)
     };
+    // The population split into one interleaved share per core, evaluated side by
+    // side and merged by targets.
+    let shares: Vec<Vec<Vec<u32>>> = (0..workers())
+        .map(|share| {
+            population
+                .iter()
+                .skip(share)
+                .step_by(workers())
+                .cloned()
+                .collect()
+        })
+        .collect();
     let evaluate_population = |weights: &[f32]| -> anyhow::Result<Metrics> {
-        let model = CharRnn::from_flat(model, weights, &Device::flex())?;
-        Ok(pollster::block_on(folio_model::eval::evaluate_population(
-            &model,
-            &population,
-            64,
-            usize::MAX,
-            |_, _| {},
-        ))?)
+        let parts = parallel_map(&shares, |share| -> anyhow::Result<Metrics> {
+            let model = CharRnn::from_flat(model, weights, &Device::flex())?;
+            Ok(pollster::block_on(folio_model::eval::evaluate_population(
+                &model,
+                share,
+                64,
+                usize::MAX,
+                |_, _| {},
+            ))?)
+        });
+        let mut total: Option<Metrics> = None;
+        for part in parts {
+            let part = part?;
+            total = Some(total.map_or(part, |sum| sum.merge(part)));
+        }
+        total.context("no population to evaluate")
     };
     let population_due = |r: u64| {
         config
@@ -165,16 +187,17 @@ pub fn run(
             local_epochs: config.local_epochs,
             max_batches: config.max_batches,
             optimizer: config.client_optimizer,
-            learning_rate: config.client_lr,
+            learning_rate: config.client_lr_at(r),
             clip_norm: config.clip_norm,
             delta_encoding: config.delta_encoding,
             seed: round.seed() ^ r,
         };
         let mut open = strategy.open_round(&strategy_state, weights.len());
         let (mut loss, mut accuracy, mut examples, mut bytes_up) = (0.0, 0.0, 0u64, 0u64);
-        for (k, &client) in selected.iter().enumerate() {
+        let trained = AtomicUsize::new(0);
+        bar.set_message(format!("0/{} clients trained", selected.len()));
+        let locals = parallel_map(&selected, |&client| {
             let client = &clients[client as usize];
-            bar.set_message(format!("client {}/{}", k + 1, selected.len()));
             let local = pollster::block_on(folio_client::train_locally(
                 &Device::flex(),
                 model,
@@ -184,7 +207,15 @@ pub fn run(
                 &weights,
                 &start,
                 |_, _| {},
-            ))?;
+            ));
+            let done = trained.fetch_add(1, Ordering::Relaxed) + 1;
+            bar.set_message(format!("{done}/{} clients trained", selected.len()));
+            local
+        });
+        // Folded in selection order, whichever finished first: the sum is the same
+        // bit for bit whatever the number of cores.
+        for (local, &client) in locals.into_iter().zip(&selected) {
+            let local = local?;
             // The delta as the wire carries it: quantised when the round says so.
             let encoded = codec::encode(&local.delta, &segments, config.delta_encoding);
             bytes_up += encoded.len() as u64;
@@ -195,7 +226,12 @@ pub fn run(
             loss += local.metrics.loss * local.examples as f64;
             accuracy += local.metrics.accuracy * local.examples as f64;
             examples += local.examples;
-            strategy.accept(&mut open, delta, local.examples, client.allowed)?;
+            strategy.accept(
+                &mut open,
+                delta,
+                local.examples,
+                clients[client as usize].allowed,
+            )?;
         }
         let aggregated = strategy.aggregate(&open, &weights, &strategy_state)?;
         let metrics = evaluate(&aggregated.weights)?;
@@ -237,4 +273,34 @@ pub fn run(
             .map_or_else(String::new, |acc| format!(", population accuracy {acc:.4}"))
     );
     Ok(())
+}
+
+/// Threads for local training and evaluation: one per core.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `f` over `items` on [`workers`] threads, each taking the next item when free
+/// (clients differ in size by orders of magnitude); results in `items`' order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new(items.iter().map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..workers().min(items.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let result = f(item);
+                    results.lock().expect("no worker panics holding it")[i] = Some(result);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("no worker panics holding it")
+        .into_iter()
+        .map(|r| r.expect("every item taken"))
+        .collect()
 }

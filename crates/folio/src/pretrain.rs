@@ -1,5 +1,7 @@
 //! `folio pretrain`: central training of the char-RNN on a text corpus (Dickens by
-//! default), the starting point of every federation.
+//! default), the starting point of every federation; with `--shakespeare`, on the
+//! federation's own training text pooled, the centralized baseline it is measured
+//! against.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,12 +10,13 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::prelude::Device;
 use clap::Args;
+use folio_data::Corpus;
 use folio_data::batch::batches;
 use folio_data::dickens::{default_dickens_files, load_books};
 use folio_data::{Batch, BatchConfig, Remainder, vocab};
 use folio_model::checkpoint::{self, Precision};
-use folio_model::eval::evaluate;
-use folio_model::{CharRnn, OptimizerKind, Preset, TrainConfig, Trainer};
+use folio_model::eval::{evaluate, evaluate_population};
+use folio_model::{CharRnn, Metrics, OptimizerKind, Preset, TrainConfig, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
@@ -21,6 +24,14 @@ pub struct PretrainArgs {
     /// Text files (Project Gutenberg headers are stripped) [default: data/dickens/*.txt]
     #[arg(long, num_args = 1..)]
     corpus: Vec<PathBuf>,
+    /// Train on every Shakespeare client's training text pooled (the centralized
+    /// baseline of a federation) and report held-out figures over every client's
+    /// test text, instead of a corpus.
+    #[arg(long, conflicts_with = "corpus")]
+    shakespeare: bool,
+    /// Start from this model instead of fresh weights.
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
     #[arg(long, default_value = "seed")]
     preset: Preset,
     /// The final model (f16 safetensors).
@@ -61,31 +72,71 @@ struct Position {
     step: usize,
 }
 
-pub fn run(args: PretrainArgs, repo_root: &Path) -> anyhow::Result<()> {
-    let files = if args.corpus.is_empty() {
-        default_dickens_files(repo_root)
-    } else {
-        args.corpus.clone()
-    };
-    let books = load_books(&files)?;
-    let (mut train_ids, mut held_ids) = (Vec::new(), Vec::new());
-    for book in &books {
-        let (ids, _) = vocab::encode(book);
-        let cut = ((ids.len() as f64) * (1.0 - args.held_out)) as usize;
-        train_ids.push(ids[..cut].to_vec());
-        held_ids.push(ids[cut..].to_vec());
+/// The text measured at the end of every epoch.
+enum HeldOut {
+    /// The end of each book.
+    Books(Vec<Batch>),
+    /// Every Shakespeare client's test text.
+    Population(Vec<Vec<u32>>),
+}
+
+impl HeldOut {
+    fn evaluate(&self, model: &CharRnn) -> anyhow::Result<Metrics> {
+        Ok(match self {
+            HeldOut::Books(batches) => pollster::block_on(evaluate(model, batches))?,
+            HeldOut::Population(clients) => pollster::block_on(evaluate_population(
+                model,
+                clients,
+                64,
+                usize::MAX,
+                |_, _| {},
+            ))?,
+        })
     }
+}
+
+pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    let (train_ids, held_out, source) = if args.shakespeare {
+        let corpus = Corpus::load(&data_dir.join("shakespeare"))?;
+        let train: Vec<Vec<u32>> = corpus
+            .clients
+            .iter()
+            .map(|c| vocab::encode(&c.train_text()).0)
+            .collect();
+        let population = folio_server::population_ids(&corpus);
+        (
+            train,
+            HeldOut::Population(population),
+            format!("{} Shakespeare clients pooled", corpus.clients.len()),
+        )
+    } else {
+        let files = if args.corpus.is_empty() {
+            default_dickens_files(repo_root)
+        } else {
+            args.corpus.clone()
+        };
+        let books = load_books(&files)?;
+        let (mut train_ids, mut held_batches) = (Vec::new(), Vec::new());
+        for book in &books {
+            let (ids, _) = vocab::encode(book);
+            let cut = ((ids.len() as f64) * (1.0 - args.held_out)) as usize;
+            train_ids.push(ids[..cut].to_vec());
+            held_batches.extend(batches(
+                &ids[cut..],
+                &batch_config(args.batch_size, 0, Remainder::Pad),
+            ));
+        }
+        (
+            train_ids,
+            HeldOut::Books(held_batches),
+            format!("{} files", files.len()),
+        )
+    };
     let train_chars: usize = train_ids.iter().map(Vec::len).sum();
-    let held_batches: Vec<Batch> = held_ids
-        .iter()
-        .flat_map(|ids| batches(ids, &batch_config(args.batch_size, 0, Remainder::Pad)))
-        .collect();
     eprintln!(
-        "pretraining `{}` ({} parameters) on {} files: {train_chars} train chars, {} held out",
+        "pretraining `{}` ({} parameters) on {source}: {train_chars} train chars",
         args.preset,
         args.preset.config().num_params(),
-        files.len(),
-        held_ids.iter().map(Vec::len).sum::<usize>()
     );
 
     let device = Device::flex().autodiff();
@@ -113,6 +164,13 @@ pub fn run(args: PretrainArgs, repo_root: &Path) -> anyhow::Result<()> {
         (
             CharRnn::from_flat(args.preset.config(), &saved.weights, &device)?,
             position,
+        )
+    } else if let Some(init) = &args.init {
+        let start = checkpoint::load(init, Some(args.preset.config()))
+            .with_context(|| format!("cannot start from {}", init.display()))?;
+        (
+            CharRnn::from_flat(args.preset.config(), &start.weights, &device)?,
+            Position::default(),
         )
     } else {
         (
@@ -172,7 +230,7 @@ pub fn run(args: PretrainArgs, repo_root: &Path) -> anyhow::Result<()> {
             bar.set_message(message);
         }
         bar.finish();
-        let held = pollster::block_on(evaluate(trainer.model(), &held_batches))?;
+        let held = held_out.evaluate(trainer.model())?;
         eprintln!(
             "epoch {}/{}: held-out loss {:.4}, accuracy {:.4} ({:.0}s in all)",
             epoch + 1,
