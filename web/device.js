@@ -57,38 +57,66 @@ if (params.get("device") !== "off") {
   document.getElementById("device").hidden = true;
 }
 
-// The generator: one worker, kept for the next click.
+// The generator: the model the federation started from and the current one
+// continue the same prompt with the same random draws, side by side, one after the
+// other in one worker (kept for the next click). Without an aggregator (a static
+// copy of the page), the shipped Dickens model and the shipped federated one.
 const button = document.getElementById("gen-button");
-const output = document.getElementById("gen-output");
-const source = document.getElementById("gen-source");
+const panes = [
+  {
+    output: document.getElementById("gen-start-output"),
+    source: document.getElementById("gen-start-source"),
+    models: [
+      { url: "api/model/start", source: "the federation's starting model" },
+      { url: "models/dickens-medium.safetensors", source: "the shipped Dickens model" },
+    ],
+  },
+  {
+    output: document.getElementById("gen-output"),
+    source: document.getElementById("gen-source"),
+    models: [
+      { url: "api/model", source: "the current global model" },
+      { url: "models/shakespeare-medium.safetensors", source: "the shipped federated model" },
+    ],
+  },
+];
 let generator = null;
+
+// Streams one pane's text; resolves to whether it finished.
+function generateInto(pane, job) {
+  pane.output.textContent = job.prompt;
+  pane.source.textContent = "(loading the model…)";
+  return new Promise((resolve) => {
+    generator.onmessage = ({ data }) => {
+      switch (data.type) {
+        case "source": pane.source.textContent = `(from ${data.source})`; break;
+        case "char": pane.output.textContent += data.c; break;
+        case "generated": resolve(true); break;
+        case "failed": pane.output.textContent = `generation failed: ${data.message}`; resolve(false); break;
+      }
+    };
+    const models = pane.models.map(({ url, source }) => ({ url: new URL(url, location.href).href, source }));
+    generator.postMessage({ ...job, models });
+  });
+}
+
 button.disabled = false;
-button.addEventListener("click", () => {
+button.addEventListener("click", async () => {
   generator ??= worker();
   button.disabled = true;
-  const prompt = document.getElementById("gen-prompt").value;
-  output.textContent = prompt;
-  source.textContent = "loading the model…";
-  generator.onmessage = ({ data }) => {
-    switch (data.type) {
-      case "source": source.textContent = `from ${data.source}`; break;
-      case "char": output.textContent += data.c; break;
-      case "generated": document.body.dataset.generated = "yes"; button.disabled = false; break;
-      case "failed": output.textContent = `generation failed: ${data.message}`; button.disabled = false; break;
-    }
-  };
-  generator.postMessage({
+  delete document.body.dataset.generated;
+  const job = {
     job: "generate",
-    models: [
-      { url: new URL("api/model", location.href).href, source: "the current global model" },
-      { url: new URL("models/dickens-seed.safetensors", location.href).href, source: "the shipped model" },
-    ],
-    prompt,
+    prompt: document.getElementById("gen-prompt").value,
     length: Number(document.getElementById("gen-length").value),
     temperature: Number(document.getElementById("gen-temperature").value),
     seed: BigInt(Date.now()),
     backend,
-  });
+  };
+  let finished = true;
+  for (const pane of panes) finished = (await generateInto(pane, job)) && finished;
+  document.body.dataset.generated = finished ? "yes" : "failed";
+  button.disabled = false;
 });
 
 // The longest the main thread went without running a timer, for tests and the curious.

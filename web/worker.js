@@ -10,7 +10,7 @@ async function device({ url, client, resume, backend }) {
   postMessage({ type: "closed" });
 }
 
-// The current global model, or the shipped one when no aggregator runs.
+// The first of `models` that answers (the aggregator's, then a shipped file).
 async function checkpoint(models) {
   for (const { url, source } of models) {
     try {
@@ -18,7 +18,7 @@ async function checkpoint(models) {
       if (response.ok) return { bytes: new Uint8Array(await response.arrayBuffer()), source };
     } catch (_) { /* try the next one */ }
   }
-  throw new Error("no model to generate from: neither the aggregator nor the shipped model answered");
+  throw new Error(`no model to generate from: none of ${models.map((m) => m.url).join(", ")} answered`);
 }
 
 async function generate({ models, prompt, length, temperature, seed, backend }) {

@@ -27,6 +27,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(|State(shared): State<Arc<Shared>>| async move { Json(status_json(&shared)) }),
         )
         .route("/api/model", get(model_file))
+        .route("/api/model/start", get(start_model_file))
         .route("/api/admin/state", get(export_state))
         .route("/api/admin/sessions/{session}/revoke", post(revoke_session));
     if let Some(root) = &shared.config.web_root {
@@ -52,6 +53,16 @@ async fn model_file(State(shared): State<Arc<Shared>>) -> Response {
         Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
     }
+}
+
+/// The model the federation started from (round 0), for comparing with the
+/// current one.
+async fn start_model_file(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        shared.start_model.clone(),
+    )
+        .into_response()
 }
 
 fn admin_refused(shared: &Shared, peer: &PeerInfo, headers: &HeaderMap) -> Option<Response> {

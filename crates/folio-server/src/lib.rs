@@ -20,17 +20,19 @@ pub mod sessions;
 pub mod state;
 mod ws;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
 use burn::prelude::Device;
+use bytes::Bytes;
 use folio_data::batch::batches;
 use folio_data::{Batch, BatchConfig, Corpus, vocab};
 use folio_fed::sampling::sample_clients;
 use folio_model::CharRnn;
-use folio_model::checkpoint;
+use folio_model::checkpoint::{self, Precision};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -48,6 +50,8 @@ pub struct Shared {
     eval_batches: Vec<Batch>,
     /// Every client's test ids, when the population is evaluated.
     population: Vec<Vec<u32>>,
+    /// The starting model as a model file (f16).
+    start_model: Bytes,
     config: ServerConfig,
     limits: Limits,
     access: access::Access,
@@ -90,6 +94,26 @@ impl Server {
             format!("cannot create the state dir {}", config.state_dir.display())
         })?;
         let rounds = &config.rounds;
+        // The model the federation starts from, kept for the page's side-by-side
+        // generator however far the rounds have gone.
+        let start = match &config.init {
+            Some(path) => {
+                checkpoint::load(path, Some(model))
+                    .with_context(|| format!("cannot start from {}", path.display()))?
+                    .weights
+            }
+            None => {
+                CharRnn::init(model, config.seed, &Device::flex())
+                    .to_flat()
+                    .await?
+            }
+        };
+        let start_model = Bytes::from(checkpoint::encode(
+            model,
+            &start,
+            Precision::F16,
+            &BTreeMap::from([("round".to_owned(), "0".to_owned())]),
+        )?);
         let (weights, strategy_state, history) = match state::load(
             &config.state_dir,
             rounds.strategy.server_optimizer,
@@ -100,21 +124,7 @@ impl Server {
                 state::write_history(&config.state_dir, &saved.history)?;
                 (saved.weights, saved.strategy, saved.history)
             }
-            None => {
-                let weights = match &config.init {
-                    Some(path) => {
-                        checkpoint::load(path, Some(model))
-                            .with_context(|| format!("cannot start from {}", path.display()))?
-                            .weights
-                    }
-                    None => {
-                        CharRnn::init(model, config.seed, &Device::flex())
-                            .to_flat()
-                            .await?
-                    }
-                };
-                (weights, None, Vec::new())
-            }
+            None => (start, None, Vec::new()),
         };
         let completed = history.last().map_or(0, |r| r.round);
         let eval_batches = eval_batches(&corpus, rounds, config.seed)?;
@@ -154,6 +164,7 @@ impl Server {
             corpus,
             eval_batches,
             population,
+            start_model,
             access: access::Access::new(
                 config.access.clone(),
                 limits.token_lockout,

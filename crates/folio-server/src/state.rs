@@ -34,6 +34,20 @@ pub fn state_path(dir: &Path) -> PathBuf {
     dir.join("state.safetensors")
 }
 
+/// How many weights the state in `dir` holds (which model it is), without
+/// checking the rest.
+pub fn weight_count(dir: &Path) -> anyhow::Result<usize> {
+    let path = state_path(dir);
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("cannot read {}: is it a run folder?", path.display()))?;
+    let tensors = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is corrupt", path.display()))?;
+    let weights = tensors
+        .tensor("weights")
+        .with_context(|| format!("{} has no `weights`", path.display()))?;
+    Ok(weights.shape().iter().product())
+}
+
 pub fn history_path(dir: &Path) -> PathBuf {
     dir.join("metrics.jsonl")
 }

@@ -11,7 +11,7 @@ use common::*;
 use folio_client::native::WsTransport;
 use folio_client::{ClientError, ClientOptions, Transport};
 use folio_fed::{Clipping, Encoding, ServerOptimizerConfig, StrategyConfig, codec};
-use folio_model::Preset;
+use folio_model::{Preset, checkpoint};
 use folio_proto::{ClientMessage, ErrorCode, ServerMessage, Update, decode_client, decode_server};
 use folio_server::{RoundConfig, Server};
 use futures_util::SinkExt;
@@ -408,6 +408,23 @@ async fn bad_input_is_refused_counted_and_harmless() {
     );
     let expected: Vec<f32> = initial.iter().map(|w| w + 0.001).collect();
     assert_close(&server.weights(), &expected, 1e-6);
+    // The model it started from is still served (f16) beside the current one.
+    let served = &server;
+    let model_at = |path| async move {
+        let response = http_get_bytes(served, path).await;
+        let body = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        checkpoint::decode(&response[body..], None).unwrap().weights
+    };
+    let (start, now) = (
+        model_at("/api/model/start").await,
+        model_at("/api/model").await,
+    );
+    for (s, w) in start.iter().zip(&initial) {
+        assert!((s - w).abs() <= 1e-3 * w.abs().max(1.0), "{s} vs {w}");
+    }
+    // f16 rounding averages out over the model: the mean shift is the round's.
+    let shift = now.iter().zip(&start).map(|(n, s)| n - s).sum::<f32>() / n as f32;
+    assert!((shift - 0.001).abs() < 1e-4, "mean shift {shift}");
 
     let errors = &server.status()["errors"];
     for code in [

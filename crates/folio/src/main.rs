@@ -49,6 +49,8 @@ enum Command {
     Eval(model::EvalArgs),
     /// Text from a checkpoint, streamed as it is sampled.
     Generate(model::GenerateArgs),
+    /// A run's global model as a model file, its population accuracy in the metadata.
+    Export(model::ExportArgs),
     /// Benchmarks that print figures measured side by side.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Command::Bench(command) => bench::run(command, &data_dir),
         Command::Eval(args) => model::eval(args, &data_dir),
         Command::Generate(args) => model::generate_text(args),
+        Command::Export(args) => model::export(args, &data_dir),
         Command::Serve(args) => federate::serve(args, &data_dir),
         Command::Client(args) => federate::client(args),
         Command::Simulate(args) => federate::simulate(args, &data_dir),

@@ -1,6 +1,8 @@
-//! `folio eval` and `folio generate`: a checkpoint on a client's data, on random
-//! text, or generating text.
+//! `folio eval`, `folio generate` and `folio export`: a checkpoint on a client's
+//! data, on random text or on the whole population, generating text, and a run's
+//! global model as a model file.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -8,10 +10,12 @@ use anyhow::Context;
 use burn::prelude::Device;
 use clap::{Args, ValueEnum};
 use folio_data::batch::batches;
-use folio_data::{BatchConfig, vocab};
+use folio_data::{BatchConfig, Corpus, vocab};
+use folio_fed::ServerOptimizerConfig;
+use folio_model::checkpoint::{self, Precision};
 use folio_model::eval::{evaluate, random_batches};
 use folio_model::generate::{GenerateConfig, generate};
-use folio_model::{CharRnn, checkpoint};
+use folio_model::{CharRnn, Metrics, Preset};
 
 /// The model `folio` ships: the seed preset pre-trained on Dickens.
 pub const SHIPPED_MODEL: &str = "models/dickens-seed.safetensors";
@@ -52,8 +56,10 @@ pub struct EvalArgs {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    #[arg(long, default_value = SHIPPED_MODEL)]
-    checkpoint: PathBuf,
+    /// Several: each continues the same prompt with the same random draws, one
+    /// after another (e.g. the Dickens start and the federated result).
+    #[arg(long, num_args = 1.., default_value = SHIPPED_MODEL)]
+    checkpoint: Vec<PathBuf>,
     #[arg(long, default_value = "What of folio, you ask? ")]
     prompt: String,
     #[arg(long, default_value_t = 200)]
@@ -81,10 +87,13 @@ fn load_model(path: &Path) -> anyhow::Result<CharRnn> {
     )?)
 }
 
-/// Held-out loss and accuracy over every client, with a progress bar.
-fn eval_population(args: &EvalArgs, model: &CharRnn, data_dir: &Path) -> anyhow::Result<()> {
-    let corpus = crate::data::load_corpus(data_dir)?;
-    let split = args.split.unwrap_or(Split::Test);
+/// Loss and accuracy over every client's `split`, with a progress bar.
+fn population_metrics(
+    model: &CharRnn,
+    corpus: &Corpus,
+    split: Split,
+    batch_size: usize,
+) -> anyhow::Result<Metrics> {
     let clients: Vec<Vec<u32>> = corpus
         .clients
         .iter()
@@ -103,11 +112,10 @@ fn eval_population(args: &EvalArgs, model: &CharRnn, data_dir: &Path) -> anyhow:
         )
         .expect("valid template"),
     );
-    let started = std::time::Instant::now();
     let metrics = pollster::block_on(folio_model::eval::evaluate_population(
         model,
         &clients,
-        args.batch_size,
+        batch_size,
         8,
         |done, all| {
             bar.set_length(all as u64);
@@ -115,9 +123,18 @@ fn eval_population(args: &EvalArgs, model: &CharRnn, data_dir: &Path) -> anyhow:
         },
     ))?;
     bar.finish_and_clear();
+    Ok(metrics)
+}
+
+/// Held-out loss and accuracy over every client.
+fn eval_population(args: &EvalArgs, model: &CharRnn, data_dir: &Path) -> anyhow::Result<()> {
+    let corpus = crate::data::load_corpus(data_dir)?;
+    let split = args.split.unwrap_or(Split::Test);
+    let started = std::time::Instant::now();
+    let metrics = population_metrics(model, &corpus, split, args.batch_size)?;
     println!(
         "population ({} clients, {} split, {} chars, padding excluded): loss {:.4}, accuracy {:.4} in {:.0}s",
-        clients.len(),
+        corpus.clients.len(),
         match split {
             Split::Train => "train",
             Split::Test => "test",
@@ -169,7 +186,6 @@ pub fn eval(args: EvalArgs, data_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub fn generate_text(args: GenerateArgs) -> anyhow::Result<()> {
-    let model = load_model(&args.checkpoint)?;
     let config = GenerateConfig {
         length: args.length,
         temperature: args.temperature,
@@ -177,11 +193,81 @@ pub fn generate_text(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     let mut out = std::io::stdout().lock();
-    write!(out, "{}", args.prompt)?;
-    pollster::block_on(generate(&model, &args.prompt, &config, |c| {
-        // Stream each char as it is sampled.
-        let _ = write!(out, "{c}").and_then(|()| out.flush());
-    }))?;
-    writeln!(out)?;
+    for path in &args.checkpoint {
+        let model = load_model(path)?;
+        if args.checkpoint.len() > 1 {
+            writeln!(out, "── {} ──", path.display())?;
+        }
+        write!(out, "{}", args.prompt)?;
+        pollster::block_on(generate(&model, &args.prompt, &config, |c| {
+            // Stream each char as it is sampled.
+            let _ = write!(out, "{c}").and_then(|()| out.flush());
+        }))?;
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A run folder of `folio simulate --population` or `folio serve`.
+    run: PathBuf,
+    /// The model file to write (f16 safetensors).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The run's global model as an f16 model file whose metadata says where it comes
+/// from and how it scores on the whole population (evaluated now when the run's
+/// last round has no population figures).
+pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
+    let weights_len = folio_server::state::weight_count(&args.run)?;
+    let preset = Preset::ALL
+        .into_iter()
+        .find(|p| p.config().num_params() == weights_len)
+        .with_context(|| format!("{weights_len} weights fit no preset"))?;
+    // Only the weights and the history matter here, not the optimizer's state.
+    let saved = folio_server::state::load(&args.run, ServerOptimizerConfig::fedavg(), weights_len)?
+        .context("the run has no state yet")?;
+    let last = saved.history.last().context("the run has no rounds yet")?;
+    let model = CharRnn::from_flat(preset.config(), &saved.weights, &Device::flex())?;
+    let population = match (last.population_loss, last.population_accuracy) {
+        (Some(loss), Some(accuracy)) => (loss, accuracy),
+        _ => {
+            let corpus = crate::data::load_corpus(data_dir)?;
+            let metrics = population_metrics(&model, &corpus, Split::Test, 64)?;
+            (metrics.loss, metrics.accuracy)
+        }
+    };
+    let metadata = BTreeMap::from([
+        ("preset".to_owned(), preset.to_string()),
+        ("round".to_owned(), last.round.to_string()),
+        (
+            "source".to_owned(),
+            format!("federated run {}", args.run.display()),
+        ),
+        (
+            "population_test_loss".to_owned(),
+            format!("{:.4}", population.0),
+        ),
+        (
+            "population_test_accuracy".to_owned(),
+            format!("{:.4}", population.1),
+        ),
+    ]);
+    checkpoint::save(
+        &args.out,
+        preset.config(),
+        &saved.weights,
+        Precision::F16,
+        &metadata,
+    )?;
+    println!(
+        "wrote {} ({preset}, round {}): population test accuracy {:.4}, loss {:.4}",
+        args.out.display(),
+        last.round,
+        population.1,
+        population.0
+    );
     Ok(())
 }

@@ -39,6 +39,10 @@ pub struct PretrainArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 8)]
     epochs: usize,
+    /// Stop once this many characters are trained (the budget of a federated run
+    /// it is compared with), cutting the last epoch short.
+    #[arg(long)]
+    max_chars: Option<usize>,
     /// 64 trains the most chars/s on 2 cores (see `folio bench train`).
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -191,10 +195,21 @@ pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Res
     );
 
     let started = Instant::now();
-    while position.epoch < args.epochs {
+    let budget = args
+        .max_chars
+        .map(|chars| chars.div_ceil(args.batch_size * folio_data::batch::SEQ_LEN));
+    // Steps of the epochs before this one (a resumed run recounts them).
+    let mut steps_before: usize = (0..position.epoch)
+        .map(|epoch| epoch_batches(&train_ids, args.batch_size, args.seed, epoch).len())
+        .sum();
+    while position.epoch < args.epochs && budget.is_none_or(|budget| steps_before < budget) {
         let epoch = position.epoch;
         trainer.set_learning_rate(args.lr * args.lr_decay.powi(epoch as i32));
-        let epoch_batches = epoch_batches(&train_ids, args.batch_size, args.seed, epoch);
+        let mut epoch_batches = epoch_batches(&train_ids, args.batch_size, args.seed, epoch);
+        if let Some(budget) = budget {
+            epoch_batches.truncate(budget - steps_before);
+        }
+        steps_before += epoch_batches.len();
         let bar = progress_bar(epoch_batches.len(), epoch, args.epochs);
         bar.set_position(position.step as u64);
         let epoch_start = Instant::now();
@@ -232,11 +247,12 @@ pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Res
         bar.finish();
         let held = held_out.evaluate(trainer.model())?;
         eprintln!(
-            "epoch {}/{}: held-out loss {:.4}, accuracy {:.4} ({:.0}s in all)",
+            "epoch {}/{}: held-out loss {:.4}, accuracy {:.4} ({} chars trained, {:.0}s in all)",
             epoch + 1,
             args.epochs,
             held.loss,
             held.accuracy,
+            steps_before * args.batch_size * folio_data::batch::SEQ_LEN,
             started.elapsed().as_secs_f64()
         );
         position = Position {
@@ -247,6 +263,10 @@ pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Res
         let mut metadata = run_metadata(&args, position);
         metadata.insert("held_out_loss".into(), format!("{:.4}", held.loss));
         metadata.insert("held_out_accuracy".into(), format!("{:.4}", held.accuracy));
+        metadata.insert(
+            "trained_chars".into(),
+            (steps_before * args.batch_size * folio_data::batch::SEQ_LEN).to_string(),
+        );
         let weights = pollster::block_on(trainer.model().to_flat())?;
         checkpoint::save(
             &args.out,

@@ -161,6 +161,9 @@ fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
             "1",
             "--seed",
             "4",
+            // A step schedule that takes effect after the interruption.
+            "--client-lr-halve-at",
+            "3",
             "--rounds",
             rounds,
             "--state-dir",
@@ -190,6 +193,23 @@ fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
     };
     assert_eq!(figures(&a.history), figures(&b.history));
     assert_eq!(a.history.len(), 5);
+
+    // The run's model as a model file, scored on the whole population.
+    let exported = whole.path().join("model.safetensors");
+    let out = stdout(folio().args([
+        "export",
+        whole.path().to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]));
+    assert!(out.contains("round 4"), "{out}");
+    let model = checkpoint::load(&exported, Some(Preset::Small.config())).unwrap();
+    let accuracy: f64 = model.metadata["population_test_accuracy"].parse().unwrap();
+    assert!((0.05..0.6).contains(&accuracy), "{accuracy}");
+    assert_eq!(model.metadata["round"], "4");
+    for (f16, f32) in model.weights.iter().zip(&a.weights) {
+        assert!((f16 - f32).abs() <= 1e-3 * f32.abs().max(1.0));
+    }
 }
 
 #[test]
@@ -230,4 +250,32 @@ fn plot_draws_every_run_into_one_svg() {
     assert!(svg.matches("<circle").count() >= 6, "population points");
     let missing = folio().args(["plot", "/nonexistent-run"]).output().unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("is it a run folder?"));
+}
+
+#[test]
+fn centralized_training_on_the_pooled_clients_stops_at_its_character_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("central.safetensors");
+    let output = folio()
+        .args([
+            "pretrain",
+            "--shakespeare",
+            "--preset",
+            "small",
+            "--max-chars",
+            "12000",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("1103 Shakespeare clients pooled"), "{err}");
+    let model = checkpoint::load(&out, Some(Preset::Small.config())).unwrap();
+    // 12,000 chars in batches of 64 × 100: two steps.
+    assert_eq!(model.metadata["trained_chars"], "12800");
+    assert_eq!(model.metadata["epoch"], "1");
+    let accuracy: f64 = model.metadata["held_out_accuracy"].parse().unwrap();
+    assert!((0.0..0.5).contains(&accuracy), "{accuracy}");
 }

@@ -90,9 +90,16 @@ fn page_text(tab: &Session, id: &str) -> anyhow::Result<String> {
     Ok(value.as_str().unwrap_or_default().to_owned())
 }
 
-/// Clicks the page's Generate for `length` chars, waits for them, and returns the
-/// chars after the prompt and where the model came from.
-fn generate_on_page(tab: &Session, length: usize) -> anyhow::Result<(String, String)> {
+/// One pane of the page's generator: the chars after the prompt and where its
+/// model came from.
+struct Generated {
+    text: String,
+    source: String,
+}
+
+/// Clicks the page's Generate for `length` chars, waits for both panes (the
+/// starting model, then the federated one), and returns them in that order.
+fn generate_on_page(tab: &Session, length: usize) -> anyhow::Result<[Generated; 2]> {
     tab.execute(
         "document.getElementById('gen-length').value = arguments[0];
          document.getElementById('gen-button').click();",
@@ -107,17 +114,26 @@ fn generate_on_page(tab: &Session, length: usize) -> anyhow::Result<(String, Str
         "return document.getElementById('gen-prompt').value",
         json!([]),
     )?;
-    let shown = page_text(tab, "gen-output")?;
-    let source = page_text(tab, "gen-source")?;
-    eprintln!("generated ({source}): {shown:?}");
-    let generated = shown
-        .strip_prefix(prompt.as_str().unwrap_or_default())
-        .context("the prompt starts the text")?;
-    ensure!(
-        generated.chars().count() == length,
-        "the generator should stream {length} chars after the prompt, shown: {shown:?}"
-    );
-    Ok((generated.to_owned(), source))
+    let pane = |output: &str, source: &str| -> anyhow::Result<Generated> {
+        let shown = page_text(tab, output)?;
+        let source = page_text(tab, source)?;
+        eprintln!("generated {source}: {shown:?}");
+        let text = shown
+            .strip_prefix(prompt.as_str().unwrap_or_default())
+            .context("the prompt starts the text")?;
+        ensure!(
+            text.chars().count() == length,
+            "the generator should stream {length} chars after the prompt, shown: {shown:?}"
+        );
+        Ok(Generated {
+            text: text.to_owned(),
+            source,
+        })
+    };
+    Ok([
+        pane("gen-start-output", "gen-start-source")?,
+        pane("gen-output", "gen-source")?,
+    ])
 }
 
 fn artefact_dir() -> std::path::PathBuf {
@@ -140,8 +156,14 @@ fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow
 
     wait_until(&server, "round 1", |s| completed(s) >= 1)?;
     // The generator runs the current global model in the tab, beside its training.
-    let (_, source) = generate_on_page(&browser, 24)?;
-    ensure!(source == "from the current global model", "{source}");
+    let [start, now] = generate_on_page(&browser, 24)?;
+    ensure!(
+        start.source == "(from the federation's starting model)"
+            && now.source == "(from the current global model)",
+        "{} / {}",
+        start.source,
+        now.source
+    );
 
     // A screenshot during a round, with the generator's text on the page.
     wait_until(&server, "an open round", |s| !s["open_round"].is_null())?;
@@ -282,7 +304,7 @@ fn the_page_wasm_goes_out_gzipped_to_browsers_that_accept_it() -> anyhow::Result
 }
 
 #[test]
-fn the_generator_falls_back_to_the_shipped_model_without_an_aggregator() -> anyhow::Result<()> {
+fn the_generator_falls_back_to_the_shipped_models_without_an_aggregator() -> anyhow::Result<()> {
     folio_e2e::check_page_built()?;
     // A plain static server of the repository: no aggregator, no /api/model.
     let runtime = tokio::runtime::Runtime::new()?;
@@ -298,16 +320,26 @@ fn the_generator_falls_back_to_the_shipped_model_without_an_aggregator() -> anyh
     let driver = ChromeDriver::start()?;
     let browser = driver.session(1200, 900)?;
     browser.navigate(&url)?;
-    let (generated, source) = generate_on_page(&browser, 60)?;
-    ensure!(source == "from the shipped model", "{source}");
-    // Dickens-trained: mostly letters and spaces (uniform sampling: 62%).
-    let wordy = generated
-        .chars()
-        .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
-        .count();
+    let [start, federated] = generate_on_page(&browser, 60)?;
     ensure!(
-        wordy >= 42,
-        "{wordy} of 60 letters or spaces: {generated:?}"
+        start.source == "(from the shipped Dickens model)"
+            && federated.source == "(from the shipped federated model)",
+        "{} / {}",
+        start.source,
+        federated.source
     );
+    // Both trained: mostly letters and spaces (uniform sampling: 62%); the same
+    // draws through different models give different text.
+    for Generated { text, source } in [&start, &federated] {
+        let wordy = text
+            .chars()
+            .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
+            .count();
+        ensure!(
+            wordy >= 42,
+            "{source}: {wordy} of 60 letters or spaces: {text:?}"
+        );
+    }
+    ensure!(start.text != federated.text, "{:?}", start.text);
     Ok(())
 }

@@ -73,6 +73,11 @@ pub fn binary(message: &ClientMessage) -> Message {
 }
 
 pub async fn http_get(server: &Server, path: &str) -> String {
+    String::from_utf8_lossy(&http_get_bytes(server, path).await).into_owned()
+}
+
+/// The whole response, head and body.
+pub async fn http_get_bytes(server: &Server, path: &str) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     stream
@@ -81,7 +86,7 @@ pub async fn http_get(server: &Server, path: &str) -> String {
         .unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
-    String::from_utf8_lossy(&response).into_owned()
+    response
 }
 
 /// The small preset's tensor sizes, in parameter order.
