@@ -100,6 +100,10 @@ pub struct RoundArgs {
     /// FedAvgM momentum, or β1 of the adaptive optimizers.
     #[arg(long, default_value_t = 0.9)]
     server_momentum: f32,
+    /// τ of the adaptive optimizers: per-coordinate scales below it are not
+    /// normalised (set it under the deltas' typical size for Adam-like steps).
+    #[arg(long, default_value_t = 1e-3)]
+    server_tau: f32,
     #[arg(long, value_enum, default_value = "f32")]
     encoding: DeltaEncoding,
     /// How the server bounds each delta's L2 norm.
@@ -143,7 +147,7 @@ impl RoundArgs {
             };
         }
         let (lr, beta1) = (self.server_lr, self.server_momentum);
-        let (beta2, tau) = (0.99, 1e-3);
+        let (beta2, tau) = (0.99, self.server_tau);
         let server_optimizer = match self.server_optimizer {
             ServerOpt::Fedavg => ServerOptimizerConfig::FedAvg { lr },
             ServerOpt::Fedavgm => ServerOptimizerConfig::FedAvgM {
