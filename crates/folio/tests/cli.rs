@@ -230,14 +230,20 @@ fn plot_draws_every_run_into_one_svg() {
         std::fs::write(dir.join("metrics.jsonl"), lines).unwrap();
     }
     let out = runs.path().join("curves.svg");
-    stdout(
+    let table = stdout(
         folio()
             .arg("plot")
             .arg(runs.path().join("fedavg"))
             .arg(runs.path().join("fedadam"))
-            .arg("--out")
+            .args(["--target", "0.44", "--out"])
             .arg(&out),
     );
+    for row in [
+        "| fedavg | 4 | 0.4400 (4) | 4 | 0 min |",
+        "| fedadam | 4 | 0.4800 (4) | 2 | 0 min |",
+    ] {
+        assert!(table.contains(row), "no {row:?} in {table}");
+    }
     let svg = std::fs::read_to_string(&out).unwrap();
     for label in [
         "fedavg: eval accuracy",
