@@ -34,9 +34,10 @@ pub struct PretrainArgs {
     init: Option<PathBuf>,
     #[arg(long, default_value = "seed")]
     preset: Preset,
-    /// The final model (f16 safetensors).
-    #[arg(long, default_value = "models/dickens-seed.safetensors")]
-    out: PathBuf,
+    /// The final model (f16 safetensors) [default: models/dickens-seed.safetensors;
+    /// required with --shakespeare, so that no shipped model is overwritten]
+    #[arg(long)]
+    out: Option<PathBuf>,
     #[arg(long, default_value_t = 8)]
     epochs: usize,
     /// Stop once this many characters are trained (the budget of a federated run
@@ -100,6 +101,11 @@ impl HeldOut {
 }
 
 pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    let out = match (&args.out, args.shakespeare) {
+        (Some(out), _) => out.clone(),
+        (None, false) => PathBuf::from("models/dickens-seed.safetensors"),
+        (None, true) => anyhow::bail!("say where the centralized model goes with --out"),
+    };
     let (train_ids, held_out, source) = if args.shakespeare {
         let corpus = Corpus::load(&data_dir.join("shakespeare"))?;
         let train: Vec<Vec<u32>> = corpus
@@ -144,7 +150,7 @@ pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Res
     );
 
     let device = Device::flex().autodiff();
-    let resume_path = args.out.with_extension("resume.safetensors");
+    let resume_path = out.with_extension("resume.safetensors");
     let (model, mut position) = if args.resume {
         let saved = checkpoint::load(&resume_path, Some(args.preset.config()))
             .context("cannot resume: run without --resume to start afresh")?;
@@ -182,7 +188,7 @@ pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Res
             Position::default(),
         )
     };
-    if let Some(dir) = args.out.parent() {
+    if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let mut trainer = Trainer::new(
@@ -269,7 +275,7 @@ pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Res
         );
         let weights = pollster::block_on(trainer.model().to_flat())?;
         checkpoint::save(
-            &args.out,
+            &out,
             args.preset.config(),
             &weights,
             Precision::F16,
@@ -278,7 +284,7 @@ pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Res
     }
     eprintln!(
         "wrote {} ({:.0}s)",
-        args.out.display(),
+        out.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

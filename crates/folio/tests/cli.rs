@@ -284,4 +284,12 @@ fn centralized_training_on_the_pooled_clients_stops_at_its_character_budget() {
     assert_eq!(model.metadata["epoch"], "1");
     let accuracy: f64 = model.metadata["held_out_accuracy"].parse().unwrap();
     assert!((0.0..0.5).contains(&accuracy), "{accuracy}");
+
+    // Never onto the shipped Dickens model by default.
+    let output = folio()
+        .args(["pretrain", "--shakespeare", "--preset", "small"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && err.contains("--out"), "{err}");
 }
