@@ -28,6 +28,9 @@ pub struct PlotArgs {
         default_value = "Federated Shakespeare: held-out accuracy per round"
     )]
     title: String,
+    /// Only the rounds up to this one (to compare runs at one budget).
+    #[arg(long)]
+    max_round: Option<u64>,
     /// The accuracy whose first round the table reports (McMahan et al.'s 54%).
     #[arg(long, default_value_t = 0.54)]
     target: f64,
@@ -69,7 +72,9 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
                 || dir.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
             );
-            Ok((name, history(dir)?))
+            let mut records = history(dir)?;
+            records.retain(|r| args.max_round.is_none_or(|max| r.round <= max));
+            Ok((name, records))
         })
         .collect::<anyhow::Result<_>>()?;
     let rounds = runs

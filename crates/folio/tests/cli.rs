@@ -244,6 +244,25 @@ fn plot_draws_every_run_into_one_svg() {
     ] {
         assert!(table.contains(row), "no {row:?} in {table}");
     }
+    let early = stdout(
+        folio()
+            .arg("plot")
+            .arg(runs.path().join("fedavg"))
+            .args(["--max-round", "2", "--out"])
+            .arg(&out),
+    );
+    assert!(
+        early.contains("| fedavg | 2 | 0.4200 (2) | not yet |"),
+        "{early}"
+    );
+    stdout(
+        folio()
+            .arg("plot")
+            .arg(runs.path().join("fedavg"))
+            .arg(runs.path().join("fedadam"))
+            .arg("--out")
+            .arg(&out),
+    );
     let svg = std::fs::read_to_string(&out).unwrap();
     for label in [
         "fedavg: eval accuracy",
