@@ -101,6 +101,10 @@ impl HeldOut {
 }
 
 pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.epochs > 0 && args.max_chars != Some(0),
+        "nothing to train: --epochs and --max-chars must be above zero"
+    );
     let out = match (&args.out, args.shakespeare) {
         (Some(out), _) => out.clone(),
         (None, false) => PathBuf::from("models/dickens-seed.safetensors"),

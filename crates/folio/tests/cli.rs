@@ -304,6 +304,18 @@ fn centralized_training_on_the_pooled_clients_stops_at_its_character_budget() {
     let accuracy: f64 = model.metadata["held_out_accuracy"].parse().unwrap();
     assert!((0.0..0.5).contains(&accuracy), "{accuracy}");
 
+    // A zero budget is refused rather than reported as written.
+    let output = folio()
+        .args(["pretrain", "--shakespeare", "--max-chars", "0", "--out"])
+        .arg(dir.path().join("none.safetensors"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && err.contains("nothing to train"),
+        "{err}"
+    );
+
     // Never onto the shipped Dickens model by default.
     let output = folio()
         .args(["pretrain", "--shakespeare", "--preset", "small"])
