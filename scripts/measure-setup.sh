@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Times a README command as a newcomer meets it: from a fresh clone of this
+# checkout's HEAD, with a cold target/ (tools and the sccache cache as this machine
+# has them). `scripts/measure-setup.sh run` runs scripts/run.sh until the page is
+# served and its device code is ready; `scripts/measure-setup.sh test` runs
+# scripts/test.sh (with CI=true, as CI does). Keeps the timestamped log under
+# target/measure/ and prints: first output, longest silence, when the page was
+# served (run), when its wasm was ready (run) or the suite passed (test).
+set -euo pipefail
+what="${1:-}"
+case "$what" in
+    run | test) ;;
+    *) echo "usage: scripts/measure-setup.sh run|test" >&2; exit 2 ;;
+esac
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+clone="$(mktemp -d /tmp/folio-fresh-XXXX)"
+logs="$repo/target/measure"
+mkdir -p "$logs"
+log="$logs/$what-$(date +%Y%m%d-%H%M%S).log"
+git clone -q "$repo" "$clone"
+unset CARGO_TARGET_DIR FOLIO_DATA_DIR
+echo "measuring scripts/$what.sh in $clone; log: $log" >&2
+
+start=$EPOCHREALTIME
+since() { awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
+# Each output line with the seconds since the start.
+stamp() {
+    local line
+    while IFS= read -r line; do
+        printf '%7s %s\n' "$(since)" "$line"
+    done
+}
+# The first line's time and the longest gap between lines, from the stamped log.
+silences() {
+    awk '{ t = $1 + 0; if (NR == 1) first = t; if (t - last > gap) gap = t - last; last = t }
+         END { printf "first output after %.1f s; longest silence %.1f s", first, gap }' "$log"
+}
+
+status=0
+if [ "$what" = test ]; then
+    (cd "$clone" && CI=true scripts/test.sh </dev/null 2>&1) | stamp >"$log" || status=$?
+    summary="suite $( [ "$status" = 0 ] && echo passed || echo FAILED ) after $(since) s"
+else
+    set -m
+    (cd "$clone" && scripts/run.sh </dev/null 2>&1 | stamp >"$log") &
+    runner=$!
+    set +m
+    served="" ready=""
+    while kill -0 "$runner" 2>/dev/null; do
+        if [ -z "$served" ] && curl -sf -o /dev/null http://127.0.0.1:8080/; then served="$(since)"; fi
+        if [ -n "$served" ] && grep -q '"state":"ready"' "$clone/pkg/build.json" 2>/dev/null; then
+            ready="$(since)"
+            break
+        fi
+        sleep 1
+    done
+    kill -INT -- "-$runner" 2>/dev/null || true
+    wait "$runner" 2>/dev/null || true
+    summary="page served after ${served:-never} s, its device code ready after ${ready:-never} s"
+fi
+printf 'scripts/%s.sh from a fresh clone: %s; %s\n' "$what" "$summary" "$(silences)" | tee -a "$log"
+rm -rf "$clone"
+exit "$status"
