@@ -11,6 +11,9 @@ export FOLIO_DATA_DIR="${FOLIO_DATA_DIR:-$FOLIO_ROOT/data/cache}"
 # at other paths can hand out stale test binaries (env!("CARGO_MANIFEST_DIR")).
 # Checkouts share compiled crates through sccache instead (`ensure_build_cache`).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FOLIO_ROOT/target}"
+# The wasm32 side (browser tests and the page) builds into its own target dir, so
+# that it can build while the native side does.
+WASM_TARGET_DIR="$CARGO_TARGET_DIR/wasm"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export PATH="$HOME/.cargo/bin:$PATH"
 
@@ -253,12 +256,12 @@ build_page() {
     ensure_wasm_bindgen
     step "building the page's device code (wasm, release; ≈ 12 min the first time on 2 cores)"
     write_build_status building "the device code"
-    (cd "$FOLIO_ROOT" && cargo_progress "page" build --release --locked -p folio-web --target wasm32-unknown-unknown)
+    (cd "$FOLIO_ROOT" && CARGO_TARGET_DIR="$WASM_TARGET_DIR" cargo_progress "page" build --release --locked -p folio-web --target wasm32-unknown-unknown)
     write_build_status building "binding and compressing"
     local staged="$PAGE_DIR.new"
     rm -rf "$staged"
     wasm-bindgen --target web --out-dir "$staged" \
-        "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/folio_web.wasm"
+        "$WASM_TARGET_DIR/wasm32-unknown-unknown/release/folio_web.wasm"
     # Served in place of the wasm to browsers that accept gzip.
     gzip -kf "$staged/folio_web_bg.wasm"
     mkdir -p "$PAGE_DIR"

@@ -59,5 +59,19 @@ else
     summary="page served after ${served:-never} s, its device code ready after ${ready:-never} s"
 fi
 printf 'scripts/%s.sh from a fresh clone: %s; %s\n' "$what" "$summary" "$(silences)" | tee -a "$log"
+# The slowest crates of each build, from cargo's timing reports (scripts/test.sh).
+for report in "$clone"/target/cargo-timings/cargo-timing.html "$clone"/target/wasm/cargo-timings/cargo-timing.html; do
+    [ -f "$report" ] || continue
+    python3 - "$report" <<'PY' | tee -a "$log"
+import json, re, sys
+html = open(sys.argv[1]).read()
+units = json.loads(re.search(r"const UNIT_DATA = (\[.*?\n\]);", html, re.S).group(1))
+units.sort(key=lambda u: -u["duration"])
+total = sum(u["duration"] for u in units)
+print(f"{sys.argv[1].split('/target/')[1]}: {len(units)} units, {total / 60:.1f} min of rustc in all; slowest:")
+for u in units[:8]:
+    print(f"  {u['name']} {u['version']} {u['target'].strip() or 'lib'}: {u['duration']:.0f} s")
+PY
+done
 rm -rf "$clone"
 exit "$status"

@@ -8,19 +8,28 @@ step "folio test suite: setting up what is missing"
 ensure_rust
 ensure_build_cache
 ensure_wasm_target
-ensure_wasm_bindgen
 ensure_browser
 ensure_corpus
 cd "$FOLIO_ROOT"
 # One package selection for every native cargo command, so that they all resolve
 # the same features and share one build (folio-web is wasm-only).
 native=(--workspace --exclude folio-web --release --locked)
+# The same for the wasm32 side: the browser tests of three crates and the page.
+wasm=(--target wasm32-unknown-unknown --release --locked -p folio-fed -p folio-client -p folio-web)
 
 step "formatting"
 cargo fmt --all --check
 
-step "native build: every crate, test and the folio binary (≈ 12 min the first time on 2 cores)"
-cargo_progress "native" test "${native[@]}" --no-run
+# The builds run side by side: on 2 cores each spends minutes on one big crate
+# with a core to spare. The wasm side has its own target dir because cargo locks
+# a target dir while it builds; wasm-bindgen-cli installs into its own too. Each
+# build leaves cargo's timing report (the slowest crates) in cargo-timings/.
+step "building side by side: the native crates and tests, the wasm crates and tests, wasm-bindgen-cli (≈ 25 min the first time on 2 cores)"
+ensure_wasm_bindgen &
+tools=$!
+CARGO_TARGET_DIR="$WASM_TARGET_DIR" cargo_progress "wasm" test "${wasm[@]}" --no-run --timings &
+wasm_build=$!
+cargo_progress "native" test "${native[@]}" --no-run --timings
 
 step "the folio binary reuses the test build (scripts/run.sh compiles nothing more)"
 rebuilt="$(cargo build --release --locked -p folio --message-format short 2>&1 | grep -E '^ *Compiling ' || true)"
@@ -28,22 +37,21 @@ rebuilt="$(cargo build --release --locked -p folio --message-format short 2>&1 |
 feature differs between the two; name it in crates/folio/Cargo.toml:
 $rebuilt"
 
-step "lints (clippy, warnings are errors; ≈ 4 min the first time)"
+step "lints (clippy, warnings are errors; ≈ 2 min the first time)"
 cargo_progress "clippy" clippy "${native[@]}" --all-targets -- -D warnings
+
+wait "$wasm_build" || die "the wasm build failed (its errors are above)"
+wait "$tools" || die "installing wasm-bindgen-cli failed (its errors are above)"
 
 step "native tests"
 cargo test "${native[@]}"
 
 # wasm-bindgen tests in headless Chromium (cargo runs them with
 # wasm-bindgen-test-runner, .cargo/config.toml): the delta codecs, the client
-# loop's state machine, WebGPU against the CPU backend. One build for the three
-# crates and the page.
+# loop's state machine, WebGPU against the CPU backend.
 export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
-wasm=(--target wasm32-unknown-unknown --release --locked -p folio-fed -p folio-client -p folio-web)
-step "wasm build: the browser tests and the page (≈ 12 min the first time on 2 cores)"
-cargo_progress "wasm" test "${wasm[@]}" --no-run
 step "browser tests in headless Chromium"
-cargo test "${wasm[@]}"
+CARGO_TARGET_DIR="$WASM_TARGET_DIR" cargo test "${wasm[@]}"
 
 build_page
 
