@@ -5,7 +5,8 @@
 # served and its device code is ready; `scripts/measure-setup.sh test` runs
 # scripts/test.sh (with CI=true, as CI does). Keeps the timestamped log under
 # target/measure/ and prints: first output, longest silence, when the page was
-# served (run), when its wasm was ready (run) or the suite passed (test).
+# served (run), when its wasm was ready (run) or the suite passed (test). A cold
+# run: SCCACHE_DIR=$(mktemp -d) scripts/measure-setup.sh run.
 set -euo pipefail
 what="${1:-}"
 case "$what" in
@@ -19,6 +20,9 @@ mkdir -p "$logs"
 log="$logs/$what-$(date +%Y%m%d-%H%M%S).log"
 git clone -q "$repo" "$clone"
 unset CARGO_TARGET_DIR FOLIO_DATA_DIR
+# A running sccache server keeps the cache it started with: restart it so that
+# SCCACHE_DIR (e.g. an empty one, for a cold run) applies.
+if command -v sccache >/dev/null; then sccache --stop-server >/dev/null 2>&1 || true; fi
 echo "measuring scripts/$what.sh in $clone; log: $log" >&2
 
 start=$EPOCHREALTIME
@@ -59,6 +63,7 @@ else
     summary="page served after ${served:-never} s, its device code ready after ${ready:-never} s"
 fi
 printf 'scripts/%s.sh from a fresh clone: %s; %s\n' "$what" "$summary" "$(silences)" | tee -a "$log"
+if command -v sccache >/dev/null; then sccache --show-stats | grep -E '^(Compile requests|Cache hits|Cache misses|Cache location) ' | tee -a "$log"; fi
 # The slowest crates of each build, from cargo's timing reports (scripts/test.sh).
 for report in "$clone"/target/cargo-timings/cargo-timing.html "$clone"/target/wasm/cargo-timings/cargo-timing.html; do
     [ -f "$report" ] || continue
