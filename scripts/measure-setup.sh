@@ -34,13 +34,16 @@ stamp() {
         printf '%7s %s\n' "$(since)" "$line"
     done
 }
-# The first line's time and the longest gap between lines, from the stamped log.
+# The first line's time and the longest gap between lines, from the stamped log,
+# up to `$1` seconds (the page's readiness for run: the server is quiet after it).
 silences() {
-    awk '{ t = $1 + 0; if (NR == 1) first = t; if (t - last > gap) gap = t - last; last = t }
+    awk -v until="${1:-1e9}" '{ t = $1 + 0; if (t > until) exit; if (NR == 1) first = t
+           if (t - last > gap) gap = t - last; last = t }
          END { printf "first output after %.1f s; longest silence %.1f s", first, gap }' "$log"
 }
 
 status=0
+until=""
 if [ "$what" = test ]; then
     (cd "$clone" && CI=true scripts/test.sh </dev/null 2>&1) | stamp >"$log" || status=$?
     summary="suite $( [ "$status" = 0 ] && echo passed || echo FAILED ) after $(since) s"
@@ -58,11 +61,12 @@ else
         fi
         sleep 1
     done
-    kill -INT -- "-$runner" 2>/dev/null || true
+    kill -TERM -- "-$runner" 2>/dev/null || true
     wait "$runner" 2>/dev/null || true
     summary="page served after ${served:-never} s, its device code ready after ${ready:-never} s"
+    until="$ready"
 fi
-printf 'scripts/%s.sh from a fresh clone: %s; %s\n' "$what" "$summary" "$(silences)" | tee -a "$log"
+printf 'scripts/%s.sh from a fresh clone: %s; %s\n' "$what" "$summary" "$(silences "$until")" | tee -a "$log"
 if command -v sccache >/dev/null; then sccache --show-stats | grep -E '^(Compile requests|Cache hits|Cache misses|Cache location) ' | tee -a "$log"; fi
 # The slowest crates of each build, from cargo's timing reports (scripts/test.sh).
 for report in "$clone"/target/cargo-timings/cargo-timing.html "$clone"/target/wasm/cargo-timings/cargo-timing.html; do
