@@ -7,13 +7,16 @@ set -euo pipefail
 
 FOLIO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FOLIO_DATA_DIR="${FOLIO_DATA_DIR:-$FOLIO_ROOT/data/cache}"
-# Each checkout builds into its own target/: a target dir shared between checkouts
-# at other paths can hand out stale test binaries (env!("CARGO_MANIFEST_DIR")).
-# Checkouts share compiled crates through sccache instead (`ensure_build_cache`).
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FOLIO_ROOT/target}"
+# Each checkout builds into its own target/ (cargo's default; CARGO_TARGET_DIR
+# overrides it): a target dir shared between checkouts at other paths can hand out
+# stale test binaries (env!("CARGO_MANIFEST_DIR")). Checkouts share compiled crates
+# through sccache instead (`ensure_build_cache`), which keys a compilation on the
+# CARGO_* variables rustc sees: so the scripts never export a per-checkout path in
+# one, and name target dirs with --target-dir.
+TARGET_DIR="${CARGO_TARGET_DIR:-$FOLIO_ROOT/target}"
 # The wasm32 side (browser tests and the page) builds into its own target dir, so
 # that it can build while the native side does.
-WASM_TARGET_DIR="$CARGO_TARGET_DIR/wasm"
+WASM_TARGET_DIR="$TARGET_DIR/wasm"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export PATH="$HOME/.cargo/bin:$PATH"
 
@@ -121,7 +124,7 @@ ensure_wasm_bindgen() {
     # Not --locked: one of its locked dependencies is gone from crates.io. Its own
     # target dir, kept, so that an interrupted install resumes.
     cargo_progress "wasm-bindgen-cli" install wasm-bindgen-cli --version "$want" --force \
-        --target-dir "$CARGO_TARGET_DIR/tools"
+        --target-dir "$TARGET_DIR/tools"
 }
 
 # sccache keeps compiled crates across checkouts and `cargo clean`: a second clone
@@ -256,7 +259,8 @@ build_page() {
     ensure_wasm_bindgen
     step "building the page's device code (wasm, release; ≈ 12 min the first time on 2 cores)"
     write_build_status building "the device code"
-    (cd "$FOLIO_ROOT" && CARGO_TARGET_DIR="$WASM_TARGET_DIR" cargo_progress "page" build --release --locked -p folio-web --target wasm32-unknown-unknown)
+    (cd "$FOLIO_ROOT" && cargo_progress "page" build --release --locked -p folio-web \
+        --target wasm32-unknown-unknown --target-dir "$WASM_TARGET_DIR")
     write_build_status building "binding and compressing"
     local staged="$PAGE_DIR.new"
     rm -rf "$staged"
@@ -276,8 +280,8 @@ build_page() {
 # open tabs show the build's progress from pkg/build.json and join when it is
 # ready. Its output goes to the terminal and to target/page-build.log.
 build_page_behind_server() {
-    local log="$CARGO_TARGET_DIR/page-build.log"
-    mkdir -p "$PAGE_DIR" "$CARGO_TARGET_DIR"
+    local log="$TARGET_DIR/page-build.log"
+    mkdir -p "$PAGE_DIR" "$TARGET_DIR"
     export FOLIO_BUILD_STATUS="$PAGE_DIR/build.json"
     write_build_status building "starting"
     # Its own process group, so that stopping the server stops the whole build.

@@ -13,7 +13,7 @@ ensure_corpus
 cd "$FOLIO_ROOT"
 step "building the aggregator, the native folio binary (≈ 8 min the first time on 2 cores, seconds after)"
 cargo_progress "aggregator" build --release --locked -p folio
-folio="$CARGO_TARGET_DIR/release/folio"
+folio="$TARGET_DIR/release/folio"
 if [ "$#" -gt 0 ] && [ "$1" != serve ]; then
     exec "$folio" "$@"
 fi

@@ -15,7 +15,8 @@ cd "$FOLIO_ROOT"
 # the same features and share one build (folio-web is wasm-only).
 native=(--workspace --exclude folio-web --release --locked)
 # The same for the wasm32 side: the browser tests of three crates and the page.
-wasm=(--target wasm32-unknown-unknown --release --locked -p folio-fed -p folio-client -p folio-web)
+wasm=(--target wasm32-unknown-unknown --target-dir "$WASM_TARGET_DIR" --release --locked
+    -p folio-fed -p folio-client -p folio-web)
 
 step "formatting"
 cargo fmt --all --check
@@ -27,7 +28,7 @@ cargo fmt --all --check
 step "building side by side: the native crates and tests, the wasm crates and tests, wasm-bindgen-cli (≈ 25 min the first time on 2 cores)"
 ensure_wasm_bindgen &
 tools=$!
-CARGO_TARGET_DIR="$WASM_TARGET_DIR" cargo_progress "wasm" test "${wasm[@]}" --no-run --timings &
+cargo_progress "wasm" test "${wasm[@]}" --no-run --timings &
 wasm_build=$!
 cargo_progress "native" test "${native[@]}" --no-run --timings
 
@@ -51,7 +52,7 @@ cargo test "${native[@]}"
 # loop's state machine, WebGPU against the CPU backend.
 export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
 step "browser tests in headless Chromium"
-CARGO_TARGET_DIR="$WASM_TARGET_DIR" cargo test "${wasm[@]}"
+cargo test "${wasm[@]}"
 
 build_page
 
