@@ -25,7 +25,7 @@ cargo fmt --all --check
 # with a core to spare. The wasm side has its own target dir because cargo locks
 # a target dir while it builds; wasm-bindgen-cli installs into its own too. Each
 # build leaves cargo's timing report (the slowest crates) in cargo-timings/.
-step "building side by side: the native crates and tests, the wasm crates and tests, wasm-bindgen-cli (≈ 25 min the first time on 2 cores)"
+step "building side by side: the native crates and tests, the wasm crates and tests, wasm-bindgen-cli (≈ 30 min the first time on 2 cores)"
 ensure_wasm_bindgen &
 tools=$!
 cargo_progress "wasm" test "${wasm[@]}" --no-run --timings &
