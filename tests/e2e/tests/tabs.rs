@@ -103,6 +103,12 @@ struct Generated {
 /// Clicks the page's Generate for `length` chars, waits for both panes (the
 /// starting model, then the federated one), and returns them in that order.
 fn generate_on_page(tab: &Session, length: usize) -> anyhow::Result<[Generated; 2]> {
+    // The button is enabled once the page has found its device code.
+    tab.wait_for(
+        "the generator's button",
+        "return !document.getElementById('gen-button').disabled",
+        ROUND_TIMEOUT,
+    )?;
     tab.execute(
         "document.getElementById('gen-length').value = arguments[0];
          document.getElementById('gen-button').click();",
