@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::FedError;
-use crate::robust::{Aggregation, Clipping, RoundUpdates, clip};
+use crate::codec::CheckedDelta;
+use crate::robust::{Aggregation, Clipping, RoundUpdates, clip_scale};
 use crate::sampling::sample_clients;
 use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig};
 
@@ -166,7 +167,7 @@ pub trait Strategy: Send + Sync {
     fn accept(
         &self,
         open: &mut OpenUpdates,
-        delta: Vec<f32>,
+        delta: &CheckedDelta,
         claimed: u64,
         allowed: u64,
     ) -> Result<(), FedError>;
@@ -266,11 +267,16 @@ impl Strategy for RobustFedAvg {
     fn accept(
         &self,
         open: &mut OpenUpdates,
-        mut delta: Vec<f32>,
+        delta: &CheckedDelta,
         claimed: u64,
         allowed: u64,
     ) -> Result<(), FedError> {
-        validate_delta(&delta, open.num_params)?;
+        if delta.len() != open.num_params {
+            return Err(FedError::WrongLength {
+                expected: open.num_params,
+                found: delta.len(),
+            });
+        }
         if claimed == 0 || claimed > allowed {
             return Err(FedError::BadExamples { claimed, allowed });
         }
@@ -278,9 +284,9 @@ impl Strategy for RobustFedAvg {
             Weighting::Examples => claimed as f64,
             Weighting::Uniform => 1.0,
         };
-        let norm = clip(&mut delta, open.clip_bound);
-        open.norms.push(norm);
-        open.updates.add(delta, weight);
+        open.norms.push(delta.norm());
+        open.updates
+            .add(delta, weight, clip_scale(delta.norm(), open.clip_bound));
         Ok(())
     }
 
@@ -332,6 +338,10 @@ impl Strategy for RobustFedAvg {
 mod tests {
     use super::*;
 
+    fn delta(values: &[f32]) -> CheckedDelta {
+        CheckedDelta::from_values(values).unwrap()
+    }
+
     fn strategy(clipping: Clipping, aggregation: Aggregation) -> RobustFedAvg {
         RobustFedAvg::new(
             StrategyConfig {
@@ -349,15 +359,15 @@ mod tests {
         let state = s.initial_state(2);
         let mut open = s.open_round(&state, 2);
         assert_eq!(
-            s.accept(&mut open, vec![1.0, 1.0], u64::MAX, 40),
+            s.accept(&mut open, &delta(&[1.0, 1.0]), u64::MAX, 40),
             Err(FedError::BadExamples {
                 claimed: u64::MAX,
                 allowed: 40
             })
         );
-        assert!(s.accept(&mut open, vec![1.0, 1.0], 0, 40).is_err());
-        s.accept(&mut open, vec![1.0, 0.0], 30, 40).unwrap();
-        s.accept(&mut open, vec![0.0, 4.0], 10, 40).unwrap();
+        assert!(s.accept(&mut open, &delta(&[1.0, 1.0]), 0, 40).is_err());
+        s.accept(&mut open, &delta(&[1.0, 0.0]), 30, 40).unwrap();
+        s.accept(&mut open, &delta(&[0.0, 4.0]), 10, 40).unwrap();
         assert_eq!(open.len(), 2);
         let out = s.aggregate(&open, &[0.0, 0.0], &state).unwrap();
         assert_eq!(out.weights, vec![0.75, 1.0]);
@@ -368,12 +378,19 @@ mod tests {
         let s = strategy(Clipping::Off, Aggregation::Mean);
         let state = s.initial_state(1);
         let mut open = s.open_round(&state, 1);
-        s.accept(&mut open, vec![f32::MAX], 1, 1).unwrap();
+        s.accept(&mut open, &delta(&[f32::MAX]), 1, 1).unwrap();
         assert_eq!(
             s.aggregate(&open, &[f32::MAX], &state).unwrap_err(),
             FedError::NonFiniteModel
         );
-        assert!(s.accept(&mut open, vec![f32::NAN], 1, 1).is_err());
+        assert!(CheckedDelta::from_values(&[f32::NAN]).is_err());
+        assert_eq!(
+            s.accept(&mut open, &delta(&[1.0, 2.0]), 1, 1),
+            Err(FedError::WrongLength {
+                expected: 1,
+                found: 2
+            })
+        );
     }
 
     #[test]
@@ -381,8 +398,8 @@ mod tests {
         let s = strategy(Clipping::Fixed { bound: 1.0 }, Aggregation::Mean);
         let state = s.initial_state(2);
         let mut open = s.open_round(&state, 2);
-        s.accept(&mut open, vec![0.1, 0.0], 1, 1).unwrap();
-        s.accept(&mut open, vec![1e30, -1e30], 1, 1).unwrap();
+        s.accept(&mut open, &delta(&[0.1, 0.0]), 1, 1).unwrap();
+        s.accept(&mut open, &delta(&[1e30, -1e30]), 1, 1).unwrap();
         let out = s.aggregate(&open, &[0.0, 0.0], &state).unwrap();
         assert!(
             crate::robust::l2_norm(&out.weights) <= 0.6,

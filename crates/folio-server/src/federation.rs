@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use folio_data::{BatchConfig, Corpus, vocab};
+use folio_fed::codec::CheckedDelta;
 use folio_fed::sampling::sample_clients;
 use folio_fed::strategy::{Aggregated, RobustFedAvg};
 use folio_fed::{FedError, Strategy, StrategyState, codec};
@@ -48,12 +49,12 @@ pub struct CheckedJoin {
     pub client: Option<String>,
 }
 
-/// An update whose delta is decoded, checked against the round it names.
+/// An update whose delta is checked, against the round it names.
 #[derive(Debug, Clone)]
 pub struct DecodedUpdate {
     pub round: u64,
     pub examples: u64,
-    pub delta: Vec<f32>,
+    pub delta: CheckedDelta,
     pub train_loss: f32,
     pub train_accuracy: f32,
     pub train_seconds: f32,
@@ -428,7 +429,7 @@ impl Federation {
         let open = self.open.as_mut().expect("checked above");
         let allowed = open.allowed_examples.get(&session).copied().unwrap_or(0);
         self.strategy
-            .accept(&mut open.updates, update.delta, update.examples, allowed)
+            .accept(&mut open.updates, &update.delta, update.examples, allowed)
             .map_err(|err| match err {
                 FedError::BadExamples { .. } => error(ErrorCode::BadExamples, err.to_string()),
                 _ => error(ErrorCode::BadDelta, err.to_string()),

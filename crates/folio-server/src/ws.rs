@@ -14,7 +14,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use folio_fed::codec;
+use folio_fed::codec::CheckedDelta;
 use folio_proto::{
     ClientKind, ClientMessage, ErrorCode, ErrorMessage, Join, ServerMessage, Update,
 };
@@ -259,8 +259,8 @@ fn check_join(shared: &Shared, address: IpAddr, join: Join) -> Result<CheckedJoi
     })
 }
 
-/// Checks and decodes an update's delta: the federation's lock is held only to
-/// read the round's rules and, at the end, to fold the delta in.
+/// Checks an update's delta: the federation's lock is held only to read the
+/// round's rules and, at the end, to fold the delta in (from its bytes).
 fn handle_update(shared: &Shared, id: u64, update: Update) -> Result<(), ErrorMessage> {
     let (encoding, segments) = {
         let fed = shared.fed();
@@ -276,7 +276,7 @@ fn handle_update(shared: &Shared, id: u64, update: Update) -> Result<(), ErrorMe
             ),
         ));
     }
-    let delta = codec::decode(&update.delta, &segments, update.encoding)
+    let delta = CheckedDelta::new(update.delta, &segments, update.encoding)
         .map_err(|err| error(ErrorCode::BadDelta, err.to_string()))?;
     shared.fed().handle_update(
         id,

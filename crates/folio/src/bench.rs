@@ -6,6 +6,7 @@ use anyhow::Context;
 use burn::prelude::Device;
 use clap::Subcommand;
 use folio_client::bench::train_chars_per_second;
+use folio_fed::codec::CheckedDelta;
 use folio_fed::robust::RoundUpdates;
 use folio_fed::{Aggregation, Encoding, codec};
 use folio_model::Preset;
@@ -96,35 +97,58 @@ fn sample_delta(n: usize, salt: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The best of `repeats` timings of `f`, in ms (the least disturbed by other
+/// work on a shared machine).
+fn best_ms(repeats: usize, mut f: impl FnMut()) -> f64 {
+    (0..repeats.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 fn aggregate(repeats: usize) -> anyhow::Result<()> {
+    use std::hint::black_box;
     let segments = seed_segments();
     let n: usize = segments.iter().sum();
-    let delta = sample_delta(n, 1);
-    println!("one seed-size delta ({n} parameters), {repeats} folds each");
-    println!("encoding     bytes   fold ms   memcpy ms   fold / memcpy");
+    let values = sample_delta(n, 1);
+    println!("one seed-size delta ({n} parameters), best of {repeats} runs each, in ms");
+    println!(
+        "check: length, every value finite, L2 norm (outside the round's lock); fold: sum += w × delta,\n\
+         decoded on the fly into the round's f32 sum; floor: memcpy of the bytes a fold moves (the\n\
+         encoded delta, and the sum in and out); before: decode into a new Vec, then an f64 sum"
+    );
+    println!("encoding     bytes   check    fold   floor  fold/floor  (check+fold)/floor  before");
     for encoding in Encoding::ALL {
-        let bytes = codec::encode(&delta, &segments, encoding);
-        let mut round = RoundUpdates::new(Aggregation::Mean, n);
-        let start = Instant::now();
-        for _ in 0..repeats {
-            let decoded = codec::decode(&bytes, &segments, encoding)?;
-            round.add(decoded, 8.0);
-        }
-        let fold = start.elapsed().as_secs_f64() / repeats as f64;
-        let mut target = vec![0u8; bytes.len()];
-        let start = Instant::now();
-        for _ in 0..repeats {
-            target.copy_from_slice(std::hint::black_box(&bytes));
-            std::hint::black_box(&mut target);
-        }
-        let copy = start.elapsed().as_secs_f64() / repeats as f64;
+        let bytes = codec::encode(&values, &segments, encoding);
+        let check = best_ms(repeats, || {
+            black_box(codec::check(black_box(&bytes), &segments, encoding).expect("valid"));
+        });
+        let delta = CheckedDelta::new(bytes.clone(), &segments, encoding)?;
+        let mut sum = vec![0f32; n];
+        let fold = best_ms(repeats, || delta.add_to(8.0, black_box(&mut sum)));
+        let (mut bytes_copy, mut sum_copy) = (vec![0u8; bytes.len()], vec![0f32; n]);
+        let floor = best_ms(repeats, || {
+            bytes_copy.copy_from_slice(black_box(&bytes));
+            sum_copy.copy_from_slice(black_box(&sum));
+            black_box((&mut bytes_copy, &mut sum_copy));
+        });
+        let mut wide_sum = vec![0f64; n];
+        let before = best_ms(repeats, || {
+            let decoded = codec::decode(&bytes, &segments, encoding).expect("valid");
+            for (s, &d) in wide_sum.iter_mut().zip(&decoded) {
+                *s += 8.0 * f64::from(d);
+            }
+            black_box(&mut wide_sum);
+        });
         println!(
-            "{:<8} {:>9}  {:>8.2}  {:>10.3}  {:>14.0}x",
+            "{:<8} {:>9}  {check:>6.2}  {fold:>6.2}  {floor:>6.2}  {:>9.2}x  {:>17.2}x  {before:>6.2}",
             format!("{encoding:?}"),
             bytes.len(),
-            fold * 1e3,
-            copy * 1e3,
-            fold / copy
+            fold / floor,
+            (check + fold) / floor,
         );
     }
     println!(
@@ -156,8 +180,8 @@ fn fold_round(clients: usize) {
     let mut round = RoundUpdates::new(Aggregation::Mean, n);
     for client in 0..clients {
         let frame = codec::encode(&sample_delta(n, client as u64), &segments, Encoding::Int8);
-        let delta = codec::decode(&frame, &segments, Encoding::Int8).expect("valid frame");
-        round.add(delta, 8.0);
+        let delta = CheckedDelta::new(frame, &segments, Encoding::Int8).expect("valid frame");
+        round.add(&delta, 8.0, 1.0);
     }
     std::hint::black_box(
         round

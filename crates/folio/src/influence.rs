@@ -13,6 +13,7 @@ use anyhow::Context;
 use burn::prelude::Device;
 use folio_data::batch::{batch_count, batches};
 use folio_data::{BatchConfig, Corpus, vocab};
+use folio_fed::codec::CheckedDelta;
 use folio_fed::robust::l2_norm;
 use folio_fed::sampling::sample_clients;
 use folio_fed::strategy::RobustFedAvg;
@@ -128,7 +129,12 @@ fn federate(
                 *m += f64::from(*d) / setup.honest.len() as f64;
             }
             let allowed = if bounded { client.allowed } else { u64::MAX };
-            strategy.accept(&mut open, delta, examples, allowed)?;
+            strategy.accept(
+                &mut open,
+                &CheckedDelta::from_values(&delta)?,
+                examples,
+                allowed,
+            )?;
         }
         let reverse =
             |scale: f64| -> Vec<f32> { honest_mean.iter().map(|m| (-scale * m) as f32).collect() };
@@ -143,7 +149,8 @@ fn federate(
             Attack::Stealthy => vec![(reverse(3.0), biggest)],
         };
         for (delta, claimed) in attempts {
-            match strategy.accept(&mut open, delta, claimed, allowed) {
+            let delta = CheckedDelta::from_values(&delta)?;
+            match strategy.accept(&mut open, &delta, claimed, allowed) {
                 Ok(()) => break,
                 Err(_) => refused += 1,
             }

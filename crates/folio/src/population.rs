@@ -16,8 +16,9 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::prelude::Device;
 use folio_data::{BatchConfig, Corpus, vocab};
+use folio_fed::codec::CheckedDelta;
 use folio_fed::strategy::RobustFedAvg;
-use folio_fed::{Encoding, Strategy, codec};
+use folio_fed::{Strategy, codec};
 use folio_model::{CharRnn, Metrics};
 use folio_proto::RoundStart;
 use folio_server::record::model_hash;
@@ -219,16 +220,13 @@ pub fn run(
             // The delta as the wire carries it: quantised when the round says so.
             let encoded = codec::encode(&local.delta, &segments, config.delta_encoding);
             bytes_up += encoded.len() as u64;
-            let delta = match config.delta_encoding {
-                Encoding::F32 => local.delta,
-                encoding => codec::decode(&encoded, &segments, encoding)?,
-            };
+            let delta = CheckedDelta::new(encoded, &segments, config.delta_encoding)?;
             loss += local.metrics.loss * local.examples as f64;
             accuracy += local.metrics.accuracy * local.examples as f64;
             examples += local.examples;
             strategy.accept(
                 &mut open,
-                delta,
+                &delta,
                 local.examples,
                 clients[client as usize].allowed,
             )?;
