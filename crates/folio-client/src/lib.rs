@@ -331,7 +331,7 @@ async fn train_round(
     let global = codec::decode(
         &start.weights,
         &[session.config.num_params()],
-        folio_fed::Encoding::F32,
+        start.weights_encoding,
     )?;
     let local = train_locally(
         device,

@@ -79,6 +79,7 @@ async fn round_start(round: u64, deadline_ms: u64) -> ServerMessage {
     ServerMessage::RoundStart(RoundStart {
         round,
         weights: codec::encode(&weights, &[weights.len()], Encoding::F32),
+        weights_encoding: Encoding::F32,
         deadline_ms,
         local_epochs: 1,
         max_batches: Some(5),

@@ -8,7 +8,7 @@ use folio_fed::Encoding;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest frame either side accepts: the seed model's f32 weights (16.2 MB) with room.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
@@ -85,8 +85,11 @@ pub struct Welcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundStart {
     pub round: u64,
-    /// The global weights, f32 little-endian, in parameter order.
+    /// The global weights in parameter order, encoded as `weights_encoding` says.
     pub weights: Vec<u8>,
+    /// f16 by default: half the bytes down, and the client trains from exactly the
+    /// values it received and reports its delta against them.
+    pub weights_encoding: Encoding,
     /// Milliseconds the client has to report.
     pub deadline_ms: u64,
     pub local_epochs: u32,

@@ -50,6 +50,8 @@ pub struct RoundConfig {
     /// The clients' own gradient clipping.
     pub clip_norm: Option<f32>,
     pub delta_encoding: Encoding,
+    /// How the global model goes down to the clients (f32 or f16).
+    pub model_encoding: Encoding,
     /// Central evaluation: test batches of this many fixed clients...
     pub eval_clients: usize,
     /// ...this many batches each.
@@ -77,6 +79,7 @@ impl RoundConfig {
             client_lr_halvings: Vec::new(),
             clip_norm: None,
             delta_encoding: Encoding::F32,
+            model_encoding: Encoding::F32,
             eval_clients: 8,
             eval_batches: 2,
             eval_client: None,
@@ -120,6 +123,9 @@ impl RoundConfig {
         }
         if self.batch_size == 0 || self.seq_len == 0 {
             return Err("batch size and sequence length must be above zero".into());
+        }
+        if self.model_encoding == Encoding::Int8 {
+            return Err("the model goes down as f32 or f16; int8 is for deltas only".into());
         }
         if !(self.client_lr.is_finite() && self.client_lr > 0.0) {
             return Err(format!(

@@ -313,12 +313,13 @@ impl Federation {
         let weights = codec::encode(
             &self.weights,
             &[self.weights.len()],
-            folio_fed::Encoding::F32,
+            self.config.model_encoding,
         );
         let frame = Bytes::from(folio_proto::encode(&ServerMessage::RoundStart(
             RoundStart {
                 round: self.round,
                 weights,
+                weights_encoding: self.config.model_encoding,
                 deadline_ms: self.config.deadline.as_millis() as u64,
                 local_epochs: self.config.local_epochs,
                 max_batches: self.config.max_batches,

@@ -103,7 +103,11 @@ fn spawn_client(url: String, die_on_round: bool) -> (Arc<Mutex<Log>>, std::threa
 fn round_start_weights(log: &Log, round: u64) -> Option<Vec<f32>> {
     log.received.iter().find_map(|m| match m {
         ServerMessage::RoundStart(start) if start.round == round => {
-            Some(codec::decode(&start.weights, &[start.weights.len() / 4], Encoding::F32).unwrap())
+            let n = match start.weights_encoding {
+                Encoding::F16 => start.weights.len() / 2,
+                _ => start.weights.len() / 4,
+            };
+            Some(codec::decode(&start.weights, &[n], start.weights_encoding).unwrap())
         }
         _ => None,
     })
@@ -127,6 +131,56 @@ fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32) {
         .map(|(a, e)| (a - e).abs())
         .fold(0f32, f32::max);
     assert!(worst <= tolerance, "weights differ by {worst}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_goes_down_as_f16_and_deltas_apply_to_the_f32_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut round_config = rounds(2);
+    round_config.model_encoding = Encoding::F16;
+    let server = Server::start(config(dir.path(), round_config, 1))
+        .await
+        .unwrap();
+    let global = server.weights();
+    let clients: Vec<_> = (0..2).map(|_| spawn_client(url(&server), false)).collect();
+    server.wait_for_round(1).await;
+
+    let logs: Vec<_> = clients.iter().map(|(log, _)| log.lock().unwrap()).collect();
+    let start = logs[0]
+        .received
+        .iter()
+        .find_map(|m| match m {
+            ServerMessage::RoundStart(start) => Some(start.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(start.weights_encoding, Encoding::F16);
+    assert_eq!(
+        start.weights.len(),
+        2 * global.len(),
+        "half the bytes of f32"
+    );
+    // The clients trained from the f16 values, within f16's rounding of the model.
+    let received = round_start_weights(&logs[0], 1).unwrap();
+    assert_close(&received, &global, 1e-3);
+    assert_ne!(received, global);
+    // Their deltas, against what they received, move the server's f32 model.
+    let mut sum = vec![0f64; global.len()];
+    let mut examples = 0u64;
+    for log in &logs {
+        let [update] = updates(log, 1).try_into().unwrap();
+        let delta = codec::decode(&update.delta, &segments(), update.encoding).unwrap();
+        for (s, d) in sum.iter_mut().zip(&delta) {
+            *s += update.examples as f64 * f64::from(*d);
+        }
+        examples += update.examples;
+    }
+    let expected: Vec<f32> = global
+        .iter()
+        .zip(&sum)
+        .map(|(w, s)| w + (s / examples as f64) as f32)
+        .collect();
+    assert_close(&server.weights(), &expected, 1e-6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

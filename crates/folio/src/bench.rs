@@ -129,7 +129,8 @@ fn aggregate(repeats: usize) -> anyhow::Result<()> {
         let delta = CheckedDelta::new(bytes.clone(), &segments, encoding)?;
         let mut sum = vec![0f32; n];
         let fold = best_ms(repeats, || delta.add_to(8.0, black_box(&mut sum)));
-        let (mut bytes_copy, mut sum_copy) = (vec![0u8; bytes.len()], vec![0f32; n]);
+        // Written before timing (not fresh zeroed pages), like the sum.
+        let (mut bytes_copy, mut sum_copy) = (vec![1u8; bytes.len()], vec![1f32; n]);
         let floor = best_ms(repeats, || {
             bytes_copy.copy_from_slice(black_box(&bytes));
             sum_copy.copy_from_slice(black_box(&sum));

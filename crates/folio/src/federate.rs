@@ -50,6 +50,12 @@ pub enum AggregationRule {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+pub enum ModelEncoding {
+    F32,
+    F16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 pub enum DeltaEncoding {
     F32,
     F16,
@@ -110,6 +116,10 @@ pub struct RoundArgs {
     server_tau: f32,
     #[arg(long, value_enum, default_value = "f32")]
     encoding: DeltaEncoding,
+    /// How the global model goes down to the clients each round: f16 halves the
+    /// bytes (the clients train from, and report against, what they received).
+    #[arg(long, value_enum, default_value = "f16")]
+    model_encoding: ModelEncoding,
     /// How the server bounds each delta's L2 norm.
     #[arg(long, value_enum, default_value = "adaptive")]
     clip: ClipRule,
@@ -213,6 +223,10 @@ impl RoundArgs {
                 DeltaEncoding::F32 => Encoding::F32,
                 DeltaEncoding::F16 => Encoding::F16,
                 DeltaEncoding::Int8 => Encoding::Int8,
+            },
+            model_encoding: match self.model_encoding {
+                ModelEncoding::F32 => Encoding::F32,
+                ModelEncoding::F16 => Encoding::F16,
             },
             eval_clients: self.eval_clients,
             eval_batches: self.eval_batches,

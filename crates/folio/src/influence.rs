@@ -86,6 +86,7 @@ fn local_update(
     let start = folio_proto::RoundStart {
         round,
         weights: Vec::new(),
+        weights_encoding: folio_fed::Encoding::F32,
         deadline_ms: u64::MAX,
         local_epochs: 1,
         max_batches: Some(setup.args.batches as u32),

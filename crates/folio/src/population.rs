@@ -184,6 +184,7 @@ pub fn run(
         let start = RoundStart {
             round: r,
             weights: Vec::new(),
+            weights_encoding: config.model_encoding,
             deadline_ms: u64::MAX,
             local_epochs: config.local_epochs,
             max_batches: config.max_batches,
@@ -193,6 +194,9 @@ pub fn run(
             delta_encoding: config.delta_encoding,
             seed: round.seed() ^ r,
         };
+        // The model as the wire carries it down: clients train from those values.
+        let down = codec::encode(&weights, &[weights.len()], config.model_encoding);
+        let received = codec::decode(&down, &[weights.len()], config.model_encoding)?;
         let mut open = strategy.open_round(&strategy_state, weights.len());
         let (mut loss, mut accuracy, mut examples, mut bytes_up) = (0.0, 0.0, 0u64, 0u64);
         let trained = AtomicUsize::new(0);
@@ -205,7 +209,7 @@ pub fn run(
                 &client.ids,
                 config.batch_size as usize,
                 config.seq_len as usize,
-                &weights,
+                &received,
                 &start,
                 |_, _| {},
             ));
@@ -244,7 +248,7 @@ pub fn run(
             eval_loss: metrics.loss,
             eval_accuracy: metrics.accuracy,
             bytes_up,
-            bytes_down: (4 * weights.len() * selected.len()) as u64,
+            bytes_down: (down.len() * selected.len()) as u64,
             seconds: started.elapsed().as_secs_f64(),
             clipped: aggregated.clipped,
             clip_bound: Some(f64::from(strategy_state.clip_bound)).filter(|b| b.is_finite()),

@@ -1,6 +1,7 @@
 //! Training chars/s in a headless-Chromium tab, on WebGPU (SwiftShader there) and on
 //! the CPU fallback, side by side with native flex on the same machine in one run;
-//! and the size of the page's wasm. `cargo run --release -p folio-e2e --bin browser-bench`.
+//! the WebGPU calls (dispatches, submits, buffer writes, reads back) per training
+//! step; and the size of the page's wasm. `cargo run --release -p folio-e2e --bin browser-bench`.
 
 use std::time::Duration;
 
@@ -26,16 +27,55 @@ struct Args {
     steps: usize,
 }
 
-/// `benchTrain` from the page's wasm, on the tab's main thread. Polled: a seed-size
-/// model on SwiftShader takes longer than any one WebDriver script may.
-fn in_tab(tab: &Session, preset: Preset, backend: &str, args: &Args) -> anyhow::Result<f64> {
+/// What a tab asked of its GPU during a measurement: WebGPU calls counted by
+/// wrapping the API's own methods (the wasm reaches them through these prototypes).
+#[derive(Debug, Default, Clone, Copy)]
+struct GpuCalls {
+    dispatches: f64,
+    submits: f64,
+    writes: f64,
+    reads: f64,
+}
+
+/// Installed once per tab; `window.gpuCalls` holds the running totals.
+const COUNT_GPU_CALLS: &str = "
+    if (!window.gpuCalls && window.GPUComputePassEncoder) {
+        window.gpuCalls = { dispatches: 0, submits: 0, writes: 0, reads: 0 };
+        const count = (proto, method, key) => {
+            const original = proto[method];
+            proto[method] = function (...args) { window.gpuCalls[key]++; return original.apply(this, args); };
+        };
+        count(GPUComputePassEncoder.prototype, 'dispatchWorkgroups', 'dispatches');
+        count(GPUQueue.prototype, 'submit', 'submits');
+        count(GPUQueue.prototype, 'writeBuffer', 'writes');
+        count(GPUBuffer.prototype, 'mapAsync', 'reads');
+    }";
+
+/// `benchTrain` from the page's wasm, on the tab's main thread, and the WebGPU
+/// calls per training step (averaged over the warm-up step and the timed ones).
+/// Polled: a seed-size model on SwiftShader takes longer than any one WebDriver
+/// script may.
+fn in_tab(
+    tab: &Session,
+    preset: Preset,
+    backend: &str,
+    args: &Args,
+) -> anyhow::Result<(f64, GpuCalls)> {
     tab.execute(
-        "const [preset, backend, batch, seqLen, steps] = arguments;
+        &format!(
+            "{COUNT_GPU_CALLS}
+         const [preset, backend, batch, seqLen, steps] = arguments;
          window.benchResult = null;
+         const before = {{ ...(window.gpuCalls || {{}}) }};
          import('/pkg/folio_web.js')
-           .then(async (m) => { await m.default(); return m.benchTrain(preset, backend, batch, seqLen, steps); })
-           .then((rate) => { window.benchResult = { rate }; },
-                 (err) => { window.benchResult = { error: String(err) }; });",
+           .then(async (m) => {{ await m.default(); return m.benchTrain(preset, backend, batch, seqLen, steps); }})
+           .then((rate) => {{
+                    const calls = {{}};
+                    for (const key in window.gpuCalls || {{}}) calls[key] = window.gpuCalls[key] - before[key];
+                    window.benchResult = {{ rate, calls }};
+                 }},
+                 (err) => {{ window.benchResult = {{ error: String(err) }}; }});"
+        ),
         json!([preset.name(), backend, args.batch, args.seq_len, args.steps]),
     )?;
     let answer = tab.wait_for(
@@ -46,9 +86,20 @@ fn in_tab(tab: &Session, preset: Preset, backend: &str, args: &Args) -> anyhow::
     if let Some(error) = answer["error"].as_str() {
         bail!("benchTrain({preset}, {backend}) in the tab: {error}");
     }
-    answer["rate"]
+    let rate = answer["rate"]
         .as_f64()
-        .context("benchTrain returned no rate")
+        .context("benchTrain returned no rate")?;
+    let steps = (args.steps + 1) as f64;
+    let per_step = |key: &str| answer["calls"][key].as_f64().unwrap_or(0.0) / steps;
+    Ok((
+        rate,
+        GpuCalls {
+            dispatches: per_step("dispatches"),
+            submits: per_step("submits"),
+            writes: per_step("writes"),
+            reads: per_step("reads"),
+        },
+    ))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,8 +116,12 @@ fn main() -> anyhow::Result<()> {
         args.batch, args.seq_len, args.steps
     );
     println!(
-        "{:<6}  {:>12}  {:>20}  {:>20}",
-        "preset", "native flex", "tab webgpu (ratio)", "tab cpu (ratio)"
+        "{:<6}  {:>12}  {:>20}  {:>20}  {:>38}",
+        "preset",
+        "native flex",
+        "tab webgpu (ratio)",
+        "tab cpu (ratio)",
+        "webgpu per step: dispatches/submits/writes/reads"
     );
     for &preset in &args.presets {
         eprintln!("measuring {preset}: native flex…");
@@ -78,16 +133,20 @@ fn main() -> anyhow::Result<()> {
             args.steps,
         ))?;
         eprintln!("{preset}: native flex {native:.0} chars/s; now the tab on WebGPU…");
-        let webgpu = in_tab(&tab, preset, "auto", &args)?;
+        let (webgpu, calls) = in_tab(&tab, preset, "auto", &args)?;
         eprintln!("measuring {preset}: the tab on its CPU fallback…");
-        let cpu = in_tab(&tab, preset, "cpu", &args)?;
+        let (cpu, _) = in_tab(&tab, preset, "cpu", &args)?;
         println!(
-            "{:<6}  {native:>12.0}  {:>12.0} ({:>5.3})  {:>12.0} ({:>5.3})",
+            "{:<6}  {native:>12.0}  {:>12.0} ({:>5.3})  {:>12.0} ({:>5.3})  {:>38}",
             preset.name(),
             webgpu,
             webgpu / native,
             cpu,
-            cpu / native
+            cpu / native,
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0}",
+                calls.dispatches, calls.submits, calls.writes, calls.reads
+            )
         );
     }
     let size = std::fs::metadata(&wasm)?.len();
