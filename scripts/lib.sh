@@ -191,8 +191,12 @@ cargo_progress() {
     fi
     # Settings go on the command line, not in CARGO_* variables: rustc inherits
     # those, and sccache keys every compilation on them (a build in a log would
-    # not share the cache with one on a terminal).
-    cargo --color never --config 'term.progress.when="always"' --config term.progress.width=160 "$@" 2>&1 \
+    # not share the cache with one on a terminal). After the subcommand, so that
+    # `cargo clippy` hands them on to the cargo it runs.
+    local subcommand="$1"
+    shift
+    cargo "$subcommand" --color never --config 'term.progress.when="always"' \
+        --config term.progress.width=160 "$@" 2>&1 \
         | stdbuf -oL tr '\r' '\n' | follow_cargo "$label"
 }
 
