@@ -123,6 +123,22 @@ fn updates(log: &Log, round: u64) -> Vec<Update> {
         .collect()
 }
 
+/// The example-weighted mean of the deltas the clients sent for `round`.
+fn mean_delta<L: std::ops::Deref<Target = Log>>(logs: &[L], round: u64) -> Vec<f64> {
+    let mut sum: Vec<f64> = Vec::new();
+    let mut examples = 0u64;
+    for log in logs {
+        let [update] = updates(log, round).try_into().unwrap();
+        let delta = codec::decode(&update.delta, &segments(), update.encoding).unwrap();
+        sum.resize(delta.len(), 0.0);
+        for (s, d) in sum.iter_mut().zip(&delta) {
+            *s += update.examples as f64 * f64::from(*d);
+        }
+        examples += update.examples;
+    }
+    sum.iter().map(|s| s / examples as f64).collect()
+}
+
 fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32) {
     assert_eq!(actual.len(), expected.len());
     let worst = actual
@@ -165,20 +181,10 @@ async fn the_model_goes_down_as_f16_and_deltas_apply_to_the_f32_model() {
     assert_close(&received, &global, 1e-3);
     assert_ne!(received, global);
     // Their deltas, against what they received, move the server's f32 model.
-    let mut sum = vec![0f64; global.len()];
-    let mut examples = 0u64;
-    for log in &logs {
-        let [update] = updates(log, 1).try_into().unwrap();
-        let delta = codec::decode(&update.delta, &segments(), update.encoding).unwrap();
-        for (s, d) in sum.iter_mut().zip(&delta) {
-            *s += update.examples as f64 * f64::from(*d);
-        }
-        examples += update.examples;
-    }
     let expected: Vec<f32> = global
         .iter()
-        .zip(&sum)
-        .map(|(w, s)| w + (s / examples as f64) as f32)
+        .zip(mean_delta(&logs, 1))
+        .map(|(w, d)| w + d as f32)
         .collect();
     assert_close(&server.weights(), &expected, 1e-6);
 }
@@ -197,20 +203,10 @@ async fn three_clients_three_rounds_of_example_weighted_fedavg() {
     let logs: Vec<_> = clients.iter().map(|(log, _)| log.lock().unwrap()).collect();
     for round in 1..=3u64 {
         let old = round_start_weights(&logs[0], round).unwrap();
-        let mut sum = vec![0f64; old.len()];
-        let mut examples = 0u64;
-        for log in &logs {
-            let [update] = updates(log, round).try_into().unwrap();
-            let delta = codec::decode(&update.delta, &segments(), update.encoding).unwrap();
-            for (s, d) in sum.iter_mut().zip(&delta) {
-                *s += update.examples as f64 * f64::from(*d);
-            }
-            examples += update.examples;
-        }
         let expected: Vec<f32> = old
             .iter()
-            .zip(&sum)
-            .map(|(w, s)| w + (s / examples as f64) as f32)
+            .zip(mean_delta(&logs, round))
+            .map(|(w, d)| w + d as f32)
             .collect();
         let actual = round_start_weights(&logs[0], round + 1).unwrap_or_else(|| server.weights());
         assert_close(&actual, &expected, 1e-6);
@@ -312,21 +308,11 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
     // Round 3 started from the round-2 weights and applied FedAvgM with the saved momentum.
     let logs: Vec<_> = clients.iter().map(|(log, _)| log.lock().unwrap()).collect();
     assert_eq!(round_start_weights(&logs[0], 3).unwrap(), after_two);
-    let mut mean = vec![0f64; after_two.len()];
-    let mut examples = 0u64;
-    for log in &logs {
-        let [update] = updates(log, 3).try_into().unwrap();
-        let delta = codec::decode(&update.delta, &segments(), update.encoding).unwrap();
-        for (m, d) in mean.iter_mut().zip(&delta) {
-            *m += update.examples as f64 * f64::from(*d);
-        }
-        examples += update.examples;
-    }
     let expected: Vec<f32> = after_two
         .iter()
         .zip(&saved.strategy.as_ref().unwrap().optimizer.m)
-        .zip(&mean)
-        .map(|((w, m), d)| w + (0.9 * m + (d / examples as f64) as f32))
+        .zip(mean_delta(&logs, 3))
+        .map(|((w, m), d)| w + (0.9 * m + d as f32))
         .collect();
     assert_close(&second.weights(), &expected, 1e-5);
     drop(logs);
