@@ -121,10 +121,6 @@ impl CheckedDelta {
         self.norm
     }
 
-    pub fn encoded_len(&self) -> usize {
-        self.bytes.len()
-    }
-
     /// `sum += factor × delta`, decoding on the fly.
     pub fn add_to(&self, factor: f32, sum: &mut [f32]) {
         assert_eq!(

@@ -103,10 +103,7 @@ fn spawn_client(url: String, die_on_round: bool) -> (Arc<Mutex<Log>>, std::threa
 fn round_start_weights(log: &Log, round: u64) -> Option<Vec<f32>> {
     log.received.iter().find_map(|m| match m {
         ServerMessage::RoundStart(start) if start.round == round => {
-            let n = match start.weights_encoding {
-                Encoding::F16 => start.weights.len() / 2,
-                _ => start.weights.len() / 4,
-            };
+            let n = segments().iter().sum();
             Some(codec::decode(&start.weights, &[n], start.weights_encoding).unwrap())
         }
         _ => None,
