@@ -639,4 +639,11 @@ async fn inconsistent_round_settings_are_refused_at_startup() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("--min-clients"), "{err}");
+    let mut bad = rounds(2);
+    bad.model_encoding = folio_fed::Encoding::Int8;
+    let err = Server::start(config(dir.path(), bad, 1))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("int8 is for deltas only"), "{err}");
 }
