@@ -8,12 +8,35 @@ const worker = () => new Worker(new URL("worker.js", import.meta.url), { type: "
 
 const status = document.getElementById("device-status");
 const rounds = document.querySelector("#device-rounds tbody");
+const training = document.getElementById("device-progress");
+const notices = document.getElementById("device-notices");
 const device = { backend: "?", client: "?", round: "-", state: "loading the model code" };
 const show = () => {
   const adapter = device.adapter ? ` (${device.adapter})` : "";
   status.textContent = `${device.client} on ${device.backend}${adapter} · round ${device.round} · ${device.state}`;
   document.body.dataset.deviceState = device.state;
 };
+
+// What the aggregator's refusals mean for this tab, in words.
+const explanations = {
+  round_closed: "Our update arrived after its round had closed, so it was not counted.",
+  wrong_round: "Our update was for a round that is not open.",
+  not_selected: "Our update was for a round this tab was not picked for.",
+  duplicate_update: "This tab sent the same round's update twice; the second was ignored.",
+  bad_delta: "The aggregator refused our update as malformed or too large.",
+  bad_examples: "The aggregator refused our update: it claimed more training text than this tab has.",
+  wrong_encoding: "The aggregator refused our update: it was not in the round's encoding.",
+  protocol_version: "This page is older than the aggregator: reload it.",
+  session_in_use: "This session is open in another tab.",
+  no_free_client: "Every Shakespeare character is taken (or the one asked for is).",
+  server_full: "The aggregator is full.",
+  timeout: "The aggregator closed the connection after a silence.",
+};
+function notify(text) {
+  const item = Object.assign(document.createElement("li"), { textContent: `${new Date().toLocaleTimeString()}: ${text}` });
+  notices.prepend(item);
+  while (notices.children.length > 5) notices.lastChild.remove();
+}
 
 function onDeviceEvent(event) {
   switch (event.type) {
@@ -26,6 +49,17 @@ function onDeviceEvent(event) {
     case "state":
       if (event.round) device.round = event.round;
       device.state = event.state === "training" ? `training batch ${event.batch} of ${event.of}` : event.state;
+      if (event.state === "training") Object.assign(training, { max: event.of, value: event.batch });
+      else if (event.state === "waiting") training.value = 0;
+      break;
+    case "held":
+      device.held = event;
+      notify(`Kept from before: round ${event.round}'s global model (${event.bytes} bytes); offered to the aggregator, so it is not sent again.`);
+      break;
+    case "model": device.held = event; break;
+    case "reconnecting":
+      device.state = `the aggregator went away; reconnecting in ${event.seconds.toFixed(1)} s`;
+      notify(`Lost the aggregator (${event.message}); trying again in ${event.seconds.toFixed(1)} s.`);
       break;
     case "trained": {
       const tr = document.createElement("tr");
@@ -35,9 +69,12 @@ function onDeviceEvent(event) {
       rounds.prepend(tr);
       break;
     }
-    case "error": console.warn(`server: ${event.message} (${event.code})`); break;
+    case "error": notify(`${explanations[event.code] ?? "The aggregator refused a message."} (${event.code}: ${event.message})`); break;
     case "closed": device.state = "done: the aggregator closed"; break;
-    case "failed": device.state = `stopped: ${event.message}`; break;
+    case "failed":
+      device.state = `stopped: ${event.message}`;
+      notify(`This tab stopped training: ${event.message}. Reload the page to start again.`);
+      break;
   }
   show();
 }

@@ -4,9 +4,38 @@
 import init, { generateText, runDevice } from "../pkg/folio_web.js";
 
 const ready = init();
+// A panic in the device code, in words (the wasm calls this before it traps).
+globalThis.folioPanic = (message) => postMessage({ type: "failed", message });
+
+// The last global model this origin's tabs received, kept in IndexedDB: a
+// reloaded tab offers it when it rejoins and is not sent it again.
+function modelStore(mode, use) {
+  return new Promise((resolve, reject) => {
+    const opening = indexedDB.open("folio", 1);
+    opening.onupgradeneeded = () => opening.result.createObjectStore("models");
+    opening.onerror = () => reject(opening.error);
+    opening.onsuccess = () => {
+      const request = use(opening.result.transaction("models", mode).objectStore("models"));
+      request.onsuccess = () => resolve(request.result);
+      request.onerror = () => reject(request.error);
+    };
+  });
+}
+const heldModel = () => modelStore("readonly", (models) => models.get("global")).catch(() => undefined);
+const keepModel = ({ round, encoding, weights }) =>
+  modelStore("readwrite", (models) => models.put({ round, encoding, weights }, "global")).catch(() => undefined);
 
 async function device({ url, client, resume, backend }) {
-  await runDevice(url, client, resume, backend, (event) => postMessage(event));
+  const held = await heldModel();
+  if (held) postMessage({ type: "held", round: held.round, bytes: held.weights.length });
+  await runDevice(url, client, resume, held?.encoding, held?.weights, backend, (event) => {
+    if (event.type === "model") {
+      keepModel(event);
+      postMessage({ type: "model", round: event.round, bytes: event.weights.length });
+    } else {
+      postMessage(event);
+    }
+  });
   postMessage({ type: "closed" });
 }
 

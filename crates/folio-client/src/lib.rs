@@ -10,7 +10,7 @@ pub mod native;
 use burn::prelude::Device;
 use folio_data::batch::batches;
 use folio_data::{BatchConfig, vocab};
-use folio_fed::codec;
+use folio_fed::{Encoding, codec};
 use folio_model::params::delta;
 use folio_model::{CharRnn, ModelConfig, OptimizerKind, TrainConfig, Trainer};
 use folio_proto::{
@@ -39,6 +39,10 @@ pub enum ClientError {
     Rejected(ErrorMessage),
     #[error("the server sent {0} before a welcome")]
     NotWelcomed(&'static str),
+    #[error("round {round}'s model arrived damaged: its bytes do not match its fingerprint")]
+    DamagedModel { round: u64 },
+    #[error("round {round} started without weights, but this client does not hold its model")]
+    ModelNotHeld { round: u64 },
     #[error(transparent)]
     Model(#[from] folio_model::ModelError),
     #[error(transparent)]
@@ -76,6 +80,31 @@ pub enum ClientEvent {
     RoundResult(RoundResult),
     /// An error the server reported that does not end the session.
     ServerError(ErrorMessage),
+    /// A round's global model arrived: worth keeping (a reloaded tab offers it
+    /// back in its next join and is not sent it again).
+    ModelReceived {
+        round: u64,
+        model: HeldModel,
+    },
+}
+
+/// A global model as it came down: its encoding and bytes, and their fingerprint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldModel {
+    pub encoding: Encoding,
+    pub weights: Vec<u8>,
+    pub fingerprint: u64,
+}
+
+impl HeldModel {
+    pub fn new(encoding: Encoding, weights: Vec<u8>) -> Self {
+        let fingerprint = folio_proto::model_fingerprint(encoding, &weights);
+        Self {
+            encoding,
+            weights,
+            fingerprint,
+        }
+    }
 }
 
 /// One round as this client saw it.
@@ -96,6 +125,8 @@ pub struct ClientOptions {
     pub join: Join,
     /// Return after this many round results (`None`: until the server closes).
     pub max_rounds: Option<u64>,
+    /// A global model kept from an earlier connection, offered in the join.
+    pub held: Option<HeldModel>,
 }
 
 impl ClientOptions {
@@ -110,8 +141,10 @@ impl ClientOptions {
                 token: None,
                 resume: None,
                 client: None,
+                held_model: None,
             },
             max_rounds: None,
+            held: None,
         }
     }
 }
@@ -131,10 +164,13 @@ pub async fn run<T: Transport>(
     options: &ClientOptions,
     mut on_event: impl FnMut(ClientEvent),
 ) -> Result<Vec<RoundReport>, ClientError> {
+    let mut held = options.held.clone();
+    let join = Join {
+        held_model: held.as_ref().map(|model| model.fingerprint),
+        ..options.join.clone()
+    };
     transport
-        .send(folio_proto::encode(&ClientMessage::Join(
-            options.join.clone(),
-        )))
+        .send(folio_proto::encode(&ClientMessage::Join(join)))
         .await?;
     let mut session: Option<Session> = None;
     let mut reports = Vec::new();
@@ -175,7 +211,14 @@ pub async fn run<T: Transport>(
                 on_event(ClientEvent::State(ClientState::Downloading {
                     round: start.round,
                 }));
-                let update = train_round(device, session, &start, &mut on_event).await?;
+                let model = round_model(&start, &mut held)?;
+                if start.weights.is_some() {
+                    on_event(ClientEvent::ModelReceived {
+                        round: start.round,
+                        model: model.clone(),
+                    });
+                }
+                let update = train_round(device, session, &start, &model, &mut on_event).await?;
                 on_event(ClientEvent::State(ClientState::Uploading {
                     round: start.round,
                 }));
@@ -211,6 +254,102 @@ pub async fn run<T: Transport>(
             }
             ServerMessage::Error(error) => on_event(ClientEvent::ServerError(error)),
         }
+    }
+}
+
+/// How long to wait before reconnecting: doubling from 0.5 s to 30 s.
+fn backoff(failures: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)).min(30_000))
+}
+
+/// [`run`] that survives the server going away: it reconnects (`connect`) with
+/// backoff (`sleep`) and resumes its session (or, after a server restart, joins
+/// again as the same Shakespeare client), offering the last model it received.
+/// Returns when `run` does (a clean close, `max_rounds` results), or when the
+/// server refuses us for good.
+pub async fn run_reconnecting<T: Transport, C, S>(
+    mut connect: impl FnMut() -> C,
+    sleep: impl Fn(std::time::Duration) -> S,
+    device: &Device,
+    options: &ClientOptions,
+    mut on_event: impl FnMut(ClientEvent),
+    mut on_retry: impl FnMut(&ClientError, std::time::Duration),
+) -> Result<Vec<RoundReport>, ClientError>
+where
+    C: Future<Output = Result<T, ClientError>>,
+    S: Future<Output = ()>,
+{
+    let mut options = options.clone();
+    let mut reports = Vec::new();
+    let mut failures = 0;
+    loop {
+        let outcome = match connect().await {
+            Ok(mut transport) => {
+                let (mut welcomed, mut received) = (None, None);
+                let outcome = run(&mut transport, device, &options, |event| {
+                    match &event {
+                        ClientEvent::Welcomed {
+                            client_id, session, ..
+                        } => welcomed = Some((session.clone(), client_id.clone())),
+                        ClientEvent::ModelReceived { model, .. } => received = Some(model.clone()),
+                        _ => {}
+                    }
+                    on_event(event)
+                })
+                .await;
+                if received.is_some() {
+                    options.held = received;
+                }
+                if let Some((session, client_id)) = welcomed {
+                    options.join.resume = Some(session);
+                    options.join.client = Some(client_id);
+                    failures = 0;
+                }
+                outcome
+            }
+            Err(err) => Err(err),
+        };
+        let retry = match outcome {
+            Ok(mut done) => {
+                reports.append(&mut done);
+                return Ok(reports);
+            }
+            Err(ClientError::Connection(_) | ClientError::Closed) => true,
+            Err(ClientError::Rejected(ref refusal)) => is_retryable(refusal.code),
+            // Whatever was held is of no use: join again without it.
+            Err(ClientError::DamagedModel { .. } | ClientError::ModelNotHeld { .. }) => {
+                options.held = None;
+                true
+            }
+            Err(_) => false,
+        };
+        let err = outcome.expect_err("returned above when Ok");
+        if !retry {
+            return Err(err);
+        }
+        let wait = backoff(failures);
+        on_retry(&err, wait);
+        failures += 1;
+        sleep(wait).await;
+    }
+}
+
+/// The round's global model: the one that came with `start` (which from now on is
+/// the one held), or the held one when `start` came without weights.
+fn round_model(start: &RoundStart, held: &mut Option<HeldModel>) -> Result<HeldModel, ClientError> {
+    match &start.weights {
+        Some(weights) => {
+            let model = HeldModel::new(start.weights_encoding, weights.clone());
+            if model.fingerprint != start.model {
+                return Err(ClientError::DamagedModel { round: start.round });
+            }
+            *held = Some(model.clone());
+            Ok(model)
+        }
+        None => held
+            .clone()
+            .filter(|model| model.fingerprint == start.model)
+            .ok_or(ClientError::ModelNotHeld { round: start.round }),
     }
 }
 
@@ -326,12 +465,13 @@ async fn train_round(
     device: &Device,
     session: &Session,
     start: &RoundStart,
+    model: &HeldModel,
     on_event: &mut impl FnMut(ClientEvent),
 ) -> Result<Update, ClientError> {
     let global = codec::decode(
-        &start.weights,
+        &model.weights,
         &[session.config.num_params()],
-        start.weights_encoding,
+        model.encoding,
     )?;
     let local = train_locally(
         device,

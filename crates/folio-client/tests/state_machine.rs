@@ -76,9 +76,11 @@ async fn round_start(round: u64, deadline_ms: u64) -> ServerMessage {
         .to_flat()
         .await
         .unwrap();
+    let weights = codec::encode(&weights, &[weights.len()], Encoding::F32);
     ServerMessage::RoundStart(RoundStart {
         round,
-        weights: codec::encode(&weights, &[weights.len()], Encoding::F32),
+        model: folio_proto::model_fingerprint(Encoding::F32, &weights),
+        weights: Some(weights),
         weights_encoding: Encoding::F32,
         deadline_ms,
         local_epochs: 1,
@@ -91,24 +93,25 @@ async fn round_start(round: u64, deadline_ms: u64) -> ServerMessage {
     })
 }
 
-async fn run(
-    script: Vec<ServerMessage>,
-) -> (
+type Outcome = (
     Result<usize, ClientError>,
     Vec<ClientEvent>,
     Vec<ClientMessage>,
-) {
+);
+
+async fn run(script: Vec<ServerMessage>) -> Outcome {
+    run_with(script, ClientOptions::native()).await
+}
+
+async fn run_with(script: Vec<ServerMessage>, options: ClientOptions) -> Outcome {
     let mut transport = Scripted {
         script: script.into(),
         sent: Vec::new(),
     };
     let mut events = Vec::new();
-    let result = folio_client::run(
-        &mut transport,
-        &Device::flex(),
-        &ClientOptions::native(),
-        |e| events.push(e),
-    )
+    let result = folio_client::run(&mut transport, &Device::flex(), &options, |e| {
+        events.push(e)
+    })
     .await;
     (result.map(|reports| reports.len()), events, transport.sent)
 }
@@ -193,6 +196,76 @@ async fn error_messages_are_reported_and_fatal_ones_end_the_session_body() {
     assert!(matches!(outcome, Err(ClientError::Closed)));
 }
 
+/// A round's model is offered back by fingerprint, and a round that starts
+/// without weights trains from the held copy; damaged or missing ones end the loop.
+async fn a_held_model_is_offered_and_used_and_a_missing_or_damaged_one_is_refused_body() {
+    let ServerMessage::RoundStart(full) = round_start(1, 600_000).await else {
+        unreachable!()
+    };
+    let (outcome, events, _) = run(vec![welcome(), ServerMessage::RoundStart(full.clone())]).await;
+    assert_eq!(outcome.unwrap(), 1);
+    let received: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::ModelReceived { round, model } => Some((*round, model.clone())),
+            _ => None,
+        })
+        .collect();
+    let [(1, model)] = received.as_slice() else {
+        panic!("one model received in round 1, got {received:?}")
+    };
+    assert_eq!(model.fingerprint, full.model);
+
+    let light = RoundStart {
+        weights: None,
+        ..full.clone()
+    };
+    let options = ClientOptions {
+        held: Some(model.clone()),
+        ..ClientOptions::native()
+    };
+    let (outcome, events, sent) = run_with(
+        vec![welcome(), ServerMessage::RoundStart(light.clone())],
+        options,
+    )
+    .await;
+    assert_eq!(outcome.unwrap(), 1, "trained from the held model");
+    let Some(ClientMessage::Join(join)) = sent.first() else {
+        panic!("no join")
+    };
+    assert_eq!(join.held_model, Some(full.model));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::ModelReceived { .. })),
+        "nothing new to keep"
+    );
+
+    let (outcome, _, sent) = run(vec![welcome(), ServerMessage::RoundStart(light)]).await;
+    assert!(matches!(
+        outcome,
+        Err(ClientError::ModelNotHeld { round: 1 })
+    ));
+    let Some(ClientMessage::Join(join)) = sent.first() else {
+        panic!("no join")
+    };
+    assert_eq!(join.held_model, None);
+
+    let mut damaged = full;
+    if let Some(weights) = &mut damaged.weights {
+        weights[10] ^= 1;
+    }
+    let (outcome, _, _) = run(vec![welcome(), ServerMessage::RoundStart(damaged)]).await;
+    assert!(matches!(
+        outcome,
+        Err(ClientError::DamagedModel { round: 1 })
+    ));
+}
+
+native_and_browser_test!(
+    a_held_model_is_offered_and_used_and_a_missing_or_damaged_one_is_refused,
+    a_held_model_is_offered_and_used_and_a_missing_or_damaged_one_is_refused_body
+);
 native_and_browser_test!(
     a_round_start_is_trained_encoded_and_answered,
     a_round_start_is_trained_encoded_and_answered_body

@@ -23,6 +23,15 @@ pub enum Encoding {
 impl Encoding {
     pub const ALL: [Encoding; 3] = [Encoding::F32, Encoding::F16, Encoding::Int8];
 
+    /// A one-byte name, stable across versions (its place in [`Encoding::ALL`]).
+    pub fn tag(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_tag(tag: u8) -> Option<Encoding> {
+        Encoding::ALL.get(usize::from(tag)).copied()
+    }
+
     /// Bytes an encoded buffer of these tensors takes.
     pub fn encoded_len(self, segments: &[usize]) -> usize {
         let values: usize = segments.iter().sum();

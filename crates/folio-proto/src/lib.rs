@@ -8,7 +8,7 @@ use folio_fed::Encoding;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest frame either side accepts: the seed model's f32 weights (16.2 MB) with room.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
@@ -52,6 +52,9 @@ pub struct Join {
     pub resume: Option<String>,
     /// Ask for this Shakespeare client id rather than the next free one.
     pub client: Option<String>,
+    /// The [`model_fingerprint`] of a global model this client still holds (a
+    /// reloaded tab's stored copy): a round on that model starts without weights.
+    pub held_model: Option<u64>,
 }
 
 /// The model's shape.
@@ -85,8 +88,11 @@ pub struct Welcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundStart {
     pub round: u64,
-    /// The global weights in parameter order, encoded as `weights_encoding` says.
-    pub weights: Vec<u8>,
+    /// The [`model_fingerprint`] of the round's global model.
+    pub model: u64,
+    /// The global weights in parameter order, encoded as `weights_encoding` says;
+    /// `None` when the client holds the model already (see [`Join::held_model`]).
+    pub weights: Option<Vec<u8>>,
     /// f16 by default: half the bytes down, and the client trains from exactly the
     /// values it received and reports its delta against them.
     pub weights_encoding: Encoding,
@@ -123,6 +129,18 @@ pub struct RoundResult {
     pub clients: u32,
     pub eval_loss: f32,
     pub eval_accuracy: f32,
+}
+
+/// Names an encoded global model: FNV-1a (64 bits) over its encoding and bytes.
+/// Not a defence against anyone: a client that claims a model it lacks only fails
+/// its own round.
+pub fn model_fingerprint(encoding: Encoding, weights: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    std::iter::once(encoding.tag())
+        .chain(weights.iter().copied())
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+        })
 }
 
 /// Machine-readable error codes.
@@ -268,7 +286,18 @@ mod tests {
             token: None,
             resume: None,
             client: Some("THE_TRAGEDY_OF_KING_LEAR_KENT".into()),
+            held_model: Some(42),
         })
+    }
+
+    #[test]
+    fn fingerprints_tell_encodings_and_bytes_apart() {
+        let bytes = [1u8, 2, 3, 4];
+        let f32 = model_fingerprint(Encoding::F32, &bytes);
+        assert_eq!(f32, model_fingerprint(Encoding::F32, &bytes));
+        assert_ne!(f32, model_fingerprint(Encoding::F16, &bytes));
+        assert_ne!(f32, model_fingerprint(Encoding::F32, &[1, 2, 3, 5]));
+        assert_ne!(f32, model_fingerprint(Encoding::F32, &[1, 2, 3]));
     }
 
     #[test]

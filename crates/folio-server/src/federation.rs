@@ -30,6 +30,26 @@ use crate::sessions::{ClientRound, Outbox, SessionError, SessionInfo, Sessions};
 /// Frames to hand to connections once the lock is released.
 pub type Deliveries = Vec<(Outbox, Bytes)>;
 
+/// `start` as a frame, due `deadline_ms` from now, its weights left out when the
+/// client holds them.
+fn round_frame(start: &RoundStart, deadline_ms: u64, held: bool) -> Bytes {
+    let start = RoundStart {
+        round: start.round,
+        model: start.model,
+        weights: if held { None } else { start.weights.clone() },
+        weights_encoding: start.weights_encoding,
+        deadline_ms,
+        local_epochs: start.local_epochs,
+        max_batches: start.max_batches,
+        optimizer: start.optimizer,
+        learning_rate: start.learning_rate,
+        clip_norm: start.clip_norm,
+        delta_encoding: start.delta_encoding,
+        seed: start.seed,
+    };
+    Bytes::from(folio_proto::encode(&ServerMessage::RoundStart(start)))
+}
+
 pub fn error(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
     ErrorMessage {
         code,
@@ -47,6 +67,8 @@ pub struct CheckedJoin {
     pub resume: Option<String>,
     /// A corpus client id.
     pub client: Option<String>,
+    /// The fingerprint of the global model the client says it holds.
+    pub held_model: Option<u64>,
 }
 
 /// An update whose delta is checked, against the round it names.
@@ -244,6 +266,7 @@ impl Federation {
         let info = self.sessions.get_mut(session).expect("session just made");
         info.backend = join.backend;
         info.adapter = join.adapter;
+        info.held_model = join.held_model;
         let client = self
             .corpus
             .client(&info.client_id)
@@ -300,6 +323,21 @@ impl Federation {
             .map(|open| open.deadline)
     }
 
+    /// A session selected in the open round that left before it reported and has
+    /// rejoined (a reloaded tab) gets the round again, for the time that is left,
+    /// without the weights if it kept them.
+    pub fn rejoin_open_round(&mut self, session: u64, now: Instant) -> Option<Bytes> {
+        let open = self.open.as_mut()?;
+        if !open.dropped.remove(&session) {
+            return None;
+        }
+        let deadline_ms = open.seconds_left(now).as_millis() as u64;
+        let info = self.sessions.get_mut(session)?;
+        let held = info.held_model == Some(open.start.model);
+        info.held_model = Some(open.start.model);
+        Some(round_frame(&open.start, deadline_ms, held))
+    }
+
     /// Opens the next round if the strategy finds enough clients; returns the
     /// frames to send (one per selected client).
     pub fn try_start_round(&mut self, now: Instant) -> Option<Deliveries> {
@@ -315,21 +353,20 @@ impl Federation {
             &[self.weights.len()],
             self.config.model_encoding,
         );
-        let frame = Bytes::from(folio_proto::encode(&ServerMessage::RoundStart(
-            RoundStart {
-                round: self.round,
-                weights,
-                weights_encoding: self.config.model_encoding,
-                deadline_ms: self.config.deadline.as_millis() as u64,
-                local_epochs: self.config.local_epochs,
-                max_batches: self.config.max_batches,
-                optimizer: self.config.client_optimizer,
-                learning_rate: self.config.client_lr_at(self.round),
-                clip_norm: self.config.clip_norm,
-                delta_encoding: self.config.delta_encoding,
-                seed: self.strategy.seed ^ self.round,
-            },
-        )));
+        let start = RoundStart {
+            round: self.round,
+            model: folio_proto::model_fingerprint(self.config.model_encoding, &weights),
+            weights: Some(weights),
+            weights_encoding: self.config.model_encoding,
+            deadline_ms: self.config.deadline.as_millis() as u64,
+            local_epochs: self.config.local_epochs,
+            max_batches: self.config.max_batches,
+            optimizer: self.config.client_optimizer,
+            learning_rate: self.config.client_lr_at(self.round),
+            clip_norm: self.config.clip_norm,
+            delta_encoding: self.config.delta_encoding,
+            seed: self.strategy.seed ^ self.round,
+        };
         let allowed_examples = selected
             .iter()
             .map(|&s| {
@@ -337,10 +374,18 @@ impl Federation {
                 (s, self.allowed_examples(client))
             })
             .collect();
+        // A client that holds the model (a retried round, a reloaded tab) is sent
+        // the round without it.
+        let mut frames: [Option<Bytes>; 2] = [None, None];
         let sends: Deliveries = selected
             .iter()
             .filter_map(|&s| {
-                let outbox = self.sessions.get(s)?.outbox.clone()?;
+                let info = self.sessions.get_mut(s)?;
+                let outbox = info.outbox.clone()?;
+                let held = info.held_model == Some(start.model);
+                info.held_model = Some(start.model);
+                let frame = frames[usize::from(held)]
+                    .get_or_insert_with(|| round_frame(&start, start.deadline_ms, held));
                 Some((outbox, frame.clone()))
             })
             .collect();
@@ -348,10 +393,9 @@ impl Federation {
             .strategy
             .open_round(&self.state, self.model.num_params());
         self.open = Some(OpenRound::new(
-            self.round,
+            start,
             self.attempt,
             allowed_examples,
-            self.config.delta_encoding,
             updates,
             now,
             self.config.deadline,

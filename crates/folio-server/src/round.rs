@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use folio_fed::Encoding;
 use folio_fed::strategy::OpenUpdates;
+use folio_proto::RoundStart;
 
 /// Where the open round stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +33,11 @@ pub struct OpenRound {
     pub dropped: BTreeSet<u64>,
     /// The most examples each selected session can have trained on.
     pub allowed_examples: BTreeMap<u64, u64>,
+    /// The delta encoding the round takes.
     pub encoding: Encoding,
+    /// What the selected clients were sent (weights included), for a client that
+    /// rejoins before it reported.
+    pub start: RoundStart,
     pub updates: OpenUpdates,
     pub deadline: Instant,
     pub started: Instant,
@@ -44,25 +49,25 @@ pub struct OpenRound {
 }
 
 impl OpenRound {
-    /// A round sent at `now` to the sessions in `allowed_examples` (with the most
+    /// `start` sent at `now` to the sessions in `allowed_examples` (with the most
     /// examples each may report), due `deadline` later.
     pub fn new(
-        round: u64,
+        start: RoundStart,
         attempt: u32,
         allowed_examples: BTreeMap<u64, u64>,
-        encoding: Encoding,
         updates: OpenUpdates,
         now: Instant,
         deadline: Duration,
     ) -> Self {
         Self {
-            round,
+            round: start.round,
             attempt,
             selected: allowed_examples.keys().copied().collect(),
             reported: BTreeSet::new(),
             dropped: BTreeSet::new(),
             allowed_examples,
-            encoding,
+            encoding: start.delta_encoding,
+            start,
             updates,
             deadline: now + deadline,
             started: now,
@@ -122,11 +127,24 @@ mod tests {
 
     fn round(selected: &[u64]) -> OpenRound {
         let strategy = RobustFedAvg::new(StrategyConfig::fedavg(3), 0);
+        let start = RoundStart {
+            round: 1,
+            model: 0,
+            weights: Some(Vec::new()),
+            weights_encoding: Encoding::F32,
+            deadline_ms: 60_000,
+            local_epochs: 1,
+            max_batches: None,
+            optimizer: folio_proto::Optimizer::Sgd,
+            learning_rate: 0.1,
+            clip_norm: None,
+            delta_encoding: Encoding::F32,
+            seed: 0,
+        };
         OpenRound::new(
-            1,
+            start,
             0,
             selected.iter().map(|&s| (s, 8)).collect(),
-            Encoding::F32,
             folio_fed::Strategy::open_round(&strategy, &strategy.initial_state(1), 1),
             Instant::now(),
             Duration::from_secs(60),

@@ -68,6 +68,10 @@ pub struct SessionInfo {
     pub last: Option<ClientRound>,
     /// The latest rounds this client reported in (at most 32).
     pub reported_rounds: VecDeque<u64>,
+    /// The fingerprint of the global model this client holds: the last one sent
+    /// to it, or the one it said it kept when it joined.
+    #[serde(skip)]
+    pub held_model: Option<u64>,
     #[serde(skip)]
     secret: String,
     #[serde(skip)]
@@ -231,6 +235,7 @@ impl Sessions {
                 rounds: 0,
                 last: None,
                 reported_rounds: VecDeque::new(),
+                held_model: None,
                 secret: random_secret(),
                 outbox: None,
                 disconnected_at: Some(now),

@@ -158,7 +158,15 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
             session.store(id, std::sync::atomic::Ordering::Relaxed);
         }
         match reply {
-            Ok(Some(reply)) => outbox.send(Bytes::from(folio_proto::encode(&reply))),
+            Ok(Some(reply)) => {
+                outbox.send(Bytes::from(folio_proto::encode(&reply)));
+                // A tab reloaded mid-round gets its round again.
+                if let (ServerMessage::Welcome(_), Some(id)) = (&reply, joined)
+                    && let Some(frame) = shared.fed().rejoin_open_round(id, Instant::now())
+                {
+                    outbox.send(frame);
+                }
+            }
             Ok(None) => {}
             Err(refused) => {
                 shared.fed().count_error(refused.code);
@@ -256,6 +264,7 @@ fn check_join(shared: &Shared, address: IpAddr, join: Join) -> Result<CheckedJoi
         adapter: join.adapter,
         resume: join.resume,
         client,
+        held_model: join.held_model,
     })
 }
 

@@ -17,6 +17,8 @@ use folio_server::{RoundConfig, Server};
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
+const KENT: &str = "THE_TRAGEDY_OF_KING_LEAR_KENT";
+
 /// FedAvg without the server's clipping: these tests check its exact arithmetic
 /// (the adversarial suite checks the defences).
 fn rounds(clients: usize) -> RoundConfig {
@@ -104,7 +106,11 @@ fn round_start_weights(log: &Log, round: u64) -> Option<Vec<f32>> {
     log.received.iter().find_map(|m| match m {
         ServerMessage::RoundStart(start) if start.round == round => {
             let n = segments().iter().sum();
-            Some(codec::decode(&start.weights, &[n], start.weights_encoding).unwrap())
+            let weights = start
+                .weights
+                .as_ref()
+                .expect("the model came with the round");
+            Some(codec::decode(weights, &[n], start.weights_encoding).unwrap())
         }
         _ => None,
     })
@@ -169,7 +175,7 @@ async fn the_model_goes_down_as_f16_and_deltas_apply_to_the_f32_model() {
         .unwrap();
     assert_eq!(start.weights_encoding, Encoding::F16);
     assert_eq!(
-        start.weights.len(),
+        start.weights.as_ref().map(Vec::len).unwrap_or(0),
         2 * global.len(),
         "half the bytes of f32"
     );
@@ -184,6 +190,121 @@ async fn the_model_goes_down_as_f16_and_deltas_apply_to_the_f32_model() {
         .map(|(w, d)| w + d as f32)
         .collect();
     assert_close(&server.weights(), &expected, 1e-6);
+}
+
+/// A tab reloaded mid-round: its connection ends before it reports, it rejoins
+/// its session offering the model it kept, and gets the round again for the time
+/// left, without the model; rejoining without it brings the model again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_rejoins_mid_round_gets_the_round_without_the_model_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two clients, quorum 1: the round stays open while one is away.
+    let mut config = RoundConfig {
+        deadline: Duration::from_secs(60),
+        ..rounds(2)
+    };
+    config.strategy.quorum = 1;
+    let server = Server::start(common::config(dir.path(), config, 2))
+        .await
+        .unwrap();
+    let connect = || async {
+        tokio_tungstenite::connect_async(url(&server))
+            .await
+            .unwrap()
+            .0
+    };
+    let round_start = |message| match message {
+        ServerMessage::RoundStart(start) => start,
+        other => panic!("expected the round, got {other:?}"),
+    };
+    let mut socket = connect().await;
+    socket.send(binary(&join(Some(KENT)))).await.unwrap();
+    let ServerMessage::Welcome(welcome) = next_message(&mut socket).await else {
+        panic!("no welcome")
+    };
+    let mut other = connect().await;
+    other.send(binary(&join(None))).await.unwrap();
+    let first = round_start(next_message(&mut socket).await);
+    let weights = first
+        .weights
+        .clone()
+        .expect("the model comes with the round");
+    assert_eq!(
+        first.model,
+        folio_proto::model_fingerprint(first.weights_encoding, &weights)
+    );
+    let bytes_down = || {
+        let status = server.status();
+        let clients = status["clients"].as_array().unwrap().clone();
+        let kent = clients.iter().find(|c| c["client_id"] == KENT).unwrap();
+        kent["bytes_down"].as_u64().unwrap()
+    };
+    let down_before = bytes_down();
+
+    let rejoin = |held_model: Option<u64>| {
+        let ClientMessage::Join(mut join) = join(None) else {
+            unreachable!()
+        };
+        join.resume = Some(welcome.session.clone());
+        join.held_model = held_model;
+        binary(&ClientMessage::Join(join))
+    };
+    for held in [Some(first.model), None] {
+        drop(socket);
+        // The server sees the connection end.
+        while server.status()["connected"] != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        socket = connect().await;
+        socket.send(rejoin(held)).await.unwrap();
+        let ServerMessage::Welcome(again) = next_message(&mut socket).await else {
+            panic!("no welcome on rejoining")
+        };
+        assert_eq!(again.client_id, welcome.client_id);
+        let resent = round_start(next_message(&mut socket).await);
+        assert_eq!((resent.round, resent.model), (1, first.model));
+        assert!(resent.deadline_ms < first.deadline_ms, "only the time left");
+        if held.is_some() {
+            assert_eq!(resent.weights, None, "the model it holds is not sent again");
+            let down = bytes_down();
+            // The welcome (with the client's lines) and the round, not the model.
+            assert!(
+                down - down_before < weights.len() as u64 / 10,
+                "{} bytes down on rejoining with a model of {} bytes",
+                down - down_before,
+                weights.len()
+            );
+        } else {
+            assert_eq!(resent.weights, Some(weights.clone()));
+        }
+    }
+    // Both report in the round, which closes.
+    let n = segments().iter().sum();
+    let encoding = first.delta_encoding;
+    let delta = codec::encode(&vec![0.001; n], &segments(), encoding);
+    let update = binary(&ClientMessage::Update(Update {
+        round: 1,
+        examples: 8,
+        encoding,
+        delta,
+        train_loss: 1.0,
+        train_accuracy: 0.5,
+        train_seconds: 1.0,
+    }));
+    socket.send(update.clone()).await.unwrap();
+    other.send(update).await.unwrap();
+    let next = loop {
+        if let ServerMessage::RoundStart(start) = next_message(&mut socket).await {
+            break start;
+        }
+    };
+    assert_eq!(next.round, 2);
+    assert!(
+        next.weights.is_some(),
+        "a new model comes with the next round"
+    );
+    assert_ne!(next.model, first.model);
+    server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

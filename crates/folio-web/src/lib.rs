@@ -6,12 +6,34 @@ pub use transport::BrowserTransport;
 
 use std::cell::RefCell;
 
+use std::time::Duration;
+
 use burn::prelude::Device;
-use folio_client::{ClientEvent, ClientOptions, ClientState};
+use folio_client::{ClientError, ClientEvent, ClientOptions, ClientState, HeldModel};
+use folio_fed::Encoding;
 use folio_proto::ClientKind;
-use js_sys::{Function, Object, Promise, Reflect};
+use js_sys::{Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
+
+/// A panic in the device code reaches the page in words (through
+/// `globalThis.folioPanic(message)`, when the page defines it) and the console,
+/// instead of an opaque `unreachable` trap.
+#[wasm_bindgen(start)]
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = JsValue::from(format!("the device code crashed: {info}"));
+        let global = js_sys::global();
+        let console = Reflect::get(&global, &"console".into()).unwrap_or(JsValue::NULL);
+        for (owner, name) in [(&console, "error"), (&global.into(), "folioPanic")] {
+            if let Ok(report) = Reflect::get(owner, &name.into())
+                && let Ok(report) = report.dyn_into::<Function>()
+            {
+                let _ = report.call1(owner, &message);
+            }
+        }
+    }));
+}
 
 /// Text → vocabulary ids, under the same out-of-vocabulary policy as the server.
 #[wasm_bindgen(js_name = encodeText)]
@@ -151,19 +173,44 @@ fn event_object(event: &ClientEvent) -> JsValue {
             ("code", error.code.name().into()),
             ("message", error.message.as_str().into()),
         ]),
+        ClientEvent::ModelReceived { round, model } => object(&[
+            ("type", "model".into()),
+            ("round", (*round as f64).into()),
+            ("encoding", model.encoding.tag().into()),
+            ("weights", Uint8Array::from(model.weights.as_slice()).into()),
+        ]),
     }
 }
 
-/// Runs this tab as one device against the aggregator at `url` until it closes.
-/// `client` asks for a Shakespeare client; `resume` is the session of an earlier
-/// welcome (a reloaded tab rejoins as the same client); `backend` is `"auto"` or
-/// `"cpu"`. `on_event` gets plain objects
-/// (`{type: "backend" | "welcome" | "state" | "trained" | "result" | "error", ...}`).
+/// Resolves after `duration` (a timer of the page or worker).
+async fn sleep(duration: Duration) {
+    let promise = Promise::new(&mut |resolve, _| {
+        let set_timeout = Reflect::get(&js_sys::global(), &"setTimeout".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<Function>().ok());
+        if let Some(set_timeout) = set_timeout {
+            let millis = JsValue::from(duration.as_millis() as f64);
+            let _ = set_timeout.call2(&JsValue::NULL, &resolve, &millis);
+        }
+    });
+    let _ = JsFuture::from(promise).await;
+}
+
+/// Runs this tab as one device against the aggregator at `url`, reconnecting with
+/// backoff when it goes away, until it refuses us for good. `client` asks for a
+/// Shakespeare client; `resume` is the session of an earlier welcome (a reloaded
+/// tab rejoins as the same client); `held_encoding` and `held_weights` are a
+/// global model kept from an earlier `model` event (offered back, so that it is
+/// not sent again); `backend` is `"auto"` or `"cpu"`. `on_event` gets plain
+/// objects (`{type: "backend" | "welcome" | "state" | "trained" | "result" |
+/// "error" | "model" | "reconnecting", ...}`).
 #[wasm_bindgen(js_name = runDevice)]
 pub async fn run_device(
     url: String,
     client: Option<String>,
     resume: Option<String>,
+    held_encoding: Option<u8>,
+    held_weights: Option<Vec<u8>>,
     backend: String,
     on_event: Function,
 ) -> Result<(), JsValue> {
@@ -185,10 +232,24 @@ pub async fn run_device(
     options.join.adapter = adapter;
     options.join.client = client;
     options.join.resume = resume;
-    let mut transport = BrowserTransport::connect(&url).await.map_err(js_error)?;
-    folio_client::run(&mut transport, &device, &options, |event| {
-        emit(event_object(&event))
-    })
+    options.held = held_encoding
+        .and_then(Encoding::from_tag)
+        .zip(held_weights)
+        .map(|(encoding, weights)| HeldModel::new(encoding, weights));
+    folio_client::run_reconnecting(
+        || BrowserTransport::connect(&url),
+        sleep,
+        &device,
+        &options,
+        |event| emit(event_object(&event)),
+        |err: &ClientError, wait| {
+            emit(object(&[
+                ("type", "reconnecting".into()),
+                ("message", err.to_string().into()),
+                ("seconds", wait.as_secs_f64().into()),
+            ]))
+        },
+    )
     .await
     .map(|_| ())
     .map_err(js_error)

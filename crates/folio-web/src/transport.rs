@@ -11,6 +11,8 @@ use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 pub struct BrowserTransport {
     socket: WebSocket,
     frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// How the connection ended, once it has.
+    closed: std::rc::Rc<std::cell::RefCell<Option<String>>>,
     // Kept alive as long as the socket calls them.
     _on_message: Closure<dyn FnMut(MessageEvent)>,
     _on_close: Closure<dyn FnMut(CloseEvent)>,
@@ -33,11 +35,24 @@ impl BrowserTransport {
         };
         let (opened_tx, opened) = oneshot::channel::<bool>();
         let opened_tx = std::cell::RefCell::new(Some(opened_tx));
-        let on_close = Closure::<dyn FnMut(CloseEvent)>::new(move |_: CloseEvent| {
-            // Ends `recv`; also answers `connect` if the socket never opened.
-            frames_tx.close_channel();
-            if let Some(tx) = opened_tx.borrow_mut().take() {
-                let _ = tx.send(false);
+        let closed = std::rc::Rc::new(std::cell::RefCell::new(None));
+        let on_close = Closure::<dyn FnMut(CloseEvent)>::new({
+            let closed = closed.clone();
+            move |event: CloseEvent| {
+                *closed.borrow_mut() = Some(format!(
+                    "the aggregator's connection closed (code {}{})",
+                    event.code(),
+                    if event.reason().is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", event.reason())
+                    }
+                ));
+                // Ends `recv`; also answers `connect` if the socket never opened.
+                frames_tx.close_channel();
+                if let Some(tx) = opened_tx.borrow_mut().take() {
+                    let _ = tx.send(false);
+                }
             }
         });
         socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
@@ -57,6 +72,7 @@ impl BrowserTransport {
             futures_util::future::Either::Left((Ok(()), _)) => Ok(Self {
                 socket,
                 frames,
+                closed,
                 _on_message: on_message,
                 _on_close: on_close,
             }),
@@ -74,8 +90,18 @@ impl Transport for BrowserTransport {
             .map_err(|e| ClientError::Connection(format!("{e:?}")))
     }
 
+    /// A tab never ends its part on its own: any close is the aggregator going
+    /// away (a restart, a crash, the network), to reconnect from.
     async fn recv(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
-        Ok(self.frames.next().await)
+        match self.frames.next().await {
+            Some(frame) => Ok(Some(frame)),
+            None => Err(ClientError::Connection(
+                self.closed
+                    .borrow()
+                    .clone()
+                    .unwrap_or_else(|| "the aggregator's connection closed".into()),
+            )),
+        }
     }
 }
 

@@ -439,7 +439,7 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
                 ClientEvent::ServerError(error) => {
                     eprintln!("server: {} ({})", error.message, error.code.name())
                 }
-                ClientEvent::State(_) => {}
+                ClientEvent::State(_) | ClientEvent::ModelReceived { .. } => {}
             },
             |err, wait| eprintln!("{err}; reconnecting in {:.1}s", wait.as_secs_f64()),
         )

@@ -85,7 +85,8 @@ fn local_update(
 ) -> anyhow::Result<(Vec<f32>, u64)> {
     let start = folio_proto::RoundStart {
         round,
-        weights: Vec::new(),
+        model: 0,
+        weights: None,
         weights_encoding: folio_fed::Encoding::F32,
         deadline_ms: u64::MAX,
         local_epochs: 1,

@@ -183,7 +183,8 @@ pub fn run(
             .context("fewer clients than a round needs")?;
         let start = RoundStart {
             round: r,
-            weights: Vec::new(),
+            model: 0,
+            weights: None,
             weights_encoding: config.model_encoding,
             deadline_ms: u64::MAX,
             local_epochs: config.local_epochs,

@@ -29,8 +29,16 @@ pub fn check_page_built() -> anyhow::Result<()> {
 /// its own tokio runtime so that blocking WebDriver calls can drive the browser.
 pub struct LocalServer {
     pub server: folio_server::Server,
+    config: folio_server::ServerConfig,
     _state: tempfile::TempDir,
-    _runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn server_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 impl LocalServer {
@@ -46,10 +54,7 @@ impl LocalServer {
         max_rounds: u64,
         web_root: PathBuf,
     ) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let runtime = server_runtime()?;
         let state = tempfile::tempdir()?;
         let config = folio_server::ServerConfig {
             addr: "127.0.0.1:0".parse()?,
@@ -64,12 +69,27 @@ impl LocalServer {
             limits: folio_server::Limits::default(),
             max_rounds: Some(max_rounds),
         };
-        let server = runtime.block_on(folio_server::Server::start(config))?;
+        let server = runtime.block_on(folio_server::Server::start(config.clone()))?;
         Ok(Self {
+            config: folio_server::ServerConfig {
+                addr: server.addr,
+                ..config
+            },
             server,
             _state: state,
-            _runtime: runtime,
+            runtime,
         })
+    }
+
+    /// Kills the aggregator as a crashed process would go (every task and
+    /// connection ends at once) and starts it again on the same address from its
+    /// last commit.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        std::mem::replace(&mut self.runtime, server_runtime()?).shutdown_background();
+        self.server = self
+            .runtime
+            .block_on(folio_server::Server::start(self.config.clone()))?;
+        Ok(())
     }
 
     /// The page's address.
