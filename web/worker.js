@@ -15,9 +15,12 @@ function modelStore(mode, use) {
     opening.onupgradeneeded = () => opening.result.createObjectStore("models");
     opening.onerror = () => reject(opening.error);
     opening.onsuccess = () => {
-      const request = use(opening.result.transaction("models", mode).objectStore("models"));
-      request.onsuccess = () => resolve(request.result);
-      request.onerror = () => reject(request.error);
+      const transaction = opening.result.transaction("models", mode);
+      const request = use(transaction.objectStore("models"));
+      // Settled once committed: the training that follows holds this thread.
+      transaction.oncomplete = () => resolve(request.result);
+      transaction.onerror = () => reject(transaction.error);
+      transaction.onabort = () => reject(transaction.error);
     };
   });
 }
@@ -28,14 +31,7 @@ const keepModel = ({ round, encoding, weights }) =>
 async function device({ url, client, resume, backend }) {
   const held = await heldModel();
   if (held) postMessage({ type: "held", round: held.round, bytes: held.weights.length });
-  await runDevice(url, client, resume, held?.encoding, held?.weights, backend, (event) => {
-    if (event.type === "model") {
-      keepModel(event);
-      postMessage({ type: "model", round: event.round, bytes: event.weights.length });
-    } else {
-      postMessage(event);
-    }
-  });
+  await runDevice(url, client, resume, held?.encoding, held?.weights, backend, keepModel, postMessage);
   postMessage({ type: "closed" });
 }
 

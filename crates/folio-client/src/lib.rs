@@ -25,6 +25,9 @@ pub trait Transport {
     async fn send(&mut self, frame: Vec<u8>) -> Result<(), ClientError>;
     /// The next binary frame; `None` once the connection is closed.
     async fn recv(&mut self) -> Result<Option<Vec<u8>>, ClientError>;
+    /// Keeps a round's global model where it outlives the connection (a tab's
+    /// IndexedDB), before the round's training starts. By default nowhere.
+    async fn keep_model(&mut self, _round: u64, _model: &HeldModel) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +216,7 @@ pub async fn run<T: Transport>(
                 }));
                 let model = round_model(&start, &mut held)?;
                 if start.weights.is_some() {
+                    transport.keep_model(start.round, &model).await;
                     on_event(ClientEvent::ModelReceived {
                         round: start.round,
                         model: model.clone(),

@@ -12,7 +12,7 @@ use burn::prelude::Device;
 use folio_client::{ClientError, ClientEvent, ClientOptions, ClientState, HeldModel};
 use folio_fed::Encoding;
 use folio_proto::ClientKind;
-use js_sys::{Function, Object, Promise, Reflect, Uint8Array};
+use js_sys::{Function, Object, Promise, Reflect};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 
@@ -176,8 +176,7 @@ fn event_object(event: &ClientEvent) -> JsValue {
         ClientEvent::ModelReceived { round, model } => object(&[
             ("type", "model".into()),
             ("round", (*round as f64).into()),
-            ("encoding", model.encoding.tag().into()),
-            ("weights", Uint8Array::from(model.weights.as_slice()).into()),
+            ("bytes", (model.weights.len() as f64).into()),
         ]),
     }
 }
@@ -200,8 +199,10 @@ async fn sleep(duration: Duration) {
 /// backoff when it goes away, until it refuses us for good. `client` asks for a
 /// Shakespeare client; `resume` is the session of an earlier welcome (a reloaded
 /// tab rejoins as the same client); `held_encoding` and `held_weights` are a
-/// global model kept from an earlier `model` event (offered back, so that it is
-/// not sent again); `backend` is `"auto"` or `"cpu"`. `on_event` gets plain
+/// global model kept by `keep_model` (offered back, so that it is not sent
+/// again); `backend` is `"auto"` or `"cpu"`; `keep_model({round, encoding,
+/// weights})` stores a round's model and returns a promise, awaited before the
+/// round's training. `on_event` gets plain
 /// objects (`{type: "backend" | "welcome" | "state" | "trained" | "result" |
 /// "error" | "model" | "reconnecting", ...}`).
 #[wasm_bindgen(js_name = runDevice)]
@@ -212,6 +213,7 @@ pub async fn run_device(
     held_encoding: Option<u8>,
     held_weights: Option<Vec<u8>>,
     backend: String,
+    keep_model: Option<Function>,
     on_event: Function,
 ) -> Result<(), JsValue> {
     let (device, backend, adapter) = pick_device(wants_gpu(&backend)?).await;
@@ -237,7 +239,7 @@ pub async fn run_device(
         .zip(held_weights)
         .map(|(encoding, weights)| HeldModel::new(encoding, weights));
     folio_client::run_reconnecting(
-        || BrowserTransport::connect(&url),
+        || BrowserTransport::connect(&url, keep_model.clone()),
         sleep,
         &device,
         &options,

@@ -1,11 +1,13 @@
 //! The browser's WebSocket as a [`Transport`] for the shared client loop.
 
-use folio_client::{ClientError, Transport};
+use folio_client::{ClientError, HeldModel, Transport};
 use futures_channel::{mpsc, oneshot};
 use futures_util::StreamExt;
 use js_sys::{ArrayBuffer, Uint8Array};
+use js_sys::{Function, Object, Promise, Reflect};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
 use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 
 pub struct BrowserTransport {
@@ -13,14 +15,17 @@ pub struct BrowserTransport {
     frames: mpsc::UnboundedReceiver<Vec<u8>>,
     /// How the connection ended, once it has.
     closed: std::rc::Rc<std::cell::RefCell<Option<String>>>,
+    /// Keeps a round's model: `keep({round, encoding, weights})` → a promise.
+    keep: Option<Function>,
     // Kept alive as long as the socket calls them.
     _on_message: Closure<dyn FnMut(MessageEvent)>,
     _on_close: Closure<dyn FnMut(CloseEvent)>,
 }
 
 impl BrowserTransport {
-    /// Opens `url` (`ws://host/ws`) and waits until the socket is open.
-    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+    /// Opens `url` (`ws://host/ws`) and waits until the socket is open. `keep`
+    /// stores each round's model (and resolves when it is stored).
+    pub async fn connect(url: &str, keep: Option<Function>) -> Result<Self, ClientError> {
         let socket =
             WebSocket::new(url).map_err(|e| ClientError::Connection(format!("{url}: {e:?}")))?;
         socket.set_binary_type(BinaryType::Arraybuffer);
@@ -73,6 +78,7 @@ impl BrowserTransport {
                 socket,
                 frames,
                 closed,
+                keep,
                 _on_message: on_message,
                 _on_close: on_close,
             }),
@@ -88,6 +94,21 @@ impl Transport for BrowserTransport {
         self.socket
             .send_with_u8_array(&frame)
             .map_err(|e| ClientError::Connection(format!("{e:?}")))
+    }
+
+    async fn keep_model(&mut self, round: u64, model: &HeldModel) {
+        let Some(keep) = &self.keep else { return };
+        let record = Object::new();
+        let _ = Reflect::set(&record, &"round".into(), &(round as f64).into());
+        let _ = Reflect::set(&record, &"encoding".into(), &model.encoding.tag().into());
+        let weights = js_sys::Uint8Array::from(model.weights.as_slice());
+        let _ = Reflect::set(&record, &"weights".into(), &weights);
+        // A tab that cannot store it trains all the same.
+        if let Ok(promise) = keep.call1(&JsValue::NULL, &record)
+            && let Ok(promise) = promise.dyn_into::<Promise>()
+        {
+            let _ = JsFuture::from(promise).await;
+        }
     }
 
     /// A tab never ends its part on its own: any close is the aggregator going
@@ -107,6 +128,9 @@ impl Transport for BrowserTransport {
 
 impl Drop for BrowserTransport {
     fn drop(&mut self) {
+        // The handlers die with this value: the socket must not call them after.
+        self.socket.set_onmessage(None);
+        self.socket.set_onclose(None);
         let _ = self.socket.close();
     }
 }

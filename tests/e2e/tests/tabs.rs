@@ -283,6 +283,93 @@ fn a_tab_on_the_cpu_fallback_trains_in_a_worker_and_its_page_stays_responsive() 
     Ok(())
 }
 
+/// The one session's bytes sent down so far.
+fn bytes_down(status: &Value) -> anyhow::Result<u64> {
+    let clients = status["clients"].as_array().context("no clients")?;
+    ensure!(clients.len() == 1, "one session expected: {clients:#?}");
+    clients[0]["bytes_down"].as_u64().context("no bytes down")
+}
+
+#[test]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
+fn a_tab_reloaded_mid_round_resumes_without_downloading_the_model_again() -> anyhow::Result<()> {
+    // Lear's lines, 4 epochs on the CPU fallback: seconds of training to reload in.
+    let long_round = RoundConfig {
+        local_epochs: 4,
+        max_batches: None,
+        ..rounds(1, 1, 1)
+    };
+    let server = LocalServer::start(long_round, 1)?;
+    let driver = ChromeDriver::start()?;
+    let browser = driver.session(1200, 900)?;
+    browser.navigate(&format!(
+        "{}?backend=cpu&client=THE_TRAGEDY_OF_KING_LEAR_LEAR",
+        server.url()
+    ))?;
+    browser.wait_for(
+        "the tab to train",
+        "return (document.body.dataset.deviceState || '').startsWith('training')",
+        ROUND_TIMEOUT,
+    )?;
+    let status = server.server.status();
+    let model_bytes = 4 * status["parameters"].as_u64().context("no parameters")?;
+    let before = bytes_down(&status)?;
+    ensure!(
+        before > model_bytes,
+        "{before} bytes down before the reload: the model ({model_bytes} bytes) should be among them"
+    );
+    browser.execute("location.reload()", json!([]))?;
+    let status = wait_until(&server, "round 1 after the reload", |s| completed(s) >= 1)?;
+    ensure!(
+        reporters(&status, 1) == [("browser".to_owned(), "flex".to_owned())],
+        "{:?}",
+        reporters(&status, 1)
+    );
+    // The welcome again (with Lear's lines) and the round without its model.
+    let after = bytes_down(&status)? - before;
+    let notices = page_text(&browser, "device-notices")?;
+    eprintln!("bytes down: {before} before the reload (model {model_bytes}), {after} after it");
+    ensure!(
+        after < model_bytes / 4,
+        "{after} bytes down after the reload: the model ({model_bytes} bytes) was sent again; the page: {notices:?}"
+    );
+    ensure!(
+        notices.contains("Kept from before: round 1's global model"),
+        "the page does not say it kept the model: {notices:?}"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
+fn tabs_reconnect_to_a_restarted_aggregator_and_the_next_round_completes() -> anyhow::Result<()> {
+    let mut server = LocalServer::start(rounds(2, 2, 1), 2)?;
+    let driver = ChromeDriver::start()?;
+    let browser = driver.session(1200, 900)?;
+    let url = format!("{}?backend=cpu", server.url());
+    browser.navigate(&url)?;
+    browser.open_tab(&url)?;
+    wait_until(&server, "round 1", |s| completed(s) >= 1)?;
+    server.restart()?;
+    let status = wait_until(&server, "round 2 on the restarted aggregator", |s| {
+        completed(s) >= 2
+    })?;
+    let seen = reporters(&status, 2);
+    ensure!(
+        seen.len() == 2
+            && seen
+                .iter()
+                .all(|(kind, backend)| kind == "browser" && backend == "flex"),
+        "round 2: expected both tabs, got {seen:?}"
+    );
+    let notices = page_text(&browser, "device-notices")?;
+    ensure!(
+        notices.contains("Lost the aggregator"),
+        "the page does not say it lost the aggregator: {notices:?}"
+    );
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
 fn a_tab_opened_while_the_page_builds_shows_the_build_and_joins_when_it_is_ready()
