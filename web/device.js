@@ -7,7 +7,8 @@ const backend = params.get("backend") ?? "auto";
 const worker = () => new Worker(new URL("worker.js", import.meta.url), { type: "module" });
 
 const status = document.getElementById("device-status");
-const rounds = document.querySelector("#device-rounds tbody");
+// This tab's rounds, the latest first.
+const trained = [];
 const training = document.getElementById("device-progress");
 const notices = document.getElementById("device-notices");
 const device = { backend: "?", client: "?", round: "-", state: "loading the model code" };
@@ -61,14 +62,11 @@ function onDeviceEvent(event) {
       device.state = `the aggregator went away; reconnecting in ${event.seconds.toFixed(1)} s`;
       notify(`Lost the aggregator (${event.message}); trying again in ${event.seconds.toFixed(1)} s.`);
       break;
-    case "trained": {
-      const tr = document.createElement("tr");
-      for (const v of [event.round, event.loss.toFixed(4), event.accuracy.toFixed(4), event.seconds.toFixed(1), event.bytesDown, event.bytesUp]) {
-        tr.append(Object.assign(document.createElement("td"), { textContent: v }));
-      }
-      rounds.prepend(tr);
+    case "trained":
+      trained.unshift([event.round, event.loss.toFixed(4), event.accuracy.toFixed(4), event.seconds.toFixed(1),
+        formatBytes(event.bytesDown), formatBytes(event.bytesUp)]);
+      fillTable("device-rounds", trained.slice(0, 30));
       break;
-    }
     case "error": notify(`${explanations[event.code] ?? "The aggregator refused a message."} (${event.code}: ${event.message})`); break;
     case "closed": device.state = "done: the aggregator closed"; break;
     case "failed":
@@ -128,29 +126,27 @@ function startDevice() {
 const deviceOn = params.get("device") !== "off";
 if (!deviceOn) document.getElementById("device").hidden = true;
 
-// The generator: the model the federation started from and the current one
-// continue the same prompt with the same random draws, side by side, one after the
-// other in one worker (kept for the next click). Without an aggregator (a static
-// copy of the page), the shipped Dickens model and the shipped federated one.
+// The generator: two models continue the same prompt with the same random draws,
+// side by side, one after the other in one worker (kept for the next click). Each
+// choice lists where to get it: an aggregator's model first, else (a static copy
+// of the page) the shipped file.
+const dickens = { url: "models/dickens-medium.safetensors", source: "the shipped Dickens model" };
+const federated = { url: "models/shakespeare-medium.safetensors", source: "the shipped federated model" };
+const choices = {
+  start: { label: "where the federation started", models: [{ url: "api/model/start", source: "the federation's starting model" }, dickens] },
+  current: { label: "the current global model", models: [{ url: "api/model", source: "the current global model" }, federated] },
+  dickens: { label: "the shipped Dickens model", models: [dickens] },
+  federated: { label: "the shipped federated Shakespeare model", models: [federated] },
+};
 const button = document.getElementById("gen-button");
 const panes = [
-  {
-    output: document.getElementById("gen-start-output"),
-    source: document.getElementById("gen-start-source"),
-    models: [
-      { url: "api/model/start", source: "the federation's starting model" },
-      { url: "models/dickens-medium.safetensors", source: "the shipped Dickens model" },
-    ],
-  },
-  {
-    output: document.getElementById("gen-output"),
-    source: document.getElementById("gen-source"),
-    models: [
-      { url: "api/model", source: "the current global model" },
-      { url: "models/shakespeare-medium.safetensors", source: "the shipped federated model" },
-    ],
-  },
-];
+  { choice: "start", select: "gen-start-model", output: "gen-start-output", source: "gen-start-source" },
+  { choice: "current", select: "gen-model", output: "gen-output", source: "gen-source" },
+].map(({ choice, select, output, source }) => {
+  const picker = document.getElementById(select);
+  picker.append(...Object.entries(choices).map(([value, { label }]) => new Option(label, value, false, value === choice)));
+  return { picker, output: document.getElementById(output), source: document.getElementById(source) };
+});
 let generator = null;
 
 // Streams one pane's text; resolves to whether it finished.
@@ -166,12 +162,13 @@ function generateInto(pane, job) {
         case "failed": pane.output.textContent = `generation failed: ${data.message}`; resolve(false); break;
       }
     };
-    const models = pane.models.map(({ url, source }) => ({ url: new URL(url, location.href).href, source }));
+    const models = choices[pane.picker.value].models.map(({ url, source }) => ({ url: new URL(url, location.href).href, source }));
     generator.postMessage({ ...job, models });
   });
 }
 
-button.addEventListener("click", async () => {
+document.getElementById("gen-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
   generator ??= worker();
   button.disabled = true;
   delete document.body.dataset.generated;
@@ -188,6 +185,36 @@ button.addEventListener("click", async () => {
   document.body.dataset.generated = finished ? "yes" : "failed";
   button.disabled = false;
 });
+
+// The character picker: the aggregator's Shakespeare clients, searchable as you
+// type. Switching starts a new session as that character.
+async function characterPicker() {
+  const form = document.getElementById("character-form");
+  const input = document.getElementById("character");
+  const note = document.getElementById("character-note");
+  const response = await fetch("api/characters").catch(() => null);
+  if (!response?.ok) {
+    form.hidden = true;
+    return;
+  }
+  const characters = new Map(await response.json());
+  document.getElementById("characters").append(
+    ...[...characters].map(([id, chars]) => new Option(`${chars.toLocaleString()} chars of lines`, id)),
+  );
+  input.placeholder = `search ${characters.size.toLocaleString()} Shakespeare characters`;
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const wanted = input.value.trim().toUpperCase().replaceAll(" ", "_");
+    if (!characters.has(wanted)) {
+      note.textContent = `“${input.value}” is not one of the characters: pick one from the list.`;
+      return;
+    }
+    sessionStorage.removeItem("folio-session");
+    params.set("client", wanted);
+    location.search = params.toString();
+  });
+}
+if (deviceOn) characterPicker();
 
 // The longest the main thread went without running a timer, for tests and the curious.
 let lastTick = performance.now();

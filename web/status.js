@@ -2,71 +2,177 @@
 "use strict";
 
 const fmt = (v, digits = 4) => (v === null || v === undefined ? "-" : typeof v === "number" ? v.toFixed(digits) : v);
+const bytes = (n) => (n < 1e3 ? `${n} B` : n < 1e6 ? `${(n / 1e3).toFixed(1)} kB` : `${(n / 1e6).toFixed(2)} MB`);
 
+// Rows of cells into a table's body; each cell carries its column's name, which
+// narrow windows show beside the value (style.css).
 function fill(id, rows) {
-  const body = document.querySelector(`#${id} tbody`);
-  body.replaceChildren(
+  const table = document.getElementById(id);
+  const names = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+  table.tBodies[0].replaceChildren(
     ...rows.map((cells) => {
       const tr = document.createElement("tr");
-      tr.append(...cells.map((c) => Object.assign(document.createElement("td"), { textContent: c })));
+      tr.append(...cells.map((c, i) => {
+        const td = Object.assign(document.createElement("td"), { textContent: c });
+        td.dataset.label = names[i];
+        return td;
+      }));
       return tr;
     }),
   );
 }
+globalThis.fillTable = fill;
+globalThis.formatBytes = bytes;
 
-// Eval loss (left scale) and accuracy (right scale, 0..1) of the global model per
-// round. Non-finite metrics arrive as the strings "NaN", "inf", "-inf": not plotted.
+// About `count` round numbers spanning [lo, hi]: steps of 1, 2 or 5 × 10^k, at
+// least `minStep`.
+function ticks(lo, hi, count, minStep = 0) {
+  const raw = Math.max((hi - lo) / count || 1, minStep);
+  const power = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+  const out = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) out.push(+t.toFixed(10));
+  return { values: out, digits: Math.max(0, -Math.floor(Math.log10(step))) };
+}
+
+// Eval loss (left axis) and accuracy (right axis) of the global model per round,
+// with ticks on both and on the rounds. Non-finite metrics arrive as the strings
+// "NaN", "inf", "-inf": not plotted.
 function plot(all) {
   const history = all.filter((r) => Number.isFinite(r.eval_loss) && Number.isFinite(r.eval_accuracy));
   const canvas = document.getElementById("plot");
   const ctx = canvas.getContext("2d");
-  const { width, height } = canvas;
-  const pad = 36;
+  // Drawn at the size it is shown (in CSS pixels, sharp on dense screens), so
+  // that its labels stay readable in a narrow window.
+  const width = canvas.clientWidth || 720;
+  const height = Math.round(Math.min(300, Math.max(200, width * 0.38)));
+  const scale = window.devicePixelRatio || 1;
+  if (canvas.width !== Math.round(width * scale) || canvas.height !== Math.round(height * scale)) {
+    Object.assign(canvas, { width: Math.round(width * scale), height: Math.round(height * scale) });
+  }
+  ctx.setTransform(scale, 0, 0, scale, 0, 0);
+  const box = { left: 52, right: width - 52, top: 12, bottom: height - 40 };
   ctx.clearRect(0, 0, width, height);
   ctx.font = "12px system-ui, sans-serif";
-  ctx.strokeStyle = "#bbb";
-  ctx.strokeRect(pad, 8, width - 2 * pad, height - pad);
-  if (history.length === 0) return;
-  const rounds = Math.max(1, history[history.length - 1].round);
+  ctx.lineWidth = 1;
+  ctx.strokeStyle = "#999";
+  ctx.strokeRect(box.left, box.top, box.right - box.left, box.bottom - box.top);
+  if (history.length === 0) {
+    ctx.fillStyle = "#555";
+    ctx.fillText("no evaluated rounds yet", box.left + 12, box.top + 24);
+    return;
+  }
+  const lastRound = Math.max(1, history[history.length - 1].round);
+  const firstRound = Math.min(history[0].round, lastRound - 1);
   const losses = history.map((r) => r.eval_loss);
-  const [lo, hi] = [Math.min(...losses), Math.max(...losses)];
-  const span = hi - lo || 1;
-  const x = (round) => pad + (round / rounds) * (width - 2 * pad);
-  const y = (fraction) => 8 + (1 - fraction) * (height - pad - 8);
-  const line = (color, value) => {
-    ctx.strokeStyle = color;
-    ctx.beginPath();
-    history.forEach((r, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, x(r.round), y(value(r))));
-    ctx.stroke();
+  const accuracies = history.map((r) => r.eval_accuracy);
+  const range = (values) => {
+    const [lo, hi] = [Math.min(...values), Math.max(...values)];
+    const pad = (hi - lo) * 0.08 || Math.abs(hi) * 0.05 || 0.05;
+    return [lo - pad, hi + pad];
   };
-  line("#c0392b", (r) => (r.eval_loss - lo) / span);
-  line("#2471a3", (r) => r.eval_accuracy);
+  const [lossLo, lossHi] = range(losses);
+  const [accLo, accHi] = range(accuracies);
+  const x = (round) => box.left + ((round - firstRound) / (lastRound - firstRound)) * (box.right - box.left);
+  const y = (value, lo, hi) => box.bottom - ((value - lo) / (hi - lo)) * (box.bottom - box.top);
+
+  const axis = (tickSet, place, color) => {
+    ctx.fillStyle = color;
+    for (const t of tickSet.values) place(t, t.toFixed(tickSet.digits));
+  };
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "right";
+  axis(ticks(lossLo, lossHi, 5), (t, label) => {
+    const at = y(t, lossLo, lossHi);
+    ctx.strokeStyle = "#eee";
+    ctx.beginPath(); ctx.moveTo(box.left, at); ctx.lineTo(box.right, at); ctx.stroke();
+    ctx.fillText(label, box.left - 6, at);
+  }, "#c0392b");
+  ctx.textAlign = "left";
+  axis(ticks(accLo, accHi, 5), (t, label) => ctx.fillText(label, box.right + 6, y(t, accLo, accHi)), "#2471a3");
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
+  axis(ticks(firstRound, lastRound, Math.max(2, Math.floor(width / 110)), 1), (t, label) => {
+    if (!Number.isInteger(t)) return;
+    ctx.strokeStyle = "#999";
+    ctx.beginPath(); ctx.moveTo(x(t), box.bottom); ctx.lineTo(x(t), box.bottom + 4); ctx.stroke();
+    ctx.fillText(label, x(t), box.bottom + 6);
+  }, "#333");
+  ctx.fillText("round", (box.left + box.right) / 2, box.bottom + 22);
+
+  const line = (color, value, lo, hi) => {
+    ctx.strokeStyle = color;
+    ctx.fillStyle = color;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    history.forEach((r, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, x(r.round), y(value(r), lo, hi)));
+    ctx.stroke();
+    for (const r of history) ctx.fillRect(x(r.round) - 2, y(value(r), lo, hi) - 2, 4, 4);
+    ctx.lineWidth = 1;
+  };
+  line("#c0392b", (r) => r.eval_loss, lossLo, lossHi);
+  line("#2471a3", (r) => r.eval_accuracy, accLo, accHi);
+  ctx.save();
+  ctx.textBaseline = "top";
+  ctx.translate(12, (box.top + box.bottom) / 2);
+  ctx.rotate(-Math.PI / 2);
   ctx.fillStyle = "#c0392b";
-  ctx.fillText(`eval loss ${hi.toFixed(3)}`, 4, 20);
-  ctx.fillText(lo.toFixed(3), 4, height - pad);
+  ctx.fillText("eval loss", 0, -6);
+  ctx.restore();
+  ctx.save();
+  ctx.translate(width - 12, (box.top + box.bottom) / 2);
+  ctx.rotate(Math.PI / 2);
   ctx.fillStyle = "#2471a3";
-  ctx.fillText(`eval acc ${history[history.length - 1].eval_accuracy.toFixed(4)}`, width - 150, 20);
-  ctx.fillStyle = "#555";
-  ctx.fillText(`round ${rounds}`, width - pad - 50, height - 12);
-  ctx.fillText("0", pad, height - 12);
+  ctx.fillText("eval accuracy", 0, -6);
+  ctx.restore();
+}
+
+// The open round: who was asked, who answered, the deadline counting down.
+function roundProgress(open) {
+  const bar = document.getElementById("round-progress");
+  const text = document.getElementById("round-text");
+  if (!open) {
+    bar.value = 0;
+    text.textContent = "no round open: waiting for enough devices";
+    return;
+  }
+  Object.assign(bar, { max: open.selected, value: open.reported });
+  const left = open.dropped_sessions.length ? `, ${open.dropped_sessions.length} left` : "";
+  const attempt = open.attempt ? ` (attempt ${open.attempt + 1})` : "";
+  text.textContent = `round ${open.round}${attempt}: ${open.reported} of ${open.selected} devices reported${left}; ` +
+    `deadline in ${Math.ceil(open.seconds_left)} s`;
+}
+
+function thisRound(open, session) {
+  if (!open) return "-";
+  if (open.reported_sessions.includes(session)) return "reported";
+  if (open.dropped_sessions.includes(session)) return "left";
+  if (open.selected_sessions.includes(session)) return "training";
+  return "-";
 }
 
 async function refresh() {
   try {
     const status = await (await fetch("api/status")).json();
     const open = status.open_round;
+    const evaluated = status.history.filter((r) => Number.isFinite(r.eval_accuracy));
+    const latest = evaluated[evaluated.length - 1];
     document.getElementById("summary").textContent =
-      `preset ${status.preset} (${status.parameters} parameters), ${status.completed_rounds} rounds done, ` +
-      `${status.connected} clients connected` +
-      (open ? `, round ${open.round}: ${open.reported}/${open.selected} reported` : ", waiting for clients");
+      `preset ${status.preset} (${status.parameters.toLocaleString()} parameters) · ${status.completed_rounds} rounds done · ` +
+      `${status.connected} devices connected` +
+      (latest ? ` · global eval accuracy ${fmt(latest.eval_accuracy)} after round ${latest.round}` : "");
+    roundProgress(open);
     plot(status.history);
-    fill("history", [...status.history].reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
-      fmt(r.eval_loss), fmt(r.eval_accuracy), r.bytes_up, fmt(r.seconds, 1)]));
-    fill("clients", status.clients.map((c) => [c.session, c.client_id, c.kind, c.backend, c.connected ? "yes" : "no",
-      c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy), c.bytes_up, c.bytes_down]));
-    document.getElementById("errors").textContent = JSON.stringify(status.errors, null, 1);
+    fill("history", status.history.slice(-30).reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
+      fmt(r.eval_loss), fmt(r.eval_accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1)]));
+    fill("clients", status.clients.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}`, c.connected ? "yes" : "no",
+      thisRound(open, c.session), c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy),
+      bytes(c.bytes_up), bytes(c.bytes_down)]));
+    document.getElementById("errors").textContent = Object.keys(status.errors).length
+      ? Object.entries(status.errors).map(([code, count]) => `${code}: ${count}`).join("\n")
+      : "none";
   } catch (err) {
-    document.getElementById("summary").textContent = `aggregator unreachable: ${err}`;
+    document.getElementById("summary").textContent = `the aggregator is not reachable (${err}); trying again every second`;
   }
 }
 

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use folio_data::{BatchConfig, Corpus, vocab};
@@ -588,16 +588,26 @@ impl Federation {
     }
 
     /// The open round: number, time left, selected, reported, attempt.
-    pub fn open_round(&self, now: Instant) -> Option<(u64, Duration, usize, usize, u32)> {
+    /// The open round for the status page: who was asked, who answered, who left.
+    pub fn open_round(&self, now: Instant) -> Option<serde_json::Value> {
         self.open.as_ref().map(|open| {
-            (
-                open.round,
-                open.seconds_left(now),
-                open.selected.len(),
-                open.reported.len(),
-                open.attempt,
-            )
+            serde_json::json!({
+                "round": open.round,
+                "attempt": open.attempt,
+                "seconds_left": open.seconds_left(now).as_secs_f64(),
+                "deadline_seconds": self.config.deadline.as_secs_f64(),
+                "selected": open.selected.len(),
+                "reported": open.reported.len(),
+                "selected_sessions": open.selected,
+                "reported_sessions": open.reported,
+                "dropped_sessions": open.dropped,
+            })
         })
+    }
+
+    /// The Shakespeare clients a session can train as, with their training chars.
+    pub fn characters(&self) -> &BTreeMap<String, usize> {
+        &self.train_ids
     }
 
     pub fn session_list(&self) -> Vec<&SessionInfo> {

@@ -26,6 +26,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/api/status",
             get(|State(shared): State<Arc<Shared>>| async move { Json(status_json(&shared)) }),
         )
+        .route("/api/characters", get(characters))
         .route("/api/model", get(model_file))
         .route("/api/model/start", get(start_model_file))
         .route("/api/admin/state", get(export_state))
@@ -40,6 +41,18 @@ pub fn router(shared: Arc<Shared>) -> Router {
             .nest_service("/models", ServeDir::new(root.join("models")));
     }
     router.with_state(shared)
+}
+
+/// The Shakespeare clients a tab can train as: `[[id, training chars], ...]`,
+/// for the page's character picker.
+async fn characters(State(shared): State<Arc<Shared>>) -> Json<Vec<(String, usize)>> {
+    let fed = shared.fed();
+    Json(
+        fed.characters()
+            .iter()
+            .map(|(id, chars)| (id.clone(), *chars))
+            .collect(),
+    )
 }
 
 /// The current global model, f16 safetensors: public, the page's generator uses it.
@@ -141,14 +154,7 @@ async fn revoke_session(
 
 pub fn status_json(shared: &Shared) -> serde_json::Value {
     let fed = shared.fed();
-    let open = fed
-        .open_round(Instant::now())
-        .map(|(round, left, selected, reported, attempt)| {
-            serde_json::json!({
-                "round": round, "seconds_left": left.as_secs_f64(), "selected": selected,
-                "reported": reported, "attempt": attempt,
-            })
-        });
+    let open = fed.open_round(Instant::now());
     let rounds = &fed.config;
     let strategy = rounds.strategy;
     serde_json::json!({

@@ -241,6 +241,16 @@ impl Session {
         }
     }
 
+    /// Resizes the browser window to `width` × `height` pixels.
+    pub fn resize(&self, width: u32, height: u32) -> anyhow::Result<()> {
+        self.command(
+            "POST",
+            "/window/rect",
+            Some(json!({ "width": width, "height": height })),
+        )?;
+        Ok(())
+    }
+
     /// A PNG of the current tab.
     pub fn screenshot(&self) -> anyhow::Result<Vec<u8>> {
         let encoded = self.command("GET", "/screenshot", None)?;

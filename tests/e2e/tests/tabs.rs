@@ -367,6 +367,52 @@ fn tabs_reconnect_to_a_restarted_aggregator_and_the_next_round_completes() -> an
         notices.contains("Lost the aggregator"),
         "the page does not say it lost the aggregator: {notices:?}"
     );
+
+    // The page as a person sees it, wide and narrow, with the shipped models'
+    // text in the generator.
+    browser.execute(
+        "document.getElementById('gen-start-model').value = 'dickens';
+         document.getElementById('gen-model').value = 'federated';",
+        json!([]),
+    )?;
+    let [dickens, federated] = generate_on_page(&browser, 160)?;
+    ensure!(
+        dickens.source == "(from the shipped Dickens model)"
+            && federated.source == "(from the shipped federated model)",
+        "{} / {}",
+        dickens.source,
+        federated.source
+    );
+    let dir = artefact_dir();
+    std::fs::create_dir_all(&dir)?;
+    for (width, height) in [(1280, 2300), (400, 4200)] {
+        browser.resize(width, height)?;
+        // Two status polls: the layout and the plot follow the new size.
+        std::thread::sleep(Duration::from_millis(2500));
+        let rows = browser.execute(
+            "return [document.querySelectorAll('#clients tbody tr').length,
+                     document.querySelectorAll('#device-rounds tbody tr').length]",
+            json!([]),
+        )?;
+        ensure!(
+            rows == json!([2, 3]) || rows == json!([2, 2]),
+            "the tables show {rows} rows (devices, this tab's rounds); the page says {:?}",
+            page_text(&browser, "summary")?
+        );
+        // Nothing wider than the window, no table to scroll sideways.
+        let overflow = browser.execute(
+            "return Math.max(...[document.documentElement, ...document.querySelectorAll('.table-scroll')]
+                .map((e) => e.scrollWidth - e.clientWidth))",
+            json!([]),
+        )?;
+        ensure!(
+            overflow.as_i64() == Some(0),
+            "the page or a table is {overflow} px wider than a {width} px window"
+        );
+        let shot = dir.join(format!("page-{width}px.png"));
+        std::fs::write(&shot, browser.screenshot()?)?;
+        eprintln!("screenshot: {}", shot.display());
+    }
     Ok(())
 }
 
