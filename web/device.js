@@ -51,6 +51,10 @@ function onDeviceEvent(event) {
       if (event.round) device.round = event.round;
       device.state = event.state === "training" ? `training batch ${event.batch} of ${event.of}` : event.state;
       if (event.state === "training") Object.assign(training, { max: event.of, value: event.batch });
+      // Milliseconds from opening the page to its first trained batch (benches read it).
+      if (event.state === "training" && !document.body.dataset.firstBatchMs) {
+        document.body.dataset.firstBatchMs = Math.round(performance.now());
+      }
       else if (event.state === "waiting") training.value = 0;
       break;
     case "held":

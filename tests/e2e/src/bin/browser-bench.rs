@@ -2,6 +2,9 @@
 //! the CPU fallback, side by side with native flex on the same machine in one run;
 //! the WebGPU calls (dispatches, submits, buffer writes, reads back) per training
 //! step; and the size of the page's wasm. `cargo run --release -p folio-e2e --bin browser-bench`.
+//! With `--first-batch`: the page's wasm over the wire (raw, gzip, brotli) and
+//! the time from opening the page (cold cache, a throttled network) to the first
+//! trained batch.
 
 use std::time::Duration;
 
@@ -25,6 +28,13 @@ struct Args {
     /// Timed steps per measurement (after one warm-up step).
     #[arg(long, default_value_t = 2)]
     steps: usize,
+    /// Measure the page's load instead: wasm bytes over the wire and the time to
+    /// the first trained batch.
+    #[arg(long)]
+    first_batch: bool,
+    /// The network for `--first-batch`, in Mbit/s down (20 ms latency).
+    #[arg(long, default_value_t = 20.0)]
+    mbits: f64,
 }
 
 /// What a tab asked of its GPU during a measurement: WebGPU calls counted by
@@ -102,8 +112,117 @@ fn in_tab(
     ))
 }
 
+/// Bytes of `url` as sent for `Accept-Encoding: encoding`, and the encoding used.
+fn wire_bytes(url: &str, encoding: &str) -> anyhow::Result<(usize, String)> {
+    let mut response = ureq::get(url).header("Accept-Encoding", encoding).call()?;
+    let used = response
+        .headers()
+        .get("content-encoding")
+        .and_then(|e| e.to_str().ok())
+        .unwrap_or("identity")
+        .to_owned();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()?;
+    Ok((body.len(), used))
+}
+
+/// A loopback proxy to `target` that sends its answers at most `bytes_per_second`
+/// (each connection on its own: a browser's parallel downloads share no budget,
+/// which only flatters the page), after `latency` per connection. Returns its
+/// address. DevTools' throttling would miss the Web Worker that fetches the wasm.
+fn throttled_proxy(
+    target: std::net::SocketAddr,
+    bytes_per_second: f64,
+    latency: Duration,
+) -> anyhow::Result<std::net::SocketAddr> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(target) else {
+                continue;
+            };
+            let (Ok(mut client_in), Ok(mut server_out)) = (client.try_clone(), server.try_clone())
+            else {
+                continue;
+            };
+            std::thread::spawn(move || std::io::copy(&mut client_in, &mut server_out));
+            let (mut server_in, mut client_out) = (server, client);
+            std::thread::spawn(move || {
+                std::thread::sleep(latency);
+                let mut chunk = [0u8; 16 * 1024];
+                while let Ok(n) = server_in.read(&mut chunk) {
+                    if n == 0 || client_out.write_all(&chunk[..n]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_secs_f64(n as f64 / bytes_per_second));
+                }
+                let _ = client_out.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// The page's load: its wasm over the wire, then (per backend) a fresh browser
+/// opening the page on a throttled network until its first trained batch.
+fn first_batch(args: &Args) -> anyhow::Result<()> {
+    // Rounds of one device each, one batch: a round starts as soon as a tab joins.
+    let rounds = folio_server::RoundConfig {
+        strategy: folio_fed::StrategyConfig::fedavg(1),
+        max_batches: Some(1),
+        eval_clients: 1,
+        eval_batches: 1,
+        ..folio_server::RoundConfig::tutorial()
+    };
+    let server = LocalServer::start(rounds, 100)?;
+    let wasm = format!("{}pkg/folio_web_bg.wasm", server.url());
+    for encoding in ["identity", "gzip", "br"] {
+        let (bytes, used) = wire_bytes(&wasm, encoding)?;
+        println!(
+            "page wasm asked as {encoding:<8}: {bytes:>10} bytes ({:.2} MB), sent as {used}",
+            bytes as f64 / 1e6
+        );
+    }
+    let proxy = throttled_proxy(
+        server.server.addr,
+        args.mbits * 1e6 / 8.0,
+        Duration::from_millis(20),
+    )?;
+    let driver = ChromeDriver::start()?;
+    for backend in ["cpu", "auto"] {
+        // A fresh profile: nothing cached.
+        let tab = driver.session(1200, 900)?;
+        tab.navigate(&format!(
+            "http://{proxy}/?backend={backend}&client=THE_TRAGEDY_OF_KING_LEAR_LEAR"
+        ))?;
+        let ms = tab.wait_for(
+            "the first trained batch",
+            "return document.body.dataset.firstBatchMs",
+            Duration::from_secs(1800),
+        )?;
+        println!(
+            "open the page → first trained batch, backend {backend}, {} Mbit/s: {} ms",
+            args.mbits,
+            ms.as_str().unwrap_or("?")
+        );
+        // The next backend joins as a new device.
+        drop(tab);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.first_batch {
+        return first_batch(&args);
+    }
     let wasm = folio_e2e::repo_root().join("pkg/folio_web_bg.wasm");
     // The page only: `?device=off` keeps the tab from joining as a device.
     let server = LocalServer::start(folio_server::RoundConfig::tutorial(), 1)?;
