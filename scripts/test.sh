@@ -15,7 +15,7 @@ cd "$FOLIO_ROOT"
 # the same features and share one build (folio-web is wasm-only).
 native=(--workspace --exclude folio-web --release --locked)
 # The same for the wasm32 side: the browser tests of three crates and the page.
-wasm=(--target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm" --release --locked
+wasm=(--target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm" --profile wasm --locked
     -p folio-fed -p folio-client -p folio-web)
 
 step "formatting"

@@ -8,11 +8,13 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, State};
+use axum::http::HeaderValue;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use folio_model::checkpoint::{self, Precision};
 use tower_http::services::{ServeDir, ServeFile};
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::Shared;
 use crate::access::AdminRefusal;
@@ -32,13 +34,25 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/admin/state", get(export_state))
         .route("/api/admin/sessions/{session}/revoke", post(revoke_session));
     if let Some(root) = &shared.config.web_root {
-        // The page and its assets only, not the folder they live in.
-        router = router
+        // The page and its assets only, not the folder they live in. The wasm goes
+        // out as brotli or gzip (`build_page` leaves both beside it). Browsers
+        // revalidate every asset (a rebuilt page is never stale) and get
+        // "304 Not Modified", no body, while it is unchanged.
+        let pages = Router::new()
             .route_service("/", ServeFile::new(root.join("index.html")))
             .nest_service("/web", ServeDir::new(root.join("web")))
-            // The wasm is 34 MB, 5 MB gzipped: `build_page` leaves a .gz beside it.
-            .nest_service("/pkg", ServeDir::new(root.join("pkg")).precompressed_gzip())
-            .nest_service("/models", ServeDir::new(root.join("models")));
+            .nest_service(
+                "/pkg",
+                ServeDir::new(root.join("pkg"))
+                    .precompressed_br()
+                    .precompressed_gzip(),
+            )
+            .nest_service("/models", ServeDir::new(root.join("models")))
+            .layer(SetResponseHeaderLayer::overriding(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("no-cache"),
+            ));
+        router = router.merge(pages);
     }
     router.with_state(shared)
 }

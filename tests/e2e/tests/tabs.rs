@@ -472,35 +472,61 @@ fn a_tab_opened_while_the_page_builds_shows_the_build_and_joins_when_it_is_ready
 
 #[test]
 #[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
-fn the_page_wasm_goes_out_gzipped_to_browsers_that_accept_it() -> anyhow::Result<()> {
+fn the_page_wasm_goes_out_compressed_and_is_not_sent_again_while_unchanged() -> anyhow::Result<()> {
     let server = LocalServer::start(rounds(1, 1, 1), 1)?;
     let wasm = format!("{}pkg/folio_web_bg.wasm", server.url());
-    let mut gzipped = ureq::get(&wasm).header("Accept-Encoding", "gzip").call()?;
-    ensure!(
-        gzipped
-            .headers()
+    let fetch = |encoding: &str| -> anyhow::Result<(String, Vec<u8>, ureq::http::HeaderMap)> {
+        let mut response = ureq::get(&wasm)
+            .header("Accept-Encoding", encoding)
+            .call()?;
+        let headers = response.headers().clone();
+        let sent_as = headers
             .get("content-encoding")
-            .is_some_and(|e| e == "gzip")
+            .and_then(|e| e.to_str().ok())
+            .unwrap_or("identity")
+            .to_owned();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_vec()?;
+        Ok((sent_as, body, headers))
+    };
+    let (plain_as, plain, headers) = fetch("identity")?;
+    ensure!(
+        plain_as == "identity" && plain.starts_with(b"\0asm"),
+        "not a wasm module"
     );
-    let compressed = gzipped
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .read_to_vec()?;
-    let plain = ureq::get(&wasm)
-        .header("Accept-Encoding", "identity")
-        .call()?
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .read_to_vec()?;
-    ensure!(plain.starts_with(b"\0asm"), "not a wasm module");
+    let (gzip_as, gzipped, _) = fetch("gzip")?;
+    let (br_as, brotli, br_headers) = fetch("gzip, deflate, br")?;
     eprintln!(
-        "the page's wasm: {} bytes, {} gzipped",
+        "the page's wasm: {} bytes, {} gzipped, {} as brotli",
         plain.len(),
-        compressed.len()
+        gzipped.len(),
+        brotli.len()
     );
-    ensure!(compressed.len() * 3 < plain.len());
+    ensure!((gzip_as.as_str(), br_as.as_str()) == ("gzip", "br"));
+    ensure!(gzipped.len() * 3 < plain.len() && brotli.len() < gzipped.len());
+    // Every asset is revalidated, and an unchanged one is not sent again.
+    ensure!(
+        headers
+            .get("cache-control")
+            .is_some_and(|c| c == "no-cache"),
+        "{headers:?}"
+    );
+    let modified = br_headers
+        .get("last-modified")
+        .context("no Last-Modified")?
+        .to_str()?
+        .to_owned();
+    let again = ureq::get(&wasm)
+        .header("Accept-Encoding", "gzip, deflate, br")
+        .header("If-Modified-Since", &modified)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()?;
+    ensure!(again.status() == 304, "revalidated: {}", again.status());
     Ok(())
 }
 

@@ -28,6 +28,9 @@ struct Args {
     /// Timed steps per measurement (after one warm-up step).
     #[arg(long, default_value_t = 2)]
     steps: usize,
+    /// Measure the tab on WebGPU too (SwiftShader here: minutes for `small`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    webgpu: bool,
     /// Measure the page's load instead: wasm bytes over the wire and the time to
     /// the first trained batch.
     #[arg(long)]
@@ -252,7 +255,11 @@ fn main() -> anyhow::Result<()> {
             args.steps,
         ))?;
         eprintln!("{preset}: native flex {native:.0} chars/s; now the tab on WebGPU…");
-        let (webgpu, calls) = in_tab(&tab, preset, "auto", &args)?;
+        let (webgpu, calls) = if args.webgpu {
+            in_tab(&tab, preset, "auto", &args)?
+        } else {
+            (f64::NAN, GpuCalls::default())
+        };
         eprintln!("measuring {preset}: the tab on its CPU fallback…");
         let (cpu, _) = in_tab(&tab, preset, "cpu", &args)?;
         println!(
