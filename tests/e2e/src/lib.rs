@@ -25,6 +25,35 @@ pub fn check_page_built() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A response as it came over the wire: the body still encoded.
+pub struct Encoded {
+    /// `Content-Encoding` (`identity` when none).
+    pub encoding: String,
+    pub body: Vec<u8>,
+    pub headers: ureq::http::HeaderMap,
+}
+
+/// GETs `url` with `Accept-Encoding: accept`, without decoding the body.
+pub fn get_encoded(url: &str, accept: &str) -> anyhow::Result<Encoded> {
+    let mut response = ureq::get(url).header("Accept-Encoding", accept).call()?;
+    let headers = response.headers().clone();
+    let encoding = headers
+        .get("content-encoding")
+        .and_then(|e| e.to_str().ok())
+        .unwrap_or("identity")
+        .to_owned();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()?;
+    Ok(Encoded {
+        encoding,
+        body,
+        headers,
+    })
+}
+
 /// The real aggregator (small preset) on a loopback port, serving the page, on
 /// its own tokio runtime so that blocking WebDriver calls can drive the browser.
 pub struct LocalServer {

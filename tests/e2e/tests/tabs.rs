@@ -236,12 +236,10 @@ fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow
     Ok(())
 }
 
-#[test]
-#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
-fn a_tab_on_the_cpu_fallback_trains_in_a_worker_and_its_page_stays_responsive() -> anyhow::Result<()>
-{
-    // Lear's lines, 4 epochs: seconds of training, which on the page's main thread
-    // would hold the page the whole time (the CPU backend never yields).
+/// One round of 4 epochs over Lear's lines, and a tab opened to train it as Lear
+/// on the CPU fallback: seconds of training. (The tab first, so that it closes
+/// before its browser.)
+fn lear_trains_on_the_cpu_fallback() -> anyhow::Result<(Session, ChromeDriver, LocalServer)> {
     let long_round = RoundConfig {
         local_epochs: 4,
         max_batches: None,
@@ -254,6 +252,16 @@ fn a_tab_on_the_cpu_fallback_trains_in_a_worker_and_its_page_stays_responsive() 
         "{}?backend=cpu&client=THE_TRAGEDY_OF_KING_LEAR_LEAR",
         server.url()
     ))?;
+    Ok((browser, driver, server))
+}
+
+#[test]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
+fn a_tab_on_the_cpu_fallback_trains_in_a_worker_and_its_page_stays_responsive() -> anyhow::Result<()>
+{
+    // Seconds of training, which on the page's main thread would hold the page the
+    // whole time (the CPU backend never yields).
+    let (browser, _driver, server) = lear_trains_on_the_cpu_fallback()?;
     let status = wait_until(&server, "a round on the CPU fallback", |s| {
         completed(s) >= 1
     })?;
@@ -293,19 +301,8 @@ fn bytes_down(status: &Value) -> anyhow::Result<u64> {
 #[test]
 #[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
 fn a_tab_reloaded_mid_round_resumes_without_downloading_the_model_again() -> anyhow::Result<()> {
-    // Lear's lines, 4 epochs on the CPU fallback: seconds of training to reload in.
-    let long_round = RoundConfig {
-        local_epochs: 4,
-        max_batches: None,
-        ..rounds(1, 1, 1)
-    };
-    let server = LocalServer::start(long_round, 1)?;
-    let driver = ChromeDriver::start()?;
-    let browser = driver.session(1200, 900)?;
-    browser.navigate(&format!(
-        "{}?backend=cpu&client=THE_TRAGEDY_OF_KING_LEAR_LEAR",
-        server.url()
-    ))?;
+    // Seconds of training to reload in.
+    let (browser, _driver, server) = lear_trains_on_the_cpu_fallback()?;
     browser.wait_for(
         "the tab to train",
         "return (document.body.dataset.deviceState || '').startsWith('training')",
@@ -475,22 +472,8 @@ fn a_tab_opened_while_the_page_builds_shows_the_build_and_joins_when_it_is_ready
 fn the_page_wasm_goes_out_compressed_and_is_not_sent_again_while_unchanged() -> anyhow::Result<()> {
     let server = LocalServer::start(rounds(1, 1, 1), 1)?;
     let wasm = format!("{}pkg/folio_web_bg.wasm", server.url());
-    let fetch = |encoding: &str| -> anyhow::Result<(String, Vec<u8>, ureq::http::HeaderMap)> {
-        let mut response = ureq::get(&wasm)
-            .header("Accept-Encoding", encoding)
-            .call()?;
-        let headers = response.headers().clone();
-        let sent_as = headers
-            .get("content-encoding")
-            .and_then(|e| e.to_str().ok())
-            .unwrap_or("identity")
-            .to_owned();
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(u64::MAX)
-            .read_to_vec()?;
-        Ok((sent_as, body, headers))
+    let fetch = |accept: &str| {
+        folio_e2e::get_encoded(&wasm, accept).map(|sent| (sent.encoding, sent.body, sent.headers))
     };
     let (plain_as, plain, headers) = fetch("identity")?;
     ensure!(

@@ -115,23 +115,6 @@ fn in_tab(
     ))
 }
 
-/// Bytes of `url` as sent for `Accept-Encoding: encoding`, and the encoding used.
-fn wire_bytes(url: &str, encoding: &str) -> anyhow::Result<(usize, String)> {
-    let mut response = ureq::get(url).header("Accept-Encoding", encoding).call()?;
-    let used = response
-        .headers()
-        .get("content-encoding")
-        .and_then(|e| e.to_str().ok())
-        .unwrap_or("identity")
-        .to_owned();
-    let body = response
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .read_to_vec()?;
-    Ok((body.len(), used))
-}
-
 /// A loopback proxy to `target` that sends its answers at most `bytes_per_second`
 /// (each connection on its own: a browser's parallel downloads share no budget,
 /// which only flatters the page), after `latency` per connection. Returns its
@@ -186,10 +169,12 @@ fn first_batch(args: &Args) -> anyhow::Result<()> {
     let server = LocalServer::start(rounds, 100)?;
     let wasm = format!("{}pkg/folio_web_bg.wasm", server.url());
     for encoding in ["identity", "gzip", "br"] {
-        let (bytes, used) = wire_bytes(&wasm, encoding)?;
+        let sent = folio_e2e::get_encoded(&wasm, encoding)?;
+        let bytes = sent.body.len();
         println!(
-            "page wasm asked as {encoding:<8}: {bytes:>10} bytes ({:.2} MB), sent as {used}",
-            bytes as f64 / 1e6
+            "page wasm asked as {encoding:<8}: {bytes:>10} bytes ({:.2} MB), sent as {}",
+            bytes as f64 / 1e6,
+            sent.encoding
         );
     }
     let proxy = throttled_proxy(
