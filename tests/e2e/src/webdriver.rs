@@ -1,5 +1,5 @@
-//! A small W3C WebDriver client for ChromeDriver: just what the tests and the
-//! benchmark need (sessions, tabs, scripts, screenshots).
+//! A small W3C WebDriver client for ChromeDriver and geckodriver: just what the
+//! tests and the benchmark need (sessions, tabs, scripts, screenshots).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -30,17 +30,37 @@ const CHROMIUM_ARGS: &[&str] = &[
     "--use-webgpu-adapter=swiftshader",
 ];
 
-/// A running `chromedriver` (`$CHROMEDRIVER`, else the one on PATH), stopped on drop.
-pub struct ChromeDriver {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Browser {
+    /// Headless Chromium through `chromedriver` (`$CHROMEDRIVER`, else on PATH).
+    Chromium,
+    /// Headless Firefox through `geckodriver` (`$GECKODRIVER`, else on PATH).
+    Firefox,
+}
+
+/// A running WebDriver server for one browser, stopped on drop.
+pub struct Driver {
+    browser: Browser,
     process: Child,
     url: String,
     agent: ureq::Agent,
 }
 
-impl ChromeDriver {
-    pub fn start() -> anyhow::Result<Self> {
-        let binary =
-            std::env::var_os("CHROMEDRIVER").map_or_else(|| "chromedriver".into(), PathBuf::from);
+impl Driver {
+    pub fn chromium() -> anyhow::Result<Self> {
+        Self::start(Browser::Chromium)
+    }
+
+    pub fn firefox() -> anyhow::Result<Self> {
+        Self::start(Browser::Firefox)
+    }
+
+    fn start(browser: Browser) -> anyhow::Result<Self> {
+        let (variable, name) = match browser {
+            Browser::Chromium => ("CHROMEDRIVER", "chromedriver"),
+            Browser::Firefox => ("GECKODRIVER", "geckodriver"),
+        };
+        let binary = std::env::var_os(variable).map_or_else(|| name.into(), PathBuf::from);
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let process = Command::new(&binary)
             .arg(format!("--port={port}"))
@@ -49,7 +69,7 @@ impl ChromeDriver {
             .spawn()
             .with_context(|| {
                 format!(
-                    "cannot run {}: install Chromium and ChromeDriver with `scripts/setup.sh browser`",
+                    "cannot run {}: install the browsers and their drivers with `scripts/setup.sh browser`",
                     binary.display()
                 )
             })?;
@@ -59,6 +79,7 @@ impl ChromeDriver {
             .build()
             .into();
         let driver = Self {
+            browser,
             process,
             url: format!("http://127.0.0.1:{port}"),
             agent,
@@ -71,7 +92,7 @@ impl ChromeDriver {
             .is_err()
         {
             if started.elapsed() > Duration::from_secs(30) {
-                bail!("chromedriver did not answer on port {port} within 30 s");
+                bail!("{name} did not answer on port {port} within 30 s");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -81,26 +102,42 @@ impl ChromeDriver {
     /// A new browser (fresh profile) with one tab of `width` × `height` pixels.
     pub fn session(&self, width: u32, height: u32) -> anyhow::Result<Session> {
         let profile = tempfile::tempdir()?;
-        let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
-        args.push(format!("--user-data-dir={}", profile.path().display()));
-        args.push(format!("--window-size={width},{height}"));
-        let mut options = json!({ "args": args });
-        if let Some(binary) = chromium_binary() {
-            options["binary"] = json!(binary);
-        }
-        let capabilities = json!({ "capabilities": { "alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": options,
-            // SwiftShader keeps a busy renderer from answering for long stretches.
-            "timeouts": { "script": 600_000, "pageLoad": 600_000 },
-        }}});
+        // SwiftShader keeps a busy renderer from answering for long stretches.
+        let timeouts = json!({ "script": 600_000, "pageLoad": 600_000 });
+        let capabilities = match self.browser {
+            Browser::Chromium => {
+                let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
+                args.push(format!("--user-data-dir={}", profile.path().display()));
+                args.push(format!("--window-size={width},{height}"));
+                let mut options = json!({ "args": args });
+                if let Some(binary) = chromium_binary() {
+                    options["binary"] = json!(binary);
+                }
+                json!({ "browserName": "chrome", "goog:chromeOptions": options, "timeouts": timeouts })
+            }
+            // geckodriver makes a fresh profile of its own.
+            Browser::Firefox => json!({
+                "browserName": "firefox",
+                "moz:firefoxOptions": {
+                    "args": ["-headless", format!("--width={width}"), format!("--height={height}")],
+                    // Every tab is a device: background tabs keep their timers.
+                    "prefs": { "dom.min_background_timeout_value": 4, "dom.timeout.enable_budget_timer_throttling": false },
+                },
+                "timeouts": timeouts,
+            }),
+        };
         let value = command(
             &self.agent,
             "POST",
             &format!("{}/session", self.url),
-            Some(capabilities),
+            Some(json!({ "capabilities": { "alwaysMatch": capabilities } })),
         )
-        .context("cannot start headless Chromium through chromedriver")?;
+        .with_context(|| {
+            format!(
+                "cannot start headless {:?} through its WebDriver",
+                self.browser
+            )
+        })?;
         let id = value["sessionId"]
             .as_str()
             .context("chromedriver answered without a session id")?;
@@ -112,7 +149,7 @@ impl ChromeDriver {
     }
 }
 
-impl Drop for ChromeDriver {
+impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.process.kill();
         let _ = self.process.wait();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use folio_e2e::LocalServer;
-use folio_e2e::webdriver::{ChromeDriver, Session};
+use folio_e2e::webdriver::{Driver, Session};
 use folio_server::RoundConfig;
 use serde_json::{Value, json};
 
@@ -156,7 +156,7 @@ fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow
     // Quorum 2 of 3: a round still closes when one tab goes away.
     let server = LocalServer::start(rounds(3, 2, 1), 3)?;
     let initial = server.server.weights();
-    let driver = ChromeDriver::start()?;
+    let driver = Driver::chromium()?;
     let browser = driver.session(1200, 1600)?;
     browser.navigate(&server.url())?;
     let first = browser.tab()?;
@@ -236,17 +236,54 @@ fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow
     Ok(())
 }
 
+#[test]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
+fn three_tabs_in_firefox_train_on_the_cpu_fallback_and_generate_text() -> anyhow::Result<()> {
+    let server = LocalServer::start(rounds(3, 3, 1), 2)?;
+    let initial = server.server.weights();
+    let driver = Driver::firefox()?;
+    let browser = driver.session(1200, 1600)?;
+    browser.navigate(&server.url())?;
+    let first = browser.tab()?;
+    browser.open_tab(&server.url())?;
+    browser.open_tab(&server.url())?;
+    let status = wait_until(&server, "round 1 in Firefox", |s| completed(s) >= 1)?;
+    // Headless Firefox here has no WebGPU adapter: every tab takes the CPU fallback.
+    let seen = reporters(&status, 1);
+    ensure!(
+        seen.len() == 3
+            && seen
+                .iter()
+                .all(|(kind, backend)| kind == "browser" && backend == "flex"),
+        "round 1: expected 3 Firefox tabs on the CPU fallback, got {seen:?}"
+    );
+    ensure!(
+        server.server.weights() != initial,
+        "the global model did not change"
+    );
+    browser.switch_to(&first)?;
+    let [start, now] = generate_on_page(&browser, 24)?;
+    ensure!(
+        start.source == "(from the federation's starting model)"
+            && now.source == "(from the current global model)",
+        "{} / {}",
+        start.source,
+        now.source
+    );
+    Ok(())
+}
+
 /// One round of 4 epochs over Lear's lines, and a tab opened to train it as Lear
 /// on the CPU fallback: seconds of training. (The tab first, so that it closes
 /// before its browser.)
-fn lear_trains_on_the_cpu_fallback() -> anyhow::Result<(Session, ChromeDriver, LocalServer)> {
+fn lear_trains_on_the_cpu_fallback() -> anyhow::Result<(Session, Driver, LocalServer)> {
     let long_round = RoundConfig {
         local_epochs: 4,
         max_batches: None,
         ..rounds(1, 1, 1)
     };
     let server = LocalServer::start(long_round, 1)?;
-    let driver = ChromeDriver::start()?;
+    let driver = Driver::chromium()?;
     let browser = driver.session(1200, 900)?;
     browser.navigate(&format!(
         "{}?backend=cpu&client=THE_TRAGEDY_OF_KING_LEAR_LEAR",
@@ -341,7 +378,7 @@ fn a_tab_reloaded_mid_round_resumes_without_downloading_the_model_again() -> any
 #[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
 fn tabs_reconnect_to_a_restarted_aggregator_and_the_next_round_completes() -> anyhow::Result<()> {
     let mut server = LocalServer::start(rounds(2, 2, 1), 2)?;
-    let driver = ChromeDriver::start()?;
+    let driver = Driver::chromium()?;
     let browser = driver.session(1200, 900)?;
     let url = format!("{}?backend=cpu", server.url());
     browser.navigate(&url)?;
@@ -432,7 +469,7 @@ fn a_tab_opened_while_the_page_builds_shows_the_build_and_joins_when_it_is_ready
         r#"{"state":"building","step":"page","done":123,"total":456,"crates":"wgpu-core","seconds":300}"#,
     )?;
     let server = LocalServer::start_serving(rounds(1, 1, 1), 1, root.path().to_owned())?;
-    let driver = ChromeDriver::start()?;
+    let driver = Driver::chromium()?;
     let browser = driver.session(1200, 900)?;
     browser.navigate(&format!("{}?backend=cpu", server.url()))?;
     browser.wait_for(
@@ -528,7 +565,7 @@ fn the_generator_falls_back_to_the_shipped_models_without_an_aggregator() -> any
         .fallback_service(tower_http::services::ServeDir::new(folio_e2e::repo_root()));
     runtime.spawn(async move { axum::serve(listener, files).await });
 
-    let driver = ChromeDriver::start()?;
+    let driver = Driver::chromium()?;
     let browser = driver.session(1200, 900)?;
     browser.navigate(&url)?;
     let [start, federated] = generate_on_page(&browser, 60)?;

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use burn::prelude::Device;
 use clap::Parser;
 use folio_e2e::LocalServer;
-use folio_e2e::webdriver::{ChromeDriver, Session};
+use folio_e2e::webdriver::{Driver, Session};
 use folio_model::Preset;
 use serde_json::json;
 
@@ -182,7 +182,7 @@ fn first_batch(args: &Args) -> anyhow::Result<()> {
         args.mbits * 1e6 / 8.0,
         Duration::from_millis(20),
     )?;
-    let driver = ChromeDriver::start()?;
+    let driver = Driver::chromium()?;
     for backend in ["cpu", "auto"] {
         // A fresh profile: nothing cached.
         let tab = driver.session(1200, 900)?;
@@ -214,7 +214,7 @@ fn main() -> anyhow::Result<()> {
     let wasm = folio_e2e::repo_root().join("pkg/folio_web_bg.wasm");
     // The page only: `?device=off` keeps the tab from joining as a device.
     let server = LocalServer::start(folio_server::RoundConfig::tutorial(), 1)?;
-    let driver = ChromeDriver::start()?;
+    let driver = Driver::chromium()?;
     let tab = driver.session(1200, 900)?;
     tab.navigate(&format!("{}?device=off", server.url()))?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
