@@ -606,11 +606,26 @@ async fn serves_the_page_the_status_and_the_model_but_not_the_repository() {
     let mut config = config(dir.path(), rounds(1), 1);
     config.web_root = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."));
     let server = Server::start(config).await.unwrap();
-    assert!(http_get(&server, "/").await.contains("folio aggregator"));
+    let page = http_get(&server, "/").await;
+    assert!(page.contains("<h1>folio</h1>"), "{page}");
+    // Revalidated on every load, never stale.
+    assert!(
+        page.to_ascii_lowercase()
+            .contains("cache-control: no-cache")
+    );
     assert!(
         http_get(&server, "/web/status.js")
             .await
             .starts_with("HTTP/1.0 200")
+    );
+    // The character picker's list: every client with training text.
+    let characters = http_get(&server, "/api/characters").await;
+    let body = &characters[characters.find("\r\n\r\n").unwrap() + 4..];
+    let list: Vec<(String, usize)> = serde_json::from_str(body).unwrap();
+    assert!(list.len() > 1000, "{} characters", list.len());
+    assert!(
+        list.iter()
+            .any(|(id, chars)| id == "THE_TRAGEDY_OF_KING_LEAR_KENT" && *chars > 0)
     );
     let shipped = http_get(&server, "/models/dickens-seed.safetensors").await;
     assert!(
