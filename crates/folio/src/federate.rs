@@ -16,8 +16,6 @@ use folio_proto::Optimizer;
 use folio_server::{AccessConfig, Limits, RoundConfig, RoundRecord, Server, ServerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::model::SHIPPED_MODEL;
-
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ServerOpt {
     Fedavg,
@@ -72,9 +70,13 @@ pub struct RoundArgs {
     tutorial: bool,
     #[arg(long, default_value = "seed")]
     preset: Preset,
-    /// Initial global model [default: the shipped model for `seed`, fresh weights otherwise]
-    #[arg(long)]
+    /// Initial global model [default: the preset's shipped Dickens model,
+    /// models/dickens-PRESET.safetensors]
+    #[arg(long, conflicts_with = "fresh")]
     init: Option<PathBuf>,
+    /// Start from fresh (seeded random) weights, not a pre-trained model.
+    #[arg(long)]
+    fresh: bool,
     #[arg(long, default_value_t = 2)]
     clients_per_round: usize,
     /// Connected clients needed to start a round [default: --clients-per-round]
@@ -244,10 +246,14 @@ impl RoundArgs {
         self.seed
     }
 
+    /// The model to start from; `None`: fresh weights.
     pub fn init(&self) -> Option<PathBuf> {
-        self.init
-            .clone()
-            .or_else(|| (self.preset == Preset::Seed).then(|| PathBuf::from(SHIPPED_MODEL)))
+        if self.fresh {
+            return None;
+        }
+        Some(self.init.clone().unwrap_or_else(|| {
+            PathBuf::from(format!("models/dickens-{}.safetensors", self.preset.name()))
+        }))
     }
 }
 

@@ -114,7 +114,15 @@ pub fn run(args: ServerBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     let mut child = Command::new(std::env::current_exe()?)
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["serve", "--preset", "small", "--addr", &addr, "--state-dir"])
+        .args([
+            "serve",
+            "--preset",
+            "small",
+            "--fresh",
+            "--addr",
+            &addr,
+            "--state-dir",
+        ])
         .arg(&state)
         .args([
             "--clients-per-round",

@@ -151,6 +151,7 @@ fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
             "--population",
             "--preset",
             "small",
+            "--fresh",
             "--clients-per-round",
             "3",
             "--max-batches",

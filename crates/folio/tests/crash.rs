@@ -28,7 +28,15 @@ fn folio() -> Command {
 
 fn serve(addr: &str, state_dir: &Path) -> Child {
     folio()
-        .args(["serve", "--preset", "small", "--addr", addr, "--state-dir"])
+        .args([
+            "serve",
+            "--preset",
+            "small",
+            "--fresh",
+            "--addr",
+            addr,
+            "--state-dir",
+        ])
         .arg(state_dir)
         .args([
             "--clients-per-round",
