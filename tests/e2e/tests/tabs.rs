@@ -85,6 +85,36 @@ fn reporters(status: &Value, round: u64) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A browser with three tabs on the page; the first is current. Returns it and
+/// the tabs' handles.
+fn open_three_tabs(
+    driver: &Driver,
+    server: &LocalServer,
+) -> anyhow::Result<(Session, [String; 3])> {
+    let browser = driver.session(1200, 1600)?;
+    browser.navigate(&server.url())?;
+    let first = browser.tab()?;
+    let second = browser.open_tab(&server.url())?;
+    let third = browser.open_tab(&server.url())?;
+    browser.switch_to(&first)?;
+    Ok((browser, [first, second, third]))
+}
+
+/// That `count` browser tabs on `backend` reported in `round`.
+fn ensure_tabs_reported(
+    status: &Value,
+    round: u64,
+    count: usize,
+    backend: &str,
+) -> anyhow::Result<()> {
+    let seen = reporters(status, round);
+    ensure!(
+        seen.len() == count && seen.iter().all(|(k, b)| k == "browser" && b == backend),
+        "round {round}: expected {count} browser tabs on {backend}, got {seen:?}"
+    );
+    Ok(())
+}
+
 fn page_text(tab: &Session, id: &str) -> anyhow::Result<String> {
     let value = tab.execute(
         "return document.getElementById(arguments[0]).textContent",
@@ -157,22 +187,9 @@ fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow
     let server = LocalServer::start(rounds(3, 2, 1), 3)?;
     let initial = server.server.weights();
     let driver = Driver::chromium()?;
-    let browser = driver.session(1200, 1600)?;
-    browser.navigate(&server.url())?;
-    let first = browser.tab()?;
-    browser.open_tab(&server.url())?;
-    let third = browser.open_tab(&server.url())?;
-    browser.switch_to(&first)?;
-
+    let (browser, [_, _, third]) = open_three_tabs(&driver, &server)?;
     let status = wait_until(&server, "round 1", |s| completed(s) >= 1)?;
-    let seen = reporters(&status, 1);
-    ensure!(
-        seen.len() == 3
-            && seen
-                .iter()
-                .all(|(kind, backend)| kind == "browser" && backend == "webgpu"),
-        "round 1: expected 3 browser tabs on webgpu, got {seen:?}"
-    );
+    ensure_tabs_reported(&status, 1, 3, "webgpu")?;
     let changed = server
         .server
         .weights()
@@ -223,11 +240,7 @@ fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow
         "round {round} should close with 2 updates: {:#}",
         status["history"][round as usize]
     );
-    let seen = reporters(&status, round);
-    ensure!(
-        seen.len() == 2 && seen.iter().all(|(_, backend)| backend == "webgpu"),
-        "round {round}: expected the 2 open tabs, got {seen:?}"
-    );
+    ensure_tabs_reported(&status, round, 2, "webgpu")?;
     let connected = status["connected"].as_u64().unwrap_or(0);
     ensure!(
         connected == 2,
@@ -242,26 +255,14 @@ fn three_tabs_in_firefox_train_on_the_cpu_fallback_and_generate_text() -> anyhow
     let server = LocalServer::start(rounds(3, 3, 1), 2)?;
     let initial = server.server.weights();
     let driver = Driver::firefox()?;
-    let browser = driver.session(1200, 1600)?;
-    browser.navigate(&server.url())?;
-    let first = browser.tab()?;
-    browser.open_tab(&server.url())?;
-    browser.open_tab(&server.url())?;
+    let (browser, _) = open_three_tabs(&driver, &server)?;
     let status = wait_until(&server, "round 1 in Firefox", |s| completed(s) >= 1)?;
     // Headless Firefox here has no WebGPU adapter: every tab takes the CPU fallback.
-    let seen = reporters(&status, 1);
-    ensure!(
-        seen.len() == 3
-            && seen
-                .iter()
-                .all(|(kind, backend)| kind == "browser" && backend == "flex"),
-        "round 1: expected 3 Firefox tabs on the CPU fallback, got {seen:?}"
-    );
+    ensure_tabs_reported(&status, 1, 3, "flex")?;
     ensure!(
         server.server.weights() != initial,
         "the global model did not change"
     );
-    browser.switch_to(&first)?;
     let [start, now] = generate_on_page(&browser, 24)?;
     ensure!(
         start.source == "(from the federation's starting model)"
@@ -388,14 +389,7 @@ fn tabs_reconnect_to_a_restarted_aggregator_and_the_next_round_completes() -> an
     let status = wait_until(&server, "round 2 on the restarted aggregator", |s| {
         completed(s) >= 2
     })?;
-    let seen = reporters(&status, 2);
-    ensure!(
-        seen.len() == 2
-            && seen
-                .iter()
-                .all(|(kind, backend)| kind == "browser" && backend == "flex"),
-        "round 2: expected both tabs, got {seen:?}"
-    );
+    ensure_tabs_reported(&status, 2, 2, "flex")?;
     let notices = page_text(&browser, "device-notices")?;
     ensure!(
         notices.contains("Lost the aggregator"),
