@@ -587,7 +587,6 @@ impl Federation {
             .collect()
     }
 
-    /// The open round: number, time left, selected, reported, attempt.
     /// The open round for the status page: who was asked, who answered, who left.
     pub fn open_round(&self, now: Instant) -> Option<serde_json::Value> {
         self.open.as_ref().map(|open| {
