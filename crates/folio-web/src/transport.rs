@@ -4,7 +4,7 @@ use folio_client::{ClientError, HeldModel, Transport};
 use futures_channel::{mpsc, oneshot};
 use futures_util::StreamExt;
 use js_sys::{ArrayBuffer, Uint8Array};
-use js_sys::{Function, Object, Promise, Reflect};
+use js_sys::{Function, Promise};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -98,11 +98,14 @@ impl Transport for BrowserTransport {
 
     async fn keep_model(&mut self, round: u64, model: &HeldModel) {
         let Some(keep) = &self.keep else { return };
-        let record = Object::new();
-        let _ = Reflect::set(&record, &"round".into(), &(round as f64).into());
-        let _ = Reflect::set(&record, &"encoding".into(), &model.encoding.tag().into());
-        let weights = js_sys::Uint8Array::from(model.weights.as_slice());
-        let _ = Reflect::set(&record, &"weights".into(), &weights);
+        let record = crate::object(&[
+            ("round", (round as f64).into()),
+            ("encoding", model.encoding.tag().into()),
+            (
+                "weights",
+                js_sys::Uint8Array::from(model.weights.as_slice()).into(),
+            ),
+        ]);
         // A tab that cannot store it trains all the same.
         if let Ok(promise) = keep.call1(&JsValue::NULL, &record)
             && let Ok(promise) = promise.dyn_into::<Promise>()
