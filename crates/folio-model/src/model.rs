@@ -59,16 +59,17 @@ impl CharRnn {
     /// (`[batch, hidden]`, zeros when `None`), and the state after the last step.
     pub fn forward(&self, ids: Tensor<2, Int>, state: Option<Tensor<2>>) -> (Tensor<3>, Tensor<2>) {
         let [batch, steps] = ids.dims();
-        let embeddings = self.embeddings.val();
-        let inputs = (0..steps)
-            .map(|t| {
-                let ids_t = ids.clone().slice([0..batch, t..t + 1]).reshape([batch]);
-                embeddings.clone().select(0, ids_t)
-            })
-            .collect();
+        // Time-major: the recurrence reads one contiguous [batch, embed] block a step.
+        let ids = ids.swap_dims(0, 1).reshape([steps * batch]);
+        let inputs =
+            self.embeddings
+                .val()
+                .select(0, ids)
+                .reshape([steps, batch, self.config().embed]);
         let (states, last) = self.gru.forward(inputs, state);
         let hidden = self.gru.hidden();
         let logits = states
+            .swap_dims(0, 1)
             .reshape([batch * steps, hidden])
             .matmul(self.dense_kernel.val())
             + self.dense_bias.val().unsqueeze::<2>();

@@ -200,7 +200,12 @@ fn gradients_match_finite_differences() {
     };
     let device = Device::flex().autodiff();
     let batch = &dickens_batches(1)[0];
-    let weights = block_on(CharRnn::init(config, 8, &device).to_flat()).unwrap();
+    let mut weights = block_on(CharRnn::init(config, 8, &device).to_flat()).unwrap();
+    // Keras' initial embeddings (±0.05) leave the states, and so the recurrent
+    // kernel's gradient, too small for an f32 finite difference: scale them up.
+    for w in &mut weights[..config.vocab * config.embed] {
+        *w *= 20.0;
+    }
     let model = CharRnn::from_flat(config, &weights, &device).unwrap();
     let (loss, grads) = block_on(loss_and_gradients(&model, batch)).unwrap();
     assert_eq!(grads.len(), weights.len());
@@ -208,23 +213,26 @@ fn gradients_match_finite_differences() {
         let m = CharRnn::from_flat(config, w, &device).unwrap();
         f64::from(block_on(loss_and_gradients(&m, batch)).unwrap().0)
     };
-    // Check the largest gradient of each tensor against a central difference.
+    // Check each tensor's gradient against a central difference along it: the
+    // derivative in the direction g/|g| is |g|. One direction per tensor sums many
+    // small entries, and a step of 0.05 keeps the loss's change (≈ 1e-4) well above
+    // its f32 rounding (≈ 1e-6) while the step's own error stays under 1 %.
     let mut start = 0;
     for (name, shape) in config.param_shapes() {
         let len: usize = shape.iter().product();
-        let i = start
-            + (0..len)
-                .max_by(|&a, &b| grads[start + a].abs().total_cmp(&grads[start + b].abs()))
-                .unwrap();
-        let h = 1e-2f32;
+        let g = &grads[start..start + len];
+        let norm = g.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        let h = 5e-2;
         let (mut plus, mut minus) = (weights.clone(), weights.clone());
-        plus[i] += h;
-        minus[i] -= h;
-        let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * f64::from(h));
-        let analytic = f64::from(grads[i]);
+        for (i, gi) in g.iter().enumerate() {
+            let step = (h * f64::from(*gi) / norm) as f32;
+            plus[start + i] += step;
+            minus[start + i] -= step;
+        }
+        let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * h);
         assert!(
-            (numeric - analytic).abs() < 0.05 * analytic.abs().max(1e-3),
-            "{name}: {numeric} vs {analytic} (loss {loss})"
+            (numeric - norm).abs() < 0.03 * norm.max(1e-3),
+            "{name}: {numeric} vs {norm} (loss {loss})"
         );
         start += len;
     }
@@ -262,4 +270,24 @@ fn population_evaluation_is_the_target_weighted_mean_of_per_client_ones() {
     assert_eq!(population.targets, targets);
     assert!((population.loss - loss / targets as f64).abs() < 1e-5);
     assert!((population.accuracy - correct / targets as f64).abs() < 1e-9);
+}
+
+#[test]
+fn the_fused_gru_computes_the_stepwise_gru_and_its_gradients() {
+    use folio_model::gru::parity::{GruShape, compare_with_stepwise};
+    let device = Device::flex().autodiff();
+    for (seed, (steps, batch, input, hidden)) in
+        [(12, 2, 8, 16), (5, 1, 3, 7), (1, 3, 4, 5), (30, 8, 64, 33)]
+            .into_iter()
+            .enumerate()
+    {
+        let shape = GruShape {
+            steps,
+            batch,
+            input,
+            hidden,
+        };
+        let d = block_on(compare_with_stepwise(&device, shape, seed as u64)).unwrap();
+        assert!(d.states < 1e-5 && d.gradients < 1e-4, "{shape:?}: {d:?}");
+    }
 }

@@ -206,6 +206,7 @@ async fn sleep(duration: Duration) {
 /// objects (`{type: "backend" | "welcome" | "state" | "trained" | "result" |
 /// "error" | "model" | "reconnecting", ...}`).
 #[wasm_bindgen(js_name = runDevice)]
+#[allow(clippy::too_many_arguments)] // called from the worker's JavaScript, positionally
 pub async fn run_device(
     url: String,
     client: Option<String>,
