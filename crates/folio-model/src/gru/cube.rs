@@ -1,9 +1,10 @@
-//! The recurrence on CubeCL devices (WebGPU in the browser): per time step one
-//! matmul `h · U` and one kernel for the gate arithmetic, forward and backward, so
-//! a step is a handful of GPU dispatches instead of dozens.
+//! The recurrence on CubeCL devices (WebGPU in the browser): one kernel a time
+//! step forward and one backward, each computing its step's recurrent products
+//! `h · U` (and `d · Uᵀ`) itself before the gate arithmetic, so that a step is one
+//! GPU dispatch each way instead of dozens.
 
 use burn::backend::ops::FloatTensorOps;
-use burn::tensor::Shape;
+use burn::tensor::{Shape, Slice};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_dtype, zeros_client};
@@ -13,13 +14,14 @@ use cubecl::{calculate_cube_count_elemwise, cube};
 
 use super::{GruBackend, GruGradients};
 
-/// One step forward for every (row, unit) of the batch: reads the step's input
-/// projection, the recurrent projection `h · U` and the previous state; writes the
-/// new state to `next` and, for the backward pass, h', z, r, ĥ and hh to `saved`.
+/// One step forward, one thread per (row, unit) of the batch: the unit's three
+/// recurrent dot products `h · U[:, j]` (threads of consecutive units read
+/// consecutive columns of `U`), then the gate arithmetic. Writes the new state to
+/// `next` and, for the backward pass, h', z, r, ĥ and hh to `saved`.
 #[cube(launch)]
 fn gru_step_forward<F: Float>(
     x_proj: &Tensor<F>,
-    h_times_kernel: &Tensor<F>,
+    recurrent_kernel: &Tensor<F>,
     bias: &Tensor<F>,
     prev: &Tensor<F>,
     saved: &mut Tensor<F>,
@@ -36,17 +38,22 @@ fn gru_step_forward<F: Float>(
     }
     let row = i / hidden;
     let j = i % hidden;
+    let h3 = 3 * hidden;
+    let mut hz = bias[j];
+    let mut hr = bias[j + hidden];
+    let mut hh = bias[j + 2 * hidden];
+    for k in 0..hidden {
+        let h = prev[row * hidden + k];
+        let u = k * h3 + j;
+        hz += h * recurrent_kernel[u];
+        hr += h * recurrent_kernel[u + hidden];
+        hh += h * recurrent_kernel[u + 2 * hidden];
+    }
     let t = step as usize;
-    let x = (t * batch + row) * 3 * hidden + j;
-    let p = row * 3 * hidden + j;
+    let x = (t * batch + row) * h3 + j;
     let one = F::new(1.0);
-    let z = one / (one + F::exp(F::new(0.0) - (x_proj[x] + h_times_kernel[p] + bias[j])));
-    let r = one
-        / (one
-            + F::exp(
-                F::new(0.0) - (x_proj[x + hidden] + h_times_kernel[p + hidden] + bias[j + hidden]),
-            ));
-    let hh = h_times_kernel[p + 2 * hidden] + bias[j + 2 * hidden];
+    let z = one / (one + F::exp(F::new(0.0) - (x_proj[x] + hz)));
+    let r = one / (one + F::exp(F::new(0.0) - (x_proj[x + hidden] + hr)));
     let candidate = F::tanh(x_proj[x + 2 * hidden] + r * hh);
     let new = candidate + z * (prev[i] - candidate);
     next[i] = new;
@@ -59,21 +66,21 @@ fn gru_step_forward<F: Float>(
     saved[4 * plane + at] = hh;
 }
 
-/// One step backward: the gradient reaching h'_t is the loss's own (`d_states`)
-/// plus what steps after t sent back (`carry` = g ⊙ z and `through` = d(h·U) · Uᵀ
-/// of step t + 1). Writes the step's input- and recurrent-projection gradients (the
-/// latter also to `d_h_proj_step`, the next matmul's contiguous input) and this
-/// step's `carry` for step t − 1.
+/// One step backward, one thread per (row, unit). The gradient reaching h'_t is
+/// the loss's own (`d_states`) plus what step t + 1 sent back: `carry` (g ⊙ z) and
+/// the recurrent projection's gradient through the kernel, `d_h_proj[t + 1] · Uᵀ`,
+/// which this thread sums itself from `kernel_t` (Uᵀ, so that threads of
+/// consecutive units read consecutive values). Writes the step's input- and
+/// recurrent-projection gradients and its `carry` for step t − 1.
 #[cube(launch)]
 fn gru_step_backward<F: Float>(
     saved: &Tensor<F>,
     h0: &Tensor<F>,
+    kernel_t: &Tensor<F>,
     d_states: &Tensor<F>,
     carry: &Tensor<F>,
-    through: &Tensor<F>,
     d_x_proj: &mut Tensor<F>,
     d_h_proj: &mut Tensor<F>,
-    d_h_proj_step: &mut Tensor<F>,
     carry_next: &mut Tensor<F>,
     step: u32,
     #[define(F)] _dtype: ElemType,
@@ -87,8 +94,17 @@ fn gru_step_backward<F: Float>(
     }
     let row = i / hidden;
     let j = i % hidden;
+    let h3 = 3 * hidden;
     let t = step as usize;
-    let plane = saved.shape(1) * len;
+    let steps = saved.shape(1);
+    let mut g = d_states[t * len + i] + carry[i];
+    if t + 1 < steps {
+        let later = ((t + 1) * batch + row) * h3;
+        for m in 0..h3 {
+            g += d_h_proj[later + m] * kernel_t[m * hidden + j];
+        }
+    }
+    let plane = steps * len;
     let at = t * len + i;
     let z = saved[plane + at];
     let r = saved[2 * plane + at];
@@ -99,21 +115,16 @@ fn gru_step_backward<F: Float>(
         prev = saved[at - len];
     }
     let one = F::new(1.0);
-    let g = d_states[at] + carry[i] + through[i];
     let d_candidate = g * (one - z) * (one - candidate * candidate);
     let dr = d_candidate * hh * r * (one - r);
     let dz = g * (prev - candidate) * z * (one - z);
-    let o = (t * batch + row) * 3 * hidden + j;
+    let o = (t * batch + row) * h3 + j;
     d_x_proj[o] = dz;
     d_x_proj[o + hidden] = dr;
     d_x_proj[o + 2 * hidden] = d_candidate;
     d_h_proj[o] = dz;
     d_h_proj[o + hidden] = dr;
     d_h_proj[o + 2 * hidden] = d_candidate * r;
-    let s = row * 3 * hidden + j;
-    d_h_proj_step[s] = dz;
-    d_h_proj_step[s + hidden] = dr;
-    d_h_proj_step[s + 2 * hidden] = d_candidate * r;
     carry_next[i] = g * z;
 }
 
@@ -149,17 +160,16 @@ impl GruBackend for CubeBackend {
         let saved = empty_like(&x_proj, Shape::new([5, steps, batch, hidden]));
         let (count, dim) = launch_grid(&x_proj, batch * hidden);
         let storage = burn::backend::cubecl::dtype_to_storage_type(x_proj.dtype);
+        let recurrent_kernel = into_contiguous(recurrent_kernel);
         let mut state = into_contiguous(h0);
         for t in 0..steps {
-            let projected =
-                into_contiguous(Self::float_matmul(state.clone(), recurrent_kernel.clone()));
             let next = empty_like(&state, Shape::new([batch, hidden]));
             gru_step_forward::launch(
                 &x_proj.client,
                 count.clone(),
                 dim,
                 x_proj.clone().into_tensor_arg(),
-                projected.into_tensor_arg(),
+                recurrent_kernel.clone().into_tensor_arg(),
                 bias.clone().into_tensor_arg(),
                 state.into_tensor_arg(),
                 saved.clone().into_tensor_arg(),
@@ -182,22 +192,18 @@ impl GruBackend for CubeBackend {
         let saved = into_contiguous(saved);
         let h0 = into_contiguous(h0);
         let d_states = into_contiguous(d_states);
-        let kernel_t = Self::float_transpose(recurrent_kernel);
+        let kernel_t = into_contiguous(Self::float_transpose(recurrent_kernel));
         let d_x_proj = empty_like(&saved, Shape::new([steps, batch, 3 * hidden]));
         let d_h_proj = empty_like(&saved, Shape::new([steps, batch, 3 * hidden]));
-        let zeros = || {
-            zeros_client(
-                saved.client.clone(),
-                saved.device.clone(),
-                Shape::new([batch, hidden]),
-                saved.dtype,
-            )
-        };
-        let (mut carry, mut through) = (zeros(), zeros());
+        let mut carry = zeros_client(
+            saved.client.clone(),
+            saved.device.clone(),
+            Shape::new([batch, hidden]),
+            saved.dtype,
+        );
         let (count, dim) = launch_grid(&saved, batch * hidden);
         let storage = burn::backend::cubecl::dtype_to_storage_type(saved.dtype);
         for t in (0..steps).rev() {
-            let d_h_proj_step = empty_like(&saved, Shape::new([batch, 3 * hidden]));
             let carry_next = empty_like(&saved, Shape::new([batch, hidden]));
             gru_step_backward::launch(
                 &saved.client,
@@ -205,19 +211,23 @@ impl GruBackend for CubeBackend {
                 dim,
                 saved.clone().into_tensor_arg(),
                 h0.clone().into_tensor_arg(),
+                kernel_t.clone().into_tensor_arg(),
                 d_states.clone().into_tensor_arg(),
                 carry.into_tensor_arg(),
-                through.into_tensor_arg(),
                 d_x_proj.clone().into_tensor_arg(),
                 d_h_proj.clone().into_tensor_arg(),
-                d_h_proj_step.clone().into_tensor_arg(),
                 carry_next.clone().into_tensor_arg(),
                 t as u32,
                 storage,
             );
             carry = carry_next;
-            through = into_contiguous(Self::float_matmul(d_h_proj_step, kernel_t.clone()));
         }
+        // What reaches h0: step 0's carry and its recurrent projection through Uᵀ.
+        let first = Self::float_reshape(
+            Self::float_slice(d_h_proj.clone(), &[Slice::from(0..1)]),
+            Shape::new([batch, 3 * hidden]),
+        );
+        let through = Self::float_matmul(first, kernel_t);
         GruGradients {
             x_proj: d_x_proj,
             h_proj: d_h_proj,
