@@ -1,5 +1,7 @@
-//! The recurrence on the pure-Rust CPU backend: flex's matmul for `h · U`, the gate
-//! arithmetic of a step in one loop over the batch's rows.
+//! The recurrence on the pure-Rust CPU backend: flex's gemm for `h · U` and
+//! `d · Uᵀ`, the gate arithmetic of a step in loops over each row's units that the
+//! compiler vectorizes (a branch-free exp, no calls; 4 lanes with SSE2 natively
+//! and with simd128 in wasm).
 
 use burn::backend::TensorMetadata;
 use burn::backend::flex::{Flex, FlexTensor};
@@ -8,8 +10,34 @@ use burn::tensor::TensorData;
 
 use super::{GruBackend, GruGradients};
 
+/// e^x in f32 within 2 ulp for |x| < 87 (saturating beyond): 2^n · e^r with
+/// n = round(x / ln 2), found by the 1.5 · 2^23 rounding trick so that no call or
+/// branch stops vectorization, and e^r, |r| ≤ ln 2 / 2, by Cephes' polynomial.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 87.0);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    let two_n =
+        f32::from_bits((shifted.to_bits() as i32 - 0x4B40_0000 + 127).wrapping_shl(23) as u32);
+    e_r * two_n
+}
+
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
+}
+
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (1.0 + exp(2.0 * x))
 }
 
 /// The f32 values of a tensor, in row-major order.
@@ -40,9 +68,10 @@ impl GruBackend for Flex {
         let h = h3 / 3;
         let x = values(&x_proj);
         let bias = values(&recurrent_bias);
+        let (bz, br, bh) = (&bias[..h], &bias[h..2 * h], &bias[2 * h..3 * h]);
         let step_len = batch * h;
-        // [5, steps, batch, h]: h', z, r, ĥ, hh.
-        let mut saved = vec![0f32; 5 * steps * step_len];
+        // The five planes of `saved`: h', z, r, ĥ, hh, each [steps, batch, h].
+        let mut planes: [Vec<f32>; 5] = std::array::from_fn(|_| vec![0f32; steps * step_len]);
         let mut state = h0;
         for t in 0..steps {
             let proj = Flex::float_matmul(state.clone(), recurrent_kernel.clone());
@@ -52,22 +81,25 @@ impl GruBackend for Flex {
             for row in 0..batch {
                 let x = &x[(t * batch + row) * h3..][..h3];
                 let p = &proj[row * h3..][..h3];
+                let (xz, xr, xh) = (&x[..h], &x[h..2 * h], &x[2 * h..]);
+                let (pz, pr, ph) = (&p[..h], &p[h..2 * h], &p[2 * h..]);
+                let prev = &prev[row * h..][..h];
+                let at = t * step_len + row * h;
+                let [new, z, r, candidate, hh] = &mut planes;
+                let (new, z, r) = (&mut new[at..][..h], &mut z[at..][..h], &mut r[at..][..h]);
+                let (candidate, hh) = (&mut candidate[at..][..h], &mut hh[at..][..h]);
                 for j in 0..h {
-                    let z = sigmoid(x[j] + p[j] + bias[j]);
-                    let r = sigmoid(x[h + j] + p[h + j] + bias[h + j]);
-                    let hh = p[2 * h + j] + bias[2 * h + j];
-                    let candidate = (x[2 * h + j] + r * hh).tanh();
-                    let i = row * h + j;
-                    let new = candidate + z * (prev[i] - candidate);
-                    next[i] = new;
-                    for (k, value) in [new, z, r, candidate, hh].into_iter().enumerate() {
-                        saved[(k * steps + t) * step_len + i] = value;
-                    }
+                    z[j] = sigmoid(xz[j] + pz[j] + bz[j]);
+                    r[j] = sigmoid(xr[j] + pr[j] + br[j]);
+                    hh[j] = ph[j] + bh[j];
+                    candidate[j] = tanh(xh[j] + r[j] * hh[j]);
+                    new[j] = candidate[j] + z[j] * (prev[j] - candidate[j]);
                 }
+                next[row * h..][..h].copy_from_slice(new);
             }
             state = tensor(next, [batch, h]);
         }
-        tensor(saved, [5, steps, batch, h])
+        tensor(planes.concat(), [5, steps, batch, h])
     }
 
     fn gru_backward(
@@ -96,16 +128,27 @@ impl GruBackend for Flex {
             let dx = &mut d_x_proj[t * batch * h3..][..batch * h3];
             let dp = &mut d_h_proj[t * batch * h3..][..batch * h3];
             for row in 0..batch {
+                let span = row * h..(row + 1) * h;
+                let (z, r, candidate) =
+                    (&z[span.clone()], &r[span.clone()], &candidate[span.clone()]);
+                let (hh, prev, d_state) = (
+                    &hh[span.clone()],
+                    &prev[span.clone()],
+                    &d_state[span.clone()],
+                );
+                let carry = &mut carry[span];
+                let (dxz, rest) = dx[row * h3..][..h3].split_at_mut(h);
+                let (dxr, dxh) = rest.split_at_mut(h);
+                let (dpz, rest) = dp[row * h3..][..h3].split_at_mut(h);
+                let (dpr, dph) = rest.split_at_mut(h);
                 for j in 0..h {
-                    let i = row * h + j;
-                    let g = d_state[i] + carry[i];
-                    let d_candidate = g * (1.0 - z[i]) * (1.0 - candidate[i] * candidate[i]);
-                    let dr = d_candidate * hh[i] * r[i] * (1.0 - r[i]);
-                    let dz = g * (prev[i] - candidate[i]) * z[i] * (1.0 - z[i]);
-                    let o = row * h3;
-                    (dx[o + j], dx[o + h + j], dx[o + 2 * h + j]) = (dz, dr, d_candidate);
-                    (dp[o + j], dp[o + h + j], dp[o + 2 * h + j]) = (dz, dr, d_candidate * r[i]);
-                    carry[i] = g * z[i];
+                    let g = d_state[j] + carry[j];
+                    let d_candidate = g * (1.0 - z[j]) * (1.0 - candidate[j] * candidate[j]);
+                    let dr = d_candidate * hh[j] * r[j] * (1.0 - r[j]);
+                    let dz = g * (prev[j] - candidate[j]) * z[j] * (1.0 - z[j]);
+                    (dxz[j], dxr[j], dxh[j]) = (dz, dr, d_candidate);
+                    (dpz[j], dpr[j], dph[j]) = (dz, dr, d_candidate * r[j]);
+                    carry[j] = g * z[j];
                 }
             }
             let through_kernel =
@@ -119,5 +162,23 @@ impl GruBackend for Flex {
             h_proj: tensor(d_h_proj, [steps, batch, h3]),
             h0: tensor(carry, [batch, h]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_branch_free_exp_is_within_two_ulp_of_std() {
+        let mut x = -87.0f32;
+        while x < 87.0 {
+            let (ours, std) = (super::exp(x), x.exp());
+            assert!(
+                (ours - std).abs() <= 2.0 * f32::EPSILON * std,
+                "exp({x}): {ours} vs {std}"
+            );
+            x += 0.001_3;
+        }
+        assert_eq!(super::exp(-200.0), super::exp(-87.0));
+        assert!(super::tanh(50.0) == 1.0 && super::tanh(-50.0) == -1.0);
     }
 }
