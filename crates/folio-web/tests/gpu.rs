@@ -86,21 +86,7 @@ async fn one_training_step_on_webgpu_lowers_the_loss() {
 
 #[wasm_bindgen_test]
 async fn the_fused_gru_computes_the_stepwise_gru_and_its_gradients_on_webgpu() {
-    use folio_model::gru::parity::{GruShape, compare_with_stepwise};
+    use folio_model::gru::parity::{TEST_SHAPES, check_shapes};
     let device = webgpu().await.autodiff();
-    for (seed, (steps, batch, input, hidden)) in [(12, 2, 8, 16), (5, 1, 3, 7), (3, 3, 4, 5)]
-        .into_iter()
-        .enumerate()
-    {
-        let shape = GruShape {
-            steps,
-            batch,
-            input,
-            hidden,
-        };
-        let d = compare_with_stepwise(&device, shape, seed as u64)
-            .await
-            .unwrap();
-        assert!(d.states < 1e-5 && d.gradients < 1e-4, "{shape:?}: {d:?}");
-    }
+    check_shapes(&device, &TEST_SHAPES).await.unwrap();
 }

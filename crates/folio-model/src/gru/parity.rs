@@ -108,3 +108,40 @@ pub async fn compare_with_stepwise(
             .fold(0.0, f32::max),
     })
 }
+
+/// Shapes every parity test runs: batch 1, odd hidden sizes, a single step.
+pub const TEST_SHAPES: [GruShape; 3] = [
+    GruShape {
+        steps: 12,
+        batch: 2,
+        input: 8,
+        hidden: 16,
+    },
+    GruShape {
+        steps: 5,
+        batch: 1,
+        input: 3,
+        hidden: 7,
+    },
+    GruShape {
+        steps: 1,
+        batch: 3,
+        input: 4,
+        hidden: 5,
+    },
+];
+
+/// [`compare_with_stepwise`] at each shape (seeded by its place in `shapes`): an
+/// error naming the shape where the versions differ by more than f32 rounding
+/// allows (1e-5 for the states, 1e-4 for the gradients).
+pub async fn check_shapes(device: &Device, shapes: &[GruShape]) -> Result<(), String> {
+    for (seed, &shape) in shapes.iter().enumerate() {
+        let d = compare_with_stepwise(device, shape, seed as u64)
+            .await
+            .map_err(|err| format!("{shape:?}: {err}"))?;
+        if !(d.states < 1e-5 && d.gradients < 1e-4) {
+            return Err(format!("{shape:?}: {d:?}"));
+        }
+    }
+    Ok(())
+}
