@@ -7,10 +7,10 @@
 //!
 //! The input projection of every step is one matmul before the recurrence. The
 //! recurrence itself is one backend operation, [`GruBackend::gru_sequence`], with a
-//! hand-written backward pass: on a GPU each time step costs one matmul and one
-//! fused gate kernel forward, and the same backward, where composing tensor ops
-//! (and letting autodiff differentiate each) costs dozens of kernel dispatches a
-//! step. [`Gru::forward_stepwise`] is that composed version, kept as the reference
+//! hand-written backward pass: on a GPU each time step is one kernel forward and
+//! one backward (recurrent dot products and gate arithmetic together), where
+//! composing tensor ops (and letting autodiff differentiate each) costs dozens of
+//! kernel dispatches a step. [`Gru::forward_stepwise`] is that composed version, kept as the reference
 //! the fused operation is tested against.
 
 mod autodiff;
