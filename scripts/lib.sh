@@ -296,11 +296,66 @@ ensure_corpus() {
     rm -rf "$scratch"
 }
 
-# The page's wasm (the `wasm` profile: Cargo.toml says why), bound by wasm-bindgen
-# into pkg/ without its debug names, with brotli and gzip copies beside it (the
-# server sends whichever the browser takes). Installed file by file, the module
-# last, so that a tab polling pkg/build.json never loads a module whose wasm is
-# missing.
+# The page's threaded CPU build (pkg/threads/): the standard library rebuilt with
+# wasm atomics (-Z build-std, which needs std's sources), so that a rayon pool of
+# Web Workers can share its memory; no WebGPU (its types do not support atomics).
+# Its own target dir, so that it builds while the main wasm build does.
+ensure_std_sources() {
+    [ -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library/std" ] && return
+    step "installing the standard library's sources (for the threaded build)"
+    if have rustup && [ "$(command -v rustc)" != /usr/bin/rustc ]; then
+        timeout 300 rustup component add rust-src >&2 || true
+    else
+        apt_install rust-web-src
+    fi
+    [ -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library/std" ] \
+        || die "no sources of the standard library for $(rustc --version): install rust-src (rustup component add rust-src) and run again"
+}
+
+build_threaded_wasm() {
+    ensure_std_sources
+    (cd "$FOLIO_ROOT" && RUSTC_BOOTSTRAP=1 cargo_progress "page (threads)" build --profile wasm --locked \
+        -p folio-web --no-default-features --features threads --target wasm32-unknown-unknown \
+        --target-dir "$BUILD_DIR/wasm-threads" -Z build-std=std,panic_abort \
+        --config "target.wasm32-unknown-unknown.rustflags = $(wasm_threads_rustflags)")
+}
+
+# On top of .cargo/config.toml's: atomics, and a module that imports one shared
+# memory (up to 4 GiB) and exports its thread-local storage's layout, which
+# wasm-bindgen's thread start-up needs.
+wasm_threads_rustflags() {
+    local flags=(-C target-feature=+atomics,+bulk-memory,+mutable-globals) arg
+    for arg in --shared-memory --import-memory --max-memory=4294967296 --export=__wasm_init_tls \
+        --export=__tls_size --export=__tls_align --export=__tls_base; do
+        flags+=(-C "link-arg=$arg")
+    done
+    printf '['
+    printf '"%s", ' "${flags[@]}"
+    printf ']'
+}
+
+# A wasm module bound by wasm-bindgen into `$2` without its debug names, with
+# brotli and gzip copies beside it (the server sends whichever the browser
+# takes). Installed file by file, the JavaScript module last, so that a tab
+# never loads a module whose wasm is missing.
+bind_and_compress() {
+    local wasm="$1" out="$2" staged="$2.new"
+    rm -rf "$staged"
+    wasm-bindgen --target web --remove-name-section --remove-producers-section --out-dir "$staged" "$wasm"
+    brotli -q 11 -f -k "$staged/folio_web_bg.wasm" &
+    gzip -9 -k -f "$staged/folio_web_bg.wasm"
+    wait $! || die "brotli failed on $staged/folio_web_bg.wasm"
+    mkdir -p "$out"
+    rm -rf "$out/snippets"
+    find "$staged" -mindepth 1 -maxdepth 1 ! -name folio_web.js -exec mv -f {} "$out/" \;
+    mv -f "$staged/folio_web.js" "$out/folio_web.js"
+    rmdir "$staged"
+}
+
+# The page's wasm (the `wasm` profile: Cargo.toml says why) into pkg/, then its
+# threaded CPU build into pkg/threads/ (tabs that find it train on every core;
+# until then, and where the page is not cross-origin isolated, on one).
+# pkg/build.json says how far the first is.
 build_page() {
     write_build_status building "Rust's wasm32 target"
     ensure_wasm_target
@@ -312,20 +367,12 @@ build_page() {
     (cd "$FOLIO_ROOT" && cargo_progress "page" build --profile wasm --locked -p folio-web \
         --target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm")
     write_build_status building "binding and compressing"
-    local staged="$PAGE_DIR.new"
-    rm -rf "$staged"
-    wasm-bindgen --target web --remove-name-section --remove-producers-section --out-dir "$staged" \
-        "$WASM_TARGET_DIR/wasm32-unknown-unknown/wasm/folio_web.wasm"
-    step "compressing the page's wasm (brotli and gzip, ≈ 1 min)"
-    brotli -q 11 -f -k "$staged/folio_web_bg.wasm" &
-    gzip -9 -k -f "$staged/folio_web_bg.wasm"
-    wait $! || die "brotli failed on $staged/folio_web_bg.wasm"
-    mkdir -p "$PAGE_DIR"
-    rm -rf "$PAGE_DIR/snippets"
-    find "$staged" -mindepth 1 -maxdepth 1 ! -name folio_web.js -exec mv -f {} "$PAGE_DIR/" \;
-    mv -f "$staged/folio_web.js" "$PAGE_DIR/folio_web.js"
-    rmdir "$staged"
+    step "binding and compressing the page's wasm (brotli and gzip, ≈ 1 min)"
+    bind_and_compress "$WASM_TARGET_DIR/wasm32-unknown-unknown/wasm/folio_web.wasm" "$PAGE_DIR"
     write_build_status ready
+    step "building the page's threaded CPU build (≈ 8 min the first time on 2 cores)"
+    FOLIO_BUILD_STATUS="" build_threaded_wasm
+    bind_and_compress "$TARGET_DIR/wasm-threads/wasm32-unknown-unknown/wasm/folio_web.wasm" "$PAGE_DIR/threads"
 }
 
 # Builds the page in the background while the aggregator serves (scripts/run.sh):

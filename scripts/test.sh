@@ -3,7 +3,8 @@
 # wasm-bindgen-cli, Chromium + ChromeDriver, Firefox ESR + geckodriver, the
 # Shakespeare corpus, sccache).
 # Each build happens once: the native test build is also the binary's and the
-# end-to-end tests', the wasm test build is also the page's.
+# end-to-end tests', the wasm test build is also the page's (its threaded CPU
+# build is the one wasm build of its own).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 step "folio test suite: setting up what is missing"
 ensure_rust
@@ -26,9 +27,11 @@ cargo fmt --all --check
 # with a core to spare. The wasm side has its own target dir because cargo locks
 # a target dir while it builds; wasm-bindgen-cli installs into its own too. Each
 # build leaves cargo's timing report (the slowest crates) in cargo-timings/.
-step "building side by side: the native crates and tests, the wasm crates and tests, wasm-bindgen-cli (≈ 30 min the first time on 2 cores)"
+step "building side by side: the native crates and tests, the wasm crates and tests, the page's threaded build, wasm-bindgen-cli (≈ 35 min the first time on 2 cores)"
 { ensure_wasm_bindgen && ensure_geckodriver; } &
 tools=$!
+build_threaded_wasm &
+threaded_build=$!
 cargo_progress "wasm" test "${wasm[@]}" --no-run --timings &
 wasm_build=$!
 cargo_progress "native" test "${native[@]}" --no-run --timings
@@ -44,6 +47,7 @@ cargo_progress "clippy" clippy "${native[@]}" --all-targets -- -D warnings
 
 wait "$wasm_build" || die "the wasm build failed (its errors are above)"
 wait "$tools" || die "installing wasm-bindgen-cli or geckodriver failed (its errors are above)"
+wait "$threaded_build" || die "the page's threaded build failed (its errors are above)"
 
 step "native tests"
 cargo test "${native[@]}"

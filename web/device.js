@@ -1,9 +1,11 @@
 // Runs this tab as one federated device (the Rust client loop compiled to wasm) and
 // its text generator, each in a Web Worker (web/worker.js): the page stays responsive.
 // `?client=ID` asks for a Shakespeare client; `?backend=cpu` skips WebGPU;
+// `?threads=off` keeps the CPU fallback on one thread;
 // `?device=off` only shows the aggregator's status and the generator.
 const params = new URLSearchParams(location.search);
 const backend = params.get("backend") ?? "auto";
+const threads = params.get("threads") ?? "auto";
 const worker = () => new Worker(new URL("worker.js", import.meta.url), { type: "module" });
 
 const status = document.getElementById("device-status");
@@ -72,6 +74,7 @@ function onDeviceEvent(event) {
       fillTable("device-rounds", trained.slice(0, 30));
       break;
     case "error": notify(`${explanations[event.code] ?? "The aggregator refused a message."} (${event.code}: ${event.message})`); break;
+    case "notice": notify(event.message); break;
     case "closed": device.state = "done: the aggregator closed"; break;
     case "failed":
       device.state = `stopped: ${event.message}`;
@@ -124,6 +127,7 @@ function startDevice() {
     client: params.get("client"),
     resume: sessionStorage.getItem("folio-session"),
     backend,
+    threads,
   });
 }
 
@@ -183,6 +187,7 @@ document.getElementById("gen-form").addEventListener("submit", async (event) => 
     temperature: Number(document.getElementById("gen-temperature").value),
     seed: BigInt(Date.now()),
     backend,
+    threads,
   };
   let finished = true;
   for (const pane of panes) finished = (await generateInto(pane, job)) && finished;

@@ -1,9 +1,28 @@
 // One job for the page, off its main thread (so a tab on the CPU fallback never
 // freezes): {job: "device"} runs the tab as a federated device until the aggregator
 // closes; {job: "generate"} samples text. Posts plain event objects back.
-import init, { generateText, runDevice } from "../pkg/folio_web.js";
 
-const ready = init();
+// The device code: the main build (WebGPU, and the CPU fallback on this one
+// thread), or where this tab trains on the CPU and the page is cross-origin
+// isolated (so workers may share memory), the threaded build in pkg/threads/,
+// its rayon pool one worker per core. `threads: "off"` keeps the main build.
+let deviceCode;
+async function loadDeviceCode({ backend, threads }) {
+  const gpu = backend !== "cpu" && (await navigator.gpu?.requestAdapter().catch(() => null));
+  if (!gpu && threads !== "off" && self.crossOriginIsolated) {
+    try {
+      const code = await import("../pkg/threads/folio_web.js");
+      await code.default();
+      await code.initThreadPool(navigator.hardwareConcurrency || 1);
+      return code;
+    } catch (err) {
+      postMessage({ type: "notice", message: `no threaded CPU build (${err}); training on one thread` });
+    }
+  }
+  const code = await import("../pkg/folio_web.js");
+  await code.default();
+  return code;
+}
 // A panic in the device code, in words (the wasm calls this before it traps).
 globalThis.folioPanic = (message) => postMessage({ type: "failed", message });
 
@@ -31,7 +50,7 @@ const keepModel = ({ round, encoding, weights }) =>
 async function device({ url, client, resume, backend }) {
   const held = await heldModel();
   if (held) postMessage({ type: "held", round: held.round, bytes: held.weights.length });
-  await runDevice(url, client, resume, held?.encoding, held?.weights, backend, keepModel, postMessage);
+  await deviceCode.runDevice(url, client, resume, held?.encoding, held?.weights, backend, keepModel, postMessage);
   postMessage({ type: "closed" });
 }
 
@@ -49,14 +68,14 @@ async function checkpoint(models) {
 async function generate({ models, prompt, length, temperature, seed, backend }) {
   const { bytes, source } = await checkpoint(models);
   postMessage({ type: "source", source });
-  const text = await generateText(bytes, prompt, length, temperature, seed, backend, (c) => postMessage({ type: "char", c }));
+  const text = await deviceCode.generateText(bytes, prompt, length, temperature, seed, backend, (c) => postMessage({ type: "char", c }));
   postMessage({ type: "generated", text });
 }
 
 const jobs = { device, generate };
 onmessage = async ({ data }) => {
   try {
-    await ready;
+    deviceCode ??= await loadDeviceCode(data);
     await jobs[data.job](data);
   } catch (err) {
     postMessage({ type: "failed", message: String(err) });

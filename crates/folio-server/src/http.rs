@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::HeaderValue;
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use folio_model::checkpoint::{self, Precision};
@@ -51,6 +51,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
             .layer(SetResponseHeaderLayer::overriding(
                 header::CACHE_CONTROL,
                 HeaderValue::from_static("no-cache"),
+            ))
+            // Cross-origin isolation: the page may then share memory between
+            // Web Workers, which the CPU fallback's thread pool needs.
+            .layer(SetResponseHeaderLayer::overriding(
+                HeaderName::from_static("cross-origin-opener-policy"),
+                HeaderValue::from_static("same-origin"),
+            ))
+            .layer(SetResponseHeaderLayer::overriding(
+                HeaderName::from_static("cross-origin-embedder-policy"),
+                HeaderValue::from_static("require-corp"),
             ));
         router = router.merge(pages);
     }

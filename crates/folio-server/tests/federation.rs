@@ -608,11 +608,16 @@ async fn serves_the_page_the_status_and_the_model_but_not_the_repository() {
     let server = Server::start(config).await.unwrap();
     let page = http_get(&server, "/").await;
     assert!(page.contains("<h1>folio</h1>"), "{page}");
-    // Revalidated on every load, never stale.
-    assert!(
-        page.to_ascii_lowercase()
-            .contains("cache-control: no-cache")
-    );
+    // Revalidated on every load, never stale; cross-origin isolated, so that the
+    // CPU fallback may share memory between its worker threads.
+    let head = page.to_ascii_lowercase();
+    for header in [
+        "cache-control: no-cache",
+        "cross-origin-opener-policy: same-origin",
+        "cross-origin-embedder-policy: require-corp",
+    ] {
+        assert!(head.contains(header), "{header} missing: {page}");
+    }
     assert!(
         http_get(&server, "/web/status.js")
             .await

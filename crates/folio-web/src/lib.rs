@@ -4,8 +4,6 @@ mod transport;
 
 pub use transport::BrowserTransport;
 
-use std::cell::RefCell;
-
 use std::time::Duration;
 
 use burn::prelude::Device;
@@ -47,55 +45,13 @@ pub fn decode_ids(ids: &[u32]) -> String {
     folio_data::vocab::decode(ids)
 }
 
-/// Describes the browser's WebGPU adapter (`vendor architecture`), or `None` when
-/// the browser has no WebGPU or no adapter (the CPU fallback then trains).
-#[wasm_bindgen(js_name = webgpuAdapter)]
-pub async fn webgpu_adapter() -> Option<String> {
-    let navigator = Reflect::get(&js_sys::global(), &"navigator".into()).ok()?;
-    let gpu = Reflect::get(&navigator, &"gpu".into()).ok()?;
-    if gpu.is_undefined() {
-        return None;
-    }
-    let request: Function = Reflect::get(&gpu, &"requestAdapter".into())
-        .ok()?
-        .dyn_into()
-        .ok()?;
-    let promise: Promise = request.call0(&gpu).ok()?.dyn_into().ok()?;
-    let adapter = JsFuture::from(promise).await.ok()?;
-    if adapter.is_null() || adapter.is_undefined() {
-        return None;
-    }
-    let info = Reflect::get(&adapter, &"info".into()).ok()?;
-    let field = |name: &str| {
-        Reflect::get(&info, &name.into())
-            .ok()
-            .and_then(|v| v.as_string())
-            .unwrap_or_default()
-    };
-    Some(
-        format!("{} {}", field("vendor"), field("architecture"))
-            .trim()
-            .to_owned(),
-    )
-}
+#[cfg(feature = "webgpu")]
+mod webgpu;
+#[cfg(feature = "webgpu")]
+pub use webgpu::{webgpu_adapter, webgpu_device};
 
-thread_local! {
-    /// A page can register WebGPU with burn once: every caller shares the device.
-    static WEBGPU: RefCell<Option<Device>> = const { RefCell::new(None) };
-}
-
-/// burn's WebGPU device, initialised on first use (async, as browsers require).
-pub async fn webgpu_device() -> Result<Device, String> {
-    if let Some(device) = WEBGPU.with(|cell| cell.borrow().clone()) {
-        return Ok(device);
-    }
-    let device = Device::wgpu_options()
-        .init_async()
-        .await
-        .map_err(|err| format!("WebGPU initialisation failed: {err:?}"))?;
-    WEBGPU.with(|cell| *cell.borrow_mut() = Some(device.clone()));
-    Ok(device)
-}
+#[cfg(feature = "threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
 
 /// Which backend a tab may use: `"auto"` (WebGPU when the browser offers it, else
 /// the CPU) or `"cpu"` (the pure-Rust CPU backend even where WebGPU exists).
@@ -111,11 +67,23 @@ fn wants_gpu(backend: &str) -> Result<bool, JsValue> {
 
 /// The device this tab computes on: WebGPU when allowed and offered, else the
 /// pure-Rust CPU backend. Returns the device, its backend name and the adapter.
+#[cfg(feature = "webgpu")]
 pub async fn pick_device(gpu: bool) -> (Device, &'static str, Option<String>) {
     if gpu && let Ok(device) = webgpu_device().await {
         return (device, "webgpu", webgpu_adapter().await);
     }
     (Device::flex(), "flex", None)
+}
+
+/// The device of the threaded build: the CPU backend on the page's rayon pool
+/// (started by `initThreadPool`), its size in place of an adapter.
+#[cfg(not(feature = "webgpu"))]
+pub async fn pick_device(_gpu: bool) -> (Device, &'static str, Option<String>) {
+    #[cfg(feature = "threads")]
+    let pool = Some(format!("{} threads", rayon::current_num_threads()));
+    #[cfg(not(feature = "threads"))]
+    let pool = None;
+    (Device::flex(), "flex", pool)
 }
 
 fn object(fields: &[(&str, JsValue)]) -> JsValue {

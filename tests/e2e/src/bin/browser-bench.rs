@@ -1,5 +1,5 @@
 //! Training chars/s in a headless-Chromium tab, on WebGPU (SwiftShader there) and on
-//! the CPU fallback, side by side with native flex on the same machine in one run;
+//! the CPU fallback (on one thread, and on every core), side by side with native flex on the same machine in one run;
 //! the WebGPU calls (dispatches, submits, buffer writes, reads back) per training
 //! step; and the size of the page's wasm. `cargo run --release -p folio-e2e --bin browser-bench`.
 //! With `--first-batch`: the page's wasm over the wire (raw, gzip, brotli) and
@@ -64,24 +64,68 @@ const COUNT_GPU_CALLS: &str = "
         count(GPUBuffer.prototype, 'mapAsync', 'reads');
     }";
 
-/// `benchTrain` from the page's wasm, on the tab's main thread, and the WebGPU
-/// calls per training step (averaged over the warm-up step and the timed ones).
-/// Polled: a seed-size model on SwiftShader takes longer than any one WebDriver
-/// script may.
+/// Where a tab runs `benchTrain`: on its main thread (where the WebGPU calls can
+/// be counted) or, as the page trains, in a Web Worker, with the main build or
+/// the threaded CPU build and its pool of one worker per core.
+#[derive(Clone, Copy)]
+enum Where {
+    MainThread,
+    Worker { threads: bool },
+}
+
+/// Runs in a fresh module worker: `[module URL, pool size or 0, benchTrain's arguments]`.
+const BENCH_WORKER: &str = "
+    onmessage = async ({ data: [url, pool, args] }) => {
+        try {
+            const code = await import(url);
+            await code.default();
+            if (pool > 0) await code.initThreadPool(pool);
+            postMessage({ rate: await code.benchTrain(...args) });
+        } catch (err) {
+            postMessage({ error: String(err) });
+        }
+    };";
+
+/// `benchTrain` from the page's wasm in `context`, and the WebGPU calls per
+/// training step (averaged over the warm-up step and the timed ones). Polled: a
+/// seed-size model on SwiftShader takes longer than any one WebDriver script may.
 fn in_tab(
     tab: &Session,
     preset: Preset,
     backend: &str,
+    context: Where,
     args: &Args,
 ) -> anyhow::Result<(f64, GpuCalls)> {
+    let (module, pool) = match context {
+        Where::Worker { threads: true } => {
+            ("/pkg/threads/folio_web.js", "navigator.hardwareConcurrency")
+        }
+        _ => ("/pkg/folio_web.js", "0"),
+    };
+    let run = match context {
+        Where::MainThread => format!(
+            "import('{module}').then(async (m) => {{ await m.default(); return m.benchTrain(...args); }})"
+        ),
+        Where::Worker { .. } => format!(
+            "new Promise((resolve, reject) => {{
+                const source = new Blob([{BENCH_WORKER:?}], {{ type: 'text/javascript' }});
+                const worker = new Worker(URL.createObjectURL(source), {{ type: 'module' }});
+                worker.onmessage = ({{ data }}) => {{
+                    worker.terminate();
+                    if ('error' in data) reject(data.error); else resolve(data.rate);
+                }};
+                worker.onerror = (err) => reject(err.message);
+                worker.postMessage([new URL('{module}', location.href).href, {pool}, args]);
+             }})"
+        ),
+    };
     tab.execute(
         &format!(
             "{COUNT_GPU_CALLS}
-         const [preset, backend, batch, seqLen, steps] = arguments;
+         const args = [...arguments];
          window.benchResult = null;
          const before = {{ ...(window.gpuCalls || {{}}) }};
-         import('/pkg/folio_web.js')
-           .then(async (m) => {{ await m.default(); return m.benchTrain(preset, backend, batch, seqLen, steps); }})
+         {run}
            .then((rate) => {{
                     const calls = {{}};
                     for (const key in window.gpuCalls || {{}}) calls[key] = window.gpuCalls[key] - before[key];
@@ -183,7 +227,7 @@ fn first_batch(args: &Args) -> anyhow::Result<()> {
         Duration::from_millis(20),
     )?;
     let driver = Driver::chromium()?;
-    for backend in ["cpu", "auto"] {
+    for backend in ["cpu&threads=off", "cpu", "auto"] {
         // A fresh profile: nothing cached.
         let tab = driver.session(1200, 900)?;
         tab.navigate(&format!(
@@ -223,11 +267,12 @@ fn main() -> anyhow::Result<()> {
         args.batch, args.seq_len, args.steps
     );
     println!(
-        "{:<6}  {:>12}  {:>20}  {:>20}  {:>38}",
+        "{:<6}  {:>12}  {:>20}  {:>20}  {:>20}  {:>38}",
         "preset",
         "native flex",
         "tab webgpu (ratio)",
-        "tab cpu (ratio)",
+        "tab cpu 1 (ratio)",
+        format!("tab cpu {cores} (ratio)"),
         "webgpu per step: dispatches/submits/writes/reads"
     );
     for &preset in &args.presets {
@@ -241,19 +286,25 @@ fn main() -> anyhow::Result<()> {
         ))?;
         eprintln!("{preset}: native flex {native:.0} chars/s; now the tab on WebGPU…");
         let (webgpu, calls) = if args.webgpu {
-            in_tab(&tab, preset, "auto", &args)?
+            in_tab(&tab, preset, "auto", Where::MainThread, &args)?
         } else {
             (f64::NAN, GpuCalls::default())
         };
-        eprintln!("measuring {preset}: the tab on its CPU fallback…");
-        let (cpu, _) = in_tab(&tab, preset, "cpu", &args)?;
+        eprintln!("measuring {preset}: the tab on its CPU fallback, one thread…");
+        let one_thread = Where::Worker { threads: false };
+        let (cpu, _) = in_tab(&tab, preset, "cpu", one_thread, &args)?;
+        eprintln!("measuring {preset}: the tab on its CPU fallback, {cores} threads…");
+        let every_core = Where::Worker { threads: true };
+        let (threaded, _) = in_tab(&tab, preset, "cpu", every_core, &args)?;
         println!(
-            "{:<6}  {native:>12.0}  {:>12.0} ({:>5.3})  {:>12.0} ({:>5.3})  {:>38}",
+            "{:<6}  {native:>12.0}  {:>12.0} ({:>5.3})  {:>12.0} ({:>5.3})  {:>12.0} ({:>5.3})  {:>38}",
             preset.name(),
             webgpu,
             webgpu / native,
             cpu,
             cpu / native,
+            threaded,
+            threaded / native,
             format!(
                 "{:.0} / {:.0} / {:.0} / {:.0}",
                 calls.dispatches, calls.submits, calls.writes, calls.reads
