@@ -91,8 +91,10 @@ impl BrowserTransport {
 
 impl Transport for BrowserTransport {
     async fn send(&mut self, frame: Vec<u8>) -> Result<(), ClientError> {
+        // A copy the page owns: the threaded build's memory is shared, and
+        // browsers refuse to send a view of shared memory.
         self.socket
-            .send_with_u8_array(&frame)
+            .send_with_array_buffer_view(&Uint8Array::from(frame.as_slice()))
             .map_err(|e| ClientError::Connection(format!("{e:?}")))
     }
 
