@@ -239,6 +239,11 @@ async fn a_client_that_rejoins_mid_round_gets_the_round_without_the_model_it_hol
         let kent = clients.iter().find(|c| c["client_id"] == KENT).unwrap();
         kent["bytes_down"].as_u64().unwrap()
     };
+    // The server counts a frame's bytes once it is sent, which may be after this
+    // client has read it.
+    while bytes_down() < weights.len() as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let down_before = bytes_down();
 
     let rejoin = |held_model: Option<u64>| {
