@@ -352,10 +352,8 @@ bind_and_compress() {
     rmdir "$staged"
 }
 
-# The page's wasm (the `wasm` profile: Cargo.toml says why) into pkg/, then its
-# threaded CPU build into pkg/threads/ (tabs that find it train on every core;
-# until then, and where the page is not cross-origin isolated, on one).
-# pkg/build.json says how far the first is.
+# The page's wasm (the `wasm` profile: Cargo.toml says why) into pkg/;
+# pkg/build.json says how far it is.
 build_page() {
     write_build_status building "Rust's wasm32 target"
     ensure_wasm_target
@@ -370,6 +368,11 @@ build_page() {
     step "binding and compressing the page's wasm (brotli and gzip, ≈ 1 min)"
     bind_and_compress "$WASM_TARGET_DIR/wasm32-unknown-unknown/wasm/folio_web.wasm" "$PAGE_DIR"
     write_build_status ready
+}
+
+# The page's threaded CPU build into pkg/threads/ (tabs that find it train on every
+# core; until then, and where the page is not cross-origin isolated, on one).
+build_threaded_page() {
     step "building the page's threaded CPU build (≈ 8 min the first time on 2 cores)"
     FOLIO_BUILD_STATUS="" build_threaded_wasm
     bind_and_compress "$TARGET_DIR/wasm-threads/wasm32-unknown-unknown/wasm/folio_web.wasm" "$PAGE_DIR/threads"
@@ -388,6 +391,10 @@ build_page_behind_server() {
     (
         if build_page 2> >(tee "$log" >&2); then
             step "the page's device code is ready: open tabs join by themselves"
+            # Tabs train meanwhile; one that fails to find the threaded build
+            # trains on one thread.
+            build_threaded_page 2> >(tee -a "$log" >&2) \
+                || step "the page's threaded CPU build failed (see $log): CPU tabs train on one thread"
         else
             write_build_status failed "the build of the device code failed: see $log, fix it and run scripts/run.sh again"
             step "building the page failed: see $log"

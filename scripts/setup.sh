@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what folio needs, skipping what is there: `scripts/setup.sh` for all of
 # it, or any of: rust wasm wasm-bindgen browser data cache page
-# (cache: sccache; page: build the page's wasm into pkg/).
+# (cache: sccache; page: build the page's wasm into pkg/, its threaded CPU build
+# into pkg/threads/).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [ "$#" -gt 0 ] || set -- rust cache wasm wasm-bindgen browser data
 for part in "$@"; do
@@ -12,7 +13,7 @@ for part in "$@"; do
         browser) ensure_browser && ensure_geckodriver ;;
         data) ensure_corpus ;;
         cache) ensure_build_cache ;;
-        page) ensure_build_cache && build_page ;;
+        page) ensure_build_cache && build_page && build_threaded_page ;;
         *) die "unknown part '$part' (rust wasm wasm-bindgen browser data cache page)" ;;
     esac
 done

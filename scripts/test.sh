@@ -60,6 +60,7 @@ step "browser tests in headless Chromium"
 cargo test "${wasm[@]}"
 
 build_page
+build_threaded_page
 
 step "end-to-end: the page in headless Chromium tabs against the aggregator"
 cargo test "${native[@]}" --test tabs -- --ignored --test-threads=1 --nocapture
