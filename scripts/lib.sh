@@ -155,6 +155,9 @@ ensure_build_cache() {
     fi
     export RUSTC_WRAPPER=sccache
     export SCCACHE_CACHE_SIZE="${SCCACHE_CACHE_SIZE:-20G}"
+    # Started before the build lock is taken: a server that the first compilation
+    # starts inherits the lock's file and holds it after the build is done.
+    sccache --start-server >/dev/null 2>&1 || true
     [ -n "${CARGO_TARGET_DIR:-}" ] || link_build_dir
 }
 
