@@ -379,6 +379,7 @@ build_threaded_page() {
     step "building the page's threaded CPU build (≈ 8 min the first time on 2 cores)"
     FOLIO_BUILD_STATUS="" build_threaded_wasm
     bind_and_compress "$TARGET_DIR/wasm-threads/wasm32-unknown-unknown/wasm/folio_web.wasm" "$PAGE_DIR/threads"
+    step "the threaded CPU build is ready: CPU tabs opened from now on train on every core"
 }
 
 # Builds the page in the background while the aggregator serves (scripts/run.sh):
