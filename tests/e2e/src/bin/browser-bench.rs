@@ -1,7 +1,8 @@
 //! Training chars/s in a headless-Chromium tab, on WebGPU (SwiftShader there) and on
-//! the CPU fallback (on one thread, and on every core), side by side with native flex on the same machine in one run;
-//! the WebGPU calls (dispatches, submits, buffer writes, reads back) per training
-//! step; and the size of the page's wasm. `cargo run --release -p folio-e2e --bin browser-bench`.
+//! the CPU fallback (on one thread, and on every core), side by side with native flex
+//! on the same machine in one run; the WebGPU calls (dispatches, submits, buffer
+//! writes, reads back) per training step; and the size of the page's wasm.
+//! `cargo run --release -p folio-e2e --bin browser-bench`.
 //! With `--first-batch`: the page's wasm over the wire (raw, gzip, brotli) and
 //! the time from opening the page (cold cache, a throttled network) to the first
 //! trained batch.
@@ -86,23 +87,23 @@ const BENCH_WORKER: &str = "
         }
     };";
 
-/// `benchTrain` from the page's wasm in `context`, and the WebGPU calls per
+/// `benchTrain` from the page's wasm in `place`, and the WebGPU calls per
 /// training step (averaged over the warm-up step and the timed ones). Polled: a
 /// seed-size model on SwiftShader takes longer than any one WebDriver script may.
 fn in_tab(
     tab: &Session,
     preset: Preset,
     backend: &str,
-    context: Where,
+    place: Where,
     args: &Args,
 ) -> anyhow::Result<(f64, GpuCalls)> {
-    let (module, pool) = match context {
+    let (module, pool) = match place {
         Where::Worker { threads: true } => {
             ("/pkg/threads/folio_web.js", "navigator.hardwareConcurrency")
         }
         _ => ("/pkg/folio_web.js", "0"),
     };
-    let run = match context {
+    let run = match place {
         Where::MainThread => format!(
             "import('{module}').then(async (m) => {{ await m.default(); return m.benchTrain(...args); }})"
         ),
