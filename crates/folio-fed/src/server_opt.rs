@@ -11,7 +11,10 @@
 //! FedYogi     m = β1 m + (1−β1) Δ;  v = v − (1−β2) Δ² sign(v − Δ²);          x += η m / (√v + τ)
 //! ```
 //!
-//! `v` starts at τ², as in the paper.
+//! `v` starts at τ², as in the paper. FedAdam can also correct its moments' bias
+//! toward their zero start as Adam does (Kingma & Ba 2015): m / (1 − β1ᵗ) and
+//! v / (1 − β2ᵗ) after t steps, so that its first rounds' steps are not inflated
+//! by a second moment still near zero (which matters most with β2 near 1).
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +39,8 @@ pub enum ServerOptimizerConfig {
         beta1: f32,
         beta2: f32,
         tau: f32,
+        #[serde(default)]
+        bias_correction: bool,
     },
     FedYogi {
         lr: f32,
@@ -49,6 +54,32 @@ impl ServerOptimizerConfig {
     /// Plain FedAvg: the new global model is the weighted mean of the clients'.
     pub fn fedavg() -> Self {
         Self::FedAvg { lr: 1.0 }
+    }
+
+    /// The learning rate a round's step is scaled by.
+    pub fn lr(&self) -> f32 {
+        match *self {
+            Self::FedAvg { lr }
+            | Self::FedAvgM { lr, .. }
+            | Self::FedAdagrad { lr, .. }
+            | Self::FedAdam { lr, .. }
+            | Self::FedYogi { lr, .. } => lr,
+        }
+    }
+
+    /// Whether moments accumulated under `saved` remain valid under `self`: the
+    /// same optimizer, differing at most in its learning rate (a schedule, say,
+    /// lowering it between sittings of a run).
+    pub fn keeps_moments_of(&self, saved: &Self) -> bool {
+        let mut saved = *saved;
+        match &mut saved {
+            Self::FedAvg { lr }
+            | Self::FedAvgM { lr, .. }
+            | Self::FedAdagrad { lr, .. }
+            | Self::FedAdam { lr, .. }
+            | Self::FedYogi { lr, .. } => *lr = self.lr(),
+        }
+        saved == *self
     }
 
     pub fn name(&self) -> &'static str {
@@ -70,6 +101,9 @@ pub struct ServerOptimizer {
     pub m: Vec<f32>,
     /// Second moment; empty unless adaptive.
     pub v: Vec<f32>,
+    /// Steps taken since the moments started (for FedAdam's bias correction).
+    #[serde(default)]
+    pub steps: u64,
 }
 
 impl ServerOptimizer {
@@ -85,6 +119,7 @@ impl ServerOptimizer {
             config,
             m: vec![0.0; m],
             v: v.map_or_else(Vec::new, |init| vec![init; num_params]),
+            steps: 0,
         }
     }
 
@@ -96,6 +131,7 @@ impl ServerOptimizer {
                 found: delta.len(),
             });
         }
+        self.steps += 1;
         match self.config {
             ServerOptimizerConfig::FedAvg { lr } => {
                 for (w, d) in weights.iter_mut().zip(delta) {
@@ -109,22 +145,34 @@ impl ServerOptimizer {
                 }
             }
             ServerOptimizerConfig::FedAdagrad { lr, beta1, tau } => {
-                self.adaptive(weights, delta, lr, beta1, tau, |v, d2| v + d2)
+                self.adaptive(weights, delta, (lr, 1.0), beta1, tau, |v, d2| v + d2)
             }
             ServerOptimizerConfig::FedAdam {
                 lr,
                 beta1,
                 beta2,
                 tau,
-            } => self.adaptive(weights, delta, lr, beta1, tau, |v, d2| {
-                beta2 * v + (1.0 - beta2) * d2
-            }),
+                bias_correction,
+            } => {
+                // Adam's bias correction folded into the step size and τ:
+                // η m̂ / (√v̂ + τ) = η √(1−β2ᵗ) / (1−β1ᵗ) · m / (√v + τ √(1−β2ᵗ)).
+                let scales = if bias_correction {
+                    let t = self.steps.min(i32::MAX as u64) as i32;
+                    let root = (1.0 - beta2.powi(t)).sqrt();
+                    (lr * root / (1.0 - beta1.powi(t)), root)
+                } else {
+                    (lr, 1.0)
+                };
+                self.adaptive(weights, delta, scales, beta1, tau, |v, d2| {
+                    beta2 * v + (1.0 - beta2) * d2
+                })
+            }
             ServerOptimizerConfig::FedYogi {
                 lr,
                 beta1,
                 beta2,
                 tau,
-            } => self.adaptive(weights, delta, lr, beta1, tau, |v, d2| {
+            } => self.adaptive(weights, delta, (lr, 1.0), beta1, tau, |v, d2| {
                 v - (1.0 - beta2) * d2 * (v - d2).signum()
             }),
         }
@@ -135,11 +183,12 @@ impl ServerOptimizer {
         &mut self,
         weights: &mut [f32],
         delta: &[f32],
-        lr: f32,
+        (lr, tau_scale): (f32, f32),
         beta1: f32,
         tau: f32,
         second_moment: impl Fn(f32, f32) -> f32,
     ) {
+        let tau = tau * tau_scale;
         for (((w, m), v), d) in weights
             .iter_mut()
             .zip(&mut self.m)
@@ -156,6 +205,62 @@ impl ServerOptimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bias_corrected_fedadam_takes_adams_steps() {
+        let (lr, beta1, beta2, tau) = (0.01f32, 0.9f32, 0.999f32, 1e-8f32);
+        let mut opt = ServerOptimizer::new(
+            ServerOptimizerConfig::FedAdam {
+                lr,
+                beta1,
+                beta2,
+                tau,
+                bias_correction: true,
+            },
+            1,
+        );
+        // Adam (Kingma & Ba) on the same deltas, moments from zero.
+        let (mut w, mut expected, mut m, mut v) = (vec![0.0f32], 0.0f32, 0.0f32, 0.0f32);
+        for (t, d) in [0.5f32, -0.25, 0.125].into_iter().enumerate() {
+            opt.step(&mut w, &[d]).unwrap();
+            let t = t as i32 + 1;
+            if t == 1 {
+                // lr in the delta's direction, not inflated by v's zero start.
+                assert!((w[0] - lr).abs() < 1e-6, "{}", w[0]);
+            }
+            m = beta1 * m + (1.0 - beta1) * d;
+            v = beta2 * v + (1.0 - beta2) * d * d;
+            let (m_hat, v_hat) = (m / (1.0 - beta1.powi(t)), v / (1.0 - beta2.powi(t)));
+            expected += lr * m_hat / (v_hat.sqrt() + tau);
+            assert!(
+                (w[0] - expected).abs() < 1e-6,
+                "step {t}: {} vs {expected}",
+                w[0]
+            );
+        }
+        assert_eq!(opt.steps, 3);
+    }
+
+    #[test]
+    fn moments_carry_over_a_new_learning_rate_only() {
+        let adam = |lr, tau| ServerOptimizerConfig::FedAdam {
+            lr,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau,
+            bias_correction: false,
+        };
+        assert!(adam(3e-5, 1e-6).keeps_moments_of(&adam(1e-4, 1e-6)));
+        assert!(!adam(1e-4, 1e-3).keeps_moments_of(&adam(1e-4, 1e-6)));
+        let yogi = ServerOptimizerConfig::FedYogi {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-6,
+        };
+        assert!(!yogi.keeps_moments_of(&adam(1e-4, 1e-6)));
+        assert!(!ServerOptimizerConfig::fedavg().keeps_moments_of(&adam(1.0, 1e-6)));
+    }
 
     #[test]
     fn fedavg_applies_the_mean_delta() {
@@ -198,6 +303,7 @@ mod tests {
                     beta1,
                     beta2,
                     tau,
+                    bias_correction: false,
                 },
                 beta2 * v0 + (1.0 - beta2) * d * d,
             ),

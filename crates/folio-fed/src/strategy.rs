@@ -90,6 +90,14 @@ impl StrategyConfig {
             }
             _ => {}
         }
+        if let ServerOptimizerConfig::FedAdam { beta1, beta2, .. }
+        | ServerOptimizerConfig::FedYogi { beta1, beta2, .. } = self.server_optimizer
+            && !((0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2))
+        {
+            return Err(format!(
+                "the server's β1 ({beta1}) and β2 ({beta2}) must each be in [0, 1)"
+            ));
+        }
         if let Aggregation::TrimmedMean { trim } = self.aggregation
             && !(0.0..0.5).contains(&trim)
         {

@@ -104,6 +104,10 @@ pub fn commit(
             "server_optimizer".to_owned(),
             serde_json::to_string(&strategy.optimizer.config)?,
         ),
+        (
+            "server_steps".to_owned(),
+            strategy.optimizer.steps.to_string(),
+        ),
     ]);
     let bytes = safetensors::serialize(views, Some(metadata))?;
     write_durably(&state_path(dir), &bytes)?;
@@ -185,12 +189,21 @@ pub fn load(
         .get("server_optimizer")
         .and_then(|json| serde_json::from_str(json).ok());
     let clip_bound = metadata.get("clip_bound").and_then(|b| b.parse().ok());
-    let strategy = match (saved_config == Some(optimizer), clip_bound) {
+    // Moments survive a new learning rate (a schedule across sittings), not a new
+    // optimizer or new β / τ.
+    let keeps_moments = saved_config.is_some_and(|saved| optimizer.keeps_moments_of(&saved));
+    let strategy = match (keeps_moments, clip_bound) {
         (true, Some(clip_bound)) => Some(StrategyState {
             optimizer: ServerOptimizer {
                 config: optimizer,
                 m: read("server_m")?,
                 v: read("server_v")?,
+                // A state from before steps were counted: at least its rounds,
+                // which leaves bias correction (≈ 1 by then) out.
+                steps: metadata
+                    .get("server_steps")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| history.last().map_or(0, |r| r.round)),
             },
             clip_bound,
         }),
@@ -242,6 +255,36 @@ mod tests {
             load(dir.path(), config.server_optimizer, 4).is_err(),
             "another model size"
         );
+    }
+
+    #[test]
+    fn server_moments_survive_a_new_learning_rate_but_not_a_new_optimizer() {
+        let dir = tempfile::tempdir().unwrap();
+        let adam = |lr| folio_fed::ServerOptimizerConfig::FedAdam {
+            lr,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-6,
+            bias_correction: false,
+        };
+        let config = StrategyConfig {
+            server_optimizer: adam(1e-4),
+            ..StrategyConfig::fedavg(2)
+        };
+        let strategy = folio_fed::strategy::RobustFedAvg::new(config, 0);
+        let mut state = strategy.initial_state(2);
+        state.optimizer.m = vec![0.5, -0.5];
+        state.optimizer.v = vec![0.25, 0.125];
+        commit(dir.path(), &[1.0, 2.0], &state, &[record(0, 2.0)], 0).unwrap();
+        let lowered = load(dir.path(), adam(3e-5), 2).unwrap().unwrap();
+        let moments = lowered.strategy.expect("moments kept").optimizer;
+        assert_eq!(
+            (moments.m, moments.v),
+            (state.optimizer.m, state.optimizer.v)
+        );
+        assert_eq!(moments.config, adam(3e-5));
+        let fedavg = load(dir.path(), folio_fed::ServerOptimizerConfig::fedavg(), 2);
+        assert!(fedavg.unwrap().unwrap().strategy.is_none(), "fresh state");
     }
 
     #[test]

@@ -116,6 +116,15 @@ pub struct RoundArgs {
     /// normalised (set it under the deltas' typical size for Adam-like steps).
     #[arg(long, default_value_t = 1e-3)]
     server_tau: f32,
+    /// β2 of FedAdam and FedYogi: how many rounds (≈ 1 / (1 − β2)) the second
+    /// moment averages.
+    #[arg(long, default_value_t = 0.99)]
+    server_beta2: f32,
+    /// Correct FedAdam's moments for their zero start, as Adam does (keeps its
+    /// first rounds' steps from being inflated, above all with --server-beta2
+    /// near 1).
+    #[arg(long)]
+    server_bias_correction: bool,
     #[arg(long, value_enum, default_value = "f32")]
     encoding: DeltaEncoding,
     /// How the global model goes down to the clients each round: f16 halves the
@@ -163,7 +172,7 @@ impl RoundArgs {
             };
         }
         let (lr, beta1) = (self.server_lr, self.server_momentum);
-        let (beta2, tau) = (0.99, self.server_tau);
+        let (beta2, tau) = (self.server_beta2, self.server_tau);
         let server_optimizer = match self.server_optimizer {
             ServerOpt::Fedavg => ServerOptimizerConfig::FedAvg { lr },
             ServerOpt::Fedavgm => ServerOptimizerConfig::FedAvgM {
@@ -176,6 +185,7 @@ impl RoundArgs {
                 beta1,
                 beta2,
                 tau,
+                bias_correction: self.server_bias_correction,
             },
             ServerOpt::Fedyogi => ServerOptimizerConfig::FedYogi {
                 lr,
@@ -332,6 +342,12 @@ pub struct SimulateArgs {
     /// --clients native clients over WebSocket.
     #[arg(long, requires = "state_dir")]
     population: bool,
+    /// With --population: draw each round's clients with replacement, in
+    /// proportion to their training text, and average their deltas uniformly (an
+    /// unbiased estimate of training on everyone's text pooled, without one large
+    /// client's many local steps dominating its round).
+    #[arg(long, requires = "population")]
+    sample_by_size: bool,
     #[arg(long, default_value_t = 2)]
     clients: usize,
     #[arg(long, default_value_t = 5)]
@@ -476,7 +492,13 @@ pub fn row(r: &RoundRecord) -> String {
 pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
     if args.population {
         let state_dir = args.state_dir.as_deref().expect("clap requires it");
-        return crate::population::run(&args.round, args.rounds, state_dir, data_dir);
+        return crate::population::run(
+            &args.round,
+            args.rounds,
+            args.sample_by_size,
+            state_dir,
+            data_dir,
+        );
     }
     let temp = std::env::temp_dir().join(format!("folio-simulate-{}", std::process::id()));
     let state_dir = args.state_dir.clone().unwrap_or_else(|| temp.clone());

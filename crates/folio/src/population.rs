@@ -18,7 +18,7 @@ use burn::prelude::Device;
 use folio_data::{BatchConfig, Corpus, vocab};
 use folio_fed::codec::CheckedDelta;
 use folio_fed::strategy::RobustFedAvg;
-use folio_fed::{Strategy, codec};
+use folio_fed::{Strategy, Weighting, codec, sampling};
 use folio_model::{CharRnn, Metrics};
 use folio_proto::RoundStart;
 use folio_server::record::model_hash;
@@ -35,10 +35,14 @@ struct Client {
 pub fn run(
     round: &RoundArgs,
     rounds: u64,
+    sample_by_size: bool,
     state_dir: &Path,
     data_dir: &Path,
 ) -> anyhow::Result<()> {
-    let config = round.round_config();
+    let mut config = round.round_config();
+    if sample_by_size {
+        config.strategy.weighting = Weighting::Uniform;
+    }
     config
         .validate()
         .map_err(|why| anyhow::anyhow!("inconsistent round settings: {why}"))?;
@@ -176,11 +180,20 @@ pub fn run(
         print(row(record));
     }
     let everyone: Vec<u64> = (0..clients.len() as u64).collect();
+    let sizes: Vec<u64> = clients.iter().map(|c| c.ids.len() as u64).collect();
     for r in done + 1..=rounds {
         let started = Instant::now();
-        let selected = strategy
-            .configure_round(r, 0, &everyone, &BTreeSet::new())
-            .context("fewer clients than a round needs")?;
+        let selected: Vec<u64> = if sample_by_size {
+            let count = config.strategy.clients_per_round;
+            sampling::sample_by_size(&sizes, count, round.seed(), r)
+                .into_iter()
+                .map(|i| i as u64)
+                .collect()
+        } else {
+            strategy
+                .configure_round(r, 0, &everyone, &BTreeSet::new())
+                .context("fewer clients than a round needs")?
+        };
         let start = RoundStart {
             round: r,
             model: 0,
