@@ -429,6 +429,10 @@ pub async fn train_locally(
             let config = BatchConfig {
                 batch_size,
                 seq_len,
+                // A full shuffle (not the tutorial's buffer of 100 chunks), so that
+                // an epoch cut short by `max_batches` samples the whole text, not
+                // its beginning; a client's text is small.
+                shuffle_buffer: usize::MAX,
                 ..BatchConfig::padded(start.seed.wrapping_add(u64::from(epoch)))
             };
             batches(ids, &config).into_iter().take(per_epoch)
