@@ -362,6 +362,24 @@ mod tests {
     }
 
     #[test]
+    fn adaptive_betas_outside_zero_to_one_are_refused() {
+        let adam = |beta2| StrategyConfig {
+            server_optimizer: ServerOptimizerConfig::FedAdam {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2,
+                tau: 1e-6,
+                bias_correction: true,
+            },
+            ..StrategyConfig::fedavg(2)
+        };
+        assert!(adam(0.999).validate().is_ok());
+        // β2 = 1 would divide by 1 − β2ᵗ = 0 under bias correction.
+        assert!(adam(1.0).validate().unwrap_err().contains("β2"));
+        assert!(adam(-0.1).validate().is_err());
+    }
+
+    #[test]
     fn weights_are_bounded_by_the_server_not_the_client() {
         let s = strategy(Clipping::Off, Aggregation::Mean);
         let state = s.initial_state(2);
