@@ -112,9 +112,10 @@ impl LocalServer {
 
     /// Kills the aggregator as a crashed process would go (every task and
     /// connection ends at once) and starts it again on the same address from its
-    /// last commit.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
+    /// last commit, to run until `max_rounds` rounds have completed.
+    pub fn restart(&mut self, max_rounds: u64) -> anyhow::Result<()> {
         std::mem::replace(&mut self.runtime, server_runtime()?).shutdown_background();
+        self.config.max_rounds = Some(max_rounds);
         self.server = self
             .runtime
             .block_on(folio_server::Server::start(self.config.clone()))?;
