@@ -215,8 +215,21 @@ pub fn run(
         let (mut loss, mut accuracy, mut examples, mut bytes_up) = (0.0, 0.0, 0u64, 0u64);
         let trained = AtomicUsize::new(0);
         bar.set_message(format!("0/{} clients trained", selected.len()));
-        let locals = parallel_map(&selected, |&client| {
-            let client = &clients[client as usize];
+        let draws: Vec<(u64, RoundStart)> = selected
+            .iter()
+            .zip(draw_seeds(&selected, start.seed))
+            .map(|(&client, seed)| {
+                (
+                    client,
+                    RoundStart {
+                        seed,
+                        ..start.clone()
+                    },
+                )
+            })
+            .collect();
+        let locals = parallel_map(&draws, |(client, start)| {
+            let client = &clients[*client as usize];
             let local = pollster::block_on(folio_client::train_locally(
                 &Device::flex(),
                 model,
@@ -224,7 +237,7 @@ pub fn run(
                 config.batch_size as usize,
                 config.seq_len as usize,
                 &received,
-                &start,
+                start,
                 |_, _| {},
             ));
             let done = trained.fetch_add(1, Ordering::Relaxed) + 1;
@@ -292,6 +305,20 @@ pub fn run(
 }
 
 /// Threads for local training and evaluation: one per core.
+/// Each draw's shuffle seed: the round's, except that a client drawn again in
+/// the same round (sampling with replacement) gets a new one each time, so that
+/// it trains other text rather than the same batch twice.
+fn draw_seeds(selected: &[u64], round_seed: u64) -> Vec<u64> {
+    selected
+        .iter()
+        .enumerate()
+        .map(|(slot, client)| {
+            let earlier = selected[..slot].iter().filter(|&c| c == client).count() as u64;
+            round_seed ^ (earlier << 32)
+        })
+        .collect()
+}
+
 fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -319,4 +346,21 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
         .into_iter()
         .map(|r| r.expect("every item taken"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_drawn_again_shuffles_anew_and_first_draws_keep_the_round_seed() {
+        let seeds = draw_seeds(&[4, 9, 4, 2, 4], 77);
+        assert_eq!(seeds[0], 77);
+        assert_eq!(seeds[1], 77);
+        assert_eq!(seeds[3], 77);
+        let mut fours = vec![seeds[0], seeds[2], seeds[4]];
+        fours.sort();
+        fours.dedup();
+        assert_eq!(fours.len(), 3, "{seeds:?}");
+    }
 }
