@@ -9,6 +9,7 @@ pub mod native;
 
 use burn::prelude::Device;
 use folio_data::batch::batches;
+use folio_data::rng::SplitMix64;
 use folio_data::{BatchConfig, vocab};
 use folio_fed::{Encoding, codec};
 use folio_model::params::delta;
@@ -395,6 +396,42 @@ pub struct LocalResult {
     pub seconds: f32,
 }
 
+/// The batches a client trains on in a round, in order: for each local epoch, its
+/// text cut into `seq_len + 1`-id chunks with a first chunk of random length (so
+/// that the same windows do not come back every epoch), shuffled whole (a short epoch, cut by
+/// `max_batches`, samples all the text, not its beginning), `batch_size` a batch.
+/// The randomness is the round's seed mixed with the client's own text, so the
+/// clients of a round do not all take their chunks from the same place.
+pub fn local_batches(
+    ids: &[u32],
+    batch_size: usize,
+    seq_len: usize,
+    start: &RoundStart,
+) -> Vec<folio_data::Batch> {
+    let per_epoch = start.max_batches.map_or(usize::MAX, |max| max as usize);
+    let own_seed = start.seed ^ text_fingerprint(ids);
+    (0..start.local_epochs.max(1))
+        .flat_map(|epoch| {
+            let mut rng = SplitMix64::new(own_seed.wrapping_add(u64::from(epoch)));
+            let config = BatchConfig {
+                batch_size,
+                seq_len,
+                shuffle_buffer: usize::MAX,
+                offset: rng.below(seq_len + 1),
+                ..BatchConfig::padded(rng.next_u64())
+            };
+            batches(ids, &config).into_iter().take(per_epoch)
+        })
+        .collect()
+}
+
+/// FNV-1a over a text's ids: tells clients' texts apart for seeding.
+fn text_fingerprint(ids: &[u32]) -> u64 {
+    ids.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &id| {
+        (hash ^ u64::from(id)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Trains `config` from `global` on a client's `ids` as `start` asks (epochs,
 /// batches, optimizer, seed), `batch_size` × `seq_len` a batch: the local step of
 /// every client, in a tab, a process or a simulation. Stops early, after at least
@@ -423,21 +460,7 @@ pub async fn train_locally(
             clip_norm: start.clip_norm,
         },
     );
-    let per_epoch = start.max_batches.map_or(usize::MAX, |max| max as usize);
-    let plan: Vec<_> = (0..start.local_epochs.max(1))
-        .flat_map(|epoch| {
-            let config = BatchConfig {
-                batch_size,
-                seq_len,
-                // A full shuffle (not the tutorial's buffer of 100 chunks), so that
-                // an epoch cut short by `max_batches` samples the whole text, not
-                // its beginning; a client's text is small.
-                shuffle_buffer: usize::MAX,
-                ..BatchConfig::padded(start.seed.wrapping_add(u64::from(epoch)))
-            };
-            batches(ids, &config).into_iter().take(per_epoch)
-        })
-        .collect();
+    let plan = local_batches(ids, batch_size, seq_len, start);
     let deadline = start.deadline_ms as f64 / 1000.0 * 0.9;
     let mut metrics = None;
     let mut examples = 0u64;

@@ -1,10 +1,10 @@
-//! The local step's arithmetic: one SGD batch moves a client's weights by exactly
-//! −lr × the gradient of that batch's mean loss, so a round of one-batch clients
-//! averages to one step of the gradient on their batches pooled.
+//! The local step: one SGD batch moves a client's weights by exactly −lr × the
+//! gradient of that batch's mean loss, so a round of one-batch clients averages to
+//! one step of the gradient on their batches pooled; and the batches it takes.
 #![cfg(not(target_family = "wasm"))]
 
 use burn::prelude::Device;
-use folio_data::{BatchConfig, batch::batches, vocab};
+use folio_data::vocab;
 use folio_fed::Encoding;
 use folio_model::{CharRnn, Preset, train::loss_and_gradients};
 use folio_proto::{Optimizer, RoundStart};
@@ -16,20 +16,11 @@ fn one_local_sgd_batch_moves_the_weights_by_minus_lr_times_its_gradient() {
     let global = pollster::block_on(CharRnn::init(config, 3, &device).to_flat()).unwrap();
     let text = "First Citizen: Before we proceed any further, hear me speak. ".repeat(40);
     let ids = vocab::encode(&text).0;
-    let (lr, seed) = (0.15f32, 9);
+    let lr = 0.15f32;
     let start = RoundStart {
-        round: 1,
-        model: 0,
-        weights: None,
-        weights_encoding: Encoding::F32,
-        deadline_ms: u64::MAX,
-        local_epochs: 1,
         max_batches: Some(1),
-        optimizer: Optimizer::Sgd,
         learning_rate: lr,
-        clip_norm: None,
-        delta_encoding: Encoding::F32,
-        seed,
+        ..round_start(9)
     };
     let local = pollster::block_on(folio_client::train_locally(
         &device,
@@ -42,17 +33,8 @@ fn one_local_sgd_batch_moves_the_weights_by_minus_lr_times_its_gradient() {
         |_, _| {},
     ))
     .unwrap();
-    // The batch the client trained on: its first of the round's shuffle.
-    let batch = batches(
-        &ids,
-        &BatchConfig {
-            batch_size: 8,
-            seq_len: 100,
-            shuffle_buffer: usize::MAX,
-            ..BatchConfig::padded(seed)
-        },
-    )
-    .remove(0);
+    // The batch the client trained on: its first of the round.
+    let batch = folio_client::local_batches(&ids, 8, 100, &start).remove(0);
     let model = CharRnn::from_flat(config, &global, &device.clone().autodiff()).unwrap();
     let (_, gradient) = pollster::block_on(loss_and_gradients(&model, &batch)).unwrap();
     assert_eq!(local.delta.len(), gradient.len());
@@ -67,4 +49,73 @@ fn one_local_sgd_batch_moves_the_weights_by_minus_lr_times_its_gradient() {
         worst <= 1e-3 * scale,
         "delta differs from −lr·g by up to {worst} (largest step {scale})"
     );
+}
+
+fn round_start(seed: u64) -> RoundStart {
+    RoundStart {
+        round: 1,
+        model: 0,
+        weights: None,
+        weights_encoding: Encoding::F32,
+        deadline_ms: u64::MAX,
+        local_epochs: 1,
+        max_batches: None,
+        optimizer: Optimizer::Sgd,
+        learning_rate: 0.1,
+        clip_norm: None,
+        delta_encoding: Encoding::F32,
+        seed,
+    }
+}
+
+/// Each epoch's chunk lengths, sorted: with one chunk a batch they tell where the
+/// text was cut. Epoch `e` is what `e + 1` local epochs add to `e`.
+fn cuts(ids: &[u32], start: &RoundStart) -> Vec<Vec<usize>> {
+    let plan = |epochs: u32| {
+        folio_client::local_batches(
+            ids,
+            1,
+            100,
+            &RoundStart {
+                local_epochs: epochs,
+                ..start.clone()
+            },
+        )
+    };
+    (0..start.local_epochs)
+        .map(|epoch| {
+            let before = if epoch == 0 { 0 } else { plan(epoch).len() };
+            let mut lengths: Vec<usize> = plan(epoch + 1)[before..]
+                .iter()
+                .map(|b| b.real_targets())
+                .collect();
+            lengths.sort();
+            lengths
+        })
+        .collect()
+}
+
+#[test]
+fn each_epoch_and_each_client_cut_the_text_elsewhere_and_every_target_is_trained() {
+    let speech =
+        |name: &str| vocab::encode(&format!("{name}. Speak the speech, I pray you. ").repeat(20)).0;
+    let (hamlet, horatio) = (speech("HAMLET"), speech("HORATIO"));
+    let start = RoundStart {
+        local_epochs: 3,
+        ..round_start(11)
+    };
+    let epochs = cuts(&hamlet, &start);
+    assert_eq!(epochs, cuts(&hamlet, &start), "seeded");
+    assert!(
+        epochs[0] != epochs[1] || epochs[1] != epochs[2],
+        "{epochs:?}"
+    );
+    for lengths in &epochs {
+        // Every id is in one chunk; each chunk's first id is no target.
+        assert_eq!(lengths.iter().map(|l| l + 1).sum::<usize>(), hamlet.len());
+    }
+    // Another client's text of another length, the same round: cut elsewhere,
+    // not at the same place in its text.
+    let other = cuts(&horatio[..hamlet.len()], &start);
+    assert_ne!(epochs, other);
 }

@@ -31,6 +31,10 @@ pub struct BatchConfig {
     pub shuffle_buffer: usize,
     pub seed: u64,
     pub remainder: Remainder,
+    /// Ids in the first chunk (0 or above `seq_len`: a full one), so that the
+    /// chunk boundaries can fall elsewhere than every `seq_len + 1` ids from the
+    /// text's start. A first chunk of one id has no target and is dropped.
+    pub offset: usize,
 }
 
 impl BatchConfig {
@@ -42,6 +46,7 @@ impl BatchConfig {
             shuffle_buffer: SHUFFLE_BUFFER,
             seed,
             remainder: Remainder::Drop,
+            offset: 0,
         }
     }
 
@@ -80,19 +85,41 @@ impl Batch {
 /// Number of batches [`batches`] yields for `len` ids, without building them.
 pub fn batch_count(len: usize, config: &BatchConfig) -> usize {
     let chunk = config.seq_len + 1;
+    let head = config.offset.min(chunk).min(len);
+    let rest = len - head;
     match config.remainder {
-        Remainder::Drop => len / chunk / config.batch_size,
+        Remainder::Drop => (usize::from(head == chunk) + rest / chunk) / config.batch_size,
         Remainder::Pad => {
-            let chunks = len / chunk + usize::from(len % chunk >= 2);
+            let chunks = usize::from(head >= 2) + rest / chunk + usize::from(rest % chunk >= 2);
             chunks.div_ceil(config.batch_size)
         }
     }
 }
 
+/// The most batches [`batches`] yields for `len` ids at any offset.
+pub fn max_batch_count(len: usize, config: &BatchConfig) -> usize {
+    (0..=config.seq_len + 1)
+        .map(|offset| {
+            batch_count(
+                len,
+                &BatchConfig {
+                    offset,
+                    ..config.clone()
+                },
+            )
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Builds the batches of one client's ids.
 pub fn batches(ids: &[u32], config: &BatchConfig) -> Vec<Batch> {
     let chunk_len = config.seq_len + 1;
-    let mut chunks: Vec<&[u32]> = ids.chunks(chunk_len).collect();
+    let (head, rest) = ids.split_at(config.offset.min(chunk_len).min(ids.len()));
+    let mut chunks: Vec<&[u32]> = std::iter::once(head)
+        .filter(|head| !head.is_empty())
+        .chain(rest.chunks(chunk_len))
+        .collect();
     match config.remainder {
         // A last chunk of one id has no target: it carries nothing even padded.
         Remainder::Pad => chunks.retain(|c| c.len() >= 2),
@@ -191,13 +218,43 @@ mod tests {
     #[test]
     fn counts_match_built_batches() {
         for len in [0, 1, 2, 100, 101, 102, 807, 808, 809, 5000, 8080] {
-            for config in [BatchConfig::tutorial(1), BatchConfig::padded(1)] {
-                assert_eq!(
-                    batches(&ramp(len), &config).len(),
-                    batch_count(len, &config),
-                    "len {len}"
-                );
+            for offset in [0, 1, 2, 57, 100, 101, 102, 900] {
+                for config in [BatchConfig::tutorial(1), BatchConfig::padded(1)] {
+                    let config = BatchConfig { offset, ..config };
+                    let count = batch_count(len, &config);
+                    assert_eq!(
+                        batches(&ramp(len), &config).len(),
+                        count,
+                        "len {len}, offset {offset}"
+                    );
+                    assert!(count <= max_batch_count(len, &config));
+                }
             }
+        }
+    }
+
+    #[test]
+    fn an_offset_moves_the_chunk_boundaries_and_loses_no_text() {
+        let ids = ramp(333);
+        for offset in [0, 2, 40, 101, 400] {
+            let in_order = BatchConfig {
+                batch_size: 1,
+                shuffle_buffer: 1,
+                offset,
+                ..BatchConfig::padded(0)
+            };
+            let chunks: Vec<Vec<u32>> = batches(&ids, &in_order)
+                .iter()
+                .map(|b| {
+                    let real = b.real_targets();
+                    let mut chunk = b.inputs[..real].to_vec();
+                    chunk.push(b.targets[real - 1]);
+                    chunk
+                })
+                .collect();
+            assert_eq!(chunks.concat(), ids, "offset {offset}");
+            let first = if offset == 0 { 101 } else { offset.min(101) };
+            assert_eq!(chunks[0].len(), first, "offset {offset}");
         }
     }
 

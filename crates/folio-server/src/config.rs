@@ -108,7 +108,8 @@ impl RoundConfig {
             seq_len: self.seq_len as usize,
             ..folio_data::BatchConfig::padded(0)
         };
-        let mut batches = folio_data::batch::batch_count(train_ids, &batch) as u64;
+        // Clients cut their text from a random offset: the most batches any gives.
+        let mut batches = folio_data::batch::max_batch_count(train_ids, &batch) as u64;
         if let Some(max) = self.max_batches {
             batches = batches.min(u64::from(max));
         }

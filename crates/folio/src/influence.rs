@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use burn::prelude::Device;
-use folio_data::batch::{batch_count, batches};
+use folio_data::batch::{batch_count, batches, max_batch_count};
 use folio_data::{BatchConfig, Corpus, vocab};
 use folio_fed::codec::CheckedDelta;
 use folio_fed::robust::l2_norm;
@@ -184,7 +184,7 @@ pub fn run(args: InfluenceArgs, data_dir: &Path) -> anyhow::Result<()> {
         .map(|c| {
             let ids = vocab::encode(&c.train_text()).0;
             let allowed =
-                (batch_count(ids.len(), &BatchConfig::padded(0)).min(args.batches) * 8) as u64;
+                (max_batch_count(ids.len(), &BatchConfig::padded(0)).min(args.batches) * 8) as u64;
             Client { ids, allowed }
         })
         .collect();
