@@ -398,8 +398,9 @@ pub struct LocalResult {
 
 /// The batches a client trains on in a round, in order: for each local epoch, its
 /// text cut into `seq_len + 1`-id chunks with a first chunk of random length (so
-/// that the same windows do not come back every epoch), shuffled whole (a short epoch, cut by
-/// `max_batches`, samples all the text, not its beginning), `batch_size` a batch.
+/// that the same windows do not come back every epoch), shuffled whole (a short
+/// epoch, cut by `max_batches`, samples all the text, not its beginning),
+/// `batch_size` a batch.
 /// The randomness is the round's seed mixed with the client's own text, so the
 /// clients of a round do not all take their chunks from the same place.
 pub fn local_batches(

@@ -304,7 +304,6 @@ pub fn run(
     Ok(())
 }
 
-/// Threads for local training and evaluation: one per core.
 /// Each draw's shuffle seed: the round's, except that a client drawn again in
 /// the same round (sampling with replacement) gets a new one each time, so that
 /// it trains other text rather than the same batch twice.
@@ -319,6 +318,7 @@ fn draw_seeds(selected: &[u64], round_seed: u64) -> Vec<u64> {
         .collect()
 }
 
+/// Threads for local training and evaluation: one per core.
 fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
