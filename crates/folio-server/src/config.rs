@@ -137,3 +137,52 @@ impl RoundConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The examples bound must hold whatever offset a client cuts its text at, or
+    /// honest updates would be refused; and it stays a bound (an attacker's claim
+    /// above it is refused elsewhere).
+    #[test]
+    fn allowed_examples_cover_every_offset_a_client_may_cut() {
+        let config = RoundConfig {
+            batch_size: 1,
+            max_batches: None,
+            ..RoundConfig::tutorial()
+        };
+        for len in (2..700).step_by(7) {
+            let ids: Vec<u32> = (0..len as u32).map(|i| i % 80).collect();
+            let allowed = config.allowed_examples(len);
+            let most = (0..40)
+                .map(|seed| {
+                    let start = folio_proto::RoundStart {
+                        round: 1,
+                        model: 0,
+                        weights: None,
+                        weights_encoding: Encoding::F32,
+                        deadline_ms: 1,
+                        local_epochs: 1,
+                        max_batches: None,
+                        optimizer: Optimizer::Sgd,
+                        learning_rate: 0.1,
+                        clip_norm: None,
+                        delta_encoding: Encoding::F32,
+                        seed,
+                    };
+                    folio_client::local_batches(&ids, 1, 100, &start).len() as u64
+                })
+                .max()
+                .unwrap();
+            assert!(
+                most <= allowed,
+                "len {len}: {most} batches, {allowed} allowed"
+            );
+            assert!(
+                allowed <= len.div_ceil(101) as u64 + 1,
+                "len {len}: {allowed}"
+            );
+        }
+    }
+}
