@@ -35,17 +35,23 @@ const explanations = {
   server_full: "The aggregator is full.",
   timeout: "The aggregator closed the connection after a silence.",
 };
-function notify(text) {
+// `kind` names notices that a later event makes stale (a lost connection, once
+// the tab is back).
+function notify(text, kind = "") {
   const item = Object.assign(document.createElement("li"), { textContent: `${new Date().toLocaleTimeString()}: ${text}` });
+  item.dataset.kind = kind;
   notices.prepend(item);
   while (notices.children.length > 5) notices.lastChild.remove();
 }
+const forget = (kind) => notices.querySelectorAll(`li[data-kind="${kind}"]`).forEach((item) => item.remove());
 
 function onDeviceEvent(event) {
   switch (event.type) {
     case "backend": Object.assign(device, { backend: event.backend, adapter: event.adapter, state: "joining" }); break;
     case "welcome":
       device.client = event.client;
+      // Back with the aggregator: the notices of losing it no longer hold.
+      forget("lost");
       // A reload of this tab rejoins as the same client.
       sessionStorage.setItem("folio-session", event.session);
       break;
@@ -66,13 +72,17 @@ function onDeviceEvent(event) {
     case "model": device.held = event; break;
     case "reconnecting":
       device.state = `the aggregator went away; reconnecting in ${event.seconds.toFixed(1)} s`;
-      notify(`Lost the aggregator (${event.message}); trying again in ${event.seconds.toFixed(1)} s.`);
+      notify(`Lost the aggregator (${event.message}); trying again in ${event.seconds.toFixed(1)} s.`, "lost");
       break;
-    case "trained":
+    case "trained": {
+      // A round run again (its first attempt failed) replaces its earlier row.
+      const earlier = trained.findIndex((row) => row[0] === event.round);
+      if (earlier >= 0) trained.splice(earlier, 1);
       trained.unshift([event.round, event.loss.toFixed(4), event.accuracy.toFixed(4), event.seconds.toFixed(1),
         formatBytes(event.bytesDown), formatBytes(event.bytesUp)]);
       fillTable("device-rounds", trained.slice(0, 30));
       break;
+    }
     case "error": notify(`${explanations[event.code] ?? "The aggregator refused a message."} (${event.code}: ${event.message})`); break;
     case "notice": notify(event.message); break;
     case "closed": device.state = "done: the aggregator closed"; break;

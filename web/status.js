@@ -51,7 +51,8 @@ function plot(all) {
     Object.assign(canvas, { width: Math.round(width * scale), height: Math.round(height * scale) });
   }
   ctx.setTransform(scale, 0, 0, scale, 0, 0);
-  const box = { left: 52, right: width - 52, top: 12, bottom: height - 40 };
+  // Margins for the tick labels, and beyond them the axes' titles.
+  const box = { left: 66, right: width - 66, top: 12, bottom: height - 40 };
   ctx.clearRect(0, 0, width, height);
   ctx.font = "12px system-ui, sans-serif";
   ctx.lineWidth = 1;
@@ -114,13 +115,13 @@ function plot(all) {
   line("#2471a3", (r) => r.eval_accuracy, accLo, accHi);
   ctx.save();
   ctx.textBaseline = "top";
-  ctx.translate(12, (box.top + box.bottom) / 2);
+  ctx.translate(10, (box.top + box.bottom) / 2);
   ctx.rotate(-Math.PI / 2);
   ctx.fillStyle = "#c0392b";
   ctx.fillText("eval loss", 0, -6);
   ctx.restore();
   ctx.save();
-  ctx.translate(width - 12, (box.top + box.bottom) / 2);
+  ctx.translate(width - 10, (box.top + box.bottom) / 2);
   ctx.rotate(Math.PI / 2);
   ctx.fillStyle = "#2471a3";
   ctx.fillText("eval accuracy", 0, -6);
@@ -151,19 +152,35 @@ function thisRound(open, session) {
   return "-";
 }
 
+// The rounds committed so far. The status says how many there are; only the
+// ones not yet here are fetched, a page at a time.
+let history = [];
+async function fetchHistory(status) {
+  const last = history.length ? history[history.length - 1].round : -1;
+  // Another run (a new state folder) or the aggregator started over.
+  if (!status.latest || status.latest.round < last) history = [];
+  while (history.length < status.history_len) {
+    const from = history.length ? history[history.length - 1].round + 1 : 0;
+    const page = await (await fetch(`api/history?from=${from}`)).json();
+    if (page.length === 0) break;
+    history.push(...page);
+  }
+}
+
 async function refresh() {
   try {
     const status = await (await fetch("api/status")).json();
+    await fetchHistory(status);
     const open = status.open_round;
-    const evaluated = status.history.filter((r) => Number.isFinite(r.eval_accuracy));
+    const evaluated = history.filter((r) => Number.isFinite(r.eval_accuracy));
     const latest = evaluated[evaluated.length - 1];
     document.getElementById("summary").textContent =
       `preset ${status.preset} (${status.parameters.toLocaleString()} parameters) · ${status.completed_rounds} rounds done · ` +
       `${status.connected} devices connected` +
       (latest ? ` · global eval accuracy ${fmt(latest.eval_accuracy)} after round ${latest.round}` : "");
     roundProgress(open);
-    plot(status.history);
-    fill("history", status.history.slice(-30).reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
+    plot(history);
+    fill("history", history.slice(-30).reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
       fmt(r.eval_loss), fmt(r.eval_accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1)]));
     fill("clients", status.clients.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}`, c.connected ? "yes" : "no",
       thisRound(open, c.session), c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy),

@@ -8,9 +8,7 @@ pub mod bench;
 pub mod native;
 
 use burn::prelude::Device;
-use folio_data::batch::batches;
-use folio_data::rng::SplitMix64;
-use folio_data::{BatchConfig, vocab};
+use folio_data::{TrainingPlan, vocab};
 use folio_fed::{Encoding, codec};
 use folio_model::params::delta;
 use folio_model::{CharRnn, ModelConfig, OptimizerKind, TrainConfig, Trainer};
@@ -396,56 +394,48 @@ pub struct LocalResult {
     pub seconds: f32,
 }
 
-/// The batches a client trains on in a round, in order: for each local epoch, its
-/// text cut into `seq_len + 1`-id chunks with a first chunk of random length (so
-/// that the same windows do not come back every epoch), shuffled whole (a short
-/// epoch, cut by `max_batches`, samples all the text, not its beginning),
-/// `batch_size` a batch.
-/// The randomness is the round's seed mixed with the client's own text, so the
-/// clients of a round do not all take their chunks from the same place.
-pub fn local_batches(
-    ids: &[u32],
-    batch_size: usize,
-    seq_len: usize,
-    start: &RoundStart,
-) -> Vec<folio_data::Batch> {
-    let per_epoch = start.max_batches.map_or(usize::MAX, |max| max as usize);
-    let own_seed = start.seed ^ text_fingerprint(ids);
-    (0..start.local_epochs.max(1))
-        .flat_map(|epoch| {
-            let mut rng = SplitMix64::new(own_seed.wrapping_add(u64::from(epoch)));
-            let config = BatchConfig {
+/// How a client trains locally in one round: its batches and its optimizer.
+/// A round's [`RoundStart`] gives it; the simulator and the benches build it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalTraining {
+    pub plan: TrainingPlan,
+    pub optimizer: Optimizer,
+    pub learning_rate: f32,
+    /// The client's own gradient clipping.
+    pub clip_norm: Option<f32>,
+    /// Stop early, after at least one batch, once this is spent.
+    pub time_limit: Option<std::time::Duration>,
+}
+
+impl LocalTraining {
+    /// What `start` asks of a client whose batches are `batch_size` × `seq_len`
+    /// (from its welcome): 90 % of the round's deadline to train in.
+    pub fn for_round(start: &RoundStart, batch_size: usize, seq_len: usize) -> Self {
+        Self {
+            plan: TrainingPlan {
                 batch_size,
                 seq_len,
-                shuffle_buffer: usize::MAX,
-                offset: rng.below(seq_len + 1),
-                ..BatchConfig::padded(rng.next_u64())
-            };
-            batches(ids, &config).into_iter().take(per_epoch)
-        })
-        .collect()
+                local_epochs: start.local_epochs,
+                max_batches: start.max_batches,
+                seed: start.seed,
+            },
+            optimizer: start.optimizer,
+            learning_rate: start.learning_rate,
+            clip_norm: start.clip_norm,
+            time_limit: Some(std::time::Duration::from_millis(start.deadline_ms).mul_f64(0.9)),
+        }
+    }
 }
 
-/// FNV-1a over a text's ids: tells clients' texts apart for seeding.
-fn text_fingerprint(ids: &[u32]) -> u64 {
-    ids.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &id| {
-        (hash ^ u64::from(id)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// Trains `config` from `global` on a client's `ids` as `start` asks (epochs,
-/// batches, optimizer, seed), `batch_size` × `seq_len` a batch: the local step of
-/// every client, in a tab, a process or a simulation. Stops early, after at least
-/// one batch, when 90% of the deadline is gone. `on_batch(k, of)` before each batch.
-#[allow(clippy::too_many_arguments)]
+/// Trains `config` from `global` on a client's `ids` as `training` says: the
+/// local step of every client, in a tab, a process or a simulation.
+/// `on_batch(k, of)` before each batch.
 pub async fn train_locally(
     device: &Device,
     config: ModelConfig,
     ids: &[u32],
-    batch_size: usize,
-    seq_len: usize,
     global: &[f32],
-    start: &RoundStart,
+    training: &LocalTraining,
     mut on_batch: impl FnMut(usize, usize),
 ) -> Result<LocalResult, ClientError> {
     let started = Instant::now();
@@ -453,20 +443,23 @@ pub async fn train_locally(
     let mut trainer = Trainer::new(
         model,
         TrainConfig {
-            optimizer: match start.optimizer {
+            optimizer: match training.optimizer {
                 Optimizer::Sgd => OptimizerKind::Sgd,
                 Optimizer::Adam => OptimizerKind::Adam,
             },
-            learning_rate: f64::from(start.learning_rate),
-            clip_norm: start.clip_norm,
+            learning_rate: f64::from(training.learning_rate),
+            clip_norm: training.clip_norm,
         },
     );
-    let plan = local_batches(ids, batch_size, seq_len, start);
-    let deadline = start.deadline_ms as f64 / 1000.0 * 0.9;
+    let plan = training.plan.batches(ids);
     let mut metrics = None;
     let mut examples = 0u64;
     for (i, batch) in plan.iter().enumerate() {
-        if i > 0 && started.elapsed().as_secs_f64() > deadline {
+        if i > 0
+            && training
+                .time_limit
+                .is_some_and(|limit| started.elapsed() > limit)
+        {
             break;
         }
         on_batch(i + 1, plan.len());
@@ -505,14 +498,17 @@ async fn train_round(
         &[session.config.num_params()],
         model.encoding,
     )?;
+    let training = LocalTraining::for_round(
+        start,
+        session.welcome.batch_size as usize,
+        session.welcome.seq_len as usize,
+    );
     let local = train_locally(
         device,
         session.config,
         &session.ids,
-        session.welcome.batch_size as usize,
-        session.welcome.seq_len as usize,
         &global,
-        start,
+        &training,
         |batch, of| {
             on_event(ClientEvent::State(ClientState::Training {
                 round: start.round,

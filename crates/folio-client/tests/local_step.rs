@@ -4,10 +4,10 @@
 #![cfg(not(target_family = "wasm"))]
 
 use burn::prelude::Device;
-use folio_data::vocab;
-use folio_fed::Encoding;
+use folio_client::LocalTraining;
+use folio_data::{TrainingPlan, vocab};
 use folio_model::{CharRnn, Preset, train::loss_and_gradients};
-use folio_proto::{Optimizer, RoundStart};
+use folio_proto::Optimizer;
 
 #[test]
 fn one_local_sgd_batch_moves_the_weights_by_minus_lr_times_its_gradient() {
@@ -17,24 +17,28 @@ fn one_local_sgd_batch_moves_the_weights_by_minus_lr_times_its_gradient() {
     let text = "First Citizen: Before we proceed any further, hear me speak. ".repeat(40);
     let ids = vocab::encode(&text).0;
     let lr = 0.15f32;
-    let start = RoundStart {
-        max_batches: Some(1),
+    let training = LocalTraining {
+        plan: TrainingPlan {
+            batch_size: 8,
+            max_batches: Some(1),
+            ..plan(9)
+        },
+        optimizer: Optimizer::Sgd,
         learning_rate: lr,
-        ..round_start(9)
+        clip_norm: None,
+        time_limit: None,
     };
     let local = pollster::block_on(folio_client::train_locally(
         &device,
         config,
         &ids,
-        8,
-        100,
         &global,
-        &start,
+        &training,
         |_, _| {},
     ))
     .unwrap();
     // The batch the client trained on: its first of the round.
-    let batch = folio_client::local_batches(&ids, 8, 100, &start).remove(0);
+    let batch = training.plan.batches(&ids).remove(0);
     let model = CharRnn::from_flat(config, &global, &device.clone().autodiff()).unwrap();
     let (_, gradient) = pollster::block_on(loss_and_gradients(&model, &batch)).unwrap();
     assert_eq!(local.delta.len(), gradient.len());
@@ -51,41 +55,30 @@ fn one_local_sgd_batch_moves_the_weights_by_minus_lr_times_its_gradient() {
     );
 }
 
-fn round_start(seed: u64) -> RoundStart {
-    RoundStart {
-        round: 1,
-        model: 0,
-        weights: None,
-        weights_encoding: Encoding::F32,
-        deadline_ms: u64::MAX,
+fn plan(seed: u64) -> TrainingPlan {
+    TrainingPlan {
+        batch_size: 1,
+        seq_len: 100,
         local_epochs: 1,
         max_batches: None,
-        optimizer: Optimizer::Sgd,
-        learning_rate: 0.1,
-        clip_norm: None,
-        delta_encoding: Encoding::F32,
         seed,
     }
 }
 
 /// Each epoch's chunk lengths, sorted: with one chunk a batch they tell where the
 /// text was cut. Epoch `e` is what `e + 1` local epochs add to `e`.
-fn cuts(ids: &[u32], start: &RoundStart) -> Vec<Vec<usize>> {
-    let plan = |epochs: u32| {
-        folio_client::local_batches(
-            ids,
-            1,
-            100,
-            &RoundStart {
-                local_epochs: epochs,
-                ..start.clone()
-            },
-        )
+fn cuts(ids: &[u32], plan: &TrainingPlan) -> Vec<Vec<usize>> {
+    let batches = |epochs: u32| {
+        TrainingPlan {
+            local_epochs: epochs,
+            ..*plan
+        }
+        .batches(ids)
     };
-    (0..start.local_epochs)
+    (0..plan.local_epochs)
         .map(|epoch| {
-            let before = if epoch == 0 { 0 } else { plan(epoch).len() };
-            let mut lengths: Vec<usize> = plan(epoch + 1)[before..]
+            let before = if epoch == 0 { 0 } else { batches(epoch).len() };
+            let mut lengths: Vec<usize> = batches(epoch + 1)[before..]
                 .iter()
                 .map(|b| b.real_targets())
                 .collect();
@@ -100,9 +93,9 @@ fn each_epoch_and_each_client_cut_the_text_elsewhere_and_every_target_is_trained
     let speech =
         |name: &str| vocab::encode(&format!("{name}. Speak the speech, I pray you. ").repeat(20)).0;
     let (hamlet, horatio) = (speech("HAMLET"), speech("HORATIO"));
-    let start = RoundStart {
+    let start = TrainingPlan {
         local_epochs: 3,
-        ..round_start(11)
+        ..plan(11)
     };
     let epochs = cuts(&hamlet, &start);
     assert_eq!(epochs, cuts(&hamlet, &start), "seeded");

@@ -5,10 +5,12 @@
 //! - [`dickens`]: the pre-training books, licence stripped;
 //! - [`vocab`]: the tutorial's 86-char vocabulary and its out-of-vocabulary policy;
 //! - [`batch`]: the tutorial's chunk/shuffle/batch pipeline and a padded variant;
+//! - [`plan`]: a client's local training plan and the examples it can give;
 //! - [`stats`]: the figures `folio data stats` prints.
 
 pub mod batch;
 pub mod dickens;
+pub mod plan;
 pub mod rng;
 pub mod shakespeare;
 pub mod stats;
@@ -18,6 +20,7 @@ pub mod vocab;
 use std::path::{Path, PathBuf};
 
 pub use batch::{Batch, BatchConfig, Remainder};
+pub use plan::TrainingPlan;
 pub use shakespeare::{Client, Corpus};
 
 /// Environment variable naming the data cache (the folder holding `shakespeare/`).

@@ -1,7 +1,7 @@
 //! Federated Averaging on flat `f32` parameter buffers: pure math, no IO, no burn.
 //!
 //! - [`strategy`]: the round's decisions (selection, quorum, weighting, robust
-//!   aggregation, server optimizer) behind one trait;
+//!   aggregation, server optimizer) and their state behind one trait;
 //! - [`robust`]: L2 clipping (fixed or adaptive), trimmed mean, median;
 //! - [`server_opt`]: FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi (Reddi et al. 2020);
 //! - [`codec`]: delta encodings f32 / f16 / int8 (per-tensor scale);
@@ -16,7 +16,10 @@ pub mod strategy;
 pub use codec::{Encoding, decode, encode};
 pub use robust::{Aggregation, Clipping};
 pub use server_opt::{ServerOptimizer, ServerOptimizerConfig};
-pub use strategy::{Strategy, StrategyConfig, StrategyState, Weighting};
+pub use strategy::{
+    Aggregated, Candidate, OpenUpdates, Selection, StateRecord, Strategy, StrategyConfig,
+    StrategyKind, Weighting,
+};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FedError {
@@ -38,4 +41,6 @@ pub enum FedError {
     NoUpdates,
     #[error("the aggregate would make the global model non-finite; the round is dropped")]
     NonFiniteModel,
+    #[error("the round was opened by another strategy, or its state is another's")]
+    ForeignRound,
 }

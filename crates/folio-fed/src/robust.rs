@@ -137,6 +137,7 @@ pub enum RoundUpdates {
         updates: usize,
     },
     Buffered {
+        aggregation: Aggregation,
         deltas: Vec<Vec<f32>>,
     },
 }
@@ -149,14 +150,17 @@ impl RoundUpdates {
                 total_weight: 0.0,
                 updates: 0,
             },
-            _ => RoundUpdates::Buffered { deltas: Vec::new() },
+            _ => RoundUpdates::Buffered {
+                aggregation,
+                deltas: Vec::new(),
+            },
         }
     }
 
     pub fn updates(&self) -> usize {
         match self {
             RoundUpdates::Streaming { updates, .. } => *updates,
-            RoundUpdates::Buffered { deltas } => deltas.len(),
+            RoundUpdates::Buffered { deltas, .. } => deltas.len(),
         }
     }
 
@@ -172,12 +176,12 @@ impl RoundUpdates {
                 *total_weight += weight;
                 *updates += 1;
             }
-            RoundUpdates::Buffered { deltas } => deltas.push(delta.to_vec(scale as f32)),
+            RoundUpdates::Buffered { deltas, .. } => deltas.push(delta.to_vec(scale as f32)),
         }
     }
 
-    /// The aggregate delta.
-    pub fn aggregate(&self, aggregation: Aggregation) -> Result<Vec<f32>, FedError> {
+    /// The aggregate delta, by the aggregation the round was opened with.
+    pub fn aggregate(&self) -> Result<Vec<f32>, FedError> {
         if self.updates() == 0 {
             return Err(FedError::NoUpdates);
         }
@@ -188,7 +192,11 @@ impl RoundUpdates {
                 .iter()
                 .map(|&s| (f64::from(s) / total_weight) as f32)
                 .collect(),
-            RoundUpdates::Buffered { deltas } => {
+            RoundUpdates::Buffered {
+                aggregation,
+                deltas,
+            } => {
+                let aggregation = *aggregation;
                 let n = deltas.len();
                 let trim = match aggregation {
                     Aggregation::TrimmedMean { trim } => {
@@ -241,7 +249,7 @@ mod tests {
         let huge = checked(&[f32::MAX, f32::MAX]);
         let mut round = RoundUpdates::new(Aggregation::Mean, 2);
         round.add(&huge, 1.0, clip_scale(huge.norm(), 2.0));
-        let clipped = round.aggregate(Aggregation::Mean).unwrap();
+        let clipped = round.aggregate().unwrap();
         assert!(clipped.iter().all(|v| v.is_finite()));
         assert!((l2_norm(&clipped) - 2.0).abs() < 1e-5, "{clipped:?}");
     }
@@ -273,7 +281,7 @@ mod tests {
             ] {
                 round.add(&checked(&delta), 1.0, 1.0);
             }
-            let agg = round.aggregate(aggregation).unwrap();
+            let agg = round.aggregate().unwrap();
             assert!(
                 (agg[0] - 1.0).abs() < 0.15 && (agg[1] - 2.0).abs() < 0.15,
                 "{agg:?}"
@@ -283,7 +291,7 @@ mod tests {
         for v in [1.0, 2.0, 3.0, 10.0] {
             even.add(&checked(&[v]), 1.0, 1.0);
         }
-        assert_eq!(even.aggregate(Aggregation::Median).unwrap(), vec![2.5]);
+        assert_eq!(even.aggregate().unwrap(), vec![2.5]);
     }
 
     #[test]
@@ -291,9 +299,9 @@ mod tests {
         let mut round = RoundUpdates::new(Aggregation::Mean, 2);
         round.add(&checked(&[1.0, 0.0]), 3.0, 1.0);
         round.add(&checked(&[0.0, 4.0]), 1.0, 1.0);
-        assert_eq!(round.aggregate(Aggregation::Mean).unwrap(), vec![0.75, 1.0]);
+        assert_eq!(round.aggregate().unwrap(), vec![0.75, 1.0]);
         assert_eq!(
-            RoundUpdates::new(Aggregation::Median, 1).aggregate(Aggregation::Median),
+            RoundUpdates::new(Aggregation::Median, 1).aggregate(),
             Err(FedError::NoUpdates)
         );
     }

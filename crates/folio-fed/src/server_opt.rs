@@ -19,6 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::FedError;
+use crate::strategy::StateRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum ServerOptimizerConfig {
@@ -121,6 +122,50 @@ impl ServerOptimizer {
             v: v.map_or_else(Vec::new, |init| vec![init; num_params]),
             steps: 0,
         }
+    }
+
+    /// Writes its settings, step count and moments into a strategy's record.
+    pub fn save(&self, record: &mut StateRecord) {
+        record.set_value("server_optimizer", self.config);
+        record.set_value("server_steps", self.steps);
+        record.tensors.insert("server_m".into(), self.m.clone());
+        record.tensors.insert("server_v".into(), self.v.clone());
+    }
+
+    /// The optimizer a record saved, continued under `config`: its moments
+    /// survive a new learning rate (a schedule across sittings), not a new
+    /// optimizer or new β / τ, nor another model size.
+    pub fn restore(
+        record: &mut StateRecord,
+        config: ServerOptimizerConfig,
+        num_params: usize,
+    ) -> Result<Self, String> {
+        let saved: ServerOptimizerConfig = record.value("server_optimizer")?;
+        if !config.keeps_moments_of(&saved) {
+            return Err(format!(
+                "the saved moments are {}'s with other settings",
+                saved.name()
+            ));
+        }
+        let restored = Self {
+            config,
+            steps: record.value("server_steps")?,
+            m: record.take_tensor("server_m")?,
+            v: record.take_tensor("server_v")?,
+        };
+        let fresh = Self::new(config, num_params);
+        if (restored.m.len(), restored.v.len()) != (fresh.m.len(), fresh.v.len()) {
+            return Err(format!(
+                "the saved moments are for {} parameters, the model has {num_params}",
+                restored.m.len().max(restored.v.len())
+            ));
+        }
+        Ok(restored)
+    }
+
+    /// Whether every moment is finite.
+    pub fn is_finite(&self) -> bool {
+        self.m.iter().chain(&self.v).all(|v| v.is_finite())
     }
 
     /// Applies the round's mean delta to `weights`.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
 
-use crate::sessions::constant_time_eq;
+use folio_engine::sessions::constant_time_eq;
 
 /// Addresses remembered for lockouts at most (the oldest are dropped first).
 const MAX_LOCKOUTS: usize = 10_000;

@@ -1,172 +1,164 @@
-//! The round driver: open a round when the strategy finds clients, wait until it
-//! may close, aggregate, evaluate, commit (weights, strategy state and history
-//! together, on disk first), then tell everyone. Also expires old sessions.
+//! Carries out the engine's actions and keeps its clock, never blocking it:
+//!
+//! - the **dispatcher** takes actions in the order the engine queued them; it
+//!   encodes each message once (off the async workers when it carries a model)
+//!   and queues it on the recipients' outboxes, and hands every heavy job
+//!   (aggregating, evaluating, saving) to a task of its own on the blocking pool,
+//!   whose result goes back to the engine as an event;
+//! - the **clock** sleeps until the engine's next timeout, or until an event may
+//!   have moved it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use burn::prelude::Device;
-use folio_model::eval::evaluate;
-use folio_model::{CharRnn, Metrics};
+use bytes::Bytes;
+use folio_engine::{Action, Commit};
+use folio_proto::ServerMessage;
+use tokio::sync::mpsc;
 
-use crate::Shared;
-use crate::federation::Deliveries;
-use crate::record::{RoundRecord, model_hash};
-use crate::round::RoundPhase;
-use crate::state;
+use crate::outbox::Outbox;
+use crate::{Shared, state};
 
-/// How often the driver looks at the open round.
-const POLL: Duration = Duration::from_millis(20);
-
-pub fn deliver(frames: Deliveries) {
-    for (outbox, frame) in frames {
-        outbox.send(frame);
-    }
+/// What the dispatcher is told, in the engine's order.
+pub enum Delivery {
+    /// Frames for `session` go to this connection from now on.
+    Connect(u64, Outbox),
+    /// `session`'s connection is gone.
+    Disconnect(u64),
+    /// End `session`'s connection (an operator's revocation).
+    Close(u64),
+    Action(Action),
 }
 
-async fn evaluate_weights(shared: &Arc<Shared>, weights: Vec<f32>) -> anyhow::Result<Metrics> {
-    let shared = shared.clone();
-    tokio::task::spawn_blocking(move || {
-        let model = CharRnn::from_flat(shared.config.preset.config(), &weights, &Device::flex())?;
-        Ok(pollster::block_on(evaluate(&model, &shared.eval_batches))?)
-    })
-    .await?
-}
+/// After a failed job, this long before the engine retries it.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Held-out metrics over every client's test split.
-async fn evaluate_population(shared: &Arc<Shared>, weights: Vec<f32>) -> anyhow::Result<Metrics> {
-    let shared = shared.clone();
-    tokio::task::spawn_blocking(move || {
-        let model = CharRnn::from_flat(shared.config.preset.config(), &weights, &Device::flex())?;
-        Ok(pollster::block_on(folio_model::eval::evaluate_population(
-            &model,
-            &shared.population,
-            64,
-            usize::MAX,
-            |_, _| {},
-        ))?)
-    })
-    .await?
-}
-
-/// Evaluates the initial model and commits it as round 0 (a fresh state dir).
-async fn commit_initial(shared: &Arc<Shared>) -> anyhow::Result<()> {
-    let weights = shared.fed().weights.clone();
-    let metrics = evaluate_weights(shared, weights.clone()).await?;
-    let population = match shared.config.rounds.population_eval_every {
-        Some(_) => Some(evaluate_population(shared, weights.clone()).await?),
-        None => None,
-    };
-    let mut fed = shared.fed();
-    let record = RoundRecord::initial(&metrics, population.as_ref(), &weights);
-    let mut history = fed.history.clone();
-    history.push(record);
-    state::commit(
-        &shared.config.state_dir,
-        &weights,
-        &fed.state,
-        &history,
-        shared.config.seed,
-    )?;
-    fed.history = history;
-    Ok(())
-}
-
-/// Runs rounds until `max_rounds`; errors are printed, and the round retried.
-pub async fn drive(shared: Arc<Shared>) {
-    while shared.fed().history.is_empty() {
-        if let Err(err) = commit_initial(&shared).await {
-            eprintln!("error: committing the initial model: {err:#}; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+pub async fn dispatch(shared: Arc<Shared>, mut deliveries: mpsc::UnboundedReceiver<Delivery>) {
+    let mut outboxes: HashMap<u64, Outbox> = HashMap::new();
+    while let Some(delivery) = deliveries.recv().await {
+        match delivery {
+            Delivery::Connect(session, outbox) => {
+                outboxes.insert(session, outbox);
+            }
+            Delivery::Disconnect(session) => {
+                outboxes.remove(&session);
+            }
+            Delivery::Close(session) => {
+                if let Some(outbox) = outboxes.remove(&session) {
+                    outbox.close();
+                }
+            }
+            Delivery::Action(Action::Send { to, message }) => {
+                let frame = encode(message).await;
+                for session in to {
+                    if let Some(outbox) = outboxes.get(&session) {
+                        outbox.send(frame.clone());
+                    }
+                }
+            }
+            Delivery::Action(Action::Aggregate(job)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let round = job.round;
+                    match tokio::task::spawn_blocking(move || job.run()).await {
+                        Ok(result) => shared.engine(|e| e.aggregated(result, Instant::now())),
+                        Err(err) => failed(&shared, round, &format!("aggregating: {err}")).await,
+                    }
+                });
+            }
+            Delivery::Action(Action::Evaluate {
+                round,
+                weights,
+                population,
+            }) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let evaluator = shared.evaluator.clone();
+                    let evaluated = tokio::task::spawn_blocking(move || {
+                        evaluator.evaluate(&weights, population)
+                    })
+                    .await;
+                    match evaluated {
+                        Ok(Ok((eval, population))) => {
+                            shared.engine(|e| e.evaluated(round, eval, population, Instant::now()))
+                        }
+                        Ok(Err(err)) => {
+                            failed(&shared, round, &format!("evaluating: {err:#}")).await
+                        }
+                        Err(err) => failed(&shared, round, &format!("evaluating: {err}")).await,
+                    }
+                });
+            }
+            Delivery::Action(Action::Persist(commit)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move { persist(shared, commit).await });
+            }
+            Delivery::Action(Action::Committed(record)) => {
+                tracing::info!(
+                    round = record.round,
+                    clients = record.clients,
+                    eval_loss = record.eval_loss,
+                    eval_accuracy = record.eval_accuracy,
+                    "round committed"
+                );
+                shared.completed.send_replace(record.round);
+            }
         }
     }
-    let mut last_sweep = Instant::now();
+}
+
+/// A message as a frame; one that carries a model is encoded on the blocking pool.
+async fn encode(message: Arc<ServerMessage>) -> Bytes {
+    let heavy =
+        matches!(message.as_ref(), ServerMessage::RoundStart(start) if start.weights.is_some());
+    if heavy {
+        let encoded =
+            tokio::task::spawn_blocking(move || Bytes::from(folio_proto::encode(message.as_ref())))
+                .await;
+        encoded.expect("encoding a message does not panic")
+    } else {
+        Bytes::from(folio_proto::encode(message.as_ref()))
+    }
+}
+
+async fn persist(shared: Arc<Shared>, commit: Box<Commit>) {
+    let _saving = shared.saving.read().await;
+    let round = commit.record.round;
+    let dir = shared.config.state_dir.clone();
+    let seed = shared.config.seed;
+    let saved = tokio::task::spawn_blocking(move || {
+        state::commit(&dir, &commit.record, &commit.weights, &commit.state, seed)
+    })
+    .await;
+    match saved {
+        Ok(Ok(_)) => shared.engine(|e| e.persisted(round, Instant::now())),
+        Ok(Err(err)) => failed(&shared, round, &format!("saving: {err:#}")).await,
+        Err(err) => failed(&shared, round, &format!("saving: {err}")).await,
+    }
+}
+
+async fn failed(shared: &Shared, round: u64, why: &str) {
+    tracing::error!(round, "{why}; the round runs again");
+    tokio::time::sleep(RETRY_AFTER).await;
+    shared.engine(|e| e.job_failed(round, Instant::now()));
+}
+
+/// Wakes the engine at its timeouts (deadlines, session expiry).
+pub async fn clock(shared: Arc<Shared>) {
     loop {
-        let completed = shared.fed().round - 1;
-        if shared.config.max_rounds.is_some_and(|max| completed >= max) {
-            return;
-        }
-        let sends = loop {
-            let now = Instant::now();
-            if now.duration_since(last_sweep) > Duration::from_secs(1) {
-                shared.fed().expire_sessions(now);
-                last_sweep = now;
+        let due = shared.engine(|e| e.poll_timeout());
+        let woken = shared.wake.notified();
+        match due {
+            Some(due) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(tokio::time::Instant::from_std(due)) => {
+                        shared.engine(|e| e.handle_timeout(Instant::now()));
+                    }
+                    () = woken => {}
+                }
             }
-            if let Some(sends) = shared.fed().try_start_round(now) {
-                break sends;
-            }
-            tokio::time::sleep(POLL).await;
-        };
-        deliver(sends);
-        let phase = loop {
-            let phase = shared.fed().round_phase(Instant::now());
-            if phase != RoundPhase::Collecting {
-                break phase;
-            }
-            tokio::time::sleep(POLL).await;
-        };
-        if phase == RoundPhase::Failed {
-            deliver(shared.fed().abandon_round("closed without a quorum"));
-            continue;
-        }
-        if let Err(err) = close_round(&shared).await {
-            eprintln!("error: closing a round: {err:#}");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            None => woken.await,
         }
     }
-}
-
-async fn close_round(shared: &Arc<Shared>) -> anyhow::Result<()> {
-    let closed = {
-        let mut fed = shared.fed();
-        match fed.aggregate_round(Instant::now()) {
-            Ok((closed, notices)) => {
-                deliver(notices);
-                closed
-            }
-            Err(notices) => {
-                deliver(notices);
-                return Ok(());
-            }
-        }
-    };
-    let eval_started = Instant::now();
-    let metrics = evaluate_weights(shared, closed.aggregated.weights.clone()).await?;
-    let last = shared.config.max_rounds == Some(closed.round);
-    let population = match shared.config.rounds.population_eval_every {
-        Some(every) if last || closed.round.is_multiple_of(every.max(1)) => {
-            Some(evaluate_population(shared, closed.aggregated.weights.clone()).await?)
-        }
-        _ => None,
-    };
-    let record = RoundRecord {
-        round: closed.round,
-        clients: closed.clients,
-        train_loss: Some(closed.train_loss),
-        train_accuracy: Some(closed.train_accuracy),
-        eval_loss: metrics.loss,
-        eval_accuracy: metrics.accuracy,
-        bytes_up: closed.bytes_up,
-        bytes_down: closed.bytes_down,
-        seconds: closed.seconds + eval_started.elapsed().as_secs_f64(),
-        clipped: closed.aggregated.clipped,
-        // The bound this round clipped to (infinite, so not recorded, when off).
-        clip_bound: Some(f64::from(shared.fed().state.clip_bound)).filter(|b| b.is_finite()),
-        delta_norm: Some(closed.aggregated.median_norm),
-        population_loss: population.map(|m| m.loss),
-        population_accuracy: population.map(|m| m.accuracy),
-        model_hash: model_hash(&closed.aggregated.weights),
-    };
-    let mut history = shared.fed().history.clone();
-    history.push(record.clone());
-    state::commit(
-        &shared.config.state_dir,
-        &closed.aggregated.weights,
-        &closed.aggregated.state,
-        &history,
-        shared.config.seed,
-    )?;
-    deliver(shared.fed().commit(closed.aggregated, record));
-    shared.completed.send_replace(closed.round);
-    Ok(())
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Json, Response};
@@ -16,8 +16,12 @@ use folio_model::checkpoint::{self, Precision};
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
 
+use folio_engine::RoundRecord;
+use folio_engine::status::Status;
+
 use crate::Shared;
 use crate::access::AdminRefusal;
+use crate::driver::Delivery;
 use crate::net::PeerInfo;
 use crate::{state, ws};
 
@@ -26,8 +30,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ws", get(ws::upgrade))
         .route(
             "/api/status",
-            get(|State(shared): State<Arc<Shared>>| async move { Json(status_json(&shared)) }),
+            get(|State(shared): State<Arc<Shared>>| async move { Json(status(&shared)) }),
         )
+        .route("/api/history", get(history))
         .route("/api/characters", get(characters))
         .route("/api/model", get(model_file))
         .route("/api/model/start", get(start_model_file))
@@ -70,24 +75,46 @@ pub fn router(shared: Arc<Shared>) -> Router {
 /// The Shakespeare clients a tab can train as: `[[id, training chars], ...]`,
 /// for the page's character picker.
 async fn characters(State(shared): State<Arc<Shared>>) -> Json<Vec<(String, usize)>> {
-    let fed = shared.fed();
-    Json(
-        fed.characters()
-            .iter()
-            .map(|(id, chars)| (id.clone(), *chars))
-            .collect(),
-    )
+    let clients = shared.read(|e| e.clients().clone());
+    Json(clients.into_iter().collect())
 }
 
-/// The current global model, f16 safetensors: public, the page's generator uses it.
+/// Rounds of the history per request at most.
+const HISTORY_PAGE: usize = 2_000;
+
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    /// The first round wanted (0: from the start).
+    #[serde(default)]
+    from: u64,
+    limit: Option<usize>,
+}
+
+/// Committed rounds from `from` on, a page at a time: a page polls only for what
+/// is new.
+async fn history(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HistoryQuery>,
+) -> Json<Vec<RoundRecord>> {
+    let limit = query.limit.unwrap_or(HISTORY_PAGE).min(HISTORY_PAGE);
+    Json(shared.read(|e| e.history(query.from, limit).to_vec()))
+}
+
+/// The current global model, f16 safetensors: public, the page's generator uses
+/// it. Encoded off the engine and off the async workers.
 async fn model_file(State(shared): State<Arc<Shared>>) -> Response {
-    let (model, weights, round) = {
-        let fed = shared.fed();
-        (fed.model, fed.weights.clone(), fed.round - 1)
-    };
-    let metadata = BTreeMap::from([("round".to_owned(), round.to_string())]);
-    match checkpoint::encode(model, &weights, Precision::F16, &metadata) {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+    let (weights, round) = shared.read(|e| (e.weights(), e.completed_rounds()));
+    let model = shared.model;
+    let encoded = tokio::task::spawn_blocking(move || {
+        let metadata = BTreeMap::from([("round".to_owned(), round.to_string())]);
+        checkpoint::encode(model, &weights, Precision::F16, &metadata)
+    })
+    .await;
+    match encoded {
+        Ok(Ok(bytes)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
+        Ok(Err(err)) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
     }
 }
@@ -165,47 +192,28 @@ async fn revoke_session(
     if let Some(refused) = admin_refused(&shared, &peer, &headers) {
         return refused;
     }
-    let mut fed = shared.fed();
-    if let Some(outbox) = fed.sessions.get(session).and_then(|s| s.outbox.clone()) {
-        outbox.close();
-    }
-    fed.disconnect(session, Instant::now());
-    match fed.sessions.revoke(session) {
-        Some(info) => format!("session {session} ({}) revoked\n", info.client_id).into_response(),
+    let revoked = shared.engine(|e| {
+        shared.deliver(Delivery::Close(session));
+        e.revoke(session, Instant::now())
+    });
+    match revoked {
+        Some(client) => format!("session {session} ({client}) revoked\n").into_response(),
         None => (StatusCode::NOT_FOUND, format!("no session {session}\n")).into_response(),
     }
 }
 
-pub fn status_json(shared: &Shared) -> serde_json::Value {
-    let fed = shared.fed();
-    let open = fed.open_round(Instant::now());
-    let rounds = &fed.config;
-    let strategy = rounds.strategy;
-    serde_json::json!({
-        "preset": fed.preset,
-        "parameters": fed.model.num_params(),
-        "next_round": fed.round,
-        "completed_rounds": fed.round - 1,
-        "open_round": open,
-        "connected": fed.connected(),
-        "connections": shared.connections.open(),
-        "clients": fed.session_list(),
-        "errors": fed.errors,
-        "history": fed.history,
-        "config": {
-            "clients_per_round": strategy.clients_per_round,
-            "min_clients": strategy.min_clients,
-            "quorum": strategy.quorum,
-            "clipping": strategy.clipping.describe(),
-            "clip_bound": fed.state.clip_bound,
-            "aggregation": strategy.aggregation.name(),
-            "deadline_seconds": rounds.deadline.as_secs_f64(),
-            "local_epochs": rounds.local_epochs,
-            "max_batches": rounds.max_batches,
-            "client_lr": rounds.client_lr_at(fed.round),
-            "server_optimizer": strategy.server_optimizer.name(),
-            "delta_encoding": format!("{:?}", rounds.delta_encoding),
-            "max_rounds": shared.config.max_rounds,
-        },
-    })
+/// `/api/status`: the engine's status and the open TCP connections. Its size
+/// depends on the sessions held, not on the rounds run.
+#[derive(serde::Serialize)]
+pub struct ServerStatus {
+    #[serde(flatten)]
+    engine: Status,
+    connections: u64,
+}
+
+pub fn status(shared: &Shared) -> ServerStatus {
+    ServerStatus {
+        engine: shared.read(|e| e.status(Instant::now())),
+        connections: shared.connections.open(),
+    }
 }

@@ -1,55 +1,58 @@
-//! The aggregator: Federated Averaging over WebSocket, for untrusted clients.
+//! The aggregator: Federated Averaging over WebSocket, for untrusted clients. A
+//! host of the round engine ([`folio_engine`]), which owns every rule of the
+//! rounds; this crate carries frames, runs the engine's heavy jobs and keeps its
+//! state on disk.
 //!
 //! The folder follows the work: `net` (TCP: connection caps, idle timeouts),
-//! `http` (the page, status, model, admin API), `ws` (one client connection),
-//! `access` (tokens, origins, lockouts), `sessions`, `round` (one round's
-//! bookkeeping), `federation` (state and round state machine), `driver` (runs
-//! rounds, evaluates, commits), `state` (atomic commits), `limits` (every bound).
-//! The round's decisions live in [`folio_fed::Strategy`].
+//! `http` (the page, status, history, model, admin API), `ws` (one client
+//! connection), `outbox` (its bounded queue), `access` (tokens, origins,
+//! lockouts), `driver` (the engine's actions and clock), `eval` (central
+//! evaluation), `state` (durable commits), `limits` (every bound).
 
 pub mod access;
 pub mod config;
 mod driver;
-pub mod federation;
+pub mod eval;
 mod http;
 pub mod limits;
 pub mod net;
-pub mod record;
-pub mod round;
-pub mod sessions;
+pub mod outbox;
 pub mod state;
 mod ws;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use burn::prelude::Device;
 use bytes::Bytes;
-use folio_data::batch::batches;
-use folio_data::{Batch, BatchConfig, Corpus, vocab};
-use folio_fed::sampling::sample_clients;
-use folio_model::CharRnn;
+use folio_data::{Corpus, vocab};
+use folio_engine::{Engine, EngineConfig, Start};
 use folio_model::checkpoint::{self, Precision};
+use folio_model::{CharRnn, ModelConfig};
+use folio_proto::ModelShape;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use access::AccessConfig;
 pub use config::{RoundConfig, ServerConfig};
-use federation::{Federation, FederationInit};
+use driver::Delivery;
+pub use folio_engine::RoundRecord;
 pub use limits::Limits;
-use net::{CappedListener, ConnectionCount, PeerInfo};
-pub use record::RoundRecord;
+use net::{CappedListener, ConnectionCount};
 
 pub struct Shared {
-    fed: Mutex<Federation>,
+    engine: Mutex<Engine>,
+    /// The engine's actions, and connections coming and going, in order.
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    /// The engine may have a new timeout.
+    wake: Notify,
+    evaluator: Arc<eval::Evaluator>,
     corpus: Arc<Corpus>,
-    eval_batches: Vec<Batch>,
-    /// Every client's test ids, when the population is evaluated.
-    population: Vec<Vec<u32>>,
+    model: ModelConfig,
     /// The starting model as a model file (f16).
     start_model: Bytes,
     config: ServerConfig,
@@ -57,19 +60,48 @@ pub struct Shared {
     access: access::Access,
     connections: Arc<ConnectionCount>,
     max_frame_bytes: usize,
+    /// The tensors' lengths: the delta codecs' unit.
+    segments: Vec<usize>,
     /// The number of completed rounds, for whoever waits on progress.
     completed: watch::Sender<u64>,
     /// Set when the server finishes: connections close cleanly.
     closing: watch::Sender<bool>,
+    /// WebSocket connections open.
+    websockets: watch::Sender<usize>,
+    /// Held (shared) while a commit is saved; shutting down waits for it.
+    saving: tokio::sync::RwLock<()>,
 }
 
 impl Shared {
-    fn fed(&self) -> MutexGuard<'_, Federation> {
-        // A panic while holding the lock is a bug; the state is still consistent
+    fn lock(&self) -> MutexGuard<'_, Engine> {
+        // A panic while holding the lock is a bug; the engine is still consistent
         // (every method leaves it so before it can panic), so keep serving.
-        self.fed
+        self.engine
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs an event through the engine and hands the actions it queued to the
+    /// dispatcher, in order, before the lock is released. Nothing heavy runs here.
+    fn engine<R>(&self, event: impl FnOnce(&mut Engine) -> R) -> R {
+        let mut engine = self.lock();
+        let result = event(&mut engine);
+        while let Some(action) = engine.poll_action() {
+            self.deliver(Delivery::Action(action));
+        }
+        drop(engine);
+        self.wake.notify_one();
+        result
+    }
+
+    /// Reads the engine without moving it.
+    fn read<R>(&self, read: impl FnOnce(&Engine) -> R) -> R {
+        read(&self.lock())
+    }
+
+    fn deliver(&self, delivery: Delivery) {
+        // Only fails once the dispatcher is gone, when the server stops.
+        let _ = self.deliveries.send(delivery);
     }
 }
 
@@ -93,57 +125,29 @@ impl Server {
         std::fs::create_dir_all(&config.state_dir).with_context(|| {
             format!("cannot create the state dir {}", config.state_dir.display())
         })?;
-        let rounds = &config.rounds;
         // The model the federation starts from, kept for the page's side-by-side
         // generator however far the rounds have gone.
-        let start = match &config.init {
-            Some(path) => {
-                checkpoint::load(path, Some(model))
-                    .with_context(|| format!("cannot start from {}", path.display()))?
-                    .weights
-            }
-            None => {
-                CharRnn::init(model, config.seed, &Device::flex())
-                    .to_flat()
-                    .await?
-            }
-        };
+        let start = starting_weights(model, config.init.as_deref(), config.seed).await?;
         let start_model = Bytes::from(checkpoint::encode(
             model,
             &start,
             Precision::F16,
             &BTreeMap::from([("round".to_owned(), "0".to_owned())]),
         )?);
-        let (weights, strategy_state, history) = match state::load(
-            &config.state_dir,
-            rounds.strategy.server_optimizer,
-            model.num_params(),
-        )? {
-            Some(saved) => {
-                // The history file is a copy: make it match what was committed.
-                state::write_history(&config.state_dir, &saved.history)?;
-                (saved.weights, saved.strategy, saved.history)
-            }
-            None => (start, None, Vec::new()),
-        };
-        let completed = history.last().map_or(0, |r| r.round);
-        let eval_batches = eval_batches(&corpus, rounds, config.seed)?;
-        let population = match rounds.population_eval_every {
-            Some(_) => population_ids(&corpus),
-            None => Vec::new(),
-        };
-        let limits = fit_to_file_limit(config.limits.clone());
-        let fed = Federation::new(FederationInit {
+        let evaluator = Arc::new(eval::Evaluator::new(
             model,
-            preset: config.preset.to_string(),
-            config: rounds.clone(),
-            limits: limits.clone(),
-            seed: config.seed,
-            corpus: corpus.clone(),
-            weights,
-            state: strategy_state,
-            history,
-        });
+            &corpus,
+            &config.rounds,
+            config.seed,
+        )?);
+        let limits = fit_to_file_limit(config.limits.clone());
+        let engine = new_engine(
+            engine_config(model, &config, &limits),
+            &corpus,
+            &config.state_dir,
+            start,
+        )?;
+        let completed = engine.completed_rounds();
         let listener = TcpListener::bind(config.addr).await.with_context(|| {
             format!(
                 "cannot listen on {}: is another server running?",
@@ -159,11 +163,14 @@ impl Server {
             limits.max_connections_per_address,
             limits.http_idle,
         );
+        let (deliveries, delivered) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            fed: Mutex::new(fed),
+            engine: Mutex::new(engine),
+            deliveries,
+            wake: Notify::new(),
+            evaluator,
             corpus,
-            eval_batches,
-            population,
+            model,
             start_model,
             access: access::Access::new(
                 config.access.clone(),
@@ -173,22 +180,28 @@ impl Server {
             limits,
             connections,
             max_frame_bytes: limits::max_frame_bytes(model.num_params()),
+            segments: segments(model),
             completed: watch::channel(completed).0,
             closing: watch::channel(false).0,
+            websockets: watch::channel(0).0,
+            saving: tokio::sync::RwLock::new(()),
             config,
         });
         let router = http::router(shared.clone());
-        let http = tokio::spawn(async move {
-            let service = router.into_make_service_with_connect_info::<PeerInfo>();
-            if let Err(err) = axum::serve(listener, service).await {
-                eprintln!("error: the HTTP server stopped: {err}");
-            }
-        });
-        let driver = tokio::spawn(driver::drive(shared.clone()));
+        let http = tokio::spawn(net::serve(
+            listener,
+            router,
+            shared.limits.header_timeout,
+            shared.closing.subscribe(),
+        ));
+        // The engine queued its first actions (round 0's evaluation) when made.
+        shared.engine(|_| ());
+        let dispatcher = tokio::spawn(driver::dispatch(shared.clone(), delivered));
+        let clock = tokio::spawn(driver::clock(shared.clone()));
         Ok(Server {
             addr,
             shared,
-            tasks: vec![http, driver],
+            tasks: vec![http, dispatcher, clock],
         })
     }
 
@@ -198,16 +211,22 @@ impl Server {
         let _ = completed.wait_for(|&done| done >= rounds).await;
     }
 
+    /// Every committed round, from round 0.
     pub fn history(&self) -> Vec<RoundRecord> {
-        self.shared.fed().history.clone()
+        self.history_from(0)
+    }
+
+    /// The committed rounds from `round` on.
+    pub fn history_from(&self, round: u64) -> Vec<RoundRecord> {
+        self.shared.read(|e| e.history(round, usize::MAX).to_vec())
     }
 
     pub fn weights(&self) -> Vec<f32> {
-        self.shared.fed().weights.clone()
+        self.shared.read(|e| e.weights().to_vec())
     }
 
     pub fn status(&self) -> serde_json::Value {
-        http::status_json(&self.shared)
+        serde_json::to_value(http::status(&self.shared)).expect("the status serialises")
     }
 
     /// Open TCP connections.
@@ -215,11 +234,18 @@ impl Server {
         self.shared.connections.open()
     }
 
-    /// Closes every client connection cleanly (after the last round).
-    pub async fn close_connections(&self) {
+    /// Stops cleanly: no new connections; every client is sent what is queued for
+    /// it and a close frame; a commit being saved is finished (an open round is
+    /// abandoned: it was never committed, and runs again after a restart).
+    pub async fn shutdown(self) {
         self.shared.closing.send_replace(true);
-        // Let the writers send what is queued and their close frames.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut open = self.shared.websockets.subscribe();
+        // Each connection's writer gets a second for its last frames.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), open.wait_for(|&open| open == 0)).await;
+        let shared = self.shared.clone();
+        let _saved = shared.saving.write().await;
+        self.abort();
     }
 
     /// Stops serving at once, as a killed process would (the last commit stays).
@@ -228,6 +254,84 @@ impl Server {
             task.abort();
         }
     }
+}
+
+/// The tensors' lengths in parameter order.
+pub fn segments(model: ModelConfig) -> Vec<usize> {
+    model
+        .param_shapes()
+        .iter()
+        .map(|(_, shape)| shape.iter().product())
+        .collect()
+}
+
+/// The model a federation starts from: a model file, or fresh seeded weights.
+pub async fn starting_weights(
+    model: ModelConfig,
+    init: Option<&std::path::Path>,
+    seed: u64,
+) -> anyhow::Result<Vec<f32>> {
+    Ok(match init {
+        Some(path) => {
+            checkpoint::load(path, Some(model))
+                .with_context(|| format!("cannot start from {}", path.display()))?
+                .weights
+        }
+        None => {
+            CharRnn::init(model, seed, &Device::flex())
+                .to_flat()
+                .await?
+        }
+    })
+}
+
+fn engine_config(model: ModelConfig, config: &ServerConfig, limits: &Limits) -> EngineConfig {
+    EngineConfig {
+        rounds: config.rounds.clone(),
+        preset: config.preset.to_string(),
+        model: ModelShape {
+            vocab: model.vocab as u32,
+            embed: model.embed as u32,
+            hidden: model.hidden as u32,
+        },
+        segments: segments(model),
+        seed: config.seed,
+        max_sessions: limits.max_sessions,
+        session_ttl: limits.session_ttl,
+        max_rounds: config.max_rounds,
+    }
+}
+
+/// An engine for `corpus`'s clients, resuming the state in `state_dir` if there is
+/// one, else starting from `start`.
+pub fn new_engine(
+    config: EngineConfig,
+    corpus: &Corpus,
+    state_dir: &std::path::Path,
+    start: Vec<f32>,
+) -> anyhow::Result<Engine> {
+    let start = match state::open(state_dir, config.num_params())? {
+        Some(saved) => Start {
+            weights: saved.weights,
+            strategy: Some(saved.strategy),
+            history: saved.history,
+        },
+        None => Start {
+            weights: start,
+            strategy: None,
+            history: Vec::new(),
+        },
+    };
+    let clients = corpus
+        .clients
+        .iter()
+        .map(|c| (c.id.clone(), vocab::encode(&c.train_text()).0.len()));
+    let strategy = folio_fed::strategy::build(config.rounds.strategy, config.seed);
+    let engine = Engine::new(config, strategy, clients, start, Instant::now());
+    if let Some(why) = &engine.fresh_state {
+        tracing::warn!("the saved strategy state is not continued ({why}): it starts afresh");
+    }
+    Ok(engine)
 }
 
 /// File descriptors kept free for the listener, state files and the like.
@@ -241,57 +345,12 @@ fn fit_to_file_limit(mut limits: Limits) -> Limits {
     };
     let room = files.saturating_sub(SPARE_FILES).max(1) as usize;
     if limits.max_connections > room {
-        eprintln!(
-            "warning: {} connections asked for, but only {files} open files are allowed: \
+        tracing::warn!(
+            "{} connections asked for, but only {files} open files are allowed: \
              at most {room} connections (raise `ulimit -n` for more)",
             limits.max_connections
         );
         limits.max_connections = room;
     }
     limits
-}
-
-/// Every client's test split, as ids: the population evaluation's data.
-pub fn population_ids(corpus: &Corpus) -> Vec<Vec<u32>> {
-    corpus
-        .clients
-        .iter()
-        .map(|c| vocab::encode(&c.test_text()).0)
-        .collect()
-}
-
-/// The fixed held-out set: the tutorial's check (one client's first training
-/// batches) when `eval_client` is set, else the test split of a seeded sample of
-/// clients.
-pub fn eval_batches(
-    corpus: &Corpus,
-    rounds: &RoundConfig,
-    seed: u64,
-) -> anyhow::Result<Vec<Batch>> {
-    let tutorial = BatchConfig::tutorial(0);
-    let take = |text: String| {
-        let (ids, _) = vocab::encode(&text);
-        let mut all = batches(&ids, &tutorial);
-        all.truncate(rounds.eval_batches);
-        all
-    };
-    let batches: Vec<Batch> = match &rounds.eval_client {
-        Some(id) => take(corpus.client(id)?.train_text()),
-        None => {
-            let eligible: Vec<&folio_data::Client> = corpus
-                .clients
-                .iter()
-                .filter(|c| c.test_text().len() >= tutorial.ids_per_batch())
-                .collect();
-            sample_clients(&eligible, rounds.eval_clients, seed, u64::MAX)
-                .into_iter()
-                .flat_map(|c| take(c.test_text()))
-                .collect()
-        }
-    };
-    anyhow::ensure!(
-        !batches.is_empty(),
-        "no evaluation batches: check --eval-client / --eval-clients"
-    );
-    Ok(batches)
 }

@@ -28,6 +28,8 @@ pub struct Limits {
     /// An HTTP connection (or a WebSocket not yet joined) that sends nothing for
     /// this long is closed: half-sent requests, idle keep-alives, silent sockets.
     pub http_idle: Duration,
+    /// A request's head must arrive within this time of its first byte.
+    pub header_timeout: Duration,
     /// A WebSocket must join within this time.
     pub join_timeout: Duration,
     /// The server sends a heartbeat this often...
@@ -56,6 +58,7 @@ impl Default for Limits {
             max_sessions: 4096,
             session_ttl: Duration::from_secs(600),
             http_idle: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
             join_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(90),

@@ -13,8 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
@@ -116,7 +114,7 @@ impl axum::serve::Listener for CappedListener {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     // Out of file descriptors and the like: back off, keep serving.
-                    eprintln!("accept failed: {err}");
+                    tracing::warn!("accept failed: {err}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -258,11 +256,46 @@ pub struct PeerInfo {
     pub idle: Arc<IdleControl>,
 }
 
-impl Connected<IncomingStream<'_, CappedListener>> for PeerInfo {
-    fn connect_info(stream: IncomingStream<'_, CappedListener>) -> Self {
-        Self {
-            address: *stream.remote_addr(),
-            idle: stream.io().idle.control.clone(),
-        }
+/// Serves HTTP (and WebSocket upgrades) on `listener` until `closing` is set.
+/// Every request's head must arrive within `header_timeout` of its first byte: a
+/// client trickling bytes holds its connection for that long at most.
+pub async fn serve(
+    mut listener: CappedListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    loop {
+        let (io, address) = tokio::select! {
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            _ = closing.wait_for(|&closing| closing) => return,
+        };
+        let peer = PeerInfo {
+            address,
+            idle: io.idle.control.clone(),
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer.clone()));
+                router.clone().oneshot(request.map(axum::body::Body::new))
+            },
+        );
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            if let Err(err) = connection.await {
+                tracing::debug!(%address, "connection ended: {err}");
+            }
+        });
     }
 }

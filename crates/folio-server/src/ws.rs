@@ -21,13 +21,15 @@ use folio_proto::{
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{Notify, mpsc};
 
+use folio_engine::{CheckedJoin, DecodedUpdate, error};
+
 use crate::Shared;
-use crate::federation::{CheckedJoin, DecodedUpdate, error};
+use crate::driver::Delivery;
 use crate::limits::{
     MAX_ADAPTER_BYTES, MAX_BACKEND_BYTES, MAX_CLIENT_ID_BYTES, MAX_RESUME_BYTES, MAX_TOKEN_BYTES,
 };
 use crate::net::PeerInfo;
-use crate::sessions::Outbox;
+use crate::outbox::Outbox;
 
 pub async fn upgrade(
     ws: WebSocketUpgrade,
@@ -36,7 +38,7 @@ pub async fn upgrade(
     State(shared): State<Arc<Shared>>,
 ) -> Response {
     if !shared.access.origin_ok(&headers) {
-        shared.fed().count_error(ErrorCode::BadToken);
+        shared.engine(|e| e.count_error(ErrorCode::BadToken));
         return (
             StatusCode::FORBIDDEN,
             "this origin may not open the aggregator's WebSocket (see --allow-origin)",
@@ -68,7 +70,24 @@ const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Why the server ends a connection, told to the client before it closes.
 struct Goodbye(ErrorMessage);
 
+/// Counts a WebSocket as open while it lives.
+struct Open(Arc<Shared>);
+
+impl Open {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.websockets.send_modify(|open| *open += 1);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.websockets.send_modify(|open| *open -= 1);
+    }
+}
+
 async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
+    let _open = Open::new(&shared);
     let limits = shared.limits.clone();
     let (mut sink, mut stream) = socket.split();
     let (frames, mut queue) = mpsc::channel::<Bytes>(limits.outbox_frames);
@@ -92,7 +111,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
                 }
                 let id = session.load(std::sync::atomic::Ordering::Relaxed);
                 if id != 0 {
-                    shared.fed().add_bytes(id, 0, len);
+                    shared.engine(|e| e.add_bytes(id, 0, len));
                 }
             }
             let _ =
@@ -114,7 +133,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
                     if err.to_string().contains("Space limit exceeded")
                         || err.to_string().contains("too long")
                     {
-                        shared.fed().count_error(ErrorCode::FrameTooLarge);
+                        shared.engine(|e| e.count_error(ErrorCode::FrameTooLarge));
                     }
                     break None;
                 }
@@ -131,7 +150,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
                     }
                     Some(id) => {
                         let silent = now.duration_since(last_heard);
-                        let may_be_silent = shared.fed().silent_until(id).is_some_and(|deadline| now < deadline + limits.idle_timeout);
+                        let may_be_silent = shared.read(|e| e.silent_until(id)).is_some_and(|deadline| now < deadline + limits.idle_timeout);
                         if silent > limits.idle_timeout && !may_be_silent {
                             break Some(Goodbye(error(ErrorCode::Timeout, "no heartbeat for too long")));
                         }
@@ -152,24 +171,15 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
                 "frames are binary (folio-proto)",
             )),
             Message::Close(_) => break None,
-            _ => Ok(None),
+            _ => Ok(()),
         };
         if let Some(id) = joined {
             session.store(id, std::sync::atomic::Ordering::Relaxed);
         }
         match reply {
-            Ok(Some(reply)) => {
-                outbox.send(Bytes::from(folio_proto::encode(&reply)));
-                // A tab reloaded mid-round gets its round again.
-                if let (ServerMessage::Welcome(_), Some(id)) = (&reply, joined)
-                    && let Some(frame) = shared.fed().rejoin_open_round(id, Instant::now())
-                {
-                    outbox.send(frame);
-                }
-            }
-            Ok(None) => {}
+            Ok(()) => {}
             Err(refused) => {
-                shared.fed().count_error(refused.code);
+                shared.engine(|e| e.count_error(refused.code));
                 if refused.code == ErrorCode::BadToken {
                     break Some(Goodbye(refused));
                 }
@@ -190,11 +200,14 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
         }
     };
     if let Some(id) = joined {
-        shared.fed().disconnect(id, Instant::now());
+        shared.engine(|e| {
+            e.leave(id, Instant::now());
+            shared.deliver(Delivery::Disconnect(id));
+        });
     }
     if let Some(Goodbye(reason)) = goodbye {
         if reason.code != ErrorCode::BadToken {
-            shared.fed().count_error(reason.code);
+            shared.engine(|e| e.count_error(reason.code));
         }
         outbox.send(Bytes::from(folio_proto::encode(&ServerMessage::Error(
             reason,
@@ -268,15 +281,11 @@ fn check_join(shared: &Shared, address: IpAddr, join: Join) -> Result<CheckedJoi
     })
 }
 
-/// Checks an update's delta: the federation's lock is held only to read the
-/// round's rules and, at the end, to fold the delta in (from its bytes).
+/// Checks an update's delta: the engine is asked only which round and encoding
+/// it may be for, and, once the delta is decoded, to fold it in.
 fn handle_update(shared: &Shared, id: u64, update: Update) -> Result<(), ErrorMessage> {
-    let (encoding, segments) = {
-        let fed = shared.fed();
-        fed.expected_update(id, update.round)?;
-        (fed.round_encoding(), fed.segments())
-    };
-    if Some(update.encoding) != encoding {
+    let encoding = shared.read(|e| e.expected_update(id, update.round))?;
+    if update.encoding != encoding {
         return Err(error(
             ErrorCode::WrongEncoding,
             format!(
@@ -285,31 +294,29 @@ fn handle_update(shared: &Shared, id: u64, update: Update) -> Result<(), ErrorMe
             ),
         ));
     }
-    let delta = CheckedDelta::new(update.delta, &segments, update.encoding)
+    let delta = CheckedDelta::new(update.delta, &shared.segments, update.encoding)
         .map_err(|err| error(ErrorCode::BadDelta, err.to_string()))?;
-    shared.fed().handle_update(
-        id,
-        DecodedUpdate {
-            round: update.round,
-            examples: update.examples,
-            delta,
-            train_loss: update.train_loss,
-            train_accuracy: update.train_accuracy,
-            train_seconds: update.train_seconds,
-        },
-    )
+    let decoded = DecodedUpdate {
+        round: update.round,
+        examples: update.examples,
+        delta,
+        train_loss: update.train_loss,
+        train_accuracy: update.train_accuracy,
+        train_seconds: update.train_seconds,
+    };
+    shared.engine(|e| e.update(id, decoded, Instant::now()))
 }
 
-/// Handles one binary frame; returns the reply, if any, or why it is refused.
+/// Handles one binary frame; replies go out through the outbox.
 fn handle_frame(
     shared: &Shared,
     peer: &PeerInfo,
     joined: &mut Option<u64>,
     frame: &[u8],
     outbox: &Outbox,
-) -> Result<Option<ServerMessage>, ErrorMessage> {
+) -> Result<(), ErrorMessage> {
     if let Some(id) = *joined {
-        shared.fed().add_bytes(id, frame.len() as u64, 0);
+        shared.engine(|e| e.add_bytes(id, frame.len() as u64, 0));
     }
     let message =
         folio_proto::decode_client(frame).map_err(|err| error(err.code(), err.to_string()))?;
@@ -320,19 +327,30 @@ fn handle_frame(
         )),
         (ClientMessage::Join(join), None) => {
             let checked = check_join(shared, peer.address.ip(), join)?;
-            let (id, welcome) = shared.fed().join(checked, outbox.clone(), Instant::now())?;
+            // The welcome goes out before anything the engine queues for the
+            // session (a round it rejoins): both under the engine's lock.
+            let id = shared.engine(|e| -> Result<u64, ErrorMessage> {
+                let joined = e.join(checked, Instant::now())?;
+                let text = shared
+                    .corpus
+                    .client(&joined.client_id)
+                    .expect("the engine hands out corpus clients")
+                    .train_text();
+                let welcome = ServerMessage::Welcome(e.welcome(&joined, text));
+                outbox.send(Bytes::from(folio_proto::encode(&welcome)));
+                shared.deliver(Delivery::Connect(joined.session, outbox.clone()));
+                Ok(joined.session)
+            })?;
             *joined = Some(id);
             // From now on the connection's liveness is the heartbeat's business.
             peer.idle.disable();
-            Ok(Some(ServerMessage::Welcome(welcome)))
+            Ok(())
         }
         (ClientMessage::Update(_) | ClientMessage::Heartbeat, None) => {
             Err(error(ErrorCode::NotJoined, "join first"))
         }
-        (ClientMessage::Update(update), Some(id)) => {
-            handle_update(shared, id, update).map(|()| None)
-        }
+        (ClientMessage::Update(update), Some(id)) => handle_update(shared, id, update),
         // A heartbeat only says the client is alive.
-        (ClientMessage::Heartbeat, Some(_)) => Ok(None),
+        (ClientMessage::Heartbeat, Some(_)) => Ok(()),
     }
 }

@@ -413,7 +413,7 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
     let after_two = first.weights();
     first.abort();
 
-    let saved = folio_server::state::load(dir.path(), momentum, after_two.len())
+    let saved = folio_server::state::load(dir.path(), after_two.len())
         .unwrap()
         .unwrap();
     assert_eq!(saved.completed_rounds(), 2);
@@ -433,7 +433,7 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
     assert_eq!(round_start_weights(&logs[0], 3).unwrap(), after_two);
     let expected: Vec<f32> = after_two
         .iter()
-        .zip(&saved.strategy.as_ref().unwrap().optimizer.m)
+        .zip(&saved.strategy.tensors["server_m"])
         .zip(mean_delta(&logs, 3))
         .map(|((w, m), d)| w + (0.9 * m + d as f32))
         .collect();
@@ -717,7 +717,7 @@ async fn the_population_is_evaluated_on_the_rounds_asked_for_and_the_last() {
     let model =
         folio_model::CharRnn::from_flat(Preset::Small.config(), &server.weights(), &Device::flex())
             .unwrap();
-    let population = folio_server::population_ids(&corpus);
+    let population = folio_server::eval::population_ids(&corpus);
     let expected = folio_model::eval::evaluate_population(&model, &population, 64, 8, |_, _| {})
         .await
         .unwrap();

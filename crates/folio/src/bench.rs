@@ -184,11 +184,7 @@ fn fold_round(clients: usize) {
         let delta = CheckedDelta::new(frame, &segments, Encoding::Int8).expect("valid frame");
         round.add(&delta, 8.0, 1.0);
     }
-    std::hint::black_box(
-        round
-            .aggregate(Aggregation::Mean)
-            .expect("updates were added"),
-    );
+    std::hint::black_box(round.aggregate().expect("updates were added"));
 }
 
 /// The process's peak resident set (Linux `VmHWM`), in KiB.

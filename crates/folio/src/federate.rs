@@ -9,11 +9,13 @@ use clap::{Args, ValueEnum};
 use folio_client::native::WsTransport;
 use folio_client::{ClientEvent, ClientOptions};
 use folio_fed::{
-    Aggregation, Clipping, Encoding, ServerOptimizerConfig, StrategyConfig, Weighting,
+    Aggregation, Clipping, Encoding, Selection, ServerOptimizerConfig, StrategyConfig,
+    StrategyKind, Weighting,
 };
 use folio_model::Preset;
 use folio_proto::Optimizer;
 use folio_server::{AccessConfig, Limits, RoundConfig, RoundRecord, Server, ServerConfig};
+use folio_sim::population::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -23,6 +25,12 @@ pub enum ServerOpt {
     Fedadagrad,
     Fedadam,
     Fedyogi,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum StrategyRule {
+    Fedavg,
+    Krum,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,8 +85,21 @@ pub struct RoundArgs {
     /// Start from fresh (seeded random) weights, not a pre-trained model.
     #[arg(long)]
     fresh: bool,
+    /// The round's rules: hardened FedAvg, or multi-Krum (drops the updates far
+    /// from the others; see --byzantine).
+    #[arg(long, value_enum, default_value = "fedavg")]
+    strategy: StrategyRule,
+    /// Updates Krum assumes may be hostile in a round.
+    #[arg(long, default_value_t = 0)]
+    byzantine: usize,
     #[arg(long, default_value_t = 2)]
     clients_per_round: usize,
+    /// Draw each round's clients in proportion to their training text (without
+    /// replacement) and average their deltas uniformly: close to training on
+    /// everyone's text pooled, without one large client's many local steps
+    /// dominating its round.
+    #[arg(long)]
+    sample_by_size: bool,
     /// Connected clients needed to start a round [default: --clients-per-round]
     #[arg(long)]
     min_clients: Option<usize>,
@@ -195,10 +216,20 @@ impl RoundArgs {
             },
         };
         let strategy = StrategyConfig {
+            kind: match self.strategy {
+                StrategyRule::Fedavg => StrategyKind::FedAvg,
+                StrategyRule::Krum => StrategyKind::Krum,
+            },
+            byzantine: self.byzantine,
             clients_per_round: self.clients_per_round,
             min_clients: self.min_clients.unwrap_or(self.clients_per_round),
             quorum: self.quorum.unwrap_or(self.clients_per_round.div_ceil(2)),
-            weighting: if self.uniform {
+            selection: if self.sample_by_size {
+                Selection::BySize
+            } else {
+                Selection::Uniform
+            },
+            weighting: if self.uniform || self.sample_by_size {
                 Weighting::Uniform
             } else {
                 Weighting::Examples
@@ -246,14 +277,6 @@ impl RoundArgs {
             population_eval_every: (self.population_eval_every > 0)
                 .then_some(self.population_eval_every),
         }
-    }
-
-    pub fn preset(&self) -> Preset {
-        self.preset
-    }
-
-    pub fn seed(&self) -> u64 {
-        self.seed
     }
 
     /// The model to start from; `None`: fresh weights.
@@ -342,12 +365,6 @@ pub struct SimulateArgs {
     /// --clients native clients over WebSocket.
     #[arg(long, requires = "state_dir")]
     population: bool,
-    /// With --population: draw each round's clients with replacement, in
-    /// proportion to their training text, and average their deltas uniformly (an
-    /// unbiased estimate of training on everyone's text pooled, without one large
-    /// client's many local steps dominating its round).
-    #[arg(long, requires = "population")]
-    sample_by_size: bool,
     #[arg(long, default_value_t = 2)]
     clients: usize,
     #[arg(long, default_value_t = 5)]
@@ -407,22 +424,47 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
         );
         println!("{TABLE_HEADER}");
         let mut shown = 0;
+        let mut stop = std::pin::pin!(stop_signal());
         loop {
-            let history = server.history();
-            for record in &history[shown.min(history.len())..] {
-                println!("{}", row(record));
+            for record in server.history_from(shown) {
+                println!("{}", row(&record));
+                shown = record.round + 1;
             }
-            shown = history.len();
-            if args
-                .rounds
-                .is_some_and(|max| history.last().is_some_and(|r| r.round >= max))
-            {
-                server.close_connections().await;
-                return Ok(());
+            if args.rounds.is_some_and(|max| shown > max) {
+                break;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::select! {
+                () = server.wait_for_round(shown) => {}
+                signal = &mut stop => {
+                    tracing::info!("{signal}: stopping; the open round, if any, is abandoned");
+                    break;
+                }
+            }
         }
+        server.shutdown().await;
+        Ok(())
     })
+}
+
+/// The first of SIGINT (Ctrl-C) and SIGTERM, named.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
 }
 
 pub fn client(args: ClientArgs) -> anyhow::Result<()> {
@@ -491,14 +533,8 @@ pub fn row(r: &RoundRecord) -> String {
 
 pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
     if args.population {
-        let state_dir = args.state_dir.as_deref().expect("clap requires it");
-        return crate::population::run(
-            &args.round,
-            args.rounds,
-            args.sample_by_size,
-            state_dir,
-            data_dir,
-        );
+        let state_dir = args.state_dir.clone().expect("clap requires it");
+        return population(&args.round, args.rounds, state_dir, data_dir);
     }
     let temp = std::env::temp_dir().join(format!("folio-simulate-{}", std::process::id()));
     let state_dir = args.state_dir.clone().unwrap_or_else(|| temp.clone());
@@ -577,8 +613,7 @@ pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
         }
         bar.finish_and_clear();
         let history = server.history();
-        server.close_connections().await;
-        server.abort();
+        server.shutdown().await;
         anyhow::Ok(history)
     })?;
     if args.state_dir.is_none() {
@@ -590,6 +625,64 @@ pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
         "{} rounds, {clients} clients: eval accuracy {first:.4} -> {last:.4} in {:.0}s",
         args.rounds,
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `folio simulate --population`: every Shakespeare client in this process, with
+/// a progress bar and the table of rounds.
+fn population(
+    round: &RoundArgs,
+    rounds: u64,
+    state_dir: PathBuf,
+    data_dir: &Path,
+) -> anyhow::Result<()> {
+    let sim = folio_sim::population::Population {
+        rounds: round.round_config(),
+        preset: round.preset,
+        init: round.init(),
+        seed: round.seed,
+        max_rounds: rounds,
+        state_dir: state_dir.clone(),
+        data_dir: data_dir.to_owned(),
+    };
+    let bar = ProgressBar::new(rounds);
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30}] round {pos}/{len}, {elapsed}, ETA {eta} {msg}")
+            .expect("valid template"),
+    );
+    let print = |line: String| {
+        if bar.is_hidden() {
+            println!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
+    let history = folio_sim::population::run(&sim, |progress| match progress {
+        Progress::Started { clients, completed } => {
+            print(format!(
+                "{clients} clients to sample from, {} a round; {completed} of {rounds} rounds done in {}",
+                sim.rounds.strategy.clients_per_round,
+                state_dir.display()
+            ));
+            print(TABLE_HEADER.to_owned());
+            bar.set_position(completed.min(rounds));
+        }
+        Progress::Training { clients } => bar.set_message(format!("{clients} clients training")),
+        Progress::Committed(record) => {
+            print(row(record));
+            bar.set_position(record.round);
+        }
+    })?;
+    bar.finish_and_clear();
+    let last = history.last().expect("round 0 at least");
+    println!(
+        "{} rounds in {}: eval accuracy {:.4}{}",
+        last.round,
+        state_dir.display(),
+        last.eval_accuracy,
+        last.population_accuracy
+            .map_or_else(String::new, |acc| format!(", population accuracy {acc:.4}"))
     );
     Ok(())
 }

@@ -6,7 +6,6 @@ mod federate;
 mod influence;
 mod model;
 mod plot;
-mod population;
 mod pretrain;
 mod server_bench;
 
@@ -64,6 +63,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs (the aggregator's rounds, warnings, errors) to stderr; RUST_LOG picks
+    // the levels, e.g. `RUST_LOG=folio_server=debug`.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let data_dir = cli.data_dir.unwrap_or_else(data::default_data_dir);
     let result = match cli.command {
         Command::Data(command) => data::run(command, &data_dir),

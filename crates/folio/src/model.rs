@@ -11,7 +11,6 @@ use burn::prelude::Device;
 use clap::{Args, ValueEnum};
 use folio_data::batch::batches;
 use folio_data::{BatchConfig, Corpus, vocab};
-use folio_fed::ServerOptimizerConfig;
 use folio_model::checkpoint::{self, Precision};
 use folio_model::eval::{evaluate, random_batches};
 use folio_model::generate::{GenerateConfig, generate};
@@ -226,9 +225,8 @@ pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
         .into_iter()
         .find(|p| p.config().num_params() == weights_len)
         .with_context(|| format!("{weights_len} weights fit no preset"))?;
-    // Only the weights and the history matter here, not the optimizer's state.
-    let saved = folio_server::state::load(&args.run, ServerOptimizerConfig::fedavg(), weights_len)?
-        .context("the run has no state yet")?;
+    let saved =
+        folio_server::state::load(&args.run, weights_len)?.context("the run has no state yet")?;
     let last = saved.history.last().context("the run has no rounds yet")?;
     let model = CharRnn::from_flat(preset.config(), &saved.weights, &Device::flex())?;
     let population = match (last.population_loss, last.population_accuracy) {

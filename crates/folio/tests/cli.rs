@@ -146,10 +146,7 @@ fn eval_and_generate_run_on_a_checkpoint() {
 /// Runs `folio simulate --population` on the small preset for `rounds` in `dir`,
 /// with `extra` flags, twice: whole and stopped after 2 rounds then resumed.
 /// Returns the two state folders, which must hold the same run.
-fn whole_and_resumed_population_runs(
-    extra: &[&str],
-    optimizer: folio_fed::ServerOptimizerConfig,
-) -> (tempfile::TempDir, tempfile::TempDir) {
+fn whole_and_resumed_population_runs(extra: &[&str]) -> (tempfile::TempDir, tempfile::TempDir) {
     let simulate = |dir: &std::path::Path, rounds: &str| {
         stdout(folio().arg("simulate").args(extra).args([
             "--population",
@@ -181,7 +178,7 @@ fn whole_and_resumed_population_runs(
     let resumed = simulate(split.path(), "4");
     assert!(resumed.contains("2 of 4 rounds done"), "{resumed}");
     let load = |dir: &std::path::Path| {
-        folio_server::state::load(dir, optimizer, Preset::Small.config().num_params())
+        folio_server::state::load(dir, Preset::Small.config().num_params())
             .unwrap()
             .unwrap()
     };
@@ -200,15 +197,10 @@ fn whole_and_resumed_population_runs(
 
 #[test]
 fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
-    let (whole, _) =
-        whole_and_resumed_population_runs(&[], folio_fed::ServerOptimizerConfig::fedavg());
-    let a = folio_server::state::load(
-        whole.path(),
-        folio_fed::ServerOptimizerConfig::fedavg(),
-        Preset::Small.config().num_params(),
-    )
-    .unwrap()
-    .unwrap();
+    let (whole, _) = whole_and_resumed_population_runs(&[]);
+    let a = folio_server::state::load(whole.path(), Preset::Small.config().num_params())
+        .unwrap()
+        .unwrap();
 
     // The run's model as a model file, scored on the whole population.
     let exported = whole.path().join("model.safetensors");
@@ -232,27 +224,18 @@ fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
 fn a_size_sampled_bias_corrected_fedadam_run_resumes_exactly_too() {
     // Bias correction depends on the server's step count, so a resumed run only
     // matches if the count is saved with the moments.
-    let (whole, _) = whole_and_resumed_population_runs(
-        &[
-            "--sample-by-size",
-            "--server-optimizer",
-            "fedadam",
-            "--server-lr",
-            "0.001",
-            "--server-beta2",
-            "0.999",
-            "--server-bias-correction",
-        ],
-        folio_fed::ServerOptimizerConfig::FedAdam {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            tau: 1e-3,
-            bias_correction: true,
-        },
-    );
+    let (whole, _) = whole_and_resumed_population_runs(&[
+        "--sample-by-size",
+        "--server-optimizer",
+        "fedadam",
+        "--server-lr",
+        "0.001",
+        "--server-beta2",
+        "0.999",
+        "--server-bias-correction",
+    ]);
     let history = std::fs::read_to_string(whole.path().join("metrics.jsonl")).unwrap();
-    // Drawn with replacement by size, three a round, every round three updates.
+    // Drawn by size, three distinct clients a round, every round three updates.
     assert_eq!(history.matches(r#""clients":3"#).count(), 4, "{history}");
 }
 

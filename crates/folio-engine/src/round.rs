@@ -123,10 +123,10 @@ impl OpenRound {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use folio_fed::strategy::{RobustFedAvg, StrategyConfig};
+    use folio_fed::StrategyConfig;
 
     fn round(selected: &[u64]) -> OpenRound {
-        let strategy = RobustFedAvg::new(StrategyConfig::fedavg(3), 0);
+        let strategy = folio_fed::strategy::build(StrategyConfig::fedavg(3), 0);
         let start = RoundStart {
             round: 1,
             model: 0,
@@ -145,7 +145,7 @@ mod tests {
             start,
             0,
             selected.iter().map(|&s| (s, 8)).collect(),
-            folio_fed::Strategy::open_round(&strategy, &strategy.initial_state(1), 1),
+            strategy.open_round(&strategy.initial_state(1), 1).unwrap(),
             Instant::now(),
             Duration::from_secs(60),
         )

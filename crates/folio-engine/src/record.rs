@@ -4,6 +4,13 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// A model's loss and accuracy on held-out text, as the host measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     /// 0 is the initial model, before any round.
@@ -41,11 +48,7 @@ pub struct RoundRecord {
 
 impl RoundRecord {
     /// Round 0: the starting model, as evaluated before any round.
-    pub fn initial(
-        eval: &folio_model::Metrics,
-        population: Option<&folio_model::Metrics>,
-        weights: &[f32],
-    ) -> Self {
+    pub fn initial(eval: &Evaluation, population: Option<&Evaluation>, weights: &[f32]) -> Self {
         Self {
             round: 0,
             clients: 0,

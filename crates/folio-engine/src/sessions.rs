@@ -12,37 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::limits::REPORTED_ROUNDS_KEPT;
-
-/// Frames queued for one connection, bounded; a full queue drops the connection.
-#[derive(Debug, Clone)]
-pub struct Outbox {
-    frames: tokio::sync::mpsc::Sender<bytes::Bytes>,
-    kill: std::sync::Arc<tokio::sync::Notify>,
-}
-
-impl Outbox {
-    pub fn new(
-        frames: tokio::sync::mpsc::Sender<bytes::Bytes>,
-        kill: std::sync::Arc<tokio::sync::Notify>,
-    ) -> Self {
-        Self { frames, kill }
-    }
-
-    /// Ends the connection.
-    pub fn close(&self) {
-        self.kill.notify_one();
-    }
-
-    /// Queues a frame; a client whose queue is full is not reading: drop it.
-    pub fn send(&self, frame: bytes::Bytes) {
-        use tokio::sync::mpsc::error::TrySendError;
-        match self.frames.try_send(frame) {
-            Ok(()) | Err(TrySendError::Closed(_)) => {}
-            Err(TrySendError::Full(_)) => self.kill.notify_one(),
-        }
-    }
-}
+/// Rounds listed per session in the status.
+pub const REPORTED_ROUNDS_KEPT: usize = 32;
 
 /// A client's latest round.
 #[derive(Debug, Clone, Serialize)]
@@ -74,8 +45,6 @@ pub struct SessionInfo {
     pub held_model: Option<u64>,
     #[serde(skip)]
     secret: String,
-    #[serde(skip)]
-    pub outbox: Option<Outbox>,
     #[serde(skip)]
     disconnected_at: Option<Instant>,
 }
@@ -237,17 +206,15 @@ impl Sessions {
                 reported_rounds: VecDeque::new(),
                 held_model: None,
                 secret: random_secret(),
-                outbox: None,
                 disconnected_at: Some(now),
             },
         );
         Ok(session)
     }
 
-    pub fn connect(&mut self, session: u64, outbox: Outbox) {
+    pub fn connect(&mut self, session: u64) {
         if let Some(info) = self.by_id.get_mut(&session) {
             info.connected = true;
-            info.outbox = Some(outbox);
             info.disconnected_at = None;
         }
     }
@@ -255,7 +222,6 @@ impl Sessions {
     pub fn disconnect(&mut self, session: u64, now: Instant) {
         if let Some(info) = self.by_id.get_mut(&session) {
             info.connected = false;
-            info.outbox = None;
             info.disconnected_at = Some(now);
         }
     }
@@ -268,6 +234,15 @@ impl Sessions {
                 .is_none_or(|at| now.saturating_duration_since(at) < ttl)
         });
         before - self.by_id.len()
+    }
+
+    /// When the next disconnected session expires, if any is waiting.
+    pub fn next_expiry(&self, ttl: Duration) -> Option<Instant> {
+        self.by_id
+            .values()
+            .filter_map(|s| s.disconnected_at)
+            .min()
+            .map(|at| at + ttl)
     }
 
     /// Ends a session now (an operator's revocation).
@@ -284,11 +259,6 @@ mod tests {
 
     fn pool() -> Vec<String> {
         ["A", "B"].map(String::from).to_vec()
-    }
-
-    fn outbox() -> Outbox {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        Outbox::new(tx, Default::default())
     }
 
     #[test]
@@ -309,7 +279,7 @@ mod tests {
         for forged in [swapped.as_str(), "0000000000000001-1", "1.", "", "x.y"] {
             assert_eq!(sessions.find_resumable(forged), Ok(None), "{forged}");
         }
-        sessions.connect(a, outbox());
+        sessions.connect(a);
         assert_eq!(sessions.find_resumable(&ta), Err(SessionError::InUse));
     }
 
@@ -320,7 +290,7 @@ mod tests {
         let a = sessions
             .create("A".into(), "browser", 10, now, TTL)
             .unwrap();
-        sessions.connect(a, outbox());
+        sessions.connect(a);
         assert_eq!(
             sessions.pick_client(Some("A"), &pool()),
             Err(SessionError::ClientTaken("A".into()))
@@ -329,7 +299,7 @@ mod tests {
         let b = sessions
             .create("B".into(), "browser", 10, now, TTL)
             .unwrap();
-        sessions.connect(b, outbox());
+        sessions.connect(b);
         assert_eq!(
             sessions.pick_client(None, &pool()),
             Err(SessionError::NoFreeClient)
@@ -349,7 +319,7 @@ mod tests {
         let mut sessions = Sessions::new();
         let now = Instant::now();
         let a = sessions.create("A".into(), "native", 2, now, TTL).unwrap();
-        sessions.connect(a, outbox());
+        sessions.connect(a);
         sessions.create("B".into(), "native", 2, now, TTL).unwrap();
         assert_eq!(
             sessions.create("C".into(), "native", 2, now, TTL),
@@ -362,25 +332,5 @@ mod tests {
                 .create("C".into(), "native", 2, now + TTL, TTL)
                 .is_ok()
         );
-    }
-
-    #[test]
-    fn a_full_outbox_drops_its_connection() {
-        let (tx, _rx) = tokio::sync::mpsc::channel(2);
-        let kill = std::sync::Arc::new(tokio::sync::Notify::new());
-        let outbox = Outbox::new(tx, kill.clone());
-        outbox.send(bytes::Bytes::from_static(b"1"));
-        outbox.send(bytes::Bytes::from_static(b"2"));
-        let killed = kill.notified();
-        outbox.send(bytes::Bytes::from_static(b"3"));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(1), killed)
-                .await
-                .expect("the full queue kills the connection")
-        });
     }
 }

@@ -1,0 +1,972 @@
+//! The round engine: one federation's rounds, with no IO, no clock and no model.
+//!
+//! Hosts feed it events with the time they happened (a client joins, sends an
+//! update, leaves; time passes; a job they ran finished) and carry out the
+//! actions it queues ([`Engine::poll_action`]): frames to send, and the heavy
+//! jobs that must not run where the engine is held (aggregating, evaluating a
+//! model, saving a commit durably). [`Engine::poll_timeout`] says when it next
+//! needs [`Engine::handle_timeout`]. `folio serve` is a host over WebSocket,
+//! `folio simulate` one over in-process clients; the rules live here once:
+//!
+//! - a round starts when the strategy finds enough connected clients; each is
+//!   sent the round's model (without it when it holds it already), the plan it
+//!   trains by, and a deadline;
+//! - an update is taken once per selected client, with examples bounded by what
+//!   that client's text allows under the round's plan;
+//! - a round closes when every selected client reported or left with a quorum,
+//!   or at the deadline with a quorum; otherwise it is abandoned and runs again
+//!   with a fresh sample that avoids the clients that failed it;
+//! - a closed round is aggregated, evaluated, persisted, and only then becomes
+//!   the global model: one [`RoundRecord`] per round, built in one place.
+
+pub mod record;
+pub mod round;
+pub mod sessions;
+mod settings;
+pub mod status;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use folio_fed::codec::CheckedDelta;
+use folio_fed::sampling::sample_clients;
+use folio_fed::{Aggregated, FedError, OpenUpdates, StateRecord, Strategy, codec};
+use folio_proto::{
+    ErrorCode, ErrorMessage, ModelShape, RoundResult, RoundStart, ServerMessage, Welcome,
+};
+
+pub use record::{Evaluation, RoundRecord, model_hash};
+pub use round::RoundPhase;
+pub use settings::RoundConfig;
+
+use round::OpenRound;
+use sessions::{ClientRound, SessionError, Sessions};
+
+/// What the engine is set up with.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub rounds: RoundConfig,
+    /// The model's preset name and shape, told to clients.
+    pub preset: String,
+    pub model: ModelShape,
+    /// Lengths of the model's tensors in parameter order (the delta codecs' unit).
+    pub segments: Vec<usize>,
+    pub seed: u64,
+    /// Sessions kept (connected or waiting to be resumed).
+    pub max_sessions: usize,
+    /// A disconnected session can be resumed for this long.
+    pub session_ttl: Duration,
+    /// Stop after this many rounds (`None`: run forever).
+    pub max_rounds: Option<u64>,
+}
+
+impl EngineConfig {
+    pub fn num_params(&self) -> usize {
+        self.segments.iter().sum()
+    }
+}
+
+/// Where a federation starts: its global model, and what a saved state holds.
+#[derive(Debug, Clone)]
+pub struct Start {
+    pub weights: Vec<f32>,
+    /// The strategy's saved state (`None`, or one the strategy refuses: afresh).
+    pub strategy: Option<StateRecord>,
+    /// Committed rounds, from round 0; empty for a new federation.
+    pub history: Vec<RoundRecord>,
+}
+
+/// A join that passed the checks that need no engine (sizes, protocol, token,
+/// the client id resolved against the corpus).
+#[derive(Debug, Clone)]
+pub struct CheckedJoin {
+    pub kind: &'static str,
+    pub backend: String,
+    pub adapter: Option<String>,
+    pub resume: Option<String>,
+    /// A corpus client id.
+    pub client: Option<String>,
+    /// The fingerprint of the global model the client says it holds.
+    pub held_model: Option<u64>,
+}
+
+/// A session the engine admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    pub session: u64,
+    /// The resume token: a secret for the client alone.
+    pub token: String,
+    pub client_id: String,
+}
+
+/// An update whose delta is decoded and checked, for the round it names.
+#[derive(Debug, Clone)]
+pub struct DecodedUpdate {
+    pub round: u64,
+    pub examples: u64,
+    pub delta: CheckedDelta,
+    pub train_loss: f32,
+    pub train_accuracy: f32,
+    pub train_seconds: f32,
+}
+
+/// Work for the host. Sends are cheap; the jobs are not, and their results come
+/// back as events ([`Engine::aggregated`], [`Engine::evaluated`],
+/// [`Engine::persisted`], [`Engine::job_failed`]).
+pub enum Action {
+    /// `message` to each of `to` (one encoding serves them all).
+    Send {
+        to: Vec<u64>,
+        message: Arc<ServerMessage>,
+    },
+    Aggregate(AggregateJob),
+    /// Evaluate `weights` centrally, and on every client's test text too when
+    /// `population` is set.
+    Evaluate {
+        round: u64,
+        weights: Arc<Vec<f32>>,
+        population: bool,
+    },
+    /// Save the commit durably (weights, strategy state, the record appended to
+    /// the history); the round is the global model once that is done.
+    Persist(Box<Commit>),
+    /// Round `record.round` is now the global model.
+    Committed(Box<RoundRecord>),
+}
+
+/// A closed round's aggregation, to run off the engine.
+pub struct AggregateJob {
+    pub round: u64,
+    strategy: Arc<dyn Strategy>,
+    updates: OpenUpdates,
+    weights: Arc<Vec<f32>>,
+    state: StateRecord,
+    model_encoding: folio_fed::Encoding,
+}
+
+/// What [`AggregateJob::run`] gives back.
+pub struct AggregateResult {
+    round: u64,
+    result: Result<(Aggregated, Arc<Vec<u8>>), FedError>,
+}
+
+impl AggregateJob {
+    /// Aggregates, and encodes the new model as the next round will send it.
+    pub fn run(self) -> AggregateResult {
+        let result = self
+            .strategy
+            .aggregate(&self.updates, &self.weights, &self.state)
+            .map(|aggregated| {
+                let encoded = encode_model(&aggregated.weights, self.model_encoding);
+                (aggregated, encoded)
+            });
+        AggregateResult {
+            round: self.round,
+            result,
+        }
+    }
+}
+
+/// A round to save: everything a restart needs to resume after it.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    pub record: RoundRecord,
+    pub weights: Arc<Vec<f32>>,
+    pub state: StateRecord,
+}
+
+fn encode_model(weights: &[f32], encoding: folio_fed::Encoding) -> Arc<Vec<u8>> {
+    Arc::new(codec::encode(weights, &[weights.len()], encoding))
+}
+
+pub fn error(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
+    ErrorMessage {
+        code,
+        message: message.into(),
+    }
+}
+
+/// A model that may become the global one.
+struct Candidate {
+    weights: Arc<Vec<f32>>,
+    encoded: Arc<Vec<u8>>,
+    state: StateRecord,
+    clip_bound: Option<f64>,
+    clipped: usize,
+    median_norm: Option<f64>,
+}
+
+/// A round past collecting: what its record needs besides the evaluation.
+struct Closing {
+    round: u64,
+    clients: usize,
+    train_loss: Option<f64>,
+    train_accuracy: Option<f64>,
+    bytes_up: u64,
+    bytes_down: u64,
+    started: Instant,
+}
+
+enum Phase {
+    /// Waiting for enough clients.
+    Idle,
+    Collecting(OpenRound),
+    Aggregating(Closing),
+    Evaluating(Closing, Candidate),
+    Persisting(Candidate, RoundRecord),
+    /// `max_rounds` are committed.
+    Finished,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "waiting for clients",
+            Phase::Collecting(_) => "training",
+            Phase::Aggregating(_) => "aggregating",
+            Phase::Evaluating(..) => "evaluating",
+            Phase::Persisting(..) => "saving",
+            Phase::Finished => "finished",
+        }
+    }
+}
+
+/// The global model: the last committed round's.
+struct Global {
+    weights: Arc<Vec<f32>>,
+    encoded: Arc<Vec<u8>>,
+    fingerprint: u64,
+    state: StateRecord,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    strategy: Arc<dyn Strategy>,
+    global: Global,
+    history: Vec<RoundRecord>,
+    phase: Phase,
+    /// Attempts of the next round abandoned so far, and who failed them.
+    attempt: u32,
+    failed: BTreeSet<u64>,
+    sessions: Sessions,
+    /// Characters (ids) of each trainable client's text.
+    clients: BTreeMap<String, usize>,
+    /// Trainable clients in the order they are handed out.
+    pool: Vec<String>,
+    errors: BTreeMap<&'static str, u64>,
+    actions: VecDeque<Action>,
+    /// Why the strategy's saved state was not continued, if it was not.
+    pub fresh_state: Option<String>,
+}
+
+impl Engine {
+    /// An engine for `clients` (`(id, characters of training text)`; those with
+    /// none cannot join), resuming `start`. A federation with no history first
+    /// evaluates and commits its starting model as round 0.
+    pub fn new(
+        config: EngineConfig,
+        strategy: Arc<dyn Strategy>,
+        clients: impl IntoIterator<Item = (String, usize)>,
+        start: Start,
+        now: Instant,
+    ) -> Self {
+        let num_params = config.num_params();
+        let clients: BTreeMap<String, usize> = clients
+            .into_iter()
+            .filter(|(_, chars)| config.rounds.plan(0).max_examples(*chars) > 0)
+            .collect();
+        let ids: Vec<String> = clients.keys().cloned().collect();
+        let pool = sample_clients(&ids, ids.len(), config.seed, 0);
+        let (state, fresh_state) = match start.strategy {
+            Some(saved) => match strategy.restore(saved, num_params) {
+                Ok(state) => (state, None),
+                Err(why) => (strategy.initial_state(num_params), Some(why)),
+            },
+            None => (strategy.initial_state(num_params), None),
+        };
+        let encoded = encode_model(&start.weights, config.rounds.model_encoding);
+        let mut engine = Self {
+            global: Global {
+                fingerprint: folio_proto::model_fingerprint(config.rounds.model_encoding, &encoded),
+                weights: Arc::new(start.weights),
+                encoded,
+                state,
+            },
+            config,
+            strategy,
+            history: start.history,
+            phase: Phase::Idle,
+            attempt: 0,
+            failed: BTreeSet::new(),
+            sessions: Sessions::new(),
+            clients,
+            pool,
+            errors: BTreeMap::new(),
+            actions: VecDeque::new(),
+            fresh_state,
+        };
+        if engine.history.is_empty() {
+            let initial = Candidate {
+                weights: engine.global.weights.clone(),
+                encoded: engine.global.encoded.clone(),
+                state: engine.global.state.clone(),
+                clip_bound: None,
+                clipped: 0,
+                median_norm: None,
+            };
+            let closing = Closing {
+                round: 0,
+                clients: 0,
+                train_loss: None,
+                train_accuracy: None,
+                bytes_up: 0,
+                bytes_down: 0,
+                started: now,
+            };
+            engine.evaluate(closing, initial);
+        } else {
+            engine.advance(now);
+        }
+        engine
+    }
+
+    /// The next action for the host, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] is next due: the open round's deadline, or
+    /// the next disconnected session's expiry.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let deadline = match &self.phase {
+            Phase::Collecting(open) => Some(open.deadline),
+            _ => None,
+        };
+        let expiry = self.sessions.next_expiry(self.config.session_ttl);
+        deadline.into_iter().chain(expiry).min()
+    }
+
+    /// Time passed: sessions expire, a round may close at its deadline.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.sessions.expire(now, self.config.session_ttl);
+        self.advance(now);
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Rounds committed (round 0, the starting model, counts as none).
+    pub fn completed_rounds(&self) -> u64 {
+        self.history.last().map_or(0, |r| r.round)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// The committed rounds from `from` on, at most `limit`.
+    pub fn history(&self, from: u64, limit: usize) -> &[RoundRecord] {
+        let start = self.history.partition_point(|r| r.round < from);
+        let end = start.saturating_add(limit).min(self.history.len());
+        &self.history[start..end]
+    }
+
+    /// The global model's weights.
+    pub fn weights(&self) -> Arc<Vec<f32>> {
+        self.global.weights.clone()
+    }
+
+    /// The characters a session can train as, with their training characters.
+    pub fn clients(&self) -> &BTreeMap<String, usize> {
+        &self.clients
+    }
+
+    /// Counts a refused input for the status.
+    pub fn count_error(&mut self, code: ErrorCode) {
+        *self.errors.entry(code.name()).or_default() += 1;
+    }
+
+    /// Admits a connection: a resumed session, or a new one with the client asked
+    /// for or the next free one. A session selected in the open round that left
+    /// before it reported gets the round again.
+    pub fn join(&mut self, join: CheckedJoin, now: Instant) -> Result<Joined, ErrorMessage> {
+        let session_error = |err: SessionError| match err {
+            SessionError::InUse => error(
+                ErrorCode::SessionInUse,
+                "this session is connected in another connection",
+            ),
+            SessionError::ClientTaken(id) => error(
+                ErrorCode::NoFreeClient,
+                format!("{id} is already training in another connection"),
+            ),
+            SessionError::NoFreeClient => {
+                error(ErrorCode::NoFreeClient, "every Shakespeare client is taken")
+            }
+            SessionError::Full => error(
+                ErrorCode::ServerFull,
+                "the server holds as many sessions as it allows; try again later",
+            ),
+        };
+        let resumed = match &join.resume {
+            Some(token) => self.sessions.find_resumable(token).map_err(session_error)?,
+            None => None,
+        };
+        let session = match resumed {
+            Some(session) => session,
+            None => {
+                let client = self
+                    .sessions
+                    .pick_client(join.client.as_deref(), &self.pool)
+                    .map_err(session_error)?;
+                if !self.clients.contains_key(&client) {
+                    return Err(error(
+                        ErrorCode::UnknownClient,
+                        format!("{client} has no training text to train on"),
+                    ));
+                }
+                self.sessions
+                    .create(
+                        client,
+                        join.kind,
+                        self.config.max_sessions,
+                        now,
+                        self.config.session_ttl,
+                    )
+                    .map_err(session_error)?
+            }
+        };
+        self.sessions.connect(session);
+        let info = self.sessions.get_mut(session).expect("session just made");
+        info.backend = join.backend;
+        info.adapter = join.adapter;
+        info.held_model = join.held_model;
+        let joined = Joined {
+            session,
+            token: info.token(),
+            client_id: info.client_id.clone(),
+        };
+        self.rejoin_open_round(session, now);
+        self.advance(now);
+        Ok(joined)
+    }
+
+    /// The welcome for a session just admitted, with its client's training text.
+    pub fn welcome(&self, joined: &Joined, train_text: String) -> Welcome {
+        Welcome {
+            session: joined.token.clone(),
+            client_id: joined.client_id.clone(),
+            train_text,
+            preset: self.config.preset.clone(),
+            model: self.config.model,
+            batch_size: self.config.rounds.batch_size,
+            seq_len: self.config.rounds.seq_len,
+        }
+    }
+
+    fn rejoin_open_round(&mut self, session: u64, now: Instant) {
+        let Phase::Collecting(open) = &mut self.phase else {
+            return;
+        };
+        if !open.dropped.remove(&session) {
+            return;
+        }
+        let deadline_ms = open.seconds_left(now).as_millis() as u64;
+        let Some(info) = self.sessions.get_mut(session) else {
+            return;
+        };
+        let held = info.held_model == Some(open.start.model);
+        info.held_model = Some(open.start.model);
+        let message = round_message(&open.start, deadline_ms, held);
+        self.send(vec![session], message);
+    }
+
+    /// A connection ended: its session can be resumed until it expires; if it was
+    /// training in the open round, the round counts it as dropped.
+    pub fn leave(&mut self, session: u64, now: Instant) {
+        self.sessions.disconnect(session, now);
+        if let Phase::Collecting(open) = &mut self.phase
+            && open.is_training(session)
+        {
+            open.dropped.insert(session);
+        }
+        self.advance(now);
+    }
+
+    /// Ends a session for good (an operator's revocation); `false` if unknown.
+    pub fn revoke(&mut self, session: u64, now: Instant) -> Option<String> {
+        self.leave(session, now);
+        self.sessions.revoke(session).map(|info| info.client_id)
+    }
+
+    pub fn add_bytes(&mut self, session: u64, up: u64, down: u64) {
+        if let Some(info) = self.sessions.get_mut(session) {
+            info.bytes_up = info.bytes_up.saturating_add(up);
+            info.bytes_down = info.bytes_down.saturating_add(down);
+        }
+        if let Phase::Collecting(open) = &mut self.phase {
+            open.bytes_up = open.bytes_up.saturating_add(up);
+            open.bytes_down = open.bytes_down.saturating_add(down);
+        }
+    }
+
+    /// Until when `session` may stay silent: while it trains in the open round,
+    /// the round's deadline.
+    pub fn silent_until(&self, session: u64) -> Option<Instant> {
+        match &self.phase {
+            Phase::Collecting(open) if open.is_training(session) => Some(open.deadline),
+            _ => None,
+        }
+    }
+
+    /// Whether `session` may send an update for `round` now, and the encoding its
+    /// delta must have: checked before the delta is decoded.
+    pub fn expected_update(
+        &self,
+        session: u64,
+        round: u64,
+    ) -> Result<folio_fed::Encoding, ErrorMessage> {
+        let Phase::Collecting(open) = &self.phase else {
+            return Err(error(
+                ErrorCode::RoundClosed,
+                format!("no round is open; update for round {round} ignored"),
+            ));
+        };
+        if round != open.round {
+            let code = if round < open.round {
+                ErrorCode::RoundClosed
+            } else {
+                ErrorCode::WrongRound
+            };
+            return Err(error(
+                code,
+                format!("update for round {round}, the open round is {}", open.round),
+            ));
+        }
+        if open.reported.contains(&session) {
+            return Err(error(
+                ErrorCode::DuplicateUpdate,
+                format!("a second update for round {}", open.round),
+            ));
+        }
+        if !open.is_training(session) {
+            return Err(error(
+                ErrorCode::NotSelected,
+                format!("this client was not selected for round {}", open.round),
+            ));
+        }
+        Ok(open.encoding)
+    }
+
+    /// Folds one client's update into the open round, or says why not. A refused
+    /// update changes nothing.
+    pub fn update(
+        &mut self,
+        session: u64,
+        update: DecodedUpdate,
+        now: Instant,
+    ) -> Result<(), ErrorMessage> {
+        self.expected_update(session, update.round)?;
+        // They enter the round's averages: a loss is finite and ≥ 0, an accuracy
+        // in [0, 1], a time finite and ≥ 0.
+        let sane = update.train_loss.is_finite()
+            && update.train_loss >= 0.0
+            && (0.0..=1.0).contains(&update.train_accuracy)
+            && update.train_seconds.is_finite()
+            && update.train_seconds >= 0.0;
+        if !sane {
+            return Err(error(
+                ErrorCode::BadDelta,
+                "train metrics out of range (loss ≥ 0, accuracy in [0, 1], seconds ≥ 0)",
+            ));
+        }
+        let Phase::Collecting(open) = &mut self.phase else {
+            unreachable!("checked above")
+        };
+        let allowed = open.allowed_examples.get(&session).copied().unwrap_or(0);
+        self.strategy
+            .accept(&mut open.updates, &update.delta, update.examples, allowed)
+            .map_err(|err| match err {
+                FedError::BadExamples { .. } => error(ErrorCode::BadExamples, err.to_string()),
+                _ => error(ErrorCode::BadDelta, err.to_string()),
+            })?;
+        // Bounded by `allowed`, so none of these sums can overflow.
+        open.reported.insert(session);
+        let examples = update.examples as f64;
+        open.loss_sum += f64::from(update.train_loss) * examples;
+        open.accuracy_sum += f64::from(update.train_accuracy) * examples;
+        open.examples += update.examples;
+        if let Some(info) = self.sessions.get_mut(session) {
+            info.reported(ClientRound {
+                round: update.round,
+                examples: update.examples,
+                train_loss: update.train_loss,
+                train_accuracy: update.train_accuracy,
+                train_seconds: update.train_seconds,
+            });
+        }
+        self.advance(now);
+        Ok(())
+    }
+
+    /// A closed round's aggregation finished.
+    pub fn aggregated(&mut self, result: AggregateResult, now: Instant) {
+        let Phase::Aggregating(closing) = &self.phase else {
+            return;
+        };
+        if closing.round != result.round {
+            return;
+        }
+        let Phase::Aggregating(closing) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            unreachable!("matched above")
+        };
+        match result.result {
+            Ok((aggregated, encoded)) => {
+                let candidate = Candidate {
+                    weights: Arc::new(aggregated.weights),
+                    encoded,
+                    state: aggregated.state,
+                    clip_bound: aggregated.clip_bound,
+                    clipped: aggregated.clipped,
+                    median_norm: Some(aggregated.median_norm),
+                };
+                self.evaluate(closing, candidate);
+            }
+            Err(err) => {
+                // Every reporter shares the blame: the retry avoids them all.
+                self.count_error(ErrorCode::BadDelta);
+                self.attempt += 1;
+                tracing::warn!(round = closing.round, "round dropped: {err}");
+                self.advance(now);
+            }
+        }
+    }
+
+    fn evaluate(&mut self, closing: Closing, candidate: Candidate) {
+        let round = closing.round;
+        let last = self.config.max_rounds == Some(round);
+        let population = self
+            .config
+            .rounds
+            .population_eval_every
+            .is_some_and(|every| round == 0 || last || round.is_multiple_of(every.max(1)));
+        self.actions.push_back(Action::Evaluate {
+            round,
+            weights: candidate.weights.clone(),
+            population,
+        });
+        self.phase = Phase::Evaluating(closing, candidate);
+    }
+
+    /// A candidate model was evaluated: the round's record is made and saved.
+    pub fn evaluated(
+        &mut self,
+        round: u64,
+        eval: Evaluation,
+        population: Option<Evaluation>,
+        now: Instant,
+    ) {
+        if !matches!(&self.phase, Phase::Evaluating(closing, _) if closing.round == round) {
+            return;
+        }
+        let Phase::Evaluating(closing, candidate) = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            unreachable!("matched above")
+        };
+        // The one place a round's record is made.
+        let record = RoundRecord {
+            round,
+            clients: closing.clients,
+            train_loss: closing.train_loss,
+            train_accuracy: closing.train_accuracy,
+            eval_loss: eval.loss,
+            eval_accuracy: eval.accuracy,
+            bytes_up: closing.bytes_up,
+            bytes_down: closing.bytes_down,
+            seconds: if round == 0 {
+                0.0
+            } else {
+                now.saturating_duration_since(closing.started).as_secs_f64()
+            },
+            clipped: candidate.clipped,
+            clip_bound: candidate.clip_bound,
+            delta_norm: candidate.median_norm,
+            population_loss: population.map(|m| m.loss),
+            population_accuracy: population.map(|m| m.accuracy),
+            model_hash: model_hash(&candidate.weights),
+        };
+        self.actions.push_back(Action::Persist(Box::new(Commit {
+            record: record.clone(),
+            weights: candidate.weights.clone(),
+            state: candidate.state.clone(),
+        })));
+        self.phase = Phase::Persisting(candidate, record);
+    }
+
+    /// A commit is durable: its round becomes the global model.
+    pub fn persisted(&mut self, round: u64, now: Instant) {
+        if !matches!(&self.phase, Phase::Persisting(_, record) if record.round == round) {
+            return;
+        }
+        let Phase::Persisting(candidate, record) = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            unreachable!("matched above")
+        };
+        self.global = Global {
+            fingerprint: folio_proto::model_fingerprint(
+                self.config.rounds.model_encoding,
+                &candidate.encoded,
+            ),
+            weights: candidate.weights,
+            encoded: candidate.encoded,
+            state: candidate.state,
+        };
+        self.attempt = 0;
+        self.failed.clear();
+        if round > 0 {
+            let everyone: Vec<u64> = self.sessions.connected().map(|s| s.session).collect();
+            self.send(
+                everyone,
+                ServerMessage::RoundResult(RoundResult {
+                    round,
+                    clients: record.clients as u32,
+                    eval_loss: record.eval_loss as f32,
+                    eval_accuracy: record.eval_accuracy as f32,
+                }),
+            );
+        }
+        self.history.push(record.clone());
+        self.actions.push_back(Action::Committed(Box::new(record)));
+        self.advance(now);
+    }
+
+    /// A job for `round` failed (evaluation, saving): the round runs again, on
+    /// the same global model. Round 0 is evaluated again.
+    pub fn job_failed(&mut self, round: u64, now: Instant) {
+        let current = match &self.phase {
+            Phase::Aggregating(closing) | Phase::Evaluating(closing, _) => closing.round,
+            Phase::Persisting(_, record) => record.round,
+            _ => return,
+        };
+        if current != round {
+            return;
+        }
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        if self.history.is_empty() {
+            let (closing, candidate) = match phase {
+                Phase::Evaluating(closing, candidate) => (closing, candidate),
+                Phase::Persisting(candidate, _) => (
+                    Closing {
+                        round: 0,
+                        clients: 0,
+                        train_loss: None,
+                        train_accuracy: None,
+                        bytes_up: 0,
+                        bytes_down: 0,
+                        started: now,
+                    },
+                    candidate,
+                ),
+                _ => unreachable!("round 0 is never aggregated"),
+            };
+            self.evaluate(closing, candidate);
+            return;
+        }
+        self.attempt += 1;
+        self.advance(now);
+    }
+
+    /// Moves the round along: start one, close or abandon the open one.
+    fn advance(&mut self, now: Instant) {
+        loop {
+            match &self.phase {
+                Phase::Idle => {
+                    if self
+                        .config
+                        .max_rounds
+                        .is_some_and(|max| self.completed_rounds() >= max)
+                    {
+                        self.phase = Phase::Finished;
+                    } else {
+                        self.try_start_round(now);
+                    }
+                    return;
+                }
+                Phase::Collecting(open) => match open.phase(self.strategy.quorum(), now) {
+                    RoundPhase::Collecting | RoundPhase::Idle => return,
+                    RoundPhase::Failed => self.abandon_round("closed without a quorum"),
+                    RoundPhase::Complete | RoundPhase::DeadlineWithQuorum => {
+                        self.close_round();
+                        return;
+                    }
+                },
+                _ => return,
+            }
+        }
+    }
+
+    fn try_start_round(&mut self, now: Instant) {
+        let round = self.completed_rounds() + 1;
+        let candidates: Vec<folio_fed::Candidate> = self
+            .sessions
+            .connected()
+            .map(|s| folio_fed::Candidate {
+                client: s.session,
+                size: self.clients.get(&s.client_id).copied().unwrap_or(0) as u64,
+            })
+            .collect();
+        let Some(selected) =
+            self.strategy
+                .configure_round(round, self.attempt, &candidates, &self.failed)
+        else {
+            return;
+        };
+        let rounds = self.config.rounds.clone();
+        let seed = self.config.seed ^ round;
+        let plan = rounds.plan(seed);
+        let start = RoundStart {
+            round,
+            model: self.global.fingerprint,
+            weights: Some(self.global.encoded.as_ref().clone()),
+            weights_encoding: rounds.model_encoding,
+            deadline_ms: rounds.deadline.as_millis() as u64,
+            local_epochs: plan.local_epochs,
+            max_batches: plan.max_batches,
+            optimizer: rounds.client_optimizer,
+            learning_rate: rounds.client_lr_at(round),
+            clip_norm: rounds.clip_norm,
+            delta_encoding: rounds.delta_encoding,
+            seed,
+        };
+        let allowed_examples: BTreeMap<u64, u64> = selected
+            .iter()
+            .filter_map(|&s| {
+                let client = &self.sessions.get(s)?.client_id;
+                Some((s, plan.max_examples(self.clients[client])))
+            })
+            .collect();
+        // A client that holds the model (a retried round, a reloaded tab) is sent
+        // the round without it.
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for &s in allowed_examples.keys() {
+            let info = self.sessions.get_mut(s).expect("selected among connected");
+            if info.held_model == Some(start.model) {
+                without.push(s);
+            } else {
+                with.push(s);
+            }
+            info.held_model = Some(start.model);
+        }
+        for (to, held) in [(with, false), (without, true)] {
+            if !to.is_empty() {
+                self.send(to, round_message(&start, start.deadline_ms, held));
+            }
+        }
+        let updates = match self
+            .strategy
+            .open_round(&self.global.state, self.config.num_params())
+        {
+            Ok(updates) => updates,
+            Err(err) => unreachable!("the strategy opens rounds on its own state: {err}"),
+        };
+        self.phase = Phase::Collecting(OpenRound::new(
+            start,
+            self.attempt,
+            allowed_examples,
+            updates,
+            now,
+            rounds.deadline,
+        ));
+    }
+
+    /// Ends a round that cannot close: nothing changes, the selected clients that
+    /// did not report are told, and the round runs again with a fresh sample that
+    /// avoids them.
+    fn abandon_round(&mut self, why: &str) {
+        let Phase::Collecting(open) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return;
+        };
+        let failed: Vec<u64> = open.failed().collect();
+        self.failed.extend(failed.iter().copied());
+        self.attempt += 1;
+        self.send(
+            failed,
+            ServerMessage::Error(error(
+                ErrorCode::RoundClosed,
+                format!("round {} {why}; it will run again", open.round),
+            )),
+        );
+    }
+
+    /// Closes the open round: its updates go out to be aggregated.
+    fn close_round(&mut self) {
+        let Phase::Collecting(open) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return;
+        };
+        let late: Vec<u64> = open
+            .failed()
+            .filter(|s| !open.dropped.contains(s))
+            .collect();
+        self.send(
+            late,
+            ServerMessage::Error(error(
+                ErrorCode::RoundClosed,
+                format!(
+                    "round {} closed on quorum; your update will be ignored",
+                    open.round
+                ),
+            )),
+        );
+        // If the round fails after all, its retry avoids everyone selected: the
+        // late, and the reporters who share the blame for a bad aggregate.
+        self.failed.extend(open.selected.iter().copied());
+        let examples = open.examples.max(1) as f64;
+        let closing = Closing {
+            round: open.round,
+            clients: open.reported.len(),
+            train_loss: Some(open.loss_sum / examples),
+            train_accuracy: Some(open.accuracy_sum / examples),
+            bytes_up: open.bytes_up,
+            bytes_down: open.bytes_down,
+            started: open.started,
+        };
+        self.actions.push_back(Action::Aggregate(AggregateJob {
+            round: open.round,
+            strategy: self.strategy.clone(),
+            updates: open.updates,
+            weights: self.global.weights.clone(),
+            state: self.global.state.clone(),
+            model_encoding: self.config.rounds.model_encoding,
+        }));
+        self.phase = Phase::Aggregating(closing);
+    }
+
+    fn send(&mut self, to: Vec<u64>, message: ServerMessage) {
+        if !to.is_empty() {
+            self.actions.push_back(Action::Send {
+                to,
+                message: Arc::new(message),
+            });
+        }
+    }
+}
+
+/// `start` as a message due `deadline_ms` from now, its weights left out when the
+/// client holds them.
+fn round_message(start: &RoundStart, deadline_ms: u64, held: bool) -> ServerMessage {
+    ServerMessage::RoundStart(RoundStart {
+        round: start.round,
+        model: start.model,
+        weights: if held { None } else { start.weights.clone() },
+        weights_encoding: start.weights_encoding,
+        deadline_ms,
+        local_epochs: start.local_epochs,
+        max_batches: start.max_batches,
+        optimizer: start.optimizer,
+        learning_rate: start.learning_rate,
+        clip_norm: start.clip_norm,
+        delta_encoding: start.delta_encoding,
+        seed: start.seed,
+    })
+}

@@ -1,0 +1,110 @@
+//! How rounds run: the strategy's settings, what clients are asked to train,
+//! encodings, evaluation.
+
+use std::time::Duration;
+
+use folio_data::TrainingPlan;
+use folio_fed::{Encoding, StrategyConfig};
+use folio_proto::Optimizer;
+
+#[derive(Debug, Clone)]
+pub struct RoundConfig {
+    /// Selection, quorum, weighting, clipping, aggregation, server optimizer.
+    pub strategy: StrategyConfig,
+    pub deadline: Duration,
+    pub local_epochs: u32,
+    /// Batches per local epoch (the tutorial: 5).
+    pub max_batches: Option<u32>,
+    pub batch_size: u32,
+    pub seq_len: u32,
+    pub client_optimizer: Optimizer,
+    pub client_lr: f32,
+    /// Rounds from which the client learning rate is halved again (a step
+    /// schedule: late rounds gain from smaller, less noisy steps).
+    pub client_lr_halvings: Vec<u64>,
+    /// The clients' own gradient clipping.
+    pub clip_norm: Option<f32>,
+    pub delta_encoding: Encoding,
+    /// How the global model goes down to the clients (f32 or f16).
+    pub model_encoding: Encoding,
+    /// Central evaluation: test batches of this many fixed clients...
+    pub eval_clients: usize,
+    /// ...this many batches each.
+    pub eval_batches: usize,
+    /// Evaluate on this client's *training* batches instead (the tutorial's check).
+    pub eval_client: Option<String>,
+    /// Also evaluate on every client's test split (the population figure) after
+    /// every this many rounds and after the last one.
+    pub population_eval_every: Option<u64>,
+}
+
+impl RoundConfig {
+    /// The tutorial's federation: 2 clients a round, 5 batches of 8 × 100, SGD 0.5,
+    /// FedAvg weighted by examples (with the server's L2 clipping).
+    pub fn tutorial() -> Self {
+        Self {
+            strategy: StrategyConfig::fedavg(2),
+            deadline: Duration::from_secs(600),
+            local_epochs: 1,
+            max_batches: Some(5),
+            batch_size: 8,
+            seq_len: 100,
+            client_optimizer: Optimizer::Sgd,
+            client_lr: 0.5,
+            client_lr_halvings: Vec::new(),
+            clip_norm: None,
+            delta_encoding: Encoding::F32,
+            model_encoding: Encoding::F32,
+            eval_clients: 8,
+            eval_batches: 2,
+            eval_client: None,
+            population_eval_every: None,
+        }
+    }
+}
+
+impl RoundConfig {
+    /// The client learning rate of `round`: `client_lr` halved once for every
+    /// halving at or before it.
+    pub fn client_lr_at(&self, round: u64) -> f32 {
+        let halvings = self
+            .client_lr_halvings
+            .iter()
+            .filter(|&&r| r <= round)
+            .count();
+        self.client_lr / 2f32.powi(halvings as i32)
+    }
+
+    /// The data side of a client's local training in a round seeded `seed`: what
+    /// the round's start message tells clients, and what bounds their examples.
+    pub fn plan(&self, seed: u64) -> TrainingPlan {
+        TrainingPlan {
+            batch_size: self.batch_size as usize,
+            seq_len: self.seq_len as usize,
+            local_epochs: self.local_epochs,
+            max_batches: self.max_batches,
+            seed,
+        }
+    }
+
+    /// Refuses settings under which rounds could not run as configured.
+    pub fn validate(&self) -> Result<(), String> {
+        self.strategy.validate()?;
+        if self.deadline.is_zero() {
+            return Err("the round deadline must be above zero".into());
+        }
+        if self.batch_size == 0 || self.seq_len == 0 {
+            return Err("batch size and sequence length must be above zero".into());
+        }
+        if self.model_encoding == Encoding::Int8 {
+            return Err("the model goes down as f32 or f16; int8 is for deltas only".into());
+        }
+        if !(self.client_lr.is_finite() && self.client_lr > 0.0) {
+            return Err(format!(
+                "the client learning rate must be positive, not {}",
+                self.client_lr
+            ));
+        }
+        Ok(())
+    }
+}

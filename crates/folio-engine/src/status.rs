@@ -1,0 +1,106 @@
+//! Where a federation stands, for people and pages: a typed snapshot whose size
+//! depends on the sessions held, never on the rounds run (the history is read
+//! page by page with [`crate::Engine::history`]).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::sessions::SessionInfo;
+use crate::{Engine, Phase, RoundRecord};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub preset: String,
+    pub parameters: usize,
+    pub next_round: u64,
+    pub completed_rounds: u64,
+    /// What the engine is doing: waiting for clients, training, aggregating,
+    /// evaluating, saving, finished.
+    pub phase: &'static str,
+    pub open_round: Option<OpenRoundStatus>,
+    /// The last committed round's record.
+    pub latest: Option<RoundRecord>,
+    /// Records `/api/history` holds (round 0 included).
+    pub history_len: usize,
+    pub connected: usize,
+    pub clients: Vec<SessionInfo>,
+    pub errors: BTreeMap<&'static str, u64>,
+    pub config: ConfigStatus,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenRoundStatus {
+    pub round: u64,
+    pub attempt: u32,
+    pub seconds_left: f64,
+    pub deadline_seconds: f64,
+    pub selected: usize,
+    pub reported: usize,
+    pub selected_sessions: Vec<u64>,
+    pub reported_sessions: Vec<u64>,
+    pub dropped_sessions: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigStatus {
+    pub clients_per_round: usize,
+    pub min_clients: usize,
+    pub quorum: usize,
+    /// The strategy's own description: its name, clipping, aggregation, server
+    /// optimizer.
+    pub strategy: BTreeMap<&'static str, String>,
+    pub deadline_seconds: f64,
+    pub local_epochs: u32,
+    pub max_batches: Option<u32>,
+    pub client_lr: f32,
+    pub delta_encoding: String,
+    pub max_rounds: Option<u64>,
+}
+
+impl Engine {
+    pub fn status(&self, now: Instant) -> Status {
+        let rounds = &self.config.rounds;
+        let next_round = self.completed_rounds() + 1;
+        let open_round = match &self.phase {
+            Phase::Collecting(open) => Some(OpenRoundStatus {
+                round: open.round,
+                attempt: open.attempt,
+                seconds_left: open.seconds_left(now).as_secs_f64(),
+                deadline_seconds: rounds.deadline.as_secs_f64(),
+                selected: open.selected.len(),
+                reported: open.reported.len(),
+                selected_sessions: open.selected.iter().copied().collect(),
+                reported_sessions: open.reported.iter().copied().collect(),
+                dropped_sessions: open.dropped.iter().copied().collect(),
+            }),
+            _ => None,
+        };
+        Status {
+            preset: self.config.preset.clone(),
+            parameters: self.config.num_params(),
+            next_round,
+            completed_rounds: self.completed_rounds(),
+            phase: self.phase.name(),
+            open_round,
+            latest: self.history.last().cloned(),
+            history_len: self.history.len(),
+            connected: self.sessions.connected().count(),
+            clients: self.sessions.iter().cloned().collect(),
+            errors: self.errors.clone(),
+            config: ConfigStatus {
+                clients_per_round: rounds.strategy.clients_per_round,
+                min_clients: self.strategy.min_clients(),
+                quorum: self.strategy.quorum(),
+                strategy: self.strategy.describe(),
+                deadline_seconds: rounds.deadline.as_secs_f64(),
+                local_epochs: rounds.local_epochs,
+                max_batches: rounds.max_batches,
+                client_lr: rounds.client_lr_at(next_round),
+                delta_encoding: format!("{:?}", rounds.delta_encoding),
+                max_rounds: self.config.max_rounds,
+            },
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! FedAvg hardened for untrusted clients: server-bounded weights, L2 clipping,
+//! mean / trimmed mean / median, then any server optimizer.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{
+    Aggregated, Candidate, OpenUpdates, StateRecord, Strategy, StrategyConfig, Weighting,
+    median_norm, select, validate_delta,
+};
+use crate::FedError;
+use crate::codec::CheckedDelta;
+use crate::robust::{RoundUpdates, clip_scale};
+use crate::server_opt::ServerOptimizer;
+
+const KIND: &str = "fedavg";
+const VERSION: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct RobustFedAvg {
+    config: StrategyConfig,
+    seed: u64,
+}
+
+/// A round's folded updates, the bound they were clipped to and their norms.
+struct Round {
+    updates: RoundUpdates,
+    norms: Vec<f64>,
+    clip_bound: f32,
+    num_params: usize,
+}
+
+impl RobustFedAvg {
+    pub fn new(config: StrategyConfig, seed: u64) -> Self {
+        Self { config, seed }
+    }
+
+    fn record(&self, optimizer: &ServerOptimizer, clip_bound: f32) -> StateRecord {
+        let mut record = StateRecord::new(KIND, VERSION);
+        // JSON has no infinity: no bound (clipping off) is saved as none.
+        record.set_value("clip_bound", Some(clip_bound).filter(|b| b.is_finite()));
+        optimizer.save(&mut record);
+        record
+    }
+}
+
+/// The bound a record holds (none: no clipping).
+fn clip_bound(record: &StateRecord) -> Result<f32, String> {
+    Ok(record
+        .value::<Option<f32>>("clip_bound")?
+        .unwrap_or(f32::INFINITY))
+}
+
+impl Strategy for RobustFedAvg {
+    fn describe(&self) -> BTreeMap<&'static str, String> {
+        BTreeMap::from([
+            ("strategy", KIND.to_owned()),
+            ("clipping", self.config.clipping.describe()),
+            ("aggregation", self.config.aggregation.name()),
+            (
+                "server_optimizer",
+                self.config.server_optimizer.name().to_owned(),
+            ),
+        ])
+    }
+
+    fn min_clients(&self) -> usize {
+        self.config.min_clients
+    }
+
+    fn quorum(&self) -> usize {
+        self.config.quorum
+    }
+
+    fn configure_round(
+        &self,
+        round: u64,
+        attempt: u32,
+        candidates: &[Candidate],
+        failed: &BTreeSet<u64>,
+    ) -> Option<Vec<u64>> {
+        select(&self.config, self.seed, round, attempt, candidates, failed)
+    }
+
+    fn initial_state(&self, num_params: usize) -> StateRecord {
+        self.record(
+            &ServerOptimizer::new(self.config.server_optimizer, num_params),
+            self.config.clipping.initial_bound(),
+        )
+    }
+
+    fn restore(&self, mut saved: StateRecord, num_params: usize) -> Result<StateRecord, String> {
+        saved.check(KIND, VERSION)?;
+        let clip_bound = clip_bound(&saved)?;
+        let optimizer =
+            ServerOptimizer::restore(&mut saved, self.config.server_optimizer, num_params)?;
+        Ok(self.record(&optimizer, clip_bound))
+    }
+
+    fn open_round(&self, state: &StateRecord, num_params: usize) -> Result<OpenUpdates, FedError> {
+        let clip_bound = clip_bound(state).map_err(|_| FedError::ForeignRound)?;
+        Ok(OpenUpdates::new(Round {
+            updates: RoundUpdates::new(self.config.aggregation, num_params),
+            norms: Vec::new(),
+            clip_bound,
+            num_params,
+        }))
+    }
+
+    fn accept(
+        &self,
+        open: &mut OpenUpdates,
+        delta: &CheckedDelta,
+        claimed: u64,
+        allowed: u64,
+    ) -> Result<(), FedError> {
+        let round: &mut Round = open.get_mut()?;
+        if delta.len() != round.num_params {
+            return Err(FedError::WrongLength {
+                expected: round.num_params,
+                found: delta.len(),
+            });
+        }
+        if claimed == 0 || claimed > allowed {
+            return Err(FedError::BadExamples { claimed, allowed });
+        }
+        let weight = match self.config.weighting {
+            Weighting::Examples => claimed as f64,
+            Weighting::Uniform => 1.0,
+        };
+        round.norms.push(delta.norm());
+        round
+            .updates
+            .add(delta, weight, clip_scale(delta.norm(), round.clip_bound));
+        Ok(())
+    }
+
+    fn aggregate(
+        &self,
+        open: &OpenUpdates,
+        weights: &[f32],
+        state: &StateRecord,
+    ) -> Result<Aggregated, FedError> {
+        let round: &Round = open.get()?;
+        let delta = round.updates.aggregate()?;
+        let mut saved = state.clone();
+        let mut optimizer =
+            ServerOptimizer::restore(&mut saved, self.config.server_optimizer, weights.len())
+                .map_err(|_| FedError::ForeignRound)?;
+        let mut new_weights = weights.to_vec();
+        optimizer.step(&mut new_weights, &delta)?;
+        validate_delta(&new_weights, weights.len()).map_err(|_| FedError::NonFiniteModel)?;
+        if !optimizer.is_finite() {
+            return Err(FedError::NonFiniteModel);
+        }
+        let next_bound = self
+            .config
+            .clipping
+            .next_bound(round.clip_bound, &round.norms);
+        Ok(Aggregated {
+            weights: new_weights,
+            state: self.record(&optimizer, next_bound),
+            clip_bound: Some(f64::from(round.clip_bound)).filter(|b| b.is_finite()),
+            clipped: round
+                .norms
+                .iter()
+                .filter(|&&n| n > f64::from(round.clip_bound))
+                .count(),
+            median_norm: median_norm(&round.norms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::robust::{Aggregation, Clipping};
+    use crate::server_opt::ServerOptimizerConfig;
+
+    fn delta(values: &[f32]) -> CheckedDelta {
+        CheckedDelta::from_values(values).unwrap()
+    }
+
+    fn strategy(clipping: Clipping, aggregation: Aggregation) -> RobustFedAvg {
+        RobustFedAvg::new(
+            StrategyConfig {
+                clipping,
+                aggregation,
+                ..StrategyConfig::fedavg(3)
+            },
+            7,
+        )
+    }
+
+    #[test]
+    fn weights_are_bounded_by_the_server_not_the_client() {
+        let s = strategy(Clipping::Off, Aggregation::Mean);
+        let state = s.initial_state(2);
+        let mut open = s.open_round(&state, 2).unwrap();
+        assert_eq!(
+            s.accept(&mut open, &delta(&[1.0, 1.0]), u64::MAX, 40),
+            Err(FedError::BadExamples {
+                claimed: u64::MAX,
+                allowed: 40
+            })
+        );
+        assert!(s.accept(&mut open, &delta(&[1.0, 1.0]), 0, 40).is_err());
+        s.accept(&mut open, &delta(&[1.0, 0.0]), 30, 40).unwrap();
+        s.accept(&mut open, &delta(&[0.0, 4.0]), 10, 40).unwrap();
+        let out = s.aggregate(&open, &[0.0, 0.0], &state).unwrap();
+        assert_eq!(out.weights, vec![0.75, 1.0]);
+    }
+
+    #[test]
+    fn a_non_finite_model_is_never_produced() {
+        let s = strategy(Clipping::Off, Aggregation::Mean);
+        let state = s.initial_state(1);
+        let mut open = s.open_round(&state, 1).unwrap();
+        s.accept(&mut open, &delta(&[f32::MAX]), 1, 1).unwrap();
+        assert_eq!(
+            s.aggregate(&open, &[f32::MAX], &state).unwrap_err(),
+            FedError::NonFiniteModel
+        );
+        assert!(CheckedDelta::from_values(&[f32::NAN]).is_err());
+        assert_eq!(
+            s.accept(&mut open, &delta(&[1.0, 2.0]), 1, 1),
+            Err(FedError::WrongLength {
+                expected: 1,
+                found: 2
+            })
+        );
+    }
+
+    #[test]
+    fn clipping_bounds_one_attackers_pull() {
+        let s = strategy(Clipping::Fixed { bound: 1.0 }, Aggregation::Mean);
+        let state = s.initial_state(2);
+        let mut open = s.open_round(&state, 2).unwrap();
+        s.accept(&mut open, &delta(&[0.1, 0.0]), 1, 1).unwrap();
+        s.accept(&mut open, &delta(&[1e30, -1e30]), 1, 1).unwrap();
+        let out = s.aggregate(&open, &[0.0, 0.0], &state).unwrap();
+        assert!(
+            crate::robust::l2_norm(&out.weights) <= 0.6,
+            "{:?}",
+            out.weights
+        );
+        assert_eq!(out.clipped, 1);
+        assert_eq!(out.clip_bound, Some(1.0));
+    }
+
+    #[test]
+    fn the_state_round_trips_and_moments_survive_a_new_learning_rate_only() {
+        let adam = |lr| StrategyConfig {
+            server_optimizer: ServerOptimizerConfig::FedAdam {
+                lr,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau: 1e-6,
+                bias_correction: false,
+            },
+            ..StrategyConfig::fedavg(1)
+        };
+        let s = RobustFedAvg::new(adam(1e-2), 0);
+        let state = s.initial_state(2);
+        let mut open = s.open_round(&state, 2).unwrap();
+        s.accept(&mut open, &delta(&[0.5, -0.5]), 1, 1).unwrap();
+        let stepped = s.aggregate(&open, &[0.0, 0.0], &state).unwrap().state;
+        assert_ne!(stepped, state);
+        let lowered = RobustFedAvg::new(adam(1e-3), 0)
+            .restore(stepped.clone(), 2)
+            .unwrap();
+        assert_eq!(lowered.tensors, stepped.tensors, "moments kept");
+        assert!(
+            RobustFedAvg::new(StrategyConfig::fedavg(1), 0)
+                .restore(stepped.clone(), 2)
+                .is_err(),
+            "another optimizer starts afresh"
+        );
+        assert!(s.restore(stepped, 3).is_err(), "another model size");
+    }
+}

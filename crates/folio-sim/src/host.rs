@@ -1,0 +1,169 @@
+//! The engine's host for in-process clients: carries out its actions at once,
+//! in this thread, and hands back each round's start for the clients to train.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use folio_client::LocalTraining;
+use folio_engine::{Action, Commit, DecodedUpdate, Engine, Evaluation, RoundRecord};
+use folio_fed::codec::{self, CheckedDelta};
+use folio_model::ModelConfig;
+use folio_proto::{RoundStart, ServerMessage};
+
+/// What a host does with the engine's jobs.
+pub trait Jobs {
+    fn evaluate(
+        &mut self,
+        weights: &[f32],
+        population: bool,
+    ) -> anyhow::Result<(Evaluation, Option<Evaluation>)>;
+
+    /// Saves a commit; in memory only by default.
+    fn persist(&mut self, _commit: &Commit) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn committed(&mut self, _record: &RoundRecord) {}
+}
+
+/// A round handed to in-process clients.
+pub struct Round {
+    pub round: u64,
+    /// The selected sessions, in order, each with the start it was sent.
+    pub clients: Vec<(u64, RoundStart)>,
+}
+
+/// The engine and what its clients need: the model they were sent, decoded.
+pub struct InProcess {
+    pub engine: Engine,
+    pub model: ModelConfig,
+    segments: Vec<usize>,
+    /// The global model as the wire carried it down, by fingerprint, and its
+    /// encoded size.
+    models: BTreeMap<u64, (Vec<f32>, u64)>,
+}
+
+impl InProcess {
+    pub fn new(engine: Engine, model: ModelConfig) -> Self {
+        Self {
+            segments: engine.config().segments.clone(),
+            engine,
+            model,
+            models: BTreeMap::new(),
+        }
+    }
+
+    /// Carries out the engine's actions until a round is handed to clients;
+    /// `None` once the engine has run its rounds.
+    pub fn next_round(&mut self, jobs: &mut impl Jobs) -> anyhow::Result<Option<Round>> {
+        let mut clients: Vec<(u64, RoundStart)> = Vec::new();
+        loop {
+            let Some(action) = self.engine.poll_action() else {
+                if self.engine.is_finished() {
+                    return Ok(None);
+                }
+                anyhow::ensure!(
+                    !clients.is_empty(),
+                    "no round could start: too few clients for the round's minimum"
+                );
+                clients.sort_by_key(|(session, _)| *session);
+                let round = clients[0].1.round;
+                return Ok(Some(Round { round, clients }));
+            };
+            match action {
+                Action::Send { to, message } => {
+                    if let ServerMessage::RoundStart(start) = message.as_ref() {
+                        self.receive(start)?;
+                        clients.extend(to.into_iter().map(|s| (s, start.clone())));
+                    }
+                }
+                Action::Aggregate(job) => self.engine.aggregated(job.run(), Instant::now()),
+                Action::Evaluate {
+                    round,
+                    weights,
+                    population,
+                } => {
+                    let (eval, population) = jobs.evaluate(&weights, population)?;
+                    self.engine
+                        .evaluated(round, eval, population, Instant::now());
+                }
+                Action::Persist(commit) => {
+                    jobs.persist(&commit)?;
+                    self.engine.persisted(commit.record.round, Instant::now());
+                }
+                Action::Committed(record) => jobs.committed(&record),
+            }
+        }
+    }
+
+    fn receive(&mut self, start: &RoundStart) -> anyhow::Result<()> {
+        if let Some(weights) = &start.weights
+            && !self.models.contains_key(&start.model)
+        {
+            let num_params = self.segments.iter().sum();
+            let decoded = codec::decode(weights, &[num_params], start.weights_encoding)?;
+            self.models.clear();
+            self.models
+                .insert(start.model, (decoded, weights.len() as u64));
+        }
+        Ok(())
+    }
+
+    /// The global model `start` was sent with, as the client decoded it.
+    pub fn global(&self, start: &RoundStart) -> &[f32] {
+        &self.models[&start.model].0
+    }
+
+    /// Trains one client of a round on `text` as its start says, with no time
+    /// limit: the local step of every client.
+    pub fn train(
+        &self,
+        start: &RoundStart,
+        text: &[u32],
+    ) -> anyhow::Result<folio_client::LocalResult> {
+        let config = self.engine.config();
+        let training = LocalTraining {
+            time_limit: None,
+            ..LocalTraining::for_round(
+                start,
+                config.rounds.batch_size as usize,
+                config.rounds.seq_len as usize,
+            )
+        };
+        Ok(pollster::block_on(folio_client::train_locally(
+            &burn::prelude::Device::flex(),
+            self.model,
+            text,
+            self.global(start),
+            &training,
+            |_, _| {},
+        ))?)
+    }
+
+    /// Sends `session`'s update for `start`'s round, its delta encoded as the
+    /// round asks (the bytes counted as the wire would carry them).
+    pub fn send(
+        &mut self,
+        session: u64,
+        start: &RoundStart,
+        delta: &[f32],
+        examples: u64,
+        metrics: (f64, f64, f32),
+    ) -> Result<(), folio_proto::ErrorMessage> {
+        let encoded = codec::encode(delta, &self.segments, start.delta_encoding);
+        let down = self.models.get(&start.model).map_or(0, |(_, bytes)| *bytes);
+        self.engine.add_bytes(session, encoded.len() as u64, down);
+        let delta = CheckedDelta::new(encoded, &self.segments, start.delta_encoding)
+            .map_err(|e| folio_engine::error(folio_proto::ErrorCode::BadDelta, e.to_string()))?;
+        let (loss, accuracy, seconds) = metrics;
+        let update = DecodedUpdate {
+            round: start.round,
+            examples,
+            delta,
+            train_loss: loss as f32,
+            train_accuracy: accuracy as f32,
+            train_seconds: seconds,
+        };
+        self.engine.update(session, update, Instant::now())
+    }
+}

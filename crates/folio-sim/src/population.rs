@@ -1,0 +1,162 @@
+//! A federation of every Shakespeare client in one process: the round engine of
+//! `folio serve`, its strategy, evaluation and commits, with the clients trained
+//! in process by the same local step as a tab or a `folio client`
+//! ([`folio_client::train_locally`]). The run folder holds the same state and
+//! `metrics.jsonl` as `folio serve`'s. Selection and local shuffles are functions
+//! of the seed and the round, so a run stopped at any point resumes exactly where
+//! it stopped.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use folio_data::{Corpus, vocab};
+use folio_engine::{
+    CheckedJoin, Commit, Engine, EngineConfig, Evaluation, RoundConfig, RoundRecord,
+};
+use folio_model::Preset;
+use folio_proto::ModelShape;
+use folio_server::eval::{Evaluator, parallel_map};
+
+use crate::host::{InProcess, Jobs};
+use folio_server::{new_engine, segments, starting_weights, state};
+
+/// A population run.
+#[derive(Debug, Clone)]
+pub struct Population {
+    pub rounds: RoundConfig,
+    pub preset: Preset,
+    /// The starting model; `None`: fresh weights from the seed.
+    pub init: Option<PathBuf>,
+    pub seed: u64,
+    /// Run until this many rounds are committed.
+    pub max_rounds: u64,
+    pub state_dir: PathBuf,
+    /// The data cache holding `shakespeare/`.
+    pub data_dir: PathBuf,
+}
+
+/// What a run reports as it goes.
+pub enum Progress<'a> {
+    /// Before the first round: clients to sample from, and the rounds done.
+    Started { clients: usize, completed: u64 },
+    /// A round's clients are training.
+    Training { clients: usize },
+    /// A round (0: the starting model) is committed.
+    Committed(&'a RoundRecord),
+}
+
+/// Runs rounds until `max_rounds` are committed; returns the whole history.
+pub fn run(
+    sim: &Population,
+    mut progress: impl FnMut(Progress),
+) -> anyhow::Result<Vec<RoundRecord>> {
+    sim.rounds
+        .validate()
+        .map_err(|why| anyhow::anyhow!("inconsistent round settings: {why}"))?;
+    let corpus = Corpus::load(&sim.data_dir.join("shakespeare"))?;
+    let model = sim.preset.config();
+    std::fs::create_dir_all(&sim.state_dir)
+        .with_context(|| format!("cannot create {}", sim.state_dir.display()))?;
+    let evaluator = Evaluator::new(model, &corpus, &sim.rounds, sim.seed)?;
+    let start = pollster::block_on(starting_weights(model, sim.init.as_deref(), sim.seed))?;
+    let segments = segments(model);
+    let config = EngineConfig {
+        rounds: sim.rounds.clone(),
+        preset: sim.preset.to_string(),
+        model: ModelShape {
+            vocab: model.vocab as u32,
+            embed: model.embed as u32,
+            hidden: model.hidden as u32,
+        },
+        segments: segments.clone(),
+        seed: sim.seed,
+        max_sessions: corpus.clients.len(),
+        session_ttl: Duration::MAX,
+        max_rounds: Some(sim.max_rounds),
+    };
+    let mut engine = new_engine(config, &corpus, &sim.state_dir, start)?;
+    // Every client with text to train on is connected, as itself.
+    let ids: Vec<String> = engine.clients().keys().cloned().collect();
+    let mut texts: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for id in ids {
+        let session = join(&mut engine, &id)?;
+        texts.insert(session, vocab::encode(&corpus.client(&id)?.train_text()).0);
+    }
+    progress(Progress::Started {
+        clients: texts.len(),
+        completed: engine.completed_rounds(),
+    });
+    let mut host = InProcess::new(engine, model);
+    let mut jobs = Disk {
+        sim,
+        evaluator,
+        progress,
+    };
+    while let Some(round) = host.next_round(&mut jobs)? {
+        (jobs.progress)(Progress::Training {
+            clients: round.clients.len(),
+        });
+        let locals = parallel_map(&round.clients, |(session, start)| {
+            host.train(start, &texts[session])
+        });
+        // Sent in session order, whichever finished first: the sum is the same
+        // bit for bit whatever the number of cores.
+        for (local, (session, start)) in locals.into_iter().zip(&round.clients) {
+            let local = local?;
+            let metrics = (local.metrics.loss, local.metrics.accuracy, local.seconds);
+            host.send(*session, start, &local.delta, local.examples, metrics)
+                .map_err(|e| anyhow::anyhow!("an honest update was refused: {}", e.message))?;
+        }
+    }
+    Ok(host.engine.history(0, usize::MAX).to_vec())
+}
+
+/// Joins `client` to the engine as itself; returns its session.
+pub fn join(engine: &mut Engine, client: &str) -> anyhow::Result<u64> {
+    let join = CheckedJoin {
+        kind: "simulated",
+        backend: "flex".into(),
+        adapter: None,
+        resume: None,
+        client: Some(client.to_owned()),
+        held_model: None,
+    };
+    let joined = engine
+        .join(join, Instant::now())
+        .map_err(|e| anyhow::anyhow!("{client} cannot join: {}", e.message))?;
+    Ok(joined.session)
+}
+
+/// A population run's jobs: evaluated here, committed to the run folder.
+struct Disk<'a, P> {
+    sim: &'a Population,
+    evaluator: Evaluator,
+    progress: P,
+}
+
+impl<P: FnMut(Progress)> Jobs for Disk<'_, P> {
+    fn evaluate(
+        &mut self,
+        weights: &[f32],
+        population: bool,
+    ) -> anyhow::Result<(Evaluation, Option<Evaluation>)> {
+        self.evaluator.evaluate(weights, population)
+    }
+
+    fn persist(&mut self, commit: &Commit) -> anyhow::Result<()> {
+        state::commit(
+            &self.sim.state_dir,
+            &commit.record,
+            &commit.weights,
+            &commit.state,
+            self.sim.seed,
+        )?;
+        Ok(())
+    }
+
+    fn committed(&mut self, record: &RoundRecord) {
+        (self.progress)(Progress::Committed(record));
+    }
+}
