@@ -392,6 +392,27 @@ impl Engine {
     /// for or the next free one. A session selected in the open round that left
     /// before it reported gets the round again.
     pub fn join(&mut self, join: CheckedJoin, now: Instant) -> Result<Joined, ErrorMessage> {
+        let joined = self.admit(join, now);
+        self.advance(now);
+        joined
+    }
+
+    /// Admits many connections at once: a round starts, if it can, only once all
+    /// are in (an in-process population joins before its first round).
+    pub fn join_many(
+        &mut self,
+        joins: impl IntoIterator<Item = CheckedJoin>,
+        now: Instant,
+    ) -> Vec<Result<Joined, ErrorMessage>> {
+        let joined = joins
+            .into_iter()
+            .map(|join| self.admit(join, now))
+            .collect();
+        self.advance(now);
+        joined
+    }
+
+    fn admit(&mut self, join: CheckedJoin, now: Instant) -> Result<Joined, ErrorMessage> {
         let session_error = |err: SessionError| match err {
             SessionError::InUse => error(
                 ErrorCode::SessionInUse,
@@ -448,7 +469,6 @@ impl Engine {
             client_id: info.client_id.clone(),
         };
         self.rejoin_open_round(session, now);
-        self.advance(now);
         Ok(joined)
     }
 

@@ -147,7 +147,7 @@ async fn failed(shared: &Shared, round: u64, why: &str) {
 /// Wakes the engine at its timeouts (deadlines, session expiry).
 pub async fn clock(shared: Arc<Shared>) {
     loop {
-        let due = shared.engine(|e| e.poll_timeout());
+        let due = shared.read(|e| e.poll_timeout());
         let woken = shared.wake.notified();
         match due {
             Some(due) => {

@@ -190,15 +190,19 @@ impl Setup {
             history: Vec::new(),
         };
         let mut engine = Engine::new(config, built, texts, start, std::time::Instant::now());
-        let mut honest = BTreeMap::new();
-        for id in &self.honest {
-            let text = vocab::encode(&self.corpus.client(id)?.train_text()).0;
-            honest.insert(join(&mut engine, id)?, text);
+        let mut ids = self.honest.clone();
+        if attack != Attack::None {
+            ids.push(self.attacker.clone());
         }
-        let attacker = match attack {
-            Attack::None => None,
-            Attack::Boosted | Attack::Stealthy => Some(join(&mut engine, &self.attacker)?),
-        };
+        let sessions = join(&mut engine, &ids)?;
+        let mut honest = BTreeMap::new();
+        for (id, &session) in self.honest.iter().zip(&sessions) {
+            honest.insert(
+                session,
+                vocab::encode(&self.corpus.client(id)?.train_text()).0,
+            );
+        }
+        let attacker = (attack != Attack::None).then(|| sessions[self.honest.len()]);
         let mut host = InProcess::new(engine, model);
         let mut jobs = Unsaved { setup: self };
         let mut after_one = None;

@@ -77,12 +77,13 @@ pub fn run(
         max_rounds: Some(sim.max_rounds),
     };
     let mut engine = new_engine(config, &corpus, &sim.state_dir, start)?;
-    // Every client with text to train on is connected, as itself.
+    // Every client with text to train on is connected, as itself, before the
+    // first round is drawn.
     let ids: Vec<String> = engine.clients().keys().cloned().collect();
+    let sessions = join(&mut engine, &ids)?;
     let mut texts: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
-    for id in ids {
-        let session = join(&mut engine, &id)?;
-        texts.insert(session, vocab::encode(&corpus.client(&id)?.train_text()).0);
+    for (id, session) in ids.iter().zip(sessions) {
+        texts.insert(session, vocab::encode(&corpus.client(id)?.train_text()).0);
     }
     progress(Progress::Started {
         clients: texts.len(),
@@ -113,20 +114,27 @@ pub fn run(
     Ok(host.engine.history(0, usize::MAX).to_vec())
 }
 
-/// Joins `client` to the engine as itself; returns its session.
-pub fn join(engine: &mut Engine, client: &str) -> anyhow::Result<u64> {
-    let join = CheckedJoin {
+/// Joins each of `clients` to the engine as itself, all before a round can
+/// start; returns their sessions.
+pub fn join(engine: &mut Engine, clients: &[String]) -> anyhow::Result<Vec<u64>> {
+    let joins = clients.iter().map(|client| CheckedJoin {
         kind: "simulated",
         backend: "flex".into(),
         adapter: None,
         resume: None,
-        client: Some(client.to_owned()),
+        client: Some(client.clone()),
         held_model: None,
-    };
-    let joined = engine
-        .join(join, Instant::now())
-        .map_err(|e| anyhow::anyhow!("{client} cannot join: {}", e.message))?;
-    Ok(joined.session)
+    });
+    let joined = engine.join_many(joins, Instant::now());
+    clients
+        .iter()
+        .zip(joined)
+        .map(|(client, joined)| {
+            joined
+                .map(|j| j.session)
+                .map_err(|e| anyhow::anyhow!("{client} cannot join: {}", e.message))
+        })
+        .collect()
 }
 
 /// A population run's jobs: evaluated here, committed to the run folder.

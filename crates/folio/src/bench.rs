@@ -39,6 +39,9 @@ pub enum BenchCommand {
     Influence(crate::influence::InfluenceArgs),
     /// The aggregator under load and floods: its RSS and `/api/status` latency.
     Server(crate::server_bench::ServerBenchArgs),
+    /// `/api/status` latency while a median aggregation of 100 medium-preset
+    /// updates runs, and how long a request trickling its head stays open.
+    Responsiveness(crate::responsiveness::ResponsivenessArgs),
     /// (Internal) one round of `clients` seed-size deltas; prints peak RSS.
     #[command(hide = true)]
     AggregatePeak { clients: usize },
@@ -72,6 +75,7 @@ pub fn run(command: BenchCommand, data_dir: &std::path::Path) -> anyhow::Result<
         BenchCommand::Aggregate { repeats } => aggregate(repeats),
         BenchCommand::Influence(args) => crate::influence::run(args, data_dir),
         BenchCommand::Server(args) => crate::server_bench::run(args, data_dir),
+        BenchCommand::Responsiveness(args) => crate::responsiveness::run(args, data_dir),
         BenchCommand::AggregatePeak { clients } => {
             fold_round(clients);
             println!("{}", peak_rss_kib()?);

@@ -7,6 +7,7 @@ mod influence;
 mod model;
 mod plot;
 mod pretrain;
+mod responsiveness;
 mod server_bench;
 
 use std::path::{Path, PathBuf};
