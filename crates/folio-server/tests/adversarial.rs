@@ -477,6 +477,48 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) 
     }
 }
 
+/// A request whose head trickles in, a byte at a time well inside the idle
+/// timeout, is closed once its head has taken longer than the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_trickling_its_head_is_closed_at_the_header_timeout() {
+    let limits = Limits {
+        header_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let (_dir, server) = start(rounds(5), limits, AccessConfig::default()).await;
+    let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = b"GET /api/status HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    let started = Instant::now();
+    let mut closed = false;
+    for &byte in head.iter().cycle().take(60) {
+        if slow.write_all(&[byte]).await.is_err()
+            || closed_by_server(&mut slow, Duration::from_millis(250)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "still open after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // A whole request in time is served as ever.
+    let mut quick = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    quick
+        .write_all(b"GET /api/status HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), quick.read_to_end(&mut response))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(response.starts_with(b"HTTP/1.0 200"), "{response:?}");
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_half_open_and_excess_connections_are_closed() {
     let limits = Limits {

@@ -69,6 +69,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub fn run(args: ResponsivenessArgs, data_dir: &Path) -> anyhow::Result<()> {
+    if let Ok(addr) = std::env::var("FOLIO_BENCH_ADDR") {
+        let runtime = tokio::runtime::Runtime::new()?;
+        return runtime.block_on(measure(&args, &addr, Path::new("external")));
+    }
     let binary = match &args.server {
         Some(path) => path.clone(),
         None => std::env::current_exe()?,
@@ -86,21 +90,29 @@ pub fn run(args: ResponsivenessArgs, data_dir: &Path) -> anyhow::Result<()> {
         .arg(&state)
         .args(["--clients-per-round", &clients, "--quorum", &clients])
         .args(["--aggregation", "median", "--clip", "off"])
-        .args([
-            "--eval-clients",
-            "1",
-            "--eval-batches",
-            "1",
-            "--rounds",
-            "1",
-        ])
+        .args(["--eval-clients", "1", "--eval-batches", "1"])
         .args(["--max-connections-per-address", "1000"])
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let result = runtime.block_on(async {
+    let result = runtime.block_on(measure(&args, &addr, &binary));
+    // A server that died is the finding, not the bench's own error.
+    let died = child.try_wait()?;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&state);
+    match died {
+        Some(status) => Err(anyhow::anyhow!("the server exited: {status}")),
+        None => result,
+    }
+}
+
+async fn measure(args: &ResponsivenessArgs, addr: &str, binary: &Path) -> anyhow::Result<()> {
+    let addr = addr.to_owned();
+    {
         let started = Instant::now();
         while status(&addr).await.is_err() {
             anyhow::ensure!(
@@ -121,7 +133,16 @@ pub fn run(args: ResponsivenessArgs, data_dir: &Path) -> anyhow::Result<()> {
         let join = folio_proto::encode(&ClientMessage::Join(options.join.clone()));
         let mut sockets = Vec::new();
         for _ in 0..args.clients {
-            let (mut socket, _) = tokio_tungstenite::connect_async(&url).await?;
+            let (mut socket, _) =
+                tokio_tungstenite::connect_async(&url)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "client {} of {} could not connect",
+                            sockets.len() + 1,
+                            args.clients
+                        )
+                    })?;
             socket.send(Message::Binary(join.clone().into())).await?;
             sockets.push(socket);
         }
@@ -160,7 +181,9 @@ pub fn run(args: ResponsivenessArgs, data_dir: &Path) -> anyhow::Result<()> {
                     let mut samples = Vec::new();
                     let (mut bytes, started) = (0, Instant::now());
                     loop {
-                        let (latency, body) = status(&addr).await?;
+                        let (latency, body) = status(&addr)
+                            .await
+                            .context("polling /api/status during the round")?;
                         samples.push(latency.as_secs_f64() * 1e3);
                         bytes = bytes.max(body.len());
                         if completed(&body) >= 1 {
@@ -232,9 +255,5 @@ pub fn run(args: ResponsivenessArgs, data_dir: &Path) -> anyhow::Result<()> {
             ),
         }
         anyhow::Ok(())
-    });
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&state);
-    result
+    }
 }
