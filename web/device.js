@@ -43,7 +43,12 @@ function notify(text, kind = "") {
   notices.prepend(item);
   while (notices.children.length > 5) notices.lastChild.remove();
 }
-const forget = (kind) => notices.querySelectorAll(`li[data-kind="${kind}"]`).forEach((item) => item.remove());
+// Removes the notices of `kind`; says how many there were.
+function forget(kind) {
+  const stale = notices.querySelectorAll(`li[data-kind="${kind}"]`);
+  stale.forEach((item) => item.remove());
+  return stale.length;
+}
 
 function onDeviceEvent(event) {
   switch (event.type) {
@@ -51,7 +56,7 @@ function onDeviceEvent(event) {
     case "welcome":
       device.client = event.client;
       // Back with the aggregator: the notices of losing it no longer hold.
-      forget("lost");
+      if (forget("lost")) notify("Back with the aggregator after losing it; this tab trains on.");
       // A reload of this tab rejoins as the same client.
       sessionStorage.setItem("folio-session", event.session);
       break;

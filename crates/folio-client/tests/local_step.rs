@@ -56,13 +56,7 @@ fn one_local_sgd_batch_moves_the_weights_by_minus_lr_times_its_gradient() {
 }
 
 fn plan(seed: u64) -> TrainingPlan {
-    TrainingPlan {
-        batch_size: 1,
-        seq_len: 100,
-        local_epochs: 1,
-        max_batches: None,
-        seed,
-    }
+    TrainingPlan::one_epoch(1, 100, seed)
 }
 
 /// Each epoch's chunk lengths, sorted: with one chunk a batch they tell where the

@@ -22,6 +22,17 @@ pub struct TrainingPlan {
 }
 
 impl TrainingPlan {
+    /// One pass over the whole text in batches of `batch_size` × `seq_len`.
+    pub fn one_epoch(batch_size: usize, seq_len: usize, seed: u64) -> Self {
+        Self {
+            batch_size,
+            seq_len,
+            local_epochs: 1,
+            max_batches: None,
+            seed,
+        }
+    }
+
     fn epochs(&self) -> u32 {
         self.local_epochs.max(1)
     }
@@ -80,13 +91,7 @@ mod tests {
     use super::*;
 
     fn plan(seed: u64) -> TrainingPlan {
-        TrainingPlan {
-            batch_size: 1,
-            seq_len: 100,
-            local_epochs: 1,
-            max_batches: None,
-            seed,
-        }
+        TrainingPlan::one_epoch(1, 100, seed)
     }
 
     /// The bound holds whatever offset a client cuts its text at (or honest

@@ -208,6 +208,21 @@ struct Closing {
     started: Instant,
 }
 
+impl Closing {
+    /// Round 0: the starting model, before any round.
+    fn initial(now: Instant) -> Self {
+        Self {
+            round: 0,
+            clients: 0,
+            train_loss: None,
+            train_accuracy: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            started: now,
+        }
+    }
+}
+
 enum Phase {
     /// Waiting for enough clients.
     Idle,
@@ -315,16 +330,7 @@ impl Engine {
                 clipped: 0,
                 median_norm: None,
             };
-            let closing = Closing {
-                round: 0,
-                clients: 0,
-                train_loss: None,
-                train_accuracy: None,
-                bytes_up: 0,
-                bytes_down: 0,
-                started: now,
-            };
-            engine.evaluate(closing, initial);
+            engine.evaluate(Closing::initial(now), initial);
         } else {
             engine.advance(now);
         }
@@ -776,18 +782,7 @@ impl Engine {
         if self.history.is_empty() {
             let (closing, candidate) = match phase {
                 Phase::Evaluating(closing, candidate) => (closing, candidate),
-                Phase::Persisting(candidate, _) => (
-                    Closing {
-                        round: 0,
-                        clients: 0,
-                        train_loss: None,
-                        train_accuracy: None,
-                        bytes_up: 0,
-                        bytes_down: 0,
-                        started: now,
-                    },
-                    candidate,
-                ),
+                Phase::Persisting(candidate, _) => (Closing::initial(now), candidate),
                 _ => unreachable!("round 0 is never aggregated"),
             };
             self.evaluate(closing, candidate);

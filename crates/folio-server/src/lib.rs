@@ -31,7 +31,7 @@ use bytes::Bytes;
 use folio_data::{Corpus, vocab};
 use folio_engine::{Engine, EngineConfig, Start};
 use folio_model::checkpoint::{self, Precision};
-use folio_model::{CharRnn, ModelConfig};
+use folio_model::{CharRnn, ModelConfig, Preset};
 use folio_proto::ModelShape;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
@@ -141,12 +141,13 @@ impl Server {
             config.seed,
         )?);
         let limits = fit_to_file_limit(config.limits.clone());
-        let engine = new_engine(
-            engine_config(model, &config, &limits),
-            &corpus,
-            &config.state_dir,
-            start,
-        )?;
+        let engine_config = EngineConfig {
+            max_sessions: limits.max_sessions,
+            session_ttl: limits.session_ttl,
+            max_rounds: config.max_rounds,
+            ..engine_config(config.preset, config.rounds.clone(), config.seed)
+        };
+        let engine = new_engine(engine_config, &corpus, &config.state_dir, start)?;
         let completed = engine.completed_rounds();
         let listener = TcpListener::bind(config.addr).await.with_context(|| {
             format!(
@@ -285,20 +286,24 @@ pub async fn starting_weights(
     })
 }
 
-fn engine_config(model: ModelConfig, config: &ServerConfig, limits: &Limits) -> EngineConfig {
+/// The engine's settings for a federation of `preset` models run as `rounds`
+/// say, with the default limits on sessions and no limit on rounds.
+pub fn engine_config(preset: Preset, rounds: RoundConfig, seed: u64) -> EngineConfig {
+    let model = preset.config();
+    let limits = Limits::default();
     EngineConfig {
-        rounds: config.rounds.clone(),
-        preset: config.preset.to_string(),
+        rounds,
+        preset: preset.to_string(),
         model: ModelShape {
             vocab: model.vocab as u32,
             embed: model.embed as u32,
             hidden: model.hidden as u32,
         },
         segments: segments(model),
-        seed: config.seed,
+        seed,
         max_sessions: limits.max_sessions,
         session_ttl: limits.session_ttl,
-        max_rounds: config.max_rounds,
+        max_rounds: None,
     }
 }
 

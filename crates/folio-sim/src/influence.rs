@@ -19,7 +19,7 @@ use folio_fed::sampling::sample_clients;
 use folio_fed::{Encoding, StrategyConfig};
 use folio_model::params::delta;
 use folio_model::{CharRnn, Preset};
-use folio_proto::{ErrorCode, ModelShape};
+use folio_proto::ErrorCode;
 
 use crate::host::{InProcess, Jobs};
 use crate::population::join;
@@ -161,18 +161,14 @@ impl Setup {
         };
         let model = self.params.preset.config();
         let config = EngineConfig {
-            rounds: self.rounds(strategy),
-            preset: self.params.preset.to_string(),
-            model: ModelShape {
-                vocab: model.vocab as u32,
-                embed: model.embed as u32,
-                hidden: model.hidden as u32,
-            },
-            segments: folio_server::segments(model),
-            seed: self.params.seed,
             max_sessions: clients,
             session_ttl: Duration::MAX,
             max_rounds: Some(self.params.rounds),
+            ..folio_server::engine_config(
+                self.params.preset,
+                self.rounds(strategy),
+                self.params.seed,
+            )
         };
         let texts: Vec<(String, usize)> = self
             .honest

@@ -16,11 +16,10 @@ use folio_engine::{
     CheckedJoin, Commit, Engine, EngineConfig, Evaluation, RoundConfig, RoundRecord,
 };
 use folio_model::Preset;
-use folio_proto::ModelShape;
 use folio_server::eval::{Evaluator, parallel_map};
 
 use crate::host::{InProcess, Jobs};
-use folio_server::{new_engine, segments, starting_weights, state};
+use folio_server::{engine_config, new_engine, starting_weights, state};
 
 /// A population run.
 #[derive(Debug, Clone)]
@@ -61,20 +60,11 @@ pub fn run(
         .with_context(|| format!("cannot create {}", sim.state_dir.display()))?;
     let evaluator = Evaluator::new(model, &corpus, &sim.rounds, sim.seed)?;
     let start = pollster::block_on(starting_weights(model, sim.init.as_deref(), sim.seed))?;
-    let segments = segments(model);
     let config = EngineConfig {
-        rounds: sim.rounds.clone(),
-        preset: sim.preset.to_string(),
-        model: ModelShape {
-            vocab: model.vocab as u32,
-            embed: model.embed as u32,
-            hidden: model.hidden as u32,
-        },
-        segments: segments.clone(),
-        seed: sim.seed,
         max_sessions: corpus.clients.len(),
         session_ttl: Duration::MAX,
         max_rounds: Some(sim.max_rounds),
+        ..engine_config(sim.preset, sim.rounds.clone(), sim.seed)
     };
     let mut engine = new_engine(config, &corpus, &sim.state_dir, start)?;
     // Every client with text to train on is connected, as itself, before the

@@ -512,6 +512,25 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
     })
 }
 
+/// A progress bar over `rounds` rounds.
+fn rounds_bar(rounds: u64) -> ProgressBar {
+    let bar = ProgressBar::new(rounds);
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30}] round {pos}/{len}, {elapsed}, ETA {eta} {msg}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+/// A line above the bar on a terminal, a plain line in a log.
+fn print_above(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}")
+    } else {
+        bar.println(line)
+    }
+}
+
 pub const TABLE_HEADER: &str = "round  clients  train loss  train acc  eval loss  eval acc    bytes up   seconds  population acc";
 
 pub fn row(r: &RoundRecord) -> String {
@@ -576,19 +595,8 @@ pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        let bar = ProgressBar::new(args.rounds);
-        bar.set_style(
-            ProgressStyle::with_template("[{bar:30}] round {pos}/{len}, {elapsed} {msg}")
-                .expect("valid template"),
-        );
-        // Rows above the bar on a terminal, plain lines in a log.
-        let print = |line: String| {
-            if bar.is_hidden() {
-                println!("{line}")
-            } else {
-                bar.println(line)
-            }
-        };
+        let bar = rounds_bar(args.rounds);
+        let print = |line: String| print_above(&bar, line);
         print(TABLE_HEADER.to_owned());
         let mut shown = 0;
         while shown <= args.rounds as usize {
@@ -646,18 +654,8 @@ fn population(
         state_dir: state_dir.clone(),
         data_dir: data_dir.to_owned(),
     };
-    let bar = ProgressBar::new(rounds);
-    bar.set_style(
-        ProgressStyle::with_template("[{bar:30}] round {pos}/{len}, {elapsed}, ETA {eta} {msg}")
-            .expect("valid template"),
-    );
-    let print = |line: String| {
-        if bar.is_hidden() {
-            println!("{line}")
-        } else {
-            bar.println(line)
-        }
-    };
+    let bar = rounds_bar(rounds);
+    let print = |line: String| print_above(&bar, line);
     let history = folio_sim::population::run(&sim, |progress| match progress {
         Progress::Started { clients, completed } => {
             print(format!(

@@ -21,6 +21,8 @@ use folio_model::Preset;
 use folio_proto::{ClientMessage, ServerMessage, Update};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::server_bench::status_latency;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -38,23 +40,6 @@ pub struct ResponsivenessArgs {
     /// Give up on the trickling request after this long.
     #[arg(long, default_value_t = 120)]
     trickle_limit_secs: u64,
-}
-
-/// `/api/status`'s latency and size, or why it failed.
-async fn status(addr: &str) -> anyhow::Result<(Duration, Vec<u8>)> {
-    let started = Instant::now();
-    let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(b"GET /api/status HTTP/1.0\r\nHost: bench\r\n\r\n")
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    anyhow::ensure!(response.starts_with(b"HTTP/1.0 200"), "status failed");
-    let body = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(Vec::new(), |at| response[at + 4..].to_vec());
-    Ok((started.elapsed(), body))
 }
 
 fn completed(body: &[u8]) -> u64 {
@@ -114,7 +99,7 @@ async fn measure(args: &ResponsivenessArgs, addr: &str, binary: &Path) -> anyhow
     let addr = addr.to_owned();
     {
         let started = Instant::now();
-        while status(&addr).await.is_err() {
+        while status_latency(&addr).await.is_err() {
             anyhow::ensure!(
                 started.elapsed() < Duration::from_secs(120),
                 "the server did not start"
@@ -181,7 +166,7 @@ async fn measure(args: &ResponsivenessArgs, addr: &str, binary: &Path) -> anyhow
                     let mut samples = Vec::new();
                     let (mut bytes, started) = (0, Instant::now());
                     loop {
-                        let (latency, body) = status(&addr)
+                        let (latency, body) = status_latency(&addr)
                             .await
                             .context("polling /api/status during the round")?;
                         samples.push(latency.as_secs_f64() * 1e3);

@@ -40,16 +40,21 @@ fn memory(child: &Child) -> anyhow::Result<(f64, f64)> {
     Ok((field("VmRSS:"), field("VmHWM:")))
 }
 
-async fn status_latency(addr: &str) -> anyhow::Result<(Duration, usize)> {
+/// `/api/status`'s latency and body (a request of its own, HTTP/1.0).
+pub async fn status_latency(addr: &str) -> anyhow::Result<(Duration, Vec<u8>)> {
     let started = Instant::now();
     let mut stream = TcpStream::connect(addr).await?;
     stream
         .write_all(b"GET /api/status HTTP/1.0\r\nHost: bench\r\n\r\n")
         .await?;
-    let mut body = Vec::new();
-    stream.read_to_end(&mut body).await?;
-    anyhow::ensure!(body.starts_with(b"HTTP/1.0 200"), "status failed");
-    Ok((started.elapsed(), body.len()))
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    anyhow::ensure!(response.starts_with(b"HTTP/1.0 200"), "status failed");
+    let body = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(Vec::new(), |at| response[at + 4..].to_vec());
+    Ok((started.elapsed(), body))
 }
 
 /// Polls `/api/status` from a thread of its own (so that the flood's own work in
@@ -69,9 +74,9 @@ async fn during<F: std::future::Future<Output = anyhow::Result<()>>>(
                 let mut samples = Vec::new();
                 let mut bytes = 0;
                 for _ in 0..20 {
-                    let (latency, len) = status_latency(&addr).await?;
+                    let (latency, body) = status_latency(&addr).await?;
                     samples.push(latency.as_secs_f64() * 1e3);
-                    bytes = len;
+                    bytes = body.len();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 anyhow::Ok((samples, bytes))

@@ -413,10 +413,11 @@ fn tabs_reconnect_to_a_restarted_aggregator_and_the_next_round_completes() -> an
         pools.iter().all(|p| p.is_null()),
         "asked for one thread, the tabs had {pools:?}"
     );
+    // Once back, the page says so, and no longer that it lost the aggregator.
     let notices = page_text(&browser, "device-notices")?;
     ensure!(
-        notices.contains("Lost the aggregator"),
-        "the page does not say it lost the aggregator: {notices:?}"
+        notices.contains("Back with the aggregator") && !notices.contains("Lost the aggregator"),
+        "the page's notices after the reconnection: {notices:?}"
     );
 
     // The page as a person sees it, wide and narrow, with the shipped models'

@@ -1,11 +1,11 @@
 //! FedAvg hardened for untrusted clients: server-bounded weights, L2 clipping,
 //! mean / trimmed mean / median, then any server optimizer.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::{
-    Aggregated, Candidate, OpenUpdates, StateRecord, Strategy, StrategyConfig, Weighting,
-    median_norm, select, validate_delta,
+    Aggregated, OpenUpdates, StateRecord, Strategy, StrategyConfig, Weighting, check_update,
+    median_norm, server_step,
 };
 use crate::FedError;
 use crate::codec::CheckedDelta;
@@ -63,22 +63,12 @@ impl Strategy for RobustFedAvg {
         ])
     }
 
-    fn min_clients(&self) -> usize {
-        self.config.min_clients
+    fn config(&self) -> &StrategyConfig {
+        &self.config
     }
 
-    fn quorum(&self) -> usize {
-        self.config.quorum
-    }
-
-    fn configure_round(
-        &self,
-        round: u64,
-        attempt: u32,
-        candidates: &[Candidate],
-        failed: &BTreeSet<u64>,
-    ) -> Option<Vec<u64>> {
-        select(&self.config, self.seed, round, attempt, candidates, failed)
+    fn seed(&self) -> u64 {
+        self.seed
     }
 
     fn initial_state(&self, num_params: usize) -> StateRecord {
@@ -114,15 +104,7 @@ impl Strategy for RobustFedAvg {
         allowed: u64,
     ) -> Result<(), FedError> {
         let round: &mut Round = open.get_mut()?;
-        if delta.len() != round.num_params {
-            return Err(FedError::WrongLength {
-                expected: round.num_params,
-                found: delta.len(),
-            });
-        }
-        if claimed == 0 || claimed > allowed {
-            return Err(FedError::BadExamples { claimed, allowed });
-        }
+        check_update(delta, round.num_params, claimed, allowed)?;
         let weight = match self.config.weighting {
             Weighting::Examples => claimed as f64,
             Weighting::Uniform => 1.0,
@@ -142,16 +124,8 @@ impl Strategy for RobustFedAvg {
     ) -> Result<Aggregated, FedError> {
         let round: &Round = open.get()?;
         let delta = round.updates.aggregate()?;
-        let mut saved = state.clone();
-        let mut optimizer =
-            ServerOptimizer::restore(&mut saved, self.config.server_optimizer, weights.len())
-                .map_err(|_| FedError::ForeignRound)?;
-        let mut new_weights = weights.to_vec();
-        optimizer.step(&mut new_weights, &delta)?;
-        validate_delta(&new_weights, weights.len()).map_err(|_| FedError::NonFiniteModel)?;
-        if !optimizer.is_finite() {
-            return Err(FedError::NonFiniteModel);
-        }
+        let (new_weights, optimizer) =
+            server_step(self.config.server_optimizer, state, weights, &delta)?;
         let next_bound = self
             .config
             .clipping

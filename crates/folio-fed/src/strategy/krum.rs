@@ -10,11 +10,11 @@
 //! This file is the whole strategy: with its [`super::StrategyKind`] and the line
 //! in [`super::build`] it is what adding a strategy takes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::{
-    Aggregated, Candidate, OpenUpdates, StateRecord, Strategy, StrategyConfig, median_norm, select,
-    validate_delta,
+    Aggregated, OpenUpdates, StateRecord, Strategy, StrategyConfig, check_update, median_norm,
+    server_step,
 };
 use crate::FedError;
 use crate::codec::CheckedDelta;
@@ -103,22 +103,12 @@ impl Strategy for Krum {
         ])
     }
 
-    fn min_clients(&self) -> usize {
-        self.config.min_clients
+    fn config(&self) -> &StrategyConfig {
+        &self.config
     }
 
-    fn quorum(&self) -> usize {
-        self.config.quorum
-    }
-
-    fn configure_round(
-        &self,
-        round: u64,
-        attempt: u32,
-        candidates: &[Candidate],
-        failed: &BTreeSet<u64>,
-    ) -> Option<Vec<u64>> {
-        select(&self.config, self.seed, round, attempt, candidates, failed)
+    fn seed(&self) -> u64 {
+        self.seed
     }
 
     fn initial_state(&self, num_params: usize) -> StateRecord {
@@ -151,15 +141,7 @@ impl Strategy for Krum {
         allowed: u64,
     ) -> Result<(), FedError> {
         let round: &mut Round = open.get_mut()?;
-        if delta.len() != round.num_params {
-            return Err(FedError::WrongLength {
-                expected: round.num_params,
-                found: delta.len(),
-            });
-        }
-        if claimed == 0 || claimed > allowed {
-            return Err(FedError::BadExamples { claimed, allowed });
-        }
+        check_update(delta, round.num_params, claimed, allowed)?;
         round.norms.push(delta.norm());
         round.deltas.push(delta.to_vec(1.0));
         Ok(())
@@ -183,16 +165,8 @@ impl Strategy for Krum {
             }
         }
         let delta: Vec<f32> = mean.into_iter().map(|m| m as f32).collect();
-        let mut saved = state.clone();
-        let mut optimizer =
-            ServerOptimizer::restore(&mut saved, self.config.server_optimizer, weights.len())
-                .map_err(|_| FedError::ForeignRound)?;
-        let mut new_weights = weights.to_vec();
-        optimizer.step(&mut new_weights, &delta)?;
-        validate_delta(&new_weights, weights.len()).map_err(|_| FedError::NonFiniteModel)?;
-        if !optimizer.is_finite() {
-            return Err(FedError::NonFiniteModel);
-        }
+        let (new_weights, optimizer) =
+            server_step(self.config.server_optimizer, state, weights, &delta)?;
         Ok(Aggregated {
             weights: new_weights,
             state: Self::record(&optimizer),

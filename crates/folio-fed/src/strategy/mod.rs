@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::FedError;
 use crate::codec::CheckedDelta;
 use crate::robust::{Aggregation, Clipping};
-use crate::server_opt::ServerOptimizerConfig;
+use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig};
 
 pub use fedavg::RobustFedAvg;
 pub use krum::Krum;
@@ -278,11 +278,21 @@ pub trait Strategy: Send + Sync {
     /// What it is and how it is set, for people (`/api/status`).
     fn describe(&self) -> BTreeMap<&'static str, String>;
 
+    /// Its settings.
+    fn config(&self) -> &StrategyConfig;
+
+    /// The seed its draws start from.
+    fn seed(&self) -> u64;
+
     /// Connected clients needed before a round starts.
-    fn min_clients(&self) -> usize;
+    fn min_clients(&self) -> usize {
+        self.config().min_clients
+    }
 
     /// Updates needed to close a round.
-    fn quorum(&self) -> usize;
+    fn quorum(&self) -> usize {
+        self.config().quorum
+    }
 
     /// The clients to train in attempt `attempt` of `round`, from the
     /// candidates; `None` while too few are connected. Clients that failed an
@@ -293,7 +303,16 @@ pub trait Strategy: Send + Sync {
         attempt: u32,
         candidates: &[Candidate],
         failed: &BTreeSet<u64>,
-    ) -> Option<Vec<u64>>;
+    ) -> Option<Vec<u64>> {
+        select(
+            self.config(),
+            self.seed(),
+            round,
+            attempt,
+            candidates,
+            failed,
+        )
+    }
 
     /// The state of a fresh federation.
     fn initial_state(&self, num_params: usize) -> StateRecord;
@@ -338,6 +357,46 @@ pub fn validate_delta(delta: &[f32], num_params: usize) -> Result<(), FedError> 
         }),
         None => Ok(()),
     }
+}
+
+/// Refuses an update of the wrong length, or claiming no examples or more than
+/// the client may have trained on.
+pub fn check_update(
+    delta: &CheckedDelta,
+    num_params: usize,
+    claimed: u64,
+    allowed: u64,
+) -> Result<(), FedError> {
+    if delta.len() != num_params {
+        return Err(FedError::WrongLength {
+            expected: num_params,
+            found: delta.len(),
+        });
+    }
+    if claimed == 0 || claimed > allowed {
+        return Err(FedError::BadExamples { claimed, allowed });
+    }
+    Ok(())
+}
+
+/// Moves `weights` by the round's aggregate `delta` with the server optimizer
+/// saved in `state` (continued under `config`); never a non-finite model.
+pub fn server_step(
+    config: ServerOptimizerConfig,
+    state: &StateRecord,
+    weights: &[f32],
+    delta: &[f32],
+) -> Result<(Vec<f32>, ServerOptimizer), FedError> {
+    let mut saved = state.clone();
+    let mut optimizer = ServerOptimizer::restore(&mut saved, config, weights.len())
+        .map_err(|_| FedError::ForeignRound)?;
+    let mut new_weights = weights.to_vec();
+    optimizer.step(&mut new_weights, delta)?;
+    validate_delta(&new_weights, weights.len()).map_err(|_| FedError::NonFiniteModel)?;
+    if !optimizer.is_finite() {
+        return Err(FedError::NonFiniteModel);
+    }
+    Ok((new_weights, optimizer))
 }
 
 /// The clients configured rounds train: `min_clients` connected or `None`; the
