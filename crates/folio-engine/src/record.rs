@@ -46,29 +46,6 @@ pub struct RoundRecord {
     pub model_hash: String,
 }
 
-impl RoundRecord {
-    /// Round 0: the starting model, as evaluated before any round.
-    pub fn initial(eval: &Evaluation, population: Option<&Evaluation>, weights: &[f32]) -> Self {
-        Self {
-            round: 0,
-            clients: 0,
-            train_loss: None,
-            train_accuracy: None,
-            eval_loss: eval.loss,
-            eval_accuracy: eval.accuracy,
-            bytes_up: 0,
-            bytes_down: 0,
-            seconds: 0.0,
-            clipped: 0,
-            clip_bound: None,
-            delta_norm: None,
-            population_loss: population.map(|m| m.loss),
-            population_accuracy: population.map(|m| m.accuracy),
-            model_hash: model_hash(weights),
-        }
-    }
-}
-
 /// FNV-1a (64 bits) of the weights' bytes, in hex: which model a round produced.
 pub fn model_hash(weights: &[f32]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

@@ -127,10 +127,7 @@ async fn persist(shared: Arc<Shared>, commit: Box<Commit>) {
     let round = commit.record.round;
     let dir = shared.config.state_dir.clone();
     let seed = shared.config.seed;
-    let saved = tokio::task::spawn_blocking(move || {
-        state::commit(&dir, &commit.record, &commit.weights, &commit.state, seed)
-    })
-    .await;
+    let saved = tokio::task::spawn_blocking(move || state::commit(&dir, &commit, seed)).await;
     match saved {
         Ok(Ok(_)) => shared.engine(|e| e.persisted(round, Instant::now())),
         Ok(Err(err)) => failed(&shared, round, &format!("saving: {err:#}")).await,

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use folio_engine::RoundRecord;
+use folio_engine::{Commit, RoundRecord};
 use folio_fed::StateRecord;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -110,13 +110,12 @@ fn append_durably(path: &Path, line: &str) -> anyhow::Result<()> {
 
 /// Commits a round: its record appended to the history, then the weights and the
 /// strategy's state written and renamed into place. Returns the bytes written.
-pub fn commit(
-    dir: &Path,
-    record: &RoundRecord,
-    weights: &[f32],
-    strategy: &StateRecord,
-    seed: u64,
-) -> anyhow::Result<u64> {
+pub fn commit(dir: &Path, commit: &Commit, seed: u64) -> anyhow::Result<u64> {
+    let Commit {
+        record,
+        weights,
+        state: strategy,
+    } = commit;
     let line = serde_json::to_string(record)? + "\n";
     append_durably(&history_path(dir), &line)?;
     let mut buffers = vec![("weights".to_owned(), bytes_of(weights))];
@@ -336,6 +335,15 @@ mod tests {
         }
     }
 
+    fn commit_round(dir: &Path, round: u64, eval_loss: f64, weights: &[f32]) -> u64 {
+        let saved = Commit {
+            record: record(round, eval_loss),
+            weights: std::sync::Arc::new(weights.to_vec()),
+            state: strategy(),
+        };
+        commit(dir, &saved, 9).unwrap()
+    }
+
     fn strategy() -> StateRecord {
         let mut record = StateRecord::new("fedavg", 1);
         record.set_value("clip_bound", 0.75f32);
@@ -348,15 +356,8 @@ mod tests {
     #[test]
     fn a_commit_round_trips_weights_state_and_non_finite_history() {
         let dir = tempfile::tempdir().unwrap();
-        commit(dir.path(), &record(0, 2.0), &[0.0; 3], &strategy(), 9).unwrap();
-        commit(
-            dir.path(),
-            &record(1, f64::NAN),
-            &[1.0, 2.0, 3.0],
-            &strategy(),
-            9,
-        )
-        .unwrap();
+        commit_round(dir.path(), 0, 2.0, &[0.0; 3]);
+        commit_round(dir.path(), 1, f64::NAN, &[1.0, 2.0, 3.0]);
         let saved = load(dir.path(), 3).unwrap().unwrap();
         assert_eq!(saved.weights, vec![1.0, 2.0, 3.0]);
         assert_eq!(saved.strategy, strategy());
@@ -369,9 +370,8 @@ mod tests {
     fn a_commit_writes_the_same_bytes_at_round_500_as_at_round_5() {
         let dir = tempfile::tempdir().unwrap();
         let sizes: Vec<u64> = (0..=500)
-            .map(|round| commit(dir.path(), &record(round, 1.0), &[0.0; 3], &strategy(), 0))
-            .collect::<anyhow::Result<_>>()
-            .unwrap();
+            .map(|round| commit_round(dir.path(), round, 1.0, &[0.0; 3]))
+            .collect();
         assert!(sizes[500] <= sizes[5] + 8, "{} vs {}", sizes[5], sizes[500]);
         assert_eq!(load(dir.path(), 3).unwrap().unwrap().history.len(), 501);
     }
@@ -380,7 +380,7 @@ mod tests {
     fn history_past_the_committed_round_and_a_torn_line_are_cut_on_load() {
         let dir = tempfile::tempdir().unwrap();
         for round in 0..3 {
-            commit(dir.path(), &record(round, 1.0), &[0.0; 3], &strategy(), 0).unwrap();
+            commit_round(dir.path(), round, 1.0, &[0.0; 3]);
         }
         // A crash after round 3's line was appended but before its state was
         // renamed in, with half of a round-4 line after it.

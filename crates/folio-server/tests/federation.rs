@@ -298,11 +298,14 @@ async fn a_client_that_rejoins_mid_round_gets_the_round_without_the_model_it_hol
     }));
     socket.send(update.clone()).await.unwrap();
     other.send(update).await.unwrap();
-    let next = loop {
-        if let ServerMessage::RoundStart(start) = next_message(&mut socket).await {
-            break start;
+    let next = within(async {
+        loop {
+            if let ServerMessage::RoundStart(start) = next_message(&mut socket).await {
+                break start;
+            }
         }
-    };
+    })
+    .await;
     assert_eq!(next.round, 2);
     assert!(
         next.weights.is_some(),
@@ -555,16 +558,19 @@ async fn bad_input_is_refused_counted_and_harmless() {
     let again = binary(&update(&step, start.round));
     socket.send(again).await.unwrap();
     let mut codes = Vec::new();
-    loop {
-        match next_message(&mut socket).await {
-            ServerMessage::Error(error) => codes.push(error.code),
-            ServerMessage::RoundResult(result) => {
-                assert_eq!(result.round, start.round);
-                break;
+    within(async {
+        loop {
+            match next_message(&mut socket).await {
+                ServerMessage::Error(error) => codes.push(error.code),
+                ServerMessage::RoundResult(result) => {
+                    assert_eq!(result.round, start.round);
+                    break;
+                }
+                _ => {}
             }
-            _ => {}
         }
-    }
+    })
+    .await;
     assert!(
         codes.contains(&ErrorCode::DuplicateUpdate) || codes.contains(&ErrorCode::RoundClosed),
         "{codes:?}"
@@ -676,16 +682,19 @@ async fn a_silent_client_is_closed_out_at_the_deadline_on_quorum() {
     let _workers: Vec<_> = (0..2).map(|_| spawn_client(url(&server), false)).collect();
     let started = std::time::Instant::now();
     let mut told = false;
-    loop {
-        match next_message(&mut silent).await {
-            ServerMessage::Error(error) if error.code == ErrorCode::RoundClosed => told = true,
-            ServerMessage::RoundResult(result) => {
-                assert_eq!((result.round, result.clients), (1, 2));
-                break;
+    within(async {
+        loop {
+            match next_message(&mut silent).await {
+                ServerMessage::Error(error) if error.code == ErrorCode::RoundClosed => told = true,
+                ServerMessage::RoundResult(result) => {
+                    assert_eq!((result.round, result.clients), (1, 2));
+                    break;
+                }
+                _ => {}
             }
-            _ => {}
         }
-    }
+    })
+    .await;
     assert!(told, "the late client is told the round closed");
     assert!(
         started.elapsed() >= Duration::from_secs(3),

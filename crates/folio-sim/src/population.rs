@@ -144,13 +144,7 @@ impl<P: FnMut(Progress)> Jobs for Disk<'_, P> {
     }
 
     fn persist(&mut self, commit: &Commit) -> anyhow::Result<()> {
-        state::commit(
-            &self.sim.state_dir,
-            &commit.record,
-            &commit.weights,
-            &commit.state,
-            self.sim.seed,
-        )?;
+        state::commit(&self.sim.state_dir, commit, self.sim.seed)?;
         Ok(())
     }
 

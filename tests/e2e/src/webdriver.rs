@@ -299,5 +299,13 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         let _ = self.command("DELETE", "", None);
+        // The driver does not wait for the browser to exit, and a browser that
+        // outlives it is left to run: end any process started with this
+        // session's profile, which is its alone.
+        let _ = Command::new("pkill")
+            .arg("-KILL")
+            .arg("-f")
+            .arg(self._profile.path())
+            .status();
     }
 }

@@ -53,6 +53,14 @@ pub async fn next_message(socket: &mut Socket) -> ServerMessage {
     }
 }
 
+/// Waits for `wait`, failing the test after two minutes rather than hanging
+/// (a loop over messages may never see the one it waits for).
+pub async fn within<T>(wait: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(120), wait)
+        .await
+        .expect("what the test waits for did not come within 2 minutes")
+}
+
 pub async fn expect_error(socket: &mut Socket, frame: Message, code: ErrorCode) {
     socket.send(frame).await.unwrap();
     match next_message(socket).await {
