@@ -165,7 +165,14 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
         };
         last_heard = Instant::now();
         let reply = match message {
-            Message::Binary(frame) => handle_frame(&shared, &peer, &mut joined, &frame, &outbox),
+            Message::Binary(frame) => {
+                let connection = Connection {
+                    peer: &peer,
+                    outbox: &outbox,
+                    session: &session,
+                };
+                handle_frame(&shared, &connection, &mut joined, &frame)
+            }
             Message::Text(_) => Err(error(
                 ErrorCode::TextFrame,
                 "frames are binary (folio-proto)",
@@ -173,9 +180,6 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
             Message::Close(_) => break None,
             _ => Ok(()),
         };
-        if let Some(id) = joined {
-            session.store(id, std::sync::atomic::Ordering::Relaxed);
-        }
         match reply {
             Ok(()) => {}
             Err(refused) => {
@@ -307,14 +311,26 @@ fn handle_update(shared: &Shared, id: u64, update: Update) -> Result<(), ErrorMe
     shared.engine(|e| e.update(id, decoded, Instant::now()))
 }
 
+/// What a frame's handler needs of its connection.
+struct Connection<'a> {
+    peer: &'a PeerInfo,
+    outbox: &'a Outbox,
+    /// The joined session, for the writer's byte counts (0 until joined).
+    session: &'a std::sync::atomic::AtomicU64,
+}
+
 /// Handles one binary frame; replies go out through the outbox.
 fn handle_frame(
     shared: &Shared,
-    peer: &PeerInfo,
+    connection: &Connection,
     joined: &mut Option<u64>,
     frame: &[u8],
-    outbox: &Outbox,
 ) -> Result<(), ErrorMessage> {
+    let Connection {
+        peer,
+        outbox,
+        session,
+    } = connection;
     if let Some(id) = *joined {
         shared.engine(|e| e.add_bytes(id, frame.len() as u64, 0));
     }
@@ -337,8 +353,10 @@ fn handle_frame(
                     .expect("the engine hands out corpus clients")
                     .train_text();
                 let welcome = ServerMessage::Welcome(e.welcome(&joined, text));
+                // Counted from the welcome on: the writer reads it per frame.
+                session.store(joined.session, std::sync::atomic::Ordering::Relaxed);
                 outbox.send(Bytes::from(folio_proto::encode(&welcome)));
-                shared.deliver(Delivery::Connect(joined.session, outbox.clone()));
+                shared.deliver(Delivery::Connect(joined.session, (*outbox).clone()));
                 Ok(joined.session)
             })?;
             *joined = Some(id);
