@@ -94,6 +94,12 @@ impl Shared {
         result
     }
 
+    /// Counts a frame's bytes: no action, no new timeout, so the clock is left
+    /// asleep (every frame comes through here).
+    fn count_bytes(&self, session: u64, up: u64, down: u64) {
+        self.lock().add_bytes(session, up, down);
+    }
+
     /// Reads the engine without moving it.
     fn read<R>(&self, read: impl FnOnce(&Engine) -> R) -> R {
         read(&self.lock())

@@ -111,7 +111,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
                 }
                 let id = session.load(std::sync::atomic::Ordering::Relaxed);
                 if id != 0 {
-                    shared.engine(|e| e.add_bytes(id, 0, len));
+                    shared.count_bytes(id, 0, len);
                 }
             }
             let _ =
@@ -332,7 +332,7 @@ fn handle_frame(
         session,
     } = connection;
     if let Some(id) = *joined {
-        shared.engine(|e| e.add_bytes(id, frame.len() as u64, 0));
+        shared.count_bytes(id, frame.len() as u64, 0);
     }
     let message =
         folio_proto::decode_client(frame).map_err(|err| error(err.code(), err.to_string()))?;
