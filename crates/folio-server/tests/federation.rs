@@ -162,7 +162,7 @@ async fn the_model_goes_down_as_f16_and_deltas_apply_to_the_f32_model() {
         .unwrap();
     let global = server.weights();
     let clients: Vec<_> = (0..2).map(|_| spawn_client(url(&server), false)).collect();
-    server.wait_for_round(1).await;
+    within(server.wait_for_round(1)).await;
 
     let logs: Vec<_> = clients.iter().map(|(log, _)| log.lock().unwrap()).collect();
     let start = logs[0]
@@ -241,9 +241,10 @@ async fn a_client_that_rejoins_mid_round_gets_the_round_without_the_model_it_hol
     };
     // The server counts a frame's bytes once it is sent, which may be after this
     // client has read it.
-    while bytes_down() < weights.len() as u64 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the model's bytes are counted", || {
+        bytes_down() >= weights.len() as u64
+    })
+    .await;
     let down_before = bytes_down();
 
     let rejoin = |held_model: Option<u64>| {
@@ -257,9 +258,10 @@ async fn a_client_that_rejoins_mid_round_gets_the_round_without_the_model_it_hol
     for held in [Some(first.model), None] {
         drop(socket);
         // The server sees the connection end.
-        while server.status()["connected"] != 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually("the server sees the socket end", || {
+            server.status()["connected"] == 1
+        })
+        .await;
         socket = connect().await;
         socket.send(rejoin(held)).await.unwrap();
         let ServerMessage::Welcome(again) = next_message(&mut socket).await else {
@@ -324,7 +326,7 @@ async fn three_clients_three_rounds_of_example_weighted_fedavg() {
         .await
         .unwrap();
     let clients: Vec<_> = (0..3).map(|_| spawn_client(url(&server), false)).collect();
-    server.wait_for_round(3).await;
+    within(server.wait_for_round(3)).await;
 
     let logs: Vec<_> = clients.iter().map(|(log, _)| log.lock().unwrap()).collect();
     for round in 1..=3u64 {
@@ -346,6 +348,23 @@ async fn three_clients_three_rounds_of_example_weighted_fedavg() {
             .collect::<Vec<_>>(),
         [(0, 0), (1, 3), (2, 3), (3, 3)]
     );
+    // The history over HTTP, a page at a time: what a page polling for new rounds asks.
+    let page = |query: &'static str| {
+        let server = &server;
+        async move {
+            let response = http_get(server, &format!("/api/history{query}")).await;
+            let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
+            serde_json::from_str::<Vec<serde_json::Value>>(body)
+                .unwrap()
+                .iter()
+                .map(|r| r["round"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page("").await, [0, 1, 2, 3]);
+    assert_eq!(page("?from=2").await, [2, 3]);
+    assert_eq!(page("?from=1&limit=1").await, [1]);
+    assert_eq!(page("?from=9&limit=100000").await, Vec::<u64>::new());
     let status = server.status();
     assert_eq!(status["connected"], 3);
     assert!(
@@ -412,7 +431,7 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
         .await
         .unwrap();
     let _clients: Vec<_> = (0..2).map(|_| spawn_client(url(&first), false)).collect();
-    first.wait_for_round(2).await;
+    within(first.wait_for_round(2)).await;
     let after_two = first.weights();
     first.abort();
 
@@ -425,7 +444,7 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
         .await
         .unwrap();
     let clients: Vec<_> = (0..2).map(|_| spawn_client(url(&second), false)).collect();
-    second.wait_for_round(3).await;
+    within(second.wait_for_round(3)).await;
     assert_eq!(
         second.history().iter().map(|r| r.round).collect::<Vec<_>>(),
         [0, 1, 2, 3]
@@ -714,7 +733,7 @@ async fn the_population_is_evaluated_on_the_rounds_asked_for_and_the_last() {
         .await
         .unwrap();
     let _client = spawn_client(url(&server), false);
-    server.wait_for_round(2).await;
+    within(server.wait_for_round(2)).await;
     let history = server.history();
     let measured: Vec<bool> = history
         .iter()

@@ -412,7 +412,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     };
     config.max_rounds = args.rounds;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let server = Server::start(config).await?;
         println!(
             "folio aggregator on http://{0} (WebSocket ws://{0}/ws, status http://{0}/api/status)",
@@ -442,8 +442,12 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
             }
         }
         server.shutdown().await;
-        Ok(())
-    })
+        anyhow::Ok(())
+    });
+    // An evaluation still running on the blocking pool belongs to an abandoned
+    // round: not worth waiting for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 /// The first of SIGINT (Ctrl-C) and SIGTERM, named.

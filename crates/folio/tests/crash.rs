@@ -2,6 +2,7 @@
 //! `folio client` processes train against it and reconnect by themselves: every
 //! completed round must be in the history exactly once, the history file must
 //! match the committed state, and the committed model must be the last round's.
+//! And stopped with SIGTERM: it exits at once, cleanly, its history intact.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,24 @@ fn folio() -> Command {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("folio"));
     cmd.arg("--data-dir").arg(data_dir());
     cmd
+}
+
+fn free_address() -> String {
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().to_string()
+}
+
+fn clients(addr: &str, count: usize) -> Vec<Child> {
+    (0..count)
+        .map(|_| {
+            folio()
+                .args(["client", "--server", &format!("ws://{addr}/ws")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
 }
 
 fn serve(addr: &str, state_dir: &Path) -> Child {
@@ -68,21 +87,9 @@ fn completed_rounds(state_dir: &Path) -> Vec<RoundRecord> {
 #[test]
 fn kill_9_at_random_moments_loses_no_committed_round() {
     let state_dir = tempfile::tempdir().unwrap();
-    let addr = {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
+    let addr = free_address();
     let mut server = serve(&addr, state_dir.path());
-    let mut clients: Vec<Child> = (0..2)
-        .map(|_| {
-            folio()
-                .args(["client", "--server", &format!("ws://{addr}/ws")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut clients = clients(&addr, 2);
     let mut rng = SplitMix64::new(2026);
     for cycle in 0..CYCLES {
         // 0.3 s to 3 s: sometimes mid-start, mid-round, mid-evaluation or mid-commit.
@@ -134,4 +141,53 @@ fn kill_9_at_random_moments_loses_no_committed_round() {
     // then one line ahead (a restart cuts it), never behind.
     assert!(lines.len() == saved.history.len() || lines.len() == saved.history.len() + 1);
     assert_eq!(lines[..saved.history.len()], saved.history[..]);
+}
+
+#[test]
+fn sigterm_stops_the_server_within_seconds_with_its_history_whole() {
+    let state_dir = tempfile::tempdir().unwrap();
+    let addr = free_address();
+    let mut server = serve(&addr, state_dir.path());
+    let mut clients = clients(&addr, 2);
+    let started = Instant::now();
+    while completed_rounds(state_dir.path()).len() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no rounds");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Mid-round, most likely: the round is abandoned, the last commit kept.
+    let term = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(20),
+            "still running 20 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
+    for client in &mut clients {
+        client.kill().unwrap();
+        client.wait().unwrap();
+    }
+    let saved = state::load(state_dir.path(), Preset::Small.config().num_params())
+        .unwrap()
+        .unwrap();
+    let file = std::fs::read_to_string(state::history_path(state_dir.path())).unwrap();
+    assert_eq!(
+        file.lines().count(),
+        saved.history.len(),
+        "history and state agree"
+    );
+    assert_eq!(
+        model_hash(&saved.weights),
+        saved.history.last().unwrap().model_hash
+    );
 }

@@ -106,3 +106,17 @@ pub fn segments() -> Vec<usize> {
         .map(|(_, s)| s.iter().product())
         .collect()
 }
+
+/// Polls `condition` until it holds, failing the test after 30 s: for what the
+/// server does on its own time (sees a socket end, forgets a session, retries a
+/// round), so no test sleeps a guessed duration and hopes.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within 30 s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
