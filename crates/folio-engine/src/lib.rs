@@ -89,6 +89,10 @@ pub struct CheckedJoin {
     pub client: Option<String>,
     /// The fingerprint of the global model the client says it holds.
     pub held_model: Option<u64>,
+    /// The group the connection comes from (for a server, its network: an IPv4
+    /// /24, an IPv6 /64): rounds take clients evenly across groups, and a full
+    /// session table forgets the largest group's sessions first.
+    pub group: u64,
 }
 
 /// A session the engine admitted.
@@ -433,7 +437,7 @@ impl Engine {
             }
             SessionError::Full => error(
                 ErrorCode::ServerFull,
-                "the server holds as many sessions as it allows; try again later",
+                "every session the server keeps is connected; try again later",
             ),
         };
         let resumed = match &join.resume {
@@ -457,6 +461,7 @@ impl Engine {
                     .create(
                         client,
                         join.kind,
+                        join.group,
                         self.config.max_sessions,
                         now,
                         self.config.session_ttl,
@@ -469,6 +474,7 @@ impl Engine {
         info.backend = join.backend;
         info.adapter = join.adapter;
         info.held_model = join.held_model;
+        info.group = join.group;
         let joined = Joined {
             session,
             token: info.token(),
@@ -829,6 +835,7 @@ impl Engine {
             .map(|s| folio_fed::Candidate {
                 client: s.session,
                 size: self.clients.get(&s.client_id).copied().unwrap_or(0) as u64,
+                group: s.group,
             })
             .collect();
         let Some(selected) =

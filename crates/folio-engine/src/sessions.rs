@@ -5,7 +5,9 @@
 //! compared in constant time and good for that one session; a Shakespeare client
 //! held by a connected session is never handed to another; a session that has been
 //! disconnected for the TTL is forgotten; the table never holds more than
-//! `max_sessions` sessions.
+//! `max_sessions` sessions: when it is full, a new session takes the place of the
+//! oldest disconnected session of the group holding the most, so a flood of
+//! sessions that come and go cannot shut out the rest.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -43,6 +45,9 @@ pub struct SessionInfo {
     /// to it, or the one it said it kept when it joined.
     #[serde(skip)]
     pub held_model: Option<u64>,
+    /// The group it last connected from (its network, for a server).
+    #[serde(skip)]
+    pub group: u64,
     #[serde(skip)]
     secret: String,
     #[serde(skip)]
@@ -173,6 +178,7 @@ impl Sessions {
         &mut self,
         client_id: String,
         kind: &'static str,
+        group: u64,
         max_sessions: usize,
         now: Instant,
         ttl: Duration,
@@ -186,7 +192,8 @@ impl Sessions {
             self.expire(now, ttl);
         }
         if self.by_id.len() >= max_sessions {
-            return Err(SessionError::Full);
+            let oldest = self.oldest_of_largest_group().ok_or(SessionError::Full)?;
+            self.by_id.remove(&oldest);
         }
         let session = self.next;
         self.next += 1;
@@ -205,6 +212,7 @@ impl Sessions {
                 last: None,
                 reported_rounds: VecDeque::new(),
                 held_model: None,
+                group,
                 secret: random_secret(),
                 disconnected_at: Some(now),
             },
@@ -245,6 +253,25 @@ impl Sessions {
             .map(|at| at + ttl)
     }
 
+    /// The disconnected session that left first, of the group keeping the most
+    /// sessions (connected or not); `None` when every session is connected.
+    fn oldest_of_largest_group(&self) -> Option<u64> {
+        let mut kept: BTreeMap<u64, usize> = BTreeMap::new();
+        for info in self.by_id.values() {
+            *kept.entry(info.group).or_default() += 1;
+        }
+        let mut groups: Vec<(usize, u64)> = kept.into_iter().map(|(g, n)| (n, g)).collect();
+        groups.sort_unstable_by(|a, b| b.cmp(a));
+        groups.into_iter().find_map(|(_, group)| {
+            self.by_id
+                .values()
+                .filter(|s| s.group == group)
+                .filter_map(|s| Some((s.disconnected_at?, s.session)))
+                .min()
+                .map(|(_, session)| session)
+        })
+    }
+
     /// Ends a session now (an operator's revocation).
     pub fn revoke(&mut self, session: u64) -> Option<SessionInfo> {
         self.by_id.remove(&session)
@@ -265,8 +292,12 @@ mod tests {
     fn tokens_are_random_and_bound_to_their_session() {
         let mut sessions = Sessions::new();
         let now = Instant::now();
-        let a = sessions.create("A".into(), "native", 10, now, TTL).unwrap();
-        let b = sessions.create("B".into(), "native", 10, now, TTL).unwrap();
+        let a = sessions
+            .create("A".into(), "native", 0, 10, now, TTL)
+            .unwrap();
+        let b = sessions
+            .create("B".into(), "native", 0, 10, now, TTL)
+            .unwrap();
         let (ta, tb) = (
             sessions.get(a).unwrap().token(),
             sessions.get(b).unwrap().token(),
@@ -288,7 +319,7 @@ mod tests {
         let mut sessions = Sessions::new();
         let now = Instant::now();
         let a = sessions
-            .create("A".into(), "browser", 10, now, TTL)
+            .create("A".into(), "browser", 0, 10, now, TTL)
             .unwrap();
         sessions.connect(a);
         assert_eq!(
@@ -297,7 +328,7 @@ mod tests {
         );
         assert_eq!(sessions.pick_client(None, &pool()), Ok("B".into()));
         let b = sessions
-            .create("B".into(), "browser", 10, now, TTL)
+            .create("B".into(), "browser", 0, 10, now, TTL)
             .unwrap();
         sessions.connect(b);
         assert_eq!(
@@ -309,7 +340,7 @@ mod tests {
         sessions.disconnect(a, now);
         assert_eq!(sessions.pick_client(None, &pool()), Ok("A".into()));
         sessions
-            .create("A".into(), "browser", 10, now, TTL)
+            .create("A".into(), "browser", 0, 10, now, TTL)
             .unwrap();
         assert_eq!(sessions.find_resumable(&token), Ok(None));
     }
@@ -318,19 +349,54 @@ mod tests {
     fn disconnected_sessions_expire_and_the_table_is_bounded() {
         let mut sessions = Sessions::new();
         let now = Instant::now();
-        let a = sessions.create("A".into(), "native", 2, now, TTL).unwrap();
+        let a = sessions
+            .create("A".into(), "native", 0, 2, now, TTL)
+            .unwrap();
         sessions.connect(a);
-        sessions.create("B".into(), "native", 2, now, TTL).unwrap();
-        assert_eq!(
-            sessions.create("C".into(), "native", 2, now, TTL),
-            Err(SessionError::Full)
-        );
+        sessions
+            .create("B".into(), "native", 0, 2, now, TTL)
+            .unwrap();
         assert_eq!(sessions.expire(now + TTL, TTL), 1);
         assert!(sessions.get(a).is_some(), "connected sessions never expire");
-        assert!(
-            sessions
-                .create("C".into(), "native", 2, now + TTL, TTL)
-                .is_ok()
+        let c = sessions
+            .create("C".into(), "native", 0, 2, now + TTL, TTL)
+            .unwrap();
+        sessions.connect(c);
+        assert_eq!(
+            sessions.create("D".into(), "native", 0, 2, now + TTL, TTL),
+            Err(SessionError::Full),
+            "every session kept is connected"
         );
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_largest_groups_oldest_left_session() {
+        let mut sessions = Sessions::new();
+        let now = Instant::now();
+        let later = |s: u64| now + Duration::from_secs(s);
+        // One session of group 1 left first; three of group 2 left after it.
+        let lone = sessions
+            .create("L".into(), "browser", 1, 4, now, TTL)
+            .unwrap();
+        let crowd: Vec<u64> = ["X", "Y", "Z"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let s = sessions
+                    .create((*id).into(), "native", 2, 4, later(i as u64 + 1), TTL)
+                    .unwrap();
+                sessions.disconnect(s, later(i as u64 + 1));
+                s
+            })
+            .collect();
+        sessions.disconnect(lone, now);
+        let newcomer = sessions.create("N".into(), "browser", 3, 4, later(5), TTL);
+        assert!(newcomer.is_ok());
+        assert!(
+            sessions.get(lone).is_some(),
+            "the small group keeps its session"
+        );
+        assert!(sessions.get(crowd[0]).is_none(), "the crowd's oldest goes");
+        assert!(sessions.get(crowd[1]).is_some());
     }
 }

@@ -78,6 +78,8 @@ fn join(client: &str) -> CheckedJoin {
         resume: None,
         client: Some(client.into()),
         held_model: None,
+        // Each client from a network of its own.
+        group: u64::from(client.as_bytes()[0]),
     }
 }
 
@@ -531,4 +533,43 @@ fn the_status_does_not_grow_with_the_rounds() {
     // Session lists keep their last 32 rounds; numbers grow a digit or two.
     assert!(late < early + 400, "{early} → {late} bytes");
     assert_eq!(host.engine.history(150, 1000).len(), 51);
+}
+
+#[test]
+fn a_crowd_from_one_network_gets_its_share_of_a_round_not_the_round() {
+    // Rounds of 2 start once 5 are connected: four from one network, E alone.
+    let mut host = Host::fresh(
+        StrategyConfig {
+            min_clients: 5,
+            ..strategy_config(2, 2)
+        },
+        Some(6),
+    );
+    let crowd: Vec<u64> = ["A", "B", "C", "D"]
+        .iter()
+        .map(|id| {
+            let joined = host
+                .engine
+                .join(
+                    CheckedJoin {
+                        group: 1,
+                        ..join(id)
+                    },
+                    host.now,
+                )
+                .unwrap();
+            joined.session
+        })
+        .collect();
+    let lone = host.join("E");
+    for round in 1..=6 {
+        let (picked, _) = host.starts().last().cloned().unwrap();
+        assert_eq!(picked.len(), 2);
+        assert!(picked.contains(&lone), "round {round}: {picked:?}");
+        assert_eq!(picked.iter().filter(|s| crowd.contains(s)).count(), 1);
+        for session in picked {
+            host.update(session, round, [1.0; PARAMS]).unwrap();
+        }
+    }
+    assert!(host.engine.is_finished());
 }

@@ -14,7 +14,7 @@ pub mod server_opt;
 pub mod strategy;
 
 pub use codec::{Encoding, decode, encode};
-pub use robust::{Aggregation, Clipping};
+pub use robust::{Aggregation, Clipping, FirstBound};
 pub use server_opt::{ServerOptimizer, ServerOptimizerConfig};
 pub use strategy::{
     Aggregated, Candidate, OpenUpdates, Selection, StateRecord, Strategy, StrategyConfig,

@@ -3,7 +3,10 @@
 //! - **Norm clipping** (Sun et al. 2019): every delta is scaled down to an L2 norm
 //!   of at most `bound`. The bound is fixed, or adapts each round towards a quantile
 //!   of the clients' norms (Andrew et al. 2021, Flower's adaptive clipping):
-//!   `bound *= exp(−lr · (fraction of norms ≤ bound − quantile))`.
+//!   `bound *= exp(−lr · (fraction of norms ≤ bound − quantile))`. A crowd cannot
+//!   walk the adaptive bound up: it starts at the first round's own quantile norm
+//!   (the honest scale of this model and plan, not a guess), grows by at most
+//!   `exp(lr · quantile)` a round, and never past `ceiling` × that start.
 //! - **Aggregation**: the weighted mean (streaming, O(model) memory whatever the
 //!   number of clients), or the coordinate-wise trimmed mean or median (Yin et al.
 //!   2018), which hold every delta of the round: O(clients × model) memory, and they
@@ -14,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::FedError;
 use crate::codec::CheckedDelta;
 
+/// Norms within this relative distance of the bound count as at the bound: a
+/// delta scaled to "exactly the bound" in f32 measures a few ulps over it.
+pub const NORM_TOLERANCE: f64 = 1e-5;
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Clipping {
     /// No bound: the undefended baseline, for comparison only.
@@ -22,45 +29,94 @@ pub enum Clipping {
         bound: f32,
     },
     Adaptive {
-        /// The bound of the first round.
-        initial: f32,
+        /// The first round's bound.
+        first: FirstBound,
         /// The fraction of clients whose norm should fall under the bound.
         quantile: f32,
         /// How fast the bound follows (geometric step size).
         lr: f32,
+        /// The bound never grows past this multiple of the first round's.
+        ceiling: f32,
     },
 }
 
+/// Where the adaptive bound starts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum FirstBound {
+    /// A bound given beforehand.
+    Given(f32),
+    /// The first round's own `quantile` norm, but at most `at_most`: honest
+    /// clients set it while they are the majority of that round.
+    Measured { at_most: f32 },
+}
+
+/// How far the adaptive bound may grow past its first value, by default.
+pub const DEFAULT_CEILING: f32 = 2.0;
+
 impl Clipping {
-    /// Adaptive clipping at the median norm, starting from `initial`.
-    pub fn adaptive(initial: f32) -> Self {
+    /// Adaptive clipping at the median norm, measured on the first round (at
+    /// most `at_most`), never more than twice that.
+    pub fn adaptive(at_most: f32) -> Self {
+        Self::adaptive_to(at_most, DEFAULT_CEILING)
+    }
+
+    /// The same, never more than `ceiling` × the first round's bound.
+    pub fn adaptive_to(at_most: f32, ceiling: f32) -> Self {
         Clipping::Adaptive {
-            initial,
+            first: FirstBound::Measured { at_most },
             quantile: 0.5,
             lr: 0.2,
+            ceiling,
         }
     }
 
-    /// The bound of the first round (infinite when off).
-    pub fn initial_bound(self) -> f32 {
+    /// The bound a round clips to, given the bound the last round left (`None`
+    /// before the first round). `None`: the round measures its own.
+    pub fn bound(self, saved: Option<f32>) -> Option<f32> {
         match self {
-            Clipping::Off => f32::INFINITY,
-            Clipping::Fixed { bound } => bound,
-            Clipping::Adaptive { initial, .. } => initial,
+            Clipping::Off => Some(f32::INFINITY),
+            Clipping::Fixed { bound } => Some(bound),
+            Clipping::Adaptive { first, .. } => saved.or(match first {
+                FirstBound::Given(bound) => Some(bound),
+                FirstBound::Measured { .. } => None,
+            }),
         }
     }
 
-    /// The next round's bound, from this round's bound and the (unclipped) norms
-    /// of its deltas.
-    pub fn next_bound(self, bound: f32, norms: &[f64]) -> f32 {
+    /// The bound a round with none measures from its own (unclipped) norms.
+    pub fn measured_bound(self, norms: &[f64]) -> f32 {
+        let Clipping::Adaptive {
+            first: FirstBound::Measured { at_most },
+            quantile,
+            ..
+        } = self
+        else {
+            unreachable!("only a measured first bound is measured")
+        };
+        let mut sorted = norms.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let index = ((f64::from(quantile) * sorted.len() as f64).ceil() as usize).max(1) - 1;
+        let bound = sorted.get(index).copied().unwrap_or(f64::from(at_most));
+        (bound.min(f64::from(at_most)) as f32).max(1e-6)
+    }
+
+    /// The next round's bound, from this round's `bound`, the first round's
+    /// `reference` bound and this round's (unclipped) norms.
+    pub fn next_bound(self, bound: f32, reference: f32, norms: &[f64]) -> f32 {
         match self {
-            Clipping::Adaptive { quantile, lr, .. } if !norms.is_empty() => {
-                let under = norms.iter().filter(|&&n| n <= f64::from(bound)).count();
+            Clipping::Adaptive {
+                quantile,
+                lr,
+                ceiling,
+                ..
+            } if !norms.is_empty() => {
+                let under = norms.iter().filter(|&&n| !over(n, bound)).count();
                 let fraction = under as f64 / norms.len() as f64;
                 let next =
                     f64::from(bound) * (-f64::from(lr) * (fraction - f64::from(quantile))).exp();
+                let ceiling = f64::from(ceiling) * f64::from(reference);
                 // Keep the bound a usable positive number whatever the norms were.
-                next.clamp(1e-6, 1e6) as f32
+                next.min(ceiling).clamp(1e-6, 1e6) as f32
             }
             _ => bound,
         }
@@ -71,8 +127,19 @@ impl Clipping {
             Clipping::Off => "off".into(),
             Clipping::Fixed { bound } => format!("fixed {bound}"),
             Clipping::Adaptive {
-                initial, quantile, ..
-            } => format!("adaptive (quantile {quantile}, from {initial})"),
+                first,
+                quantile,
+                ceiling,
+                ..
+            } => {
+                let start = match first {
+                    FirstBound::Given(bound) => bound.to_string(),
+                    FirstBound::Measured { at_most } => {
+                        format!("the first round's (at most {at_most})")
+                    }
+                };
+                format!("adaptive (quantile {quantile}, from {start}, at most {ceiling}x that)")
+            }
         }
     }
 }
@@ -114,9 +181,14 @@ pub fn l2_norm(values: &[f32]) -> f64 {
         .sqrt()
 }
 
+/// Whether a delta of L2 norm `norm` is over `bound` (beyond f32 rounding).
+pub fn over(norm: f64, bound: f32) -> bool {
+    norm > f64::from(bound) * (1.0 + NORM_TOLERANCE)
+}
+
 /// What a delta of L2 norm `norm` is multiplied by to be at most `bound` long.
 pub fn clip_scale(norm: f64, bound: f32) -> f64 {
-    if norm > f64::from(bound) {
+    if over(norm, bound) {
         f64::from(bound) / norm
     } else {
         1.0
@@ -258,14 +330,72 @@ mod tests {
     fn adaptive_bound_moves_towards_the_median_norm() {
         let clipping = Clipping::adaptive(1.0);
         // Every norm above the bound: it grows; every norm below: it shrinks.
-        assert!(clipping.next_bound(1.0, &[5.0, 6.0, 7.0]) > 1.0);
-        assert!(clipping.next_bound(1.0, &[0.1, 0.2]) < 1.0);
+        assert!(clipping.next_bound(1.0, 1.0, &[5.0, 6.0, 7.0]) > 1.0);
+        assert!(clipping.next_bound(1.0, 1.0, &[0.1, 0.2]) < 1.0);
         let mut bound = 1.0;
         for _ in 0..200 {
-            bound = clipping.next_bound(bound, &[2.0, 3.0, 4.0, 5.0]);
+            bound = clipping.next_bound(bound, 10.0, &[2.0, 3.0, 4.0, 5.0]);
         }
         assert!((3.0..=4.0).contains(&bound), "{bound}");
-        assert_eq!(Clipping::Fixed { bound: 2.0 }.next_bound(2.0, &[9.0]), 2.0);
+        assert_eq!(
+            Clipping::Fixed { bound: 2.0 }.next_bound(2.0, 2.0, &[9.0]),
+            2.0
+        );
+    }
+
+    #[test]
+    fn a_crowd_over_the_bound_walks_it_up_to_the_ceiling_and_no_further() {
+        let clipping = Clipping::adaptive(1.0);
+        // 50 of 55 always far over, from a measured start of 0.15.
+        let mut norms = vec![0.1; 5];
+        norms.extend([1e6; 50]);
+        let (start, mut bound) = (0.15, 0.15);
+        let mut grown = Vec::new();
+        for _ in 0..30 {
+            let next = clipping.next_bound(bound, start, &norms);
+            grown.push(next / bound);
+            bound = next;
+        }
+        assert!((bound - 0.3).abs() < 1e-6, "{bound}");
+        assert!(grown.iter().all(|&g| g <= 1.106), "{grown:?}");
+        // A minority cannot hold it up: with 35 honest norms of 0.1 it comes
+        // back down to them.
+        let mut honest = vec![0.1; 35];
+        honest.extend([1e6; 20]);
+        for _ in 0..200 {
+            bound = clipping.next_bound(bound, start, &honest);
+        }
+        assert!(bound <= 0.1 * 1.106, "{bound}");
+    }
+
+    #[test]
+    fn the_first_bound_is_measured_on_the_first_round() {
+        let clipping = Clipping::adaptive(1.0);
+        assert_eq!(clipping.bound(None), None);
+        assert_eq!(clipping.bound(Some(0.2)), Some(0.2));
+        // The median of five: a minority of huge norms does not move it far.
+        assert_eq!(clipping.measured_bound(&[0.1, 0.2, 0.15, 1e9, 1e9]), 0.2);
+        assert_eq!(clipping.measured_bound(&[0.3]), 0.3);
+        // A majority of huge norms gets the cap.
+        assert_eq!(clipping.measured_bound(&[0.1, 1e9, 1e9]), 1.0);
+        assert_eq!(Clipping::Fixed { bound: 2.0 }.bound(None), Some(2.0));
+        assert_eq!(Clipping::Off.bound(Some(1.0)), Some(f32::INFINITY));
+    }
+
+    #[test]
+    fn a_delta_scaled_to_the_bound_in_f32_is_not_over_it() {
+        let direction: Vec<f32> = (0..10_000)
+            .map(|i| ((i * 7919) % 113) as f32 - 56.0)
+            .collect();
+        let norm = l2_norm(&direction);
+        let at_bound: Vec<f32> = direction
+            .iter()
+            .map(|&v| (f64::from(v) / norm) as f32)
+            .collect();
+        let measured = l2_norm(&at_bound);
+        assert!(!over(measured, 1.0), "{measured}");
+        assert_eq!(clip_scale(measured, 1.0), 1.0);
+        assert!(over(1.001, 1.0));
     }
 
     #[test]

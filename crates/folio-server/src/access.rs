@@ -1,6 +1,9 @@
 //! Who may talk to the aggregator: the join token (clients), the admin token
 //! (anything that changes or exports the server's state), the WebSocket's
-//! `Origin`, and a lockout that makes token guessing slow.
+//! `Origin`, and a penalty that makes token guessing slow: a wrong token is
+//! answered only after a delay that doubles with each wrong guess from the same
+//! address. The delay holds the failing attempt alone: a right token from the
+//! same address (everyone else behind its NAT) is served at once.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -53,15 +56,9 @@ impl Access {
         self.lockouts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How long `address` must still wait after wrong tokens.
-    pub fn locked_out(&self, address: IpAddr, now: Instant) -> Option<Duration> {
-        let lockouts = self.lockouts();
-        let lockout = lockouts.get(&address)?;
-        (lockout.until > now).then(|| lockout.until - now)
-    }
-
-    /// Records a wrong token: the address waits 1 s, then 2 s, 4 s... up to the max.
-    pub fn wrong_token(&self, address: IpAddr, now: Instant) {
+    /// Records a wrong token from `address`; returns how long its answer waits:
+    /// 1 s, then 2 s, 4 s... up to the max.
+    pub fn wrong_token(&self, address: IpAddr, now: Instant) -> Duration {
         let mut lockouts = self.lockouts();
         if lockouts.len() >= MAX_LOCKOUTS {
             lockouts.retain(|_, l| l.until > now);
@@ -84,6 +81,7 @@ impl Access {
             .min(self.max);
         lockout.failures = lockout.failures.saturating_add(1);
         lockout.until = now + wait;
+        wait
     }
 
     pub fn join_token_ok(&self, token: Option<&str>) -> bool {
@@ -158,24 +156,20 @@ mod tests {
     }
 
     #[test]
-    fn wrong_tokens_lock_an_address_out_for_longer_each_time() {
+    fn wrong_tokens_from_an_address_wait_longer_each_time() {
         let access = access();
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let now = Instant::now();
         assert!(access.join_token_ok(Some("sesame")));
         assert!(!access.join_token_ok(Some("sesame!")));
         assert!(!access.join_token_ok(None));
-        assert_eq!(access.locked_out(a, now), None);
-        access.wrong_token(a, now);
-        assert_eq!(access.locked_out(a, now), Some(Duration::from_secs(1)));
-        access.wrong_token(a, now);
-        assert_eq!(access.locked_out(a, now), Some(Duration::from_secs(2)));
+        assert_eq!(access.wrong_token(a, now), Duration::from_secs(1));
+        assert_eq!(access.wrong_token(a, now), Duration::from_secs(2));
         for _ in 0..10 {
             access.wrong_token(a, now);
         }
-        assert_eq!(access.locked_out(a, now), Some(Duration::from_secs(8)));
-        assert_eq!(access.locked_out(b, now), None);
-        assert_eq!(access.locked_out(a, now + Duration::from_secs(9)), None);
+        assert_eq!(access.wrong_token(a, now), Duration::from_secs(8));
+        assert_eq!(access.wrong_token(b, now), Duration::from_secs(1));
     }
 
     #[test]

@@ -129,18 +129,9 @@ async fn start_model_file(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-fn admin_refused(shared: &Shared, peer: &PeerInfo, headers: &HeaderMap) -> Option<Response> {
-    let now = Instant::now();
-    if let Some(wait) = shared.access.locked_out(peer.address.ip(), now) {
-        return Some(
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())],
-                "too many wrong tokens from this address; wait and try again",
-            )
-                .into_response(),
-        );
-    }
+/// Why an admin request is refused, if it is; a wrong token is answered only
+/// after the address's wrong-token delay.
+async fn admin_refused(shared: &Shared, peer: &PeerInfo, headers: &HeaderMap) -> Option<Response> {
     match shared.access.admin(headers) {
         Ok(()) => None,
         Err(AdminRefusal::Off) => Some(
@@ -151,7 +142,8 @@ fn admin_refused(shared: &Shared, peer: &PeerInfo, headers: &HeaderMap) -> Optio
                 .into_response(),
         ),
         Err(AdminRefusal::Wrong) => {
-            shared.access.wrong_token(peer.address.ip(), now);
+            let wait = shared.access.wrong_token(peer.address.ip(), Instant::now());
+            tokio::time::sleep(wait).await;
             Some(
                 (
                     StatusCode::UNAUTHORIZED,
@@ -169,7 +161,7 @@ async fn export_state(
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = admin_refused(&shared, &peer, &headers) {
+    if let Some(refused) = admin_refused(&shared, &peer, &headers).await {
         return refused;
     }
     match tokio::fs::read(state::state_path(&shared.config.state_dir)).await {
@@ -189,7 +181,7 @@ async fn revoke_session(
     Path(session): Path<u64>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = admin_refused(&shared, &peer, &headers) {
+    if let Some(refused) = admin_refused(&shared, &peer, &headers).await {
         return refused;
     }
     let revoked = shared.engine(|e| {

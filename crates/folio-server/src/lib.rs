@@ -162,14 +162,12 @@ impl Server {
             )
         })?;
         let addr = listener.local_addr()?;
-        let connections = Arc::new(ConnectionCount::default());
-        let listener = CappedListener::new(
-            listener,
-            connections.clone(),
-            limits.max_connections,
-            limits.max_connections_per_address,
-            limits.http_idle,
-        );
+        let connections = Arc::new(ConnectionCount::new(net::Caps {
+            total: limits.max_connections,
+            per_address: limits.max_connections_per_address,
+            per_network: limits.max_connections_per_network,
+        }));
+        let listener = CappedListener::new(listener, connections.clone(), limits.http_idle);
         let (deliveries, delivered) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             engine: Mutex::new(engine),
@@ -354,7 +352,9 @@ fn fit_to_file_limit(mut limits: Limits) -> Limits {
     let Ok(files) = rlimit::increase_nofile_limit(u64::MAX) else {
         return limits;
     };
-    let room = files.saturating_sub(SPARE_FILES).max(1) as usize;
+    let room = files
+        .saturating_sub(SPARE_FILES + net::HTTP_ROOM.total as u64)
+        .max(1) as usize;
     if limits.max_connections > room {
         tracing::warn!(
             "{} connections asked for, but only {files} open files are allowed: \

@@ -17,10 +17,13 @@ pub const REPORTED_ROUNDS_KEPT: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Open TCP connections (HTTP and WebSocket) at once.
+    /// WebSockets open at once; TCP connections may be a few more, kept for
+    /// plain HTTP (`net::HTTP_ROOM`).
     pub max_connections: usize,
     /// ... from one IP address.
     pub max_connections_per_address: usize,
+    /// ... from one network (an IPv4 /24, an IPv6 /64).
+    pub max_connections_per_network: usize,
     /// Sessions kept (connected or waiting to be resumed).
     pub max_sessions: usize,
     /// A disconnected session can be resumed for this long.
@@ -55,6 +58,7 @@ impl Default for Limits {
         Self {
             max_connections: 1024,
             max_connections_per_address: 64,
+            max_connections_per_network: 256,
             max_sessions: 4096,
             session_ttl: Duration::from_secs(600),
             http_idle: Duration::from_secs(30),

@@ -1,34 +1,274 @@
-//! The TCP side: a listener that caps connections (in all and per address) and
-//! closes those that send nothing for a while, before any HTTP is parsed. That
-//! covers idle sockets, half-sent requests, idle keep-alives and WebSockets that
-//! never join. A joined WebSocket turns the idle timer off and keeps its own
+//! The TCP side: a listener that caps connections in all, per address and per
+//! network (an IPv4 /24, an IPv6 /64: what one host or one household holds),
+//! and closes those that send nothing for a while, before any HTTP is parsed.
+//! That covers idle sockets, half-sent requests, idle keep-alives and WebSockets
+//! that never join. A joined WebSocket turns the idle timer off and keeps its own
 //! liveness rules (`ws.rs`): a client may train silently until its deadline.
+//!
+//! Admission stays fair under a crowd: when the server is full, a newcomer from a
+//! network holding fewer connections than the largest one takes the place of
+//! that network's newest connection, so a host with many addresses in a few
+//! networks can fill what nobody else wants, never shut others out. WebSockets
+//! (sessions) have caps of their own, below the TCP caps: the difference is kept
+//! for plain HTTP (the page, `/api/status`), which a flood of sessions never
+//! takes.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
-/// Connections open now, in all and per address.
+/// The network an address belongs to: its /24 (IPv4) or /64 (IPv6).
+pub fn network(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(v4.to_bits() & !0xff)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => network(IpAddr::V4(v4)),
+            None => IpAddr::V6(Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// How many connections of each kind a scope may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub total: usize,
+    pub per_address: usize,
+    pub per_network: usize,
+}
+
+/// TCP connections kept for plain HTTP beyond the WebSocket caps.
+pub const HTTP_ROOM: Caps = Caps {
+    total: 64,
+    per_address: 8,
+    per_network: 16,
+};
+
+/// Tells a connection to end (it was evicted for a newcomer).
 #[derive(Debug, Default)]
+struct Eviction {
+    evicted: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Eviction {
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Relaxed);
+        self.waker.wake();
+    }
+
+    fn check(&self, cx: &Context<'_>) -> io::Result<()> {
+        self.waker.register(cx.waker());
+        if self.evicted.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "evicted: a newcomer from a less represented network took the place",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    address: IpAddr,
+    websocket: bool,
+    eviction: Arc<Eviction>,
+}
+
+/// Open connections by address and network, oldest first in each network.
+#[derive(Debug, Default)]
+struct Table {
+    /// TCP connections and WebSockets of each address.
+    per_address: HashMap<IpAddr, (usize, usize)>,
+    per_network: HashMap<IpAddr, Vec<Entry>>,
+    tcp: usize,
+    websockets: usize,
+    next_id: u64,
+}
+
+impl Table {
+    fn in_network(&self, network: IpAddr, websockets: bool) -> usize {
+        self.per_network.get(&network).map_or(0, |entries| {
+            entries
+                .iter()
+                .filter(|e| !websockets || e.websocket)
+                .count()
+        })
+    }
+
+    /// Gives connection `id`'s places back.
+    fn remove(&mut self, network: IpAddr, id: u64) {
+        let Some(entries) = self.per_network.get_mut(&network) else {
+            return;
+        };
+        let Some(at) = entries.iter().position(|e| e.id == id) else {
+            return;
+        };
+        let entry = entries.remove(at);
+        if entries.is_empty() {
+            self.per_network.remove(&network);
+        }
+        if let Some((tcp, ws)) = self.per_address.get_mut(&entry.address) {
+            *tcp -= 1;
+            *ws -= usize::from(entry.websocket);
+            if *tcp == 0 {
+                self.per_address.remove(&entry.address);
+            }
+        }
+        self.tcp -= 1;
+        self.websockets -= usize::from(entry.websocket);
+    }
+
+    /// Ends the newest connection (a WebSocket, if `websockets`) of the network
+    /// holding the most, if it holds more than `newcomer`'s would with the
+    /// newcomer in; its places are free at once. Returns whether one was.
+    fn evict_for(&mut self, newcomer: IpAddr, websockets: bool) -> bool {
+        let theirs = self.in_network(newcomer, websockets) + 1;
+        let largest = self
+            .per_network
+            .keys()
+            .map(|&n| (self.in_network(n, websockets), n))
+            .max();
+        let Some((held, network)) = largest else {
+            return false;
+        };
+        if held <= theirs {
+            return false;
+        }
+        let victim = self.per_network[&network]
+            .iter()
+            .rev()
+            .find(|e| !websockets || e.websocket)
+            .map(|e| (e.id, e.eviction.clone()));
+        let Some((id, eviction)) = victim else {
+            return false;
+        };
+        eviction.evict();
+        self.remove(network, id);
+        true
+    }
+}
+
+/// Connections open now, in all, per address and per network.
+#[derive(Debug)]
 pub struct ConnectionCount {
-    per_address: Mutex<HashMap<IpAddr, usize>>,
+    table: Mutex<Table>,
+    /// WebSocket caps; TCP caps are these plus [`HTTP_ROOM`].
+    caps: Caps,
     total: AtomicU64,
     /// Connections refused at accept because a cap was reached.
     pub refused: AtomicU64,
+    /// Connections ended to make room for a newcomer from another network.
+    pub evicted: AtomicU64,
 }
 
 impl ConnectionCount {
+    pub fn new(caps: Caps) -> Self {
+        Self {
+            table: Mutex::new(Table::default()),
+            caps,
+            total: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn open(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// A place for a TCP connection from `address`, or `None` at a cap.
+    fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Permit> {
+        let network = network(address);
+        let mut table = self.table();
+        let Caps {
+            total,
+            per_address,
+            per_network,
+        } = self.caps;
+        let here = table.per_address.get(&address).map_or(0, |c| c.0);
+        let full = here >= per_address + HTTP_ROOM.per_address
+            || table.in_network(network, false) >= per_network + HTTP_ROOM.per_network
+            || (table.tcp >= total + HTTP_ROOM.total && !self.evict(&mut table, network, false));
+        if full {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let id = table.next_id;
+        table.next_id += 1;
+        table.tcp += 1;
+        table.per_address.entry(address).or_default().0 += 1;
+        let eviction = Arc::new(Eviction::default());
+        table.per_network.entry(network).or_default().push(Entry {
+            id,
+            address,
+            websocket: false,
+            eviction: eviction.clone(),
+        });
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Some(Permit {
+            count: self.clone(),
+            address,
+            id,
+            eviction,
+        })
+    }
+
+    fn evict(&self, table: &mut Table, network: IpAddr, websockets: bool) -> bool {
+        let evicted = table.evict_for(network, websockets);
+        if evicted {
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        evicted
+    }
+
+    /// Makes connection `permit` a WebSocket, if the WebSocket caps allow (a
+    /// newcomer's network may take the place of the largest network's newest).
+    pub fn upgrade(&self, permit: &PermitRef) -> bool {
+        let permit = &permit.0;
+        let network = network(permit.address);
+        let mut table = self.table();
+        if permit.eviction.evicted.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Caps {
+            total,
+            per_address,
+            per_network,
+        } = self.caps;
+        let here = table.per_address.get(&permit.address).map_or(0, |c| c.1);
+        let full = here >= per_address
+            || table.in_network(network, true) >= per_network
+            || (table.websockets >= total && !self.evict(&mut table, network, true));
+        if full {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let entry = table
+            .per_network
+            .get_mut(&network)
+            .and_then(|entries| entries.iter_mut().find(|e| e.id == permit.id));
+        if let Some(entry) = entry {
+            entry.websocket = true;
+            table.websockets += 1;
+            table.per_address.entry(permit.address).or_default().1 += 1;
+        }
+        true
     }
 }
 
@@ -37,21 +277,18 @@ impl ConnectionCount {
 struct Permit {
     count: Arc<ConnectionCount>,
     address: IpAddr,
+    id: u64,
+    eviction: Arc<Eviction>,
 }
+
+/// A connection's place, as its handlers see it (to make it a WebSocket).
+#[derive(Debug, Clone)]
+pub struct PermitRef(Arc<Permit>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut map = self
-            .count
-            .per_address
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.address) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.address);
-            }
-        }
+        // An evicted connection's places were given back when it was evicted.
+        self.count.table().remove(network(self.address), self.id);
         self.count.total.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -59,48 +296,12 @@ impl Drop for Permit {
 pub struct CappedListener {
     inner: TcpListener,
     count: Arc<ConnectionCount>,
-    max_total: usize,
-    max_per_address: usize,
     idle: Duration,
 }
 
 impl CappedListener {
-    pub fn new(
-        inner: TcpListener,
-        count: Arc<ConnectionCount>,
-        max_total: usize,
-        max_per_address: usize,
-        idle: Duration,
-    ) -> Self {
-        Self {
-            inner,
-            count,
-            max_total,
-            max_per_address,
-            idle,
-        }
-    }
-
-    fn admit(&self, address: IpAddr) -> Option<Permit> {
-        let mut map = self
-            .count
-            .per_address
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let here = map.entry(address).or_default();
-        if *here >= self.max_per_address || self.count.open() as usize >= self.max_total {
-            if *here == 0 {
-                map.remove(&address);
-            }
-            self.count.refused.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *here += 1;
-        self.count.total.fetch_add(1, Ordering::Relaxed);
-        Some(Permit {
-            count: self.count.clone(),
-            address,
-        })
+    pub fn new(inner: TcpListener, count: Arc<ConnectionCount>, idle: Duration) -> Self {
+        Self { inner, count, idle }
     }
 }
 
@@ -120,14 +321,14 @@ impl axum::serve::Listener for CappedListener {
                 }
             };
             // Over a cap: dropping the stream closes it at once.
-            let Some(permit) = self.admit(address.ip()) else {
+            let Some(permit) = self.count.admit(address.ip()) else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
             return (
                 GuardedStream {
                     inner: stream,
-                    _permit: permit,
+                    permit: Arc::new(permit),
                     idle: IdleTimer::new(self.idle),
                 },
                 address,
@@ -178,7 +379,7 @@ impl IdleTimer {
 #[derive(Debug)]
 pub struct GuardedStream {
     inner: TcpStream,
-    _permit: Permit,
+    permit: Arc<Permit>,
     idle: IdleTimer,
 }
 
@@ -189,6 +390,7 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        this.permit.eviction.check(cx)?;
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 this.progressed();
@@ -221,6 +423,7 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.permit.eviction.check(cx)?;
         let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
         self.progressed();
         Poll::Ready(written)
@@ -254,6 +457,7 @@ impl AsyncWrite for GuardedStream {
 pub struct PeerInfo {
     pub address: SocketAddr,
     pub idle: Arc<IdleControl>,
+    pub permit: PermitRef,
 }
 
 /// Serves HTTP (and WebSocket upgrades) on `listener` until `closing` is set.
@@ -276,6 +480,7 @@ pub async fn serve(
         let peer = PeerInfo {
             address,
             idle: io.idle.control.clone(),
+            permit: PermitRef(io.permit.clone()),
         };
         let router = router.clone();
         let service = hyper::service::service_fn(

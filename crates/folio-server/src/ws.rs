@@ -45,11 +45,12 @@ pub async fn upgrade(
         )
             .into_response();
     }
-    if let Some(wait) = shared.access.locked_out(peer.address.ip(), Instant::now()) {
+    if !shared.connections.upgrade(&peer.permit) {
         return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())],
-            "too many wrong tokens from this address; wait and try again",
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "30")],
+            "the aggregator holds as many sessions from your address or network as it \
+             allows (or in all); try again later",
         )
             .into_response();
     }
@@ -185,6 +186,12 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
             Err(refused) => {
                 shared.engine(|e| e.count_error(refused.code));
                 if refused.code == ErrorCode::BadToken {
+                    // The answer waits: guessing is slow, and only for the guesser.
+                    let wait = shared.access.wrong_token(peer.address.ip(), Instant::now());
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = closing.wait_for(|&closing| closing) => {}
+                    }
                     break Some(Goodbye(refused));
                 }
                 // A late update is a slow client, not a misbehaving one.
@@ -258,7 +265,6 @@ fn check_join(shared: &Shared, address: IpAddr, join: Join) -> Result<CheckedJoi
         ));
     }
     if !shared.access.join_token_ok(join.token.as_deref()) {
-        shared.access.wrong_token(address, Instant::now());
         return Err(error(ErrorCode::BadToken, "missing or wrong join token"));
     }
     let client = match join.client {
@@ -282,7 +288,16 @@ fn check_join(shared: &Shared, address: IpAddr, join: Join) -> Result<CheckedJoi
         resume: join.resume,
         client,
         held_model: join.held_model,
+        group: network_group(address),
     })
+}
+
+/// The engine's group for a connection from `address`: its network.
+fn network_group(address: IpAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    crate::net::network(address).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Checks an update's delta: the engine is asked only which round and encoding

@@ -1,9 +1,9 @@
-//! What one attacker among honest clients does to the global model under each
-//! strategy. Honest clients train for real on their Shakespeare lines (flex); the
-//! attacker, a session of its own, sees the honest clients' mean delta (the
-//! strongest position) and picks the example count, scale and direction. Every
-//! update goes through the round engine of `folio serve`: its examples bound, its
-//! strategy, its rules for refused updates.
+//! What attackers among honest clients do to the global model under each
+//! strategy: one attacker who sees the honest clients' mean delta (the strongest
+//! position), or a crowd of sybils pulling together in one direction. Honest
+//! clients train for real on their Shakespeare lines (flex); every attacker is a
+//! session of its own. Every update goes through the round engine of `folio
+//! serve`: its examples bound, its strategy, its rules for refused updates.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,14 +12,17 @@ use std::time::Duration;
 use anyhow::Context;
 use burn::prelude::Device;
 use folio_data::batch::{batch_count, batches};
+use folio_data::rng::SplitMix64;
 use folio_data::{Batch, BatchConfig, Corpus, vocab};
-use folio_engine::{Engine, EngineConfig, Evaluation, RoundConfig, Start};
+use folio_engine::{Engine, EngineConfig, Evaluation, RoundConfig, RoundRecord, Start};
 use folio_fed::robust::l2_norm;
 use folio_fed::sampling::sample_clients;
+use folio_fed::strategy::median_norm;
 use folio_fed::{Encoding, StrategyConfig};
-use folio_model::params::delta;
-use folio_model::{CharRnn, Preset};
+use folio_model::CharRnn;
+use folio_model::Preset;
 use folio_proto::ErrorCode;
+use folio_server::eval::parallel_map;
 
 use crate::host::{InProcess, Jobs};
 use crate::population::join;
@@ -29,9 +32,11 @@ pub struct Influence {
     pub preset: Preset,
     /// The starting model's file.
     pub init: PathBuf,
-    /// Honest clients (one attacker joins them).
-    pub honest: usize,
-    pub rounds: u64,
+    /// Clients drawn for the experiment; a run's honest clients and attackers
+    /// come from them.
+    pub clients: usize,
+    /// Clients whose held-out text every model is evaluated on (the first drawn).
+    pub eval_clients: usize,
     /// Local batches per round.
     pub batches: u32,
     pub client_lr: f32,
@@ -39,7 +44,7 @@ pub struct Influence {
     pub data_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Attack {
     /// No attacker: the honest-only reference.
     None,
@@ -48,40 +53,76 @@ pub enum Attack {
     Boosted,
     /// The reverse of the honest mean, 3×, claiming the most examples allowed.
     Stealthy,
+    /// Every attacker sends one fixed direction, `scale` × the bound the last
+    /// round clipped to (public in the history; before any, the honest median
+    /// norm of the round, which an attacker with one real client can measure),
+    /// claiming the most examples allowed.
+    Crowd { scale: f32 },
 }
 
 impl Attack {
-    pub const ALL: [Attack; 3] = [Attack::None, Attack::Boosted, Attack::Stealthy];
-
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Attack::None => "none",
-            Attack::Boosted => "boosted (-1e6 x, u64::MAX)",
-            Attack::Stealthy => "stealthy (-3 x, max allowed)",
+            Attack::None => "none".into(),
+            Attack::Boosted => "boosted (-1e6 x, u64::MAX)".into(),
+            Attack::Stealthy => "stealthy (-3 x, max allowed)".into(),
+            Attack::Crowd { scale } => format!("{scale} x the bound, one direction"),
         }
     }
+}
+
+/// One run: `honest` honest clients and `attackers` attackers, for `rounds`.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub strategy: StrategyConfig,
+    pub attack: Attack,
+    pub honest: usize,
+    pub attackers: usize,
+    pub rounds: u64,
 }
 
 /// One run's outcome.
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    /// The global model after round 1 and at the end.
-    pub after_one: Vec<f32>,
-    pub end: Vec<f32>,
-    /// The attacker's updates the engine refused.
+    /// Every committed round, from round 0 (the starting model, evaluated).
+    pub history: Vec<RoundRecord>,
+    /// The global model after each round, from round 0.
+    pub weights: Vec<Vec<f32>>,
+    /// The attackers' updates the engine refused.
     pub refused: usize,
-    /// Held-out accuracy at the start and at the end (`None`: non-finite model).
-    pub accuracy: (f64, Option<f64>),
 }
 
-/// The experiment's fixed parts: honest clients, an attacker, held-out batches.
+impl Outcome {
+    /// How far the model moved along `direction` (a unit vector) by `round`.
+    pub fn movement_along(&self, direction: &[f32], round: u64) -> f64 {
+        let (start, then) = (&self.weights[0], &self.weights[round as usize]);
+        then.iter()
+            .zip(start)
+            .zip(direction)
+            .map(|((t, s), d)| (f64::from(*t) - f64::from(*s)) * f64::from(*d))
+            .sum()
+    }
+
+    /// The L2 distance between the models two runs had after `round`.
+    pub fn distance(&self, other: &Outcome, round: u64) -> f64 {
+        let (a, b) = (
+            &self.weights[round as usize],
+            &other.weights[round as usize],
+        );
+        let difference: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        l2_norm(&difference)
+    }
+}
+
+/// The experiment's fixed parts: the clients drawn, held-out batches, the start.
 pub struct Setup {
     params: Influence,
     corpus: Corpus,
-    honest: Vec<String>,
-    attacker: String,
+    clients: Vec<String>,
     eval: Vec<Batch>,
     start: Vec<f32>,
+    /// The crowd's direction: a seeded random unit vector.
+    direction: Vec<f32>,
 }
 
 impl Setup {
@@ -94,17 +135,16 @@ impl Setup {
             .iter()
             .filter(|c| full(vocab::encode(&c.train_text()).0.len()) && c.test_text().len() > 808)
             .collect();
-        let chosen = sample_clients(&eligible, params.honest + 1, params.seed, 1);
+        let chosen = sample_clients(&eligible, params.clients, params.seed, 1);
         anyhow::ensure!(
-            chosen.len() == params.honest + 1,
+            chosen.len() == params.clients,
             "the corpus has {} clients with enough text; {} needed",
             chosen.len(),
-            params.honest + 1
+            params.clients
         );
-        // The attacker poses as a client with as much text as any honest one.
-        let (attacker, honest) = chosen.split_last().expect("at least one");
-        let eval = honest
+        let eval = chosen
             .iter()
+            .take(params.eval_clients)
             .flat_map(|c| {
                 batches(&vocab::encode(&c.test_text()).0, &BatchConfig::tutorial(0))
                     .into_iter()
@@ -114,12 +154,18 @@ impl Setup {
         let start = folio_model::checkpoint::load(&params.init, Some(params.preset.config()))
             .with_context(|| format!("cannot start from {}: pass --init", params.init.display()))?
             .weights;
+        let mut rng = SplitMix64::new(params.seed ^ 0x5eed_d1ec);
+        let raw: Vec<f64> = (0..start.len())
+            .map(|_| 2.0 * rng.next_f64() - 1.0)
+            .collect();
+        let norm = raw.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let direction = raw.iter().map(|v| (v / norm) as f32).collect();
         Ok(Self {
-            honest: honest.iter().map(|c| c.id.clone()).collect(),
-            attacker: attacker.id.clone(),
+            clients: chosen.iter().map(|c| c.id.clone()).collect(),
             corpus,
             eval,
             start,
+            direction,
             params,
         })
     }
@@ -128,14 +174,9 @@ impl Setup {
         &self.params
     }
 
-    pub fn start(&self) -> &[f32] {
-        &self.start
-    }
-
-    /// Held-out accuracy of `weights`.
-    pub fn accuracy(&self, weights: &[f32]) -> anyhow::Result<f64> {
-        let model = CharRnn::from_flat(self.params.preset.config(), weights, &Device::flex())?;
-        Ok(pollster::block_on(folio_model::eval::evaluate(&model, &self.eval))?.accuracy)
+    /// The crowd's direction (unit length).
+    pub fn direction(&self) -> &[f32] {
+        &self.direction
     }
 
     fn rounds(&self, strategy: StrategyConfig) -> RoundConfig {
@@ -144,15 +185,29 @@ impl Setup {
             deadline: Duration::from_secs(3600),
             max_batches: Some(self.params.batches),
             client_lr: self.params.client_lr,
-            // Clients train from, and the attacker computes against, exact weights.
+            // Clients train from, and attackers compute against, exact weights.
             model_encoding: Encoding::F32,
             ..RoundConfig::tutorial()
         }
     }
 
-    /// Runs the rounds with `strategy` (its client counts set here) under `attack`.
-    pub fn run(&self, strategy: StrategyConfig, attack: Attack) -> anyhow::Result<Outcome> {
-        let clients = self.honest.len() + usize::from(attack != Attack::None);
+    /// Runs `run`: every client joins and trains every round. Honest clients are
+    /// the first drawn, attackers the last.
+    pub fn run(&self, run: Run) -> anyhow::Result<Outcome> {
+        let Run {
+            strategy,
+            attack,
+            honest,
+            attackers,
+            rounds,
+        } = run;
+        anyhow::ensure!(
+            honest + attackers <= self.clients.len(),
+            "{honest} honest clients and {attackers} attackers, from {} drawn",
+            self.clients.len()
+        );
+        let attackers = if attack == Attack::None { 0 } else { attackers };
+        let clients = honest + attackers;
         let strategy = StrategyConfig {
             clients_per_round: clients,
             min_clients: clients,
@@ -163,113 +218,118 @@ impl Setup {
         let config = EngineConfig {
             max_sessions: clients,
             session_ttl: Duration::MAX,
-            max_rounds: Some(self.params.rounds),
+            max_rounds: Some(rounds),
             ..folio_server::engine_config(
                 self.params.preset,
                 self.rounds(strategy),
                 self.params.seed,
             )
         };
-        let texts: Vec<(String, usize)> = self
-            .honest
+        let ids: Vec<String> = self.clients[..honest]
             .iter()
-            .chain([&self.attacker])
+            .chain(&self.clients[self.clients.len() - attackers..])
+            .cloned()
+            .collect();
+        let texts: Vec<(String, Vec<u32>)> = ids
+            .iter()
             .map(|id| {
-                let chars = vocab::encode(&self.corpus.client(id)?.train_text()).0.len();
-                Ok((id.clone(), chars))
+                Ok((
+                    id.clone(),
+                    vocab::encode(&self.corpus.client(id)?.train_text()).0,
+                ))
             })
             .collect::<anyhow::Result<_>>()?;
+        let sizes = texts.iter().map(|(id, text)| (id.clone(), text.len()));
         let built = folio_fed::strategy::build(strategy, self.params.seed);
         let start = Start {
             weights: self.start.clone(),
             strategy: None,
             history: Vec::new(),
         };
-        let mut engine = Engine::new(config, built, texts, start, std::time::Instant::now());
-        let mut ids = self.honest.clone();
-        if attack != Attack::None {
-            ids.push(self.attacker.clone());
-        }
+        let mut engine = Engine::new(config, built, sizes, start, std::time::Instant::now());
         let sessions = join(&mut engine, &ids)?;
-        let mut honest = BTreeMap::new();
-        for (id, &session) in self.honest.iter().zip(&sessions) {
-            honest.insert(
-                session,
-                vocab::encode(&self.corpus.client(id)?.train_text()).0,
-            );
-        }
-        let attacker = (attack != Attack::None).then(|| sessions[self.honest.len()]);
+        // Each session's text, and whether it is honest.
+        let roles: BTreeMap<u64, (&[u32], bool)> = sessions
+            .iter()
+            .zip(&texts)
+            .enumerate()
+            .map(|(i, (&session, (_, text)))| (session, (text.as_slice(), i < honest)))
+            .collect();
         let mut host = InProcess::new(engine, model);
         let mut jobs = Unsaved { setup: self };
-        let mut after_one = None;
+        let mut weights = vec![self.start.clone()];
         let mut refused = 0;
         while let Some(round) = host.next_round(&mut jobs)? {
-            if round.round == 2 {
-                after_one = Some(host.engine.weights().to_vec());
+            // The model this round starts from is the last round's (a retried
+            // round starts from the same).
+            if weights.len() < round.round as usize {
+                weights.push(host.engine.weights().to_vec());
             }
+            let (honest_round, attacking): (Vec<_>, Vec<_>) = round
+                .clients
+                .iter()
+                .partition(|(session, _)| roles[session].1);
+            let trained = parallel_map(&honest_round, |(session, start)| {
+                host.train(start, roles[session].0)
+            });
             let mut honest_mean = vec![0f64; model.num_params()];
-            let mut attacker_start = None;
-            for (session, start) in &round.clients {
-                let Some(text) = honest.get(session) else {
-                    attacker_start = Some(start.clone());
-                    continue;
-                };
-                let local = host.train(start, text)?;
+            let mut norms = Vec::new();
+            for ((session, start), local) in honest_round.iter().zip(trained) {
+                let local = local?;
                 for (m, d) in honest_mean.iter_mut().zip(&local.delta) {
-                    *m += f64::from(*d) / self.honest.len() as f64;
+                    *m += f64::from(*d) / honest_round.len() as f64;
                 }
+                norms.push(l2_norm(&local.delta));
                 let metrics = (local.metrics.loss, local.metrics.accuracy, local.seconds);
                 host.send(*session, start, &local.delta, local.examples, metrics)
                     .map_err(|e| anyhow::anyhow!("an honest update was refused: {}", e.message))?;
             }
-            let (Some(session), Some(start)) = (attacker, attacker_start) else {
-                continue;
-            };
-            let reverse = |scale: f64| -> Vec<f32> {
-                honest_mean.iter().map(|m| (-scale * m) as f32).collect()
-            };
-            // The most examples its text allows, as an honest client could know.
-            let allowed = host
+            let public_bound = host
                 .engine
-                .config()
-                .rounds
-                .plan(start.seed)
-                .max_examples(host.engine.clients()[&self.attacker]);
-            let attempts = match attack {
-                Attack::None => vec![],
-                Attack::Boosted => vec![(reverse(1e6), u64::MAX), (reverse(1e6), allowed)],
-                Attack::Stealthy => vec![(reverse(3.0), allowed)],
-            };
-            for (delta, claimed) in attempts {
-                match host.send(session, &start, &delta, claimed, (2.0, 0.0, 1.0)) {
-                    Ok(()) => break,
-                    Err(e) if e.code == ErrorCode::BadExamples => refused += 1,
-                    Err(e) => anyhow::bail!("the attacker's update: {}", e.message),
+                .history(0, usize::MAX)
+                .last()
+                .and_then(|r| r.clip_bound);
+            let reference_norm = public_bound.unwrap_or_else(|| median_norm(&norms));
+            for (session, start) in attacking {
+                // The most examples its text allows, as an honest client could know.
+                let allowed = host
+                    .engine
+                    .config()
+                    .rounds
+                    .plan(start.seed)
+                    .max_examples(roles[session].0.len());
+                let reverse = |scale: f64| -> Vec<f32> {
+                    honest_mean.iter().map(|m| (-scale * m) as f32).collect()
+                };
+                let attempts = match attack {
+                    Attack::None => vec![],
+                    Attack::Boosted => vec![(reverse(1e6), u64::MAX), (reverse(1e6), allowed)],
+                    Attack::Stealthy => vec![(reverse(3.0), allowed)],
+                    Attack::Crowd { scale } => {
+                        let length = f64::from(scale) * reference_norm;
+                        let delta = self
+                            .direction
+                            .iter()
+                            .map(|&d| (f64::from(d) * length) as f32)
+                            .collect();
+                        vec![(delta, allowed)]
+                    }
+                };
+                for (delta, claimed) in attempts {
+                    match host.send(*session, start, &delta, claimed, (2.0, 0.0, 1.0)) {
+                        Ok(()) => break,
+                        Err(e) if e.code == ErrorCode::BadExamples => refused += 1,
+                        Err(e) => anyhow::bail!("an attacker's update: {}", e.message),
+                    }
                 }
             }
         }
-        let end = host.engine.weights().to_vec();
-        let accuracy = end
-            .iter()
-            .all(|w| w.is_finite())
-            .then(|| self.accuracy(&end))
-            .transpose()?;
+        weights.push(host.engine.weights().to_vec());
         Ok(Outcome {
-            after_one: after_one.unwrap_or_else(|| end.clone()),
-            end,
+            history: host.engine.history(0, usize::MAX).to_vec(),
+            weights,
             refused,
-            accuracy: (self.accuracy(&self.start)?, accuracy),
         })
-    }
-
-    /// How far `outcome`'s first round moved from `reference`'s.
-    pub fn distance(outcome: &Outcome, reference: &Outcome) -> f64 {
-        l2_norm(&delta(&outcome.after_one, &reference.after_one))
-    }
-
-    /// The length of `outcome`'s first-round step.
-    pub fn first_step(&self, outcome: &Outcome) -> f64 {
-        l2_norm(&delta(&outcome.after_one, &self.start))
     }
 }
 

@@ -107,13 +107,15 @@ pub fn run(
 /// Joins each of `clients` to the engine as itself, all before a round can
 /// start; returns their sessions.
 pub fn join(engine: &mut Engine, clients: &[String]) -> anyhow::Result<Vec<u64>> {
-    let joins = clients.iter().map(|client| CheckedJoin {
+    let joins = clients.iter().enumerate().map(|(i, client)| CheckedJoin {
         kind: "simulated",
         backend: "flex".into(),
         adapter: None,
         resume: None,
         client: Some(client.clone()),
         held_model: None,
+        // Simulated clients are devices of their own.
+        group: i as u64,
     });
     let joined = engine.join_many(joins, Instant::now());
     clients

@@ -37,6 +37,10 @@ pub enum BenchCommand {
     /// One attacker among honest clients: distance from the honest-only FedAvg
     /// model and accuracy, per aggregator and attack.
     Influence(crate::influence::InfluenceArgs),
+    /// A crowd of sybils among honest clients, sending one fixed direction at or
+    /// far over the clipping bound: the model's movement along it and the eval
+    /// loss, per strategy and crowd size.
+    Sybils(crate::influence::SybilArgs),
     /// The aggregator under load and floods: its RSS and `/api/status` latency.
     Server(crate::server_bench::ServerBenchArgs),
     /// `/api/status` latency while a median aggregation of 100 medium-preset
@@ -74,6 +78,7 @@ pub fn run(command: BenchCommand, data_dir: &std::path::Path) -> anyhow::Result<
         }
         BenchCommand::Aggregate { repeats } => aggregate(repeats),
         BenchCommand::Influence(args) => crate::influence::run(args, data_dir),
+        BenchCommand::Sybils(args) => crate::influence::sybils(args, data_dir),
         BenchCommand::Server(args) => crate::server_bench::run(args, data_dir),
         BenchCommand::Responsiveness(args) => crate::responsiveness::run(args, data_dir),
         BenchCommand::AggregatePeak { clients } => {

@@ -155,9 +155,13 @@ pub struct RoundArgs {
     /// How the server bounds each delta's L2 norm.
     #[arg(long, value_enum, default_value = "adaptive")]
     clip: ClipRule,
-    /// The L2 bound (fixed), or the first round's bound (adaptive).
+    /// The L2 bound (fixed), or the most the first round's median norm may set
+    /// it to (adaptive).
     #[arg(long, default_value_t = 1.0)]
     clip_bound: f32,
+    /// The adaptive bound never grows past this multiple of the first round's.
+    #[arg(long, default_value_t = folio_fed::robust::DEFAULT_CEILING)]
+    clip_ceiling: f32,
     /// How the round's (clipped) deltas are combined.
     #[arg(long, value_enum, default_value = "mean")]
     aggregation: AggregationRule,
@@ -239,7 +243,7 @@ impl RoundArgs {
                 ClipRule::Fixed => Clipping::Fixed {
                     bound: self.clip_bound,
                 },
-                ClipRule::Adaptive => Clipping::adaptive(self.clip_bound),
+                ClipRule::Adaptive => Clipping::adaptive_to(self.clip_bound, self.clip_ceiling),
             },
             aggregation: match self.aggregation {
                 AggregationRule::Mean => Aggregation::Mean,
@@ -309,12 +313,16 @@ pub struct ServeArgs {
     /// Another origin whose pages may open the WebSocket (repeatable; the page's own always may).
     #[arg(long)]
     allow_origin: Vec<String>,
-    /// Open connections at most, in all...
+    /// WebSockets (sessions) open at most, in all (plain HTTP gets a few more
+    /// connections)...
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
-    /// ...and from one address.
+    /// ...from one address...
     #[arg(long, default_value_t = Limits::default().max_connections_per_address)]
     max_connections_per_address: usize,
+    /// ...and from one network (an IPv4 /24, an IPv6 /64).
+    #[arg(long, default_value_t = Limits::default().max_connections_per_network)]
+    max_connections_per_network: usize,
     /// A disconnected session can be resumed for this long.
     #[arg(long, default_value_t = Limits::default().session_ttl.as_secs())]
     session_ttl_secs: u64,
@@ -407,6 +415,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     config.limits = Limits {
         max_connections: args.max_connections,
         max_connections_per_address: args.max_connections_per_address,
+        max_connections_per_network: args.max_connections_per_network,
         session_ttl: Duration::from_secs(args.session_ttl_secs),
         ..Limits::default()
     };

@@ -77,6 +77,7 @@ pub fn run(args: ResponsivenessArgs, data_dir: &Path) -> anyhow::Result<()> {
         .args(["--aggregation", "median", "--clip", "off"])
         .args(["--eval-clients", "1", "--eval-batches", "1"])
         .args(["--max-connections-per-address", "1000"])
+        .args(["--max-connections-per-network", "1000"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

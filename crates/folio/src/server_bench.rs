@@ -142,6 +142,10 @@ pub fn run(args: ServerBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
             "--max-connections-per-address",
             &args.max_connections.to_string(),
         ])
+        .args([
+            "--max-connections-per-network",
+            &args.max_connections.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;

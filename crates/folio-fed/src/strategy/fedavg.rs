@@ -9,11 +9,12 @@ use super::{
 };
 use crate::FedError;
 use crate::codec::CheckedDelta;
-use crate::robust::{RoundUpdates, clip_scale};
+use crate::robust::{RoundUpdates, clip_scale, over};
 use crate::server_opt::ServerOptimizer;
 
 const KIND: &str = "fedavg";
-const VERSION: u32 = 1;
+/// Version 2 adds the clipping bound's reference (the first round's bound).
+const VERSION: u32 = 2;
 
 #[derive(Debug, Clone)]
 pub struct RobustFedAvg {
@@ -21,11 +22,25 @@ pub struct RobustFedAvg {
     seed: u64,
 }
 
+/// The clipping bound a federation carries between rounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bound {
+    /// The last bound (`None`: no round yet, or no clipping).
+    current: Option<f32>,
+    /// The first round's bound, which the adaptive bound's ceiling is relative to.
+    reference: Option<f32>,
+}
+
 /// A round's folded updates, the bound they were clipped to and their norms.
 struct Round {
     updates: RoundUpdates,
+    /// Deltas kept as they came (with their weights) while the round measures its
+    /// own bound: the first round of adaptive clipping only.
+    unclipped: Vec<(CheckedDelta, f64)>,
     norms: Vec<f64>,
-    clip_bound: f32,
+    /// `None`: measured from `norms` when the round closes.
+    clip_bound: Option<f32>,
+    reference: Option<f32>,
     num_params: usize,
 }
 
@@ -34,20 +49,26 @@ impl RobustFedAvg {
         Self { config, seed }
     }
 
-    fn record(&self, optimizer: &ServerOptimizer, clip_bound: f32) -> StateRecord {
+    fn record(&self, optimizer: &ServerOptimizer, bound: Bound) -> StateRecord {
         let mut record = StateRecord::new(KIND, VERSION);
         // JSON has no infinity: no bound (clipping off) is saved as none.
-        record.set_value("clip_bound", Some(clip_bound).filter(|b| b.is_finite()));
+        let finite = |b: Option<f32>| b.filter(|b| b.is_finite());
+        record.set_value("clip_bound", finite(bound.current));
+        record.set_value("clip_reference", finite(bound.reference));
         optimizer.save(&mut record);
         record
     }
 }
 
-/// The bound a record holds (none: no clipping).
-fn clip_bound(record: &StateRecord) -> Result<f32, String> {
-    Ok(record
-        .value::<Option<f32>>("clip_bound")?
-        .unwrap_or(f32::INFINITY))
+/// The bound a record holds; a version-1 record's reference is its bound.
+fn saved_bound(record: &StateRecord) -> Result<Bound, String> {
+    let current = record.value::<Option<f32>>("clip_bound")?;
+    let reference = if record.values.contains_key("clip_reference") {
+        record.value::<Option<f32>>("clip_reference")?
+    } else {
+        current
+    };
+    Ok(Bound { current, reference })
 }
 
 impl Strategy for RobustFedAvg {
@@ -72,26 +93,33 @@ impl Strategy for RobustFedAvg {
     }
 
     fn initial_state(&self, num_params: usize) -> StateRecord {
+        let none = Bound {
+            current: None,
+            reference: None,
+        };
         self.record(
             &ServerOptimizer::new(self.config.server_optimizer, num_params),
-            self.config.clipping.initial_bound(),
+            none,
         )
     }
 
     fn restore(&self, mut saved: StateRecord, num_params: usize) -> Result<StateRecord, String> {
         saved.check(KIND, VERSION)?;
-        let clip_bound = clip_bound(&saved)?;
+        let bound = saved_bound(&saved)?;
         let optimizer =
             ServerOptimizer::restore(&mut saved, self.config.server_optimizer, num_params)?;
-        Ok(self.record(&optimizer, clip_bound))
+        Ok(self.record(&optimizer, bound))
     }
 
     fn open_round(&self, state: &StateRecord, num_params: usize) -> Result<OpenUpdates, FedError> {
-        let clip_bound = clip_bound(state).map_err(|_| FedError::ForeignRound)?;
+        let saved = saved_bound(state).map_err(|_| FedError::ForeignRound)?;
+        let clip_bound = self.config.clipping.bound(saved.current);
         Ok(OpenUpdates::new(Round {
             updates: RoundUpdates::new(self.config.aggregation, num_params),
+            unclipped: Vec::new(),
             norms: Vec::new(),
             clip_bound,
+            reference: saved.reference.or(clip_bound),
             num_params,
         }))
     }
@@ -110,9 +138,12 @@ impl Strategy for RobustFedAvg {
             Weighting::Uniform => 1.0,
         };
         round.norms.push(delta.norm());
-        round
-            .updates
-            .add(delta, weight, clip_scale(delta.norm(), round.clip_bound));
+        match round.clip_bound {
+            Some(bound) => round
+                .updates
+                .add(delta, weight, clip_scale(delta.norm(), bound)),
+            None => round.unclipped.push((delta.clone(), weight)),
+        }
         Ok(())
     }
 
@@ -123,22 +154,30 @@ impl Strategy for RobustFedAvg {
         state: &StateRecord,
     ) -> Result<Aggregated, FedError> {
         let round: &Round = open.get()?;
-        let delta = round.updates.aggregate()?;
+        let clipping = self.config.clipping;
+        let (delta, bound) = match round.clip_bound {
+            Some(bound) => (round.updates.aggregate()?, bound),
+            None => {
+                let bound = clipping.measured_bound(&round.norms);
+                let mut updates = RoundUpdates::new(self.config.aggregation, round.num_params);
+                for (delta, weight) in &round.unclipped {
+                    updates.add(delta, *weight, clip_scale(delta.norm(), bound));
+                }
+                (updates.aggregate()?, bound)
+            }
+        };
         let (new_weights, optimizer) =
             server_step(self.config.server_optimizer, state, weights, &delta)?;
-        let next_bound = self
-            .config
-            .clipping
-            .next_bound(round.clip_bound, &round.norms);
+        let reference = round.reference.unwrap_or(bound);
+        let next = Bound {
+            current: Some(clipping.next_bound(bound, reference, &round.norms)),
+            reference: Some(reference),
+        };
         Ok(Aggregated {
             weights: new_weights,
-            state: self.record(&optimizer, next_bound),
-            clip_bound: Some(f64::from(round.clip_bound)).filter(|b| b.is_finite()),
-            clipped: round
-                .norms
-                .iter()
-                .filter(|&&n| n > f64::from(round.clip_bound))
-                .count(),
+            state: self.record(&optimizer, next),
+            clip_bound: Some(f64::from(bound)).filter(|b| b.is_finite()),
+            clipped: round.norms.iter().filter(|&&n| over(n, bound)).count(),
             median_norm: median_norm(&round.norms),
         })
     }
@@ -219,6 +258,35 @@ mod tests {
         );
         assert_eq!(out.clipped, 1);
         assert_eq!(out.clip_bound, Some(1.0));
+    }
+
+    #[test]
+    fn the_first_round_measures_the_bound_and_a_crowd_lifts_it_no_higher_than_twice() {
+        let s = strategy(Clipping::adaptive(1.0), Aggregation::Mean);
+        let mut state = s.initial_state(1);
+        let mut weights = vec![0.0f32];
+        let mut bounds = Vec::new();
+        for round in 0..30 {
+            let mut open = s.open_round(&state, 1).unwrap();
+            // Round 1: three honest, two huge; then one honest against four.
+            let honest = if round == 0 { 3 } else { 1 };
+            for i in 0..5 {
+                let value = if i < honest { 0.1 } else { 1e6 };
+                s.accept(&mut open, &delta(&[value]), 1, 1).unwrap();
+            }
+            let out = s.aggregate(&open, &weights, &state).unwrap();
+            bounds.push(out.clip_bound.unwrap());
+            (weights, state) = (out.weights, out.state);
+        }
+        assert!(
+            (bounds[0] - 0.1).abs() < 1e-6,
+            "the median of round 1: {bounds:?}"
+        );
+        assert!(bounds.iter().all(|&b| b <= 0.2 + 1e-6), "{bounds:?}");
+        assert!((bounds[29] - 0.2).abs() < 1e-6, "{bounds:?}");
+        // Restored, the state keeps the ceiling's reference.
+        let restored = s.restore(state.clone(), 1).unwrap();
+        assert_eq!(restored, state);
     }
 
     #[test]

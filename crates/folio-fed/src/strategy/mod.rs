@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::FedError;
 use crate::codec::CheckedDelta;
-use crate::robust::{Aggregation, Clipping};
+use crate::robust::{Aggregation, Clipping, FirstBound};
 use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig};
 
 pub use fedavg::RobustFedAvg;
@@ -139,10 +139,17 @@ impl StrategyConfig {
                 return Err(format!("the clipping bound must be positive, not {bound}"));
             }
             Clipping::Adaptive {
-                initial, quantile, ..
-            } if bad_bound(initial) || !(0.0..=1.0).contains(&quantile) => {
+                first: FirstBound::Given(first) | FirstBound::Measured { at_most: first },
+                quantile,
+                ceiling,
+                ..
+            } if bad_bound(first)
+                || !(0.0..=1.0).contains(&quantile)
+                || ceiling.is_nan()
+                || ceiling < 1.0 =>
+            {
                 return Err(format!(
-                    "adaptive clipping needs a positive initial bound ({initial}) and a quantile in [0, 1] ({quantile})"
+                    "adaptive clipping needs a positive first bound ({first}), a quantile in [0, 1] ({quantile}) and a ceiling of at least 1 ({ceiling})"
                 ));
             }
             _ => {}
@@ -234,11 +241,14 @@ impl StateRecord {
     }
 }
 
-/// A client a round may pick, with the size of its training text.
+/// A client a round may pick, with the size of its training text and the
+/// group it belongs to (the network it connects from: a round takes clients
+/// evenly across groups, so no one host fills it with sessions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
     pub client: u64,
     pub size: u64,
+    pub group: u64,
 }
 
 /// One round's accepted updates, folded as the strategy that opened it needs
@@ -401,7 +411,8 @@ pub fn server_step(
 
 /// The clients configured rounds train: `min_clients` connected or `None`; the
 /// clients that failed an earlier attempt are left out while enough others remain;
-/// then `count` drawn as `selection` says, seeded by the seed, attempt and round.
+/// then `count` drawn as `selection` says, seeded by the seed, attempt and round,
+/// evenly across groups: the i-th draw of every group before the (i+1)-th of any.
 pub fn select(
     config: &StrategyConfig,
     seed: u64,
@@ -425,20 +436,35 @@ pub fn select(
         candidates
     };
     let seed = seed ^ u64::from(attempt).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let count = config.clients_per_round;
-    Some(match config.selection {
-        Selection::Uniform => crate::sampling::sample_clients(pool, count, seed, round)
-            .into_iter()
-            .map(|c| c.client)
-            .collect(),
+    let drawn: Vec<Candidate> = match config.selection {
+        Selection::Uniform => crate::sampling::sample_clients(pool, pool.len(), seed, round),
         Selection::BySize => {
             let sizes: Vec<u64> = pool.iter().map(|c| c.size).collect();
-            crate::sampling::sample_by_size(&sizes, count, seed, round)
+            crate::sampling::sample_by_size(&sizes, pool.len(), seed, round)
                 .into_iter()
-                .map(|i| pool[i].client)
+                .map(|i| pool[i])
                 .collect()
         }
-    })
+    };
+    Some(evenly_across_groups(&drawn, config.clients_per_round))
+}
+
+/// The first `count` of `drawn`, in draw order within each group, taking the
+/// i-th of every group before the (i+1)-th of any. When every client is a group
+/// of its own, the first `count` drawn.
+fn evenly_across_groups(drawn: &[Candidate], count: usize) -> Vec<u64> {
+    let mut taken: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut ranked: Vec<(usize, usize, u64)> = drawn
+        .iter()
+        .enumerate()
+        .map(|(position, c)| {
+            let rank = taken.entry(c.group).or_default();
+            *rank += 1;
+            (*rank, position, c.client)
+        })
+        .collect();
+    ranked.sort_unstable();
+    ranked.into_iter().take(count).map(|(.., c)| c).collect()
 }
 
 /// The median of `norms` (0 for none).
@@ -454,8 +480,45 @@ mod tests {
 
     fn candidates(ids: &[u64]) -> Vec<Candidate> {
         ids.iter()
-            .map(|&client| Candidate { client, size: 10 })
+            .map(|&client| Candidate {
+                client,
+                size: 10,
+                group: client,
+            })
             .collect()
+    }
+
+    #[test]
+    fn a_round_takes_clients_evenly_across_groups() {
+        let config = StrategyConfig::fedavg(6);
+        // 100 sessions from one network, 3 from a second, 1 from a third.
+        let mut pool: Vec<Candidate> = (0..100)
+            .map(|client| Candidate {
+                client,
+                size: 10,
+                group: 7,
+            })
+            .collect();
+        pool.extend((100..103).map(|client| Candidate {
+            client,
+            size: 10,
+            group: 8,
+        }));
+        pool.push(Candidate {
+            client: 103,
+            size: 10,
+            group: 9,
+        });
+        for round in 0..20 {
+            let picked = select(&config, 1, round, 0, &pool, &BTreeSet::new()).unwrap();
+            assert_eq!(picked.len(), 6);
+            // Ranks 1 and 2 of each group, then one of the crowd's or the
+            // second network's third: the crowd holds 97 % of the sessions and
+            // gets at most half the round.
+            let crowd = picked.iter().filter(|&&c| c < 100).count();
+            assert!((2..=3).contains(&crowd), "round {round}: {picked:?}");
+            assert!(picked.contains(&103));
+        }
     }
 
     #[test]
@@ -488,15 +551,11 @@ mod tests {
             selection: Selection::BySize,
             ..StrategyConfig::fedavg(3)
         };
-        let pool = [
-            Candidate { client: 7, size: 0 },
-            Candidate { client: 8, size: 5 },
-            Candidate { client: 9, size: 1 },
-            Candidate {
-                client: 10,
-                size: 9,
-            },
-        ];
+        let pool = [(7, 0), (8, 5), (9, 1), (10, 9)].map(|(client, size)| Candidate {
+            client,
+            size,
+            group: client,
+        });
         for round in 0..50 {
             let mut picked = select(&config, 3, round, 0, &pool, &BTreeSet::new()).unwrap();
             picked.sort();

@@ -120,3 +120,23 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A TCP connection to the server from the loopback address `source` (all of
+/// 127.0.0.0/8 is this machine's: other addresses and networks, on one host).
+pub async fn tcp_from(server: &Server, source: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    socket.connect(server.addr).await
+}
+
+/// A WebSocket to the server from the loopback address `source`.
+pub async fn ws_from(
+    server: &Server,
+    source: &str,
+) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    let stream = tcp_from(server, source).await?;
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    Ok(tokio_tungstenite::client_async(url(server), stream)
+        .await?
+        .0)
+}
