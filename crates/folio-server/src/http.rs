@@ -200,12 +200,20 @@ async fn revoke_session(
 pub struct ServerStatus {
     #[serde(flatten)]
     engine: Status,
+    /// TCP connections open now.
     connections: u64,
+    /// Connections refused at a cap, and ended to make room for a newcomer from
+    /// a less represented network, since the start.
+    connections_refused: u64,
+    connections_evicted: u64,
 }
 
 pub fn status(shared: &Shared) -> ServerStatus {
+    let count = &shared.connections;
     ServerStatus {
         engine: shared.read(|e| e.status(Instant::now())),
-        connections: shared.connections.open(),
+        connections: count.open(),
+        connections_refused: count.refused.load(std::sync::atomic::Ordering::Relaxed),
+        connections_evicted: count.evicted.load(std::sync::atomic::Ordering::Relaxed),
     }
 }

@@ -779,5 +779,8 @@ async fn a_full_server_makes_room_for_a_newcomer_from_a_less_represented_network
         server.status()["connected"] == 6
     })
     .await;
+    let status = server.status();
+    assert_eq!(status["connections_evicted"], 3);
+    assert_eq!(status["connections_refused"], 4);
     server.abort();
 }
