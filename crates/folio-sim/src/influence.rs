@@ -103,6 +103,13 @@ impl Outcome {
             .sum()
     }
 
+    /// How far the model moved (L2) by `round`.
+    pub fn distance_from_start(&self, round: u64) -> f64 {
+        let (start, then) = (&self.weights[0], &self.weights[round as usize]);
+        let moved: Vec<f32> = then.iter().zip(start).map(|(t, s)| t - s).collect();
+        l2_norm(&moved)
+    }
+
     /// The L2 distance between the models two runs had after `round`.
     pub fn distance(&self, other: &Outcome, round: u64) -> f64 {
         let (a, b) = (

@@ -275,6 +275,17 @@ pub fn sybils(args: SybilArgs, data_dir: &Path) -> anyhow::Result<()> {
                     );
                 }
                 println!("{row}");
+                if k == 0 {
+                    let steps: Vec<String> = (args.report.iter())
+                        .map(|&round| {
+                            format!("{:.4} by round {round}", outcome.distance_from_start(round))
+                        })
+                        .collect();
+                    println!(
+                        "    (the honest clients alone moved the model {})",
+                        steps.join(", ")
+                    );
+                }
             }
         }
     }
