@@ -59,6 +59,34 @@ pub struct EngineConfig {
     pub session_ttl: Duration,
     /// Stop after this many rounds (`None`: run forever).
     pub max_rounds: Option<u64>,
+    /// How fast one group may open new sessions (resuming one is free).
+    pub new_sessions: SessionRate,
+}
+
+/// New sessions one group may open: `burst` at once, then one every `every`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRate {
+    pub burst: u32,
+    pub every: Duration,
+}
+
+impl SessionRate {
+    /// No limit: in-process clients, each a group of its own.
+    pub const UNLIMITED: SessionRate = SessionRate {
+        burst: u32::MAX,
+        every: Duration::ZERO,
+    };
+}
+
+/// Groups whose new-session allowance is remembered at most (full ones are
+/// forgotten first: they are as good as new).
+const MAX_ALLOWANCES: usize = 10_000;
+
+/// A group's allowance of new sessions, as of `at`.
+#[derive(Debug, Clone, Copy)]
+struct Allowance {
+    left: f64,
+    at: Instant,
 }
 
 impl EngineConfig {
@@ -274,6 +302,8 @@ pub struct Engine {
     /// Trainable clients in the order they are handed out.
     pool: Vec<String>,
     errors: BTreeMap<&'static str, u64>,
+    /// New sessions each group may still open.
+    allowances: BTreeMap<u64, Allowance>,
     actions: VecDeque<Action>,
     /// Why the strategy's saved state was not continued, if it was not.
     pub fresh_state: Option<String>,
@@ -322,6 +352,7 @@ impl Engine {
             clients,
             pool,
             errors: BTreeMap::new(),
+            allowances: BTreeMap::new(),
             actions: VecDeque::new(),
             fresh_state,
         };
@@ -447,6 +478,7 @@ impl Engine {
         let session = match resumed {
             Some(session) => session,
             None => {
+                self.new_session_allowed(join.group, now)?;
                 let client = self
                     .sessions
                     .pick_client(join.client.as_deref(), &self.pool)
@@ -457,7 +489,8 @@ impl Engine {
                         format!("{client} has no training text to train on"),
                     ));
                 }
-                self.sessions
+                let session = self
+                    .sessions
                     .create(
                         client,
                         join.kind,
@@ -466,7 +499,9 @@ impl Engine {
                         now,
                         self.config.session_ttl,
                     )
-                    .map_err(session_error)?
+                    .map_err(session_error)?;
+                self.spend_allowance(join.group);
+                session
             }
         };
         self.sessions.connect(session);
@@ -482,6 +517,44 @@ impl Engine {
         };
         self.rejoin_open_round(session, now);
         Ok(joined)
+    }
+
+    /// Whether `group` may open a new session now (its allowance refilled).
+    fn new_session_allowed(&mut self, group: u64, now: Instant) -> Result<(), ErrorMessage> {
+        let SessionRate { burst, every } = self.config.new_sessions;
+        if self.allowances.len() >= MAX_ALLOWANCES {
+            self.allowances.retain(|_, a| {
+                now.saturating_duration_since(a.at).as_secs_f64()
+                    < every.as_secs_f64() * (f64::from(burst) - a.left)
+            });
+        }
+        let allowance = self.allowances.entry(group).or_insert(Allowance {
+            left: f64::from(burst),
+            at: now,
+        });
+        let refill = if every.is_zero() {
+            f64::INFINITY
+        } else {
+            now.saturating_duration_since(allowance.at).as_secs_f64() / every.as_secs_f64()
+        };
+        allowance.left = (allowance.left + refill).min(f64::from(burst));
+        allowance.at = now;
+        if allowance.left >= 1.0 {
+            return Ok(());
+        }
+        let wait = every.mul_f64(1.0 - allowance.left).as_secs().max(1);
+        Err(error(
+            ErrorCode::ServerFull,
+            format!(
+                "your network opened {burst} sessions in a burst; the next may open in {wait} s (resuming a session is not limited)"
+            ),
+        ))
+    }
+
+    fn spend_allowance(&mut self, group: u64) {
+        if let Some(allowance) = self.allowances.get_mut(&group) {
+            allowance.left -= 1.0;
+        }
     }
 
     /// The welcome for a session just admitted, with its client's training text.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use folio_engine::{
     Action, CheckedJoin, DecodedUpdate, Engine, EngineConfig, Evaluation, RoundConfig, RoundRecord,
-    Start,
+    SessionRate, Start,
 };
 use folio_fed::codec::CheckedDelta;
 use folio_fed::{Clipping, StrategyConfig, strategy};
@@ -59,6 +59,10 @@ fn config(strategy: StrategyConfig, max_rounds: Option<u64>) -> EngineConfig {
         max_sessions: 8,
         session_ttl: TTL,
         max_rounds,
+        new_sessions: SessionRate {
+            burst: 4,
+            every: Duration::from_secs(10),
+        },
     }
 }
 
@@ -572,4 +576,45 @@ fn a_crowd_from_one_network_gets_its_share_of_a_round_not_the_round() {
         }
     }
     assert!(host.engine.is_finished());
+}
+
+#[test]
+fn a_network_opens_a_burst_of_sessions_then_one_at_a_time_and_resumes_freely() {
+    let mut host = Host::fresh(strategy_config(5, 5), None);
+    let from = |id: &str| CheckedJoin {
+        group: 9,
+        ..join(id)
+    };
+    let first: Vec<_> = ["A", "B", "C", "D"]
+        .iter()
+        .map(|id| host.engine.join(from(id), host.now).unwrap())
+        .collect();
+    let refused = host.engine.join(from("E"), host.now).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::ServerFull);
+    assert!(refused.message.contains("10 s"), "{}", refused.message);
+    // Another network is not held back.
+    assert!(host.engine.join(join("E"), host.now).is_ok());
+    // Resuming is free.
+    host.leave(first[0].session);
+    let resume = CheckedJoin {
+        resume: Some(first[0].token.clone()),
+        client: None,
+        ..from("A")
+    };
+    assert_eq!(
+        host.engine.join(resume, host.now).unwrap().session,
+        first[0].session
+    );
+    // One more after the interval (D's client, D having left), then none.
+    host.leave(first[3].session);
+    host.wait(Duration::from_secs(10));
+    let late = CheckedJoin {
+        client: None,
+        ..from("A")
+    };
+    assert!(host.engine.join(late.clone(), host.now).is_ok());
+    assert_eq!(
+        host.engine.join(late, host.now).unwrap_err().code,
+        ErrorCode::ServerFull
+    );
 }

@@ -150,6 +150,7 @@ impl Server {
         let engine_config = EngineConfig {
             max_sessions: limits.max_sessions,
             session_ttl: limits.session_ttl,
+            new_sessions: limits.new_sessions,
             max_rounds: config.max_rounds,
             ..engine_config(config.preset, config.rounds.clone(), config.seed)
         };
@@ -308,6 +309,7 @@ pub fn engine_config(preset: Preset, rounds: RoundConfig, seed: u64) -> EngineCo
         max_sessions: limits.max_sessions,
         session_ttl: limits.session_ttl,
         max_rounds: None,
+        new_sessions: limits.new_sessions,
     }
 }
 

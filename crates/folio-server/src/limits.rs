@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use folio_engine::SessionRate;
+
 /// Longest accepted strings in a join, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
 pub const MAX_BACKEND_BYTES: usize = 64;
@@ -28,6 +30,8 @@ pub struct Limits {
     pub max_sessions: usize,
     /// A disconnected session can be resumed for this long.
     pub session_ttl: Duration,
+    /// New sessions one network may open: a burst, then one at a time.
+    pub new_sessions: SessionRate,
     /// An HTTP connection (or a WebSocket not yet joined) that sends nothing for
     /// this long is closed: half-sent requests, idle keep-alives, silent sockets.
     pub http_idle: Duration,
@@ -61,6 +65,10 @@ impl Default for Limits {
             max_connections_per_network: 256,
             max_sessions: 4096,
             session_ttl: Duration::from_secs(600),
+            new_sessions: SessionRate {
+                burst: 64,
+                every: Duration::from_secs(1),
+            },
             http_idle: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
             join_timeout: Duration::from_secs(10),

@@ -326,6 +326,9 @@ pub struct ServeArgs {
     /// A disconnected session can be resumed for this long.
     #[arg(long, default_value_t = Limits::default().session_ttl.as_secs())]
     session_ttl_secs: u64,
+    /// New sessions one network may open at once; then one a second.
+    #[arg(long, default_value_t = Limits::default().new_sessions.burst)]
+    session_burst: u32,
     #[command(flatten)]
     round: RoundArgs,
 }
@@ -417,6 +420,10 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
         max_connections_per_address: args.max_connections_per_address,
         max_connections_per_network: args.max_connections_per_network,
         session_ttl: Duration::from_secs(args.session_ttl_secs),
+        new_sessions: folio_engine::SessionRate {
+            burst: args.session_burst,
+            ..Limits::default().new_sessions
+        },
         ..Limits::default()
     };
     config.max_rounds = args.rounds;

@@ -146,6 +146,7 @@ pub fn run(args: ServerBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
             "--max-connections-per-network",
             &args.max_connections.to_string(),
         ])
+        .args(["--session-burst", &args.max_connections.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;
