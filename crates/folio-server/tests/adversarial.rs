@@ -784,3 +784,110 @@ async fn a_full_server_makes_room_for_a_newcomer_from_a_less_represented_network
     assert_eq!(status["connections_refused"], 4);
     server.abort();
 }
+
+/// One crowd member or honest device over raw WebSocket: answers every round it
+/// is picked for with `delta(round)`, claiming 8 examples (one batch).
+fn crowd_member(
+    mut socket: Socket,
+    delta: impl Fn(u64) -> Vec<f32> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = socket.next().await {
+            let Message::Binary(frame) = message else {
+                continue;
+            };
+            let reply = match folio_proto::decode_server(&frame) {
+                Ok(ServerMessage::RoundStart(start)) => {
+                    update(start.round, 8, &delta(start.round), start.delta_encoding)
+                }
+                Ok(ServerMessage::Heartbeat) => ClientMessage::Heartbeat,
+                _ => continue,
+            };
+            if socket.send(binary(&reply)).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// A unit vector, seeded.
+fn direction(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = folio_data::rng::SplitMix64::new(seed);
+    let raw: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 - 0.5).collect();
+    let norm = distance(&raw, &vec![0.0; n]) as f32;
+    raw.iter().map(|v| v / norm).collect()
+}
+
+/// Sybils far over the bound, 3 and then 7 of every round's 8: under the minority
+/// the bound is measured at the honest norm (0.1) and stays within a step of it
+/// (the rule it replaced started at 1.0 and took 90 rounds to come down); under the
+/// majority it starts at --clip-bound (1) and stops at twice that (the old rule:
+/// 8.9 by round 30, and growing). Either way the model moves along the sybils'
+/// direction by no more than their share of the round's bound, round by round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sybils_far_over_the_bound_cannot_walk_it_up() {
+    for (sybils, run) in [(3usize, 20u64), (7, 30)] {
+        // The server stops after `run` rounds: the model read is the last one's.
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(config(dir.path(), rounds(8), run))
+            .await
+            .unwrap();
+        let n = server.weights().len();
+        let start_weights = server.weights();
+        let pull = direction(n, 7);
+        let mut members = Vec::new();
+        for i in 0..8 {
+            let source = if i < sybils {
+                format!("127.0.0.{}", 2 + i)
+            } else {
+                "127.0.0.1".into()
+            };
+            let mut socket = ws_from(&server, &source).await.unwrap();
+            join_as(&mut socket, join(None)).await.unwrap();
+            members.push(if i < sybils {
+                let pull = pull.clone();
+                crowd_member(socket, move |_| pull.iter().map(|v| v * 1e3).collect())
+            } else {
+                // Honest deltas: norm 0.1, a new direction every round.
+                crowd_member(socket, move |round| {
+                    direction(n, 100 * round + i as u64)
+                        .iter()
+                        .map(|v| v * 0.1)
+                        .collect()
+                })
+            });
+        }
+        within(server.wait_for_round(run)).await;
+        let history = server.history();
+        let bounds: Vec<f64> = history[1..].iter().map(|r| r.clip_bound.unwrap()).collect();
+        let moved: f64 = server
+            .weights()
+            .iter()
+            .zip(&start_weights)
+            .zip(&pull)
+            .map(|((w, s), d)| f64::from(w - s) * f64::from(*d))
+            .sum();
+        let share = sybils as f64 / 8.0;
+        let most = bounds.iter().map(|b| share * b).sum::<f64>();
+        eprintln!(
+            "{sybils} of 8 sybils: bounds {bounds:.3?}; moved {moved:.3} along their direction (at most {most:.3})"
+        );
+        if sybils < 4 {
+            // The median is an honest norm: the bound is measured at 0.1 and stays
+            // within a step of it.
+            assert!(
+                bounds.iter().all(|&b| (0.09..=0.111).contains(&b)),
+                "{bounds:?}"
+            );
+        } else {
+            // A majority sets the first bound to --clip-bound (1) and lifts it to 2.
+            assert!((bounds[0] - 1.0).abs() < 1e-6, "{bounds:?}");
+            assert!(bounds.iter().all(|&b| b <= 2.0 + 1e-6), "{bounds:?}");
+        }
+        assert!(moved <= most * 1.01 + 1e-3, "moved {moved} > {most}");
+        for member in members {
+            member.abort();
+        }
+        server.abort();
+    }
+}
