@@ -5,8 +5,10 @@
 //! - [`robust`]: L2 clipping (fixed or adaptive), trimmed mean, median;
 //! - [`server_opt`]: FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi (Reddi et al. 2020);
 //! - [`codec`]: delta encodings f32 / f16 / int8 (per-tensor scale);
-//! - [`sampling`]: seeded client sampling.
+//! - [`sampling`]: seeded client sampling;
+//! - [`accountant`]: the privacy of rounds of the sampled Gaussian mechanism (RDP).
 
+pub mod accountant;
 pub mod codec;
 pub mod robust;
 pub mod sampling;

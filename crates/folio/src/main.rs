@@ -7,6 +7,7 @@ mod influence;
 mod model;
 mod plot;
 mod pretrain;
+mod privacy;
 mod responsiveness;
 mod server_bench;
 
@@ -60,6 +61,9 @@ enum Command {
     /// Benchmarks that print figures measured side by side.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Differential privacy: what rounds of DP-FedAvg cost in (ε, δ).
+    #[command(subcommand)]
+    Privacy(privacy::PrivacyCommand),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Data(command) => data::run(command, &data_dir),
         Command::Bench(command) => bench::run(command, &data_dir),
+        Command::Privacy(command) => privacy::run(command),
         Command::Eval(args) => model::eval(args, &data_dir),
         Command::Generate(args) => model::generate_text(args),
         Command::Export(args) => model::export(args, &data_dir),
