@@ -129,7 +129,7 @@ fn one_host_with_many_addresses_cannot_shut_out_a_device_or_fill_its_rounds() ->
         .enable_all()
         .build()?;
     let starts: Starts = Arc::default();
-    // The flood: 1,100 sessions from 127.0.1.2 ... 127.0.1.201, 50 at a time.
+    // The flood: 1,100 sessions from 127.0.1.2 ... 127.0.1.201, in batches of 50.
     let flooded = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..CROWD {
@@ -150,8 +150,9 @@ fn one_host_with_many_addresses_cannot_shut_out_a_device_or_fill_its_rounds() ->
     };
     let status = server.server.status();
     eprintln!(
-        "the crowd: {admitted} of {CROWD} sessions admitted from {ADDRESSES} addresses in {:.1} s \
-         ({} connections refused at a cap, {} joins refused by the network's session rate)",
+        "the crowd: {admitted} of {CROWD} sessions admitted from {ADDRESSES} addresses, all settled \
+         in {:.1} s ({} connections refused at a cap, {} joins refused by the network's session \
+         rate, closed at the join timeout)",
         flooded.elapsed().as_secs_f64(),
         status["connections_refused"],
         status["errors"]["server_full"]
