@@ -504,3 +504,61 @@ pub async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_network_is_an_ipv4_slash_24_or_an_ipv6_slash_64() {
+        assert_eq!(network(ip("203.0.113.77")), ip("203.0.113.0"));
+        assert_eq!(network(ip("127.0.1.201")), network(ip("127.0.1.2")));
+        assert_ne!(network(ip("127.0.1.2")), network(ip("127.0.0.1")));
+        assert_eq!(
+            network(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(
+            network(ip("2001:db8:1:2::1")),
+            network(ip("2001:db8:1:3::1"))
+        );
+        // An IPv4 peer on a dual-stack socket is its IPv4 network.
+        assert_eq!(network(ip("::ffff:203.0.113.77")), ip("203.0.113.0"));
+    }
+
+    #[test]
+    fn eviction_takes_the_newest_of_the_largest_network_only_when_it_is_fairer() {
+        let count = Arc::new(ConnectionCount::new(Caps {
+            total: 3,
+            per_address: 10,
+            per_network: 10,
+        }));
+        // Three WebSockets from one network fill the server's three places.
+        let crowd: Vec<PermitRef> = (1..=3)
+            .map(|i| PermitRef(Arc::new(count.admit(ip(&format!("10.0.0.{i}"))).unwrap())))
+            .collect();
+        for permit in &crowd {
+            assert!(count.upgrade(permit));
+        }
+        let newcomer = PermitRef(Arc::new(count.admit(ip("10.0.9.1")).unwrap()));
+        assert!(count.upgrade(&newcomer), "3 > 1: the crowd gives a place");
+        assert!(
+            crowd[2].0.eviction.evicted.load(Ordering::Relaxed),
+            "its newest"
+        );
+        assert!(!crowd[0].0.eviction.evicted.load(Ordering::Relaxed));
+        // 2 against 2 with the next newcomer in: nobody gives way.
+        let second = PermitRef(Arc::new(count.admit(ip("10.0.9.2")).unwrap()));
+        assert!(!count.upgrade(&second));
+        assert_eq!(count.evicted.load(Ordering::Relaxed), 1);
+        // The evicted connection gives nothing back twice when it ends.
+        drop(crowd);
+        drop(second);
+        assert_eq!(count.table().websockets, 1);
+        assert_eq!(count.open(), 1);
+    }
+}
