@@ -265,13 +265,24 @@ fn backoff(failures: u32) -> std::time::Duration {
     std::time::Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)).min(30_000))
 }
 
-/// [`run`] that survives the server going away: it reconnects (`connect`) with
-/// backoff (`sleep`) and resumes its session (or, after a server restart, joins
-/// again as the same Shakespeare client), offering the last model it received.
-/// Returns when `run` does (a clean close, `max_rounds` results), or when the
-/// server refuses us for good.
+/// The WebSocket address to open: with `resume` in its query when the client
+/// holds a session, so that a server full of other connections from its network
+/// still lets it in to resume (only to resume).
+pub fn connect_url(url: &str, resuming: bool) -> String {
+    if !resuming {
+        return url.to_owned();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}resume")
+}
+
+/// [`run`] that survives the server going away: it reconnects (`connect`, told
+/// whether it holds a session to resume) with backoff (`sleep`) and resumes its
+/// session (or, after a server restart, joins again as the same Shakespeare
+/// client), offering the last model it received. Returns when `run` does (a clean
+/// close, `max_rounds` results), or when the server refuses us for good.
 pub async fn run_reconnecting<T: Transport, C, S>(
-    mut connect: impl FnMut() -> C,
+    mut connect: impl FnMut(bool) -> C,
     sleep: impl Fn(std::time::Duration) -> S,
     device: &Device,
     options: &ClientOptions,
@@ -286,7 +297,7 @@ where
     let mut reports = Vec::new();
     let mut failures = 0;
     loop {
-        let outcome = match connect().await {
+        let outcome = match connect(options.join.resume.is_some()).await {
             Ok(mut transport) => {
                 let (mut welcomed, mut received) = (None, None);
                 let outcome = run(&mut transport, device, &options, |event| {

@@ -52,7 +52,10 @@ pub async fn run_reconnecting(
     on_retry: impl FnMut(&ClientError, std::time::Duration),
 ) -> Result<Vec<crate::RoundReport>, ClientError> {
     crate::run_reconnecting(
-        || WsTransport::connect(url),
+        |resuming| {
+            let url = crate::connect_url(url, resuming);
+            async move { WsTransport::connect(&url).await }
+        },
         tokio::time::sleep,
         device,
         options,

@@ -121,6 +121,8 @@ pub struct CheckedJoin {
     /// /24, an IPv6 /64): rounds take clients evenly across groups, and a full
     /// session table forgets the largest group's sessions first.
     pub group: u64,
+    /// The connection was let in only to resume a session (beyond the caps).
+    pub resume_only: bool,
 }
 
 /// A session the engine admitted.
@@ -477,6 +479,13 @@ impl Engine {
         };
         let session = match resumed {
             Some(session) => session,
+            None if join.resume_only => {
+                return Err(error(
+                    ErrorCode::ServerFull,
+                    "this connection was let in to resume a session, and there is none to \
+                     resume: reconnect without `?resume`",
+                ));
+            }
             None => {
                 self.new_session_allowed(join.group, now)?;
                 let client = self

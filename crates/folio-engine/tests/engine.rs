@@ -84,6 +84,7 @@ fn join(client: &str) -> CheckedJoin {
         held_model: None,
         // Each client from a network of its own.
         group: u64::from(client.as_bytes()[0]),
+        resume_only: false,
     }
 }
 

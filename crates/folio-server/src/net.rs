@@ -53,6 +53,23 @@ pub const HTTP_ROOM: Caps = Caps {
     per_network: 16,
 };
 
+/// WebSockets kept beyond the caps for sessions coming back (`?resume`): such a
+/// connection may only resume a session, so a crowd cannot use the room.
+pub const RESUME_ROOM: Caps = Caps {
+    total: 32,
+    per_address: 4,
+    per_network: 8,
+};
+
+/// How a WebSocket was let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Within the caps.
+    Open,
+    /// In the room kept for sessions coming back: it may only resume one.
+    ResumeOnly,
+}
+
 /// Tells a connection to end (it was evicted for a newcomer).
 #[derive(Debug, Default)]
 struct Eviction {
@@ -238,13 +255,14 @@ impl ConnectionCount {
     }
 
     /// Makes connection `permit` a WebSocket, if the WebSocket caps allow (a
-    /// newcomer's network may take the place of the largest network's newest).
-    pub fn upgrade(&self, permit: &PermitRef) -> bool {
+    /// newcomer's network may take the place of the largest network's newest), or
+    /// a session `resuming` finds room in [`RESUME_ROOM`]; `None`: refused.
+    pub fn upgrade(&self, permit: &PermitRef, resuming: bool) -> Option<Admission> {
         let permit = &permit.0;
         let network = network(permit.address);
         let mut table = self.table();
         if permit.eviction.evicted.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
         let Caps {
             total,
@@ -252,13 +270,22 @@ impl ConnectionCount {
             per_network,
         } = self.caps;
         let here = table.per_address.get(&permit.address).map_or(0, |c| c.1);
-        let full = here >= per_address
-            || table.in_network(network, true) >= per_network
-            || (table.websockets >= total && !self.evict(&mut table, network, true));
-        if full {
+        let in_network = table.in_network(network, true);
+        let admission = if here < per_address
+            && in_network < per_network
+            && (table.websockets < total || self.evict(&mut table, network, true))
+        {
+            Admission::Open
+        } else if resuming
+            && here < per_address + RESUME_ROOM.per_address
+            && in_network < per_network + RESUME_ROOM.per_network
+            && table.websockets < total + RESUME_ROOM.total
+        {
+            Admission::ResumeOnly
+        } else {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
+            return None;
+        };
         let entry = table
             .per_network
             .get_mut(&network)
@@ -268,7 +295,7 @@ impl ConnectionCount {
             table.websockets += 1;
             table.per_address.entry(permit.address).or_default().1 += 1;
         }
-        true
+        Some(admission)
     }
 }
 
@@ -542,10 +569,14 @@ mod tests {
             .map(|i| PermitRef(Arc::new(count.admit(ip(&format!("10.0.0.{i}"))).unwrap())))
             .collect();
         for permit in &crowd {
-            assert!(count.upgrade(permit));
+            assert_eq!(count.upgrade(permit, false), Some(Admission::Open));
         }
         let newcomer = PermitRef(Arc::new(count.admit(ip("10.0.9.1")).unwrap()));
-        assert!(count.upgrade(&newcomer), "3 > 1: the crowd gives a place");
+        assert_eq!(
+            count.upgrade(&newcomer, false),
+            Some(Admission::Open),
+            "3 > 1: the crowd gives a place"
+        );
         assert!(
             crowd[2].0.eviction.evicted.load(Ordering::Relaxed),
             "its newest"
@@ -553,8 +584,10 @@ mod tests {
         assert!(!crowd[0].0.eviction.evicted.load(Ordering::Relaxed));
         // 2 against 2 with the next newcomer in: nobody gives way.
         let second = PermitRef(Arc::new(count.admit(ip("10.0.9.2")).unwrap()));
-        assert!(!count.upgrade(&second));
+        assert_eq!(count.upgrade(&second, false), None);
         assert_eq!(count.evicted.load(Ordering::Relaxed), 1);
+        // Coming back to resume, it gets the room kept for that.
+        assert_eq!(count.upgrade(&second, true), Some(Admission::ResumeOnly));
         // The evicted connection gives nothing back twice when it ends.
         drop(crowd);
         drop(second);

@@ -28,13 +28,14 @@ use crate::driver::Delivery;
 use crate::limits::{
     MAX_ADAPTER_BYTES, MAX_BACKEND_BYTES, MAX_CLIENT_ID_BYTES, MAX_RESUME_BYTES, MAX_TOKEN_BYTES,
 };
-use crate::net::PeerInfo;
+use crate::net::{Admission, PeerInfo};
 use crate::outbox::Outbox;
 
 pub async fn upgrade(
     ws: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
     if !shared.access.origin_ok(&headers) {
@@ -45,7 +46,14 @@ pub async fn upgrade(
         )
             .into_response();
     }
-    if !shared.connections.upgrade(&peer.permit) {
+    // A client holding a session says so (`?resume`): it may use the room kept
+    // for sessions coming back, and then only to resume.
+    let resuming = uri.query().is_some_and(|query| {
+        query
+            .split('&')
+            .any(|p| p == "resume" || p.starts_with("resume="))
+    });
+    let Some(admission) = shared.connections.upgrade(&peer.permit, resuming) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "30")],
@@ -53,7 +61,8 @@ pub async fn upgrade(
              allows (or in all); try again later",
         )
             .into_response();
-    }
+    };
+    let resume_only = admission == Admission::ResumeOnly;
     // Larger frames are refused by the WebSocket layer from their header, before
     // they are buffered, and end the connection.
     let max = shared.max_frame_bytes;
@@ -63,7 +72,7 @@ pub async fn upgrade(
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| connection(socket, shared, peer))
+        .on_upgrade(move |socket| connection(socket, shared, peer, resume_only))
 }
 
 const READ_BUFFER_BYTES: usize = 8 * 1024;
@@ -87,7 +96,7 @@ impl Drop for Open {
     }
 }
 
-async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
+async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo, resume_only: bool) {
     let _open = Open::new(&shared);
     let limits = shared.limits.clone();
     let (mut sink, mut stream) = socket.split();
@@ -171,6 +180,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
                     peer: &peer,
                     outbox: &outbox,
                     session: &session,
+                    resume_only,
                 };
                 handle_frame(&shared, &connection, &mut joined, &frame)
             }
@@ -237,7 +247,12 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo) {
 
 /// Checks a join's strings, protocol and token, and resolves the client it asks
 /// for: all without the federation's lock.
-fn check_join(shared: &Shared, address: IpAddr, join: Join) -> Result<CheckedJoin, ErrorMessage> {
+fn check_join(
+    shared: &Shared,
+    address: IpAddr,
+    join: Join,
+    resume_only: bool,
+) -> Result<CheckedJoin, ErrorMessage> {
     let len = |field: &Option<String>| field.as_ref().map_or(0, String::len);
     let fields = [
         ("backend", join.backend.len(), MAX_BACKEND_BYTES),
@@ -289,6 +304,7 @@ fn check_join(shared: &Shared, address: IpAddr, join: Join) -> Result<CheckedJoi
         client,
         held_model: join.held_model,
         group: network_group(address),
+        resume_only,
     })
 }
 
@@ -332,6 +348,8 @@ struct Connection<'a> {
     outbox: &'a Outbox,
     /// The joined session, for the writer's byte counts (0 until joined).
     session: &'a std::sync::atomic::AtomicU64,
+    /// Let in to resume a session, and for nothing else.
+    resume_only: bool,
 }
 
 /// Handles one binary frame; replies go out through the outbox.
@@ -345,6 +363,7 @@ fn handle_frame(
         peer,
         outbox,
         session,
+        resume_only,
     } = connection;
     if let Some(id) = *joined {
         shared.count_bytes(id, frame.len() as u64, 0);
@@ -357,7 +376,7 @@ fn handle_frame(
             "this connection has joined already",
         )),
         (ClientMessage::Join(join), None) => {
-            let checked = check_join(shared, peer.address.ip(), join)?;
+            let checked = check_join(shared, peer.address.ip(), join, *resume_only)?;
             // The welcome goes out before anything the engine queues for the
             // session (a round it rejoins): both under the engine's lock.
             let id = shared.engine(|e| -> Result<u64, ErrorMessage> {

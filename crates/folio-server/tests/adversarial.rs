@@ -891,3 +891,54 @@ async fn sybils_far_over_the_bound_cannot_walk_it_up() {
         server.abort();
     }
 }
+
+/// A device whose network a crowd has filled comes back and resumes its session:
+/// a connection saying `?resume` may use the room kept for that, and only to
+/// resume; the crowd cannot use the room to open sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_coming_back_to_a_network_a_crowd_filled_still_resumes() {
+    let limits = Limits {
+        max_connections_per_network: 4,
+        ..Limits::default()
+    };
+    let (_dir, server) = start(rounds(100), limits, AccessConfig::default()).await;
+    let connect = |source: &'static str, resume: bool| {
+        let server = &server;
+        async move {
+            let stream = tcp_from(server, source).await.unwrap();
+            let url = folio_client::connect_url(&url(server), resume);
+            let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+            tokio_tungstenite::client_async(url, stream)
+                .await
+                .map(|(socket, _)| socket)
+        }
+    };
+    let mut device = connect("127.0.6.1", false).await.unwrap();
+    let welcome = join_as(&mut device, join(None)).await.unwrap();
+    drop(device);
+    eventually("the device is seen to leave", || {
+        server.status()["connected"] == 0
+    })
+    .await;
+    // The crowd takes the network's four places.
+    let mut crowd = Vec::new();
+    for source in ["127.0.6.2", "127.0.6.3", "127.0.6.4", "127.0.6.5"] {
+        let mut socket = connect(source, false).await.unwrap();
+        join_as(&mut socket, join(None)).await.unwrap();
+        crowd.push(socket);
+    }
+    let full = connect("127.0.6.1", false).await.expect_err("refused");
+    assert!(full.to_string().contains("503"), "{full}");
+    // Coming back with its token, the device is let in and resumes.
+    let mut back = connect("127.0.6.1", true).await.unwrap();
+    let resume = join_with(|j| j.resume = Some(welcome.session.clone()));
+    let resumed = join_as(&mut back, resume).await.unwrap();
+    assert_eq!(resumed.session, welcome.session);
+    // The crowd saying `?resume` gets in, but cannot open a session.
+    let mut pretender = connect("127.0.6.6", true).await.unwrap();
+    assert_eq!(
+        join_as(&mut pretender, join(None)).await.unwrap_err(),
+        ErrorCode::ServerFull
+    );
+    server.abort();
+}

@@ -116,6 +116,7 @@ pub fn join(engine: &mut Engine, clients: &[String]) -> anyhow::Result<Vec<u64>>
         held_model: None,
         // Simulated clients are devices of their own.
         group: i as u64,
+        resume_only: false,
     });
     let joined = engine.join_many(joins, Instant::now());
     clients

@@ -208,7 +208,13 @@ pub async fn run_device(
         .zip(held_weights)
         .map(|(encoding, weights)| HeldModel::new(encoding, weights));
     folio_client::run_reconnecting(
-        || BrowserTransport::connect(&url, keep_model.clone()),
+        |resuming| {
+            let (url, keep) = (
+                folio_client::connect_url(&url, resuming),
+                keep_model.clone(),
+            );
+            async move { BrowserTransport::connect(&url, keep).await }
+        },
         sleep,
         &device,
         &options,
