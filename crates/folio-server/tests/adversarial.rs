@@ -905,12 +905,8 @@ async fn a_session_coming_back_to_a_network_a_crowd_filled_still_resumes() {
     let connect = |source: &'static str, resume: bool| {
         let server = &server;
         async move {
-            let stream = tcp_from(server, source).await.unwrap();
             let url = folio_client::connect_url(&url(server), resume);
-            let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-            tokio_tungstenite::client_async(url, stream)
-                .await
-                .map(|(socket, _)| socket)
+            ws_from_to(server, source, &url).await
         }
     };
     let mut device = connect("127.0.6.1", false).await.unwrap();

@@ -105,20 +105,21 @@ impl Outcome {
 
     /// How far the model moved (L2) by `round`.
     pub fn distance_from_start(&self, round: u64) -> f64 {
-        let (start, then) = (&self.weights[0], &self.weights[round as usize]);
-        let moved: Vec<f32> = then.iter().zip(start).map(|(t, s)| t - s).collect();
-        l2_norm(&moved)
+        l2_distance(&self.weights[round as usize], &self.weights[0])
     }
 
     /// The L2 distance between the models two runs had after `round`.
     pub fn distance(&self, other: &Outcome, round: u64) -> f64 {
-        let (a, b) = (
+        l2_distance(
             &self.weights[round as usize],
             &other.weights[round as usize],
-        );
-        let difference: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
-        l2_norm(&difference)
+        )
     }
+}
+
+fn l2_distance(a: &[f32], b: &[f32]) -> f64 {
+    let difference: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    l2_norm(&difference)
 }
 
 /// The experiment's fixed parts: the clients drawn, held-out batches, the start.

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use folio_fed::robust::l2_norm;
 use folio_fed::{Aggregation, Clipping, FirstBound, StrategyConfig, StrategyKind};
 use folio_model::Preset;
 use folio_sim::influence::{Attack, Influence, Outcome, Run, Setup};
@@ -133,13 +132,7 @@ pub fn run(args: InfluenceArgs, data_dir: &Path) -> anyhow::Result<()> {
     // The honest-only FedAvg reference, unclipped.
     let reference = run(fedavg(Clipping::Off, Aggregation::Mean), Attack::None)?;
     let accuracy = |outcome: &Outcome| show(outcome.history.last().expect("rounds").eval_accuracy);
-    let first_step = {
-        let step: Vec<f32> = (reference.weights[1].iter())
-            .zip(&reference.weights[0])
-            .map(|(a, b)| a - b)
-            .collect();
-        l2_norm(&step)
-    };
+    let first_step = reference.distance_from_start(1);
     println!(
         "honest-only FedAvg: accuracy {} -> {} after {} rounds; first-round step norm {first_step:.3}",
         show(reference.history[0].eval_accuracy),

@@ -78,6 +78,29 @@ fn serve(addr: &str, state_dir: &Path) -> Child {
         .unwrap()
 }
 
+/// The committed state: weights and history.
+fn committed(state_dir: &Path) -> state::SavedState {
+    state::load(state_dir, Preset::Small.config().num_params())
+        .unwrap()
+        .expect("a committed state")
+}
+
+/// `metrics.jsonl`, a record a line.
+fn history_file(state_dir: &Path) -> Vec<RoundRecord> {
+    std::fs::read_to_string(state::history_path(state_dir))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn kill_all(children: &mut [Child]) {
+    for child in children {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
 fn completed_rounds(state_dir: &Path) -> Vec<RoundRecord> {
     state::load(state_dir, Preset::Small.config().num_params())
         .unwrap()
@@ -111,16 +134,10 @@ fn kill_9_at_random_moments_loses_no_committed_round() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
-    for client in &mut clients {
-        client.kill().unwrap();
-        client.wait().unwrap();
-    }
+    kill_all(std::slice::from_mut(&mut server));
+    kill_all(&mut clients);
 
-    let saved = state::load(state_dir.path(), Preset::Small.config().num_params())
-        .unwrap()
-        .unwrap();
+    let saved = committed(state_dir.path());
     let rounds: Vec<u64> = saved.history.iter().map(|r| r.round).collect();
     let expected: Vec<u64> = (0..rounds.len() as u64).collect();
     assert_eq!(rounds, expected, "every round once, in order");
@@ -132,11 +149,7 @@ fn kill_9_at_random_moments_loses_no_committed_round() {
     let last = saved.history.last().unwrap();
     assert_eq!(model_hash(&saved.weights), last.model_hash);
     // The history file is the committed history, line for line.
-    let file = std::fs::read_to_string(state::history_path(state_dir.path())).unwrap();
-    let lines: Vec<RoundRecord> = file
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = history_file(state_dir.path());
     // The last kill may fall between a round's line and its state: the file is
     // then one line ahead (a restart cuts it), never behind.
     assert!(lines.len() == saved.history.len() || lines.len() == saved.history.len() + 1);
@@ -173,16 +186,10 @@ fn sigterm_stops_the_server_within_seconds_with_its_history_whole() {
     };
     assert!(status.success(), "{status}");
     eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
-    for client in &mut clients {
-        client.kill().unwrap();
-        client.wait().unwrap();
-    }
-    let saved = state::load(state_dir.path(), Preset::Small.config().num_params())
-        .unwrap()
-        .unwrap();
-    let file = std::fs::read_to_string(state::history_path(state_dir.path())).unwrap();
+    kill_all(&mut clients);
+    let saved = committed(state_dir.path());
     assert_eq!(
-        file.lines().count(),
+        history_file(state_dir.path()).len(),
         saved.history.len(),
         "history and state agree"
     );

@@ -5,6 +5,7 @@
 //! test`; `scripts/test.sh` runs it with `--ignored`).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,10 +34,11 @@ type Starts = Arc<Mutex<BTreeMap<u64, usize>>>;
 
 /// One crowd session from `source`: joins, answers heartbeats, and when it is
 /// picked sends a zero update at once, as a sybil that plays along would.
-async fn sybil(url: String, source: String, starts: Starts) -> anyhow::Result<()> {
+async fn sybil(server: SocketAddr, source: String, starts: Starts) -> anyhow::Result<()> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(format!("{source}:0").parse()?)?;
-    let stream = socket.connect(url_address(&url)?).await?;
+    let stream = socket.connect(server).await?;
+    let url = format!("ws://{server}/ws");
     let (mut ws, _) =
         tokio_tungstenite::client_async(&url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
             .await?;
@@ -81,11 +83,6 @@ fn completed(server: &LocalServer) -> u64 {
     server.server.status()["completed_rounds"]
         .as_u64()
         .unwrap_or(0)
-}
-
-fn url_address(url: &str) -> anyhow::Result<std::net::SocketAddr> {
-    let rest = url.strip_prefix("ws://").context("a ws:// url")?;
-    Ok(rest.split('/').next().context("an address")?.parse()?)
 }
 
 /// The genuine sessions in a status: (kind, rounds reported).
@@ -134,7 +131,7 @@ fn one_host_with_many_addresses_cannot_shut_out_a_device_or_fill_its_rounds() ->
     let mut tasks = Vec::new();
     for i in 0..CROWD {
         let source = format!("127.0.1.{}", 2 + i % ADDRESSES);
-        tasks.push(crowd_runtime.spawn(sybil(url.clone(), source, starts.clone())));
+        tasks.push(crowd_runtime.spawn(sybil(server.server.addr, source, starts.clone())));
         if i % 50 == 49 {
             std::thread::sleep(Duration::from_millis(20));
         }

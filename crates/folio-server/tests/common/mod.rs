@@ -134,9 +134,16 @@ pub async fn ws_from(
     server: &Server,
     source: &str,
 ) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    ws_from_to(server, source, &url(server)).await
+}
+
+/// A WebSocket to `url` on the server from the loopback address `source`.
+pub async fn ws_from_to(
+    server: &Server,
+    source: &str,
+    url: &str,
+) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
     let stream = tcp_from(server, source).await?;
     let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    Ok(tokio_tungstenite::client_async(url(server), stream)
-        .await?
-        .0)
+    Ok(tokio_tungstenite::client_async(url, stream).await?.0)
 }
