@@ -10,13 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=target/dp-venv
-if ! "$venv/bin/python" -c 'import dp_accounting' 2>/dev/null; then
-    echo "==> installing dp-accounting into $venv (once)" >&2
-    python3 -m venv "$venv" || { echo "python3 -m venv failed: apt-get install python3-venv, then run again" >&2; exit 1; }
-    "$venv/bin/pip" install -q "dp-accounting==0.6.0"
-fi
-echo "==> building folio (release)" >&2
-cargo build -q --release -p folio --bin folio
+source bench/venv.sh
+ensure_venv "$venv" dp_accounting "dp-accounting==0.6.0"
 
 # The grid: generic points, and folio's own (10 or 100 of 1,103 Shakespeare
 # clients a round).

@@ -19,13 +19,8 @@ while [ $# -gt 0 ]; do
 done
 
 venv=target/keras-venv
-if ! "$venv/bin/python" -c 'import tensorflow' 2>/dev/null; then
-    echo "==> installing tensorflow-cpu into $venv (once, ≈ 600 MB)" >&2
-    python3 -m venv "$venv" || { echo "python3 -m venv failed: apt-get install python3-venv, then run again" >&2; exit 1; }
-    "$venv/bin/pip" install -q "tensorflow-cpu==2.17.0"
-fi
-echo "==> building folio (release)" >&2
-cargo build -q --release -p folio --bin folio
+source bench/venv.sh
+ensure_venv "$venv" tensorflow "tensorflow-cpu==2.17.0" # ≈ 600 MB
 
 threads=$(nproc)
 results=$(mktemp)
