@@ -70,14 +70,6 @@ pub struct SessionRate {
     pub every: Duration,
 }
 
-impl SessionRate {
-    /// No limit: in-process clients, each a group of its own.
-    pub const UNLIMITED: SessionRate = SessionRate {
-        burst: u32::MAX,
-        every: Duration::ZERO,
-    };
-}
-
 /// Groups whose new-session allowance is remembered at most (full ones are
 /// forgotten first: they are as good as new).
 const MAX_ALLOWANCES: usize = 10_000;
