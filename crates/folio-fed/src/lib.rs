@@ -19,7 +19,7 @@ pub use codec::{Encoding, decode, encode};
 pub use robust::{Aggregation, Clipping, FirstBound};
 pub use server_opt::{ServerOptimizer, ServerOptimizerConfig};
 pub use strategy::{
-    Aggregated, Candidate, OpenUpdates, Selection, StateRecord, Strategy, StrategyConfig,
+    Aggregated, Candidate, OpenUpdates, Partial, Selection, StateRecord, Strategy, StrategyConfig,
     StrategyKind, Weighting,
 };
 
@@ -45,4 +45,6 @@ pub enum FedError {
     NonFiniteModel,
     #[error("the round was opened by another strategy, or its state is another's")]
     ForeignRound,
+    #[error("this strategy needs every update at once: it cannot be split across edges")]
+    NotSplittable,
 }

@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use super::{
-    Aggregated, OpenUpdates, StateRecord, Strategy, StrategyConfig, Weighting, check_update,
-    median_norm, server_step,
+    Aggregated, OpenUpdates, Partial, StateRecord, Strategy, StrategyConfig, Weighting,
+    check_update, median_norm, server_step,
 };
 use crate::FedError;
 use crate::codec::CheckedDelta;
-use crate::robust::{RoundUpdates, clip_scale, over};
+use crate::robust::{Clipping, FirstBound, RoundUpdates, clip_scale, over};
 use crate::server_opt::ServerOptimizer;
 
 const KIND: &str = "fedavg";
@@ -133,6 +133,7 @@ impl Strategy for RobustFedAvg {
     ) -> Result<(), FedError> {
         let round: &mut Round = open.get_mut()?;
         check_update(delta, round.num_params, claimed, allowed)?;
+        // (An edge's share of a round is a `Round` too.)
         let weight = match self.config.weighting {
             Weighting::Examples => claimed as f64,
             Weighting::Uniform => 1.0,
@@ -179,6 +180,107 @@ impl Strategy for RobustFedAvg {
             clip_bound: Some(f64::from(bound)).filter(|b| b.is_finite()),
             clipped: round.norms.iter().filter(|&&n| over(n, bound)).count(),
             median_norm: median_norm(&round.norms),
+        })
+    }
+
+    fn ordered_bound(&self, state: &StateRecord) -> Result<Option<f32>, FedError> {
+        let saved = saved_bound(state).map_err(|_| FedError::ForeignRound)?;
+        Ok(match self.config.clipping {
+            Clipping::Off => None,
+            clipping => clipping.bound(saved.current).or(match clipping {
+                Clipping::Adaptive {
+                    first: FirstBound::Measured { at_most },
+                    ..
+                } => Some(at_most),
+                _ => None,
+            }),
+        })
+    }
+
+    fn open_part(&self, bound: Option<f32>, num_params: usize) -> Result<OpenUpdates, FedError> {
+        let bound = bound.unwrap_or(f32::INFINITY);
+        Ok(OpenUpdates::new(Round {
+            updates: RoundUpdates::new(self.config.aggregation, num_params),
+            unclipped: Vec::new(),
+            norms: Vec::new(),
+            clip_bound: Some(bound),
+            reference: Some(bound),
+            num_params,
+        }))
+    }
+
+    fn part(&self, open: &OpenUpdates) -> Result<Partial, FedError> {
+        let round: &Round = open.get()?;
+        let updates = round.updates.updates();
+        let (sum, total_weight) = match &round.updates {
+            RoundUpdates::Streaming {
+                sum, total_weight, ..
+            } => (sum.clone(), *total_weight),
+            // Median and trimmed mean need every delta: they run per edge, and
+            // the root averages the edges' results by their clients (bucketing).
+            RoundUpdates::Buffered { .. } if updates > 0 => {
+                let n = updates as f32;
+                let result = round.updates.aggregate()?;
+                (result.iter().map(|v| v * n).collect(), updates as f64)
+            }
+            RoundUpdates::Buffered { .. } => (Vec::new(), 0.0),
+        };
+        Ok(Partial {
+            sum: if updates == 0 { Vec::new() } else { sum },
+            total_weight,
+            updates,
+            norms: round.norms.clone(),
+        })
+    }
+
+    fn combine(
+        &self,
+        parts: &[Partial],
+        bound: Option<f32>,
+        weights: &[f32],
+        state: &StateRecord,
+    ) -> Result<Aggregated, FedError> {
+        let mut sum = vec![0f32; weights.len()];
+        let mut total_weight = 0.0;
+        let mut norms = Vec::new();
+        for part in parts.iter().filter(|p| p.updates > 0) {
+            if part.sum.len() != weights.len() {
+                return Err(FedError::WrongLength {
+                    expected: weights.len(),
+                    found: part.sum.len(),
+                });
+            }
+            for (s, v) in sum.iter_mut().zip(&part.sum) {
+                *s += v;
+            }
+            total_weight += part.total_weight;
+            norms.extend_from_slice(&part.norms);
+        }
+        if norms.is_empty() || !(total_weight > 0.0) {
+            return Err(FedError::NoUpdates);
+        }
+        let delta: Vec<f32> = sum
+            .iter()
+            .map(|&s| (f64::from(s) / total_weight) as f32)
+            .collect();
+        if delta.iter().any(|v| !v.is_finite()) {
+            return Err(FedError::NonFiniteModel);
+        }
+        let (new_weights, optimizer) =
+            server_step(self.config.server_optimizer, state, weights, &delta)?;
+        let bound = bound.unwrap_or(f32::INFINITY);
+        let saved = saved_bound(state).map_err(|_| FedError::ForeignRound)?;
+        let reference = saved.reference.unwrap_or(bound);
+        let next = Bound {
+            current: Some(self.config.clipping.next_bound(bound, reference, &norms)),
+            reference: Some(reference),
+        };
+        Ok(Aggregated {
+            weights: new_weights,
+            state: self.record(&optimizer, next),
+            clip_bound: Some(f64::from(bound)).filter(|b| b.is_finite()),
+            clipped: norms.iter().filter(|&&n| over(n, bound)).count(),
+            median_norm: median_norm(&norms),
         })
     }
 }
@@ -318,5 +420,75 @@ mod tests {
             "another optimizer starts afresh"
         );
         assert!(s.restore(stepped, 3).is_err(), "another model size");
+    }
+
+    #[test]
+    fn edges_shares_combine_to_the_single_servers_round() {
+        for (clipping, aggregation) in [
+            (Clipping::Fixed { bound: 1.0 }, Aggregation::Mean),
+            (Clipping::adaptive_to(1.0, 2.0), Aggregation::Mean),
+            (Clipping::Off, Aggregation::Median),
+        ] {
+            let s = strategy(clipping, aggregation);
+            let mut state = s.initial_state(3);
+            let mut weights = vec![0.5f32, -0.5, 0.0];
+            let deltas: Vec<(Vec<f32>, u64)> = (0..6)
+                .map(|i| {
+                    let x = i as f32;
+                    (vec![0.1 * x, -0.3 + 0.05 * x, 2.0 - x * x * 0.2], 1 + i)
+                })
+                .collect();
+            for _ in 0..3 {
+                // One server with every update.
+                let bound = s.ordered_bound(&state).unwrap();
+                let mut whole = s.open_part(bound, 3).unwrap();
+                for (d, examples) in &deltas {
+                    s.accept(&mut whole, &delta(d), *examples, 10).unwrap();
+                }
+                let one = s.combine(&[s.part(&whole).unwrap()], bound, &weights, &state);
+                if clipping != Clipping::adaptive_to(1.0, 2.0) {
+                    // Where the bound is known beforehand, one share is the
+                    // single server's round exactly.
+                    let mut open = s.open_round(&state, 3).unwrap();
+                    for (d, examples) in &deltas {
+                        s.accept(&mut open, &delta(d), *examples, 10).unwrap();
+                    }
+                    let single = s.aggregate(&open, &weights, &state).unwrap();
+                    assert_eq!(one.as_ref().unwrap().weights, single.weights);
+                }
+                // Three edges, one with none.
+                let mut edges: Vec<OpenUpdates> =
+                    (0..3).map(|_| s.open_part(bound, 3).unwrap()).collect();
+                for (i, (d, examples)) in deltas.iter().enumerate() {
+                    s.accept(&mut edges[i % 2], &delta(d), *examples, 10).unwrap();
+                }
+                let parts: Vec<Partial> = edges.iter().map(|e| s.part(e).unwrap()).collect();
+                let split = s.combine(&parts, bound, &weights, &state).unwrap();
+                let one = one.unwrap();
+                assert_eq!(split.clip_bound, one.clip_bound);
+                assert_eq!(split.clipped, one.clipped);
+                if aggregation == Aggregation::Mean {
+                    for (a, b) in split.weights.iter().zip(&one.weights) {
+                        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+                    }
+                    assert_eq!(split.state.values, one.state.values);
+                }
+                (weights, state) = (split.weights, split.state);
+            }
+        }
+    }
+
+    #[test]
+    fn a_measured_first_bound_is_ordered_at_its_limit_and_nothing_combines_to_no_round() {
+        let s = strategy(Clipping::adaptive(0.8), Aggregation::Mean);
+        let state = s.initial_state(1);
+        assert_eq!(s.ordered_bound(&state), Ok(Some(0.8)));
+        let off = strategy(Clipping::Off, Aggregation::Mean);
+        assert_eq!(off.ordered_bound(&off.initial_state(1)), Ok(None));
+        let empty = s.part(&s.open_part(Some(0.8), 1).unwrap()).unwrap();
+        assert_eq!(
+            s.combine(&[empty], Some(0.8), &[0.0], &state).unwrap_err(),
+            FedError::NoUpdates
+        );
     }
 }

@@ -270,6 +270,19 @@ impl OpenUpdates {
     }
 }
 
+/// One edge's share of a round in a cluster: its clients' checked, clipped,
+/// weighted deltas summed (`sum / total_weight` is the edge's mean), with their
+/// norms before clipping. Partials add up: the root sums them and divides once,
+/// which is the single server's average up to the order of the f32 sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partial {
+    /// Empty when no update was folded.
+    pub sum: Vec<f32>,
+    pub total_weight: f64,
+    pub updates: usize,
+    pub norms: Vec<f64>,
+}
+
 /// A round's result, not yet the global model: the host commits it (weights,
 /// strategy state and history together) only once it is evaluated and saved.
 #[derive(Debug, Clone)]
@@ -350,6 +363,35 @@ pub trait Strategy: Send + Sync {
         weights: &[f32],
         state: &StateRecord,
     ) -> Result<Aggregated, FedError>;
+
+    /// The bound a round's deltas are clipped to, known before the round opens
+    /// (a cluster's root orders it to the edges; `None`: no clipping). A first
+    /// bound that a single server measures on the round itself is, split across
+    /// edges, its upper limit.
+    fn ordered_bound(&self, _state: &StateRecord) -> Result<Option<f32>, FedError> {
+        Err(FedError::NotSplittable)
+    }
+
+    /// Opens an edge's share of a round, clipping to `bound`.
+    fn open_part(&self, _bound: Option<f32>, _num_params: usize) -> Result<OpenUpdates, FedError> {
+        Err(FedError::NotSplittable)
+    }
+
+    /// An edge's share, folded: what it sends the root.
+    fn part(&self, _open: &OpenUpdates) -> Result<Partial, FedError> {
+        Err(FedError::NotSplittable)
+    }
+
+    /// The round's result from every edge's share (clipped to `bound`).
+    fn combine(
+        &self,
+        _parts: &[Partial],
+        _bound: Option<f32>,
+        _weights: &[f32],
+        _state: &StateRecord,
+    ) -> Result<Aggregated, FedError> {
+        Err(FedError::NotSplittable)
+    }
 }
 
 /// Checks a delta: right length, every value finite.
