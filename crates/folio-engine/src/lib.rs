@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use folio_fed::codec::CheckedDelta;
 use folio_fed::sampling::sample_clients;
-use folio_fed::{Aggregated, FedError, OpenUpdates, StateRecord, Strategy, codec};
+use folio_fed::{Aggregated, FedError, OpenUpdates, Partial, StateRecord, Strategy, codec};
 use folio_proto::{
     ErrorCode, ErrorMessage, ModelShape, RoundResult, RoundStart, ServerMessage, Welcome,
 };
@@ -61,7 +61,58 @@ pub struct EngineConfig {
     pub max_rounds: Option<u64>,
     /// How fast one group may open new sessions (resuming one is free).
     pub new_sessions: SessionRate,
+    pub role: Role,
 }
+
+/// Where the engine runs: one process, or one part of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Sessions, rounds and commits in one process.
+    #[default]
+    Whole,
+    /// A cluster's edge: sessions and their updates, folded into one share per
+    /// round; the root orders the rounds ([`Engine::order`]) and commits them
+    /// ([`Engine::adopt`]).
+    Edge,
+    /// A cluster's root: selection over the sessions the edges offer
+    /// ([`Engine::offer`]), the edges' shares combined ([`Engine::part`]),
+    /// evaluation and commits. It holds no session.
+    Root,
+}
+
+/// A root's order to its edges: who trains round `round` (attempt `attempt`),
+/// from which model, clipped to what.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundOrder {
+    pub round: u64,
+    pub attempt: u32,
+    /// The fingerprint of the global model the round trains.
+    pub model: u64,
+    /// `None`: no clipping.
+    pub clip_bound: Option<f32>,
+    /// Selected sessions, by the ids the root knows them by.
+    pub sessions: Vec<u64>,
+}
+
+/// What an edge's share of a round says besides the folded deltas.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PartReport {
+    pub round: u64,
+    pub attempt: u32,
+    /// Selected sessions that reported, and those that left before they did.
+    pub reported: Vec<u64>,
+    pub dropped: Vec<u64>,
+    /// Sums over the reported updates, weighted by their examples.
+    pub loss_sum: f64,
+    pub accuracy_sum: f64,
+    pub examples: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// An edge needs no more than this after the deadline for its share to reach
+/// the root: the root waits that much longer before it closes a round.
+pub const PART_GRACE: Duration = Duration::from_secs(5);
 
 /// New sessions one group may open: `burst` at once, then one every `every`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +198,10 @@ pub enum Action {
         message: Arc<ServerMessage>,
     },
     Aggregate(AggregateJob),
+    /// An edge's share of a round is folded: send it to the root.
+    Part(PartJob),
+    /// A root's order: start the round on the edges.
+    Order(RoundOrder),
     /// Evaluate `weights` centrally, and on every client's test text too when
     /// `population` is set.
     Evaluate {
@@ -178,20 +233,47 @@ pub struct AggregateResult {
 }
 
 impl AggregateJob {
-    /// Aggregates, and encodes the new model as the next round will send it.
+    /// Aggregates (a root: combines the edges' shares), and encodes the new model
+    /// as the next round will send it.
     pub fn run(self) -> AggregateResult {
-        let result = self
-            .strategy
-            .aggregate(&self.updates, &self.weights, &self.state)
-            .map(|aggregated| {
-                let encoded = encode_model(&aggregated.weights, self.model_encoding);
-                (aggregated, encoded)
-            });
+        let aggregated = match self.updates.get::<Shares>() {
+            Ok(shares) => {
+                self.strategy
+                    .combine(&shares.parts, shares.bound, &self.weights, &self.state)
+            }
+            Err(_) => self
+                .strategy
+                .aggregate(&self.updates, &self.weights, &self.state),
+        };
+        let result = aggregated.map(|aggregated| {
+            let encoded = encode_model(&aggregated.weights, self.model_encoding);
+            (aggregated, encoded)
+        });
         AggregateResult {
             round: self.round,
             result,
         }
     }
+}
+
+/// An edge's share of a round, to fold off the engine.
+pub struct PartJob {
+    pub report: PartReport,
+    strategy: Arc<dyn Strategy>,
+    updates: OpenUpdates,
+}
+
+impl PartJob {
+    pub fn run(self) -> Result<(PartReport, Partial), FedError> {
+        let partial = self.strategy.part(&self.updates)?;
+        Ok((self.report, partial))
+    }
+}
+
+/// A root's open round: the edges' shares so far, and the bound they clip to.
+struct Shares {
+    bound: Option<f32>,
+    parts: Vec<Partial>,
 }
 
 /// A round to save: everything a restart needs to resume after it.
@@ -299,6 +381,8 @@ pub struct Engine {
     /// New sessions each group may still open.
     allowances: BTreeMap<u64, Allowance>,
     actions: VecDeque<Action>,
+    /// Sessions the edges offer (a root).
+    offered: Vec<folio_fed::Candidate>,
     /// Why the strategy's saved state was not continued, if it was not.
     pub fresh_state: Option<String>,
 }
@@ -348,9 +432,10 @@ impl Engine {
             errors: BTreeMap::new(),
             allowances: BTreeMap::new(),
             actions: VecDeque::new(),
+            offered: Vec::new(),
             fresh_state,
         };
-        if engine.history.is_empty() {
+        if engine.history.is_empty() && engine.config.role != Role::Edge {
             let initial = Candidate {
                 weights: engine.global.weights.clone(),
                 encoded: engine.global.encoded.clone(),
@@ -876,6 +961,7 @@ impl Engine {
     fn advance(&mut self, now: Instant) {
         loop {
             match &self.phase {
+                Phase::Idle if self.config.role == Role::Edge => return,
                 Phase::Idle => {
                     if self
                         .config
@@ -888,14 +974,22 @@ impl Engine {
                     }
                     return;
                 }
-                Phase::Collecting(open) => match open.phase(self.strategy.quorum(), now) {
-                    RoundPhase::Collecting | RoundPhase::Idle => return,
-                    RoundPhase::Failed => self.abandon_round("closed without a quorum"),
-                    RoundPhase::Complete | RoundPhase::DeadlineWithQuorum => {
-                        self.close_round();
-                        return;
+                Phase::Collecting(open) => {
+                    // An edge's share closes with whatever came: the root counts
+                    // the quorum over all edges.
+                    let quorum = match self.config.role {
+                        Role::Edge => 0,
+                        _ => self.strategy.quorum(),
+                    };
+                    match open.phase(quorum, now) {
+                        RoundPhase::Collecting | RoundPhase::Idle => return,
+                        RoundPhase::Failed => self.abandon_round("closed without a quorum"),
+                        RoundPhase::Complete | RoundPhase::DeadlineWithQuorum => {
+                            self.close_round();
+                            return;
+                        }
                     }
-                },
+                }
                 _ => return,
             }
         }
@@ -903,25 +997,48 @@ impl Engine {
 
     fn try_start_round(&mut self, now: Instant) {
         let round = self.completed_rounds() + 1;
-        let candidates: Vec<folio_fed::Candidate> = self
-            .sessions
-            .connected()
-            .map(|s| folio_fed::Candidate {
-                client: s.session,
-                size: self.clients.get(&s.client_id).copied().unwrap_or(0) as u64,
-                group: s.group,
-            })
-            .collect();
+        let candidates: Vec<folio_fed::Candidate> = match self.config.role {
+            Role::Root => self.offered.clone(),
+            _ => self.candidates(),
+        };
         let Some(selected) =
             self.strategy
                 .configure_round(round, self.attempt, &candidates, &self.failed)
         else {
             return;
         };
-        let rounds = self.config.rounds.clone();
+        if self.config.role == Role::Root {
+            self.order_round(round, selected, now);
+            return;
+        }
+        let updates = match self
+            .strategy
+            .open_round(&self.global.state, self.config.num_params())
+        {
+            Ok(updates) => updates,
+            Err(err) => unreachable!("the strategy opens rounds on its own state: {err}"),
+        };
+        self.open_round(round, self.attempt, &selected, updates, now);
+    }
+
+    /// Connected sessions, as a round's candidates.
+    pub fn candidates(&self) -> Vec<folio_fed::Candidate> {
+        self.sessions
+            .connected()
+            .map(|s| folio_fed::Candidate {
+                client: s.session,
+                size: self.clients.get(&s.client_id).copied().unwrap_or(0) as u64,
+                group: s.group,
+            })
+            .collect()
+    }
+
+    /// What round `round`'s clients are sent (with the global model).
+    fn round_start(&self, round: u64) -> RoundStart {
+        let rounds = &self.config.rounds;
         let seed = self.config.seed ^ round;
         let plan = rounds.plan(seed);
-        let start = RoundStart {
+        RoundStart {
             round,
             model: self.global.fingerprint,
             weights: Some(self.global.encoded.as_ref().clone()),
@@ -934,7 +1051,21 @@ impl Engine {
             clip_norm: rounds.clip_norm,
             delta_encoding: rounds.delta_encoding,
             seed,
-        };
+        }
+    }
+
+    /// Starts `round` for the `selected` sessions that are still known (those
+    /// not connected count as dropped): each is sent the round.
+    fn open_round(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        selected: &[u64],
+        updates: OpenUpdates,
+        now: Instant,
+    ) {
+        let start = self.round_start(round);
+        let plan = self.config.rounds.plan(start.seed);
         let allowed_examples: BTreeMap<u64, u64> = selected
             .iter()
             .filter_map(|&s| {
@@ -944,9 +1075,13 @@ impl Engine {
             .collect();
         // A client that holds the model (a retried round, a reloaded tab) is sent
         // the round without it.
-        let (mut with, mut without) = (Vec::new(), Vec::new());
+        let (mut with, mut without, mut away) = (Vec::new(), Vec::new(), Vec::new());
         for &s in allowed_examples.keys() {
-            let info = self.sessions.get_mut(s).expect("selected among connected");
+            let info = self.sessions.get_mut(s).expect("selected among known");
+            if !info.connected {
+                away.push(s);
+                continue;
+            }
             if info.held_model == Some(start.model) {
                 without.push(s);
             } else {
@@ -959,21 +1094,167 @@ impl Engine {
                 self.send(to, round_message(&start, start.deadline_ms, held));
             }
         }
-        let updates = match self
-            .strategy
-            .open_round(&self.global.state, self.config.num_params())
-        {
-            Ok(updates) => updates,
-            Err(err) => unreachable!("the strategy opens rounds on its own state: {err}"),
+        let deadline = self.config.rounds.deadline;
+        let mut open = OpenRound::new(start, attempt, allowed_examples, updates, now, deadline);
+        open.dropped.extend(away);
+        self.phase = Phase::Collecting(open);
+    }
+
+    /// A root opens `round` for the selected sessions, on their edges.
+    fn order_round(&mut self, round: u64, selected: Vec<u64>, now: Instant) {
+        let bound = match self.strategy.ordered_bound(&self.global.state) {
+            Ok(bound) => bound,
+            Err(err) => {
+                tracing::error!("no round can start: {err}");
+                return;
+            }
         };
+        self.actions.push_back(Action::Order(RoundOrder {
+            round,
+            attempt: self.attempt,
+            model: self.global.fingerprint,
+            clip_bound: bound,
+            sessions: selected.clone(),
+        }));
+        let mut start = self.round_start(round);
+        start.weights = None;
+        let shares = OpenUpdates::new(Shares {
+            bound,
+            parts: Vec::new(),
+        });
+        let selected = selected.into_iter().map(|s| (s, 0)).collect();
+        let deadline = self.config.rounds.deadline + PART_GRACE;
         self.phase = Phase::Collecting(OpenRound::new(
             start,
             self.attempt,
-            allowed_examples,
-            updates,
+            selected,
+            shares,
             now,
-            rounds.deadline,
+            deadline,
         ));
+    }
+
+    /// A root's rounds continue from the attempts a root before it ordered (the
+    /// edges take the highest attempt of a round as the one that counts).
+    pub fn resume_attempts(&mut self, attempt: u32) {
+        self.attempt = self.attempt.max(attempt);
+    }
+
+    /// A root learns which sessions the edges hold (ids unique across edges).
+    pub fn offer(&mut self, candidates: Vec<folio_fed::Candidate>, now: Instant) {
+        self.offered = candidates;
+        self.advance(now);
+    }
+
+    /// A root takes an edge's share of the open round: refused (and nothing
+    /// counted) unless it is for the open round's attempt and every session it
+    /// names is still awaited.
+    pub fn part(&mut self, report: PartReport, part: Partial, now: Instant) -> Result<(), String> {
+        let Phase::Collecting(open) = &mut self.phase else {
+            return Err("no round is open".into());
+        };
+        if (report.round, report.attempt) != (open.round, open.attempt) {
+            return Err(format!(
+                "a share of round {} attempt {}; round {} attempt {} is open",
+                report.round, report.attempt, open.round, open.attempt
+            ));
+        }
+        if let Some(s) = report
+            .reported
+            .iter()
+            .chain(&report.dropped)
+            .find(|&&s| !open.is_training(s))
+        {
+            return Err(format!("the share names session {s}, which is not awaited"));
+        }
+        if part.updates != report.reported.len() {
+            return Err(format!(
+                "the share folds {} updates but names {} reporters",
+                part.updates,
+                report.reported.len()
+            ));
+        }
+        let shares: &mut Shares = open
+            .updates
+            .get_mut()
+            .map_err(|_| "this engine is no root".to_owned())?;
+        shares.parts.push(part);
+        open.reported.extend(&report.reported);
+        open.dropped.extend(&report.dropped);
+        open.loss_sum += report.loss_sum;
+        open.accuracy_sum += report.accuracy_sum;
+        open.examples += report.examples;
+        open.bytes_up += report.bytes_up;
+        open.bytes_down += report.bytes_down;
+        self.advance(now);
+        Ok(())
+    }
+
+    /// An edge starts the round its root ordered, for the sessions it holds (a
+    /// repeated order changes nothing; a later attempt replaces the open one).
+    pub fn order(&mut self, order: &RoundOrder, now: Instant) -> Result<(), String> {
+        if order.model != self.global.fingerprint {
+            return Err(format!(
+                "round {} trains model {:016x}; this edge holds {:016x}",
+                order.round, order.model, self.global.fingerprint
+            ));
+        }
+        if let Phase::Collecting(open) = &self.phase {
+            if (open.round, open.attempt) >= (order.round, order.attempt) {
+                return Ok(());
+            }
+            self.abandon_round("was ordered again");
+        }
+        let updates = self
+            .strategy
+            .open_part(order.clip_bound, self.config.num_params())
+            .map_err(|err| err.to_string())?;
+        let mine: Vec<u64> = order
+            .sessions
+            .iter()
+            .copied()
+            .filter(|&s| self.sessions.get(s).is_some())
+            .collect();
+        self.open_round(order.round, order.attempt, &mine, updates, now);
+        self.advance(now);
+        Ok(())
+    }
+
+    /// An edge takes the root's commit of `record.round` as its global model.
+    pub fn adopt(&mut self, record: RoundRecord, weights: Vec<f32>, now: Instant) {
+        if record.round <= self.completed_rounds() && !self.history.is_empty() {
+            return;
+        }
+        if matches!(&self.phase, Phase::Collecting(open) if open.round <= record.round) {
+            self.abandon_round("was committed without this edge's share");
+        }
+        self.global = Global {
+            encoded: encode_model(&weights, self.config.rounds.model_encoding),
+            weights: Arc::new(weights),
+            fingerprint: 0,
+            state: self.global.state.clone(),
+        };
+        self.global.fingerprint =
+            folio_proto::model_fingerprint(self.config.rounds.model_encoding, &self.global.encoded);
+        if record.round > 0 {
+            let everyone: Vec<u64> = self.sessions.connected().map(|s| s.session).collect();
+            self.send(
+                everyone,
+                ServerMessage::RoundResult(RoundResult {
+                    round: record.round,
+                    clients: record.clients as u32,
+                    eval_loss: record.eval_loss as f32,
+                    eval_accuracy: record.eval_accuracy as f32,
+                }),
+            );
+        }
+        self.history.push(record);
+        self.advance(now);
+    }
+
+    /// The fingerprint of the global model.
+    pub fn fingerprint(&self) -> u64 {
+        self.global.fingerprint
     }
 
     /// Ends a round that cannot close: nothing changes, the selected clients that
@@ -1014,6 +1295,25 @@ impl Engine {
                 ),
             )),
         );
+        if self.config.role == Role::Edge {
+            let report = PartReport {
+                round: open.round,
+                attempt: open.attempt,
+                reported: open.reported.iter().copied().collect(),
+                dropped: open.failed().collect(),
+                loss_sum: open.loss_sum,
+                accuracy_sum: open.accuracy_sum,
+                examples: open.examples,
+                bytes_up: open.bytes_up,
+                bytes_down: open.bytes_down,
+            };
+            self.actions.push_back(Action::Part(PartJob {
+                report,
+                strategy: self.strategy.clone(),
+                updates: open.updates,
+            }));
+            return;
+        }
         // If the round fails after all, its retry avoids everyone selected: the
         // late, and the reporters who share the blame for a bad aggregate.
         self.failed.extend(open.selected.iter().copied());
@@ -1039,7 +1339,8 @@ impl Engine {
     }
 
     fn send(&mut self, to: Vec<u64>, message: ServerMessage) {
-        if !to.is_empty() {
+        // A root's sessions live on its edges, which tell them themselves.
+        if !to.is_empty() && self.config.role != Role::Root {
             self.actions.push_back(Action::Send {
                 to,
                 message: Arc::new(message),

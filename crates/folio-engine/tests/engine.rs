@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use folio_engine::{
-    Action, CheckedJoin, DecodedUpdate, Engine, EngineConfig, Evaluation, RoundConfig, RoundRecord,
-    SessionRate, Start,
+    Action, CheckedJoin, DecodedUpdate, Engine, EngineConfig, Evaluation, Role, RoundConfig,
+    RoundOrder, RoundRecord, SessionRate, Start,
 };
 use folio_fed::codec::CheckedDelta;
 use folio_fed::{Clipping, StrategyConfig, strategy};
@@ -30,6 +30,9 @@ struct Host {
     committed: Vec<RoundRecord>,
     /// Jobs fail while set (a full disk, say).
     failing_jobs: bool,
+    /// An edge's shares, a root's orders.
+    parts: Vec<(folio_engine::PartReport, folio_fed::Partial)>,
+    orders: Vec<RoundOrder>,
 }
 
 fn strategy_config(clients_per_round: usize, quorum: usize) -> StrategyConfig {
@@ -63,6 +66,7 @@ fn config(strategy: StrategyConfig, max_rounds: Option<u64>) -> EngineConfig {
             burst: 4,
             every: Duration::from_secs(10),
         },
+        role: Role::Whole,
     }
 }
 
@@ -108,6 +112,8 @@ impl Host {
             now,
             sent: Vec::new(),
             committed: Vec::new(),
+            parts: Vec::new(),
+            orders: Vec::new(),
             failing_jobs: false,
         };
         host.run();
@@ -148,6 +154,8 @@ impl Host {
                 }
                 Action::Persist(commit) => self.engine.persisted(commit.record.round, self.now),
                 Action::Committed(record) => self.committed.push(*record),
+                Action::Part(job) => self.parts.push(job.run().unwrap()),
+                Action::Order(order) => self.orders.push(order),
             }
         }
     }
@@ -617,5 +625,233 @@ fn a_network_opens_a_burst_of_sessions_then_one_at_a_time_and_resumes_freely() {
     assert_eq!(
         host.engine.join(late, host.now).unwrap_err().code,
         ErrorCode::ServerFull
+    );
+}
+
+/// A root and two edges, wired by hand as the cluster's hosts wire them over
+/// NATS: ids across edges are `edge << 32 | session`.
+struct Cluster {
+    root: Host,
+    edges: Vec<Host>,
+    /// Each edge's sessions: (session, client).
+    clients: Vec<Vec<(u64, String)>>,
+}
+
+fn values_for(client: &str, round: u64) -> [f32; PARAMS] {
+    let c = f32::from(client.as_bytes()[0] - b'A');
+    let r = round as f32;
+    [
+        0.1 * c + 0.01 * r,
+        -0.2 * c,
+        0.3 - 0.05 * r * c,
+        1.0 / (1.0 + c),
+    ]
+}
+
+impl Cluster {
+    fn new(strategy: StrategyConfig, edges: &[&[&str]]) -> Self {
+        let start = || Start {
+            weights: vec![0.0; PARAMS],
+            strategy: None,
+            history: Vec::new(),
+        };
+        let with_role = |role| EngineConfig {
+            role,
+            ..config(strategy, Some(3))
+        };
+        let root = Host::new(with_role(Role::Root), start());
+        let mut cluster = Self {
+            edges: edges
+                .iter()
+                .map(|_| Host::new(with_role(Role::Edge), start()))
+                .collect(),
+            clients: vec![Vec::new(); edges.len()],
+            root,
+        };
+        cluster.deliver_commits();
+        for (e, clients) in edges.iter().enumerate() {
+            for client in *clients {
+                let session = cluster.edges[e].join(client);
+                cluster.clients[e].push((session, client.to_string()));
+            }
+        }
+        cluster
+    }
+
+    fn offer(&mut self) {
+        let candidates = self
+            .edges
+            .iter()
+            .enumerate()
+            .flat_map(|(e, edge)| {
+                edge.engine
+                    .candidates()
+                    .into_iter()
+                    .map(move |c| folio_fed::Candidate {
+                        client: (e as u64) << 32 | c.client,
+                        ..c
+                    })
+            })
+            .collect();
+        self.root.engine.offer(candidates, self.root.now);
+        self.root.run();
+    }
+
+    /// The root's orders, to every edge with its own sessions.
+    fn deliver_orders(&mut self) {
+        for order in std::mem::take(&mut self.root.orders) {
+            for (e, edge) in self.edges.iter_mut().enumerate() {
+                let mine = RoundOrder {
+                    sessions: order
+                        .sessions
+                        .iter()
+                        .filter(|&&s| s >> 32 == e as u64)
+                        .map(|&s| s & 0xffff_ffff)
+                        .collect(),
+                    ..order.clone()
+                };
+                edge.engine.order(&mine, edge.now).unwrap();
+                edge.run();
+            }
+        }
+    }
+
+    /// Every selected session of the live edges reports.
+    fn train(&mut self, round: u64, live: &[usize]) {
+        for &e in live {
+            let selected: Vec<(u64, String)> = self.clients[e]
+                .iter()
+                .filter(|(s, _)| self.edges[e].engine.silent_until(*s).is_some())
+                .cloned()
+                .collect();
+            for (session, client) in selected {
+                self.edges[e]
+                    .update(session, round, values_for(&client, round))
+                    .unwrap();
+            }
+        }
+    }
+
+    fn deliver_parts(&mut self) {
+        for (e, edge) in self.edges.iter_mut().enumerate() {
+            for (mut report, part) in std::mem::take(&mut edge.parts) {
+                for s in report.reported.iter_mut().chain(&mut report.dropped) {
+                    *s |= (e as u64) << 32;
+                }
+                self.root.engine.part(report, part, self.root.now).unwrap();
+                self.root.run();
+            }
+        }
+    }
+
+    fn deliver_commits(&mut self) {
+        let weights = self.root.engine.weights().to_vec();
+        for record in &self.root.committed {
+            for edge in &mut self.edges {
+                edge.engine.adopt(record.clone(), weights.clone(), edge.now);
+                edge.run();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_root_and_two_edges_commit_what_one_engine_commits() {
+    let strategy = StrategyConfig {
+        clipping: Clipping::Fixed { bound: 0.8 },
+        ..strategy_config(4, 4)
+    };
+    let mut whole = Host::fresh(strategy, Some(3));
+    let mut sessions = std::collections::BTreeMap::new();
+    for client in ["A", "B", "C", "D"] {
+        sessions.insert(whole.join(client), client);
+    }
+    for round in 1..=3 {
+        for (&session, client) in &sessions {
+            whole
+                .update(session, round, values_for(client, round))
+                .unwrap();
+        }
+    }
+    let mut cluster = Cluster::new(strategy, &[&["A", "B"], &["C", "D"]]);
+    for round in 1..=3 {
+        cluster.offer();
+        assert_eq!(cluster.root.orders.len(), 1, "round {round} ordered");
+        cluster.deliver_orders();
+        cluster.train(round, &[0, 1]);
+        cluster.deliver_parts();
+        assert_eq!(cluster.root.engine.completed_rounds(), round);
+        cluster.deliver_commits();
+        assert!(
+            cluster
+                .edges
+                .iter()
+                .all(|e| e.engine.completed_rounds() == round)
+        );
+    }
+    let (one, split) = (whole.engine.weights(), cluster.root.engine.weights());
+    for (a, b) in split.iter().zip(one.iter()) {
+        assert!(
+            (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+            "{split:?} vs {one:?}"
+        );
+    }
+    let clients = |h: &Host| h.committed.iter().map(|r| r.clients).collect::<Vec<_>>();
+    assert_eq!(clients(&cluster.root), clients(&whole));
+    // The edges serve the committed model.
+    assert_eq!(
+        cluster.edges[1].engine.fingerprint(),
+        cluster.root.engine.fingerprint()
+    );
+}
+
+#[test]
+fn a_dead_edge_costs_the_root_its_clients_not_the_round() {
+    let strategy = StrategyConfig {
+        clipping: Clipping::Fixed { bound: 0.8 },
+        ..strategy_config(4, 2)
+    };
+    let mut cluster = Cluster::new(strategy, &[&["A", "B"], &["C", "D"]]);
+    cluster.offer();
+    cluster.deliver_orders();
+    // Edge 1 dies with its clients: it never sends its share.
+    cluster.train(1, &[0]);
+    cluster.edges[1].parts.clear();
+    cluster.deliver_parts();
+    assert_eq!(
+        cluster.root.engine.completed_rounds(),
+        0,
+        "waits for edge 1"
+    );
+    cluster.root.now += DEADLINE;
+    cluster.root.engine.handle_timeout(cluster.root.now);
+    assert_eq!(
+        cluster.root.engine.completed_rounds(),
+        0,
+        "grace for late shares"
+    );
+    cluster.root.now += folio_engine::PART_GRACE;
+    cluster.root.engine.handle_timeout(cluster.root.now);
+    cluster.root.run();
+    assert_eq!(cluster.root.engine.completed_rounds(), 1);
+    assert_eq!(cluster.root.committed.last().unwrap().clients, 2);
+    // A share that comes after the round closed is refused, and counts nothing.
+    let late = folio_engine::PartReport {
+        round: 1,
+        reported: vec![1 << 32 | 1],
+        ..Default::default()
+    };
+    let part = folio_fed::Partial {
+        sum: vec![1.0; PARAMS],
+        total_weight: 1.0,
+        updates: 1,
+        norms: vec![1.0],
+    };
+    assert!(
+        cluster
+            .root
+            .engine
+            .part(late, part, cluster.root.now)
+            .is_err()
     );
 }

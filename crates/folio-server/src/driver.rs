@@ -90,6 +90,27 @@ pub async fn dispatch(shared: Arc<Shared>, mut deliveries: mpsc::UnboundedReceiv
                     }
                 });
             }
+            Delivery::Action(Action::Part(job)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let round = job.report.round;
+                    match tokio::task::spawn_blocking(move || job.run()).await {
+                        Ok(Ok(part)) => {
+                            if let Some(parts) = &shared.parts {
+                                let _ = parts.send(part);
+                            }
+                        }
+                        Ok(Err(err)) => tracing::error!(round, "folding the share: {err}"),
+                        Err(err) => tracing::error!(round, "folding the share: {err}"),
+                    }
+                });
+            }
+            Delivery::Action(Action::Order(order)) => {
+                tracing::error!(
+                    round = order.round,
+                    "a server orders no rounds: only a root does"
+                );
+            }
             Delivery::Action(Action::Persist(commit)) => {
                 let shared = shared.clone();
                 tokio::spawn(async move { persist(shared, commit).await });

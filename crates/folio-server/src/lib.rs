@@ -70,6 +70,24 @@ pub struct Shared {
     websockets: watch::Sender<usize>,
     /// Held (shared) while a commit is saved; shutting down waits for it.
     saving: tokio::sync::RwLock<()>,
+    /// An edge's folded shares, for its link to the root.
+    parts: Option<mpsc::UnboundedSender<Share>>,
+}
+
+/// An edge's share of a round: what its sessions reported, and their deltas folded.
+pub type Share = (folio_engine::PartReport, folio_fed::Partial);
+
+/// What a server is to the federation.
+pub enum Host {
+    /// The whole federation in one process, its state on disk.
+    Whole,
+    /// A cluster's edge, starting from the root's last commit: it serves its
+    /// sessions and hands each round's share to `parts`; the round orders and
+    /// commits come in through [`Server::order`] and [`Server::adopt`].
+    Edge {
+        start: Start,
+        parts: mpsc::UnboundedSender<Share>,
+    },
 }
 
 impl Shared {
@@ -122,6 +140,11 @@ impl Server {
     /// Loads the corpus and the model (or the saved state), binds, and starts
     /// serving and running rounds.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
+        Self::start_as(config, Host::Whole).await
+    }
+
+    /// Starts as `host` says.
+    pub async fn start_as(config: ServerConfig, host: Host) -> anyhow::Result<Server> {
         config
             .rounds
             .validate()
@@ -154,7 +177,19 @@ impl Server {
             max_rounds: config.max_rounds,
             ..engine_config(config.preset, config.rounds.clone(), config.seed)
         };
-        let engine = new_engine(engine_config, &corpus, &config.state_dir, start)?;
+        let (engine, parts) = match host {
+            Host::Whole => (
+                new_engine(engine_config, &corpus, &config.state_dir, start)?,
+                None,
+            ),
+            Host::Edge { start, parts } => {
+                let config = EngineConfig {
+                    role: folio_engine::Role::Edge,
+                    ..engine_config
+                };
+                (engine_for(config, &corpus, start), Some(parts))
+            }
+        };
         let completed = engine.completed_rounds();
         let listener = TcpListener::bind(config.addr).await.with_context(|| {
             format!(
@@ -191,6 +226,7 @@ impl Server {
             closing: watch::channel(false).0,
             websockets: watch::channel(0).0,
             saving: tokio::sync::RwLock::new(()),
+            parts,
             config,
         });
         let router = http::router(shared.clone());
@@ -233,6 +269,29 @@ impl Server {
 
     pub fn status(&self) -> serde_json::Value {
         serde_json::to_value(http::status(&self.shared)).expect("the status serialises")
+    }
+
+    /// An edge starts the round its root ordered, with `sessions` mapped to its own.
+    pub fn order(&self, order: &folio_engine::RoundOrder) -> Result<(), String> {
+        self.shared.engine(|e| e.order(order, Instant::now()))
+    }
+
+    /// An edge takes the root's commit as its global model.
+    pub fn adopt(&self, record: RoundRecord, weights: Vec<f32>) {
+        let round = record.round;
+        self.shared
+            .engine(|e| e.adopt(record, weights, Instant::now()));
+        self.shared.completed.send_replace(round);
+    }
+
+    /// The sessions connected here, as a round's candidates.
+    pub fn candidates(&self) -> Vec<folio_fed::Candidate> {
+        self.shared.read(|e| e.candidates())
+    }
+
+    /// The fingerprint of the global model served.
+    pub fn fingerprint(&self) -> u64 {
+        self.shared.read(|e| e.fingerprint())
     }
 
     /// Open TCP connections.
@@ -310,6 +369,7 @@ pub fn engine_config(preset: Preset, rounds: RoundConfig, seed: u64) -> EngineCo
         session_ttl: limits.session_ttl,
         max_rounds: None,
         new_sessions: limits.new_sessions,
+        role: folio_engine::Role::Whole,
     }
 }
 
@@ -333,6 +393,11 @@ pub fn new_engine(
             history: Vec::new(),
         },
     };
+    Ok(engine_for(config, corpus, start))
+}
+
+/// An engine for `corpus`'s clients, starting from `start`.
+pub fn engine_for(config: EngineConfig, corpus: &Corpus, start: Start) -> Engine {
     let clients = corpus
         .clients
         .iter()
@@ -342,7 +407,7 @@ pub fn new_engine(
     if let Some(why) = &engine.fresh_state {
         tracing::warn!("the saved strategy state is not continued ({why}): it starts afresh");
     }
-    Ok(engine)
+    engine
 }
 
 /// File descriptors kept free for the listener, state files and the like.

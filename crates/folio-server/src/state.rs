@@ -118,6 +118,19 @@ pub fn commit(dir: &Path, commit: &Commit, seed: u64) -> anyhow::Result<u64> {
     } = commit;
     let line = serde_json::to_string(record)? + "\n";
     append_durably(&history_path(dir), &line)?;
+    let bytes = snapshot(record.round, weights, strategy, seed)?;
+    write_durably(&state_path(dir), &bytes)?;
+    Ok((line.len() + bytes.len()) as u64)
+}
+
+/// A commit's weights and strategy state as one safetensors file (its history
+/// record apart): the state file, and a cluster root's snapshot.
+pub fn snapshot(
+    round: u64,
+    weights: &[f32],
+    strategy: &StateRecord,
+    seed: u64,
+) -> anyhow::Result<Vec<u8>> {
     let mut buffers = vec![("weights".to_owned(), bytes_of(weights))];
     for (name, values) in &strategy.tensors {
         buffers.push((format!("{STRATEGY_TENSOR}{name}"), bytes_of(values)));
@@ -138,13 +151,57 @@ pub fn commit(dir: &Path, commit: &Commit, seed: u64) -> anyhow::Result<u64> {
     });
     let metadata = HashMap::from([
         ("format".to_owned(), FORMAT.to_owned()),
-        ("round".to_owned(), record.round.to_string()),
+        ("round".to_owned(), round.to_string()),
         ("seed".to_owned(), seed.to_string()),
         ("strategy".to_owned(), described.to_string()),
     ]);
-    let bytes = safetensors::serialize(views, Some(metadata))?;
-    write_durably(&state_path(dir), &bytes)?;
-    Ok((line.len() + bytes.len()) as u64)
+    Ok(safetensors::serialize(views, Some(metadata))?)
+}
+
+/// A snapshot's round, weights and strategy state; `origin` names it in errors.
+pub fn read_snapshot(
+    bytes: &[u8],
+    num_params: usize,
+    origin: &str,
+) -> anyhow::Result<(u64, Vec<f32>, StateRecord)> {
+    let corrupt = || format!("{origin} is corrupt");
+    let tensors = SafeTensors::deserialize(bytes).with_context(corrupt)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).with_context(corrupt)?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    anyhow::ensure!(
+        metadata.get("format").map(String::as_str) == Some(FORMAT),
+        "{origin} is not a folio state"
+    );
+    let weights = floats(tensors.tensor("weights").with_context(corrupt)?.data());
+    anyhow::ensure!(
+        weights.len() == num_params && weights.iter().all(|w| w.is_finite()),
+        "{origin} holds {} weights (finite: {}), the model has {num_params}",
+        weights.len(),
+        weights.iter().all(|w| w.is_finite())
+    );
+    let round: u64 = metadata
+        .get("round")
+        .and_then(|r| r.parse().ok())
+        .with_context(corrupt)?;
+    let described: serde_json::Value = metadata
+        .get("strategy")
+        .and_then(|json| serde_json::from_str(json).ok())
+        .with_context(corrupt)?;
+    let mut strategy = StateRecord {
+        kind: described["kind"].as_str().unwrap_or_default().to_owned(),
+        version: described["version"].as_u64().unwrap_or(0) as u32,
+        values: serde_json::from_value(described["values"].clone()).with_context(corrupt)?,
+        tensors: BTreeMap::new(),
+    };
+    for name in tensors.names() {
+        if let Some(short) = name.strip_prefix(STRATEGY_TENSOR) {
+            let view = tensors.tensor(name)?;
+            strategy
+                .tensors
+                .insert(short.to_owned(), floats(view.data()));
+        }
+    }
+    Ok((round, weights, strategy))
 }
 
 /// The saved state, if `dir` has one, to resume from: the history file is cut back
@@ -197,24 +254,8 @@ fn read(dir: &Path, num_params: usize, repair: bool) -> anyhow::Result<Option<Sa
         .and_then(|r| r.parse().ok())
         .with_context(corrupt)?;
     let (strategy, history) = if metadata.get("format").map(String::as_str) == Some(FORMAT) {
-        let described: serde_json::Value = metadata
-            .get("strategy")
-            .and_then(|json| serde_json::from_str(json).ok())
-            .with_context(corrupt)?;
-        let mut strategy = StateRecord {
-            kind: described["kind"].as_str().unwrap_or_default().to_owned(),
-            version: described["version"].as_u64().unwrap_or(0) as u32,
-            values: serde_json::from_value(described["values"].clone()).with_context(corrupt)?,
-            tensors: BTreeMap::new(),
-        };
-        for name in tensors.names() {
-            if let Some(short) = name.strip_prefix(STRATEGY_TENSOR) {
-                let view = tensors.tensor(name)?;
-                strategy
-                    .tensors
-                    .insert(short.to_owned(), floats(view.data()));
-            }
-        }
+        let origin = format!("{} (move it away to start afresh)", path.display());
+        let (_, _, strategy) = read_snapshot(&bytes, num_params, &origin)?;
         (strategy, read_history(dir, round, repair)?)
     } else {
         legacy(dir, &tensors, &metadata, round, repair)?

@@ -92,6 +92,9 @@ impl InProcess {
                     self.engine.persisted(commit.record.round, Instant::now());
                 }
                 Action::Committed(record) => jobs.committed(&record),
+                Action::Part(_) | Action::Order(_) => {
+                    unreachable!("a simulation's engine runs whole, not in a cluster")
+                }
             }
         }
     }

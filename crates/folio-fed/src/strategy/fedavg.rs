@@ -460,7 +460,8 @@ mod tests {
                 let mut edges: Vec<OpenUpdates> =
                     (0..3).map(|_| s.open_part(bound, 3).unwrap()).collect();
                 for (i, (d, examples)) in deltas.iter().enumerate() {
-                    s.accept(&mut edges[i % 2], &delta(d), *examples, 10).unwrap();
+                    s.accept(&mut edges[i % 2], &delta(d), *examples, 10)
+                        .unwrap();
                 }
                 let parts: Vec<Partial> = edges.iter().map(|e| s.part(e).unwrap()).collect();
                 let split = s.combine(&parts, bound, &weights, &state).unwrap();
