@@ -271,27 +271,9 @@ impl Server {
         serde_json::to_value(http::status(&self.shared)).expect("the status serialises")
     }
 
-    /// An edge starts the round its root ordered, with `sessions` mapped to its own.
-    pub fn order(&self, order: &folio_engine::RoundOrder) -> Result<(), String> {
-        self.shared.engine(|e| e.order(order, Instant::now()))
-    }
-
-    /// An edge takes the root's commit as its global model.
-    pub fn adopt(&self, record: RoundRecord, weights: Vec<f32>) {
-        let round = record.round;
-        self.shared
-            .engine(|e| e.adopt(record, weights, Instant::now()));
-        self.shared.completed.send_replace(round);
-    }
-
-    /// The sessions connected here, as a round's candidates.
-    pub fn candidates(&self) -> Vec<folio_fed::Candidate> {
-        self.shared.read(|e| e.candidates())
-    }
-
-    /// The fingerprint of the global model served.
-    pub fn fingerprint(&self) -> u64 {
-        self.shared.read(|e| e.fingerprint())
+    /// A handle to the running engine, for a cluster's link to its root.
+    pub fn handle(&self) -> Handle {
+        Handle(self.shared.clone())
     }
 
     /// Open TCP connections.
@@ -318,6 +300,39 @@ impl Server {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+/// What a cluster's edge does to its server's engine.
+#[derive(Clone)]
+pub struct Handle(Arc<Shared>);
+
+impl Handle {
+    /// Starts the round the root ordered (its sessions are this edge's own).
+    pub fn order(&self, order: &folio_engine::RoundOrder) -> Result<(), String> {
+        self.0.engine(|e| e.order(order, Instant::now()))
+    }
+
+    /// Takes the root's commit as the global model.
+    pub fn adopt(&self, record: RoundRecord, weights: Vec<f32>) {
+        let round = record.round;
+        self.0.engine(|e| e.adopt(record, weights, Instant::now()));
+        self.0.completed.send_replace(round);
+    }
+
+    /// The sessions connected here, as a round's candidates.
+    pub fn candidates(&self) -> Vec<folio_fed::Candidate> {
+        self.0.read(|e| e.candidates())
+    }
+
+    /// The fingerprint of the global model served.
+    pub fn fingerprint(&self) -> u64 {
+        self.0.read(|e| e.fingerprint())
+    }
+
+    /// Rounds committed (adopted, on an edge).
+    pub fn completed_rounds(&self) -> u64 {
+        self.0.read(|e| e.completed_rounds())
     }
 }
 

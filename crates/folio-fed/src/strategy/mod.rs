@@ -244,7 +244,7 @@ impl StateRecord {
 /// A client a round may pick, with the size of its training text and the
 /// group it belongs to (the network it connects from: a round takes clients
 /// evenly across groups, so no one host fills it with sessions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
     pub client: u64,
     pub size: u64,

@@ -1,0 +1,204 @@
+//! An edge: `folio serve` for its own tabs (every limit and check of the single
+//! server), whose rounds the root orders and commits. A link task keeps it in
+//! step with JetStream: it reports its sessions, starts the rounds the root
+//! orders, adopts each commit, and sends each round's folded share.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use folio_engine::{PartReport, RoundOrder, Start};
+use folio_server::{Handle, Host, Server, ServerConfig, Share};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::store::{EdgeReport, Store, edge_id, global_id, now_ms, split_id};
+
+/// How often an edge looks at the cluster's state.
+const TICK: Duration = Duration::from_millis(100);
+/// How often it reports its sessions.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+pub struct EdgeConfig {
+    pub server: ServerConfig,
+    /// The NATS server (`nats://host:port`).
+    pub nats: String,
+    /// Unique among the cluster's edges.
+    pub name: String,
+    /// Where tabs reach it, if not at its listening address.
+    pub public_url: Option<String>,
+}
+
+pub struct Edge {
+    pub server: Server,
+    pub url: String,
+    link: Vec<JoinHandle<()>>,
+}
+
+impl Edge {
+    /// Connects to the cluster, waits for the root's first commit, and serves.
+    pub async fn start(config: EdgeConfig) -> anyhow::Result<Edge> {
+        let store = Store::connect(&config.nats).await?;
+        let global = loop {
+            if let Some((global, _)) = store.global().await? {
+                break global;
+            }
+            tracing::info!("waiting for the root's first commit");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let round = global.record.round;
+        let weights = store.weights(round).await?;
+        let mut history = store.history().await?;
+        history.retain(|r| r.round <= round);
+        let (parts, shares) = mpsc::unbounded_channel();
+        let start = Start {
+            weights,
+            strategy: None,
+            history,
+        };
+        let server = Server::start_as(config.server, Host::Edge { start, parts })
+            .await
+            .context("cannot start the edge's server")?;
+        let url = config
+            .public_url
+            .unwrap_or_else(|| format!("ws://{}/ws", server.addr));
+        let id = edge_id(&config.name);
+        let link = Link {
+            store: store.clone(),
+            handle: server.handle(),
+            name: config.name.clone(),
+            id,
+            url: url.clone(),
+            adopted: round,
+            order: None,
+        };
+        let sender = tokio::spawn(send_shares(store, config.name, id, shares));
+        Ok(Edge {
+            server,
+            url,
+            link: vec![tokio::spawn(link.run()), sender],
+        })
+    }
+
+    /// Stops at once, as a killed process would.
+    pub fn abort(self) {
+        for task in &self.link {
+            task.abort();
+        }
+        self.server.abort();
+    }
+}
+
+struct Link {
+    store: Store,
+    handle: Handle,
+    name: String,
+    id: u32,
+    url: String,
+    /// The last round adopted.
+    adopted: u64,
+    /// The last order started (its revision).
+    order: Option<u64>,
+}
+
+impl Link {
+    async fn run(mut self) {
+        let mut reported = tokio::time::Instant::now() - REPORT_EVERY;
+        loop {
+            if reported.elapsed() >= REPORT_EVERY {
+                reported = tokio::time::Instant::now();
+                if let Err(err) = self.report().await {
+                    tracing::warn!("edge {}: cannot report: {err:#}", self.name);
+                }
+            }
+            if let Err(err) = self.follow().await {
+                tracing::warn!("edge {}: {err:#}", self.name);
+            }
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
+    async fn report(&self) -> anyhow::Result<()> {
+        let sessions = self
+            .handle
+            .candidates()
+            .into_iter()
+            .map(|c| folio_fed::Candidate {
+                client: global_id(self.id, c.client),
+                ..c
+            })
+            .collect();
+        self.store
+            .put_report(&EdgeReport {
+                name: self.name.clone(),
+                url: self.url.clone(),
+                sessions,
+                at_ms: now_ms(),
+            })
+            .await
+    }
+
+    /// Adopts a new commit, then starts a new order.
+    async fn follow(&mut self) -> anyhow::Result<()> {
+        if let Some((global, _)) = self.store.global().await?
+            && global.record.round > self.adopted
+        {
+            let round = global.record.round;
+            let weights = self.store.weights(round).await?;
+            self.handle.adopt(global.record, weights);
+            self.adopted = round;
+        }
+        let Some((order, revision)) = self.store.order().await? else {
+            return Ok(());
+        };
+        if self.order == Some(revision) || order.round <= self.adopted {
+            return Ok(());
+        }
+        if order.model != self.handle.fingerprint() {
+            // The commit it trains on is not announced yet: next tick.
+            return Ok(());
+        }
+        let mine = RoundOrder {
+            sessions: order
+                .sessions
+                .iter()
+                .map(|&s| split_id(s))
+                .filter(|&(edge, _)| edge == self.id)
+                .map(|(_, session)| session)
+                .collect(),
+            ..order
+        };
+        self.order = Some(revision);
+        self.handle
+            .order(&mine)
+            .map_err(|why| anyhow::anyhow!("cannot start round {}: {why}", mine.round))
+    }
+}
+
+/// Sends each share as it is folded, retrying while NATS is away.
+async fn send_shares(
+    store: Store,
+    name: String,
+    id: u32,
+    mut shares: mpsc::UnboundedReceiver<Share>,
+) {
+    while let Some((report, part)) = shares.recv().await {
+        let report = PartReport {
+            reported: report.reported.iter().map(|&s| global_id(id, s)).collect(),
+            dropped: report.dropped.iter().map(|&s| global_id(id, s)).collect(),
+            ..report
+        };
+        for attempt in 0u32.. {
+            match store.send_share(&name, report.clone(), &part).await {
+                Ok(()) => break,
+                Err(err) if attempt < 60 => {
+                    tracing::warn!("edge {name}: cannot send its share yet: {err:#}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(err) => {
+                    tracing::error!("edge {name}: share of round {} lost: {err:#}", report.round);
+                    break;
+                }
+            }
+        }
+    }
+}

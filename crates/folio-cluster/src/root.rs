@@ -1,0 +1,332 @@
+//! The root: one task that owns a round engine in the root role. It selects
+//! across the sessions the edges report, orders rounds, combines the edges'
+//! shares, evaluates, and commits to JetStream. It holds the cluster's lease
+//! while it runs: a second root waits as a standby and takes over when the
+//! lease lapses; a root that loses it stops.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use folio_data::Corpus;
+use folio_engine::{Action, AggregateResult, Engine, EngineConfig, Evaluation, Role, Start};
+use folio_fed::Partial;
+use folio_server::{ServerConfig, eval::Evaluator, state};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::store::{LEASE_TIME, ShareNotice, Store, now_ms};
+
+/// How often the root reads the edges' reports.
+const OFFER_EVERY: Duration = Duration::from_millis(250);
+/// An edge silent this long is taken for dead: its sessions are not offered.
+const EDGE_SILENCE: Duration = Duration::from_secs(3);
+/// After a failed job (NATS away, say), this long before the round runs again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+pub struct RootConfig {
+    pub server: ServerConfig,
+    pub nats: String,
+    /// This root's name in the lease.
+    pub name: String,
+}
+
+pub struct Root {
+    task: JoinHandle<anyhow::Result<()>>,
+    completed: watch::Receiver<u64>,
+}
+
+/// What a heavy job gave back.
+enum Done {
+    Aggregated(AggregateResult),
+    Evaluated(u64, Evaluation, Option<Evaluation>),
+    Persisted(u64),
+    Failed(u64, String),
+}
+
+impl Root {
+    /// Connects, takes the lease (waiting as a standby while another root holds
+    /// it), resumes from the committed history, and runs rounds.
+    pub async fn start(config: RootConfig) -> anyhow::Result<Root> {
+        let store = Store::connect(&config.nats).await?;
+        let mut lease = loop {
+            if let Some(revision) = store.take_lease(&config.name).await? {
+                break revision;
+            }
+            tracing::info!("standby: another root holds the lease");
+            tokio::time::sleep(LEASE_TIME / 3).await;
+        };
+        let server = &config.server;
+        server
+            .rounds
+            .validate()
+            .map_err(|why| anyhow::anyhow!("inconsistent round settings: {why}"))?;
+        let corpus = Corpus::load(&server.data_dir.join("shakespeare"))?;
+        let model = server.preset.config();
+        let engine_config = EngineConfig {
+            role: Role::Root,
+            max_rounds: server.max_rounds,
+            ..folio_server::engine_config(server.preset, server.rounds.clone(), server.seed)
+        };
+        let history = store.history().await?;
+        let start = match history.last() {
+            Some(last) => {
+                let snapshot = store.snapshot(last.round).await?;
+                let origin = format!("round {}'s snapshot in JetStream", last.round);
+                let (round, weights, strategy) =
+                    state::read_snapshot(&snapshot, engine_config.num_params(), &origin)?;
+                anyhow::ensure!(round == last.round, "{origin} is of round {round}");
+                store.announce(last).await?;
+                Start {
+                    weights,
+                    strategy: Some(strategy),
+                    history,
+                }
+            }
+            None => Start {
+                weights: folio_server::starting_weights(model, server.init.as_deref(), server.seed)
+                    .await?,
+                strategy: None,
+                history,
+            },
+        };
+        let evaluator = Arc::new(Evaluator::new(model, &corpus, &server.rounds, server.seed)?);
+        let mut engine = folio_server::engine_for(engine_config, &corpus, start);
+        let completed = engine.completed_rounds();
+        if let Some((order, _)) = store.order().await?
+            && order.round == completed + 1
+        {
+            // The round a root before this one ordered runs again, as a new attempt.
+            engine.resume_attempts(order.attempt + 1);
+        }
+        tracing::info!(completed, "root {} holds the lease", config.name);
+        lease = store.renew_lease(&config.name, lease).await?;
+        let (progress, watched) = watch::channel(completed);
+        let host = RootHost {
+            store,
+            engine,
+            evaluator,
+            seed: server.seed,
+            name: config.name,
+            lease,
+            progress,
+        };
+        Ok(Root {
+            task: tokio::spawn(host.run()),
+            completed: watched,
+        })
+    }
+
+    /// Waits until `rounds` rounds are committed.
+    pub async fn wait_for_round(&self, rounds: u64) {
+        let mut completed = self.completed.clone();
+        let _ = completed.wait_for(|&done| done >= rounds).await;
+    }
+
+    /// Runs until the root stops: `max_rounds` committed, or the lease lost.
+    pub async fn join(self) -> anyhow::Result<()> {
+        self.task.await.context("the root's task panicked")?
+    }
+
+    /// Stops at once, as a killed process would.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+struct RootHost {
+    store: Store,
+    engine: Engine,
+    evaluator: Arc<Evaluator>,
+    seed: u64,
+    name: String,
+    lease: u64,
+    progress: watch::Sender<u64>,
+}
+
+impl RootHost {
+    async fn run(mut self) -> anyhow::Result<()> {
+        let (done, mut finished) = mpsc::unbounded_channel();
+        let (shares_in, mut shares) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_shares(self.store.clone(), shares_in));
+        let _stop_reader = AbortOnDrop(reader);
+        let mut offers = tokio::time::interval(OFFER_EVERY);
+        let mut renewals = tokio::time::interval(LEASE_TIME / 3);
+        loop {
+            while let Some(action) = self.engine.poll_action() {
+                self.act(action, &done).await;
+            }
+            if self.engine.is_finished() {
+                return Ok(());
+            }
+            let due = self.engine.poll_timeout();
+            let timeout = async {
+                match due {
+                    Some(due) => tokio::time::sleep_until(due.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(job) = finished.recv() => self.finish(job),
+                Some((notice, part)) = shares.recv() => self.take_share(notice, part),
+                _ = offers.tick() => self.offer().await,
+                _ = renewals.tick() => {
+                    self.lease = self.store.renew_lease(&self.name, self.lease).await?;
+                }
+                () = timeout => self.engine.handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    async fn act(&mut self, action: Action, done: &mpsc::UnboundedSender<Done>) {
+        match action {
+            Action::Order(order) => {
+                tracing::info!(
+                    round = order.round,
+                    attempt = order.attempt,
+                    clients = order.sessions.len(),
+                    "round ordered"
+                );
+                if let Err(err) = self.store.put_order(&order).await {
+                    // The edges never start it: it fails at its deadline and runs again.
+                    tracing::error!(round = order.round, "cannot order the round: {err:#}");
+                }
+            }
+            Action::Aggregate(job) => {
+                let done = done.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = done.send(Done::Aggregated(job.run()));
+                });
+            }
+            Action::Evaluate {
+                round,
+                weights,
+                population,
+            } => {
+                let done = done.clone();
+                let evaluator = self.evaluator.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = done.send(match evaluator.evaluate(&weights, population) {
+                        Ok((eval, population)) => Done::Evaluated(round, eval, population),
+                        Err(err) => {
+                            std::thread::sleep(RETRY_AFTER);
+                            Done::Failed(round, format!("evaluating: {err:#}"))
+                        }
+                    });
+                });
+            }
+            Action::Persist(commit) => {
+                let (done, store, seed) = (done.clone(), self.store.clone(), self.seed);
+                tokio::spawn(async move {
+                    let round = commit.record.round;
+                    let saved = async {
+                        let snapshot =
+                            state::snapshot(round, &commit.weights, &commit.state, seed)?;
+                        store
+                            .commit(&commit.record, &commit.weights, &snapshot)
+                            .await
+                    };
+                    let _ = done.send(match saved.await {
+                        Ok(()) => Done::Persisted(round),
+                        Err(err) => {
+                            tokio::time::sleep(RETRY_AFTER).await;
+                            Done::Failed(round, format!("committing: {err:#}"))
+                        }
+                    });
+                });
+            }
+            Action::Committed(record) => {
+                tracing::info!(
+                    round = record.round,
+                    clients = record.clients,
+                    eval_loss = record.eval_loss,
+                    eval_accuracy = record.eval_accuracy,
+                    "round committed"
+                );
+                self.progress.send_replace(record.round);
+            }
+            Action::Send { .. } | Action::Part(_) => {}
+        }
+    }
+
+    fn finish(&mut self, job: Done) {
+        let now = Instant::now();
+        match job {
+            Done::Aggregated(result) => self.engine.aggregated(result, now),
+            Done::Evaluated(round, eval, population) => {
+                self.engine.evaluated(round, eval, population, now)
+            }
+            Done::Persisted(round) => self.engine.persisted(round, now),
+            Done::Failed(round, why) => {
+                tracing::error!(round, "{why}; the round runs again");
+                self.engine.job_failed(round, now);
+            }
+        }
+    }
+
+    fn take_share(&mut self, notice: ShareNotice, part: Partial) {
+        let (round, edge) = (notice.report.round, notice.edge.clone());
+        if let Err(why) = self.engine.part(notice.report, part, Instant::now()) {
+            tracing::debug!(round, edge, "share not taken: {why}");
+        }
+    }
+
+    /// Offers the root the sessions of the edges heard from lately.
+    async fn offer(&mut self) {
+        let reports = match self.store.reports().await {
+            Ok(reports) => reports,
+            Err(err) => {
+                tracing::warn!("cannot read the edges' reports: {err:#}");
+                return;
+            }
+        };
+        let now = now_ms();
+        let silence = EDGE_SILENCE.as_millis() as u64;
+        let sessions = reports
+            .into_iter()
+            .filter(|r| now.saturating_sub(r.at_ms) < silence)
+            .flat_map(|r| r.sessions)
+            .collect();
+        self.engine.offer(sessions, Instant::now());
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the shares stream from now on, with their sums, reconnecting as needed.
+async fn read_shares(store: Store, shares: mpsc::UnboundedSender<(ShareNotice, Partial)>) {
+    loop {
+        let mut messages = match store.shares().await {
+            Ok(messages) => messages,
+            Err(err) => {
+                tracing::warn!("cannot read the shares: {err:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(err) => {
+                    tracing::warn!("reading the shares: {err}");
+                    break;
+                }
+            };
+            match store.share(&message.payload).await {
+                Ok(share) => {
+                    if shares.send(share).is_err() {
+                        return;
+                    }
+                }
+                Err(err) => tracing::warn!("a share is unreadable: {err:#}"),
+            }
+        }
+    }
+}
