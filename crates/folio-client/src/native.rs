@@ -42,19 +42,30 @@ impl Transport for WsTransport {
 }
 
 /// [`crate::run_reconnecting`] over tokio-tungstenite: survives the server going
-/// away. Returns when the server closes the connection cleanly, `max_rounds`
+/// away (with several `urls`, a cluster's edges, it moves to the next whenever
+/// connecting fails). Returns when the server closes the connection cleanly, `max_rounds`
 /// results arrived, or the server refuses us for good.
 pub async fn run_reconnecting(
-    url: &str,
+    urls: &[String],
     device: &burn::prelude::Device,
     options: &crate::ClientOptions,
     on_event: impl FnMut(crate::ClientEvent),
     on_retry: impl FnMut(&ClientError, std::time::Duration),
 ) -> Result<Vec<crate::RoundReport>, ClientError> {
+    assert!(!urls.is_empty(), "a client needs a server to connect to");
+    // The server in use, until connecting to it fails: then the next.
+    let next = std::cell::Cell::new(0usize);
     crate::run_reconnecting(
         |resuming| {
-            let url = crate::connect_url(url, resuming);
-            async move { WsTransport::connect(&url).await }
+            let url = crate::connect_url(&urls[next.get() % urls.len()], resuming);
+            let next = &next;
+            async move {
+                let connected = WsTransport::connect(&url).await;
+                if connected.is_err() {
+                    next.set(next.get() + 1);
+                }
+                connected
+            }
         },
         tokio::time::sleep,
         device,

@@ -38,13 +38,24 @@ impl Edge {
     /// Connects to the cluster, waits for the root's first commit, and serves.
     pub async fn start(config: EdgeConfig) -> anyhow::Result<Edge> {
         let store = Store::connect(&config.nats).await?;
-        let global = loop {
-            if let Some((global, _)) = store.global().await? {
-                break global;
+        let (global, settings) = loop {
+            if let (Some((global, _)), Some(settings)) =
+                (store.global().await?, store.settings().await?)
+            {
+                break (global, settings);
             }
             tracing::info!("waiting for the root's first commit");
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
+        // The root's settings, not the edge's own flags: every edge runs the
+        // rounds the root runs.
+        let mut server_config = config.server;
+        server_config.preset = settings
+            .preset
+            .parse()
+            .map_err(|err| anyhow::anyhow!("the cluster's preset: {err}"))?;
+        server_config.seed = settings.seed;
+        server_config.rounds = settings.rounds;
         let round = global.record.round;
         let weights = store.weights(round).await?;
         let mut history = store.history().await?;
@@ -55,7 +66,7 @@ impl Edge {
             strategy: None,
             history,
         };
-        let server = Server::start_as(config.server, Host::Edge { start, parts })
+        let server = Server::start_as(server_config, Host::Edge { start, parts })
             .await
             .context("cannot start the edge's server")?;
         let url = config

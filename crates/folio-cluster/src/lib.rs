@@ -10,6 +10,7 @@
 //! ([`store`]), so any edge, the root, or NATS itself may die and come back.
 
 pub mod edge;
+pub mod nats_server;
 pub mod root;
 pub mod store;
 

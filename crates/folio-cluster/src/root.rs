@@ -9,14 +9,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use folio_data::Corpus;
-use folio_engine::{Action, AggregateResult, Engine, EngineConfig, Evaluation, Role, Start};
+use folio_engine::{
+    Action, AggregateResult, Engine, EngineConfig, Evaluation, Role, RoundRecord, Start,
+};
 use folio_fed::Partial;
 use folio_server::{ServerConfig, eval::Evaluator, state};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::store::{LEASE_TIME, ShareNotice, Store, now_ms};
+use crate::store::{LEASE_TIME, Settings, ShareNotice, Store, now_ms};
 
 /// How often the root reads the edges' reports.
 const OFFER_EVERY: Duration = Duration::from_millis(250);
@@ -34,7 +36,8 @@ pub struct RootConfig {
 
 pub struct Root {
     task: JoinHandle<anyhow::Result<()>>,
-    completed: watch::Receiver<u64>,
+    /// The last round committed.
+    committed: watch::Receiver<Option<RoundRecord>>,
 }
 
 /// What a heavy job gave back.
@@ -101,8 +104,18 @@ impl Root {
             engine.resume_attempts(order.attempt + 1);
         }
         tracing::info!(completed, "root {} holds the lease", config.name);
-        lease = store.renew_lease(&config.name, lease).await?;
-        let (progress, watched) = watch::channel(completed);
+        lease = store
+            .renew_lease(&config.name, lease)
+            .await?
+            .context("another root took the lease while this one started")?;
+        store
+            .put_settings(&Settings {
+                preset: server.preset.to_string(),
+                seed: server.seed,
+                rounds: server.rounds.clone(),
+            })
+            .await?;
+        let (progress, watched) = watch::channel(engine.history(completed, 1).first().cloned());
         let host = RootHost {
             store,
             engine,
@@ -114,14 +127,26 @@ impl Root {
         };
         Ok(Root {
             task: tokio::spawn(host.run()),
-            completed: watched,
+            committed: watched,
         })
     }
 
     /// Waits until `rounds` rounds are committed.
     pub async fn wait_for_round(&self, rounds: u64) {
-        let mut completed = self.completed.clone();
-        let _ = completed.wait_for(|&done| done >= rounds).await;
+        let mut committed = self.committed.clone();
+        let _ = committed
+            .wait_for(|last| last.as_ref().is_some_and(|r| r.round >= rounds))
+            .await;
+    }
+
+    /// Rounds committed so far.
+    pub fn completed_rounds(&self) -> u64 {
+        self.committed.borrow().as_ref().map_or(0, |r| r.round)
+    }
+
+    /// The last round committed, as it changes.
+    pub fn records(&self) -> watch::Receiver<Option<RoundRecord>> {
+        self.committed.clone()
     }
 
     /// Runs until the root stops: `max_rounds` committed, or the lease lost.
@@ -142,7 +167,7 @@ struct RootHost {
     seed: u64,
     name: String,
     lease: u64,
-    progress: watch::Sender<u64>,
+    progress: watch::Sender<Option<RoundRecord>>,
 }
 
 impl RootHost {
@@ -171,12 +196,21 @@ impl RootHost {
                 Some(job) = finished.recv() => self.finish(job),
                 Some((notice, part)) = shares.recv() => self.take_share(notice, part),
                 _ = offers.tick() => self.offer().await,
-                _ = renewals.tick() => {
-                    self.lease = self.store.renew_lease(&self.name, self.lease).await?;
-                }
+                _ = renewals.tick() => self.renew().await?,
                 () = timeout => self.engine.handle_timeout(Instant::now()),
             }
         }
+    }
+
+    /// Renews the lease; stops the root if another holds it. While NATS is
+    /// away no root can run a round, so the root waits for it.
+    async fn renew(&mut self) -> anyhow::Result<()> {
+        match self.store.renew_lease(&self.name, self.lease).await {
+            Ok(Some(revision)) => self.lease = revision,
+            Ok(None) => anyhow::bail!("another root holds the lease: this one stops"),
+            Err(err) => tracing::warn!("cannot renew the lease: {err:#}"),
+        }
+        Ok(())
     }
 
     async fn act(&mut self, action: Action, done: &mpsc::UnboundedSender<Done>) {
@@ -244,7 +278,7 @@ impl RootHost {
                     eval_accuracy = record.eval_accuracy,
                     "round committed"
                 );
-                self.progress.send_replace(record.round);
+                self.progress.send_replace(Some(*record));
             }
             Action::Send { .. } | Action::Part(_) => {}
         }
@@ -300,10 +334,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Reads the shares stream from now on, with their sums, reconnecting as needed.
+/// Reads the shares stream from now on, with their sums, reconnecting as needed
+/// (from where it stopped).
 async fn read_shares(store: Store, shares: mpsc::UnboundedSender<(ShareNotice, Partial)>) {
+    let mut next: Option<u64> = None;
     loop {
-        let mut messages = match store.shares().await {
+        let mut messages = match store.shares(next).await {
             Ok(messages) => messages,
             Err(err) => {
                 tracing::warn!("cannot read the shares: {err:#}");
@@ -319,6 +355,9 @@ async fn read_shares(store: Store, shares: mpsc::UnboundedSender<(ShareNotice, P
                     break;
                 }
             };
+            if let Ok(info) = message.info() {
+                next = Some(info.stream_sequence + 1);
+            }
             match store.share(&message.payload).await {
                 Ok(share) => {
                     if shares.send(share).is_err() {

@@ -36,6 +36,15 @@ pub const LEASE_TIME: Duration = Duration::from_secs(3);
 /// Rounds whose weights are kept in the Object Store (older ones are deleted).
 const KEPT_ROUNDS: u64 = 3;
 
+/// What every process of the cluster runs by, set by the root: an edge takes it
+/// rather than flags of its own, so no edge can disagree with the root.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub preset: String,
+    pub seed: u64,
+    pub rounds: folio_server::RoundConfig,
+}
+
 /// The last commit, as edges read it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GlobalModel {
@@ -95,7 +104,11 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 fn f32_values(bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
-    anyhow::ensure!(bytes.len().is_multiple_of(4), "{} bytes are no f32s", bytes.len());
+    anyhow::ensure!(
+        bytes.len().is_multiple_of(4),
+        "{} bytes are no f32s",
+        bytes.len()
+    );
     Ok(bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -236,7 +249,8 @@ impl Store {
         let round = record.round;
         self.put_object(&format!("weights-r{round}"), &f32_bytes(weights))
             .await?;
-        self.put_object(&format!("state-r{round}"), snapshot).await?;
+        self.put_object(&format!("state-r{round}"), snapshot)
+            .await?;
         let publish = jetstream::message::PublishMessage::build()
             .message_id(format!("round-{round}"))
             .payload(Bytes::from(serde_json::to_vec(record)?));
@@ -303,6 +317,17 @@ impl Store {
 
     // --- rounds ------------------------------------------------------------
 
+    pub async fn put_settings(&self, settings: &Settings) -> anyhow::Result<()> {
+        self.put_json("settings", settings).await
+    }
+
+    pub async fn settings(&self) -> anyhow::Result<Option<Settings>> {
+        Ok(self
+            .get_json("settings")
+            .await?
+            .map(|(settings, _)| settings))
+    }
+
     pub async fn put_order(&self, order: &RoundOrder) -> anyhow::Result<()> {
         self.put_json("order", order).await
     }
@@ -312,7 +337,8 @@ impl Store {
     }
 
     pub async fn put_report(&self, report: &EdgeReport) -> anyhow::Result<()> {
-        self.put_json(&format!("edges.{}", report.name), report).await
+        self.put_json(&format!("edges.{}", report.name), report)
+            .await
     }
 
     /// Every edge's last report.
@@ -360,12 +386,22 @@ impl Store {
         Ok(())
     }
 
-    /// The shares sent from now on, as they come (with their sums).
-    pub async fn shares(&self) -> anyhow::Result<jetstream::consumer::pull::Stream> {
+    /// The shares' notices as they come: from `from` on (a stream sequence), or
+    /// from now on.
+    pub async fn shares(
+        &self,
+        from: Option<u64>,
+    ) -> anyhow::Result<jetstream::consumer::pull::Stream> {
+        let deliver_policy = match from {
+            Some(start_sequence) => {
+                jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            None => jetstream::consumer::DeliverPolicy::New,
+        };
         let consumer = self
             .parts
             .create_consumer(jetstream::consumer::pull::Config {
-                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                deliver_policy,
                 ack_policy: jetstream::consumer::AckPolicy::None,
                 inactive_threshold: Duration::from_secs(60),
                 ..Default::default()
@@ -396,18 +432,31 @@ impl Store {
 
     /// Takes the root's lease if no live root holds it: its revision, to renew.
     pub async fn take_lease(&self, holder: &str) -> anyhow::Result<Option<u64>> {
-        match self.lease.create("root", Bytes::from(holder.to_owned())).await {
+        match self
+            .lease
+            .create("root", Bytes::from(holder.to_owned()))
+            .await
+        {
             Ok(revision) => Ok(Some(revision)),
             Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
             Err(err) => Err(err.into()),
         }
     }
 
-    /// Renews the lease taken at `revision`; fails if another root took it.
-    pub async fn renew_lease(&self, holder: &str, revision: u64) -> anyhow::Result<u64> {
-        self.lease
-            .update("root", Bytes::from(holder.to_owned()), revision)
-            .await
-            .context("the root's lease was lost (another root holds it)")
+    /// Renews the lease taken at `revision`: its new revision; `None` if
+    /// another root holds it now. A lease that lapsed while NATS was away (and
+    /// nobody took) is taken again.
+    pub async fn renew_lease(&self, holder: &str, revision: u64) -> anyhow::Result<Option<u64>> {
+        let value = Bytes::from(holder.to_owned());
+        match self.lease.update("root", value.clone(), revision).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                match self.lease.entry("root").await? {
+                    Some(entry) if entry.operation == kv::Operation::Put => Ok(None),
+                    _ => self.take_lease(holder).await,
+                }
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 }

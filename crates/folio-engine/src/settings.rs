@@ -7,7 +7,7 @@ use folio_data::TrainingPlan;
 use folio_fed::{Encoding, StrategyConfig};
 use folio_proto::Optimizer;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoundConfig {
     /// Selection, quorum, weighting, clipping, aggregation, server optimizer.
     pub strategy: StrategyConfig,

@@ -329,8 +329,29 @@ pub struct ServeArgs {
     /// New sessions one network may open at once; then one a second.
     #[arg(long, default_value_t = Limits::default().new_sessions.burst)]
     session_burst: u32,
+    /// Run as part of a cluster whose state lives in NATS JetStream at this URL
+    /// (nats://127.0.0.1:4222), as the --role says.
+    #[arg(long, requires = "role")]
+    nats: Option<String>,
+    /// In a cluster: an edge serves tabs and folds their deltas; the root (one
+    /// at a time; another waits as a standby) runs the rounds over all edges.
+    #[arg(long, value_enum, requires = "nats")]
+    role: Option<ClusterRole>,
+    /// This process's name in the cluster, unique among the edges [default: the
+    /// role and --addr]
+    #[arg(long)]
+    name: Option<String>,
+    /// Where tabs reach this edge, if not at --addr (ws://host:port/ws).
+    #[arg(long)]
+    public_url: Option<String>,
     #[command(flatten)]
     round: RoundArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ClusterRole {
+    Edge,
+    Root,
 }
 
 /// A secret from a file (trailing newline dropped) or else an environment
@@ -359,8 +380,10 @@ pub fn secret(file: Option<&Path>, env: &str) -> anyhow::Result<Option<String>> 
 
 #[derive(Args)]
 pub struct ClientArgs {
+    /// The aggregator; repeated (a cluster's edges), the next is tried whenever
+    /// connecting to one fails.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    server: String,
+    server: Vec<String>,
     /// Train as this Shakespeare client.
     #[arg(long)]
     client: Option<String>,
@@ -428,6 +451,35 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     };
     config.max_rounds = args.rounds;
     let runtime = tokio::runtime::Runtime::new()?;
+    if let (Some(nats), Some(role)) = (args.nats, args.role) {
+        let name = args.name.unwrap_or_else(|| match role {
+            ClusterRole::Edge => format!("edge-{}", args.addr),
+            ClusterRole::Root => format!("root-{}", std::process::id()),
+        });
+        let served = runtime.block_on(async {
+            match role {
+                ClusterRole::Root => run_root(config, nats, name).await,
+                ClusterRole::Edge => {
+                    let edge = folio_cluster::Edge::start(folio_cluster::EdgeConfig {
+                        server: config,
+                        nats,
+                        name: name.clone(),
+                        public_url: args.public_url,
+                    })
+                    .await?;
+                    println!(
+                        "folio edge {name} on http://{} (WebSocket {}), rounds from the root",
+                        edge.server.addr, edge.url
+                    );
+                    follow(&edge.server, args.rounds).await;
+                    edge.server.shutdown().await;
+                    anyhow::Ok(())
+                }
+            }
+        });
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        return served;
+    }
     let served = runtime.block_on(async {
         let server = Server::start(config).await?;
         println!(
@@ -438,25 +490,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
             "open http://{} in several tabs, or run `folio client` in several terminals",
             server.addr
         );
-        println!("{TABLE_HEADER}");
-        let mut shown = 0;
-        let mut stop = std::pin::pin!(stop_signal());
-        loop {
-            for record in server.history_from(shown) {
-                println!("{}", row(&record));
-                shown = record.round + 1;
-            }
-            if args.rounds.is_some_and(|max| shown > max) {
-                break;
-            }
-            tokio::select! {
-                () = server.wait_for_round(shown) => {}
-                signal = &mut stop => {
-                    tracing::info!("{signal}: stopping; the open round, if any, is abandoned");
-                    break;
-                }
-            }
-        }
+        follow(&server, args.rounds).await;
         server.shutdown().await;
         anyhow::Ok(())
     });
@@ -464,6 +498,62 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     // round: not worth waiting for.
     runtime.shutdown_timeout(Duration::from_secs(1));
     served
+}
+
+/// Prints each committed round until `rounds` are, or a signal comes.
+async fn follow(server: &Server, rounds: Option<u64>) {
+    println!("{TABLE_HEADER}");
+    let mut shown = 0;
+    let mut stop = std::pin::pin!(stop_signal());
+    loop {
+        for record in server.history_from(shown) {
+            println!("{}", row(&record));
+            shown = record.round + 1;
+        }
+        if rounds.is_some_and(|max| shown > max) {
+            break;
+        }
+        tokio::select! {
+            () = server.wait_for_round(shown) => {}
+            signal = &mut stop => {
+                tracing::info!("{signal}: stopping; the open round, if any, is abandoned");
+                break;
+            }
+        }
+    }
+}
+
+/// The cluster's root: runs rounds until `--rounds` are committed, the lease is
+/// lost, or a signal comes.
+async fn run_root(config: ServerConfig, nats: String, name: String) -> anyhow::Result<()> {
+    println!("folio root {name}: rounds over the edges of the cluster at {nats}");
+    let root = folio_cluster::Root::start(folio_cluster::RootConfig {
+        server: config,
+        nats,
+        name,
+    })
+    .await?;
+    println!("{TABLE_HEADER}");
+    let mut records = root.records();
+    let mut stop = std::pin::pin!(stop_signal());
+    let mut finished = std::pin::pin!(root.join());
+    loop {
+        tokio::select! {
+            changed = records.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                if let Some(record) = records.borrow_and_update().clone() {
+                    println!("{}", row(&record));
+                }
+            }
+            done = &mut finished => return done,
+            signal = &mut stop => {
+                tracing::info!("{signal}: stopping; the open round runs again under the next root");
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// The first of SIGINT (Ctrl-C) and SIGTERM, named.
