@@ -58,7 +58,7 @@ impl Edge {
         server_config.rounds = settings.rounds;
         let round = global.record.round;
         let weights = store.weights(round).await?;
-        let mut history = store.history().await?;
+        let mut history = store.committed().await?;
         history.retain(|r| r.round <= round);
         let (parts, shares) = mpsc::unbounded_channel();
         let start = Start {
@@ -66,7 +66,13 @@ impl Edge {
             strategy: None,
             history,
         };
-        let server = Server::start_as(server_config, Host::Edge { start, parts })
+        let first = store.weights(0).await?;
+        let host = Host::Edge {
+            start,
+            first,
+            parts,
+        };
+        let server = Server::start_as(server_config, host)
             .await
             .context("cannot start the edge's server")?;
         let url = config

@@ -72,7 +72,7 @@ impl Root {
             max_rounds: server.max_rounds,
             ..folio_server::engine_config(server.preset, server.rounds.clone(), server.seed)
         };
-        let history = store.history().await?;
+        let history = store.committed().await?;
         let start = match history.last() {
             Some(last) => {
                 let snapshot = store.snapshot(last.round).await?;

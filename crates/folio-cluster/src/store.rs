@@ -33,7 +33,8 @@ pub const PARTS_SUBJECT: &str = "folio.parts";
 
 /// How long a root's lease lasts unless renewed (it renews three times as often).
 pub const LEASE_TIME: Duration = Duration::from_secs(3);
-/// Rounds whose weights are kept in the Object Store (older ones are deleted).
+/// Rounds whose weights are kept in the Object Store (older ones are deleted,
+/// but for round 0's).
 const KEPT_ROUNDS: u64 = 3;
 
 /// What every process of the cluster runs by, set by the root: an edge takes it
@@ -260,7 +261,8 @@ impl Store {
             .await
             .with_context(|| format!("cannot append round {round} to the history"))?;
         self.announce(record).await?;
-        if let Some(old) = round.checked_sub(KEPT_ROUNDS) {
+        // Round 0's weights stay: the model the federation started from.
+        if let Some(old) = round.checked_sub(KEPT_ROUNDS).filter(|&old| old > 0) {
             for name in [format!("weights-r{old}"), format!("state-r{old}")] {
                 let _ = self.objects.delete(&name).await;
             }
@@ -279,7 +281,7 @@ impl Store {
         .await
     }
 
-    /// Every committed round, from round 0.
+    /// Every record in the history, as appended.
     pub async fn history(&self) -> anyhow::Result<Vec<RoundRecord>> {
         let mut stream = self.history.clone();
         let last = stream.info().await?.state.last_sequence;
@@ -292,11 +294,23 @@ impl Store {
                 .with_context(|| format!("cannot read history message {sequence}"))?;
             let record: RoundRecord = serde_json::from_slice(&message.payload)
                 .with_context(|| format!("history message {sequence} is unreadable"))?;
-            // A record past the dedup window could repeat: the first one counts.
-            if records.last().is_none_or(|last| record.round > last.round) {
-                records.push(record);
-            }
+            records.push(record);
         }
+        Ok(records)
+    }
+
+    /// The committed rounds: the history, each round once (the first record of a
+    /// round counts, should one repeat past the deduplication window).
+    pub async fn committed(&self) -> anyhow::Result<Vec<RoundRecord>> {
+        let mut records = self.history().await?;
+        let mut last = None;
+        records.retain(|r| {
+            let new = last.is_none_or(|last| r.round > last);
+            if new {
+                last = Some(r.round);
+            }
+            new
+        });
         Ok(records)
     }
 

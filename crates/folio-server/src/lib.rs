@@ -86,6 +86,8 @@ pub enum Host {
     /// commits come in through [`Server::order`] and [`Server::adopt`].
     Edge {
         start: Start,
+        /// Round 0's weights: the model the federation started from.
+        first: Vec<f32>,
         parts: mpsc::UnboundedSender<Share>,
     },
 }
@@ -156,7 +158,10 @@ impl Server {
         })?;
         // The model the federation starts from, kept for the page's side-by-side
         // generator however far the rounds have gone.
-        let start = starting_weights(model, config.init.as_deref(), config.seed).await?;
+        let start = match &host {
+            Host::Whole => starting_weights(model, config.init.as_deref(), config.seed).await?,
+            Host::Edge { first, .. } => first.clone(),
+        };
         let start_model = Bytes::from(checkpoint::encode(
             model,
             &start,
@@ -182,7 +187,7 @@ impl Server {
                 new_engine(engine_config, &corpus, &config.state_dir, start)?,
                 None,
             ),
-            Host::Edge { start, parts } => {
+            Host::Edge { start, parts, .. } => {
                 let config = EngineConfig {
                     role: folio_engine::Role::Edge,
                     ..engine_config
