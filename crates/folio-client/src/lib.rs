@@ -276,6 +276,35 @@ pub fn connect_url(url: &str, resuming: bool) -> String {
     format!("{url}{separator}resume")
 }
 
+/// The servers a client may use (a cluster's edges): the one in use until
+/// connecting to it fails, then the next.
+pub struct Failover {
+    urls: Vec<String>,
+    next: std::cell::Cell<usize>,
+}
+
+impl Failover {
+    /// `urls` in order of preference; empty ones are dropped.
+    pub fn new(urls: impl IntoIterator<Item = String>) -> Self {
+        let urls: Vec<String> = urls.into_iter().filter(|u| !u.is_empty()).collect();
+        assert!(!urls.is_empty(), "a client needs a server to connect to");
+        Self {
+            urls,
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The URL to connect to now ([`connect_url`]).
+    pub fn url(&self, resuming: bool) -> String {
+        connect_url(&self.urls[self.next.get() % self.urls.len()], resuming)
+    }
+
+    /// Connecting failed: the next server is tried.
+    pub fn failed(&self) {
+        self.next.set(self.next.get() + 1);
+    }
+}
+
 /// [`run`] that survives the server going away: it reconnects (`connect`, told
 /// whether it holds a session to resume) with backoff (`sleep`) and resumes its
 /// session (or, after a server restart, joins again as the same Shakespeare

@@ -52,17 +52,14 @@ pub async fn run_reconnecting(
     on_event: impl FnMut(crate::ClientEvent),
     on_retry: impl FnMut(&ClientError, std::time::Duration),
 ) -> Result<Vec<crate::RoundReport>, ClientError> {
-    assert!(!urls.is_empty(), "a client needs a server to connect to");
-    // The server in use, until connecting to it fails: then the next.
-    let next = std::cell::Cell::new(0usize);
+    let servers = crate::Failover::new(urls.iter().cloned());
     crate::run_reconnecting(
         |resuming| {
-            let url = crate::connect_url(&urls[next.get() % urls.len()], resuming);
-            let next = &next;
+            let (url, servers) = (servers.url(resuming), &servers);
             async move {
                 let connected = WsTransport::connect(&url).await;
                 if connected.is_err() {
-                    next.set(next.get() + 1);
+                    servers.failed();
                 }
                 connected
             }

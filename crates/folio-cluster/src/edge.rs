@@ -135,6 +135,18 @@ impl Link {
     }
 
     async fn report(&self) -> anyhow::Result<()> {
+        // Whom tabs may fail over to: the edges heard from lately.
+        let now = now_ms();
+        let mut edges: Vec<String> = self
+            .store
+            .reports()
+            .await?
+            .into_iter()
+            .filter(|r| now.saturating_sub(r.at_ms) < crate::store::EDGE_SILENCE_MS)
+            .map(|r| r.url)
+            .collect();
+        edges.sort();
+        self.handle.set_edges(edges);
         let sessions = self
             .handle
             .candidates()

@@ -18,12 +18,10 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::store::{LEASE_TIME, Settings, ShareNotice, Store, now_ms};
+use crate::store::{EDGE_SILENCE_MS, LEASE_TIME, Settings, ShareNotice, Store, now_ms};
 
 /// How often the root reads the edges' reports.
 const OFFER_EVERY: Duration = Duration::from_millis(250);
-/// An edge silent this long is taken for dead: its sessions are not offered.
-const EDGE_SILENCE: Duration = Duration::from_secs(3);
 /// After a failed job (NATS away, say), this long before the round runs again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -316,10 +314,9 @@ impl RootHost {
             }
         };
         let now = now_ms();
-        let silence = EDGE_SILENCE.as_millis() as u64;
         let sessions = reports
             .into_iter()
-            .filter(|r| now.saturating_sub(r.at_ms) < silence)
+            .filter(|r| now.saturating_sub(r.at_ms) < EDGE_SILENCE_MS)
             .flat_map(|r| r.sessions)
             .collect();
         self.engine.offer(sessions, Instant::now());

@@ -33,6 +33,9 @@ pub const PARTS_SUBJECT: &str = "folio.parts";
 
 /// How long a root's lease lasts unless renewed (it renews three times as often).
 pub const LEASE_TIME: Duration = Duration::from_secs(3);
+/// An edge silent this long (ms) is taken for dead: the root offers none of its
+/// sessions, and tabs are not sent to it.
+pub const EDGE_SILENCE_MS: u64 = 3_000;
 /// Rounds whose weights are kept in the Object Store (older ones are deleted,
 /// but for round 0's).
 const KEPT_ROUNDS: u64 = 3;

@@ -206,6 +206,9 @@ pub struct ServerStatus {
     /// a less represented network, since the start.
     connections_refused: u64,
     connections_evicted: u64,
+    /// A cluster's edges that serve tabs (absent on a single server).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    edges: Vec<String>,
 }
 
 pub fn status(shared: &Shared) -> ServerStatus {
@@ -215,5 +218,6 @@ pub fn status(shared: &Shared) -> ServerStatus {
         connections: count.open(),
         connections_refused: count.refused.load(std::sync::atomic::Ordering::Relaxed),
         connections_evicted: count.evicted.load(std::sync::atomic::Ordering::Relaxed),
+        edges: shared.edges.lock().map(|e| e.clone()).unwrap_or_default(),
     }
 }

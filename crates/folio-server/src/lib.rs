@@ -72,6 +72,8 @@ pub struct Shared {
     saving: tokio::sync::RwLock<()>,
     /// An edge's folded shares, for its link to the root.
     parts: Option<mpsc::UnboundedSender<Share>>,
+    /// A cluster's edges (their WebSocket URLs), for tabs to fail over to.
+    edges: Mutex<Vec<String>>,
 }
 
 /// An edge's share of a round: what its sessions reported, and their deltas folded.
@@ -232,6 +234,7 @@ impl Server {
             websockets: watch::channel(0).0,
             saving: tokio::sync::RwLock::new(()),
             parts,
+            edges: Mutex::new(Vec::new()),
             config,
         });
         let router = http::router(shared.clone());
@@ -333,6 +336,13 @@ impl Handle {
     /// The fingerprint of the global model served.
     pub fn fingerprint(&self) -> u64 {
         self.0.read(|e| e.fingerprint())
+    }
+
+    /// The cluster's live edges, for `/api/status`.
+    pub fn set_edges(&self, urls: Vec<String>) {
+        if let Ok(mut edges) = self.0.edges.lock() {
+            *edges = urls;
+        }
     }
 
     /// Rounds committed (adopted, on an edge).

@@ -163,8 +163,9 @@ async fn sleep(duration: Duration) {
     let _ = JsFuture::from(promise).await;
 }
 
-/// Runs this tab as one device against the aggregator at `url`, reconnecting with
-/// backoff when it goes away, until it refuses us for good. `client` asks for a
+/// Runs this tab as one device against the aggregator at `urls[0]`, reconnecting
+/// with backoff when it goes away (to the next of `urls`, a cluster's other
+/// edges, whenever connecting fails), until it refuses us for good. `client` asks for a
 /// Shakespeare client; `resume` is the session of an earlier welcome (a reloaded
 /// tab rejoins as the same client); `held_encoding` and `held_weights` are a
 /// global model kept by `keep_model` (offered back, so that it is not sent
@@ -176,7 +177,7 @@ async fn sleep(duration: Duration) {
 #[wasm_bindgen(js_name = runDevice)]
 #[allow(clippy::too_many_arguments)] // called from the worker's JavaScript, positionally
 pub async fn run_device(
-    url: String,
+    urls: Vec<String>,
     client: Option<String>,
     resume: Option<String>,
     held_encoding: Option<u8>,
@@ -207,13 +208,20 @@ pub async fn run_device(
         .and_then(Encoding::from_tag)
         .zip(held_weights)
         .map(|(encoding, weights)| HeldModel::new(encoding, weights));
+    if urls.is_empty() {
+        return Err(JsValue::from_str("no aggregator to connect to"));
+    }
+    let servers = folio_client::Failover::new(urls);
     folio_client::run_reconnecting(
         |resuming| {
-            let (url, keep) = (
-                folio_client::connect_url(&url, resuming),
-                keep_model.clone(),
-            );
-            async move { BrowserTransport::connect(&url, keep).await }
+            let (url, keep, servers) = (servers.url(resuming), keep_model.clone(), &servers);
+            async move {
+                let connected = BrowserTransport::connect(&url, keep).await;
+                if connected.is_err() {
+                    servers.failed();
+                }
+                connected
+            }
         },
         sleep,
         &device,
