@@ -4,6 +4,7 @@
 //! while it runs: a second root waits as a standby and takes over when the
 //! lease lapses; a root that loses it stops.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,10 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::store::{EDGE_SILENCE_MS, LEASE_TIME, Settings, ShareNotice, Store, now_ms};
+use crate::store::{
+    EDGE_SILENCE_MS, EdgeReport, LEASE_TIME, Settings, ShareNotice, Store, edge_id, now_ms,
+    split_id,
+};
 
 /// How often the root reads the edges' reports.
 const OFFER_EVERY: Duration = Duration::from_millis(250);
@@ -314,11 +318,16 @@ impl RootHost {
             }
         };
         let now = now_ms();
-        let sessions = reports
+        let (live, silent): (Vec<EdgeReport>, Vec<EdgeReport>) = reports
             .into_iter()
-            .filter(|r| now.saturating_sub(r.at_ms) < EDGE_SILENCE_MS)
-            .flat_map(|r| r.sessions)
-            .collect();
+            .partition(|r| now.saturating_sub(r.at_ms) < EDGE_SILENCE_MS);
+        // A silent edge's clients will not report: the round stops waiting for them.
+        let dead: BTreeSet<u32> = silent.iter().map(|r| edge_id(&r.name)).collect();
+        if !dead.is_empty() {
+            self.engine
+                .lose(|s| dead.contains(&split_id(s).0), Instant::now());
+        }
+        let sessions = live.into_iter().flat_map(|r| r.sessions).collect();
         self.engine.offer(sessions, Instant::now());
     }
 }

@@ -1146,6 +1146,22 @@ impl Engine {
         self.advance(now);
     }
 
+    /// A root learns that the sessions `lost` names are gone (their edge died):
+    /// those selected and still awaited count as dropped, so the round closes,
+    /// or runs again, without waiting for its deadline.
+    pub fn lose(&mut self, lost: impl Fn(u64) -> bool, now: Instant) {
+        if let Phase::Collecting(open) = &mut self.phase {
+            let gone: Vec<u64> = open
+                .selected
+                .iter()
+                .copied()
+                .filter(|&s| open.is_training(s) && lost(s))
+                .collect();
+            open.dropped.extend(gone);
+        }
+        self.advance(now);
+    }
+
     /// A root takes an edge's share of the open round: refused (and nothing
     /// counted) unless it is for the open round's attempt and every session it
     /// names is still awaited.

@@ -40,6 +40,9 @@ pub struct Access {
     lockouts: Mutex<HashMap<IpAddr, Lockout>>,
     first: Duration,
     max: Duration,
+    /// A cluster's edges (`host:port`): a page any of them served may fail over
+    /// to this one.
+    peers: Mutex<Vec<String>>,
 }
 
 impl Access {
@@ -49,7 +52,22 @@ impl Access {
             lockouts: Mutex::new(HashMap::new()),
             first,
             max,
+            peers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The cluster's edges, by their WebSocket URLs (`ws://host:port/ws`).
+    pub fn set_peers(&self, urls: &[String]) {
+        let authorities = urls
+            .iter()
+            .filter_map(|url| {
+                let rest = url
+                    .strip_prefix("ws://")
+                    .or_else(|| url.strip_prefix("wss://"))?;
+                Some(rest.split('/').next()?.to_owned())
+            })
+            .collect();
+        *self.peers.lock().unwrap_or_else(|p| p.into_inner()) = authorities;
     }
 
     fn lockouts(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Lockout>> {
@@ -127,7 +145,15 @@ impl Access {
         let authority = origin
             .strip_prefix("http://")
             .or_else(|| origin.strip_prefix("https://"));
-        matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+        let peer = |a: &str| {
+            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers.iter().any(|p| p.eq_ignore_ascii_case(a))
+        };
+        match (authority, host) {
+            (Some(a), Some(h)) if a.eq_ignore_ascii_case(h) => true,
+            (Some(a), _) => peer(a),
+            _ => false,
+        }
     }
 }
 
@@ -196,7 +222,12 @@ mod tests {
             host.clone(),
             (header::ORIGIN, "http://evil.example")
         ])));
-        assert!(!access.origin_ok(&headers(&[host, (header::ORIGIN, "null")])));
+        assert!(!access.origin_ok(&headers(&[host.clone(), (header::ORIGIN, "null")])));
+        // A cluster's edges open each other's sockets (a tab failing over).
+        let from_edge = [host, (header::ORIGIN, "http://10.0.0.7:8080")];
+        assert!(!access.origin_ok(&headers(&from_edge)));
+        access.set_peers(&["ws://10.0.0.7:8080/ws".into()]);
+        assert!(access.origin_ok(&headers(&from_edge)));
         assert_eq!(access.admin(&headers(&[])), Err(AdminRefusal::Wrong));
         assert_eq!(
             access.admin(&headers(&[(header::AUTHORIZATION, "Bearer root")])),

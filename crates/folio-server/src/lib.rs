@@ -338,8 +338,10 @@ impl Handle {
         self.0.read(|e| e.fingerprint())
     }
 
-    /// The cluster's live edges, for `/api/status`.
+    /// The cluster's live edges: in `/api/status`, and their pages may open
+    /// this edge's WebSocket.
     pub fn set_edges(&self, urls: Vec<String>) {
+        self.0.access.set_peers(&urls);
         if let Ok(mut edges) = self.0.edges.lock() {
             *edges = urls;
         }

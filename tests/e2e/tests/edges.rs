@@ -114,11 +114,27 @@ fn a_tab_fails_over_to_another_edge_and_keeps_training() -> anyhow::Result<()> {
     let tab = driver.session(1200, 900)?;
     let page = format!("http://{}/?backend=cpu", edges[0].edge.server.addr);
     tab.navigate(&page)?;
+    let page_says = || -> String {
+        tab.execute(
+            "return document.getElementById('device-status').textContent + ' / ' + document.getElementById('device-notices')?.innerText",
+            serde_json::json!([]),
+        )
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+    };
     let took = wait(
         "the tab trains a round on edge A",
-        Duration::from_secs(300),
+        Duration::from_secs(120),
         || edges[0].tabs().iter().any(|&r| r >= 1),
-    )?;
+    )
+    .with_context(|| {
+        format!(
+            "the page says: {}; edge A: {}",
+            page_says(),
+            edges[0].status()
+        )
+    })?;
     eprintln!(
         "the tab trained on edge A within {:.1} s",
         took.as_secs_f64()
@@ -131,9 +147,16 @@ fn a_tab_fails_over_to_another_edge_and_keeps_training() -> anyhow::Result<()> {
     drop(dead.edge);
     let took = wait(
         "the tab trains a round on edge B",
-        Duration::from_secs(300),
+        Duration::from_secs(120),
         || edges[0].tabs().iter().any(|&r| r >= 1),
-    )?;
+    )
+    .with_context(|| {
+        format!(
+            "the page says: {}; edge B: {}",
+            page_says(),
+            edges[0].status()
+        )
+    })?;
     wait(
         "the root commits the tab's round",
         Duration::from_secs(60),
@@ -143,15 +166,7 @@ fn a_tab_fails_over_to_another_edge_and_keeps_training() -> anyhow::Result<()> {
         "after edge A died, the tab trained on edge B within {:.1} s",
         took.as_secs_f64()
     );
-    let state: String = tab
-        .execute(
-            "return document.getElementById('device-status').textContent",
-            Value::Null,
-        )?
-        .as_str()
-        .context("the page's status")?
-        .to_owned();
-    eprintln!("the page says: {state}");
+    eprintln!("the page says: {}", page_says());
     drop(root_runtime);
     Ok(())
 }
