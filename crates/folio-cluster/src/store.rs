@@ -427,6 +427,22 @@ impl Store {
         Ok(consumer.messages().await?)
     }
 
+    /// Every share notice on the stream (as `folio bench cluster` counts the
+    /// root's input), with its size in bytes.
+    pub async fn notices(&self) -> anyhow::Result<Vec<(ShareNotice, usize)>> {
+        let mut stream = self.parts.clone();
+        let state = stream.info().await?.state.clone();
+        let mut notices = Vec::new();
+        for sequence in state.first_sequence.max(1)..=state.last_sequence {
+            let message = stream.get_raw_message(sequence).await?;
+            notices.push((
+                serde_json::from_slice(&message.payload)?,
+                message.payload.len(),
+            ));
+        }
+        Ok(notices)
+    }
+
     /// A share's notice, read, with its sum fetched.
     pub async fn share(&self, payload: &[u8]) -> anyhow::Result<(ShareNotice, Partial)> {
         let notice: ShareNotice =

@@ -854,4 +854,18 @@ fn a_dead_edge_costs_the_root_its_clients_not_the_round() {
             .part(late, part, cluster.root.now)
             .is_err()
     );
+
+    // Round 2: edge 1 dies again, and the root learns it at once (its reports
+    // stopped): the round closes on edge 0's share without waiting.
+    cluster.deliver_commits();
+    cluster.offer();
+    cluster.deliver_orders();
+    cluster.train(2, &[0]);
+    cluster.edges[1].parts.clear();
+    cluster.deliver_parts();
+    assert_eq!(cluster.root.engine.completed_rounds(), 1);
+    cluster.root.engine.lose(|s| s >> 32 == 1, cluster.root.now);
+    cluster.root.run();
+    assert_eq!(cluster.root.engine.completed_rounds(), 2);
+    assert_eq!(cluster.root.committed.last().unwrap().clients, 2);
 }

@@ -346,11 +346,6 @@ impl Handle {
             *edges = urls;
         }
     }
-
-    /// Rounds committed (adopted, on an edge).
-    pub fn completed_rounds(&self) -> u64 {
-        self.0.read(|e| e.completed_rounds())
-    }
 }
 
 /// The tensors' lengths in parameter order.

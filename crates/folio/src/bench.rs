@@ -46,6 +46,10 @@ pub enum BenchCommand {
     /// `/api/status` latency while a median aggregation of 100 medium-preset
     /// updates runs, and how long a request trickling its head stays open.
     Responsiveness(crate::responsiveness::ResponsivenessArgs),
+    /// A cluster's fan-in (a root and 1, 2, 4 edges over NATS) against one
+    /// `folio serve`, with light synthetic clients: updates folded per second,
+    /// the aggregator's bytes in per round, p99 commit latency, memory.
+    Cluster(crate::cluster_bench::ClusterBenchArgs),
     /// (Internal) one round of `clients` seed-size deltas; prints peak RSS.
     #[command(hide = true)]
     AggregatePeak { clients: usize },
@@ -81,6 +85,7 @@ pub fn run(command: BenchCommand, data_dir: &std::path::Path) -> anyhow::Result<
         BenchCommand::Sybils(args) => crate::influence::sybils(args, data_dir),
         BenchCommand::Server(args) => crate::server_bench::run(args, data_dir),
         BenchCommand::Responsiveness(args) => crate::responsiveness::run(args, data_dir),
+        BenchCommand::Cluster(args) => crate::cluster_bench::run(args, data_dir),
         BenchCommand::AggregatePeak { clients } => {
             fold_round(clients);
             println!("{}", peak_rss_kib()?);

@@ -323,6 +323,9 @@ pub struct ServeArgs {
     /// ...and from one network (an IPv4 /24, an IPv6 /64).
     #[arg(long, default_value_t = Limits::default().max_connections_per_network)]
     max_connections_per_network: usize,
+    /// Sessions kept (connected, or waiting to be resumed).
+    #[arg(long, default_value_t = Limits::default().max_sessions)]
+    max_sessions: usize,
     /// A disconnected session can be resumed for this long.
     #[arg(long, default_value_t = Limits::default().session_ttl.as_secs())]
     session_ttl_secs: u64,
@@ -443,6 +446,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
         max_connections_per_address: args.max_connections_per_address,
         max_connections_per_network: args.max_connections_per_network,
         session_ttl: Duration::from_secs(args.session_ttl_secs),
+        max_sessions: args.max_sessions,
         new_sessions: folio_engine::SessionRate {
             burst: args.session_burst,
             ..Limits::default().new_sessions

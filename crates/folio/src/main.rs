@@ -1,6 +1,7 @@
 //! `folio`: the command line of the federated char-RNN.
 
 mod bench;
+mod cluster_bench;
 mod data;
 mod federate;
 mod influence;
@@ -42,7 +43,7 @@ enum Command {
     #[command(subcommand)]
     Data(data::DataCommand),
     /// The aggregator: serves the page and runs FedAvg rounds over WebSocket.
-    Serve(federate::ServeArgs),
+    Serve(Box<federate::ServeArgs>),
     /// One native client (a device) training against an aggregator.
     Client(federate::ClientArgs),
     /// An aggregator and N native clients in one process, or (--population) rounds
@@ -73,7 +74,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -85,7 +86,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => model::eval(args, &data_dir),
         Command::Generate(args) => model::generate_text(args),
         Command::Export(args) => model::export(args, &data_dir),
-        Command::Serve(args) => federate::serve(args, &data_dir),
+        Command::Serve(args) => federate::serve(*args, &data_dir),
         Command::Client(args) => federate::client(args),
         Command::Simulate(args) => federate::simulate(args, &data_dir),
         Command::Plot(args) => plot::run(args),

@@ -25,9 +25,9 @@ pub struct ServerBenchArgs {
     max_connections: usize,
 }
 
-/// The child's (VmRSS, VmHWM) in MiB.
-fn memory(child: &Child) -> anyhow::Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+/// A process's (VmRSS, VmHWM) in MiB.
+pub fn memory(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .context("reading /proc (this bench needs Linux)")?;
     let field = |name: &str| -> f64 {
         status
@@ -162,7 +162,7 @@ pub fn run(args: ServerBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
         }
         let url = format!("ws://{addr}/ws");
         let row = |what: &str, child: &Child, latency: (f64, f64, usize)| -> anyhow::Result<()> {
-            let (rss, peak) = memory(child)?;
+            let (rss, peak) = memory(child.id())?;
             println!(
                 "{what:<52} {rss:>8.1} {peak:>9.1} {:>11.1} {:>9.1} {:>11}",
                 latency.0, latency.1, latency.2
@@ -315,7 +315,7 @@ pub fn run(args: ServerBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
                 closed += 1;
             }
         }
-        let (rss, peak) = memory(&child)?;
+        let (rss, peak) = memory(child.id())?;
         println!(
             "{:<52} {rss:>8.1} {peak:>9.1}   ({closed} closed at accept: {} connections at most, {} held by clients)",
             format!("+ {} idle TCP sockets", args.max_connections),

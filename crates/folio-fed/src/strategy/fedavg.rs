@@ -256,7 +256,7 @@ impl Strategy for RobustFedAvg {
             total_weight += part.total_weight;
             norms.extend_from_slice(&part.norms);
         }
-        if norms.is_empty() || !(total_weight > 0.0) {
+        if norms.is_empty() || total_weight.is_nan() || total_weight <= 0.0 {
             return Err(FedError::NoUpdates);
         }
         let delta: Vec<f32> = sum
