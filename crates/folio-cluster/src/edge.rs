@@ -147,20 +147,24 @@ impl Link {
             .collect();
         edges.sort();
         self.handle.set_edges(edges);
-        let sessions = self
+        let (sessions, characters) = self
             .handle
             .candidates()
             .into_iter()
-            .map(|c| folio_fed::Candidate {
-                client: global_id(self.id, c.client),
-                ..c
+            .map(|(c, character)| {
+                let c = folio_fed::Candidate {
+                    client: global_id(self.id, c.client),
+                    ..c
+                };
+                (c, character)
             })
-            .collect();
+            .unzip();
         self.store
             .put_report(&EdgeReport {
                 name: self.name.clone(),
                 url: self.url.clone(),
                 sessions,
+                characters,
                 at_ms: now_ms(),
             })
             .await

@@ -13,7 +13,7 @@ use folio_data::Corpus;
 use folio_engine::{
     Action, AggregateResult, Engine, EngineConfig, Evaluation, Role, RoundRecord, Start,
 };
-use folio_fed::Partial;
+use folio_fed::{Candidate, Partial};
 use folio_server::{ServerConfig, eval::Evaluator, state};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -317,19 +317,40 @@ impl RootHost {
                 return;
             }
         };
-        let now = now_ms();
-        let (live, silent): (Vec<EdgeReport>, Vec<EdgeReport>) = reports
-            .into_iter()
-            .partition(|r| now.saturating_sub(r.at_ms) < EDGE_SILENCE_MS);
+        let (sessions, dead) = offered(reports, now_ms());
         // A silent edge's clients will not report: the round stops waiting for them.
-        let dead: BTreeSet<u32> = silent.iter().map(|r| edge_id(&r.name)).collect();
         if !dead.is_empty() {
             self.engine
                 .lose(|s| dead.contains(&split_id(s).0), Instant::now());
         }
-        let sessions = live.into_iter().flat_map(|r| r.sessions).collect();
         self.engine.offer(sessions, Instant::now());
     }
+}
+
+/// The sessions a root may pick from the edges' reports as of `now` (ms), and
+/// the edges gone silent. Each edge keeps its own sessions, so one Shakespeare
+/// client may be held on two edges: only its first (by edge name) is offered.
+fn offered(mut reports: Vec<EdgeReport>, now: u64) -> (Vec<Candidate>, BTreeSet<u32>) {
+    reports.sort_by(|a, b| a.name.cmp(&b.name));
+    let (live, silent): (Vec<EdgeReport>, Vec<EdgeReport>) = reports
+        .into_iter()
+        .partition(|r| now.saturating_sub(r.at_ms) < EDGE_SILENCE_MS);
+    let dead = silent.iter().map(|r| edge_id(&r.name)).collect();
+    let mut seen = BTreeSet::new();
+    let sessions = live
+        .into_iter()
+        .flat_map(|r| {
+            let characters = r
+                .characters
+                .into_iter()
+                .map(Some)
+                .chain(std::iter::repeat(None));
+            r.sessions.into_iter().zip(characters)
+        })
+        .filter(|(_, character)| character.as_ref().is_none_or(|c| seen.insert(c.clone())))
+        .map(|(session, _)| session)
+        .collect();
+    (sessions, dead)
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -373,5 +394,46 @@ async fn read_shares(store: Store, shares: mpsc::UnboundedSender<(ShareNotice, P
                 Err(err) => tracing::warn!("a share is unreadable: {err:#}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::global_id;
+
+    fn report(name: &str, at_ms: u64, characters: &[&str]) -> EdgeReport {
+        let id = edge_id(name);
+        EdgeReport {
+            name: name.into(),
+            url: format!("ws://{name}/ws"),
+            sessions: (0..characters.len() as u64)
+                .map(|s| Candidate {
+                    client: global_id(id, s + 1),
+                    size: 10,
+                    group: s,
+                })
+                .collect(),
+            characters: characters.iter().map(|c| c.to_string()).collect(),
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn a_character_on_two_edges_is_offered_once_and_silent_edges_are_dead() {
+        let reports = vec![
+            report("b", 10_000, &["KENT", "LEAR"]),
+            report("a", 10_000, &["LEAR", "FOOL"]),
+            report("c", 1_000, &["EDGAR"]),
+        ];
+        let (sessions, dead) = offered(reports, 10_500);
+        let from = |name: &str| {
+            sessions
+                .iter()
+                .filter(|s| split_id(s.client).0 == edge_id(name))
+                .count()
+        };
+        assert_eq!((from("a"), from("b"), from("c")), (2, 1, 0), "{sessions:?}");
+        assert_eq!(dead, BTreeSet::from([edge_id("c")]));
     }
 }

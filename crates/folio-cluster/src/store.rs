@@ -63,6 +63,9 @@ pub struct EdgeReport {
     pub url: String,
     /// Its connected sessions, by their cluster-wide ids.
     pub sessions: Vec<Candidate>,
+    /// The Shakespeare client each of `sessions` trains as.
+    #[serde(default)]
+    pub characters: Vec<String>,
     /// When it was sent (ms since the Unix epoch).
     pub at_ms: u64,
 }

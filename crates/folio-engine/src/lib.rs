@@ -1033,6 +1033,11 @@ impl Engine {
             .collect()
     }
 
+    /// The Shakespeare client a session trains as.
+    pub fn client_of(&self, session: u64) -> Option<&str> {
+        self.sessions.get(session).map(|s| s.client_id.as_str())
+    }
+
     /// What round `round`'s clients are sent (with the global model).
     fn round_start(&self, round: u64) -> RoundStart {
         let rounds = &self.config.rounds;

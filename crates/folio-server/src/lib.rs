@@ -328,9 +328,15 @@ impl Handle {
         self.0.completed.send_replace(round);
     }
 
-    /// The sessions connected here, as a round's candidates.
-    pub fn candidates(&self) -> Vec<folio_fed::Candidate> {
-        self.0.read(|e| e.candidates())
+    /// The sessions connected here, as a round's candidates, with the
+    /// Shakespeare client each trains as.
+    pub fn candidates(&self) -> Vec<(folio_fed::Candidate, String)> {
+        self.0.read(|e| {
+            e.candidates()
+                .into_iter()
+                .map(|c| (c, e.client_of(c.client).unwrap_or_default().to_owned()))
+                .collect()
+        })
     }
 
     /// The fingerprint of the global model served.
