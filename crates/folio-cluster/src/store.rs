@@ -184,9 +184,12 @@ impl Store {
                 .await?;
             anyhow::Ok((state, lease, objects, history, parts))
         };
-        let (state, lease, objects, history, parts) = ready
-            .await
-            .with_context(|| format!("NATS at {url} has no usable JetStream: start it with -js"))?;
+        let (state, lease, objects, history, parts) = ready.await.with_context(|| {
+            format!(
+                "no JetStream at {url}: is nats-server running there, with -js \
+                 (`nats-server -js -sd DIR -p PORT`)?"
+            )
+        })?;
         Ok(Store {
             js,
             state,
