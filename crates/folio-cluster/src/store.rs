@@ -293,10 +293,9 @@ impl Store {
     /// Every record in the history, as appended.
     pub async fn history(&self) -> anyhow::Result<Vec<RoundRecord>> {
         let mut stream = self.history.clone();
-        let last = stream.info().await?.state.last_sequence;
-        let first = stream.info().await?.state.first_sequence;
+        let state = stream.info().await?.state.clone();
         let mut records: Vec<RoundRecord> = Vec::new();
-        for sequence in first.max(1)..=last {
+        for sequence in state.first_sequence.max(1)..=state.last_sequence {
             let message = stream
                 .get_raw_message(sequence)
                 .await

@@ -116,13 +116,7 @@ pub async fn dispatch(shared: Arc<Shared>, mut deliveries: mpsc::UnboundedReceiv
                 tokio::spawn(async move { persist(shared, commit).await });
             }
             Delivery::Action(Action::Committed(record)) => {
-                tracing::info!(
-                    round = record.round,
-                    clients = record.clients,
-                    eval_loss = record.eval_loss,
-                    eval_accuracy = record.eval_accuracy,
-                    "round committed"
-                );
+                crate::log_committed(&record);
                 shared.completed.send_replace(record.round);
             }
         }

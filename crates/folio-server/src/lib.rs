@@ -354,6 +354,17 @@ impl Handle {
     }
 }
 
+/// Logs a committed round (every host's one line per round).
+pub fn log_committed(record: &RoundRecord) {
+    tracing::info!(
+        round = record.round,
+        clients = record.clients,
+        eval_loss = record.eval_loss,
+        eval_accuracy = record.eval_accuracy,
+        "round committed"
+    );
+}
+
 /// The tensors' lengths in parameter order.
 pub fn segments(model: ModelConfig) -> Vec<usize> {
     model
