@@ -286,3 +286,44 @@ async fn three_edges_commit_what_one_server_computes_from_the_same_updates() {
     }
     root.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_root_waits_as_a_standby_until_the_lease_lapses() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(&dir.path().join("nats")).unwrap();
+    let config =
+        |name: &str| server_config(&dir.path().join(name), rounds(1, Duration::from_secs(5)), 3);
+    let first = root(&nats, config("first"), "first").await;
+    first.wait_for_round(0).await;
+    let standby = tokio::spawn({
+        let (url, config) = (nats.url(), config("standby"));
+        async move {
+            Root::start(RootConfig {
+                server: config,
+                nats: url,
+                name: "standby".into(),
+            })
+            .await
+            .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!standby.is_finished(), "two roots ran at once");
+    // The first root dies (its lease is no longer renewed): the standby takes over.
+    let died = Instant::now();
+    first.abort();
+    let second = tokio::time::timeout(Duration::from_secs(15), standby)
+        .await
+        .expect("the standby takes over")
+        .unwrap();
+    assert!(
+        died.elapsed() >= Duration::from_secs(1),
+        "it waited for the lease"
+    );
+    assert_eq!(
+        second.completed_rounds(),
+        0,
+        "it resumed the committed history"
+    );
+    second.abort();
+}

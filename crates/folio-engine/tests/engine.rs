@@ -869,3 +869,63 @@ fn a_dead_edge_costs_the_root_its_clients_not_the_round() {
     assert_eq!(cluster.root.engine.completed_rounds(), 2);
     assert_eq!(cluster.root.committed.last().unwrap().clients, 2);
 }
+
+#[test]
+fn a_share_counts_once_must_match_its_report_and_a_malformed_one_commits_nothing() {
+    let strategy = StrategyConfig {
+        clipping: Clipping::Fixed { bound: 0.8 },
+        ..strategy_config(4, 4)
+    };
+    let mut cluster = Cluster::new(strategy, &[&["A", "B"], &["C", "D"]]);
+    cluster.offer();
+    cluster.deliver_orders();
+    cluster.train(1, &[0, 1]);
+    let global = |e: usize, mut report: folio_engine::PartReport| {
+        for s in report.reported.iter_mut().chain(&mut report.dropped) {
+            *s |= (e as u64) << 32;
+        }
+        report
+    };
+    let (report, part) = cluster.edges[0].parts.pop().unwrap();
+    let report = global(0, report);
+    let now = cluster.root.now;
+    // A share whose sums disagree with the sessions it names is refused.
+    let short = folio_fed::Partial {
+        updates: 1,
+        ..part.clone()
+    };
+    assert!(
+        cluster
+            .root
+            .engine
+            .part(report.clone(), short, now)
+            .is_err()
+    );
+    // The share counts once: replayed, it names sessions no longer awaited.
+    cluster
+        .root
+        .engine
+        .part(report.clone(), part.clone(), now)
+        .unwrap();
+    assert!(cluster.root.engine.part(report, part, now).is_err());
+    // Edge 1's share has a sum of the wrong length: the round is dropped (no
+    // commit, no model change) and runs again.
+    let (report, mut part) = cluster.edges[1].parts.pop().unwrap();
+    part.sum.truncate(1);
+    let before = cluster.root.engine.weights();
+    cluster
+        .root
+        .engine
+        .part(global(1, report), part, now)
+        .unwrap();
+    cluster.root.run();
+    assert_eq!(cluster.root.engine.completed_rounds(), 0);
+    assert_eq!(cluster.root.engine.weights(), before);
+    cluster.offer();
+    let retry = cluster
+        .root
+        .orders
+        .pop()
+        .expect("the round is ordered again");
+    assert_eq!((retry.round, retry.attempt), (1, 1));
+}
