@@ -129,12 +129,12 @@ function plot(all) {
 }
 
 // The open round: who was asked, who answered, the deadline counting down.
-function roundProgress(open) {
+function roundProgress(open, phase) {
   const bar = document.getElementById("round-progress");
   const text = document.getElementById("round-text");
   if (!open) {
     bar.value = 0;
-    text.textContent = "no round open: waiting for enough devices";
+    text.textContent = phase === "waiting for clients" ? "no round open: waiting for enough devices" : `no round open: ${phase}`;
     return;
   }
   Object.assign(bar, { max: open.selected, value: open.reported });
@@ -150,6 +150,20 @@ function thisRound(open, session) {
   if (open.dropped_sessions.includes(session)) return "left";
   if (open.selected_sessions.includes(session)) return "training";
   return "-";
+}
+
+// Under DP-FedAvg: the privacy the committed rounds spent, and why training
+// stopped if the budget did it.
+function showPrivacy(status) {
+  const line = document.getElementById("privacy");
+  const p = status.privacy;
+  line.hidden = !p;
+  if (!p) return;
+  const budget = p.epsilon_budget === null ? "no budget" : `budget ε ≤ ${p.epsilon_budget}`;
+  line.textContent = `Differentially private (DP-FedAvg): ε = ${fmt(p.epsilon, 3)} at δ = ${p.delta.toExponential(2)} ` +
+    `after ${p.rounds} rounds · noise multiplier ${p.noise_multiplier}, clip bound ${p.clip_bound}, ` +
+    `each of ${p.population.toLocaleString()} clients sampled with q = ${fmt(p.sampling_rate, 5)} · ${budget}` +
+    (status.stopped ? ` · stopped: ${status.stopped}` : "");
 }
 
 // The rounds committed so far. The status says how many there are; only the
@@ -178,10 +192,12 @@ async function refresh() {
       `preset ${status.preset} (${status.parameters.toLocaleString()} parameters) · ${status.completed_rounds} rounds done · ` +
       `${status.connected} devices connected` +
       (latest ? ` · global eval accuracy ${fmt(latest.eval_accuracy)} after round ${latest.round}` : "");
-    roundProgress(open);
+    roundProgress(open, status.phase);
     plot(history);
+    showPrivacy(status);
     fill("history", history.slice(-30).reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
-      fmt(r.eval_loss), fmt(r.eval_accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1)]));
+      fmt(r.eval_loss), fmt(r.eval_accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1),
+      fmt(r.epsilon, 3)]));
     fill("clients", status.clients.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}`, c.connected ? "yes" : "no",
       thisRound(open, c.session), c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy),
       bytes(c.bytes_up), bytes(c.bytes_down)]));

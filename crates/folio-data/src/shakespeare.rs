@@ -81,6 +81,15 @@ impl Client {
     pub fn test_text(&self) -> String {
         self.test.join("\n")
     }
+
+    /// The end of the training speeches that [`Corpus::validation_view`] holds out.
+    pub fn validation(&self) -> &[String] {
+        &self.train[self.train.len() - validation_len(self.train.len())..]
+    }
+
+    pub fn validation_text(&self) -> String {
+        self.validation().join("\n")
+    }
 }
 
 /// The whole federated dataset.
@@ -140,6 +149,31 @@ impl Corpus {
         }
     }
 
+    /// The corpus to tune on: each client's training speeches split again,
+    /// temporally, into train and a held-out validation part (the last
+    /// [`validation_len`] of them) that stands where the test speeches stood.
+    /// The test speeches are not in it at all, so no choice made on it has seen
+    /// them. A client with one training speech keeps it and holds nothing out.
+    pub fn validation_view(&self) -> Corpus {
+        let clients = self
+            .clients
+            .iter()
+            .map(|c| {
+                let held_out = c.validation().len();
+                Client {
+                    train: c.train[..c.train.len() - held_out].to_vec(),
+                    test: c.validation().to_vec(),
+                    ..c.clone()
+                }
+            })
+            .collect();
+        Corpus {
+            plays: self.plays.clone(),
+            clients,
+            dropped_clients: self.dropped_clients,
+        }
+    }
+
     pub fn client(&self, id: &str) -> Result<&Client, DataError> {
         let wanted = normalise_id(id);
         self.clients
@@ -171,6 +205,12 @@ impl Corpus {
 /// speech on each side.
 pub fn train_len(n: usize) -> usize {
     ((n as f64 * TRAIN_FRACTION) as usize).clamp(1, n - 1)
+}
+
+/// Training speeches out of `n` held out for validation: an eighth (a tenth of
+/// all the client's speeches), rounded down, but one when there are at least two.
+pub fn validation_len(n: usize) -> usize {
+    if n < 2 { 0 } else { (n / 8).max(1) }
 }
 
 /// The play files of a corpus folder, sorted by name.
@@ -551,5 +591,37 @@ mod tests {
             "{err}"
         );
         assert!(corpus.client("The Tragedy of Testing: Kent").is_ok());
+    }
+
+    #[test]
+    fn the_validation_view_holds_out_the_end_of_training_and_never_the_test() {
+        assert_eq!(
+            (0..=17).map(validation_len).collect::<Vec<_>>(),
+            [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2]
+        );
+        let speeches = |n: usize| (0..n).map(|i| format!("speech {i}")).collect::<Vec<_>>();
+        let corpus = Corpus {
+            plays: Vec::new(),
+            clients: [(2, 1), (17, 4)]
+                .into_iter()
+                .map(|(train, test)| Client {
+                    id: format!("C{train}"),
+                    play: "P".into(),
+                    speaker: "S".into(),
+                    train: speeches(train),
+                    test: speeches(train + test)[train..].to_vec(),
+                })
+                .collect(),
+            dropped_clients: 0,
+        };
+        let view = corpus.validation_view();
+        assert_eq!(view.clients[0].train, ["speech 0"]);
+        assert_eq!(view.clients[0].test, ["speech 1"]);
+        assert_eq!(view.clients[1].train, speeches(15));
+        assert_eq!(view.clients[1].test, ["speech 15", "speech 16"]);
+        assert_eq!(corpus.clients[1].validation_text(), "speech 15\nspeech 16");
+        for (v, c) in view.clients.iter().zip(&corpus.clients) {
+            assert!(v.train.iter().chain(&v.test).all(|s| !c.test.contains(s)));
+        }
     }
 }

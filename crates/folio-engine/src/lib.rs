@@ -138,6 +138,18 @@ impl EngineConfig {
     }
 }
 
+/// What a host builds its strategy with: the federation's seed, its population,
+/// and a secret from the OS for the draws that must stay private.
+pub fn strategy_context(seed: u64, population: usize) -> folio_fed::StrategyContext {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).expect("the OS random number generator works");
+    folio_fed::StrategyContext {
+        seed,
+        population,
+        secret,
+    }
+}
+
 /// Where a federation starts: its global model, and what a saved state holds.
 #[derive(Debug, Clone)]
 pub struct Start {
@@ -385,6 +397,8 @@ pub struct Engine {
     offered: Vec<folio_fed::Candidate>,
     /// Why the strategy's saved state was not continued, if it was not.
     pub fresh_state: Option<String>,
+    /// Why training stopped before `max_rounds` (a privacy budget spent).
+    stopped: Option<String>,
 }
 
 impl Engine {
@@ -434,6 +448,7 @@ impl Engine {
             actions: VecDeque::new(),
             offered: Vec::new(),
             fresh_state,
+            stopped: None,
         };
         if engine.history.is_empty() && engine.config.role != Role::Edge {
             let initial = Candidate {
@@ -480,6 +495,11 @@ impl Engine {
     /// Rounds committed (round 0, the starting model, counts as none).
     pub fn completed_rounds(&self) -> u64 {
         self.history.last().map_or(0, |r| r.round)
+    }
+
+    /// Why training stopped before its last round, if it did.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
     }
 
     pub fn is_finished(&self) -> bool {
@@ -886,6 +906,7 @@ impl Engine {
             population_loss: population.map(|m| m.loss),
             population_accuracy: population.map(|m| m.accuracy),
             model_hash: model_hash(&candidate.weights),
+            epsilon: self.strategy.privacy(&candidate.state).map(|p| p.epsilon),
         };
         self.actions.push_back(Action::Persist(Box::new(Commit {
             record: record.clone(),
@@ -968,6 +989,10 @@ impl Engine {
                         .max_rounds
                         .is_some_and(|max| self.completed_rounds() >= max)
                     {
+                        self.phase = Phase::Finished;
+                    } else if let Err(why) = self.strategy.admits_next_round(&self.global.state) {
+                        tracing::warn!("{why}");
+                        self.stopped = Some(why);
                         self.phase = Phase::Finished;
                     } else {
                         self.try_start_round(now);

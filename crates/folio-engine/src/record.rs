@@ -44,6 +44,9 @@ pub struct RoundRecord {
     /// FNV-1a of the global weights after this round (f32 little-endian bytes).
     #[serde(default)]
     pub model_hash: String,
+    /// The ε (at the strategy's δ) the rounds so far spent, under DP-FedAvg.
+    #[serde(default, with = "opt_float", skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// FNV-1a (64 bits) of the weights' bytes, in hex: which model a round produced.
@@ -133,6 +136,7 @@ mod tests {
             population_loss: None,
             population_accuracy: Some(0.5),
             model_hash: model_hash(&[1.0]),
+            epsilon: Some(f64::INFINITY),
         };
         let json = serde_json::to_string(&record).unwrap();
         assert!(json.contains(r#""eval_loss":"NaN""#), "{json}");

@@ -126,7 +126,10 @@ mod tests {
     use folio_fed::StrategyConfig;
 
     fn round(selected: &[u64]) -> OpenRound {
-        let strategy = folio_fed::strategy::build(StrategyConfig::fedavg(3), 0);
+        let strategy = folio_fed::strategy::build(
+            StrategyConfig::fedavg(3),
+            &folio_fed::StrategyContext::seeded(0),
+        );
         let start = RoundStart {
             round: 1,
             model: 0,

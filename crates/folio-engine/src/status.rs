@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use folio_fed::PrivacySpent;
 use serde::Serialize;
 
 use crate::sessions::SessionInfo;
@@ -28,6 +29,10 @@ pub struct Status {
     pub clients: Vec<SessionInfo>,
     pub errors: BTreeMap<&'static str, u64>,
     pub config: ConfigStatus,
+    /// What the committed rounds cost in privacy (DP-FedAvg only).
+    pub privacy: Option<PrivacySpent>,
+    /// Why training stopped before its last round (a privacy budget spent).
+    pub stopped: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,6 +106,8 @@ impl Engine {
                 delta_encoding: format!("{:?}", rounds.delta_encoding),
                 max_rounds: self.config.max_rounds,
             },
+            privacy: self.strategy.privacy(&self.global.state),
+            stopped: self.stopped.clone(),
         }
     }
 }

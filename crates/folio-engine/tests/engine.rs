@@ -105,7 +105,10 @@ fn update(round: u64, values: [f32; PARAMS], examples: u64) -> DecodedUpdate {
 
 impl Host {
     fn new(config: EngineConfig, start: Start) -> Self {
-        let strategy = strategy::build(config.rounds.strategy, config.seed);
+        let strategy = strategy::build(
+            config.rounds.strategy,
+            &strategy::StrategyContext::seeded(config.seed),
+        );
         let now = Instant::now();
         let mut host = Self {
             engine: Engine::new(config, strategy, clients(), start, now),
@@ -928,4 +931,54 @@ fn a_share_counts_once_must_match_its_report_and_a_malformed_one_commits_nothing
         .pop()
         .expect("the round is ordered again");
     assert_eq!((retry.round, retry.attempt), (1, 1));
+}
+
+#[test]
+fn dp_training_stops_before_a_round_would_exceed_the_budget_and_says_why() {
+    let dp = StrategyConfig {
+        kind: folio_fed::StrategyKind::DpFedAvg,
+        clipping: Clipping::Fixed { bound: 1.0 },
+        dp: folio_fed::DpConfig {
+            noise_multiplier: 2.0,
+            delta: Some(1e-5),
+            epsilon_budget: Some(4.0),
+        },
+        ..strategy_config(3, 3)
+    };
+    let mut host = Host::fresh(dp, None);
+    let sessions: Vec<u64> = ["A", "B", "C"].iter().map(|c| host.join(c)).collect();
+    let mut rounds = 0;
+    while let Some(open) = host.engine.status(host.now).open_round {
+        // No population given: q = 1, every connected client in every round.
+        assert_eq!(open.selected_sessions, sessions);
+        for &session in &sessions {
+            host.update(session, open.round, [0.5; PARAMS]).unwrap();
+        }
+        rounds += 1;
+        assert!(rounds < 100, "the budget never stopped training");
+    }
+    let status = host.engine.status(host.now);
+    assert_eq!(status.phase, "finished");
+    let why = status.stopped.expect("says why it stopped");
+    assert!(why.contains("over the budget of 4"), "{why}");
+    let privacy = status.privacy.expect("a DP federation reports its ε");
+    assert_eq!(privacy.rounds, rounds);
+    assert!(privacy.epsilon <= 4.0);
+    // The accountant's own figures: one more round would have exceeded it.
+    let account = |rounds| {
+        folio_fed::accountant::SampledGaussian {
+            sampling_rate: 1.0,
+            noise_multiplier: 2.0,
+            rounds,
+        }
+        .epsilon(1e-5, &folio_fed::accountant::default_orders())
+        .unwrap()
+        .epsilon
+    };
+    assert!((privacy.epsilon - account(rounds)).abs() < 1e-9);
+    assert!(account(rounds + 1) > 4.0);
+    // Every committed record carries its ε, rising round by round.
+    let epsilons: Vec<f64> = host.committed.iter().filter_map(|r| r.epsilon).collect();
+    assert_eq!(epsilons.len() as u64, rounds + 1);
+    assert!(epsilons.windows(2).all(|w| w[0] < w[1]), "{epsilons:?}");
 }

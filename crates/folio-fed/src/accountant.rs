@@ -67,15 +67,29 @@ impl SampledGaussian {
         if !(delta > 0.0 && delta < 1.0) {
             return Err(format!("δ must be in (0, 1), not {delta}"));
         }
-        orders
-            .iter()
-            .map(|&order| Epsilon {
-                epsilon: epsilon_from_rdp(order, self.rdp(order), delta),
-                order,
-            })
-            .min_by(|a, b| a.epsilon.total_cmp(&b.epsilon))
-            .ok_or_else(|| "no Rényi orders to try".to_owned())
+        if orders.is_empty() {
+            return Err("no Rényi orders to try".to_owned());
+        }
+        let rdp: Vec<f64> = orders.iter().map(|&order| self.rdp(order)).collect();
+        Ok(epsilon_of(&rdp, orders, delta))
     }
+}
+
+/// The smallest ε for `delta` from Rényi DP `rdp[i]` spent at `orders[i]`
+/// (infinite if none is finite).
+pub fn epsilon_of(rdp: &[f64], orders: &[f64], delta: f64) -> Epsilon {
+    orders
+        .iter()
+        .zip(rdp)
+        .map(|(&order, &rdp)| Epsilon {
+            epsilon: epsilon_from_rdp(order, rdp, delta),
+            order,
+        })
+        .min_by(|a, b| a.epsilon.total_cmp(&b.epsilon))
+        .unwrap_or(Epsilon {
+            epsilon: f64::INFINITY,
+            order: f64::NAN,
+        })
 }
 
 /// ε for `delta` from Rényi DP `rdp` at `order` (Canonne, Kamath and Steinke 2020,

@@ -442,11 +442,16 @@ pub fn new_engine(
 
 /// An engine for `corpus`'s clients, starting from `start`.
 pub fn engine_for(config: EngineConfig, corpus: &Corpus, start: Start) -> Engine {
-    let clients = corpus
+    let clients: Vec<(String, usize)> = corpus
         .clients
         .iter()
-        .map(|c| (c.id.clone(), vocab::encode(&c.train_text()).0.len()));
-    let strategy = folio_fed::strategy::build(config.rounds.strategy, config.seed);
+        .map(|c| (c.id.clone(), vocab::encode(&c.train_text()).0.len()))
+        .collect();
+    let population = clients.iter().filter(|(_, chars)| *chars > 0).count();
+    let strategy = folio_fed::strategy::build(
+        config.rounds.strategy,
+        &folio_engine::strategy_context(config.seed, population),
+    );
     let engine = Engine::new(config, strategy, clients, start, Instant::now());
     if let Some(why) = &engine.fresh_state {
         tracing::warn!("the saved strategy state is not continued ({why}): it starts afresh");

@@ -373,6 +373,7 @@ mod tests {
             population_loss: None,
             population_accuracy: None,
             model_hash: folio_engine::model_hash(&[round as f32]),
+            epsilon: None,
         }
     }
 
@@ -494,7 +495,7 @@ mod tests {
                 },
                 ..folio_fed::StrategyConfig::fedavg(2)
             },
-            0,
+            &folio_fed::StrategyContext::seeded(0),
         );
         assert!(
             strategy.restore(saved.strategy, 2).is_ok(),

@@ -248,7 +248,10 @@ impl Setup {
             })
             .collect::<anyhow::Result<_>>()?;
         let sizes = texts.iter().map(|(id, text)| (id.clone(), text.len()));
-        let built = folio_fed::strategy::build(strategy, self.params.seed);
+        let built = folio_fed::strategy::build(
+            strategy,
+            &folio_fed::StrategyContext::seeded(self.params.seed),
+        );
         let start = Start {
             weights: self.start.clone(),
             strategy: None,

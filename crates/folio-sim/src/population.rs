@@ -34,6 +34,9 @@ pub struct Population {
     pub state_dir: PathBuf,
     /// The data cache holding `shakespeare/`.
     pub data_dir: PathBuf,
+    /// Train and evaluate on the corpus's validation view
+    /// ([`Corpus::validation_view`]): for tuning, never for the figure reported.
+    pub validation: bool,
 }
 
 /// What a run reports as it goes.
@@ -44,6 +47,8 @@ pub enum Progress<'a> {
     Training { clients: usize },
     /// A round (0: the starting model) is committed.
     Committed(&'a RoundRecord),
+    /// Training stopped before the last round, and why (a privacy budget spent).
+    Stopped(&'a str),
 }
 
 /// Runs rounds until `max_rounds` are committed; returns the whole history.
@@ -55,9 +60,15 @@ pub fn run(
         .validate()
         .map_err(|why| anyhow::anyhow!("inconsistent round settings: {why}"))?;
     let corpus = Corpus::load(&sim.data_dir.join("shakespeare"))?;
+    let corpus = if sim.validation {
+        corpus.validation_view()
+    } else {
+        corpus
+    };
     let model = sim.preset.config();
     std::fs::create_dir_all(&sim.state_dir)
         .with_context(|| format!("cannot create {}", sim.state_dir.display()))?;
+    check_split(sim)?;
     let evaluator = Evaluator::new(model, &corpus, &sim.rounds, sim.seed)?;
     let start = pollster::block_on(starting_weights(model, sim.init.as_deref(), sim.seed))?;
     let config = EngineConfig {
@@ -101,7 +112,36 @@ pub fn run(
                 .map_err(|e| anyhow::anyhow!("an honest update was refused: {}", e.message))?;
         }
     }
+    if let Some(why) = host.engine.stopped() {
+        (jobs.progress)(Progress::Stopped(why));
+    }
     Ok(host.engine.history(0, usize::MAX).to_vec())
+}
+
+/// A run folder's marker: its rounds trained and evaluated on the validation view.
+pub const VALIDATION_MARKER: &str = "validation";
+
+/// Marks a new validation run's folder, and refuses to continue a run on the
+/// other split than it started on.
+fn check_split(sim: &Population) -> anyhow::Result<()> {
+    let marker = sim.state_dir.join(VALIDATION_MARKER);
+    let started = state::state_path(&sim.state_dir).exists();
+    match (sim.validation, marker.exists()) {
+        (true, false) if started => anyhow::bail!(
+            "{} holds a run on the full training text: continue it without --validation",
+            sim.state_dir.display()
+        ),
+        (true, false) => std::fs::write(
+            &marker,
+            "this run trains without, and evaluates on, the validation split\n",
+        )
+        .with_context(|| format!("cannot write {}", marker.display())),
+        (false, true) => anyhow::bail!(
+            "{} holds a validation run: continue it with --validation",
+            sim.state_dir.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Joins each of `clients` to the engine as itself, all before a round can

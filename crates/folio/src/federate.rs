@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use folio_client::native::WsTransport;
 use folio_client::{ClientEvent, ClientOptions};
 use folio_fed::{
-    Aggregation, Clipping, Encoding, Selection, ServerOptimizerConfig, StrategyConfig,
+    Aggregation, Clipping, DpConfig, Encoding, Selection, ServerOptimizerConfig, StrategyConfig,
     StrategyKind, Weighting,
 };
 use folio_model::Preset;
@@ -27,10 +27,13 @@ pub enum ServerOpt {
     Fedyogi,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StrategyRule {
     Fedavg,
     Krum,
+    /// User-level differential privacy: Poisson sampling, every delta clipped to
+    /// --clip-bound, Gaussian noise of --noise-multiplier × the bound on the sum.
+    DpFedavg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -85,10 +88,19 @@ pub struct RoundArgs {
     /// Start from fresh (seeded random) weights, not a pre-trained model.
     #[arg(long)]
     fresh: bool,
-    /// The round's rules: hardened FedAvg, or multi-Krum (drops the updates far
-    /// from the others; see --byzantine).
+    /// The round's rules: hardened FedAvg, multi-Krum (drops the updates far
+    /// from the others; see --byzantine), or DP-FedAvg (see --noise-multiplier).
     #[arg(long, value_enum, default_value = "fedavg")]
     strategy: StrategyRule,
+    /// DP-FedAvg: the noise's standard deviation over the clip bound (z).
+    #[arg(long, default_value_t = 1.0)]
+    noise_multiplier: f64,
+    /// DP-FedAvg: δ of the (ε, δ) guarantee [default: 1 / N^1.1 for N clients]
+    #[arg(long)]
+    dp_delta: Option<f64>,
+    /// DP-FedAvg: stop training before a round would spend more than this ε.
+    #[arg(long)]
+    epsilon_budget: Option<f64>,
     /// Updates Krum assumes may be hostile in a round.
     #[arg(long, default_value_t = 0)]
     byzantine: usize,
@@ -223,6 +235,7 @@ impl RoundArgs {
             kind: match self.strategy {
                 StrategyRule::Fedavg => StrategyKind::FedAvg,
                 StrategyRule::Krum => StrategyKind::Krum,
+                StrategyRule::DpFedavg => StrategyKind::DpFedAvg,
             },
             byzantine: self.byzantine,
             clients_per_round: self.clients_per_round,
@@ -239,6 +252,9 @@ impl RoundArgs {
                 Weighting::Examples
             },
             clipping: match self.clip {
+                _ if self.strategy == StrategyRule::DpFedavg => Clipping::Fixed {
+                    bound: self.clip_bound,
+                },
                 ClipRule::Off => Clipping::Off,
                 ClipRule::Fixed => Clipping::Fixed {
                     bound: self.clip_bound,
@@ -251,6 +267,11 @@ impl RoundArgs {
                 AggregationRule::Median => Aggregation::Median,
             },
             server_optimizer,
+            dp: DpConfig {
+                noise_multiplier: self.noise_multiplier,
+                delta: self.dp_delta,
+                epsilon_budget: self.epsilon_budget,
+            },
         };
         RoundConfig {
             strategy,
@@ -406,6 +427,11 @@ pub struct SimulateArgs {
     clients: usize,
     #[arg(long, default_value_t = 5)]
     rounds: u64,
+    /// Tune, don't report: train on all but the last eighth of each client's
+    /// training speeches and evaluate (population figures included) on that
+    /// eighth; the test split is not loaded.
+    #[arg(long, requires = "population")]
+    validation: bool,
     /// Checkpoints and metrics [default: a fresh temporary folder]
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -662,12 +688,20 @@ pub fn row(r: &RoundRecord) -> String {
     ) + &r
         .population_accuracy
         .map_or_else(String::new, |acc| format!("  {acc:>14.4}"))
+        + &r.epsilon
+            .map_or_else(String::new, |e| format!("  ε {e:.3}"))
 }
 
 pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
     if args.population {
         let state_dir = args.state_dir.clone().expect("clap requires it");
-        return population(&args.round, args.rounds, state_dir, data_dir);
+        return population(
+            &args.round,
+            args.rounds,
+            state_dir,
+            args.validation,
+            data_dir,
+        );
     }
     let temp = std::env::temp_dir().join(format!("folio-simulate-{}", std::process::id()));
     let state_dir = args.state_dir.clone().unwrap_or_else(|| temp.clone());
@@ -757,6 +791,7 @@ fn population(
     round: &RoundArgs,
     rounds: u64,
     state_dir: PathBuf,
+    validation: bool,
     data_dir: &Path,
 ) -> anyhow::Result<()> {
     let sim = folio_sim::population::Population {
@@ -767,6 +802,7 @@ fn population(
         max_rounds: rounds,
         state_dir: state_dir.clone(),
         data_dir: data_dir.to_owned(),
+        validation,
     };
     let bar = rounds_bar(rounds);
     let print = |line: String| print_above(&bar, line);
@@ -785,6 +821,7 @@ fn population(
             print(row(record));
             bar.set_position(record.round);
         }
+        Progress::Stopped(why) => print(format!("stopped: {why}")),
     })?;
     bar.finish_and_clear();
     let last = history.last().expect("round 0 at least");

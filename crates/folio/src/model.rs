@@ -22,7 +22,28 @@ pub const SHIPPED_MODEL: &str = "models/dickens-seed.safetensors";
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Split {
     Train,
+    /// The end of each client's training speeches, held out for tuning (what
+    /// `folio simulate --validation` trains without and evaluates on).
+    Validation,
     Test,
+}
+
+impl Split {
+    fn text(self, client: &folio_data::Client) -> String {
+        match self {
+            Split::Train => client.train_text(),
+            Split::Validation => client.validation_text(),
+            Split::Test => client.test_text(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Validation => "validation",
+            Split::Test => "test",
+        }
+    }
 }
 
 #[derive(Args)]
@@ -73,17 +94,52 @@ pub struct GenerateArgs {
 }
 
 fn load_model(path: &Path) -> anyhow::Result<CharRnn> {
+    Ok(load_model_and_metadata(path)?.0)
+}
+
+fn load_model_and_metadata(path: &Path) -> anyhow::Result<(CharRnn, BTreeMap<String, String>)> {
     let saved = checkpoint::load(path, None).with_context(|| {
         format!(
             "no usable model at {}: pass --checkpoint, or run `folio pretrain`",
             path.display()
         )
     })?;
-    Ok(CharRnn::from_flat(
-        saved.config,
-        &saved.weights,
-        &Device::flex(),
-    )?)
+    let model = CharRnn::from_flat(saved.config, &saved.weights, &Device::flex())?;
+    Ok((model, saved.metadata))
+}
+
+/// The privacy guarantee a model file carries in its metadata (`dp_*`, written
+/// by `folio export` from a DP-FedAvg run), in one line.
+fn privacy_line(metadata: &BTreeMap<String, String>) -> Option<String> {
+    let get = |key: &str| metadata.get(&format!("dp_{key}")).map(String::as_str);
+    Some(format!(
+        "differentially private: (ε = {}, δ = {}) after {} rounds of ~{} clients (Poisson, q = {} of {}), noise multiplier {}, clip bound {}",
+        get("epsilon")?,
+        get("delta")?,
+        get("rounds")?,
+        get("expected_clients")?,
+        get("sampling_rate")?,
+        get("population")?,
+        get("noise_multiplier")?,
+        get("clip_bound")?,
+    ))
+}
+
+/// `privacy` (a DP-FedAvg state's `privacy` value) as model metadata.
+fn privacy_metadata(privacy: &folio_fed::PrivacySpent) -> BTreeMap<String, String> {
+    [
+        ("epsilon", format!("{:.4}", privacy.epsilon)),
+        ("delta", format!("{:.3e}", privacy.delta)),
+        ("rounds", privacy.rounds.to_string()),
+        ("expected_clients", format!("{}", privacy.expected_clients)),
+        ("sampling_rate", format!("{:.6}", privacy.sampling_rate)),
+        ("population", privacy.population.to_string()),
+        ("noise_multiplier", privacy.noise_multiplier.to_string()),
+        ("clip_bound", privacy.clip_bound.to_string()),
+    ]
+    .into_iter()
+    .map(|(key, value)| (format!("dp_{key}"), value))
+    .collect()
 }
 
 /// Loss and accuracy over every client's `split`, with a progress bar.
@@ -96,13 +152,7 @@ fn population_metrics(
     let clients: Vec<Vec<u32>> = corpus
         .clients
         .iter()
-        .map(|c| {
-            let text = match split {
-                Split::Train => c.train_text(),
-                Split::Test => c.test_text(),
-            };
-            vocab::encode(&text).0
-        })
+        .map(|c| vocab::encode(&split.text(c)).0)
         .collect();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -134,10 +184,7 @@ fn eval_population(args: &EvalArgs, model: &CharRnn, data_dir: &Path) -> anyhow:
     println!(
         "population ({} clients, {} split, {} chars, padding excluded): loss {:.4}, accuracy {:.4} in {:.0}s",
         corpus.clients.len(),
-        match split {
-            Split::Train => "train",
-            Split::Test => "test",
-        },
+        split.name(),
         metrics.targets,
         metrics.loss,
         metrics.accuracy,
@@ -147,7 +194,10 @@ fn eval_population(args: &EvalArgs, model: &CharRnn, data_dir: &Path) -> anyhow:
 }
 
 pub fn eval(args: EvalArgs, data_dir: &Path) -> anyhow::Result<()> {
-    let model = load_model(&args.checkpoint)?;
+    let (model, metadata) = load_model_and_metadata(&args.checkpoint)?;
+    if let Some(line) = privacy_line(&metadata) {
+        println!("{line}");
+    }
     if args.population {
         return eval_population(&args, &model, data_dir);
     }
@@ -159,11 +209,7 @@ pub fn eval(args: EvalArgs, data_dir: &Path) -> anyhow::Result<()> {
     } else {
         let corpus = crate::data::load_corpus(data_dir)?;
         let client = corpus.client(args.client.as_deref().unwrap_or_default())?;
-        let text = match args.split.unwrap_or(Split::Train) {
-            Split::Train => client.train_text(),
-            Split::Test => client.test_text(),
-        };
-        let (ids, _) = vocab::encode(&text);
+        let (ids, _) = vocab::encode(&args.split.unwrap_or(Split::Train).text(client));
         let mut all = batches(&ids, &BatchConfig::tutorial(args.seed));
         anyhow::ensure!(
             !all.is_empty(),
@@ -229,15 +275,28 @@ pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
         folio_server::state::load(&args.run, weights_len)?.context("the run has no state yet")?;
     let last = saved.history.last().context("the run has no rounds yet")?;
     let model = CharRnn::from_flat(preset.config(), &saved.weights, &Device::flex())?;
+    // A validation run's population figures are not test figures.
+    let validation = args
+        .run
+        .join(folio_sim::population::VALIDATION_MARKER)
+        .exists();
     let population = match (last.population_loss, last.population_accuracy) {
-        (Some(loss), Some(accuracy)) => (loss, accuracy),
+        (Some(loss), Some(accuracy)) if !validation => (loss, accuracy),
         _ => {
             let corpus = crate::data::load_corpus(data_dir)?;
             let metrics = population_metrics(&model, &corpus, Split::Test, 64)?;
             (metrics.loss, metrics.accuracy)
         }
     };
-    let metadata = BTreeMap::from([
+    let privacy = match saved.strategy.values.get("privacy") {
+        Some(value) => {
+            let spent: folio_fed::PrivacySpent = serde_json::from_value(value.clone())
+                .context("the run's privacy ledger is unreadable")?;
+            privacy_metadata(&spent)
+        }
+        None => BTreeMap::new(),
+    };
+    let mut metadata = BTreeMap::from([
         ("preset".to_owned(), preset.to_string()),
         ("round".to_owned(), last.round.to_string()),
         (
@@ -253,6 +312,10 @@ pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
             format!("{:.4}", population.1),
         ),
     ]);
+    if let Some(line) = privacy_line(&privacy) {
+        println!("{line}");
+    }
+    metadata.extend(privacy);
     checkpoint::save(
         &args.out,
         preset.config(),

@@ -13,6 +13,7 @@
 //! folder (see `krum.rs`), add a [`StrategyKind`] for it, and build it in
 //! [`build`]; `folio serve` and `folio simulate` take it with `--strategy`.
 
+mod dp;
 mod fedavg;
 mod krum;
 
@@ -27,6 +28,7 @@ use crate::codec::CheckedDelta;
 use crate::robust::{Aggregation, Clipping, FirstBound};
 use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig};
 
+pub use dp::{DpConfig, DpFedAvg, PrivacySpent, default_delta};
 pub use fedavg::RobustFedAvg;
 pub use krum::Krum;
 
@@ -40,13 +42,49 @@ pub enum StrategyKind {
     /// Multi-Krum (Blanchard et al. 2017): the updates closest to their neighbours
     /// are averaged, the rest dropped.
     Krum,
+    /// User-level DP-FedAvg (McMahan et al. 2018): Poisson sampling, a fixed
+    /// clip bound, Gaussian noise on the sum, a fixed denominator, a privacy
+    /// ledger.
+    DpFedAvg,
+}
+
+/// What a host gives the strategy it builds besides its settings.
+#[derive(Debug, Clone)]
+pub struct StrategyContext {
+    /// The seed its public draws (selection) start from.
+    pub seed: u64,
+    /// Clients in the federation's population (the corpus), whether connected or
+    /// not: DP-FedAvg's sampling rate and δ depend on it.
+    pub population: usize,
+    /// Keys the draws that must stay secret (DP's sampling and noise): the host
+    /// draws it from the OS.
+    pub secret: [u8; 32],
+}
+
+impl StrategyContext {
+    /// A context for tests and tools: its secret is derived from the seed, so
+    /// nothing drawn from it is private.
+    pub fn seeded(seed: u64) -> Self {
+        let mut secret = [0u8; 32];
+        for (i, chunk) in secret.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(
+                &(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes(),
+            );
+        }
+        Self {
+            seed,
+            population: 0,
+            secret,
+        }
+    }
 }
 
 /// Builds the strategy `config` names.
-pub fn build(config: StrategyConfig, seed: u64) -> Arc<dyn Strategy> {
+pub fn build(config: StrategyConfig, context: &StrategyContext) -> Arc<dyn Strategy> {
     match config.kind {
-        StrategyKind::FedAvg => Arc::new(RobustFedAvg::new(config, seed)),
-        StrategyKind::Krum => Arc::new(Krum::new(config, seed)),
+        StrategyKind::FedAvg => Arc::new(RobustFedAvg::new(config, context.seed)),
+        StrategyKind::Krum => Arc::new(Krum::new(config, context.seed)),
+        StrategyKind::DpFedAvg => Arc::new(DpFedAvg::new(config, context)),
     }
 }
 
@@ -91,6 +129,9 @@ pub struct StrategyConfig {
     /// Updates Krum assumes may be hostile.
     #[serde(default)]
     pub byzantine: usize,
+    /// DP-FedAvg's noise, δ and ε budget.
+    #[serde(default)]
+    pub dp: DpConfig,
 }
 
 impl StrategyConfig {
@@ -107,6 +148,7 @@ impl StrategyConfig {
             aggregation: Aggregation::Mean,
             server_optimizer: ServerOptimizerConfig::fedavg(),
             byzantine: 0,
+            dp: DpConfig::default(),
         }
     }
 
@@ -175,6 +217,18 @@ impl StrategyConfig {
                 self.byzantine,
                 2 * self.byzantine + 3
             ));
+        }
+        if self.kind == StrategyKind::DpFedAvg {
+            self.dp.validate()?;
+            if !matches!(self.clipping, Clipping::Fixed { .. }) {
+                return Err(
+                    "DP-FedAvg clips every delta to a fixed bound: use --clip fixed --clip-bound S"
+                        .into(),
+                );
+            }
+            if self.aggregation != Aggregation::Mean {
+                return Err("DP-FedAvg noises the sum: its aggregation is the mean".into());
+            }
         }
         Ok(())
     }
@@ -391,6 +445,18 @@ pub trait Strategy: Send + Sync {
         _state: &StateRecord,
     ) -> Result<Aggregated, FedError> {
         Err(FedError::NotSplittable)
+    }
+
+    /// What the committed rounds in `state` cost in privacy (`None`: a strategy
+    /// that promises none).
+    fn privacy(&self, _state: &StateRecord) -> Option<PrivacySpent> {
+        None
+    }
+
+    /// Whether another round may run after `state`; `Err(why)` stops training
+    /// (a privacy budget that round would exceed).
+    fn admits_next_round(&self, _state: &StateRecord) -> Result<(), String> {
+        Ok(())
     }
 }
 

@@ -1,0 +1,692 @@
+//! User-level DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private
+//! Recurrent Language Models"), as a strategy of the seam:
+//!
+//! - **sampling**: every connected client takes part in a round independently
+//!   with probability `q = clients_per_round / population` (Poisson sampling,
+//!   what the accountant assumes; a client not connected is sampled with
+//!   probability 0 ≤ q, which the bound covers);
+//! - **clipping**: each delta to the fixed L2 bound S, each client weighing 1;
+//! - **noise**: N(0, (z·S)²) per coordinate, added once to the round's sum
+//!   (a cluster's root adds it to the edges' sums, so it is added once there too);
+//! - **fixed denominator**: the noised sum divided by the expected clients `q·N`,
+//!   not by how many reported, so that one client changes the result by at most
+//!   S / (q·N) whatever the others do; then any server optimizer steps.
+//!
+//! The state carries the privacy ledger: the Rényi DP spent at each of the
+//! accountant's orders, summed over the committed rounds (each at the `q` and `z`
+//! it ran with), so ε survives restarts and changes of settings. Sampling and
+//! noise come from ChaCha20 keyed by a secret the host draws from the OS: not
+//! from the federation's seed, which is no secret.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Aggregated, Candidate, OpenUpdates, Partial, RobustFedAvg, StateRecord, Strategy,
+    StrategyConfig, StrategyContext, Weighting, median_norm, server_step,
+};
+use crate::FedError;
+use crate::accountant::{SampledGaussian, default_orders, epsilon_of};
+use crate::codec::CheckedDelta;
+use crate::robust::{Aggregation, Clipping, over};
+use crate::server_opt::ServerOptimizer;
+
+const KIND: &str = "dp-fedavg";
+const VERSION: u32 = 1;
+
+/// The ChaCha20 streams of a strategy's secret: noise draws count up from 0,
+/// sampling streams have the top bit set.
+const SAMPLING_STREAMS: u64 = 1 << 63;
+
+/// DP-FedAvg's own settings (the clip bound S is the strategy's fixed clipping).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpConfig {
+    /// z: the noise's standard deviation over the clip bound.
+    pub noise_multiplier: f64,
+    /// δ; `None`: 1 / N^1.1 for a population of N clients.
+    pub delta: Option<f64>,
+    /// Training stops before a round would take ε past this.
+    pub epsilon_budget: Option<f64>,
+}
+
+impl Default for DpConfig {
+    fn default() -> Self {
+        Self {
+            noise_multiplier: 1.0,
+            delta: None,
+            epsilon_budget: None,
+        }
+    }
+}
+
+impl DpConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let z = self.noise_multiplier;
+        if !(z.is_finite() && z > 0.0) {
+            return Err(format!(
+                "the noise multiplier must be positive, not {z} (no noise is plain --strategy fedavg)"
+            ));
+        }
+        if let Some(delta) = self.delta
+            && !(delta > 0.0 && delta < 1.0)
+        {
+            return Err(format!("δ must be in (0, 1), not {delta}"));
+        }
+        if let Some(budget) = self.epsilon_budget
+            && (budget.is_nan() || budget <= 0.0)
+        {
+            return Err(format!("the ε budget must be positive, not {budget}"));
+        }
+        Ok(())
+    }
+}
+
+/// What the rounds so far cost in privacy, and under which settings: what
+/// `/api/status`, the metrics and an exported model's metadata say.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PrivacySpent {
+    pub epsilon: f64,
+    pub delta: f64,
+    /// Committed rounds the ε covers.
+    pub rounds: u64,
+    pub noise_multiplier: f64,
+    pub clip_bound: f64,
+    /// q: a client's chance of taking part in a round.
+    pub sampling_rate: f64,
+    /// q·N, the fixed denominator.
+    pub expected_clients: f64,
+    pub population: usize,
+    pub epsilon_budget: Option<f64>,
+}
+
+pub struct DpFedAvg {
+    config: StrategyConfig,
+    seed: u64,
+    population: usize,
+    secret: [u8; 32],
+    /// Noise draws so far: each aggregation draws from a ChaCha20 stream of its own.
+    draws: AtomicU64,
+    /// Checks, clips and sums the updates (uniform weights, fixed bound, mean).
+    folding: RobustFedAvg,
+}
+
+/// The ledger a DP federation carries between rounds.
+struct Ledger {
+    /// Rényi DP spent at each of [`default_orders`].
+    rdp: Vec<f64>,
+    rounds: u64,
+}
+
+impl DpFedAvg {
+    /// DP-FedAvg over `context.population` clients (0: unknown, then q = 1, the
+    /// most conservative account).
+    pub fn new(config: StrategyConfig, context: &StrategyContext) -> Self {
+        let folding = RobustFedAvg::new(
+            StrategyConfig {
+                weighting: Weighting::Uniform,
+                aggregation: Aggregation::Mean,
+                clipping: Clipping::Fixed {
+                    bound: clip_bound(&config),
+                },
+                ..config
+            },
+            context.seed,
+        );
+        Self {
+            config,
+            seed: context.seed,
+            population: context.population,
+            secret: context.secret,
+            draws: AtomicU64::new(0),
+            folding,
+        }
+    }
+
+    fn bound(&self) -> f32 {
+        clip_bound(&self.config)
+    }
+
+    /// q: clients per round over the population, at most 1.
+    pub fn sampling_rate(&self) -> f64 {
+        if self.population == 0 {
+            return 1.0;
+        }
+        (self.config.clients_per_round as f64 / self.population as f64).min(1.0)
+    }
+
+    /// q·N: the clients a round expects, which divides its noised sum.
+    fn expected_clients(&self) -> f64 {
+        if self.population == 0 {
+            return self.config.clients_per_round as f64;
+        }
+        self.sampling_rate() * self.population as f64
+    }
+
+    fn delta(&self) -> f64 {
+        self.config
+            .dp
+            .delta
+            .unwrap_or_else(|| default_delta(self.population))
+    }
+
+    /// Rényi DP of one more round, at each order.
+    fn round_rdp(&self) -> impl Iterator<Item = f64> + '_ {
+        let round = SampledGaussian {
+            sampling_rate: self.sampling_rate(),
+            noise_multiplier: self.config.dp.noise_multiplier,
+            rounds: 1,
+        };
+        default_orders()
+            .into_iter()
+            .map(move |order| round.rdp(order))
+    }
+
+    fn spent(&self, ledger: &Ledger) -> PrivacySpent {
+        let delta = self.delta();
+        PrivacySpent {
+            epsilon: epsilon_of(&ledger.rdp, &default_orders(), delta).epsilon,
+            delta,
+            rounds: ledger.rounds,
+            noise_multiplier: self.config.dp.noise_multiplier,
+            clip_bound: f64::from(self.bound()),
+            sampling_rate: self.sampling_rate(),
+            expected_clients: self.expected_clients(),
+            population: self.population,
+            epsilon_budget: self.config.dp.epsilon_budget,
+        }
+    }
+
+    fn record(&self, optimizer: &ServerOptimizer, ledger: &Ledger) -> StateRecord {
+        let mut record = StateRecord::new(KIND, VERSION);
+        // JSON has no infinity: an order whose RDP diverged is saved as none.
+        let rdp: Vec<Option<f64>> = ledger
+            .rdp
+            .iter()
+            .map(|r| r.is_finite().then_some(*r))
+            .collect();
+        record.set_value("rdp", rdp);
+        record.set_value("rounds", ledger.rounds);
+        // For people and exports; recomputed from the ledger when read.
+        record.set_value("privacy", self.spent(ledger));
+        optimizer.save(&mut record);
+        record
+    }
+
+    /// Noise N(0, std²) added to each of `values`, from a fresh ChaCha20 stream.
+    fn add_noise(&self, values: &mut [f32], std: f64) {
+        let mut rng = ChaCha20Rng::from_seed(self.secret);
+        rng.set_stream(self.draws.fetch_add(1, Ordering::Relaxed));
+        for pair in values.chunks_mut(2) {
+            let (a, b) = gaussian_pair(&mut rng);
+            pair[0] = (f64::from(pair[0]) + std * a) as f32;
+            if let Some(second) = pair.get_mut(1) {
+                *second = (f64::from(*second) + std * b) as f32;
+            }
+        }
+    }
+}
+
+fn clip_bound(config: &StrategyConfig) -> f32 {
+    match config.clipping {
+        Clipping::Fixed { bound } => bound,
+        // `validate` refuses anything else; a bound of 1 keeps a stray config safe.
+        _ => 1.0,
+    }
+}
+
+/// δ = 1 / N^1.1: below 1/N, so that no single client's text may leak whole.
+pub fn default_delta(population: usize) -> f64 {
+    1.0 / (population.max(2) as f64).powf(1.1)
+}
+
+fn saved_ledger(record: &StateRecord) -> Result<Ledger, String> {
+    let rdp: Vec<f64> = record
+        .value::<Vec<Option<f64>>>("rdp")?
+        .into_iter()
+        .map(|r| r.unwrap_or(f64::INFINITY))
+        .collect();
+    if rdp.len() != default_orders().len() {
+        return Err(format!(
+            "the saved privacy ledger has {} orders, this build {}",
+            rdp.len(),
+            default_orders().len()
+        ));
+    }
+    Ok(Ledger {
+        rdp,
+        rounds: record.value("rounds")?,
+    })
+}
+
+/// Two independent standard normal draws (Box–Muller on 53-bit uniforms).
+fn gaussian_pair(rng: &mut ChaCha20Rng) -> (f64, f64) {
+    let unit = |rng: &mut ChaCha20Rng| ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+    let radius = (-2.0 * unit(rng).ln()).sqrt();
+    let angle = std::f64::consts::TAU * unit(rng);
+    (radius * angle.cos(), radius * angle.sin())
+}
+
+impl Strategy for DpFedAvg {
+    fn describe(&self) -> BTreeMap<&'static str, String> {
+        BTreeMap::from([
+            ("strategy", KIND.to_owned()),
+            ("clipping", format!("fixed at {}", self.bound())),
+            ("aggregation", "noised sum / expected clients".to_owned()),
+            (
+                "sampling",
+                format!("poisson, q = {:.5}", self.sampling_rate()),
+            ),
+            (
+                "noise_multiplier",
+                self.config.dp.noise_multiplier.to_string(),
+            ),
+            (
+                "server_optimizer",
+                self.config.server_optimizer.name().to_owned(),
+            ),
+        ])
+    }
+
+    fn config(&self) -> &StrategyConfig {
+        &self.config
+    }
+
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Any number of the sampled clients closes a round: the fixed denominator
+    /// keeps a small round unbiased.
+    fn quorum(&self) -> usize {
+        1
+    }
+
+    /// Poisson sampling: each candidate independently with probability q, from a
+    /// stream of the secret keyed by round and attempt.
+    fn configure_round(
+        &self,
+        round: u64,
+        attempt: u32,
+        candidates: &[Candidate],
+        _failed: &BTreeSet<u64>,
+    ) -> Option<Vec<u64>> {
+        if candidates.len() < self.config.min_clients {
+            return None;
+        }
+        let mut rng = ChaCha20Rng::from_seed(self.secret);
+        rng.set_stream(SAMPLING_STREAMS | (round << 20) | u64::from(attempt & 0xF_FFFF));
+        let q = self.sampling_rate();
+        let mut ordered: Vec<u64> = candidates.iter().map(|c| c.client).collect();
+        ordered.sort_unstable();
+        Some(
+            ordered
+                .into_iter()
+                .filter(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < q)
+                .collect(),
+        )
+    }
+
+    fn initial_state(&self, num_params: usize) -> StateRecord {
+        let ledger = Ledger {
+            rdp: vec![0.0; default_orders().len()],
+            rounds: 0,
+        };
+        self.record(
+            &ServerOptimizer::new(self.config.server_optimizer, num_params),
+            &ledger,
+        )
+    }
+
+    fn restore(&self, mut saved: StateRecord, num_params: usize) -> Result<StateRecord, String> {
+        saved.check(KIND, VERSION)?;
+        let ledger = saved_ledger(&saved)?;
+        let optimizer =
+            ServerOptimizer::restore(&mut saved, self.config.server_optimizer, num_params)?;
+        Ok(self.record(&optimizer, &ledger))
+    }
+
+    fn open_round(&self, _state: &StateRecord, num_params: usize) -> Result<OpenUpdates, FedError> {
+        self.folding.open_part(Some(self.bound()), num_params)
+    }
+
+    fn accept(
+        &self,
+        open: &mut OpenUpdates,
+        delta: &CheckedDelta,
+        claimed: u64,
+        allowed: u64,
+    ) -> Result<(), FedError> {
+        self.folding.accept(open, delta, claimed, allowed)
+    }
+
+    fn aggregate(
+        &self,
+        open: &OpenUpdates,
+        weights: &[f32],
+        state: &StateRecord,
+    ) -> Result<Aggregated, FedError> {
+        let part = self.folding.part(open)?;
+        self.combine(&[part], Some(self.bound()), weights, state)
+    }
+
+    fn ordered_bound(&self, _state: &StateRecord) -> Result<Option<f32>, FedError> {
+        Ok(Some(self.bound()))
+    }
+
+    fn open_part(&self, _bound: Option<f32>, num_params: usize) -> Result<OpenUpdates, FedError> {
+        self.folding.open_part(Some(self.bound()), num_params)
+    }
+
+    fn part(&self, open: &OpenUpdates) -> Result<Partial, FedError> {
+        self.folding.part(open)
+    }
+
+    fn combine(
+        &self,
+        parts: &[Partial],
+        _bound: Option<f32>,
+        weights: &[f32],
+        state: &StateRecord,
+    ) -> Result<Aggregated, FedError> {
+        let mut ledger = saved_ledger(state).map_err(|_| FedError::ForeignRound)?;
+        let mut sum = vec![0f32; weights.len()];
+        let mut norms = Vec::new();
+        for part in parts.iter().filter(|p| p.updates > 0) {
+            if part.sum.len() != weights.len() {
+                return Err(FedError::WrongLength {
+                    expected: weights.len(),
+                    found: part.sum.len(),
+                });
+            }
+            for (s, v) in sum.iter_mut().zip(&part.sum) {
+                *s += v;
+            }
+            norms.extend_from_slice(&part.norms);
+        }
+        if norms.is_empty() {
+            return Err(FedError::NoUpdates);
+        }
+        let bound = self.bound();
+        self.add_noise(&mut sum, self.config.dp.noise_multiplier * f64::from(bound));
+        let expected = self.expected_clients();
+        let delta: Vec<f32> = sum
+            .iter()
+            .map(|&s| (f64::from(s) / expected) as f32)
+            .collect();
+        if delta.iter().any(|v| !v.is_finite()) {
+            return Err(FedError::NonFiniteModel);
+        }
+        let (new_weights, optimizer) =
+            server_step(self.config.server_optimizer, state, weights, &delta)?;
+        for (spent, round) in ledger.rdp.iter_mut().zip(self.round_rdp()) {
+            *spent += round;
+        }
+        ledger.rounds += 1;
+        Ok(Aggregated {
+            weights: new_weights,
+            state: self.record(&optimizer, &ledger),
+            clip_bound: Some(f64::from(bound)),
+            clipped: norms.iter().filter(|&&n| over(n, bound)).count(),
+            median_norm: median_norm(&norms),
+        })
+    }
+
+    fn privacy(&self, state: &StateRecord) -> Option<PrivacySpent> {
+        saved_ledger(state).ok().map(|ledger| self.spent(&ledger))
+    }
+
+    fn admits_next_round(&self, state: &StateRecord) -> Result<(), String> {
+        let Some(budget) = self.config.dp.epsilon_budget else {
+            return Ok(());
+        };
+        let mut ledger = saved_ledger(state)?;
+        for (spent, round) in ledger.rdp.iter_mut().zip(self.round_rdp()) {
+            *spent += round;
+        }
+        ledger.rounds += 1;
+        let next = self.spent(&ledger);
+        if next.epsilon > budget {
+            return Err(format!(
+                "round {} would spend ε = {:.3} (δ = {:.2e}), over the budget of {budget}: training stopped after {} rounds at ε = {:.3}",
+                ledger.rounds,
+                next.epsilon,
+                next.delta,
+                ledger.rounds - 1,
+                self.privacy(state).map_or(0.0, |p| p.epsilon),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server_opt::ServerOptimizerConfig;
+    use crate::strategy::{StrategyKind, build};
+
+    fn config(clients_per_round: usize, z: f64, bound: f32) -> StrategyConfig {
+        StrategyConfig {
+            kind: StrategyKind::DpFedAvg,
+            clipping: Clipping::Fixed { bound },
+            dp: DpConfig {
+                noise_multiplier: z,
+                delta: Some(1e-5),
+                epsilon_budget: None,
+            },
+            server_optimizer: ServerOptimizerConfig::FedAvg { lr: 1.0 },
+            ..StrategyConfig::fedavg(clients_per_round)
+        }
+    }
+
+    fn context(population: usize, secret: u8) -> StrategyContext {
+        StrategyContext {
+            seed: 0,
+            population,
+            secret: [secret; 32],
+        }
+    }
+
+    fn delta(values: &[f32]) -> CheckedDelta {
+        CheckedDelta::from_values(values).unwrap()
+    }
+
+    /// One round from zero weights: its released model is the noised mean.
+    fn release(s: &dyn Strategy, deltas: &[Vec<f32>], state: &StateRecord) -> Aggregated {
+        let n = deltas[0].len();
+        let mut open = s.open_round(state, n).unwrap();
+        for d in deltas {
+            s.accept(&mut open, &delta(d), 5, 10).unwrap();
+        }
+        s.aggregate(&open, &vec![0.0; n], state).unwrap()
+    }
+
+    #[test]
+    fn the_released_sum_carries_noise_of_z_times_s_and_no_more() {
+        // 4 of 100 clients a round: q·N = 4 divides the noised sum. Each client's
+        // delta, clipped to S = 0.5, is the same unit direction.
+        let (z, bound, params) = (1.3, 0.5f32, 20_000);
+        let s = build(config(4, z, bound), &context(100, 7));
+        let mut state = s.initial_state(params);
+        let direction: Vec<f32> = (0..params)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let deltas = vec![direction.clone(); 3];
+        let clipped = f64::from(bound) / (params as f64).sqrt();
+        let mut variances = Vec::new();
+        for _ in 0..5 {
+            let out = release(s.as_ref(), &deltas, &state);
+            // Released sum minus the true clipped sum: the noise alone.
+            let noise: Vec<f64> = out
+                .weights
+                .iter()
+                .zip(&direction)
+                .map(|(&w, &d)| f64::from(w) * 4.0 - 3.0 * clipped * f64::from(d))
+                .collect();
+            let mean = noise.iter().sum::<f64>() / params as f64;
+            let variance = noise.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / params as f64;
+            assert!(mean.abs() < 0.05, "noise mean {mean}");
+            variances.push(variance);
+            state = out.state;
+        }
+        let expected = (z * f64::from(bound)).powi(2);
+        for v in &variances {
+            // 20,000 draws: the sample variance is within 5 % with room to spare.
+            assert!((v / expected - 1.0).abs() < 0.05, "{v} vs {expected}");
+        }
+        // Fresh noise every round.
+        assert!(variances.windows(2).all(|w| w[0] != w[1]));
+        // Without noise the same rounds would release exactly 3/4 of the clipped
+        // direction: a variance of 0.
+        let privacy = s.privacy(&state).unwrap();
+        assert_eq!(privacy.rounds, 5);
+        assert!(privacy.epsilon > 0.0 && privacy.epsilon.is_finite());
+    }
+
+    #[test]
+    fn one_client_moves_the_release_by_at_most_s_over_the_expected_clients() {
+        let s = build(config(4, 1.0, 0.5), &context(100, 3));
+        let state = s.initial_state(3);
+        // The same noise (same secret, first draw) with and without a huge delta.
+        let with = release(
+            s.as_ref(),
+            &[vec![0.1, 0.0, 0.0], vec![1e9, 1e9, 1e9]],
+            &state,
+        );
+        let s = build(config(4, 1.0, 0.5), &context(100, 3));
+        let without = release(s.as_ref(), &[vec![0.1, 0.0, 0.0]], &state);
+        let moved: f64 = with
+            .weights
+            .iter()
+            .zip(&without.weights)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(moved <= 0.5 / 4.0 + 1e-6, "{moved}");
+        assert_eq!(with.clipped, 1);
+    }
+
+    #[test]
+    fn poisson_sampling_takes_each_client_with_probability_q() {
+        let s = build(config(10, 1.0, 1.0), &context(200, 9));
+        let candidates: Vec<Candidate> = (0..200)
+            .map(|client| Candidate {
+                client,
+                size: 10,
+                group: 0,
+            })
+            .collect();
+        let mut counts = vec![0u32; 200];
+        let mut sizes = BTreeSet::new();
+        for round in 1..=1000 {
+            let picked = s
+                .configure_round(round, 0, &candidates, &BTreeSet::new())
+                .unwrap();
+            sizes.insert(picked.len());
+            for c in picked {
+                counts[c as usize] += 1;
+            }
+        }
+        // q = 0.05 over 1,000 rounds: 50 ± 7 per client; the round size varies.
+        let total: u32 = counts.iter().sum();
+        assert!(
+            (f64::from(total) / 200_000.0 - 0.05).abs() < 0.002,
+            "{total}"
+        );
+        assert!(counts.iter().all(|&c| (20..=90).contains(&c)), "{counts:?}");
+        assert!(sizes.len() > 5, "{sizes:?}");
+        // Another secret, other draws; too few connected, no round.
+        let other = build(config(10, 1.0, 1.0), &context(200, 10));
+        assert_ne!(
+            s.configure_round(1, 0, &candidates, &BTreeSet::new()),
+            other.configure_round(1, 0, &candidates, &BTreeSet::new())
+        );
+        assert_eq!(
+            s.configure_round(1, 0, &candidates[..5], &BTreeSet::new()),
+            None
+        );
+    }
+
+    #[test]
+    fn the_ledger_matches_the_accountant_and_the_budget_stops_training() {
+        let mut dp = config(10, 1.1, 1.0);
+        dp.dp.epsilon_budget = Some(2.0);
+        let s = build(dp, &context(1000, 1));
+        let mut state = s.initial_state(2);
+        let mut rounds = 0;
+        while s.admits_next_round(&state).is_ok() {
+            state = release(s.as_ref(), &[vec![0.1, 0.1]], &state).state;
+            rounds += 1;
+            assert!(rounds < 10_000);
+        }
+        let spent = s.privacy(&state).unwrap();
+        assert!(spent.epsilon <= 2.0, "{spent:?}");
+        let accountant = SampledGaussian {
+            sampling_rate: 0.01,
+            noise_multiplier: 1.1,
+            rounds,
+        };
+        let expected = accountant.epsilon(1e-5, &default_orders()).unwrap().epsilon;
+        assert!((spent.epsilon - expected).abs() < 1e-9 * expected);
+        let one_more = SampledGaussian {
+            rounds: rounds + 1,
+            ..accountant
+        };
+        assert!(one_more.epsilon(1e-5, &default_orders()).unwrap().epsilon > 2.0);
+        let why = s.admits_next_round(&state).unwrap_err();
+        assert!(why.contains("over the budget of 2"), "{why}");
+        // The ledger survives a restart.
+        assert_eq!(
+            s.privacy(&s.restore(state.clone(), 2).unwrap()),
+            Some(spent)
+        );
+    }
+
+    #[test]
+    fn edges_shares_are_noised_once_at_the_root() {
+        let s = build(config(4, 0.5, 1.0), &context(100, 5));
+        let state = s.initial_state(4);
+        let edges: Vec<Partial> = [vec![0.5f32, 0.0, 0.0, 0.0], vec![0.0, 0.5, 0.0, 0.0]]
+            .iter()
+            .map(|d| {
+                let mut open = s.open_part(Some(1.0), 4).unwrap();
+                s.accept(&mut open, &delta(d), 1, 1).unwrap();
+                s.part(&open).unwrap()
+            })
+            .collect();
+        // The edges' shares are the clipped sums, unnoised.
+        assert_eq!(edges[0].sum, vec![0.5, 0.0, 0.0, 0.0]);
+        let out = s.combine(&edges, Some(1.0), &[0.0; 4], &state).unwrap();
+        assert_ne!(out.weights, vec![0.125, 0.125, 0.0, 0.0]);
+        assert_eq!(s.privacy(&out.state).unwrap().rounds, 1);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let ok = config(4, 1.0, 1.0);
+        assert!(ok.validate().is_ok());
+        let mut no_noise = ok;
+        no_noise.dp.noise_multiplier = 0.0;
+        assert!(
+            no_noise
+                .validate()
+                .unwrap_err()
+                .contains("noise multiplier")
+        );
+        let adaptive = StrategyConfig {
+            clipping: Clipping::adaptive(1.0),
+            ..ok
+        };
+        assert!(adaptive.validate().unwrap_err().contains("fixed"));
+        let median = StrategyConfig {
+            aggregation: Aggregation::Median,
+            ..ok
+        };
+        assert!(median.validate().is_err());
+        assert!((default_delta(1103) - 1.0 / 1103f64.powf(1.1)).abs() < 1e-15);
+    }
+}
