@@ -942,6 +942,7 @@ fn dp_training_stops_before_a_round_would_exceed_the_budget_and_says_why() {
             noise_multiplier: 2.0,
             delta: Some(1e-5),
             epsilon_budget: Some(4.0),
+            adaptive: None,
         },
         ..strategy_config(3, 3)
     };

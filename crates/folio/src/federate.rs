@@ -9,8 +9,8 @@ use clap::{Args, ValueEnum};
 use folio_client::native::WsTransport;
 use folio_client::{ClientEvent, ClientOptions};
 use folio_fed::{
-    Aggregation, Clipping, DpConfig, Encoding, Selection, ServerOptimizerConfig, StrategyConfig,
-    StrategyKind, Weighting,
+    AdaptiveClip, Aggregation, Clipping, DpConfig, Encoding, Selection, ServerOptimizerConfig,
+    StrategyConfig, StrategyKind, Weighting,
 };
 use folio_model::Preset;
 use folio_proto::Optimizer;
@@ -101,6 +101,17 @@ pub struct RoundArgs {
     /// DP-FedAvg: stop training before a round would spend more than this ε.
     #[arg(long)]
     epsilon_budget: Option<f64>,
+    /// DP-FedAvg: let the clip bound follow this quantile of the update norms
+    /// (private adaptive clipping, e.g. 0.5); it starts at --clip-bound.
+    #[arg(long)]
+    dp_adaptive_quantile: Option<f64>,
+    /// DP-FedAvg, adaptive: the noise on the count of updates under the bound
+    /// [default: clients per round / 20]
+    #[arg(long)]
+    dp_count_noise: Option<f64>,
+    /// DP-FedAvg, adaptive: how fast the bound moves.
+    #[arg(long, default_value_t = 0.2)]
+    dp_clip_lr: f64,
     /// Updates Krum assumes may be hostile in a round.
     #[arg(long, default_value_t = 0)]
     byzantine: usize,
@@ -271,6 +282,13 @@ impl RoundArgs {
                 noise_multiplier: self.noise_multiplier,
                 delta: self.dp_delta,
                 epsilon_budget: self.epsilon_budget,
+                adaptive: self.dp_adaptive_quantile.map(|quantile| AdaptiveClip {
+                    quantile,
+                    count_noise: self
+                        .dp_count_noise
+                        .unwrap_or(self.clients_per_round as f64 / 20.0),
+                    learning_rate: self.dp_clip_lr,
+                }),
             },
         };
         RoundConfig {

@@ -48,7 +48,7 @@ enum Command {
     Client(federate::ClientArgs),
     /// An aggregator and N native clients in one process, or (--population) rounds
     /// sampled from every client; prints a table per round.
-    Simulate(federate::SimulateArgs),
+    Simulate(Box<federate::SimulateArgs>),
     /// Learning curves of run folders, as SVG.
     Plot(plot::PlotArgs),
     /// Central training on a text corpus (Dickens by default).
@@ -88,7 +88,7 @@ fn main() -> ExitCode {
         Command::Export(args) => model::export(args, &data_dir),
         Command::Serve(args) => federate::serve(*args, &data_dir),
         Command::Client(args) => federate::client(args),
-        Command::Simulate(args) => federate::simulate(args, &data_dir),
+        Command::Simulate(args) => federate::simulate(*args, &data_dir),
         Command::Plot(args) => plot::run(args),
         Command::Pretrain(args) => pretrain::run(args, Path::new("."), &data_dir),
     };

@@ -27,6 +27,7 @@ fn the_page_shows_epsilon_and_why_the_budget_stopped_training() -> anyhow::Resul
                 noise_multiplier: 2.0,
                 delta: None,
                 epsilon_budget: Some(3.0),
+                adaptive: None,
             },
             ..StrategyConfig::fedavg(1103)
         },

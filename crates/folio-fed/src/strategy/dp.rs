@@ -12,6 +12,11 @@
 //!   not by how many reported, so that one client changes the result by at most
 //!   S / (q·N) whatever the others do; then any server optimizer steps.
 //!
+//! With `adaptive` set, the bound follows a quantile of the norms (Andrew et al.
+//! 2021, "Differentially Private Learning with Adaptive Clipping"): the count of
+//! updates under the bound gets noise of its own, and the updates' noise is
+//! lowered so that the two together spend what one Gaussian of multiplier z does.
+//!
 //! The state carries the privacy ledger: the Rényi DP spent at each of the
 //! accountant's orders, summed over the committed rounds (each at the `q` and `z`
 //! it ran with), so ε survives restarts and changes of settings. Sampling and
@@ -51,6 +56,22 @@ pub struct DpConfig {
     pub delta: Option<f64>,
     /// Training stops before a round would take ε past this.
     pub epsilon_budget: Option<f64>,
+    /// The bound adapts to a quantile of the norms; `None`: fixed.
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveClip>,
+}
+
+/// Private adaptive clipping (Andrew et al. 2021): after each round the bound C
+/// becomes C · exp(−η (b̃ − γ)), b̃ the noised fraction of updates under C.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveClip {
+    /// γ: the quantile of the update norms the bound tracks (0.5: the median).
+    pub quantile: f64,
+    /// σ_b: the noise on the count of updates under the bound (the paper: the
+    /// expected clients / 20). Must exceed z / 2.
+    pub count_noise: f64,
+    /// η: how fast the bound moves (0.2 in the paper).
+    pub learning_rate: f64,
 }
 
 impl Default for DpConfig {
@@ -59,6 +80,7 @@ impl Default for DpConfig {
             noise_multiplier: 1.0,
             delta: None,
             epsilon_budget: None,
+            adaptive: None,
         }
     }
 }
@@ -81,7 +103,38 @@ impl DpConfig {
         {
             return Err(format!("the ε budget must be positive, not {budget}"));
         }
+        if let Some(AdaptiveClip {
+            quantile,
+            count_noise,
+            learning_rate,
+        }) = self.adaptive
+        {
+            if !((0.0..=1.0).contains(&quantile)
+                && learning_rate.is_finite()
+                && learning_rate > 0.0)
+            {
+                return Err(format!(
+                    "adaptive clipping needs a quantile in [0, 1] ({quantile}) and a positive learning rate ({learning_rate})"
+                ));
+            }
+            if !(count_noise.is_finite() && 2.0 * count_noise > z) {
+                return Err(format!(
+                    "the count's noise ({count_noise}) must exceed half the noise multiplier ({}): the updates would need infinite noise",
+                    z / 2.0
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The updates' own noise multiplier: z, or under adaptive clipping the z_Δ
+    /// with 1/z² = 1/z_Δ² + 1/(2σ_b)² (the count's sensitivity is ½).
+    pub fn update_noise(&self) -> f64 {
+        let z = self.noise_multiplier;
+        match self.adaptive {
+            None => z,
+            Some(a) => (z.powi(-2) - (2.0 * a.count_noise).powi(-2)).powf(-0.5),
+        }
     }
 }
 
@@ -114,11 +167,13 @@ pub struct DpFedAvg {
     folding: RobustFedAvg,
 }
 
-/// The ledger a DP federation carries between rounds.
+/// The ledger a DP federation carries between rounds, and its clip bound.
 struct Ledger {
     /// Rényi DP spent at each of [`default_orders`].
     rdp: Vec<f64>,
     rounds: u64,
+    /// The bound the next round clips to.
+    bound: f32,
 }
 
 impl DpFedAvg {
@@ -144,10 +199,6 @@ impl DpFedAvg {
             draws: AtomicU64::new(0),
             folding,
         }
-    }
-
-    fn bound(&self) -> f32 {
-        clip_bound(&self.config)
     }
 
     /// q: clients per round over the population, at most 1.
@@ -192,7 +243,7 @@ impl DpFedAvg {
             delta,
             rounds: ledger.rounds,
             noise_multiplier: self.config.dp.noise_multiplier,
-            clip_bound: f64::from(self.bound()),
+            clip_bound: f64::from(ledger.bound),
             sampling_rate: self.sampling_rate(),
             expected_clients: self.expected_clients(),
             population: self.population,
@@ -210,22 +261,28 @@ impl DpFedAvg {
             .collect();
         record.set_value("rdp", rdp);
         record.set_value("rounds", ledger.rounds);
+        record.set_value("clip_bound", ledger.bound);
         // For people and exports; recomputed from the ledger when read.
         record.set_value("privacy", self.spent(ledger));
         optimizer.save(&mut record);
         record
     }
 
-    /// Noise N(0, std²) added to each of `values`, from a fresh ChaCha20 stream.
-    fn add_noise(&self, values: &mut [f32], std: f64) {
+    /// A fresh ChaCha20 stream of the secret for one aggregation's noise.
+    fn noise_stream(&self) -> ChaCha20Rng {
         let mut rng = ChaCha20Rng::from_seed(self.secret);
         rng.set_stream(self.draws.fetch_add(1, Ordering::Relaxed));
-        for pair in values.chunks_mut(2) {
-            let (a, b) = gaussian_pair(&mut rng);
-            pair[0] = (f64::from(pair[0]) + std * a) as f32;
-            if let Some(second) = pair.get_mut(1) {
-                *second = (f64::from(*second) + std * b) as f32;
-            }
+        rng
+    }
+}
+
+/// Noise N(0, std²) added to each of `values`.
+fn add_noise(rng: &mut ChaCha20Rng, values: &mut [f32], std: f64) {
+    for pair in values.chunks_mut(2) {
+        let (a, b) = gaussian_pair(rng);
+        pair[0] = (f64::from(pair[0]) + std * a) as f32;
+        if let Some(second) = pair.get_mut(1) {
+            *second = (f64::from(*second) + std * b) as f32;
         }
     }
 }
@@ -259,6 +316,7 @@ fn saved_ledger(record: &StateRecord) -> Result<Ledger, String> {
     Ok(Ledger {
         rdp,
         rounds: record.value("rounds")?,
+        bound: record.value("clip_bound")?,
     })
 }
 
@@ -274,7 +332,18 @@ impl Strategy for DpFedAvg {
     fn describe(&self) -> BTreeMap<&'static str, String> {
         BTreeMap::from([
             ("strategy", KIND.to_owned()),
-            ("clipping", format!("fixed at {}", self.bound())),
+            (
+                "clipping",
+                match self.config.dp.adaptive {
+                    None => format!("fixed at {}", clip_bound(&self.config)),
+                    Some(a) => format!(
+                        "adaptive from {} to the {} quantile (count noise {})",
+                        clip_bound(&self.config),
+                        a.quantile,
+                        a.count_noise
+                    ),
+                },
+            ),
             ("aggregation", "noised sum / expected clients".to_owned()),
             (
                 "sampling",
@@ -334,6 +403,7 @@ impl Strategy for DpFedAvg {
         let ledger = Ledger {
             rdp: vec![0.0; default_orders().len()],
             rounds: 0,
+            bound: clip_bound(&self.config),
         };
         self.record(
             &ServerOptimizer::new(self.config.server_optimizer, num_params),
@@ -343,14 +413,18 @@ impl Strategy for DpFedAvg {
 
     fn restore(&self, mut saved: StateRecord, num_params: usize) -> Result<StateRecord, String> {
         saved.check(KIND, VERSION)?;
-        let ledger = saved_ledger(&saved)?;
+        let mut ledger = saved_ledger(&saved)?;
+        if self.config.dp.adaptive.is_none() {
+            ledger.bound = clip_bound(&self.config);
+        }
         let optimizer =
             ServerOptimizer::restore(&mut saved, self.config.server_optimizer, num_params)?;
         Ok(self.record(&optimizer, &ledger))
     }
 
-    fn open_round(&self, _state: &StateRecord, num_params: usize) -> Result<OpenUpdates, FedError> {
-        self.folding.open_part(Some(self.bound()), num_params)
+    fn open_round(&self, state: &StateRecord, num_params: usize) -> Result<OpenUpdates, FedError> {
+        let ledger = saved_ledger(state).map_err(|_| FedError::ForeignRound)?;
+        self.folding.open_part(Some(ledger.bound), num_params)
     }
 
     fn accept(
@@ -370,15 +444,18 @@ impl Strategy for DpFedAvg {
         state: &StateRecord,
     ) -> Result<Aggregated, FedError> {
         let part = self.folding.part(open)?;
-        self.combine(&[part], Some(self.bound()), weights, state)
+        self.combine(&[part], None, weights, state)
     }
 
-    fn ordered_bound(&self, _state: &StateRecord) -> Result<Option<f32>, FedError> {
-        Ok(Some(self.bound()))
+    fn ordered_bound(&self, state: &StateRecord) -> Result<Option<f32>, FedError> {
+        let ledger = saved_ledger(state).map_err(|_| FedError::ForeignRound)?;
+        Ok(Some(ledger.bound))
     }
 
-    fn open_part(&self, _bound: Option<f32>, num_params: usize) -> Result<OpenUpdates, FedError> {
-        self.folding.open_part(Some(self.bound()), num_params)
+    /// An edge clips to the bound the root ordered.
+    fn open_part(&self, bound: Option<f32>, num_params: usize) -> Result<OpenUpdates, FedError> {
+        let bound = bound.unwrap_or_else(|| clip_bound(&self.config));
+        self.folding.open_part(Some(bound), num_params)
     }
 
     fn part(&self, open: &OpenUpdates) -> Result<Partial, FedError> {
@@ -410,9 +487,21 @@ impl Strategy for DpFedAvg {
         if norms.is_empty() {
             return Err(FedError::NoUpdates);
         }
-        let bound = self.bound();
-        self.add_noise(&mut sum, self.config.dp.noise_multiplier * f64::from(bound));
+        let bound = ledger.bound;
+        let dp = self.config.dp;
+        let mut rng = self.noise_stream();
+        add_noise(&mut rng, &mut sum, dp.update_noise() * f64::from(bound));
         let expected = self.expected_clients();
+        if let Some(adaptive) = dp.adaptive {
+            // Σ (bᵢ − ½) over the updates, noised: one client moves it by ½.
+            let under = norms.iter().filter(|&&n| !over(n, bound)).count() as f64;
+            let noised =
+                under - norms.len() as f64 / 2.0 + adaptive.count_noise * gaussian_pair(&mut rng).0;
+            let fraction = noised / expected + 0.5;
+            let next =
+                f64::from(bound) * (-adaptive.learning_rate * (fraction - adaptive.quantile)).exp();
+            ledger.bound = (next as f32).clamp(f32::MIN_POSITIVE, f32::MAX);
+        }
         let delta: Vec<f32> = sum
             .iter()
             .map(|&s| (f64::from(s) / expected) as f32)
@@ -476,7 +565,7 @@ mod tests {
             dp: DpConfig {
                 noise_multiplier: z,
                 delta: Some(1e-5),
-                epsilon_budget: None,
+                ..DpConfig::default()
             },
             server_optimizer: ServerOptimizerConfig::FedAvg { lr: 1.0 },
             ..StrategyConfig::fedavg(clients_per_round)
@@ -663,6 +752,45 @@ mod tests {
         let out = s.combine(&edges, Some(1.0), &[0.0; 4], &state).unwrap();
         assert_ne!(out.weights, vec![0.125, 0.125, 0.0, 0.0]);
         assert_eq!(s.privacy(&out.state).unwrap().rounds, 1);
+    }
+
+    #[test]
+    fn an_adaptive_bound_follows_the_median_and_the_updates_noise_is_lowered_to_pay_for_it() {
+        let mut adaptive = config(20, 1.0, 1.0);
+        adaptive.dp.adaptive = Some(AdaptiveClip {
+            quantile: 0.5,
+            count_noise: 1.0,
+            learning_rate: 0.2,
+        });
+        // 1/z² = 1/z_Δ² + 1/(2σ_b)²: z_Δ = 1/√(1 − 1/4).
+        assert!((adaptive.dp.update_noise() - (1.0f64 / 0.75).sqrt()).abs() < 1e-12);
+        let s = build(adaptive, &context(20, 2));
+        let mut state = s.initial_state(2);
+        // Twenty clients a round (q = 1), norms spread from 0.05 to 1.0: the
+        // median is about 0.5.
+        let deltas: Vec<Vec<f32>> = (1..=20).map(|i| vec![i as f32 * 0.05, 0.0]).collect();
+        for _ in 0..100 {
+            state = release(s.as_ref(), &deltas, &state).state;
+        }
+        let bound = s.ordered_bound(&state).unwrap().unwrap();
+        assert!((0.35..=0.7).contains(&bound), "{bound}");
+        let restored = s.restore(state.clone(), 2).unwrap();
+        assert_eq!(s.ordered_bound(&restored).unwrap(), Some(bound));
+        // The ledger spends what one Gaussian of multiplier z does.
+        let spent = s.privacy(&state).unwrap();
+        let account = SampledGaussian {
+            sampling_rate: 1.0,
+            noise_multiplier: 1.0,
+            rounds: 100,
+        };
+        let expected = account.epsilon(1e-5, &default_orders()).unwrap().epsilon;
+        assert!((spent.epsilon - expected).abs() < 1e-9 * expected);
+        let mut too_little = adaptive;
+        too_little.dp.adaptive = Some(AdaptiveClip {
+            count_noise: 0.5,
+            ..adaptive.dp.adaptive.unwrap()
+        });
+        assert!(too_little.validate().unwrap_err().contains("count's noise"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::codec::CheckedDelta;
 use crate::robust::{Aggregation, Clipping, FirstBound};
 use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig};
 
-pub use dp::{DpConfig, DpFedAvg, PrivacySpent, default_delta};
+pub use dp::{AdaptiveClip, DpConfig, DpFedAvg, PrivacySpent, default_delta};
 pub use fedavg::RobustFedAvg;
 pub use krum::Krum;
 
