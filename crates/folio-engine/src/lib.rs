@@ -996,6 +996,11 @@ impl Engine {
                         self.phase = Phase::Finished;
                     } else {
                         self.try_start_round(now);
+                        // A round with nobody to wait for (a DP round whose
+                        // sample is empty) closes at once.
+                        if matches!(self.phase, Phase::Collecting(_)) {
+                            continue;
+                        }
                     }
                     return;
                 }

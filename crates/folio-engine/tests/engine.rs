@@ -105,10 +105,16 @@ fn update(round: u64, values: [f32; PARAMS], examples: u64) -> DecodedUpdate {
 
 impl Host {
     fn new(config: EngineConfig, start: Start) -> Self {
-        let strategy = strategy::build(
-            config.rounds.strategy,
-            &strategy::StrategyContext::seeded(config.seed),
-        );
+        Self::of_population(config, start, 0)
+    }
+
+    /// A host whose strategy knows the population (DP-FedAvg's q depends on it).
+    fn of_population(config: EngineConfig, start: Start, population: usize) -> Self {
+        let context = strategy::StrategyContext {
+            population,
+            ..strategy::StrategyContext::seeded(config.seed)
+        };
+        let strategy = strategy::build(config.rounds.strategy, &context);
         let now = Instant::now();
         let mut host = Self {
             engine: Engine::new(config, strategy, clients(), start, now),
@@ -982,4 +988,53 @@ fn dp_training_stops_before_a_round_would_exceed_the_budget_and_says_why() {
     let epsilons: Vec<f64> = host.committed.iter().filter_map(|r| r.epsilon).collect();
     assert_eq!(epsilons.len() as u64, rounds + 1);
     assert!(epsilons.windows(2).all(|w| w[0] < w[1]), "{epsilons:?}");
+}
+
+#[test]
+fn a_dp_round_whose_sample_is_empty_still_releases_its_noise_and_is_charged() {
+    // 3 clients a round of a population of 1,000: q = 0.003, so with the five
+    // clients here connected most draws are empty. Drawing again until someone
+    // is picked would take a connected client in nearly every round (far above
+    // q); each such round instead commits noise alone, and is charged.
+    let dp = StrategyConfig {
+        kind: folio_fed::StrategyKind::DpFedAvg,
+        clipping: Clipping::Fixed { bound: 1.0 },
+        dp: folio_fed::DpConfig {
+            noise_multiplier: 1.0,
+            ..folio_fed::DpConfig::default()
+        },
+        ..strategy_config(3, 3)
+    };
+    let start = Start {
+        weights: vec![0.0; PARAMS],
+        strategy: None,
+        history: Vec::new(),
+    };
+    let mut host = Host::of_population(config(dp, Some(40)), start, 1_000);
+    for client in ["A", "B", "C", "D", "E"] {
+        host.join(client);
+    }
+    while let Some(open) = host.engine.status(host.now).open_round {
+        for session in open.selected_sessions {
+            host.update(session, open.round, [0.5; PARAMS]).unwrap();
+        }
+    }
+    assert!(host.engine.is_finished());
+    let rounds: Vec<(u64, usize)> = host
+        .committed
+        .iter()
+        .map(|r| (r.round, r.clients))
+        .collect();
+    assert_eq!(rounds.len(), 41, "every round committed: {rounds:?}");
+    let empty = rounds
+        .iter()
+        .filter(|(round, clients)| *round > 0 && *clients == 0)
+        .count();
+    assert!(empty >= 30, "most samples are empty: {rounds:?}");
+    assert_eq!(host.engine.status(host.now).privacy.unwrap().rounds, 40);
+    assert_ne!(
+        host.engine.weights().as_slice(),
+        [0.0; PARAMS],
+        "noise was released"
+    );
 }

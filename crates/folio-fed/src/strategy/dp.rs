@@ -368,10 +368,12 @@ impl Strategy for DpFedAvg {
         self.seed
     }
 
-    /// Any number of the sampled clients closes a round: the fixed denominator
-    /// keeps a small round unbiased.
+    /// Every round closes with whatever its sample delivered, none included (the
+    /// sum is then noise alone, and is charged): drawing again after an empty or
+    /// silent sample would raise a client's chance of taking part above q. The
+    /// fixed denominator keeps a small round unbiased.
     fn quorum(&self) -> usize {
-        1
+        0
     }
 
     /// Poisson sampling: each candidate independently with probability q, from a
@@ -483,9 +485,6 @@ impl Strategy for DpFedAvg {
                 *s += v;
             }
             norms.extend_from_slice(&part.norms);
-        }
-        if norms.is_empty() {
-            return Err(FedError::NoUpdates);
         }
         let bound = ledger.bound;
         let dp = self.config.dp;
@@ -739,6 +738,11 @@ mod tests {
     fn edges_shares_are_noised_once_at_the_root() {
         let s = build(config(4, 0.5, 1.0), &context(100, 5));
         let state = s.initial_state(4);
+        // A round nobody delivered to releases noise alone, and is charged.
+        let empty = s.part(&s.open_part(Some(1.0), 4).unwrap()).unwrap();
+        let noise_only = s.combine(&[empty], Some(1.0), &[0.0; 4], &state).unwrap();
+        assert!(noise_only.weights.iter().all(|&w| w != 0.0));
+        assert_eq!(s.privacy(&noise_only.state).unwrap().rounds, 1);
         let edges: Vec<Partial> = [vec![0.5f32, 0.0, 0.0, 0.0], vec![0.0, 0.5, 0.0, 0.0]]
             .iter()
             .map(|d| {
