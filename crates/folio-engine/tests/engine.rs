@@ -1038,3 +1038,77 @@ fn a_dp_round_whose_sample_is_empty_still_releases_its_noise_and_is_charged() {
         "noise was released"
     );
 }
+
+#[test]
+fn a_dp_cluster_noises_once_at_the_root_and_spends_what_one_server_does() {
+    let dp = StrategyConfig {
+        kind: folio_fed::StrategyKind::DpFedAvg,
+        clipping: Clipping::Fixed { bound: 0.8 },
+        dp: folio_fed::DpConfig {
+            noise_multiplier: 1.0,
+            ..folio_fed::DpConfig::default()
+        },
+        ..strategy_config(4, 4)
+    };
+    let mut whole = Host::fresh(dp, Some(3));
+    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| whole.join(c)).collect();
+    for round in 1..=3 {
+        for (&session, client) in sessions.iter().zip(["A", "B", "C", "D"]) {
+            whole
+                .update(session, round, values_for(client, round))
+                .unwrap();
+        }
+    }
+    let mut cluster = Cluster::new(dp, &[&["A", "B"], &["C", "D"]]);
+    for round in 1..=3 {
+        cluster.offer();
+        cluster.deliver_orders();
+        cluster.train(round, &[0, 1]);
+        // The edges' shares are clipped sums, with no noise of their own.
+        for (e, edge) in cluster.edges.iter().enumerate() {
+            let (_, part) = &edge.parts[0];
+            let mut clipped = [0f32; PARAMS];
+            for (_, client) in &cluster.clients[e] {
+                let values = values_for(client, round);
+                let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
+                let scale = (0.8 / norm).min(1.0);
+                for (c, v) in clipped.iter_mut().zip(values) {
+                    *c += v * scale;
+                }
+            }
+            for (a, b) in part.sum.iter().zip(clipped) {
+                assert!((a - b).abs() < 1e-6, "{:?} vs {clipped:?}", part.sum);
+            }
+        }
+        cluster.deliver_parts();
+        assert_eq!(cluster.root.engine.completed_rounds(), round);
+        cluster.deliver_commits();
+    }
+    // The same ε, round by round, as one server.
+    let epsilons = |h: &Host| h.committed.iter().map(|r| r.epsilon).collect::<Vec<_>>();
+    assert_eq!(epsilons(&cluster.root), epsilons(&whole));
+    let privacy = cluster.root.engine.status(cluster.root.now).privacy;
+    assert_eq!(privacy.unwrap().rounds, 3);
+    // Both draw their noise from the same (seeded) secret, in the same order:
+    // the split adds it once, exactly where one server does, so the models agree.
+    let (root, one) = (cluster.root.engine.weights(), whole.engine.weights());
+    for (a, b) in root.iter().zip(one.iter()) {
+        assert!(
+            (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+            "{root:?} vs {one:?}"
+        );
+    }
+    // And that is not the noise-free model: Σ of the clipped deltas / 4 a round.
+    let mut plain = [0f32; PARAMS];
+    for round in 1..=3 {
+        for client in ["A", "B", "C", "D"] {
+            let values = values_for(client, round);
+            let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
+            for (p, v) in plain.iter_mut().zip(values) {
+                *p += v * (0.8 / norm).min(1.0) / 4.0;
+            }
+        }
+    }
+    let off: f32 = root.iter().zip(plain).map(|(a, b)| (a - b).abs()).sum();
+    assert!(off > 0.1, "no noise: {root:?} vs {plain:?}");
+}
