@@ -1,0 +1,246 @@
+//! A client's update as integers mod 2³², so that masks cancel exactly.
+//!
+//! Each client clips its delta to the round's L2 bound S and scales it by its
+//! weight w ∈ [0, 1] (its examples over the round's most), so every coordinate
+//! lies in [−S, S]; after it come three extras in [0, 1]: w, w × loss / 16 and
+//! w × accuracy. Each value is scaled so that the sum of the round's `clients`
+//! values stays inside (−2³¹, 2³¹): the sum never wraps, and a decoded sum is
+//! exact up to the stochastic rounding, which is unbiased.
+
+use rand_core::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::SecAggError;
+
+/// Values after the delta: the weight, the weighted loss, the weighted accuracy.
+pub const EXTRAS: usize = 3;
+/// A loss is clamped to [0, LOSS_RANGE] before it is summed.
+pub const LOSS_RANGE: f64 = 16.0;
+
+/// One client's contribution, before quantisation.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// `trained − global`: clipped to the round's bound here.
+    pub delta: &'a [f32],
+    /// The client's share of the round's weight, in [0, 1].
+    pub weight: f64,
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// The decoded sum of a round's inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sum {
+    /// Σ w × clip(delta).
+    pub weighted_delta: Vec<f32>,
+    /// Σ w.
+    pub weight: f64,
+    /// Σ w × loss and Σ w × accuracy.
+    pub weighted_loss: f64,
+    pub weighted_accuracy: f64,
+}
+
+/// How a round's values become integers: one per round, known to all.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Quantizer {
+    /// The most inputs that can be summed (the round's selected clients).
+    pub clients: u32,
+    /// The L2 bound each delta is clipped to.
+    pub clip_bound: f32,
+}
+
+impl Quantizer {
+    /// The largest sum of `clients` values each at most 1 in magnitude.
+    fn headroom(&self) -> f64 {
+        let n = f64::from(self.clients.max(1));
+        // Stochastic rounding adds less than 1 per value.
+        (f64::from(i32::MAX) - n) / n
+    }
+
+    fn delta_scale(&self) -> f64 {
+        self.headroom() / f64::from(self.clip_bound)
+    }
+
+    pub fn check(&self) -> Result<(), SecAggError> {
+        if self.clients == 0 || !(self.clip_bound.is_finite() && self.clip_bound > 0.0) {
+            return Err(SecAggError::Settings(format!(
+                "quantising needs clients ≥ 1 and a finite clip bound > 0 (got {} clients, bound {})",
+                self.clients, self.clip_bound
+            )));
+        }
+        Ok(())
+    }
+
+    /// `input` as integers: `delta.len() + EXTRAS` of them.
+    pub fn encode(&self, input: &Input, rng: &mut impl RngCore) -> Result<Vec<u32>, SecAggError> {
+        self.check()?;
+        let norm = input
+            .delta
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt();
+        let finite = norm.is_finite()
+            && input.weight.is_finite()
+            && input.loss.is_finite()
+            && input.accuracy.is_finite();
+        if !finite {
+            return Err(SecAggError::NonFinite);
+        }
+        let bound = f64::from(self.clip_bound);
+        let weight = input.weight.clamp(0.0, 1.0);
+        let clip = if norm > bound { bound / norm } else { 1.0 };
+        let delta_scale = self.delta_scale() * clip * weight;
+        let extra_scale = self.headroom();
+        let extras = [
+            weight,
+            weight * input.loss.clamp(0.0, LOSS_RANGE) / LOSS_RANGE,
+            weight * input.accuracy.clamp(0.0, 1.0),
+        ];
+        let mut out = Vec::with_capacity(input.delta.len() + EXTRAS);
+        let limit = self.headroom();
+        let values = input
+            .delta
+            .iter()
+            .map(|&v| f64::from(v) * delta_scale)
+            .chain(extras.iter().map(|&v| v * extra_scale));
+        for scaled in values {
+            out.push(round_stochastically(scaled.clamp(-limit, limit), rng) as i32 as u32);
+        }
+        Ok(out)
+    }
+
+    /// A sum of encoded inputs (mod 2³²) as values again.
+    pub fn decode(&self, sum: &[u32]) -> Result<Sum, SecAggError> {
+        self.check()?;
+        let Some(dims) = sum.len().checked_sub(EXTRAS) else {
+            return Err(SecAggError::WrongLength {
+                what: "a sum",
+                expected: EXTRAS,
+                found: sum.len(),
+            });
+        };
+        let signed = |v: u32| f64::from(v as i32);
+        let delta_scale = self.delta_scale();
+        let extra_scale = self.headroom();
+        let extra = |i: usize| signed(sum[dims + i]) / extra_scale;
+        Ok(Sum {
+            weighted_delta: sum[..dims]
+                .iter()
+                .map(|&v| (signed(v) / delta_scale) as f32)
+                .collect(),
+            weight: extra(0),
+            weighted_loss: extra(1) * LOSS_RANGE,
+            weighted_accuracy: extra(2),
+        })
+    }
+}
+
+/// ⌊x⌋ or ⌈x⌉, the latter with probability x − ⌊x⌋: unbiased.
+fn round_stochastically(x: f64, rng: &mut impl RngCore) -> i64 {
+    let floor = x.floor();
+    // 53 random bits: a uniform draw from [0, 1).
+    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    floor as i64 + i64::from(u < x - floor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    fn input(delta: &[f32], weight: f64) -> Input<'_> {
+        Input {
+            delta,
+            weight,
+            loss: 2.0,
+            accuracy: 0.25,
+        }
+    }
+
+    #[test]
+    fn the_sum_of_encodings_decodes_to_the_sum_of_inputs() {
+        let quantizer = Quantizer {
+            clients: 64,
+            clip_bound: 1.0,
+        };
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let deltas: Vec<Vec<f32>> = (0..64)
+            .map(|c| (0..50).map(|i| ((c * 7 + i) as f32).sin() * 0.1).collect())
+            .collect();
+        let mut sum = vec![0u32; 50 + EXTRAS];
+        let mut expected = vec![0f64; 50];
+        for delta in &deltas {
+            let norm = delta.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let clip = (1.0 / norm).min(1.0);
+            for (e, v) in expected.iter_mut().zip(delta) {
+                *e += f64::from(v * clip) * 0.5;
+            }
+            let encoded = quantizer.encode(&input(delta, 0.5), &mut rng).unwrap();
+            for (s, v) in sum.iter_mut().zip(encoded) {
+                *s = s.wrapping_add(v);
+            }
+        }
+        let decoded = quantizer.decode(&sum).unwrap();
+        // One rounding step is 2⁻²⁵ of the bound; 64 of them at most.
+        let step = 64.0 / quantizer.delta_scale();
+        for (d, e) in decoded.weighted_delta.iter().zip(&expected) {
+            assert!((f64::from(*d) - e).abs() <= step, "{d} vs {e}");
+        }
+        assert!((decoded.weight - 32.0).abs() < 1e-6);
+        assert!((decoded.weighted_loss - 64.0).abs() < 1e-5);
+        assert!((decoded.weighted_accuracy - 8.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_full_round_at_the_bound_does_not_wrap() {
+        let quantizer = Quantizer {
+            clients: 10,
+            clip_bound: 0.5,
+        };
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        // Every client's delta is one coordinate, far over the bound, weight 1.
+        let delta = [-100.0f32, 0.0];
+        let mut sum = vec![0u32; 2 + EXTRAS];
+        for _ in 0..10 {
+            let encoded = quantizer.encode(&input(&delta, 1.0), &mut rng).unwrap();
+            for (s, v) in sum.iter_mut().zip(encoded) {
+                *s = s.wrapping_add(v);
+            }
+        }
+        let decoded = quantizer.decode(&sum).unwrap();
+        assert!((decoded.weighted_delta[0] + 5.0).abs() < 1e-6);
+        assert!((decoded.weight - 10.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rounding_is_unbiased() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let mean = (0..100_000)
+            .map(|_| round_stochastically(0.3, &mut rng) as f64)
+            .sum::<f64>()
+            / 100_000.0;
+        assert!((mean - 0.3).abs() < 0.005, "{mean}");
+        assert_eq!(round_stochastically(-2.0, &mut rng), -2);
+    }
+
+    #[test]
+    fn bad_inputs_are_refused() {
+        let quantizer = Quantizer {
+            clients: 3,
+            clip_bound: 1.0,
+        };
+        let mut rng = ChaCha20Rng::seed_from_u64(6);
+        assert_eq!(
+            quantizer.encode(&input(&[f32::NAN], 1.0), &mut rng),
+            Err(SecAggError::NonFinite)
+        );
+        let no_bound = Quantizer {
+            clients: 3,
+            clip_bound: 0.0,
+        };
+        assert!(no_bound.encode(&input(&[1.0], 1.0), &mut rng).is_err());
+        assert!(quantizer.decode(&[1, 2]).is_err());
+    }
+}
