@@ -13,9 +13,10 @@ use folio_fed::{Encoding, codec};
 use folio_model::params::delta;
 use folio_model::{CharRnn, ModelConfig, OptimizerKind, TrainConfig, Trainer};
 use folio_proto::{
-    ClientKind, ClientMessage, ErrorCode, ErrorMessage, Join, Optimizer, PROTOCOL_VERSION,
-    RoundResult, RoundStart, ServerMessage, Update, Welcome,
+    ClientKind, ClientMessage, ClientStep, ErrorCode, ErrorMessage, Join, Optimizer,
+    PROTOCOL_VERSION, RoundResult, RoundStart, ServerMessage, ServerStep, Update, Welcome,
 };
+use folio_secagg::SecureClient;
 use web_time::Instant;
 
 /// Carries binary frames to and from the aggregator.
@@ -49,6 +50,8 @@ pub enum ClientError {
     Model(#[from] folio_model::ModelError),
     #[error(transparent)]
     Fed(#[from] folio_fed::FedError),
+    #[error("secure aggregation: {0}")]
+    Secure(#[from] folio_secagg::SecAggError),
 }
 
 /// What the client is doing, for a page or a log.
@@ -67,6 +70,11 @@ pub enum ClientState {
     Uploading {
         round: u64,
     },
+    /// A secure round's step (keys, shares, unmasking) is under way.
+    Securing {
+        round: u64,
+        step: &'static str,
+    },
 }
 
 /// Everything worth showing, as it happens.
@@ -82,6 +90,13 @@ pub enum ClientEvent {
     RoundResult(RoundResult),
     /// An error the server reported that does not end the session.
     ServerError(ErrorMessage),
+    /// This client left a secure round: a step it was sent did not check out
+    /// (a damaged or replayed share, an inconsistent request). The server goes
+    /// on without it.
+    SecureRefused {
+        round: u64,
+        why: String,
+    },
     /// A round's global model arrived: worth keeping (a reloaded tab offers it
     /// back in its next join and is not sent it again).
     ModelReceived {
@@ -119,6 +134,8 @@ pub struct RoundReport {
     pub train_seconds: f32,
     pub bytes_down: usize,
     pub bytes_up: usize,
+    /// The update went up masked, in a secure round.
+    pub secure: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +175,22 @@ struct Session {
     config: ModelConfig,
 }
 
+/// A secure round this client is in: its protocol state, and the round's
+/// start and model, trained on once the shares are in.
+struct SecureRound {
+    client: SecureClient,
+    start: RoundStart,
+    model: HeldModel,
+    bytes_down: usize,
+}
+
+/// 32 bytes from the OS (`crypto.getRandomValues` in a tab).
+fn entropy() -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the OS random number generator works");
+    bytes
+}
+
 /// Runs the client loop until the server closes the connection or `max_rounds`
 /// round results arrived. Returns the rounds this client trained.
 pub async fn run<T: Transport>(
@@ -175,6 +208,7 @@ pub async fn run<T: Transport>(
         .send(folio_proto::encode(&ClientMessage::Join(join)))
         .await?;
     let mut session: Option<Session> = None;
+    let mut secure: Option<SecureRound> = None;
     let mut reports = Vec::new();
     let mut results = 0;
     loop {
@@ -221,24 +255,64 @@ pub async fn run<T: Transport>(
                         model: model.clone(),
                     });
                 }
-                let update = train_round(device, session, &start, &model, &mut on_event).await?;
+                if let Some(spec) = start.secure {
+                    let (client, keys) = SecureClient::new(spec, entropy());
+                    on_event(ClientEvent::State(ClientState::Securing {
+                        round: start.round,
+                        step: "keys",
+                    }));
+                    send_step(transport, ClientStep::Keys(keys)).await?;
+                    secure = Some(SecureRound {
+                        client,
+                        start,
+                        model,
+                        bytes_down,
+                    });
+                    continue;
+                }
+                let local = train_round(device, session, &start, &model, &mut on_event).await?;
                 on_event(ClientEvent::State(ClientState::Uploading {
                     round: start.round,
                 }));
-                let frame = folio_proto::encode(&ClientMessage::Update(update.clone()));
-                let report = RoundReport {
-                    round: update.round,
-                    examples: update.examples,
-                    train_loss: update.train_loss,
-                    train_accuracy: update.train_accuracy,
-                    train_seconds: update.train_seconds,
-                    bytes_down,
-                    bytes_up: frame.len(),
+                let update = Update {
+                    round: start.round,
+                    examples: local.examples,
+                    encoding: start.delta_encoding,
+                    delta: codec::encode(&local.delta, &session.segments(), start.delta_encoding),
+                    train_loss: local.metrics.loss as f32,
+                    train_accuracy: local.metrics.accuracy as f32,
+                    train_seconds: local.seconds,
                 };
+                let frame = folio_proto::encode(&ClientMessage::Update(update));
+                let report = RoundReport::new(&start, &local, bytes_down, frame.len(), false);
                 transport.send(frame).await?;
                 on_event(ClientEvent::Trained(report.clone()));
                 on_event(ClientEvent::State(ClientState::Waiting));
                 reports.push(report);
+            }
+            ServerMessage::Secure(step) => {
+                let session = session
+                    .as_ref()
+                    .ok_or(ClientError::NotWelcomed("a secure step"))?;
+                let Some(round) = secure.as_mut().filter(|r| r.client.round() == step.round())
+                else {
+                    // A step of a round this client already left: nothing to do.
+                    continue;
+                };
+                let round_number = round.start.round;
+                match secure_step(transport, device, session, round, step, &mut on_event).await {
+                    Ok(Some(report)) => reports.push(report),
+                    Ok(None) => {}
+                    Err(ClientError::Secure(refused)) => {
+                        secure = None;
+                        on_event(ClientEvent::SecureRefused {
+                            round: round_number,
+                            why: refused.to_string(),
+                        });
+                        on_event(ClientEvent::State(ClientState::Waiting));
+                    }
+                    Err(err) => return Err(err),
+                }
             }
             ServerMessage::RoundResult(result) => {
                 on_event(ClientEvent::RoundResult(result));
@@ -525,14 +599,108 @@ pub async fn train_locally(
     })
 }
 
-/// Trains one round from the global weights in `start` and returns the update.
+/// Sends one step of a secure round.
+async fn send_step<T: Transport>(
+    transport: &mut T,
+    step: ClientStep,
+) -> Result<usize, ClientError> {
+    let frame = folio_proto::encode(&ClientMessage::Secure(step));
+    let bytes = frame.len();
+    transport.send(frame).await?;
+    Ok(bytes)
+}
+
+/// Answers one server step of a secure round: shares for the roster; for
+/// the relayed shares, training and the masked input (the round's report);
+/// the revealed shares for the unmasking request.
+async fn secure_step<T: Transport>(
+    transport: &mut T,
+    device: &Device,
+    session: &Session,
+    round: &mut SecureRound,
+    step: ServerStep,
+    on_event: &mut impl FnMut(ClientEvent),
+) -> Result<Option<RoundReport>, ClientError> {
+    let number = round.start.round;
+    match step {
+        ServerStep::Roster(roster) => {
+            let shares = round.client.roster(roster)?;
+            on_event(ClientEvent::State(ClientState::Securing {
+                round: number,
+                step: "shares",
+            }));
+            send_step(transport, ClientStep::Shares(shares)).await?;
+            Ok(None)
+        }
+        ServerStep::Shares(shares) => {
+            round.client.shares(shares)?;
+            let local = train_round(device, session, &round.start, &round.model, on_event).await?;
+            on_event(ClientEvent::State(ClientState::Uploading { round: number }));
+            let spec = *round.client.spec();
+            let masked = round.client.mask(&folio_secagg::Input {
+                delta: &local.delta,
+                weight: spec.weight(local.examples),
+                loss: local.metrics.loss,
+                accuracy: local.metrics.accuracy,
+            })?;
+            let bytes_up = send_step(transport, ClientStep::Masked(masked)).await?;
+            let report = RoundReport::new(&round.start, &local, round.bytes_down, bytes_up, true);
+            on_event(ClientEvent::Trained(report.clone()));
+            on_event(ClientEvent::State(ClientState::Securing {
+                round: number,
+                step: "unmasking",
+            }));
+            Ok(Some(report))
+        }
+        ServerStep::Unmask(request) => {
+            let reveal = round.client.unmask(request)?;
+            send_step(transport, ClientStep::Reveal(reveal)).await?;
+            on_event(ClientEvent::State(ClientState::Waiting));
+            Ok(None)
+        }
+    }
+}
+
+impl RoundReport {
+    fn new(
+        start: &RoundStart,
+        local: &LocalResult,
+        bytes_down: usize,
+        bytes_up: usize,
+        secure: bool,
+    ) -> Self {
+        Self {
+            round: start.round,
+            examples: local.examples,
+            train_loss: local.metrics.loss as f32,
+            train_accuracy: local.metrics.accuracy as f32,
+            train_seconds: local.seconds,
+            bytes_down,
+            bytes_up,
+            secure,
+        }
+    }
+}
+
+impl Session {
+    /// Lengths of the model's tensors in parameter order (the codecs' unit).
+    fn segments(&self) -> Vec<usize> {
+        self.config
+            .param_shapes()
+            .iter()
+            .map(|(_, shape)| shape.iter().product())
+            .collect()
+    }
+}
+
+/// Trains one round from the global weights in `model` as `start` says.
 async fn train_round(
     device: &Device,
     session: &Session,
     start: &RoundStart,
     model: &HeldModel,
     on_event: &mut impl FnMut(ClientEvent),
-) -> Result<Update, ClientError> {
+) -> Result<LocalResult, ClientError> {
     let global = codec::decode(
         &model.weights,
         &[session.config.num_params()],
@@ -543,7 +711,7 @@ async fn train_round(
         session.welcome.batch_size as usize,
         session.welcome.seq_len as usize,
     );
-    let local = train_locally(
+    train_locally(
         device,
         session.config,
         &session.ids,
@@ -557,20 +725,5 @@ async fn train_round(
             }))
         },
     )
-    .await?;
-    let segments: Vec<usize> = session
-        .config
-        .param_shapes()
-        .iter()
-        .map(|(_, shape)| shape.iter().product())
-        .collect();
-    Ok(Update {
-        round: start.round,
-        examples: local.examples,
-        encoding: start.delta_encoding,
-        delta: codec::encode(&local.delta, &segments, start.delta_encoding),
-        train_loss: local.metrics.loss as f32,
-        train_accuracy: local.metrics.accuracy as f32,
-        train_seconds: local.seconds,
-    })
+    .await
 }

@@ -90,6 +90,7 @@ async fn round_start(round: u64, deadline_ms: u64) -> ServerMessage {
         clip_norm: None,
         delta_encoding: Encoding::Int8,
         seed: 1,
+        secure: None,
     })
 }
 

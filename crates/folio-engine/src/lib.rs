@@ -21,6 +21,7 @@
 
 pub mod record;
 pub mod round;
+mod secure;
 pub mod sessions;
 mod settings;
 pub mod status;
@@ -38,9 +39,10 @@ use folio_proto::{
 
 pub use record::{Evaluation, RoundRecord, model_hash};
 pub use round::RoundPhase;
-pub use settings::RoundConfig;
+pub use settings::{RoundConfig, SecureRounds};
 
 use round::OpenRound;
+use secure::{SecureOpen, SecureSum, SumMetrics};
 use sessions::{ClientRound, SessionError, Sessions};
 
 /// What the engine is set up with.
@@ -242,20 +244,28 @@ pub struct AggregateJob {
 pub struct AggregateResult {
     round: u64,
     result: Result<(Aggregated, Arc<Vec<u8>>), FedError>,
+    /// A secure round's training metrics, known only once its sum is unmasked.
+    secure: Option<SumMetrics>,
 }
 
 impl AggregateJob {
     /// Aggregates (a root: combines the edges' shares), and encodes the new model
     /// as the next round will send it.
     pub fn run(self) -> AggregateResult {
-        let aggregated = match self.updates.get::<Shares>() {
-            Ok(shares) => {
+        let mut secure = None;
+        let aggregated = if let Ok(sum) = self.updates.get::<SecureSum>() {
+            sum.partial().and_then(|(partial, metrics)| {
+                secure = Some(metrics);
+                let bound = Some(sum.spec.quantizer.clip_bound);
                 self.strategy
-                    .combine(&shares.parts, shares.bound, &self.weights, &self.state)
-            }
-            Err(_) => self
-                .strategy
-                .aggregate(&self.updates, &self.weights, &self.state),
+                    .combine(&[partial], bound, &self.weights, &self.state)
+            })
+        } else if let Ok(shares) = self.updates.get::<Shares>() {
+            self.strategy
+                .combine(&shares.parts, shares.bound, &self.weights, &self.state)
+        } else {
+            self.strategy
+                .aggregate(&self.updates, &self.weights, &self.state)
         };
         let result = aggregated.map(|aggregated| {
             let encoded = encode_model(&aggregated.weights, self.model_encoding);
@@ -264,6 +274,7 @@ impl AggregateJob {
         AggregateResult {
             round: self.round,
             result,
+            secure,
         }
     }
 }
@@ -276,7 +287,14 @@ pub struct PartJob {
 }
 
 impl PartJob {
-    pub fn run(self) -> Result<(PartReport, Partial), FedError> {
+    pub fn run(mut self) -> Result<(PartReport, Partial), FedError> {
+        if let Ok(sum) = self.updates.get::<SecureSum>() {
+            let (partial, metrics) = sum.partial()?;
+            self.report.loss_sum = metrics.loss_sum;
+            self.report.accuracy_sum = metrics.accuracy_sum;
+            self.report.examples = metrics.examples;
+            return Ok((self.report, partial));
+        }
         let partial = self.strategy.part(&self.updates)?;
         Ok((self.report, partial))
     }
@@ -326,6 +344,8 @@ struct Closing {
     bytes_up: u64,
     bytes_down: u64,
     started: Instant,
+    /// The round's updates were securely aggregated.
+    secure: bool,
 }
 
 impl Closing {
@@ -339,6 +359,7 @@ impl Closing {
             bytes_up: 0,
             bytes_down: 0,
             started: now,
+            secure: false,
         }
     }
 }
@@ -475,7 +496,10 @@ impl Engine {
     /// the next disconnected session's expiry.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let deadline = match &self.phase {
-            Phase::Collecting(open) => Some(open.deadline),
+            Phase::Collecting(open) => Some(match &open.secure {
+                Some(secure) => secure.step_deadline,
+                None => open.deadline,
+            }),
             _ => None,
         };
         let expiry = self.sessions.next_expiry(self.config.session_ttl);
@@ -680,7 +704,8 @@ impl Engine {
         let Phase::Collecting(open) = &mut self.phase else {
             return;
         };
-        if !open.dropped.remove(&session) {
+        // A secure round's keys left with the connection: it goes on without it.
+        if open.secure.is_some() || !open.dropped.remove(&session) {
             return;
         }
         let deadline_ms = open.seconds_left(now).as_millis() as u64;
@@ -697,12 +722,49 @@ impl Engine {
     /// training in the open round, the round counts it as dropped.
     pub fn leave(&mut self, session: u64, now: Instant) {
         self.sessions.disconnect(session, now);
-        if let Phase::Collecting(open) = &mut self.phase
-            && open.is_training(session)
-        {
-            open.dropped.insert(session);
+        if let Phase::Collecting(open) = &mut self.phase {
+            if open.is_training(session) {
+                open.dropped.insert(session);
+            }
+            // Gone from every later step of a secure round too.
+            if let Some(secure) = &mut open.secure {
+                secure.left.insert(session);
+                secure.server.leave(session);
+            }
         }
         self.advance(now);
+    }
+
+    /// Takes one step of a secure round from `session`, or says why not; a
+    /// refused step changes nothing.
+    pub fn secure(
+        &mut self,
+        session: u64,
+        step: folio_secagg::ClientStep,
+        now: Instant,
+    ) -> Result<(), ErrorMessage> {
+        let Phase::Collecting(open) = &mut self.phase else {
+            return Err(error(
+                ErrorCode::RoundClosed,
+                "no round is open; the secure step is ignored",
+            ));
+        };
+        let Some(secure) = &mut open.secure else {
+            return Err(error(
+                ErrorCode::BadSecureStep,
+                format!("round {} is not secure", open.round),
+            ));
+        };
+        let masked = matches!(step, folio_secagg::ClientStep::Masked(_));
+        secure
+            .server
+            .receive(session, step)
+            .map_err(|e| error(ErrorCode::BadSecureStep, e.to_string()))?;
+        if masked {
+            open.reported.insert(session);
+        }
+        self.advance(now);
+        Ok(())
     }
 
     /// Ends a session for good (an operator's revocation); `false` if unknown.
@@ -726,6 +788,16 @@ impl Engine {
     /// the round's deadline.
     pub fn silent_until(&self, session: u64) -> Option<Instant> {
         match &self.phase {
+            Phase::Collecting(open)
+                if open
+                    .secure
+                    .as_ref()
+                    .is_some_and(|s| s.server.awaits(session)) =>
+            {
+                open.secure
+                    .as_ref()
+                    .map(|s| s.step_deadline.max(open.deadline))
+            }
             Phase::Collecting(open) if open.is_training(session) => Some(open.deadline),
             _ => None,
         }
@@ -765,6 +837,15 @@ impl Engine {
             return Err(error(
                 ErrorCode::NotSelected,
                 format!("this client was not selected for round {}", open.round),
+            ));
+        }
+        if open.secure.is_some() {
+            return Err(error(
+                ErrorCode::BadSecureStep,
+                format!(
+                    "round {} is secure: its updates come masked, through its steps",
+                    open.round
+                ),
             ));
         }
         Ok(open.encoding)
@@ -829,9 +910,15 @@ impl Engine {
         if closing.round != result.round {
             return;
         }
-        let Phase::Aggregating(closing) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Aggregating(mut closing) = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
             unreachable!("matched above")
         };
+        if let Some(metrics) = result.secure {
+            let weight = metrics.weight.max(f64::MIN_POSITIVE);
+            closing.train_loss = Some(metrics.loss_sum / weight);
+            closing.train_accuracy = Some(metrics.accuracy_sum / weight);
+        }
         match result.result {
             Ok((aggregated, encoded)) => {
                 let candidate = Candidate {
@@ -840,7 +927,8 @@ impl Engine {
                     state: aggregated.state,
                     clip_bound: aggregated.clip_bound,
                     clipped: aggregated.clipped,
-                    median_norm: Some(aggregated.median_norm),
+                    // A secure round's single deltas, and so their norms, are hidden.
+                    median_norm: Some(aggregated.median_norm).filter(|_| !closing.secure),
                 };
                 self.evaluate(closing, candidate);
             }
@@ -907,6 +995,7 @@ impl Engine {
             population_accuracy: population.map(|m| m.accuracy),
             model_hash: model_hash(&candidate.weights),
             epsilon: self.strategy.privacy(&candidate.state).map(|p| p.epsilon),
+            secure: closing.secure,
         };
         self.actions.push_back(Action::Persist(Box::new(Commit {
             record: record.clone(),
@@ -1004,6 +1093,11 @@ impl Engine {
                     }
                     return;
                 }
+                Phase::Collecting(open) if open.secure.is_some() => {
+                    if !self.step_secure(now) {
+                        return;
+                    }
+                }
                 Phase::Collecting(open) => {
                     // An edge's share closes with whatever came: the root counts
                     // the quorum over all edges.
@@ -1022,6 +1116,72 @@ impl Engine {
                 }
                 _ => return,
             }
+        }
+    }
+
+    /// Moves a secure round along: its step closes once every client it waits
+    /// for answered or left, or at the step's deadline. Returns whether the
+    /// round changed (and may move again).
+    fn step_secure(&mut self, now: Instant) -> bool {
+        let quorum = match self.config.role {
+            Role::Edge => 0,
+            _ => self.strategy.quorum(),
+        };
+        let step_timeout = self
+            .config
+            .rounds
+            .secure
+            .map_or(Duration::ZERO, |s| s.step_timeout);
+        let Phase::Collecting(open) = &mut self.phase else {
+            return false;
+        };
+        let Some(secure) = &mut open.secure else {
+            return false;
+        };
+        if !secure.server.is_complete() && now < secure.step_deadline {
+            return false;
+        }
+        match secure.server.close() {
+            Ok(folio_secagg::Closed::Send(messages)) => {
+                // Training happens before the masked input: that step waits
+                // until the round's deadline, the others for the step timeout.
+                secure.step_deadline = match secure.server.stage() {
+                    folio_secagg::Stage::Masked => open.deadline,
+                    _ => now + step_timeout,
+                };
+                for &session in &secure.left {
+                    secure.server.leave(session);
+                }
+                for (session, step) in messages {
+                    self.send(vec![session], ServerMessage::Secure(step));
+                }
+                true
+            }
+            Ok(folio_secagg::Closed::Unmask(unmasking)) => {
+                if unmasking.contributors() < quorum {
+                    self.abandon_round("closed without a quorum");
+                    return true;
+                }
+                secure.unmasking = Some(unmasking);
+                self.close_round();
+                false
+            }
+            Err(why) => {
+                self.abandon_round(&why.to_string());
+                true
+            }
+        }
+    }
+
+    /// The bound a secure round's clients clip to (`None` for plain rounds).
+    fn secure_bound(&self, ordered: Result<Option<f32>, FedError>) -> Result<Option<f32>, String> {
+        if self.config.rounds.secure.is_none() {
+            return Ok(None);
+        }
+        match ordered {
+            Ok(Some(bound)) => Ok(Some(bound)),
+            Ok(None) => Err("a secure round needs a fixed clip bound".into()),
+            Err(err) => Err(format!("a secure round cannot start: {err}")),
         }
     }
 
@@ -1048,7 +1208,14 @@ impl Engine {
             Ok(updates) => updates,
             Err(err) => unreachable!("the strategy opens rounds on its own state: {err}"),
         };
-        self.open_round(round, self.attempt, &selected, updates, now);
+        let bound = match self.secure_bound(self.strategy.ordered_bound(&self.global.state)) {
+            Ok(bound) => bound,
+            Err(why) => {
+                tracing::error!("{why}");
+                return;
+            }
+        };
+        self.open_round(round, self.attempt, &selected, updates, bound, now);
     }
 
     /// Connected sessions, as a round's candidates.
@@ -1086,20 +1253,23 @@ impl Engine {
             clip_norm: rounds.clip_norm,
             delta_encoding: rounds.delta_encoding,
             seed,
+            secure: None,
         }
     }
 
     /// Starts `round` for the `selected` sessions that are still known (those
-    /// not connected count as dropped): each is sent the round.
+    /// not connected count as dropped): each is sent the round. A secure
+    /// round's clients clip to `secure_bound`.
     fn open_round(
         &mut self,
         round: u64,
         attempt: u32,
         selected: &[u64],
         updates: OpenUpdates,
+        secure_bound: Option<f32>,
         now: Instant,
     ) {
-        let start = self.round_start(round);
+        let mut start = self.round_start(round);
         let plan = self.config.rounds.plan(start.seed);
         let allowed_examples: BTreeMap<u64, u64> = selected
             .iter()
@@ -1108,6 +1278,41 @@ impl Engine {
                 Some((s, plan.max_examples(self.clients[client])))
             })
             .collect();
+        let secure = match (self.config.rounds.secure, secure_bound) {
+            (Some(settings), Some(bound)) => {
+                let strategy = &self.config.rounds.strategy;
+                let by_examples = strategy.weighting == folio_fed::Weighting::Examples
+                    && strategy.kind != folio_fed::StrategyKind::DpFedAvg;
+                let most = allowed_examples.values().copied().max().unwrap_or(1);
+                let spec =
+                    secure::spec(&settings, allowed_examples.len(), most, bound, by_examples);
+                let mut graph_seed = [0u8; 32];
+                getrandom::fill(&mut graph_seed).expect("the OS random number generator works");
+                let sessions = allowed_examples.keys().copied();
+                match folio_secagg::SecureServer::new(
+                    spec,
+                    self.config.num_params(),
+                    sessions,
+                    graph_seed,
+                ) {
+                    Ok(server) => {
+                        start.secure = Some(spec);
+                        Some(Box::new(SecureOpen {
+                            server,
+                            spec,
+                            step_deadline: now + settings.step_timeout,
+                            unmasking: None,
+                            left: BTreeSet::new(),
+                        }))
+                    }
+                    Err(err) => {
+                        tracing::error!("no secure round can start: {err}");
+                        return;
+                    }
+                }
+            }
+            _ => None,
+        };
         // A client that holds the model (a retried round, a reloaded tab) is sent
         // the round without it.
         let (mut with, mut without, mut away) = (Vec::new(), Vec::new(), Vec::new());
@@ -1131,6 +1336,13 @@ impl Engine {
         }
         let deadline = self.config.rounds.deadline;
         let mut open = OpenRound::new(start, attempt, allowed_examples, updates, now, deadline);
+        if let Some(mut secure) = secure {
+            for &session in &away {
+                secure.server.leave(session);
+                secure.left.insert(session);
+            }
+            open.secure = Some(secure);
+        }
         open.dropped.extend(away);
         self.phase = Phase::Collecting(open);
     }
@@ -1266,7 +1478,8 @@ impl Engine {
             .copied()
             .filter(|&s| self.sessions.get(s).is_some())
             .collect();
-        self.open_round(order.round, order.attempt, &mine, updates, now);
+        let bound = self.secure_bound(Ok(order.clip_bound))?;
+        self.open_round(order.round, order.attempt, &mine, updates, bound, now);
         self.advance(now);
         Ok(())
     }
@@ -1329,9 +1542,22 @@ impl Engine {
 
     /// Closes the open round: its updates go out to be aggregated.
     fn close_round(&mut self) {
-        let Phase::Collecting(open) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Collecting(mut open) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return;
         };
+        // A secure round's updates are its sum, once unmasked.
+        let secure = open.secure.take().map(|secure| *secure);
+        if let Some(SecureOpen {
+            server,
+            spec,
+            unmasking: Some(unmasking),
+            ..
+        }) = secure
+        {
+            open.reported = server.contributors().into_iter().collect();
+            open.updates = OpenUpdates::new(SecureSum { unmasking, spec });
+            open.secure_sum = true;
+        }
         let late: Vec<u64> = open
             .failed()
             .filter(|s| !open.dropped.contains(s))
@@ -1377,6 +1603,7 @@ impl Engine {
             bytes_up: open.bytes_up,
             bytes_down: open.bytes_down,
             started: open.started,
+            secure: open.secure_sum,
         };
         self.actions.push_back(Action::Aggregate(AggregateJob {
             round: open.round,
@@ -1416,5 +1643,6 @@ fn round_message(start: &RoundStart, deadline_ms: u64, held: bool) -> ServerMess
         clip_norm: start.clip_norm,
         delta_encoding: start.delta_encoding,
         seed: start.seed,
+        secure: start.secure,
     })
 }

@@ -47,6 +47,9 @@ pub struct RoundRecord {
     /// The ε (at the strategy's δ) the rounds so far spent, under DP-FedAvg.
     #[serde(default, with = "opt_float", skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// The round was securely aggregated: the server saw only its sum.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure: bool,
 }
 
 /// FNV-1a (64 bits) of the weights' bytes, in hex: which model a round produced.
@@ -137,6 +140,7 @@ mod tests {
             population_accuracy: Some(0.5),
             model_hash: model_hash(&[1.0]),
             epsilon: Some(f64::INFINITY),
+            secure: true,
         };
         let json = serde_json::to_string(&record).unwrap();
         assert!(json.contains(r#""eval_loss":"NaN""#), "{json}");

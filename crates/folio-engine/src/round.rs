@@ -46,6 +46,10 @@ pub struct OpenRound {
     pub examples: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// A secure round's steps (`None`: a plain round).
+    pub(crate) secure: Option<Box<crate::secure::SecureOpen>>,
+    /// The updates are a secure round's sum.
+    pub secure_sum: bool,
 }
 
 impl OpenRound {
@@ -76,6 +80,8 @@ impl OpenRound {
             examples: 0,
             bytes_up: 0,
             bytes_down: 0,
+            secure: None,
+            secure_sum: false,
         }
     }
 
@@ -143,6 +149,7 @@ mod tests {
             clip_norm: None,
             delta_encoding: Encoding::F32,
             seed: 0,
+            secure: None,
         };
         OpenRound::new(
             start,

@@ -36,6 +36,23 @@ pub struct RoundConfig {
     /// Also evaluate on every client's test split (the population figure) after
     /// every this many rounds and after the last one.
     pub population_eval_every: Option<u64>,
+    /// Secure aggregation: the server learns only each round's sum (`None`:
+    /// plain rounds, each update seen on its own).
+    #[serde(default)]
+    pub secure: Option<SecureRounds>,
+}
+
+/// How secure rounds run.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SecureRounds {
+    /// Shares that rebuild a client's secrets (Shamir's t); `None`: a majority
+    /// of its holders (its neighbours and itself).
+    pub threshold: Option<u32>,
+    /// Neighbours each client masks with: 0 for every other client (SecAgg),
+    /// or a degree k for SecAgg+'s sparse graph.
+    pub degree: u32,
+    /// How long the key, share and unmasking steps each wait for stragglers.
+    pub step_timeout: Duration,
 }
 
 impl RoundConfig {
@@ -59,6 +76,7 @@ impl RoundConfig {
             eval_batches: 2,
             eval_client: None,
             population_eval_every: None,
+            secure: None,
         }
     }
 }
@@ -98,6 +116,15 @@ impl RoundConfig {
         }
         if self.model_encoding == Encoding::Int8 {
             return Err("the model goes down as f32 or f16; int8 is for deltas only".into());
+        }
+        if let Some(secure) = &self.secure {
+            self.strategy.secure_compatible()?;
+            if secure.step_timeout.is_zero() {
+                return Err("a secure round's step timeout must be above zero".into());
+            }
+            if secure.threshold == Some(0) {
+                return Err("a secure round's threshold must be at least 1".into());
+            }
         }
         if !(self.client_lr.is_finite() && self.client_lr > 0.0) {
             return Err(format!(

@@ -1112,3 +1112,160 @@ fn a_dp_cluster_noises_once_at_the_root_and_spends_what_one_server_does() {
     let off: f32 = root.iter().zip(plain).map(|(a, b)| (a - b).abs()).sum();
     assert!(off > 0.1, "no noise: {root:?} vs {plain:?}");
 }
+
+fn secure_config(clients: usize, quorum: usize) -> EngineConfig {
+    let mut config = config(
+        StrategyConfig {
+            clipping: Clipping::Fixed { bound: 1.0 },
+            ..strategy_config(clients, quorum)
+        },
+        None,
+    );
+    config.rounds.secure = Some(folio_engine::SecureRounds {
+        threshold: None,
+        degree: 0,
+        step_timeout: Duration::from_secs(5),
+    });
+    config
+}
+
+/// The secure steps the engine sent `session` and not yet handled.
+fn secure_steps(host: &Host, from: usize, session: u64) -> Vec<folio_secagg::ServerStep> {
+    host.sent[from..]
+        .iter()
+        .filter(|(to, _)| to.contains(&session))
+        .filter_map(|(_, message)| match message.as_ref() {
+            ServerMessage::Secure(step) => Some(step.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs the open secure round with one client per session in `deltas`; those
+/// in `leave_after_shares` disconnect instead of sending their masked input.
+/// Each client answers every step the engine sends it, until none is left.
+fn run_secure_round(
+    host: &mut Host,
+    deltas: &std::collections::BTreeMap<u64, [f32; PARAMS]>,
+    leave_after_shares: &[u64],
+) {
+    use folio_secagg::{ClientStep, SecureClient, ServerStep};
+    let start = host.starts().last().unwrap().1.clone();
+    let spec = start.secure.expect("a secure round");
+    let mut clients = std::collections::BTreeMap::new();
+    for (i, &session) in deltas.keys().enumerate() {
+        let (client, keys) = SecureClient::new(spec, [i as u8 + 1; 32]);
+        clients.insert(session, client);
+        host.engine
+            .secure(session, ClientStep::Keys(keys), host.now)
+            .unwrap();
+        host.run();
+    }
+    let mut handled = 0;
+    loop {
+        let from = handled;
+        handled = host.sent.len();
+        let mut answered = false;
+        for (&session, client) in &mut clients {
+            for step in secure_steps(host, from, session) {
+                let reply = match step {
+                    ServerStep::Roster(roster) => {
+                        ClientStep::Shares(client.roster(roster).unwrap())
+                    }
+                    ServerStep::Shares(shares) => {
+                        client.shares(shares).unwrap();
+                        if leave_after_shares.contains(&session) {
+                            host.engine.leave(session, host.now);
+                            continue;
+                        }
+                        let input = folio_secagg::Input {
+                            delta: &deltas[&session],
+                            weight: spec.weight(8),
+                            loss: 2.0,
+                            accuracy: 0.25,
+                        };
+                        ClientStep::Masked(client.mask(&input).unwrap())
+                    }
+                    ServerStep::Unmask(request) => {
+                        ClientStep::Reveal(client.unmask(request).unwrap())
+                    }
+                };
+                host.engine.secure(session, reply, host.now).unwrap();
+                answered = true;
+            }
+        }
+        host.run();
+        if !answered {
+            break;
+        }
+    }
+}
+
+#[test]
+fn a_secure_round_commits_the_mean_of_the_clipped_deltas_from_their_sum_alone() {
+    let mut host = Host::new(
+        secure_config(4, 3),
+        Start {
+            weights: vec![0.0; PARAMS],
+            strategy: None,
+            history: Vec::new(),
+        },
+    );
+    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    let start = host.starts().last().unwrap().1.clone();
+    let spec = start.secure.expect("the round is secure");
+    assert_eq!(spec.quantizer.clip_bound, 1.0);
+    assert_eq!(spec.threshold, 3, "a majority of 4 holders");
+    // A plain update has no place in a secure round.
+    let refused = host.update(sessions[0], 1, [0.1; PARAMS]);
+    assert_eq!(refused, Err(ErrorCode::BadSecureStep));
+    // C's delta is over the bound: its client clips it. D drops after sharing.
+    let deltas = std::collections::BTreeMap::from([
+        (sessions[0], [0.3, 0.0, 0.0, 0.0]),
+        (sessions[1], [0.0, -0.6, 0.0, 0.0]),
+        (sessions[2], [0.0, 0.0, 4.0, 0.0]),
+        (sessions[3], [0.5, 0.5, 0.5, 0.5]),
+    ]);
+    run_secure_round(&mut host, &deltas, &[sessions[3]]);
+    let record = host.committed.last().unwrap().clone();
+    assert_eq!((record.round, record.clients, record.secure), (1, 3, true));
+    assert!((record.train_loss.unwrap() - 2.0).abs() < 1e-6);
+    assert_eq!(record.delta_norm, None, "single norms are hidden");
+    let expected = [0.1, -0.2, 1.0 / 3.0, 0.0];
+    for (w, e) in host.engine.weights().iter().zip(expected) {
+        assert!((f64::from(*w) - e).abs() < 1e-6, "{w} vs {e}");
+    }
+}
+
+#[test]
+fn a_secure_round_short_of_its_threshold_runs_again_with_new_keys() {
+    let mut host = Host::new(
+        secure_config(4, 1),
+        Start {
+            weights: vec![0.0; PARAMS],
+            strategy: None,
+            history: Vec::new(),
+        },
+    );
+    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    let first = host.starts().last().unwrap().1.secure.unwrap();
+    // Only two of four send keys: below the threshold of 3 when the step times out.
+    for (i, &session) in sessions[..2].iter().enumerate() {
+        let (_, keys) = folio_secagg::SecureClient::new(first, [i as u8 + 1; 32]);
+        host.engine
+            .secure(session, folio_secagg::ClientStep::Keys(keys), host.now)
+            .unwrap();
+    }
+    host.wait(Duration::from_secs(6));
+    assert_eq!(host.committed.len(), 1, "nothing committed");
+    let retry = host.starts().last().unwrap().1.clone();
+    let second = retry.secure.unwrap();
+    assert_eq!(retry.round, 1);
+    assert_ne!(second.id, first.id, "the retry is a new secure round");
+    // A late step of the abandoned attempt is refused.
+    let (_, stale) = folio_secagg::SecureClient::new(first, [9; 32]);
+    let late = host
+        .engine
+        .secure(sessions[0], folio_secagg::ClientStep::Keys(stale), host.now);
+    assert_eq!(late.unwrap_err().code, ErrorCode::BadSecureStep);
+}

@@ -47,4 +47,6 @@ pub enum FedError {
     ForeignRound,
     #[error("this strategy needs every update at once: it cannot be split across edges")]
     NotSplittable,
+    #[error("secure aggregation: {0}")]
+    Secure(String),
 }

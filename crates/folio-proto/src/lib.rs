@@ -5,10 +5,11 @@
 //! handed a decoding error.
 
 use folio_fed::Encoding;
+pub use folio_secagg::{ClientStep, SecureSpec, ServerStep};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest frame either side accepts: the seed model's f32 weights (16.2 MB) with room.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
@@ -20,6 +21,8 @@ pub enum ClientMessage {
     Update(Update),
     /// The answer to the server's heartbeat: this client is alive.
     Heartbeat,
+    /// A step of a secure round (keys, shares, masked input, revealed shares).
+    Secure(ClientStep),
 }
 
 /// Server → client.
@@ -30,6 +33,8 @@ pub enum ServerMessage {
     RoundResult(RoundResult),
     Heartbeat,
     Error(ErrorMessage),
+    /// A step of a secure round (roster, relayed shares, unmasking request).
+    Secure(ServerStep),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +113,9 @@ pub struct RoundStart {
     pub delta_encoding: Encoding,
     /// Seeds the client's batch shuffle this round.
     pub seed: u64,
+    /// Set for a secure round: the client sends no update but runs the secure
+    /// aggregation steps, clipping and weighting its delta itself.
+    pub secure: Option<SecureSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,6 +183,8 @@ pub enum ErrorCode {
     TooManyErrors,
     /// The connection did not join, or went silent, in time.
     Timeout,
+    /// A secure round's step was refused (out of order, malformed, not asked for).
+    BadSecureStep,
 }
 
 impl ErrorCode {
@@ -202,6 +212,7 @@ impl ErrorCode {
             ErrorCode::ServerFull => "server_full",
             ErrorCode::TooManyErrors => "too_many_errors",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::BadSecureStep => "bad_secure_step",
         }
     }
 }
@@ -261,9 +272,9 @@ pub fn decode<M: for<'de> Deserialize<'de>>(frame: &[u8], variants: u32) -> Resu
 }
 
 /// Number of [`ClientMessage`] variants (for [`decode`]).
-pub const CLIENT_MESSAGES: u32 = 3;
+pub const CLIENT_MESSAGES: u32 = 4;
 /// Number of [`ServerMessage`] variants (for [`decode`]).
-pub const SERVER_MESSAGES: u32 = 5;
+pub const SERVER_MESSAGES: u32 = 6;
 
 pub fn decode_client(frame: &[u8]) -> Result<ClientMessage, FrameError> {
     decode(frame, CLIENT_MESSAGES)

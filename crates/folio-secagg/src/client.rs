@@ -101,7 +101,8 @@ impl SecureClient {
     /// Starts a round: fresh keys and self-mask seed from `entropy` (32 bytes
     /// from the OS: `getrandom`, `crypto.getRandomValues` in a tab). Returns
     /// the keys to send.
-    pub fn new(round: u64, spec: SecureSpec, entropy: [u8; 32]) -> (Self, Keys) {
+    pub fn new(spec: SecureSpec, entropy: [u8; 32]) -> (Self, Keys) {
+        let round = spec.id;
         let mut rng = ChaCha20Rng::from_seed(entropy);
         let mut secret = || {
             let mut bytes = [0u8; 32];

@@ -39,18 +39,32 @@ use serde::{Deserialize, Serialize};
 
 pub use client::SecureClient;
 pub use quantize::{Input, Quantizer, Sum};
-pub use server::{Closed, SecureServer, Unmasking};
+pub use server::{Closed, SecureServer, Stage, Unmasking};
 
 /// How a secure round runs: told to its clients with the round.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SecureSpec {
+    /// Names this secure round (one attempt of a federated round): every
+    /// message carries it, so a late message of an abandoned attempt is refused.
+    pub id: u64,
     /// Shares of a client's secrets that rebuild them (Shamir's t).
     pub threshold: u32,
     /// Neighbours each client masks with (0: every other client).
     pub degree: u32,
     pub quantizer: Quantizer,
-    /// A client's weight is its examples over this (the round's most).
-    pub weight_scale: u64,
+    /// A client's weight is its examples over this (the round's most);
+    /// `None`: every client weighs 1.
+    pub weight_scale: Option<u64>,
+}
+
+impl SecureSpec {
+    /// The weight, in [0, 1], of a client that trained on `examples`.
+    pub fn weight(&self, examples: u64) -> f64 {
+        match self.weight_scale {
+            Some(scale) => (examples as f64 / scale.max(1) as f64).min(1.0),
+            None => 1.0,
+        }
+    }
 }
 
 /// A client's X25519 public keys for one round: one to agree the keys its

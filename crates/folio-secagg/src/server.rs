@@ -14,8 +14,9 @@ use crate::{
     SecAggError, SecureSpec, ServerStep, Shares, SharesFor, Unmask, graph, mask,
 };
 
+/// The step a secure round is at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
+pub enum Stage {
     Keys,
     Shares,
     Masked,
@@ -24,7 +25,7 @@ enum Stage {
 }
 
 impl Stage {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Stage::Keys => "keys",
             Stage::Shares => "shares",
@@ -75,10 +76,9 @@ pub struct SecureServer {
 }
 
 impl SecureServer {
-    /// A secure round for the `selected` sessions, whose inputs have
+    /// Secure round `spec.id` for the `selected` sessions, whose inputs have
     /// `params + EXTRAS` values; the graph is drawn from `graph_seed`.
     pub fn new(
-        round: u64,
         spec: SecureSpec,
         params: usize,
         selected: impl IntoIterator<Item = u64>,
@@ -91,7 +91,7 @@ impl SecureServer {
             ));
         }
         Ok(Self {
-            round,
+            round: spec.id,
             spec,
             values: params + EXTRAS,
             graph_seed,
@@ -111,9 +111,9 @@ impl SecureServer {
         self.round
     }
 
-    /// The step under way, for people.
-    pub fn stage(&self) -> &'static str {
-        self.stage.name()
+    /// The step under way.
+    pub fn stage(&self) -> Stage {
+        self.stage
     }
 
     /// Whether the step under way was answered by all it waits for.
@@ -532,13 +532,14 @@ impl Unmasking {
     }
 
     /// The exact sum (mod 2³²) of the contributors' quantised inputs.
-    pub fn run(mut self) -> Vec<u32> {
+    pub fn run(&self) -> Vec<u32> {
+        let mut sum = self.sum.clone();
         for seed in &self.self_masks {
-            mask::apply(&mut self.sum, seed, false);
+            mask::apply(&mut sum, seed, false);
         }
         for (seed, add) in &self.pairwise {
-            mask::apply(&mut self.sum, seed, *add);
+            mask::apply(&mut sum, seed, *add);
         }
-        self.sum
+        sum
     }
 }

@@ -20,13 +20,14 @@ const PARAMS: usize = 40;
 
 fn spec(clients: u32, threshold: u32, degree: u32) -> SecureSpec {
     SecureSpec {
+        id: 7,
         threshold,
         degree,
         quantizer: Quantizer {
             clients,
             clip_bound: 1.0,
         },
-        weight_scale: 100,
+        weight_scale: Some(100),
     }
 }
 
@@ -56,15 +57,14 @@ struct Outcome {
 fn run(n: u64, spec: SecureSpec, drops: &BTreeMap<u64, Drop>, seed: u64) -> Outcome {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let sessions: Vec<u64> = (100..100 + n).collect();
-    let mut server =
-        SecureServer::new(7, spec, PARAMS, sessions.clone(), [seed as u8; 32]).unwrap();
+    let mut server = SecureServer::new(spec, PARAMS, sessions.clone(), [seed as u8; 32]).unwrap();
     let mut clients = BTreeMap::new();
     let mut quantised = BTreeMap::new();
     let alive = |s: u64, step: Drop| drops.get(&s).is_none_or(|&d| d > step);
     for &s in &sessions {
         let mut entropy = [0u8; 32];
         rng.fill_bytes(&mut entropy);
-        let (client, keys) = SecureClient::new(7, spec, entropy);
+        let (client, keys) = SecureClient::new(spec, entropy);
         clients.insert(s, client);
         let delta: Vec<f32> = (0..PARAMS)
             .map(|_| (rng.next_u32() % 1000) as f32 / 5e4 - 0.01)
@@ -210,10 +210,10 @@ fn secagg_plus_survives_dropouts_within_each_neighbourhood() {
 /// and the share messages the server relays.
 fn three_clients_relayed(seed: u8) -> (SecureServer, Vec<SecureClient>, Vec<crate::SharesFor>) {
     let spec = spec(3, 2, 0);
-    let mut server = SecureServer::new(7, spec, PARAMS, [1, 2, 3], [seed; 32]).unwrap();
+    let mut server = SecureServer::new(spec, PARAMS, [1, 2, 3], [seed; 32]).unwrap();
     let mut clients = Vec::new();
     for s in 1..=3u64 {
-        let (client, keys) = SecureClient::new(7, spec, [seed + s as u8; 32]);
+        let (client, keys) = SecureClient::new(spec, [seed + s as u8; 32]);
         server.receive(s, ClientStep::Keys(keys)).unwrap();
         clients.push(client);
     }
@@ -293,9 +293,9 @@ fn tampered_replayed_or_misdirected_shares_are_refused() {
 #[test]
 fn the_server_refuses_what_a_step_does_not_take() {
     let spec = spec(3, 2, 0);
-    let mut server = SecureServer::new(7, spec, PARAMS, [1, 2, 3], [1; 32]).unwrap();
-    let (_, keys) = SecureClient::new(7, spec, [1; 32]);
-    let (_, other_round) = SecureClient::new(8, spec, [2; 32]);
+    let mut server = SecureServer::new(spec, PARAMS, [1, 2, 3], [1; 32]).unwrap();
+    let (_, keys) = SecureClient::new(spec, [1; 32]);
+    let (_, other_round) = SecureClient::new(SecureSpec { id: 8, ..spec }, [2; 32]);
     assert!(matches!(
         server.receive(1, ClientStep::Keys(other_round)),
         Err(SecAggError::WrongRound { .. })
@@ -364,18 +364,19 @@ fn one_masked_input_reads_as_uniform_noise() {
     // are uniform (chi-squared) and its values uncorrelated with the input.
     let values = 20_000;
     let spec = SecureSpec {
+        id: 7,
         threshold: 2,
         degree: 0,
         quantizer: Quantizer {
             clients: 3,
             clip_bound: 1.0,
         },
-        weight_scale: 1,
+        weight_scale: None,
     };
-    let mut server = SecureServer::new(7, spec, values - EXTRAS, [1, 2, 3], [3; 32]).unwrap();
+    let mut server = SecureServer::new(spec, values - EXTRAS, [1, 2, 3], [3; 32]).unwrap();
     let mut clients: Vec<SecureClient> = (1..=3u8)
         .map(|s| {
-            let (client, keys) = SecureClient::new(7, spec, [s * 17; 32]);
+            let (client, keys) = SecureClient::new(spec, [s * 17; 32]);
             server
                 .receive(u64::from(s), ClientStep::Keys(keys))
                 .unwrap();

@@ -374,6 +374,7 @@ mod tests {
             population_accuracy: None,
             model_hash: folio_engine::model_hash(&[round as f32]),
             epsilon: None,
+            secure: false,
         }
     }
 

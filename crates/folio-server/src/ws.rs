@@ -398,10 +398,13 @@ fn handle_frame(
             peer.idle.disable();
             Ok(())
         }
-        (ClientMessage::Update(_) | ClientMessage::Heartbeat, None) => {
+        (ClientMessage::Update(_) | ClientMessage::Heartbeat | ClientMessage::Secure(_), None) => {
             Err(error(ErrorCode::NotJoined, "join first"))
         }
         (ClientMessage::Update(update), Some(id)) => handle_update(shared, id, update),
+        (ClientMessage::Secure(step), Some(id)) => {
+            shared.engine(|e| e.secure(id, step, Instant::now()))
+        }
         // A heartbeat only says the client is alive.
         (ClientMessage::Heartbeat, Some(_)) => Ok(()),
     }

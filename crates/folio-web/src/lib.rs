@@ -112,6 +112,11 @@ fn event_object(event: &ClientEvent) -> JsValue {
                 ClientState::Downloading { round } => ("downloading", round, 0, 0),
                 ClientState::Training { round, batch, of } => ("training", round, batch, of),
                 ClientState::Uploading { round } => ("uploading", round, 0, 0),
+                ClientState::Securing { round, .. } => ("securing", round, 0, 0),
+            };
+            let step = match *state {
+                ClientState::Securing { step, .. } => step,
+                _ => "",
             };
             object(&[
                 ("type", "state".into()),
@@ -119,6 +124,7 @@ fn event_object(event: &ClientEvent) -> JsValue {
                 ("round", (round as f64).into()),
                 ("batch", (batch as f64).into()),
                 ("of", (of as f64).into()),
+                ("step", step.into()),
             ])
         }
         ClientEvent::Trained(report) => object(&[
@@ -129,6 +135,7 @@ fn event_object(event: &ClientEvent) -> JsValue {
             ("seconds", report.train_seconds.into()),
             ("bytesDown", (report.bytes_down as f64).into()),
             ("bytesUp", (report.bytes_up as f64).into()),
+            ("secure", report.secure.into()),
         ]),
         ClientEvent::RoundResult(result) => object(&[
             ("type", "result".into()),
@@ -140,6 +147,11 @@ fn event_object(event: &ClientEvent) -> JsValue {
             ("type", "error".into()),
             ("code", error.code.name().into()),
             ("message", error.message.as_str().into()),
+        ]),
+        ClientEvent::SecureRefused { round, why } => object(&[
+            ("type", "secureRefused".into()),
+            ("round", (*round as f64).into()),
+            ("message", why.as_str().into()),
         ]),
         ClientEvent::ModelReceived { round, model } => object(&[
             ("type", "model".into()),

@@ -14,7 +14,9 @@ use folio_fed::{
 };
 use folio_model::Preset;
 use folio_proto::Optimizer;
-use folio_server::{AccessConfig, Limits, RoundConfig, RoundRecord, Server, ServerConfig};
+use folio_server::{
+    AccessConfig, Limits, RoundConfig, RoundRecord, SecureRounds, Server, ServerConfig,
+};
 use folio_sim::population::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -207,6 +209,25 @@ pub struct RoundArgs {
     /// and the last (0: never; `small` takes seconds, `seed` minutes).
     #[arg(long, default_value_t = 0)]
     population_eval_every: u64,
+    /// Secure aggregation: the server learns only each round's sum. Clients
+    /// clip their own deltas to --clip-bound (fixed clipping), the mean is
+    /// the aggregation.
+    #[arg(long)]
+    secure_aggregation: bool,
+    /// Shares that rebuild a client's secrets in a secure round (default: a
+    /// majority of the client and its neighbours). More tolerates fewer
+    /// dropouts; fewer tolerates fewer colluding clients.
+    #[arg(long)]
+    secagg_threshold: Option<u32>,
+    /// Neighbours each client masks with in a secure round: 0 for every other
+    /// client (SecAgg), k for SecAgg+'s random k-regular graph (cheaper for
+    /// large rounds; at most 254).
+    #[arg(long, default_value_t = 0)]
+    secagg_degree: u32,
+    /// How long a secure round's key, share and unmasking steps wait for
+    /// stragglers (seconds).
+    #[arg(long, default_value_t = 30.0)]
+    secagg_step_secs: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -263,9 +284,12 @@ impl RoundArgs {
                 Weighting::Examples
             },
             clipping: match self.clip {
-                _ if self.strategy == StrategyRule::DpFedavg => Clipping::Fixed {
-                    bound: self.clip_bound,
-                },
+                // Both clip every delta to a bound known before the round.
+                _ if self.strategy == StrategyRule::DpFedavg || self.secure_aggregation => {
+                    Clipping::Fixed {
+                        bound: self.clip_bound,
+                    }
+                }
                 ClipRule::Off => Clipping::Off,
                 ClipRule::Fixed => Clipping::Fixed {
                     bound: self.clip_bound,
@@ -319,6 +343,11 @@ impl RoundArgs {
             eval_client: self.eval_client.clone(),
             population_eval_every: (self.population_eval_every > 0)
                 .then_some(self.population_eval_every),
+            secure: self.secure_aggregation.then(|| SecureRounds {
+                threshold: self.secagg_threshold,
+                degree: self.secagg_degree,
+                step_timeout: Duration::from_secs_f64(self.secagg_step_secs.max(0.001)),
+            }),
         }
     }
 
@@ -660,6 +689,9 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
                 ),
                 ClientEvent::ServerError(error) => {
                     eprintln!("server: {} ({})", error.message, error.code.name())
+                }
+                ClientEvent::SecureRefused { round, why } => {
+                    eprintln!("left secure round {round}: {why}")
                 }
                 ClientEvent::State(_) | ClientEvent::ModelReceived { .. } => {}
             },

@@ -243,7 +243,9 @@ impl Strategy for RobustFedAvg {
         let mut sum = vec![0f32; weights.len()];
         let mut total_weight = 0.0;
         let mut norms = Vec::new();
+        let mut updates = 0;
         for part in parts.iter().filter(|p| p.updates > 0) {
+            updates += part.updates;
             if part.sum.len() != weights.len() {
                 return Err(FedError::WrongLength {
                     expected: weights.len(),
@@ -256,7 +258,8 @@ impl Strategy for RobustFedAvg {
             total_weight += part.total_weight;
             norms.extend_from_slice(&part.norms);
         }
-        if norms.is_empty() || total_weight.is_nan() || total_weight <= 0.0 {
+        // (A secure round's sum comes without its clients' norms.)
+        if updates == 0 || total_weight.is_nan() || total_weight <= 0.0 {
             return Err(FedError::NoUpdates);
         }
         let delta: Vec<f32> = sum

@@ -232,6 +232,37 @@ impl StrategyConfig {
         }
         Ok(())
     }
+
+    /// Whether rounds can run with secure aggregation: the server then sees
+    /// only a sum, so each client clips itself to a bound known in advance
+    /// and the strategy must work from the sum alone.
+    pub fn secure_compatible(&self) -> Result<(), String> {
+        if self.kind == StrategyKind::Krum {
+            return Err(
+                "Krum compares single updates, which secure aggregation hides: use fedavg or dp-fedavg"
+                    .into(),
+            );
+        }
+        if self.aggregation != Aggregation::Mean {
+            return Err(
+                "secure aggregation gives the server a sum: the aggregation must be the mean"
+                    .into(),
+            );
+        }
+        if !matches!(self.clipping, Clipping::Fixed { .. }) {
+            return Err(
+                "in a secure round each client clips its own delta to a bound known in advance: use --clip fixed --clip-bound S"
+                    .into(),
+            );
+        }
+        if self.dp.adaptive.is_some() {
+            return Err(
+                "adaptive DP clipping counts single updates' norms, which secure aggregation hides"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A strategy's state between rounds, in a form any host can save and restore:
