@@ -754,3 +754,60 @@ async fn the_population_is_evaluated_on_the_rounds_asked_for_and_the_last() {
     assert!((last.population_loss.unwrap() - expected.loss).abs() < 1e-5);
     server.abort();
 }
+
+/// A secure round on loopback: four clients selected, one killed as the round
+/// starts; the three others run every step and the server commits what their
+/// masked inputs sum to, having seen no update on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_round_commits_the_sum_of_masked_inputs_despite_a_dropout() {
+    let dir = tempfile::tempdir().unwrap();
+    let bound = 0.5;
+    let mut round_config = rounds(4);
+    round_config.strategy.clipping = Clipping::Fixed { bound };
+    round_config.strategy.quorum = 2;
+    round_config.secure = Some(folio_server::SecureRounds {
+        threshold: None,
+        degree: 0,
+        step_timeout: Duration::from_secs(20),
+    });
+    let server = Server::start(config(dir.path(), round_config, 1))
+        .await
+        .unwrap();
+    let global = server.weights();
+    let clients: Vec<_> = (0..4).map(|i| spawn_client(url(&server), i == 3)).collect();
+    within(server.wait_for_round(1)).await;
+
+    let history = http_get(&server, "/api/history").await;
+    assert!(history.contains(r#""secure":true"#), "{history}");
+    assert!(history.contains(r#""clients":3"#), "{history}");
+    for (log, _) in &clients[..3] {
+        let log = log.lock().unwrap();
+        let steps: Vec<&str> = log
+            .sent
+            .iter()
+            .filter_map(|m| match m {
+                ClientMessage::Secure(step) => Some(match step {
+                    folio_proto::ClientStep::Keys(_) => "keys",
+                    folio_proto::ClientStep::Shares(_) => "shares",
+                    folio_proto::ClientStep::Masked(_) => "masked",
+                    folio_proto::ClientStep::Reveal(_) => "reveal",
+                }),
+                ClientMessage::Update(_) => Some("a plain update"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(steps, ["keys", "shares", "masked", "reveal"]);
+    }
+    // The mean of deltas each clipped to the bound moves the model by at most it.
+    let moved = server
+        .weights()
+        .iter()
+        .zip(&global)
+        .map(|(w, g)| f64::from(w - g).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        moved > 0.0 && moved <= f64::from(bound) * 1.001,
+        "moved {moved}"
+    );
+}
