@@ -17,9 +17,9 @@ cd "$FOLIO_ROOT"
 # One package selection for every native cargo command, so that they all resolve
 # the same features and share one build (folio-web is wasm-only).
 native=(--workspace --exclude folio-web --release --locked)
-# The same for the wasm32 side: the browser tests of three crates and the page.
+# The same for the wasm32 side: the browser tests of four crates and the page.
 wasm=(--target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm" --profile wasm --locked
-    -p folio-fed -p folio-client -p folio-web)
+    -p folio-fed -p folio-secagg -p folio-client -p folio-web)
 
 step "formatting"
 cargo fmt --all --check
@@ -54,8 +54,9 @@ step "native tests"
 cargo test "${native[@]}"
 
 # wasm-bindgen tests in headless Chromium (cargo runs them with
-# wasm-bindgen-test-runner, .cargo/config.toml): the delta codecs, the client
-# loop's state machine, WebGPU against the CPU backend.
+# wasm-bindgen-test-runner, .cargo/config.toml): the delta codecs, secure
+# aggregation's protocol, the client loop's state machine, WebGPU against the
+# CPU backend.
 export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
 step "browser tests in headless Chromium"
 cargo test "${wasm[@]}"
@@ -64,6 +65,6 @@ build_page
 build_threaded_page
 
 step "end-to-end: the page in headless Chromium tabs against the aggregator"
-cargo test "${native[@]}" --test tabs --test crowd --test edges --test privacy -- --ignored --test-threads=1 --nocapture
+cargo test "${native[@]}" --test tabs --test crowd --test edges --test privacy --test secure -- --ignored --test-threads=1 --nocapture
 
 step "all tests passed in ${SECONDS}s"

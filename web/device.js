@@ -34,6 +34,7 @@ const explanations = {
   no_free_client: "Every Shakespeare character is taken (or the one asked for is).",
   server_full: "The aggregator is full.",
   timeout: "The aggregator closed the connection after a silence.",
+  bad_secure_step: "The aggregator refused a step of a secure round (late, or from an attempt it abandoned).",
 };
 // `kind` names notices that a later event makes stale (a lost connection, once
 // the tab is back).
@@ -62,7 +63,8 @@ function onDeviceEvent(event) {
       break;
     case "state":
       if (event.round) device.round = event.round;
-      device.state = event.state === "training" ? `training batch ${event.batch} of ${event.of}` : event.state;
+      device.state = event.state === "training" ? `training batch ${event.batch} of ${event.of}`
+        : event.state === "securing" ? `secure aggregation: ${event.step}` : event.state;
       if (event.state === "training") Object.assign(training, { max: event.of, value: event.batch });
       // Milliseconds from opening the page to its first trained batch (benches read it).
       if (event.state === "training" && !document.body.dataset.firstBatchMs) {
@@ -84,12 +86,13 @@ function onDeviceEvent(event) {
       const earlier = trained.findIndex((row) => row[0] === event.round);
       if (earlier >= 0) trained.splice(earlier, 1);
       trained.unshift([event.round, event.loss.toFixed(4), event.accuracy.toFixed(4), event.seconds.toFixed(1),
-        formatBytes(event.bytesDown), formatBytes(event.bytesUp)]);
+        formatBytes(event.bytesDown), formatBytes(event.bytesUp), event.secure ? "masked" : "plain"]);
       fillTable("device-rounds", trained.slice(0, 30));
       break;
     }
     case "error": notify(`${explanations[event.code] ?? "The aggregator refused a message."} (${event.code}: ${event.message})`); break;
     case "notice": notify(event.message); break;
+    case "secureRefused": notify(`This tab left secure round ${event.round}: ${event.message}. It joins the next round.`); break;
     case "closed": device.state = "done: the aggregator closed"; break;
     case "failed":
       device.state = `stopped: ${event.message}`;

@@ -140,8 +140,9 @@ function roundProgress(open, phase) {
   Object.assign(bar, { max: open.selected, value: open.reported });
   const left = open.dropped_sessions.length ? `, ${open.dropped_sessions.length} left` : "";
   const attempt = open.attempt ? ` (attempt ${open.attempt + 1})` : "";
+  const secure = open.secure_step ? ` · secure aggregation, step: ${open.secure_step}` : "";
   text.textContent = `round ${open.round}${attempt}: ${open.reported} of ${open.selected} devices reported${left}; ` +
-    `deadline in ${Math.ceil(open.seconds_left)} s`;
+    `deadline in ${Math.ceil(open.seconds_left)} s${secure}`;
 }
 
 function thisRound(open, session) {
@@ -164,6 +165,21 @@ function showPrivacy(status) {
     `after ${p.rounds} rounds · noise multiplier ${p.noise_multiplier}, clip bound ${p.clip_bound}, ` +
     `each of ${p.population.toLocaleString()} clients sampled with q = ${fmt(p.sampling_rate, 5)} · ${budget}` +
     (status.stopped ? ` · stopped: ${status.stopped}` : "");
+}
+
+// With secure aggregation: what the aggregator sees, and what the last round was.
+function showSecure(status) {
+  const line = document.getElementById("secure");
+  const s = status.config.secure;
+  line.hidden = !s;
+  if (!s) return;
+  const graph = s.degree ? `SecAgg+, ${s.degree} neighbours per device` : "SecAgg, every device masks with every other";
+  const threshold = s.threshold ? `threshold ${s.threshold}` : "threshold: a majority";
+  const last = history.length ? history[history.length - 1] : null;
+  const latest = last && last.round > 0
+    ? ` · round ${last.round} was ${last.secure ? `secure: the aggregator saw only the sum of its ${last.clients} devices' masked updates` : "not secure"}`
+    : "";
+  line.textContent = `Secure aggregation (${graph}; ${threshold}): the aggregator learns each round's sum and nothing about one device's update${latest}.`;
 }
 
 // The rounds committed so far. The status says how many there are; only the
@@ -195,9 +211,10 @@ async function refresh() {
     roundProgress(open, status.phase);
     plot(history);
     showPrivacy(status);
+    showSecure(status);
     fill("history", history.slice(-30).reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
       fmt(r.eval_loss), fmt(r.eval_accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1),
-      fmt(r.epsilon, 3)]));
+      fmt(r.epsilon, 3), r.secure ? "sum only" : ""]));
     fill("clients", status.clients.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}`, c.connected ? "yes" : "no",
       thisRound(open, c.session), c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy),
       bytes(c.bytes_up), bytes(c.bytes_down)]));

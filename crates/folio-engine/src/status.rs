@@ -46,6 +46,8 @@ pub struct OpenRoundStatus {
     pub selected_sessions: Vec<u64>,
     pub reported_sessions: Vec<u64>,
     pub dropped_sessions: Vec<u64>,
+    /// A secure round's step under way (keys, shares, masked input, unmasking).
+    pub secure_step: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +64,8 @@ pub struct ConfigStatus {
     pub client_lr: f32,
     pub delta_encoding: String,
     pub max_rounds: Option<u64>,
+    /// Secure aggregation's settings, when rounds are secure.
+    pub secure: Option<crate::SecureRounds>,
 }
 
 impl Engine {
@@ -79,6 +83,7 @@ impl Engine {
                 selected_sessions: open.selected.iter().copied().collect(),
                 reported_sessions: open.reported.iter().copied().collect(),
                 dropped_sessions: open.dropped.iter().copied().collect(),
+                secure_step: open.secure.as_ref().map(|s| s.server.stage().name()),
             }),
             _ => None,
         };
@@ -105,6 +110,7 @@ impl Engine {
                 client_lr: rounds.client_lr_at(next_round),
                 delta_encoding: format!("{:?}", rounds.delta_encoding),
                 max_rounds: self.config.max_rounds,
+                secure: rounds.secure,
             },
             privacy: self.strategy.privacy(&self.global.state),
             stopped: self.stopped.clone(),

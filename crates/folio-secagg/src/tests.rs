@@ -130,8 +130,8 @@ fn dropping(sessions: impl IntoIterator<Item = u64>, at: Drop) -> BTreeMap<u64, 
     sessions.into_iter().map(|s| (s, at)).collect()
 }
 
+#[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
-#[test]
 fn the_unmasked_sum_is_the_plain_quantised_sum() {
     // Full SecAgg with a majority threshold, and SecAgg+ with 6 neighbours
     // (t = 4 of the 7 holders).
@@ -146,8 +146,8 @@ fn the_unmasked_sum_is_the_plain_quantised_sum() {
     }
 }
 
+#[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
-#[test]
 fn dropouts_after_each_step_up_to_n_minus_t_still_give_the_exact_sum() {
     let (n, t) = (10u64, 6u32);
     for at in [Drop::Keys, Drop::Shares, Drop::Masked, Drop::Reveal] {
@@ -176,8 +176,8 @@ fn dropouts_after_each_step_up_to_n_minus_t_still_give_the_exact_sum() {
     assert_eq!(outcome.contributors, 7);
 }
 
+#[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
-#[test]
 fn more_than_n_minus_t_dropouts_abandon_the_round() {
     let (n, t) = (10u64, 6u32);
     for at in [Drop::Keys, Drop::Shares, Drop::Masked, Drop::Reveal] {
@@ -191,8 +191,8 @@ fn more_than_n_minus_t_dropouts_abandon_the_round() {
     }
 }
 
+#[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
-#[test]
 fn secagg_plus_survives_dropouts_within_each_neighbourhood() {
     // 30 clients, 8 neighbours each, t = 5 of the 9 holders: 3 dropped anywhere
     // leave every neighbourhood at least 6.
@@ -240,8 +240,8 @@ fn three_clients_relayed(seed: u8) -> (SecureServer, Vec<SecureClient>, Vec<crat
     (server, clients, relayed)
 }
 
+#[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
-#[test]
 fn tampered_replayed_or_misdirected_shares_are_refused() {
     let (_, clients, relayed) = three_clients_relayed(40);
     let fresh = |i: usize| {
@@ -289,8 +289,8 @@ fn tampered_replayed_or_misdirected_shares_are_refused() {
     drop(clients);
 }
 
+#[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
-#[test]
 fn the_server_refuses_what_a_step_does_not_take() {
     let spec = spec(3, 2, 0);
     let mut server = SecureServer::new(spec, PARAMS, [1, 2, 3], [1; 32]).unwrap();
@@ -329,8 +329,8 @@ fn the_server_refuses_what_a_step_does_not_take() {
     ));
 }
 
+#[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
-#[test]
 fn a_client_never_reveals_both_secrets_of_one_neighbour() {
     let (_, mut clients, relayed) = three_clients_relayed(60);
     for (client, shares) in clients.iter_mut().zip(relayed) {
@@ -357,8 +357,8 @@ fn a_client_never_reveals_both_secrets_of_one_neighbour() {
     ));
 }
 
+#[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
-#[test]
 fn one_masked_input_reads_as_uniform_noise() {
     // A client's masked input, against its plain quantised input: its bytes
     // are uniform (chi-squared) and its values uncorrelated with the input.
