@@ -762,6 +762,9 @@ impl Engine {
             .map_err(|e| error(ErrorCode::BadSecureStep, e.to_string()))?;
         if masked {
             open.reported.insert(session);
+            if let Some(info) = self.sessions.get_mut(session) {
+                info.contributed(open.round);
+            }
         }
         self.advance(now);
         Ok(())

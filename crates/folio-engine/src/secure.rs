@@ -31,17 +31,13 @@ pub(crate) fn spec(
     bound: f32,
     weigh_by_examples: bool,
 ) -> SecureSpec {
-    let neighbours = match settings.degree as usize {
-        0 => clients.saturating_sub(1),
-        degree => degree.min(clients.saturating_sub(1)),
-    };
-    let holders = neighbours as u32 + 1;
     let mut id = [0u8; 8];
     getrandom::fill(&mut id).expect("the OS random number generator works");
     SecureSpec {
         id: u64::from_le_bytes(id),
-        // A majority of the holders (the neighbours and the client itself).
-        threshold: settings.threshold.unwrap_or(holders / 2 + 1),
+        threshold: settings
+            .threshold
+            .unwrap_or_else(|| folio_secagg::graph::majority(clients, settings.degree as usize)),
         degree: settings.degree,
         quantizer: folio_secagg::Quantizer {
             clients: clients as u32,

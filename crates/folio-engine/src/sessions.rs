@@ -56,12 +56,19 @@ pub struct SessionInfo {
 
 impl SessionInfo {
     pub fn reported(&mut self, round: ClientRound) {
+        self.contributed(round.round);
+        self.last = Some(round);
+    }
+
+    /// It took part in `round` with what the server does not see on its own
+    /// (a secure round's masked input): counted, its metrics unknown.
+    pub fn contributed(&mut self, round: u64) {
         self.rounds += 1;
         if self.reported_rounds.len() == REPORTED_ROUNDS_KEPT {
             self.reported_rounds.pop_front();
         }
-        self.reported_rounds.push_back(round.round);
-        self.last = Some(round);
+        self.reported_rounds.push_back(round);
+        self.last = None;
     }
 
     pub fn token(&self) -> String {

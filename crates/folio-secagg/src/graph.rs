@@ -6,19 +6,33 @@
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
+/// How many neighbours each of `n` clients has for `degree` (0: everyone;
+/// otherwise rounded up to even, at most n − 1).
+pub fn neighbours(n: usize, degree: usize) -> usize {
+    let everyone = n.saturating_sub(1);
+    if degree == 0 {
+        return everyone;
+    }
+    (2 * degree.div_ceil(2)).min(everyone)
+}
+
+/// The default threshold: a majority of a client's share holders (its
+/// neighbours and itself).
+pub fn majority(n: usize, degree: usize) -> u32 {
+    let holders = neighbours(n, degree) as u32 + 1;
+    holders / 2 + 1
+}
+
 /// The neighbours of each of the clients `0..n` (sorted), for `degree`
 /// (0, or at least n − 1: everyone), the order drawn from `seed`.
 pub fn neighbourhoods(n: usize, degree: usize, seed: [u8; 32]) -> Vec<Vec<usize>> {
-    if degree == 0 || degree >= n.saturating_sub(1) {
+    if neighbours(n, degree) == n.saturating_sub(1) {
         return (0..n)
             .map(|i| (0..n).filter(|&j| j != i).collect())
             .collect();
     }
-    // An even degree (rounded up): k/2 each side.
+    // An even degree: k/2 each side.
     let half = degree.div_ceil(2);
-    if 2 * half >= n - 1 {
-        return neighbourhoods(n, 0, seed);
-    }
     let mut rng = ChaCha20Rng::from_seed(seed);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
@@ -63,6 +77,15 @@ mod tests {
             let graph = neighbourhoods(n, degree, [1; 32]);
             assert!(graph.iter().all(|list| list.len() == n - 1));
         }
+    }
+
+    #[test]
+    fn the_majority_counts_the_client_among_its_holders() {
+        assert_eq!(majority(4, 0), 3, "4 holders");
+        assert_eq!(majority(3, 0), 2);
+        assert_eq!(majority(64, 12), 7, "13 holders");
+        assert_eq!(majority(64, 11), 7, "11 rounds up to 12");
+        assert_eq!(majority(1, 0), 1);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The engine's host for in-process clients: carries out its actions at once,
 //! in this thread, and hands back each round's start for the clients to train.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use folio_client::LocalTraining;
@@ -41,6 +41,17 @@ pub struct InProcess {
     /// The global model as the wire carried it down, by fingerprint, and its
     /// encoded size.
     models: BTreeMap<u64, (Vec<f32>, u64)>,
+    /// Actions a secure round's steps queued behind their messages.
+    deferred: VecDeque<Action>,
+}
+
+/// One client's trained round, for [`InProcess::send_all`].
+pub struct Trained {
+    pub session: u64,
+    pub delta: Vec<f32>,
+    pub examples: u64,
+    /// Loss, accuracy, seconds.
+    pub metrics: (f64, f64, f32),
 }
 
 impl InProcess {
@@ -50,6 +61,7 @@ impl InProcess {
             engine,
             model,
             models: BTreeMap::new(),
+            deferred: VecDeque::new(),
         }
     }
 
@@ -58,7 +70,11 @@ impl InProcess {
     pub fn next_round(&mut self, jobs: &mut impl Jobs) -> anyhow::Result<Option<Round>> {
         let mut clients: Vec<(u64, RoundStart)> = Vec::new();
         loop {
-            let Some(action) = self.engine.poll_action() else {
+            let Some(action) = self
+                .deferred
+                .pop_front()
+                .or_else(|| self.engine.poll_action())
+            else {
                 if self.engine.is_finished() {
                     return Ok(None);
                 }
@@ -141,6 +157,96 @@ impl InProcess {
             &training,
             |_, _| {},
         ))?)
+    }
+
+    /// Sends a round's updates, in the order given: plain, or through a secure
+    /// round's steps (each client masking its own, the engine seeing the sum).
+    pub fn send_all(&mut self, round: &Round, trained: Vec<Trained>) -> anyhow::Result<()> {
+        let starts: BTreeMap<u64, &RoundStart> =
+            round.clients.iter().map(|(s, r)| (*s, r)).collect();
+        let Some(spec) = round.clients.first().and_then(|(_, start)| start.secure) else {
+            for t in trained {
+                self.send(
+                    t.session,
+                    starts[&t.session],
+                    &t.delta,
+                    t.examples,
+                    t.metrics,
+                )
+                .map_err(|e| anyhow::anyhow!("an honest update was refused: {}", e.message))?;
+            }
+            return Ok(());
+        };
+        self.send_secure(spec, &starts, trained)
+    }
+
+    fn send_secure(
+        &mut self,
+        spec: folio_proto::SecureSpec,
+        starts: &BTreeMap<u64, &RoundStart>,
+        trained: Vec<Trained>,
+    ) -> anyhow::Result<()> {
+        use folio_proto::{ClientStep, ServerStep};
+        let refused = |e: folio_proto::ErrorMessage| {
+            anyhow::anyhow!("an honest step was refused: {}", e.message)
+        };
+        let mut clients = BTreeMap::new();
+        let trained: BTreeMap<u64, Trained> = trained.into_iter().map(|t| (t.session, t)).collect();
+        for &session in trained.keys() {
+            let mut entropy = [0u8; 32];
+            getrandom::fill(&mut entropy)?;
+            let (client, keys) = folio_secagg::SecureClient::new(spec, entropy);
+            clients.insert(session, client);
+            self.engine
+                .secure(session, ClientStep::Keys(keys), Instant::now())
+                .map_err(refused)?;
+        }
+        loop {
+            let mut steps = Vec::new();
+            while let Some(action) = self.engine.poll_action() {
+                match action {
+                    Action::Send { to, message } => match message.as_ref() {
+                        ServerMessage::Secure(step) => {
+                            steps.extend(to.into_iter().map(|s| (s, step.clone())))
+                        }
+                        _ => self.deferred.push_back(Action::Send { to, message }),
+                    },
+                    other => self.deferred.push_back(other),
+                }
+            }
+            if steps.is_empty() {
+                return Ok(());
+            }
+            for (session, step) in steps {
+                let client = clients.get_mut(&session).expect("a client of the round");
+                let reply = match step {
+                    ServerStep::Roster(roster) => ClientStep::Shares(client.roster(roster)?),
+                    ServerStep::Shares(shares) => {
+                        client.shares(shares)?;
+                        let t = &trained[&session];
+                        let masked = client.mask(&folio_secagg::Input {
+                            delta: &t.delta,
+                            weight: spec.weight(t.examples),
+                            loss: t.metrics.0,
+                            accuracy: t.metrics.1,
+                        })?;
+                        // Counted as the wire would carry them: the masked input
+                        // up, the model down.
+                        let down = self
+                            .models
+                            .get(&starts[&session].model)
+                            .map_or(0, |(_, b)| *b);
+                        self.engine
+                            .add_bytes(session, masked.input.len() as u64, down);
+                        ClientStep::Masked(masked)
+                    }
+                    ServerStep::Unmask(request) => ClientStep::Reveal(client.unmask(request)?),
+                };
+                self.engine
+                    .secure(session, reply, Instant::now())
+                    .map_err(refused)?;
+            }
+        }
     }
 
     /// Sends `session`'s update for `start`'s round, its delta encoded as the

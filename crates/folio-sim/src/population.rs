@@ -18,7 +18,7 @@ use folio_engine::{
 use folio_model::Preset;
 use folio_server::eval::{Evaluator, parallel_map};
 
-use crate::host::{InProcess, Jobs};
+use crate::host::{InProcess, Jobs, Trained};
 use folio_server::{engine_config, new_engine, starting_weights, state};
 
 /// A population run.
@@ -105,12 +105,20 @@ pub fn run(
         });
         // Sent in session order, whichever finished first: the sum is the same
         // bit for bit whatever the number of cores.
-        for (local, (session, start)) in locals.into_iter().zip(&round.clients) {
-            let local = local?;
-            let metrics = (local.metrics.loss, local.metrics.accuracy, local.seconds);
-            host.send(*session, start, &local.delta, local.examples, metrics)
-                .map_err(|e| anyhow::anyhow!("an honest update was refused: {}", e.message))?;
-        }
+        let trained = locals
+            .into_iter()
+            .zip(&round.clients)
+            .map(|(local, (session, _))| {
+                let local = local?;
+                Ok(Trained {
+                    session: *session,
+                    metrics: (local.metrics.loss, local.metrics.accuracy, local.seconds),
+                    delta: local.delta,
+                    examples: local.examples,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        host.send_all(&round, trained)?;
     }
     if let Some(why) = host.engine.stopped() {
         (jobs.progress)(Progress::Stopped(why));

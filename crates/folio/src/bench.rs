@@ -50,6 +50,9 @@ pub enum BenchCommand {
     /// `folio serve`, with light synthetic clients: updates folded per second,
     /// the aggregator's bytes in per round, p99 commit latency, memory.
     Cluster(crate::cluster_bench::ClusterBenchArgs),
+    /// Secure aggregation against plain rounds: bytes per client and seconds
+    /// per round, for SecAgg and SecAgg+, per preset and round size.
+    Secagg(crate::secagg_bench::SecaggBenchArgs),
     /// (Internal) one round of `clients` seed-size deltas; prints peak RSS.
     #[command(hide = true)]
     AggregatePeak { clients: usize },
@@ -86,6 +89,7 @@ pub fn run(command: BenchCommand, data_dir: &std::path::Path) -> anyhow::Result<
         BenchCommand::Server(args) => crate::server_bench::run(args, data_dir),
         BenchCommand::Responsiveness(args) => crate::responsiveness::run(args, data_dir),
         BenchCommand::Cluster(args) => crate::cluster_bench::run(args, data_dir),
+        BenchCommand::Secagg(args) => crate::secagg_bench::run(args),
         BenchCommand::AggregatePeak { clients } => {
             fold_round(clients);
             println!("{}", peak_rss_kib()?);

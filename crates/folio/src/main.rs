@@ -10,6 +10,7 @@ mod plot;
 mod pretrain;
 mod privacy;
 mod responsiveness;
+mod secagg_bench;
 mod server_bench;
 
 use std::path::{Path, PathBuf};

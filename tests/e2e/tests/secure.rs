@@ -60,7 +60,10 @@ fn three_tabs_run_a_secure_round_and_the_page_says_the_aggregator_saw_only_the_s
     );
     let sessions = status["clients"].as_array().cloned().unwrap_or_default();
     ensure!(
-        sessions.len() == 3 && sessions.iter().all(|c| c["kind"] == "browser"),
+        sessions.len() == 3
+            && sessions
+                .iter()
+                .all(|c| c["kind"] == "browser" && c["rounds"] == 1 && c["last"].is_null()),
         "{status}"
     );
     ensure!(
