@@ -1269,3 +1269,65 @@ fn a_secure_round_short_of_its_threshold_runs_again_with_new_keys() {
         .secure(sessions[0], folio_secagg::ClientStep::Keys(stale), host.now);
     assert_eq!(late.unwrap_err().code, ErrorCode::BadSecureStep);
 }
+
+#[test]
+fn a_cluster_runs_a_secure_round_per_edge_and_the_root_combines_their_sums() {
+    let strategy = StrategyConfig {
+        clipping: Clipping::Fixed { bound: 0.8 },
+        ..strategy_config(4, 4)
+    };
+    // One server, plain: the reference.
+    let mut whole = Host::fresh(strategy, Some(3));
+    let mut sessions = std::collections::BTreeMap::new();
+    for client in ["A", "B", "C", "D"] {
+        sessions.insert(whole.join(client), client);
+    }
+    for (&session, client) in &sessions {
+        whole.update(session, 1, values_for(client, 1)).unwrap();
+    }
+    // A root and two edges, each edge's clients in a secure round of their own.
+    let mut cluster = Cluster::new(strategy, &[&["A", "B"], &["C", "D"]]);
+    for edge in &mut cluster.edges {
+        edge.engine = {
+            let mut config = edge.engine.config().clone();
+            config.rounds.secure = secure_config(2, 2).rounds.secure;
+            let start = Start {
+                weights: vec![0.0; PARAMS],
+                strategy: None,
+                history: cluster.root.committed.clone(),
+            };
+            let strategy = strategy::build(
+                config.rounds.strategy,
+                &strategy::StrategyContext::seeded(5),
+            );
+            Engine::new(config, strategy, clients(), start, edge.now)
+        };
+    }
+    for (e, names) in [["A", "B"], ["C", "D"]].iter().enumerate() {
+        cluster.clients[e] = names
+            .iter()
+            .map(|c| (cluster.edges[e].join(c), c.to_string()))
+            .collect();
+    }
+    cluster.offer();
+    cluster.deliver_orders();
+    for e in 0..2 {
+        let deltas = cluster.clients[e]
+            .iter()
+            .map(|(s, c)| (*s, values_for(c, 1)))
+            .collect();
+        run_secure_round(&mut cluster.edges[e], &deltas, &[]);
+        assert_eq!(
+            cluster.edges[e].parts.len(),
+            1,
+            "edge {e}'s sum is its share"
+        );
+    }
+    cluster.deliver_parts();
+    assert_eq!(cluster.root.engine.completed_rounds(), 1);
+    let (one, split) = (whole.engine.weights(), cluster.root.engine.weights());
+    for (a, b) in split.iter().zip(one.iter()) {
+        assert!((a - b).abs() <= 1e-6, "{split:?} vs {one:?}");
+    }
+    assert_eq!(cluster.root.committed.last().unwrap().clients, 4);
+}

@@ -28,6 +28,9 @@ pub struct SecaggBenchArgs {
     /// SecAgg+'s degree for the sparse rows (0: 2⌈log₂ n⌉, the log-degree graph).
     #[arg(long, default_value_t = 0)]
     degree: u32,
+    /// Runs of each round kind, after a warm-up; the median round is shown.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
 }
 
 /// One client's and the server's side of a round.
@@ -37,6 +40,13 @@ struct Cost {
     down: usize,
     client_seconds: f64,
     server_seconds: f64,
+}
+
+impl Cost {
+    /// The client's and the server's work (training is the same for both).
+    fn seconds(&self) -> f64 {
+        self.client_seconds + self.server_seconds
+    }
 }
 
 const BOUND: f32 = 1.0;
@@ -231,27 +241,34 @@ pub fn run(args: SecaggBenchArgs) -> anyhow::Result<()> {
         let model = codec::encode(&vec![0.01f32; params], &[params], Encoding::F16);
         for &n in &args.clients {
             let deltas: Vec<Vec<f32>> = (0..n).map(|i| delta(params, i as u64)).collect();
-            // A warm-up round of each kind first: allocations, caches.
+            // A warm-up round of each kind first (allocations, caches), then
+            // the median of `repeats` rounds, the kinds interleaved.
             plain(params, &segments, &model, &deltas);
             secure(params, &model, &deltas, 0);
-            let base = plain(params, &segments, &model, &deltas);
             let plus = if args.degree == 0 {
                 2 * (n as f64).log2().ceil() as u32
             } else {
                 args.degree
             };
+            let mut runs: [Vec<Cost>; 3] = Default::default();
+            for _ in 0..args.repeats.max(1) {
+                runs[0].push(plain(params, &segments, &model, &deltas));
+                runs[1].push(secure(params, &model, &deltas, 0));
+                runs[2].push(secure(params, &model, &deltas, plus));
+            }
+            let [base, full, sparse] = runs.map(|mut costs| {
+                costs.sort_by(|a, b| a.seconds().total_cmp(&b.seconds()));
+                costs.swap_remove(costs.len() / 2)
+            });
             let base_bytes = (base.up + base.down) as f64;
-            let base_round = train + base.client_seconds + base.server_seconds;
+            let base_round = train + base.seconds();
             let rows = [
                 ("plain".to_owned(), base),
-                ("secagg".to_owned(), secure(params, &model, &deltas, 0)),
-                (
-                    format!("secagg+ k={plus}"),
-                    secure(params, &model, &deltas, plus),
-                ),
+                ("secagg".to_owned(), full),
+                (format!("secagg+ k={plus}"), sparse),
             ];
             for (mode, cost) in rows {
-                let round = train + cost.client_seconds + cost.server_seconds;
+                let round = train + cost.seconds();
                 println!(
                     "{:<6}  {n:>7}  {mode:<14}  {:>9}  {:>11}  {:>7.3}  {:>8.3}  {:>8.3}  {:>7.2}  {:>7.2}",
                     preset.name(),

@@ -351,3 +351,61 @@ fn centralized_training_on_the_pooled_clients_stops_at_its_character_budget() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && err.contains("--out"), "{err}");
 }
+
+#[test]
+fn a_secure_population_simulation_trains_the_model_a_plain_one_does() {
+    let run = |secure: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = folio();
+        command.args([
+            "simulate",
+            "--population",
+            "--preset",
+            "small",
+            "--fresh",
+            "--clients-per-round",
+            "4",
+            "--max-batches",
+            "1",
+            "--eval-clients",
+            "1",
+            "--eval-batches",
+            "1",
+            "--clip",
+            "fixed",
+            "--clip-bound",
+            "0.5",
+            "--seed",
+            "6",
+            "--rounds",
+            "2",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+        ]);
+        if secure {
+            command.arg("--secure-aggregation");
+        }
+        stdout(&mut command);
+        let state = folio_server::state::load(dir.path(), Preset::Small.config().num_params())
+            .unwrap()
+            .unwrap();
+        (state.weights, state.history)
+    };
+    let (plain, plain_history) = run(false);
+    let (secure, secure_history) = run(true);
+    assert!(
+        secure_history[1..]
+            .iter()
+            .all(|r| r.secure && r.clients == 4)
+    );
+    assert!(plain_history.iter().all(|r| !r.secure));
+    // The sum of quantised, masked updates is the sum of the updates, up to the
+    // rounding: 2⁻³¹ of the bound per client.
+    let worst = plain
+        .iter()
+        .zip(&secure)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "secure and plain models differ by {worst}");
+    assert_ne!(plain, vec![0.0; plain.len()]);
+}
