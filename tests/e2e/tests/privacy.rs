@@ -80,7 +80,8 @@ fn the_page_shows_epsilon_and_why_the_budget_stopped_training() -> anyhow::Resul
     assert!(shown.contains("noise multiplier 2"), "{shown}");
     assert!(shown.contains("over the budget of 3"), "{shown}");
     let cells = tab.execute(
-        "return [...document.querySelectorAll('#history tbody tr')].map(r => r.lastElementChild.textContent)",
+        "const column = [...document.querySelectorAll('#history thead th')].findIndex(h => h.textContent === 'ε'); \
+         return [...document.querySelectorAll('#history tbody tr')].map(r => r.children[column].textContent)",
         serde_json::json!([]),
     )?;
     let cells: Vec<f64> = serde_json::from_value::<Vec<String>>(cells)?
