@@ -1169,6 +1169,15 @@ impl Engine {
                 self.close_round();
                 false
             }
+            // Rounds that close with whatever came (DP-FedAvg's, whose sample
+            // must never be drawn again; an edge's share) close with nothing.
+            Err(why) if quorum == 0 => {
+                tracing::warn!(round = open.round, "a secure round closes empty: {why}");
+                open.secure = None;
+                open.reported.clear();
+                self.close_round();
+                false
+            }
             Err(why) => {
                 self.abandon_round(&why.to_string());
                 true

@@ -1331,3 +1331,50 @@ fn a_cluster_runs_a_secure_round_per_edge_and_the_root_combines_their_sums() {
     }
     assert_eq!(cluster.root.committed.last().unwrap().clients, 4);
 }
+
+#[test]
+fn a_secure_dp_round_that_cannot_unmask_releases_noise_alone_and_is_never_drawn_again() {
+    // DP-FedAvg over secure rounds, q = 1 (4 clients a round of a population of
+    // 4). Round 1: only one client sends keys, below the threshold of 3; the
+    // round must not be drawn again (that would change q): it closes with
+    // nothing, releases noise alone and is charged. Round 2 runs in full.
+    let mut config = secure_config(4, 4);
+    config.rounds.strategy = StrategyConfig {
+        kind: folio_fed::StrategyKind::DpFedAvg,
+        dp: folio_fed::DpConfig {
+            noise_multiplier: 1.0,
+            ..folio_fed::DpConfig::default()
+        },
+        ..config.rounds.strategy
+    };
+    config.max_rounds = Some(2);
+    let start = Start {
+        weights: vec![0.0; PARAMS],
+        strategy: None,
+        history: Vec::new(),
+    };
+    let mut host = Host::of_population(config, start, 4);
+    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    let first = host.starts().last().unwrap().1.secure.unwrap();
+    let (_, keys) = folio_secagg::SecureClient::new(first, [1; 32]);
+    host.engine
+        .secure(sessions[0], folio_secagg::ClientStep::Keys(keys), host.now)
+        .unwrap();
+    host.wait(Duration::from_secs(6));
+    let round1 = host.committed.last().unwrap().clone();
+    assert_eq!(
+        (round1.round, round1.clients),
+        (1, 0),
+        "closed empty, not redrawn"
+    );
+    assert_ne!(
+        host.engine.weights().as_slice(),
+        [0.0; PARAMS],
+        "noise released"
+    );
+    let deltas = sessions.iter().map(|&s| (s, [0.1; PARAMS])).collect();
+    run_secure_round(&mut host, &deltas, &[]);
+    let round2 = host.committed.last().unwrap().clone();
+    assert_eq!((round2.round, round2.clients, round2.secure), (2, 4, true));
+    assert_eq!(host.engine.status(host.now).privacy.unwrap().rounds, 2);
+}
