@@ -1201,17 +1201,21 @@ fn run_secure_round(
     }
 }
 
+/// A fresh federation of secure rounds of four (with `quorum`), and A–D joined.
+fn secure_host(quorum: usize) -> (Host, Vec<u64>) {
+    let start = Start {
+        weights: vec![0.0; PARAMS],
+        strategy: None,
+        history: Vec::new(),
+    };
+    let mut host = Host::new(secure_config(4, quorum), start);
+    let sessions = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    (host, sessions)
+}
+
 #[test]
 fn a_secure_round_commits_the_mean_of_the_clipped_deltas_from_their_sum_alone() {
-    let mut host = Host::new(
-        secure_config(4, 3),
-        Start {
-            weights: vec![0.0; PARAMS],
-            strategy: None,
-            history: Vec::new(),
-        },
-    );
-    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    let (mut host, sessions) = secure_host(3);
     let start = host.starts().last().unwrap().1.clone();
     let spec = start.secure.expect("the round is secure");
     assert_eq!(spec.quantizer.clip_bound, 1.0);
@@ -1239,15 +1243,7 @@ fn a_secure_round_commits_the_mean_of_the_clipped_deltas_from_their_sum_alone() 
 
 #[test]
 fn a_secure_round_short_of_its_threshold_runs_again_with_new_keys() {
-    let mut host = Host::new(
-        secure_config(4, 1),
-        Start {
-            weights: vec![0.0; PARAMS],
-            strategy: None,
-            history: Vec::new(),
-        },
-    );
-    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    let (mut host, sessions) = secure_host(1);
     let first = host.starts().last().unwrap().1.secure.unwrap();
     // Only two of four send keys: below the threshold of 3 when the step times out.
     for (i, &session) in sessions[..2].iter().enumerate() {

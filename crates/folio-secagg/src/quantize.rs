@@ -74,12 +74,7 @@ impl Quantizer {
     /// `input` as integers: `delta.len() + EXTRAS` of them.
     pub fn encode(&self, input: &Input, rng: &mut impl RngCore) -> Result<Vec<u32>, SecAggError> {
         self.check()?;
-        let norm = input
-            .delta
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            .sqrt();
+        let norm = l2_norm(input.delta);
         let finite = norm.is_finite()
             && input.weight.is_finite()
             && input.loss.is_finite()
@@ -134,6 +129,15 @@ impl Quantizer {
             weighted_accuracy: extra(2),
         })
     }
+}
+
+/// The L2 norm of `values`, summed in f64.
+pub fn l2_norm(values: &[f32]) -> f64 {
+    values
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// ⌊x⌋ or ⌈x⌉, the latter with probability x − ⌊x⌋: unbiased.

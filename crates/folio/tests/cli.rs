@@ -146,21 +146,31 @@ fn eval_and_generate_run_on_a_checkpoint() {
 /// Runs `folio simulate --population` on the small preset for `rounds` in `dir`,
 /// with `extra` flags, twice: whole and stopped after 2 rounds then resumed.
 /// Returns the two state folders, which must hold the same run.
+/// `folio simulate --population` on the small preset from fresh weights, a batch
+/// per client and a one-batch central evaluation: `clients` a round.
+fn small_population(clients: &str) -> Command {
+    let mut command = folio();
+    command.args([
+        "simulate",
+        "--population",
+        "--preset",
+        "small",
+        "--fresh",
+        "--clients-per-round",
+        clients,
+        "--max-batches",
+        "1",
+        "--eval-clients",
+        "1",
+        "--eval-batches",
+        "1",
+    ]);
+    command
+}
+
 fn whole_and_resumed_population_runs(extra: &[&str]) -> (tempfile::TempDir, tempfile::TempDir) {
     let simulate = |dir: &std::path::Path, rounds: &str| {
-        stdout(folio().arg("simulate").args(extra).args([
-            "--population",
-            "--preset",
-            "small",
-            "--fresh",
-            "--clients-per-round",
-            "3",
-            "--max-batches",
-            "1",
-            "--eval-clients",
-            "1",
-            "--eval-batches",
-            "1",
+        stdout(small_population("3").args(extra).args([
             "--seed",
             "4",
             // A step schedule that takes effect after the interruption.
@@ -356,21 +366,8 @@ fn centralized_training_on_the_pooled_clients_stops_at_its_character_budget() {
 fn a_secure_population_simulation_trains_the_model_a_plain_one_does() {
     let run = |secure: bool| {
         let dir = tempfile::tempdir().unwrap();
-        let mut command = folio();
+        let mut command = small_population("4");
         command.args([
-            "simulate",
-            "--population",
-            "--preset",
-            "small",
-            "--fresh",
-            "--clients-per-round",
-            "4",
-            "--max-batches",
-            "1",
-            "--eval-clients",
-            "1",
-            "--eval-batches",
-            "1",
             "--clip",
             "fixed",
             "--clip-bound",
