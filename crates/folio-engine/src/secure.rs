@@ -74,7 +74,7 @@ impl SecureSum {
             .map_err(|e| FedError::Secure(e.to_string()))?;
         let contributors = self.unmasking.contributors();
         let bound = f64::from(self.spec.quantizer.clip_bound);
-        let norm = folio_secagg::quantize::l2_norm(&sum.weighted_delta);
+        let norm = folio_fed::robust::l2_norm(&sum.weighted_delta);
         // Each client adds at most w·S (plus rounding): the sum's norm is at
         // most Σw·S, and Σw at most one per client.
         let slack = 1e-3 * bound * contributors as f64 + 1e-6;

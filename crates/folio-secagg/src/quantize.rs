@@ -132,7 +132,7 @@ impl Quantizer {
 }
 
 /// The L2 norm of `values`, summed in f64.
-pub fn l2_norm(values: &[f32]) -> f64 {
+fn l2_norm(values: &[f32]) -> f64 {
     values
         .iter()
         .map(|&v| f64::from(v) * f64::from(v))
