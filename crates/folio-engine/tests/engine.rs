@@ -1149,6 +1149,17 @@ fn run_secure_round(
     deltas: &std::collections::BTreeMap<u64, [f32; PARAMS]>,
     leave_after_shares: &[u64],
 ) {
+    run_secure_round_with(host, deltas, leave_after_shares, &[]);
+}
+
+/// [`run_secure_round`], where the clients in `hostile` mask integers of their
+/// own choosing (far out of the quantiser's range) instead of their update.
+fn run_secure_round_with(
+    host: &mut Host,
+    deltas: &std::collections::BTreeMap<u64, [f32; PARAMS]>,
+    leave_after_shares: &[u64],
+    hostile: &[u64],
+) {
     use folio_secagg::{ClientStep, SecureClient, ServerStep};
     let start = host.starts().last().unwrap().1.clone();
     let spec = start.secure.expect("a secure round");
@@ -1178,13 +1189,19 @@ fn run_secure_round(
                             host.engine.leave(session, host.now);
                             continue;
                         }
-                        let input = folio_secagg::Input {
-                            delta: &deltas[&session],
-                            weight: spec.weight(8),
-                            loss: 2.0,
-                            accuracy: 0.25,
-                        };
-                        ClientStep::Masked(client.mask(&input).unwrap())
+                        if hostile.contains(&session) {
+                            let mut values = vec![500_000_000u32; PARAMS];
+                            values.extend([0; folio_secagg::quantize::EXTRAS]);
+                            ClientStep::Masked(client.mask_values(values).unwrap())
+                        } else {
+                            let input = folio_secagg::Input {
+                                delta: &deltas[&session],
+                                weight: spec.weight(8),
+                                loss: 2.0,
+                                accuracy: 0.25,
+                            };
+                            ClientStep::Masked(client.mask(&input).unwrap())
+                        }
                     }
                     ServerStep::Unmask(request) => {
                         ClientStep::Reveal(client.unmask(request).unwrap())
@@ -1373,4 +1390,24 @@ fn a_secure_dp_round_that_cannot_unmask_releases_noise_alone_and_is_never_drawn_
     let round2 = host.committed.last().unwrap().clone();
     assert_eq!((round2.round, round2.clients, round2.secure), (2, 4, true));
     assert_eq!(host.engine.status(host.now).privacy.unwrap().rounds, 2);
+}
+
+#[test]
+fn a_secure_sum_no_clipped_inputs_could_make_is_refused_and_the_round_runs_again() {
+    // D masks values far past the clip bound (it can: the server never sees
+    // them alone). The unmasked sum's norm is over what the weights allow, so
+    // the round commits nothing and runs again.
+    let (mut host, sessions) = secure_host(4);
+    let first = host.starts().last().unwrap().1.secure.unwrap();
+    let deltas = sessions.iter().map(|&s| (s, [0.01; PARAMS])).collect();
+    run_secure_round_with(&mut host, &deltas, &[], &[sessions[3]]);
+    assert_eq!(host.committed.len(), 1, "nothing committed");
+    assert_eq!(host.engine.weights().as_slice(), [0.0; PARAMS]);
+    assert_eq!(
+        host.engine.status(host.now).errors.get("bad_delta"),
+        Some(&1)
+    );
+    let retry = host.starts().last().unwrap().1.clone();
+    assert_eq!(retry.round, 1);
+    assert_ne!(retry.secure.unwrap().id, first.id, "the round runs again");
 }
