@@ -19,6 +19,7 @@
 //! - a closed round is aggregated, evaluated, persisted, and only then becomes
 //!   the global model: one [`RoundRecord`] per round, built in one place.
 
+mod buffered;
 pub mod record;
 pub mod round;
 mod secure;
@@ -39,8 +40,9 @@ use folio_proto::{
 
 pub use record::{Evaluation, RoundRecord, model_hash};
 pub use round::RoundPhase;
-pub use settings::{RoundConfig, SecureRounds};
+pub use settings::{AsyncRounds, RoundConfig, SecureRounds};
 
+use buffered::Buffered;
 use round::OpenRound;
 use secure::{SecureOpen, SecureSum, SumMetrics};
 use sessions::{ClientRound, SessionError, Sessions};
@@ -346,6 +348,8 @@ struct Closing {
     started: Instant,
     /// The round's updates were securely aggregated.
     secure: bool,
+    /// An asynchronous step: its updates' mean staleness.
+    staleness: Option<f64>,
 }
 
 impl Closing {
@@ -360,6 +364,7 @@ impl Closing {
             bytes_down: 0,
             started: now,
             secure: false,
+            staleness: None,
         }
     }
 }
@@ -420,6 +425,8 @@ pub struct Engine {
     pub fresh_state: Option<String>,
     /// Why training stopped before `max_rounds` (a privacy budget spent).
     stopped: Option<String>,
+    /// Asynchronous rounds' tasks and buffer (`None`: synchronous rounds).
+    buffered: Option<Buffered>,
 }
 
 impl Engine {
@@ -448,6 +455,12 @@ impl Engine {
             None => (strategy.initial_state(num_params), None),
         };
         let encoded = encode_model(&start.weights, config.rounds.model_encoding);
+        let buffered = config.rounds.asynchronous.map(|settings| {
+            let updates = strategy
+                .open_round(&state, num_params)
+                .expect("the strategy opens rounds on its own state");
+            Buffered::new(settings, updates, now)
+        });
         let mut engine = Self {
             global: Global {
                 fingerprint: folio_proto::model_fingerprint(config.rounds.model_encoding, &encoded),
@@ -470,6 +483,7 @@ impl Engine {
             offered: Vec::new(),
             fresh_state,
             stopped: None,
+            buffered,
         };
         if engine.history.is_empty() && engine.config.role != Role::Edge {
             let initial = Candidate {
@@ -502,13 +516,24 @@ impl Engine {
             }),
             _ => None,
         };
+        let tasks = self.buffered.as_ref().and_then(Buffered::next_deadline);
         let expiry = self.sessions.next_expiry(self.config.session_ttl);
-        deadline.into_iter().chain(expiry).min()
+        deadline.into_iter().chain(tasks).chain(expiry).min()
     }
 
     /// Time passed: sessions expire, a round may close at its deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.sessions.expire(now, self.config.session_ttl);
+        if let Some(buffered) = &mut self.buffered {
+            let late = buffered.expire(now);
+            self.send(
+                late,
+                ServerMessage::Error(error(
+                    ErrorCode::RoundClosed,
+                    "your task passed its deadline; your update will be ignored, and the next model comes to you",
+                )),
+            );
+        }
         self.advance(now);
     }
 
@@ -722,6 +747,9 @@ impl Engine {
     /// training in the open round, the round counts it as dropped.
     pub fn leave(&mut self, session: u64, now: Instant) {
         self.sessions.disconnect(session, now);
+        if let Some(buffered) = &mut self.buffered {
+            buffered.tasks.remove(&session);
+        }
         if let Phase::Collecting(open) = &mut self.phase {
             if open.is_training(session) {
                 open.dropped.insert(session);
@@ -785,11 +813,19 @@ impl Engine {
             open.bytes_up = open.bytes_up.saturating_add(up);
             open.bytes_down = open.bytes_down.saturating_add(down);
         }
+        if let Some(buffered) = &mut self.buffered {
+            let buffer = &mut buffered.buffer;
+            buffer.bytes_up = buffer.bytes_up.saturating_add(up);
+            buffer.bytes_down = buffer.bytes_down.saturating_add(down);
+        }
     }
 
     /// Until when `session` may stay silent: while it trains in the open round,
     /// the round's deadline.
     pub fn silent_until(&self, session: u64) -> Option<Instant> {
+        if let Some(buffered) = &self.buffered {
+            return buffered.tasks.get(&session).map(|t| t.deadline);
+        }
         match &self.phase {
             Phase::Collecting(open)
                 if open
@@ -813,6 +849,11 @@ impl Engine {
         session: u64,
         round: u64,
     ) -> Result<folio_fed::Encoding, ErrorMessage> {
+        if self.buffered.is_some() {
+            return self
+                .expected_async(session, round)
+                .map(|_| self.config.rounds.delta_encoding);
+        }
         let Phase::Collecting(open) = &self.phase else {
             return Err(error(
                 ErrorCode::RoundClosed,
@@ -875,6 +916,9 @@ impl Engine {
                 ErrorCode::BadDelta,
                 "train metrics out of range (loss ≥ 0, accuracy in [0, 1], seconds ≥ 0)",
             ));
+        }
+        if self.buffered.is_some() {
+            return self.buffer_update(session, update, now);
         }
         let Phase::Collecting(open) = &mut self.phase else {
             unreachable!("checked above")
@@ -999,6 +1043,7 @@ impl Engine {
             model_hash: model_hash(&candidate.weights),
             epsilon: self.strategy.privacy(&candidate.state).map(|p| p.epsilon),
             secure: closing.secure,
+            staleness: closing.staleness,
         };
         self.actions.push_back(Action::Persist(Box::new(Commit {
             record: record.clone(),
@@ -1042,6 +1087,7 @@ impl Engine {
         }
         self.history.push(record.clone());
         self.actions.push_back(Action::Committed(Box::new(record)));
+        self.next_model_for_tasks();
         self.advance(now);
     }
 
@@ -1072,6 +1118,10 @@ impl Engine {
 
     /// Moves the round along: start one, close or abandon the open one.
     fn advance(&mut self, now: Instant) {
+        if self.buffered.is_some() {
+            self.advance_async(now);
+            return;
+        }
         loop {
             match &self.phase {
                 Phase::Idle if self.config.role == Role::Edge => return,
@@ -1616,6 +1666,7 @@ impl Engine {
             bytes_down: open.bytes_down,
             started: open.started,
             secure: open.secure_sum,
+            staleness: None,
         };
         self.actions.push_back(Action::Aggregate(AggregateJob {
             round: open.round,

@@ -50,6 +50,10 @@ pub struct RoundRecord {
     /// The round was securely aggregated: the server saw only its sum.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub secure: bool,
+    /// Asynchronous rounds: the mean staleness of the step's updates (how many
+    /// steps the global model had moved since each update's model).
+    #[serde(default, with = "opt_float", skip_serializing_if = "Option::is_none")]
+    pub staleness: Option<f64>,
 }
 
 /// FNV-1a (64 bits) of the weights' bytes, in hex: which model a round produced.
@@ -141,6 +145,7 @@ mod tests {
             model_hash: model_hash(&[1.0]),
             epsilon: Some(f64::INFINITY),
             secure: true,
+            staleness: Some(1.5),
         };
         let json = serde_json::to_string(&record).unwrap();
         assert!(json.contains(r#""eval_loss":"NaN""#), "{json}");

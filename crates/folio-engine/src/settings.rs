@@ -40,6 +40,30 @@ pub struct RoundConfig {
     /// plain rounds, each update seen on its own).
     #[serde(default)]
     pub secure: Option<SecureRounds>,
+    /// Asynchronous rounds (FedBuff): clients train continuously and the global
+    /// model steps every `buffer` updates (`None`: synchronous rounds).
+    #[serde(default)]
+    pub asynchronous: Option<AsyncRounds>,
+}
+
+/// How asynchronous rounds run (FedBuff, Nguyen et al. 2022): up to
+/// `clients_per_round` clients train at once, each on the latest model it was
+/// given; the global model steps every `buffer` updates, each scaled by
+/// 1/√(1 + s) for its staleness s (the steps the model moved since the
+/// update's model), those staler than `max_staleness` refused.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AsyncRounds {
+    /// Updates per step of the global model (K).
+    pub buffer: usize,
+    /// The most steps an update's model may be behind the global one.
+    pub max_staleness: u64,
+}
+
+impl AsyncRounds {
+    /// How much an update `staleness` steps behind counts: 1/√(1 + s).
+    pub fn discount(staleness: u64) -> f64 {
+        1.0 / (1.0 + staleness as f64).sqrt()
+    }
 }
 
 /// How secure rounds run.
@@ -77,6 +101,7 @@ impl RoundConfig {
             eval_client: None,
             population_eval_every: None,
             secure: None,
+            asynchronous: None,
         }
     }
 }
@@ -116,6 +141,18 @@ impl RoundConfig {
         }
         if self.model_encoding == Encoding::Int8 {
             return Err("the model goes down as f32 or f16; int8 is for deltas only".into());
+        }
+        if let Some(asynchronous) = &self.asynchronous {
+            self.strategy.async_compatible()?;
+            if self.secure.is_some() {
+                return Err(
+                    "secure aggregation needs a round's clients to mask together; asynchronous rounds have none: use one or the other"
+                        .into(),
+                );
+            }
+            if asynchronous.buffer == 0 {
+                return Err("the asynchronous buffer must hold at least 1 update".into());
+            }
         }
         if let Some(secure) = &self.secure {
             self.strategy.secure_compatible()?;

@@ -33,6 +33,18 @@ pub struct Status {
     pub privacy: Option<PrivacySpent>,
     /// Why training stopped before its last round (a privacy budget spent).
     pub stopped: Option<String>,
+    /// Asynchronous rounds' buffer and tasks (`None`: synchronous rounds).
+    pub asynchronous: Option<AsyncStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AsyncStatus {
+    /// Updates in the buffer, of the `buffer` that step the model.
+    pub buffered: usize,
+    pub buffer: usize,
+    pub max_staleness: u64,
+    /// Sessions training now, and the round whose model each trains.
+    pub training: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -92,7 +104,10 @@ impl Engine {
             parameters: self.config.num_params(),
             next_round,
             completed_rounds: self.completed_rounds(),
-            phase: self.phase.name(),
+            phase: match (&self.phase, &self.buffered) {
+                (Phase::Idle, Some(_)) => "training",
+                (phase, _) => phase.name(),
+            },
             open_round,
             latest: self.history.last().cloned(),
             history_len: self.history.len(),
@@ -114,6 +129,12 @@ impl Engine {
             },
             privacy: self.strategy.privacy(&self.global.state),
             stopped: self.stopped.clone(),
+            asynchronous: self.buffered.as_ref().map(|b| AsyncStatus {
+                buffered: b.buffer.count,
+                buffer: b.settings.buffer,
+                max_staleness: b.settings.max_staleness,
+                training: b.tasks.iter().map(|(&s, t)| (s, t.round)).collect(),
+            }),
         }
     }
 }

@@ -47,6 +47,8 @@ pub enum FedError {
     ForeignRound,
     #[error("this strategy needs every update at once: it cannot be split across edges")]
     NotSplittable,
+    #[error("this strategy's rounds cannot be asynchronous")]
+    NotAsynchronous,
     #[error("secure aggregation: {0}")]
     Secure(String),
 }

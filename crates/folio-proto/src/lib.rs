@@ -9,7 +9,7 @@ pub use folio_secagg::{ClientStep, SecureSpec, ServerStep};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Largest frame either side accepts: the seed model's f32 weights (16.2 MB) with room.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
@@ -185,6 +185,9 @@ pub enum ErrorCode {
     Timeout,
     /// A secure round's step was refused (out of order, malformed, not asked for).
     BadSecureStep,
+    /// An asynchronous update trained from a model too many steps behind the
+    /// global one: it is refused, and the client gets the latest model.
+    Stale,
 }
 
 impl ErrorCode {
@@ -213,6 +216,7 @@ impl ErrorCode {
             ErrorCode::TooManyErrors => "too_many_errors",
             ErrorCode::Timeout => "timeout",
             ErrorCode::BadSecureStep => "bad_secure_step",
+            ErrorCode::Stale => "stale",
         }
     }
 }

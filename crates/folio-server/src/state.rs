@@ -375,6 +375,7 @@ mod tests {
             model_hash: folio_engine::model_hash(&[round as f32]),
             epsilon: None,
             secure: false,
+            staleness: None,
         }
     }
 

@@ -34,9 +34,10 @@ struct Bound {
 /// A round's folded updates, the bound they were clipped to and their norms.
 struct Round {
     updates: RoundUpdates,
-    /// Deltas kept as they came (with their weights) while the round measures its
-    /// own bound: the first round of adaptive clipping only.
-    unclipped: Vec<(CheckedDelta, f64)>,
+    /// Deltas kept as they came (with their weights and staleness discounts)
+    /// while the round measures its own bound: the first round of adaptive
+    /// clipping only.
+    unclipped: Vec<(CheckedDelta, f64, f64)>,
     norms: Vec<f64>,
     /// `None`: measured from `norms` when the round closes.
     clip_bound: Option<f32>,
@@ -131,6 +132,17 @@ impl Strategy for RobustFedAvg {
         claimed: u64,
         allowed: u64,
     ) -> Result<(), FedError> {
+        self.accept_stale(open, delta, claimed, allowed, 1.0)
+    }
+
+    fn accept_stale(
+        &self,
+        open: &mut OpenUpdates,
+        delta: &CheckedDelta,
+        claimed: u64,
+        allowed: u64,
+        discount: f64,
+    ) -> Result<(), FedError> {
         let round: &mut Round = open.get_mut()?;
         check_update(delta, round.num_params, claimed, allowed)?;
         // (An edge's share of a round is a `Round` too.)
@@ -140,10 +152,12 @@ impl Strategy for RobustFedAvg {
         };
         round.norms.push(delta.norm());
         match round.clip_bound {
-            Some(bound) => round
-                .updates
-                .add(delta, weight, clip_scale(delta.norm(), bound)),
-            None => round.unclipped.push((delta.clone(), weight)),
+            Some(bound) => {
+                round
+                    .updates
+                    .add(delta, weight, clip_scale(delta.norm(), bound) * discount)
+            }
+            None => round.unclipped.push((delta.clone(), weight, discount)),
         }
         Ok(())
     }
@@ -161,8 +175,8 @@ impl Strategy for RobustFedAvg {
             None => {
                 let bound = clipping.measured_bound(&round.norms);
                 let mut updates = RoundUpdates::new(self.config.aggregation, round.num_params);
-                for (delta, weight) in &round.unclipped {
-                    updates.add(delta, *weight, clip_scale(delta.norm(), bound));
+                for (delta, weight, discount) in &round.unclipped {
+                    updates.add(delta, *weight, clip_scale(delta.norm(), bound) * discount);
                 }
                 (updates.aggregate()?, bound)
             }

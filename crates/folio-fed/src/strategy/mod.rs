@@ -233,6 +233,22 @@ impl StrategyConfig {
         Ok(())
     }
 
+    /// Whether rounds can run asynchronously (FedBuff's buffer): the strategy
+    /// must fold updates trained from different models, and no sample is drawn.
+    pub fn async_compatible(&self) -> Result<(), String> {
+        match self.kind {
+            StrategyKind::FedAvg => Ok(()),
+            StrategyKind::Krum => Err(
+                "Krum compares the updates of one model; asynchronous updates come from several: use fedavg"
+                    .into(),
+            ),
+            StrategyKind::DpFedAvg => Err(
+                "DP-FedAvg's accounting assumes each round's clients are sampled at rate q; asynchronous rounds draw no sample: use fedavg"
+                    .into(),
+            ),
+        }
+    }
+
     /// Whether rounds can run with secure aggregation: the server then sees
     /// only a sum, so each client clips itself to a bound known in advance
     /// and the strategy must work from the sum alone.
@@ -440,6 +456,22 @@ pub trait Strategy: Send + Sync {
         claimed: u64,
         allowed: u64,
     ) -> Result<(), FedError>;
+
+    /// Folds in an update trained from an older global model (an asynchronous
+    /// round's buffer): checked and bounded as [`Strategy::accept`] does, then
+    /// its delta scaled by `discount` (in (0, 1]: staler updates count less,
+    /// and the buffer's mean is not renormalised). Strategies whose rounds
+    /// cannot be asynchronous refuse.
+    fn accept_stale(
+        &self,
+        _open: &mut OpenUpdates,
+        _delta: &CheckedDelta,
+        _claimed: u64,
+        _allowed: u64,
+        _discount: f64,
+    ) -> Result<(), FedError> {
+        Err(FedError::NotAsynchronous)
+    }
 
     /// The round's new weights and state; refuses to produce a non-finite model.
     fn aggregate(
