@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 pub use access::AccessConfig;
 pub use config::{RoundConfig, ServerConfig};
 use driver::Delivery;
-pub use folio_engine::{RoundRecord, SecureRounds};
+pub use folio_engine::{AsyncRounds, RoundRecord, SecureRounds};
 pub use limits::Limits;
 use net::{CappedListener, ConnectionCount};
 

@@ -2,6 +2,7 @@
 //! in this thread, and hands back each round's start for the clients to train.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use folio_client::LocalTraining;
@@ -40,7 +41,7 @@ pub struct InProcess {
     segments: Vec<usize>,
     /// The global model as the wire carried it down, by fingerprint, and its
     /// encoded size.
-    models: BTreeMap<u64, (Vec<f32>, u64)>,
+    models: BTreeMap<u64, (Arc<Vec<f32>>, u64)>,
     /// Actions a secure round's steps queued behind their messages.
     deferred: VecDeque<Action>,
 }
@@ -86,33 +87,48 @@ impl InProcess {
                 let round = clients[0].1.round;
                 return Ok(Some(Round { round, clients }));
             };
-            match action {
-                Action::Send { to, message } => {
-                    if let ServerMessage::RoundStart(start) = message.as_ref() {
-                        self.receive(start)?;
-                        clients.extend(to.into_iter().map(|s| (s, start.clone())));
-                    }
-                }
-                Action::Aggregate(job) => self.engine.aggregated(job.run(), Instant::now()),
-                Action::Evaluate {
-                    round,
-                    weights,
-                    population,
-                } => {
-                    let (eval, population) = jobs.evaluate(&weights, population)?;
-                    self.engine
-                        .evaluated(round, eval, population, Instant::now());
-                }
-                Action::Persist(commit) => {
-                    jobs.persist(&commit)?;
-                    self.engine.persisted(commit.record.round, Instant::now());
-                }
-                Action::Committed(record) => jobs.committed(&record),
-                Action::Part(_) | Action::Order(_) => {
-                    unreachable!("a simulation's engine runs whole, not in a cluster")
-                }
+            if let Some((to, message)) = self.carry_out(action, jobs, Instant::now())?
+                && let ServerMessage::RoundStart(start) = message.as_ref()
+            {
+                clients.extend(to.into_iter().map(|s| (s, start.clone())));
             }
         }
+    }
+
+    /// Carries out one action at `now`: the jobs here, at once; a message is
+    /// handed back for its clients (a round start's model decoded first).
+    pub fn carry_out(
+        &mut self,
+        action: Action,
+        jobs: &mut impl Jobs,
+        now: Instant,
+    ) -> anyhow::Result<Option<(Vec<u64>, Arc<ServerMessage>)>> {
+        match action {
+            Action::Send { to, message } => {
+                if let ServerMessage::RoundStart(start) = message.as_ref() {
+                    self.receive(start)?;
+                }
+                return Ok(Some((to, message)));
+            }
+            Action::Aggregate(job) => self.engine.aggregated(job.run(), now),
+            Action::Evaluate {
+                round,
+                weights,
+                population,
+            } => {
+                let (eval, population) = jobs.evaluate(&weights, population)?;
+                self.engine.evaluated(round, eval, population, now);
+            }
+            Action::Persist(commit) => {
+                jobs.persist(&commit)?;
+                self.engine.persisted(commit.record.round, now);
+            }
+            Action::Committed(record) => jobs.committed(&record),
+            Action::Part(_) | Action::Order(_) => {
+                unreachable!("a simulation's engine runs whole, not in a cluster")
+            }
+        }
+        Ok(None)
     }
 
     fn receive(&mut self, start: &RoundStart) -> anyhow::Result<()> {
@@ -121,22 +137,38 @@ impl InProcess {
         {
             let num_params = self.segments.iter().sum();
             let decoded = codec::decode(weights, &[num_params], start.weights_encoding)?;
+            // Clients that still train an older model hold it themselves.
             self.models.clear();
             self.models
-                .insert(start.model, (decoded, weights.len() as u64));
+                .insert(start.model, (Arc::new(decoded), weights.len() as u64));
         }
         Ok(())
     }
 
     /// The global model `start` was sent with, as the client decoded it.
-    pub fn global(&self, start: &RoundStart) -> &[f32] {
-        &self.models[&start.model].0
+    pub fn global(&self, start: &RoundStart) -> Arc<Vec<f32>> {
+        self.models[&start.model].0.clone()
+    }
+
+    /// The bytes `start`'s model took on the wire.
+    pub fn model_bytes(&self, start: &RoundStart) -> u64 {
+        self.models.get(&start.model).map_or(0, |(_, bytes)| *bytes)
     }
 
     /// Trains one client of a round on `text` as its start says, with no time
     /// limit: the local step of every client.
     pub fn train(
         &self,
+        start: &RoundStart,
+        text: &[u32],
+    ) -> anyhow::Result<folio_client::LocalResult> {
+        self.train_from(&self.global(start), start, text)
+    }
+
+    /// [`InProcess::train`] from `weights`, the model `start` was sent with.
+    pub fn train_from(
+        &self,
+        weights: &[f32],
         start: &RoundStart,
         text: &[u32],
     ) -> anyhow::Result<folio_client::LocalResult> {
@@ -153,7 +185,7 @@ impl InProcess {
             &burn::prelude::Device::flex(),
             self.model,
             text,
-            self.global(start),
+            weights,
             &training,
             |_, _| {},
         ))?)
@@ -232,10 +264,7 @@ impl InProcess {
                         })?;
                         // Counted as the wire would carry them: the masked input
                         // up, the model down.
-                        let down = self
-                            .models
-                            .get(&starts[&session].model)
-                            .map_or(0, |(_, b)| *b);
+                        let down = self.model_bytes(starts[&session]);
                         self.engine
                             .add_bytes(session, masked.input.len() as u64, down);
                         ClientStep::Masked(masked)
@@ -259,8 +288,21 @@ impl InProcess {
         examples: u64,
         metrics: (f64, f64, f32),
     ) -> Result<(), folio_proto::ErrorMessage> {
+        self.send_at(session, start, delta, examples, metrics, Instant::now())
+    }
+
+    /// [`InProcess::send`] at `now`.
+    pub fn send_at(
+        &mut self,
+        session: u64,
+        start: &RoundStart,
+        delta: &[f32],
+        examples: u64,
+        metrics: (f64, f64, f32),
+        now: Instant,
+    ) -> Result<(), folio_proto::ErrorMessage> {
         let encoded = codec::encode(delta, &self.segments, start.delta_encoding);
-        let down = self.models.get(&start.model).map_or(0, |(_, bytes)| *bytes);
+        let down = self.model_bytes(start);
         self.engine.add_bytes(session, encoded.len() as u64, down);
         let delta = CheckedDelta::new(encoded, &self.segments, start.delta_encoding)
             .map_err(|e| folio_engine::error(folio_proto::ErrorCode::BadDelta, e.to_string()))?;
@@ -273,6 +315,6 @@ impl InProcess {
             train_accuracy: accuracy as f32,
             train_seconds: seconds,
         };
-        self.engine.update(session, update, Instant::now())
+        self.engine.update(session, update, now)
     }
 }

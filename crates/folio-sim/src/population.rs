@@ -18,6 +18,7 @@ use folio_engine::{
 use folio_model::Preset;
 use folio_server::eval::{Evaluator, parallel_map};
 
+use crate::devices::{Clocked, Devices};
 use crate::host::{InProcess, Jobs, Trained};
 use folio_server::{engine_config, new_engine, starting_weights, state};
 
@@ -37,6 +38,9 @@ pub struct Population {
     /// Train and evaluate on the corpus's validation view
     /// ([`Corpus::validation_view`]): for tuning, never for the figure reported.
     pub validation: bool,
+    /// Give each client a device of a measured speed and run the rounds on a
+    /// simulated clock ([`crate::devices`]); asynchronous rounds need it.
+    pub devices: bool,
 }
 
 /// What a run reports as it goes.
@@ -78,6 +82,16 @@ pub fn run(
         ..engine_config(sim.preset, sim.rounds.clone(), sim.seed)
     };
     let mut engine = new_engine(config, &corpus, &sim.state_dir, start)?;
+    let clock_base = Instant::now();
+    anyhow::ensure!(
+        sim.devices || sim.rounds.asynchronous.is_none(),
+        "asynchronous rounds run on simulated devices: add --devices"
+    );
+    anyhow::ensure!(
+        !sim.devices || engine.completed_rounds() == 0,
+        "{} holds a run already; a run on simulated devices starts afresh (its clock and tasks in flight are not saved): use an empty --state-dir",
+        sim.state_dir.display()
+    );
     // Every client with text to train on is connected, as itself, before the
     // first round is drawn.
     let ids: Vec<String> = engine.clients().keys().cloned().collect();
@@ -96,6 +110,13 @@ pub fn run(
         evaluator,
         progress,
     };
+    if sim.devices {
+        let sessions: Vec<u64> = texts.keys().copied().collect();
+        let devices = Devices::draw(&sessions, sim.preset, sim.seed);
+        let mut clocked = Clocked::new(host, &texts, devices, clock_base, &sim.state_dir)?;
+        clocked.run(&mut jobs)?;
+        return Ok(clocked.host.engine.history(0, usize::MAX).to_vec());
+    }
     while let Some(round) = host.next_round(&mut jobs)? {
         (jobs.progress)(Progress::Training {
             clients: round.clients.len(),

@@ -15,7 +15,7 @@ use folio_fed::{
 use folio_model::Preset;
 use folio_proto::Optimizer;
 use folio_server::{
-    AccessConfig, Limits, RoundConfig, RoundRecord, SecureRounds, Server, ServerConfig,
+    AccessConfig, AsyncRounds, Limits, RoundConfig, RoundRecord, SecureRounds, Server, ServerConfig,
 };
 use folio_sim::population::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,6 +36,12 @@ pub enum StrategyRule {
     /// User-level differential privacy: Poisson sampling, every delta clipped to
     /// --clip-bound, Gaussian noise of --noise-multiplier × the bound on the sum.
     DpFedavg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoundMode {
+    Sync,
+    Async,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -228,6 +234,18 @@ pub struct RoundArgs {
     /// stragglers (seconds).
     #[arg(long, default_value_t = 30.0)]
     secagg_step_secs: f64,
+    /// Synchronous rounds, or asynchronous ones (FedBuff): clients train
+    /// continuously, --clients-per-round at once, each on the latest model it
+    /// was given, and the global model steps every --buffer updates.
+    #[arg(long, value_enum, default_value = "sync")]
+    mode: RoundMode,
+    /// Asynchronous rounds: updates per step of the global model (K).
+    #[arg(long, default_value_t = 10)]
+    buffer: usize,
+    /// Asynchronous rounds: an update counts 1/√(1 + s) for the s steps the
+    /// global model moved since its model, and is refused past this many.
+    #[arg(long, default_value_t = 4)]
+    max_staleness: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -347,6 +365,10 @@ impl RoundArgs {
                 threshold: self.secagg_threshold,
                 degree: self.secagg_degree,
                 step_timeout: Duration::from_secs_f64(self.secagg_step_secs.max(0.001)),
+            }),
+            asynchronous: (self.mode == RoundMode::Async).then_some(AsyncRounds {
+                buffer: self.buffer,
+                max_staleness: self.max_staleness,
             }),
         }
     }
@@ -479,6 +501,12 @@ pub struct SimulateArgs {
     /// eighth; the test split is not loaded.
     #[arg(long, requires = "population")]
     validation: bool,
+    /// Give each client a device (a native client, a tab on the CPU fallback,
+    /// a tab on a software WebGPU: the speeds measured here, spread
+    /// log-normally) and run on a simulated clock, logged per round to
+    /// clock.jsonl; --mode async needs it.
+    #[arg(long, requires = "population")]
+    devices: bool,
     /// Checkpoints and metrics [default: a fresh temporary folder]
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -529,6 +557,10 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     config.max_rounds = args.rounds;
     let runtime = tokio::runtime::Runtime::new()?;
     if let (Some(nats), Some(role)) = (args.nats, args.role) {
+        anyhow::ensure!(
+            args.round.mode == RoundMode::Sync,
+            "a cluster runs synchronous rounds: drop --mode async or --role"
+        );
         let name = args.name.unwrap_or_else(|| match role {
             ClusterRole::Edge => format!("edge-{}", args.addr),
             ClusterRole::Root => format!("root-{}", std::process::id()),
@@ -745,13 +777,7 @@ pub fn row(r: &RoundRecord) -> String {
 pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
     if args.population {
         let state_dir = args.state_dir.clone().expect("clap requires it");
-        return population(
-            &args.round,
-            args.rounds,
-            state_dir,
-            args.validation,
-            data_dir,
-        );
+        return population(&args, state_dir, data_dir);
     }
     let temp = std::env::temp_dir().join(format!("folio-simulate-{}", std::process::id()));
     let state_dir = args.state_dir.clone().unwrap_or_else(|| temp.clone());
@@ -837,13 +863,8 @@ pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
 
 /// `folio simulate --population`: every Shakespeare client in this process, with
 /// a progress bar and the table of rounds.
-fn population(
-    round: &RoundArgs,
-    rounds: u64,
-    state_dir: PathBuf,
-    validation: bool,
-    data_dir: &Path,
-) -> anyhow::Result<()> {
+fn population(args: &SimulateArgs, state_dir: PathBuf, data_dir: &Path) -> anyhow::Result<()> {
+    let (round, rounds) = (&args.round, args.rounds);
     let sim = folio_sim::population::Population {
         rounds: round.round_config(),
         preset: round.preset,
@@ -852,7 +873,8 @@ fn population(
         max_rounds: rounds,
         state_dir: state_dir.clone(),
         data_dir: data_dir.to_owned(),
-        validation,
+        validation: args.validation,
+        devices: args.devices,
     };
     let bar = rounds_bar(rounds);
     let print = |line: String| print_above(&bar, line);
