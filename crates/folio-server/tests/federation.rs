@@ -811,3 +811,49 @@ async fn a_secure_round_commits_the_sum_of_masked_inputs_despite_a_dropout() {
         "moved {moved}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_clients_train_continuously_in_asynchronous_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut round_config = rounds(2);
+    round_config.asynchronous = Some(folio_server::AsyncRounds {
+        buffer: 2,
+        max_staleness: 1,
+    });
+    let server = Server::start(config(dir.path(), round_config, 4))
+        .await
+        .unwrap();
+    let clients: Vec<_> = (0..3).map(|_| spawn_client(url(&server), false)).collect();
+    within(server.wait_for_round(4)).await;
+    let history = server.history();
+    assert!(
+        history[1..]
+            .iter()
+            .all(|r| r.clients == 2 && r.staleness.is_some_and(|s| s <= 1.0)),
+        "{history:?}"
+    );
+    for (log, _) in &clients {
+        let log = log.lock().unwrap();
+        let rounds: Vec<u64> = log
+            .sent
+            .iter()
+            .filter_map(|m| match m {
+                ClientMessage::Update(update) => Some(update.round),
+                _ => None,
+            })
+            .collect();
+        // One update per model, each for a model the client was sent.
+        assert!(rounds.windows(2).all(|w| w[0] < w[1]), "{rounds:?}");
+        for round in rounds {
+            assert!(
+                log.received
+                    .iter()
+                    .any(|m| matches!(m, ServerMessage::RoundStart(s) if s.round == round))
+            );
+        }
+    }
+    let status = server.status();
+    assert_eq!(status["asynchronous"]["buffer"], 2);
+    assert_eq!(status["asynchronous"]["max_staleness"], 1);
+    server.abort();
+}
