@@ -65,6 +65,6 @@ build_page
 build_threaded_page
 
 step "end-to-end: the page in headless Chromium tabs against the aggregator"
-cargo test "${native[@]}" --test tabs --test crowd --test edges --test privacy --test secure -- --ignored --test-threads=1 --nocapture
+cargo test "${native[@]}" --test tabs --test crowd --test edges --test privacy --test secure --test asynchronous -- --ignored --test-threads=1 --nocapture
 
 step "all tests passed in ${SECONDS}s"

@@ -35,6 +35,7 @@ const explanations = {
   server_full: "The aggregator is full.",
   timeout: "The aggregator closed the connection after a silence.",
   bad_secure_step: "The aggregator refused a step of a secure round (late, or from an attempt it abandoned).",
+  stale: "The global model moved on too far while this tab trained; it trains the latest model next.",
 };
 // `kind` names notices that a later event makes stale (a lost connection, once
 // the tab is back).

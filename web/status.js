@@ -129,9 +129,18 @@ function plot(all) {
 }
 
 // The open round: who was asked, who answered, the deadline counting down.
-function roundProgress(open, phase) {
+// Asynchronous rounds have none: the buffer fills as devices finish.
+function roundProgress(open, phase, asynchronous) {
   const bar = document.getElementById("round-progress");
   const text = document.getElementById("round-text");
+  if (asynchronous) {
+    const a = asynchronous;
+    Object.assign(bar, { max: a.buffer, value: a.buffered });
+    text.textContent = `asynchronous rounds: ${a.buffered} of ${a.buffer} updates buffered for the next step; ` +
+      `${a.training.length} devices training, each on the latest model it was sent; ` +
+      `updates more than ${a.max_staleness} steps behind are refused · ${phase}`;
+    return;
+  }
   if (!open) {
     bar.value = 0;
     text.textContent = phase === "waiting for clients" ? "no round open: waiting for enough devices" : `no round open: ${phase}`;
@@ -145,7 +154,11 @@ function roundProgress(open, phase) {
     `deadline in ${Math.ceil(open.seconds_left)} s${secure}`;
 }
 
-function thisRound(open, session) {
+function thisRound(open, session, asynchronous) {
+  if (asynchronous) {
+    const task = asynchronous.training.find(([s]) => s === session);
+    return task ? `training round ${task[1]}'s model` : "-";
+  }
   if (!open) return "-";
   if (open.reported_sessions.includes(session)) return "reported";
   if (open.dropped_sessions.includes(session)) return "left";
@@ -208,15 +221,15 @@ async function refresh() {
       `preset ${status.preset} (${status.parameters.toLocaleString()} parameters) · ${status.completed_rounds} rounds done · ` +
       `${status.connected} devices connected` +
       (latest ? ` · global eval accuracy ${fmt(latest.eval_accuracy)} after round ${latest.round}` : "");
-    roundProgress(open, status.phase);
+    roundProgress(open, status.phase, status.asynchronous);
     plot(history);
     showPrivacy(status);
     showSecure(status);
     fill("history", history.slice(-30).reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
       fmt(r.eval_loss), fmt(r.eval_accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1),
-      fmt(r.epsilon, 3), r.secure ? "sum only" : ""]));
+      fmt(r.epsilon, 3), r.secure ? "sum only" : "", fmt(r.staleness, 2)]));
     fill("clients", status.clients.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}`, c.connected ? "yes" : "no",
-      thisRound(open, c.session), c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy),
+      thisRound(open, c.session, status.asynchronous), c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy),
       bytes(c.bytes_up), bytes(c.bytes_down)]));
     document.getElementById("errors").textContent = Object.keys(status.errors).length
       ? Object.entries(status.errors).map(([code, count]) => `${code}: ${count}`).join("\n")

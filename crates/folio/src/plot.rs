@@ -1,7 +1,9 @@
 //! `folio plot RUN_DIR...`: learning curves of runs (their `metrics.jsonl`) on one
 //! chart, as SVG: population accuracy as dots joined by lines where a run measured
 //! it, the cheaper per-round eval accuracy as a faint line; and a Markdown table of
-//! the runs' figures on stdout.
+//! the runs' figures on stdout. Runs on simulated devices (`folio simulate
+//! --devices`) can be drawn against their simulated time or their devices'
+//! compute instead of rounds (`--by`).
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +36,59 @@ pub struct PlotArgs {
     /// The accuracy whose first round the table reports (McMahan et al.'s 54%).
     #[arg(long, default_value_t = 0.54)]
     target: f64,
+    /// What the x axis counts: rounds; or, for runs on simulated devices (their
+    /// clock.jsonl), simulated time or the characters their devices trained
+    /// (wasted work included).
+    #[arg(long, value_enum, default_value = "round")]
+    by: Axis,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Axis {
+    Round,
+    Time,
+    Compute,
+}
+
+impl Axis {
+    fn describe(self) -> &'static str {
+        match self {
+            Axis::Round => "round",
+            Axis::Time => "simulated time (minutes)",
+            Axis::Compute => "characters trained by the devices (millions)",
+        }
+    }
+}
+
+/// Each round's place on the x axis (`None`: not on the chart).
+fn x_positions(run: &Path, records: &[RoundRecord], by: Axis) -> anyhow::Result<Vec<Option<f64>>> {
+    if by == Axis::Round {
+        return Ok(records.iter().map(|r| Some(r.round as f64)).collect());
+    }
+    let path = run.join("clock.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}: --by time and --by compute need a run on simulated devices (folio simulate --population --devices)",
+            path.display()
+        )
+    })?;
+    let mut clock = std::collections::BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let entry: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {} is not a clock record", path.display(), i + 1))?;
+        let round = entry["round"]
+            .as_u64()
+            .context("a clock record without its round")?;
+        let x = match by {
+            Axis::Time => entry["seconds"].as_f64().map(|s| s / 60.0),
+            _ => entry["chars_trained"].as_f64().map(|c| c / 1e6),
+        };
+        clock.insert(round, x.context("a clock record without its figures")?);
+    }
+    Ok(records
+        .iter()
+        .map(|r| clock.get(&r.round).copied())
+        .collect())
 }
 
 fn load_font() -> anyhow::Result<()> {
@@ -64,6 +119,7 @@ fn history(run: &Path) -> anyhow::Result<Vec<RoundRecord>> {
 
 pub fn run(args: PlotArgs) -> anyhow::Result<()> {
     load_font()?;
+    let mut xs = Vec::new();
     let runs: Vec<(String, Vec<RoundRecord>)> = args
         .runs
         .iter()
@@ -74,6 +130,7 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
             );
             let mut records = history(dir)?;
             records.retain(|r| args.max_round.is_none_or(|max| r.round <= max));
+            xs.push(x_positions(dir, &records, args.by)?);
             Ok((name, records))
         })
         .collect::<anyhow::Result<_>>()?;
@@ -83,6 +140,13 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
         .max()
         .unwrap_or(1)
         .max(1);
+    let x_max = xs
+        .iter()
+        .flatten()
+        .flatten()
+        .copied()
+        .fold(0.0, f64::max)
+        .max(1e-9);
     let accuracies = runs.iter().flat_map(|(_, h)| {
         h.iter()
             .flat_map(|r| [Some(r.eval_accuracy), r.population_accuracy])
@@ -102,23 +166,28 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(60)
-        .build_cartesian_2d(0..rounds, (lo - pad).max(0.0)..(hi + pad).min(1.0))
+        .build_cartesian_2d(0.0..x_max, (lo - pad).max(0.0)..(hi + pad).min(1.0))
         .map_err(draw)?;
     chart
         .configure_mesh()
-        .x_desc("round")
+        .x_desc(args.by.describe())
         .y_desc("accuracy")
         .axis_desc_style(("sans-serif", 16))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(draw)?;
-    for (i, (name, records)) in runs.iter().enumerate() {
+    for (i, ((name, records), xs)) in runs.iter().zip(&xs).enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let faint = color.mix(0.3);
-        let eval = records
-            .iter()
-            .filter(|r| r.eval_accuracy.is_finite())
-            .map(|r| (r.round, r.eval_accuracy));
+        let placed = || {
+            records
+                .iter()
+                .zip(xs)
+                .filter_map(|(r, x)| Some((*x)?).map(|x| (x, r)))
+        };
+        let eval = placed()
+            .filter(|(_, r)| r.eval_accuracy.is_finite())
+            .map(|(x, r)| (x, r.eval_accuracy));
         chart
             .draw_series(LineSeries::new(eval, faint.stroke_width(1)))
             .map_err(draw)?
@@ -126,7 +195,9 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], faint.stroke_width(2))
             });
-        let population = population_points(records);
+        let population: Vec<(f64, f64)> = placed()
+            .filter_map(|(x, r)| Some((x, r.population_accuracy.filter(|a| a.is_finite())?)))
+            .collect();
         if !population.is_empty() {
             chart
                 .draw_series(LineSeries::new(
