@@ -157,7 +157,7 @@ function roundProgress(open, phase, asynchronous) {
 function thisRound(open, session, asynchronous) {
   if (asynchronous) {
     const task = asynchronous.training.find(([s]) => s === session);
-    return task ? `training round ${task[1]}'s model` : "-";
+    return task ? `training for round ${task[1]}` : "-";
   }
   if (!open) return "-";
   if (open.reported_sessions.includes(session)) return "reported";

@@ -303,6 +303,7 @@ impl crate::Engine {
             clients: buffer.count,
             train_loss: Some(buffer.loss_sum / examples),
             train_accuracy: Some(buffer.accuracy_sum / examples),
+            examples: buffer.examples,
             bytes_up: buffer.bytes_up,
             bytes_down: buffer.bytes_down,
             started: buffer.started,

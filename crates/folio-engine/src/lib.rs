@@ -343,6 +343,8 @@ struct Closing {
     clients: usize,
     train_loss: Option<f64>,
     train_accuracy: Option<f64>,
+    /// Sequences the round's updates trained on.
+    examples: u64,
     bytes_up: u64,
     bytes_down: u64,
     started: Instant,
@@ -360,6 +362,7 @@ impl Closing {
             clients: 0,
             train_loss: None,
             train_accuracy: None,
+            examples: 0,
             bytes_up: 0,
             bytes_down: 0,
             started: now,
@@ -965,6 +968,7 @@ impl Engine {
             let weight = metrics.weight.max(f64::MIN_POSITIVE);
             closing.train_loss = Some(metrics.loss_sum / weight);
             closing.train_accuracy = Some(metrics.accuracy_sum / weight);
+            closing.examples = metrics.examples;
         }
         match result.result {
             Ok((aggregated, encoded)) => {
@@ -1026,6 +1030,7 @@ impl Engine {
             clients: closing.clients,
             train_loss: closing.train_loss,
             train_accuracy: closing.train_accuracy,
+            examples: closing.examples,
             eval_loss: eval.loss,
             eval_accuracy: eval.accuracy,
             bytes_up: closing.bytes_up,
@@ -1662,6 +1667,7 @@ impl Engine {
             clients: open.reported.len(),
             train_loss: Some(open.loss_sum / examples),
             train_accuracy: Some(open.accuracy_sum / examples),
+            examples: open.examples,
             bytes_up: open.bytes_up,
             bytes_down: open.bytes_down,
             started: open.started,

@@ -20,6 +20,10 @@ pub struct RoundRecord {
     pub train_loss: Option<f64>,
     #[serde(with = "opt_float")]
     pub train_accuracy: Option<f64>,
+    /// Sequences the round's updates trained on (examples of `seq_len`
+    /// characters): with `clients`, the round's share of the client budget.
+    #[serde(default)]
+    pub examples: u64,
     #[serde(with = "float")]
     pub eval_loss: f64,
     #[serde(with = "float")]
@@ -132,6 +136,7 @@ mod tests {
             clients: 2,
             train_loss: Some(f64::INFINITY),
             train_accuracy: None,
+            examples: 4,
             eval_loss: f64::NAN,
             eval_accuracy: f64::NEG_INFINITY,
             bytes_up: 1,

@@ -362,6 +362,7 @@ mod tests {
             clients: 2,
             train_loss: None,
             train_accuracy: None,
+            examples: 0,
             eval_loss,
             eval_accuracy: 0.5,
             bytes_up: 0,

@@ -262,6 +262,35 @@ pub struct ExportArgs {
     out: PathBuf,
 }
 
+/// What training the model cost: client updates, the characters they trained
+/// on (for runs that recorded them), and the bytes both ways.
+fn budget_metadata(history: &[folio_server::RoundRecord]) -> BTreeMap<String, String> {
+    let sum = |f: fn(&folio_server::RoundRecord) -> u64| history.iter().map(f).sum::<u64>();
+    let mut budget = BTreeMap::from([
+        (
+            "budget_client_updates".to_owned(),
+            sum(|r| r.clients as u64).to_string(),
+        ),
+        (
+            "budget_bytes_up".to_owned(),
+            sum(|r| r.bytes_up).to_string(),
+        ),
+        (
+            "budget_bytes_down".to_owned(),
+            sum(|r| r.bytes_down).to_string(),
+        ),
+    ]);
+    // Runs from before rounds recorded their examples leave it out.
+    if history.iter().skip(1).all(|r| r.examples > 0) {
+        let characters = sum(|r| r.examples) * folio_data::batch::SEQ_LEN as u64;
+        budget.insert(
+            "budget_characters_trained".to_owned(),
+            characters.to_string(),
+        );
+    }
+    budget
+}
+
 /// The run's global model as an f16 model file whose metadata says where it comes
 /// from and how it scores on the whole population (evaluated now when the run's
 /// last round has no population figures).
@@ -316,6 +345,7 @@ pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
         println!("{line}");
     }
     metadata.extend(privacy);
+    metadata.extend(budget_metadata(&saved.history));
     checkpoint::save(
         &args.out,
         preset.config(),

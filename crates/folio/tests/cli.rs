@@ -225,6 +225,13 @@ fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
     let accuracy: f64 = model.metadata["population_test_accuracy"].parse().unwrap();
     assert!((0.05..0.6).contains(&accuracy), "{accuracy}");
     assert_eq!(model.metadata["round"], "4");
+    // Its budget: 4 rounds of 3 clients, one batch of 8 sequences each at most.
+    let budget = |key: &str| -> u64 { model.metadata[key].parse().unwrap() };
+    assert_eq!(budget("budget_client_updates"), 12);
+    let characters = budget("budget_characters_trained");
+    assert!(characters > 0 && characters <= 12 * 8 * 100, "{characters}");
+    let history_bytes: u64 = a.history.iter().map(|r| r.bytes_up).sum();
+    assert_eq!(budget("budget_bytes_up"), history_bytes);
     for (f16, f32) in model.weights.iter().zip(&a.weights) {
         assert!((f16 - f32).abs() <= 1e-3 * f32.abs().max(1.0));
     }
