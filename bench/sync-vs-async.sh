@@ -11,7 +11,9 @@
 # - sync-deadline: the same, closed at a 10 s deadline with at least 5 updates
 #   (the usual cure for stragglers: their work is dropped);
 # - async: FedBuff, a step every 10 updates, each discounted by 1/sqrt(1 + s)
-#   for its staleness s, none staler than 4 steps.
+#   for its staleness s, none staler than 4 steps;
+# - async-30: the same with 30 clients training at once (FedBuff's advice:
+#   more devices in flight than the buffer holds).
 #
 # Runs go to runs/async/*/ (metrics.jsonl and clock.jsonl in git, checkpoints
 # not; a finished run is skipped); the curves to docs/sync-vs-async-*.svg, the
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 cargo build -q --release -p folio --bin folio
 folio=./target/release/folio
 steps=150
-common=(--population --devices --preset small --clients-per-round 10 --max-batches 5
+common=(--population --devices --preset small --max-batches 5
     --client-lr 0.5 --eval-clients 16 --eval-batches 2 --population-eval-every 25
     --rounds "$steps" --seed 1)
 
@@ -39,11 +41,12 @@ run() {
     "$folio" simulate "${common[@]}" "$@" --state-dir "$dir" | tail -n 1
 }
 
-run sync
-run sync-deadline --deadline-secs 10 --quorum 5
-run async --mode async --buffer 10 --max-staleness 4
+run sync --clients-per-round 10
+run sync-deadline --clients-per-round 10 --deadline-secs 10 --quorum 5
+run async --clients-per-round 10 --mode async --buffer 10 --max-staleness 4
+run async-30 --clients-per-round 30 --mode async --buffer 10 --max-staleness 4
 
-runs=(runs/async/sync runs/async/sync-deadline runs/async/async)
+runs=(runs/async/sync runs/async/sync-deadline runs/async/async runs/async/async-30)
 "$folio" plot "${runs[@]}" --by time --out docs/sync-vs-async-time.svg \
     --title "Sync vs async rounds on the same devices: accuracy against simulated time" >/dev/null
 "$folio" plot "${runs[@]}" --by compute --out docs/sync-vs-async-compute.svg \

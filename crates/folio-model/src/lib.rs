@@ -6,7 +6,8 @@
 //! - [`eval`]: loss and accuracy over batches, the random-text baseline;
 //! - [`generate`]: stateful sampling;
 //! - [`checkpoint`]: safetensors files;
-//! - [`params`]: weight deltas.
+//! - [`params`]: weight deltas;
+//! - [`probe`]: the known-answer probe a device passes before it is trusted.
 //!
 //! Nothing here reads a tensor synchronously, so all of it runs on WebGPU in wasm.
 
@@ -17,6 +18,7 @@ pub mod generate;
 pub mod gru;
 pub mod model;
 pub mod params;
+pub mod probe;
 pub mod train;
 
 use std::path::PathBuf;
