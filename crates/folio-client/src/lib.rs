@@ -75,6 +75,8 @@ pub enum ClientState {
         round: u64,
         step: &'static str,
     },
+    /// Computing the aggregator's known-answer probe on this device.
+    Checking,
 }
 
 /// Everything worth showing, as it happens.
@@ -146,6 +148,10 @@ pub struct ClientOptions {
     pub max_rounds: Option<u64>,
     /// A global model kept from an earlier connection, offered in the join.
     pub held: Option<HeldModel>,
+    /// A device made wrong on purpose, for tests: the gradients it reports for
+    /// its device check are scaled by this (0: a backend whose gradients come
+    /// out zero, as one phone's WebGPU was reported to do).
+    pub gradient_fault: Option<f32>,
 }
 
 impl ClientOptions {
@@ -164,6 +170,7 @@ impl ClientOptions {
             },
             max_rounds: None,
             held: None,
+            gradient_fault: None,
         }
     }
 }
@@ -314,6 +321,21 @@ pub async fn run<T: Transport>(
                     Err(err) => return Err(err),
                 }
             }
+            ServerMessage::Probe(probe) => {
+                let session = session
+                    .as_ref()
+                    .ok_or(ClientError::NotWelcomed("a device check"))?;
+                on_event(ClientEvent::State(ClientState::Checking));
+                let mut answer = answer_probe(device, session.config, probe).await?;
+                if let Some(scale) = options.gradient_fault {
+                    // The digest is linear in the gradient.
+                    answer.projections.iter_mut().for_each(|p| *p *= scale);
+                }
+                transport
+                    .send(folio_proto::encode(&ClientMessage::ProbeAnswer(answer)))
+                    .await?;
+                on_event(ClientEvent::State(ClientState::Waiting));
+            }
             ServerMessage::RoundResult(result) => {
                 on_event(ClientEvent::RoundResult(result));
                 results += 1;
@@ -332,6 +354,26 @@ pub async fn run<T: Transport>(
             ServerMessage::Error(error) => on_event(ClientEvent::ServerError(error)),
         }
     }
+}
+
+/// The probe's loss and gradient digest, computed on `device` as training is.
+pub async fn answer_probe(
+    device: &Device,
+    config: ModelConfig,
+    probe: folio_proto::Probe,
+) -> Result<folio_proto::ProbeAnswer, ClientError> {
+    let spec = folio_model::probe::ProbeSpec {
+        id: probe.id,
+        batch_size: (probe.batch_size as usize).clamp(1, 64),
+        seq_len: (probe.seq_len as usize).clamp(1, 1_000),
+        directions: (probe.directions as usize).min(folio_model::probe::MAX_DIRECTIONS),
+    };
+    let measured = spec.measure(device, config).await?;
+    Ok(folio_proto::ProbeAnswer {
+        id: probe.id,
+        loss: measured.loss,
+        projections: measured.projections,
+    })
 }
 
 /// How long to wait before reconnecting: doubling from 0.5 s to 30 s.

@@ -6,7 +6,7 @@
 //! plan, the strategy's clipping, one update per session per model, and none
 //! staler than `max_staleness`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 use folio_fed::FedError;
@@ -66,6 +66,8 @@ pub(crate) struct Buffered {
     /// Draws of sessions made for the current model (each draw is seeded apart).
     pub draws: u32,
     pub buffer: Buffer,
+    /// Full buffers waiting for the step before them to be committed.
+    pub full: VecDeque<Buffer>,
 }
 
 impl Buffered {
@@ -76,6 +78,7 @@ impl Buffered {
             timed_out: BTreeSet::new(),
             draws: 0,
             buffer: Buffer::new(updates, now),
+            full: VecDeque::new(),
         }
     }
 
@@ -123,14 +126,16 @@ impl Buffered {
 }
 
 impl crate::Engine {
-    /// The round the buffer being filled will make: one past the commit in
-    /// flight, or past the last commit.
+    /// The round the buffer being filled will make: past the commit in flight
+    /// (or the last commit) and the full buffers waiting behind it.
     fn buffer_round(&self) -> u64 {
-        match &self.phase {
-            Phase::Aggregating(closing) | Phase::Evaluating(closing, _) => closing.round + 1,
-            Phase::Persisting(_, record) => record.round + 1,
-            _ => self.completed_rounds() + 1,
-        }
+        let last = match &self.phase {
+            Phase::Aggregating(closing) | Phase::Evaluating(closing, _) => closing.round,
+            Phase::Persisting(_, record) => record.round,
+            _ => self.completed_rounds(),
+        };
+        let waiting = self.buffered.as_ref().map_or(0, |b| b.full.len()) as u64;
+        last + 1 + waiting
     }
 
     /// Asynchronous rounds move along: the buffer steps the model once full
@@ -159,9 +164,8 @@ impl crate::Engine {
                 );
                 return;
             }
-            let buffered = self.buffered_mut();
-            if buffered.buffer.count >= buffered.settings.buffer {
-                self.close_buffer(now);
+            if let Some(full) = self.buffered_mut().full.pop_front() {
+                self.close_buffer(full);
             }
         }
         if !matches!(self.phase, Phase::Finished) {
@@ -251,6 +255,15 @@ impl crate::Engine {
         buffer.loss_sum += f64::from(update.train_loss) * examples;
         buffer.accuracy_sum += f64::from(update.train_accuracy) * examples;
         buffer.examples += update.examples;
+        // Exactly `buffer` updates a step: a full buffer waits its turn.
+        if buffer.count >= buffered.settings.buffer {
+            let fresh = strategy
+                .open_round(&self.global.state, self.config.num_params())
+                .expect("the strategy opens rounds on its own state");
+            let buffered = self.buffered.as_mut().expect("asynchronous rounds");
+            let full = std::mem::replace(&mut buffered.buffer, Buffer::new(fresh, now));
+            buffered.full.push_back(full);
+        }
         if let Some(info) = self.sessions.get_mut(session) {
             info.reported(ClientRound {
                 round: update.round,
@@ -286,17 +299,9 @@ impl crate::Engine {
         );
     }
 
-    /// The buffer steps the global model: its updates go out to be aggregated,
-    /// and a fresh buffer opens.
-    fn close_buffer(&mut self, now: Instant) {
-        let num_params = self.config.num_params();
-        let fresh = self
-            .strategy
-            .open_round(&self.global.state, num_params)
-            .expect("the strategy opens rounds on its own state");
+    /// A full buffer steps the global model: its updates go out to be aggregated.
+    fn close_buffer(&mut self, buffer: Buffer) {
         let round = self.completed_rounds() + 1;
-        let buffered = self.buffered_mut();
-        let buffer = std::mem::replace(&mut buffered.buffer, Buffer::new(fresh, now));
         let examples = buffer.examples.max(1) as f64;
         let closing = Closing {
             round,
@@ -341,7 +346,8 @@ impl crate::Engine {
             .sessions
             .connected()
             .filter(|s| {
-                !buffered.tasks.contains_key(&s.session)
+                self.selectable(s.session)
+                    && !buffered.tasks.contains_key(&s.session)
                     && !buffered.timed_out.contains(&s.session)
                     && s.reported_rounds.back() != Some(&round)
             })

@@ -45,7 +45,7 @@ pub use settings::{AsyncRounds, RoundConfig, SecureRounds};
 use buffered::Buffered;
 use round::OpenRound;
 use secure::{SecureOpen, SecureSum, SumMetrics};
-use sessions::{ClientRound, SessionError, Sessions};
+use sessions::{ClientRound, DeviceCheck, SessionError, Sessions};
 
 /// What the engine is set up with.
 #[derive(Debug, Clone)]
@@ -66,6 +66,9 @@ pub struct EngineConfig {
     /// How fast one group may open new sessions (resuming one is free).
     pub new_sessions: SessionRate,
     pub role: Role,
+    /// Check each device with a known-answer probe when it joins (and when its
+    /// backend changes) before it may be selected.
+    pub check_devices: bool,
 }
 
 /// Where the engine runs: one process, or one part of a cluster.
@@ -673,6 +676,18 @@ impl Engine {
             token: info.token(),
             client_id: info.client_id.clone(),
         };
+        if self.config.check_devices && info.checked_device != Some(info.device()) {
+            let mut id = [0u8; 8];
+            getrandom::fill(&mut id).expect("the OS random number generator works");
+            let id = u64::from_le_bytes(id);
+            info.check = DeviceCheck::Pending;
+            info.probe = Some(id);
+            info.checked_device = None;
+            self.send(
+                vec![session],
+                ServerMessage::Probe(folio_proto::Probe::with_id(id)),
+            );
+        }
         self.rejoin_open_round(session, now);
         Ok(joined)
     }
@@ -729,6 +744,9 @@ impl Engine {
     }
 
     fn rejoin_open_round(&mut self, session: u64, now: Instant) {
+        if !self.selectable(session) {
+            return;
+        }
         let Phase::Collecting(open) = &mut self.phase else {
             return;
         };
@@ -1285,10 +1303,73 @@ impl Engine {
         self.open_round(round, self.attempt, &selected, updates, bound, now);
     }
 
+    /// Whether `session` may be selected: with device checks on, only once its
+    /// device passed.
+    pub(crate) fn selectable(&self, session: u64) -> bool {
+        self.sessions
+            .get(session)
+            .is_some_and(|s| !self.config.check_devices || s.check == DeviceCheck::Passed)
+    }
+
+    /// The probe `session` was sent, if `id` names it: the answer may be checked.
+    pub fn expected_probe(
+        &self,
+        session: u64,
+        id: u64,
+    ) -> Result<folio_proto::Probe, ErrorMessage> {
+        match self.sessions.get(session) {
+            Some(info) if info.probe == Some(id) => Ok(folio_proto::Probe::with_id(id)),
+            _ => Err(error(
+                ErrorCode::UnknownMessage,
+                format!("no device check {id} is awaited from this client"),
+            )),
+        }
+    }
+
+    /// The verdict on `session`'s answer to probe `id`: a device that passed may
+    /// be selected; one that failed is told why.
+    pub fn device_checked(
+        &mut self,
+        session: u64,
+        id: u64,
+        verdict: Result<(), String>,
+        now: Instant,
+    ) {
+        let Some(info) = self
+            .sessions
+            .get_mut(session)
+            .filter(|i| i.probe == Some(id))
+        else {
+            return;
+        };
+        info.probe = None;
+        match verdict {
+            Ok(()) => {
+                info.check = DeviceCheck::Passed;
+                info.checked_device = Some(info.device());
+            }
+            Err(why) => {
+                tracing::warn!(
+                    session,
+                    device = info.device(),
+                    "device check failed: {why}"
+                );
+                info.check = DeviceCheck::Failed(why.clone());
+                self.count_error(ErrorCode::DeviceCheckFailed);
+                self.send(
+                    vec![session],
+                    ServerMessage::Error(error(ErrorCode::DeviceCheckFailed, why)),
+                );
+            }
+        }
+        self.advance(now);
+    }
+
     /// Connected sessions, as a round's candidates.
     pub fn candidates(&self) -> Vec<folio_fed::Candidate> {
         self.sessions
             .connected()
+            .filter(|s| self.selectable(s.session))
             .map(|s| folio_fed::Candidate {
                 client: s.session,
                 size: self.clients.get(&s.client_id).copied().unwrap_or(0) as u64,

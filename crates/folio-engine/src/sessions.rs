@@ -41,6 +41,14 @@ pub struct SessionInfo {
     pub last: Option<ClientRound>,
     /// The latest rounds this client reported in (at most 32).
     pub reported_rounds: VecDeque<u64>,
+    /// Where the check of its device's arithmetic stands (device checks on).
+    pub check: DeviceCheck,
+    /// The probe it was sent and has not answered.
+    #[serde(skip)]
+    pub probe: Option<u64>,
+    /// The backend and adapter its check passed on: another one is checked again.
+    #[serde(skip)]
+    pub checked_device: Option<String>,
     /// The fingerprint of the global model this client holds: the last one sent
     /// to it, or the one it said it kept when it joined.
     #[serde(skip)]
@@ -54,7 +62,29 @@ pub struct SessionInfo {
     disconnected_at: Option<Instant>,
 }
 
+/// A device's check: a known-answer probe it must get right before it is
+/// selected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceCheck {
+    /// Device checks are off, or it has not been probed.
+    Unchecked,
+    /// Probed, the answer not in (or not checked) yet.
+    Pending,
+    Passed,
+    /// Its answer was wrong, and why.
+    Failed(String),
+}
+
 impl SessionInfo {
+    /// Its device as a check names it: the backend and the adapter.
+    pub fn device(&self) -> String {
+        match &self.adapter {
+            Some(adapter) => format!("{} ({adapter})", self.backend),
+            None => self.backend.clone(),
+        }
+    }
+
     pub fn reported(&mut self, round: ClientRound) {
         self.contributed(round.round);
         self.last = Some(round);
@@ -218,6 +248,9 @@ impl Sessions {
                 rounds: 0,
                 last: None,
                 reported_rounds: VecDeque::new(),
+                check: DeviceCheck::Unchecked,
+                probe: None,
+                checked_device: None,
                 held_model: None,
                 group,
                 secret: random_secret(),

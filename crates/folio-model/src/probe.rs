@@ -41,16 +41,6 @@ pub struct ProbeSpec {
 }
 
 impl ProbeSpec {
-    /// The probe the aggregator sends: 2 sequences of 20 characters, 8 directions.
-    pub fn new(id: u64) -> Self {
-        Self {
-            id,
-            batch_size: 2,
-            seq_len: 20,
-            directions: 8,
-        }
-    }
-
     /// The probe's model: every weight uniform in ±0.2, drawn from the id.
     pub fn weights(&self, config: ModelConfig) -> Vec<f32> {
         let mut rng = SplitMix(self.id);
@@ -79,7 +69,8 @@ impl ProbeSpec {
     pub fn digest(&self, gradient: &[f32]) -> Vec<f32> {
         (0..self.directions)
             .map(|k| {
-                let mut rng = SplitMix(self.id ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut rng =
+                    SplitMix(self.id ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 let mut sum = 0f64;
                 let mut bits = 0u64;
                 for (i, &g) in gradient.iter().enumerate() {
@@ -96,10 +87,18 @@ impl ProbeSpec {
 
     /// The probe's answer on `device`: its loss and gradient digest, and the
     /// gradient's norm (which the aggregator's tolerance is relative to).
-    pub async fn measure(&self, device: &Device, config: ModelConfig) -> Result<Measured, ModelError> {
+    pub async fn measure(
+        &self,
+        device: &Device,
+        config: ModelConfig,
+    ) -> Result<Measured, ModelError> {
         let model = CharRnn::from_flat(config, &self.weights(config), &device.clone().autodiff())?;
         let (loss, gradient) = loss_and_gradients(&model, &self.batch(config)).await?;
-        let norm = gradient.iter().map(|g| f64::from(*g).powi(2)).sum::<f64>().sqrt();
+        let norm = gradient
+            .iter()
+            .map(|g| f64::from(*g).powi(2))
+            .sum::<f64>()
+            .sqrt();
         Ok(Measured {
             loss,
             projections: self.digest(&gradient),
@@ -130,7 +129,8 @@ impl Measured {
         if !loss.is_finite() || projections.iter().any(|p| !p.is_finite()) {
             return Err("the answer is not finite".into());
         }
-        let loss_error = f64::from((loss - self.loss).abs()) / f64::from(self.loss.abs()).max(1e-12);
+        let loss_error =
+            f64::from((loss - self.loss).abs()) / f64::from(self.loss.abs()).max(1e-12);
         let scale = self.gradient_norm.max(1e-12);
         let worst = projections
             .iter()
@@ -182,6 +182,15 @@ mod tests {
     use super::*;
     use crate::config::Preset;
 
+    fn spec(id: u64) -> ProbeSpec {
+        ProbeSpec {
+            id,
+            batch_size: 2,
+            seq_len: 20,
+            directions: 8,
+        }
+    }
+
     fn answer(spec: &ProbeSpec, config: ModelConfig) -> Measured {
         pollster::block_on(spec.measure(&Device::flex(), config)).unwrap()
     }
@@ -189,15 +198,15 @@ mod tests {
     #[test]
     fn an_honest_answer_passes_and_a_scaled_or_zeroed_gradient_fails() {
         let config = Preset::Small.config();
-        let spec = ProbeSpec::new(42);
+        let spec = spec(42);
         let reference = answer(&spec, config);
         assert!(reference.loss > 3.0 && reference.gradient_norm > 0.0);
         reference
             .check(reference.loss, &reference.projections)
             .unwrap();
         assert_eq!(answer(&spec, config), reference, "the same on one backend");
-        let model = CharRnn::from_flat(config, &spec.weights(config), &Device::flex().autodiff())
-            .unwrap();
+        let model =
+            CharRnn::from_flat(config, &spec.weights(config), &Device::flex().autodiff()).unwrap();
         let (loss, gradient) =
             pollster::block_on(loss_and_gradients(&model, &spec.batch(config))).unwrap();
         for scale in [0.5f32, 0.0, 0.99] {
@@ -205,7 +214,11 @@ mod tests {
             let why = reference.check(loss, &spec.digest(&wrong)).unwrap_err();
             assert!(why.contains("arithmetic is off"), "{why}");
         }
-        assert!(reference.check(loss * 1.01, &reference.projections).is_err());
+        assert!(
+            reference
+                .check(loss * 1.01, &reference.projections)
+                .is_err()
+        );
         assert!(reference.check(f32::NAN, &reference.projections).is_err());
         assert!(reference.check(loss, &reference.projections[1..]).is_err());
     }
@@ -213,11 +226,16 @@ mod tests {
     #[test]
     fn the_probe_follows_from_its_id_alone() {
         let config = Preset::Small.config();
-        let (a, b) = (ProbeSpec::new(1), ProbeSpec::new(2));
-        assert_eq!(a.weights(config), ProbeSpec::new(1).weights(config));
+        let (a, b) = (spec(1), spec(2));
+        assert_eq!(a.weights(config), spec(1).weights(config));
         assert_ne!(a.weights(config), b.weights(config));
         assert_ne!(a.batch(config).inputs, b.batch(config).inputs);
-        assert!(a.batch(config).inputs.iter().all(|&c| c > 0 && (c as usize) < config.vocab));
+        assert!(
+            a.batch(config)
+                .inputs
+                .iter()
+                .all(|&c| c > 0 && (c as usize) < config.vocab)
+        );
         // ±1 directions: a gradient along one coordinate projects to ±its value.
         let mut unit = vec![0f32; 100];
         unit[7] = 3.0;

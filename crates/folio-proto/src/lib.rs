@@ -23,6 +23,8 @@ pub enum ClientMessage {
     Heartbeat,
     /// A step of a secure round (keys, shares, masked input, revealed shares).
     Secure(ClientStep),
+    /// The answer to a device check.
+    ProbeAnswer(ProbeAnswer),
 }
 
 /// Server → client.
@@ -35,6 +37,40 @@ pub enum ServerMessage {
     Error(ErrorMessage),
     /// A step of a secure round (roster, relayed shares, unmasking request).
     Secure(ServerStep),
+    /// A device check: compute this known-answer probe on the backend you train
+    /// on; until the answer checks out, the client is not selected.
+    Probe(Probe),
+}
+
+/// A known-answer probe: a model and a batch built from `id` (see
+/// `folio_model::probe`), whose loss and gradient digest the device returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    pub id: u64,
+    pub batch_size: u32,
+    pub seq_len: u32,
+    /// Random ±1 directions the gradient is projected on.
+    pub directions: u32,
+}
+
+impl Probe {
+    /// The probe an aggregator sends: 2 sequences of 20 characters (one small
+    /// training step on every kernel the model uses), 8 directions.
+    pub fn with_id(id: u64) -> Self {
+        Self {
+            id,
+            batch_size: 2,
+            seq_len: 20,
+            directions: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeAnswer {
+    pub id: u64,
+    pub loss: f32,
+    pub projections: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +224,9 @@ pub enum ErrorCode {
     /// An asynchronous update trained from a model too many steps behind the
     /// global one: it is refused, and the client gets the latest model.
     Stale,
+    /// The device's answer to its probe is wrong: it is not selected (a tab
+    /// retries on its CPU fallback).
+    DeviceCheckFailed,
 }
 
 impl ErrorCode {
@@ -217,6 +256,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::BadSecureStep => "bad_secure_step",
             ErrorCode::Stale => "stale",
+            ErrorCode::DeviceCheckFailed => "device_check_failed",
         }
     }
 }
@@ -276,9 +316,9 @@ pub fn decode<M: for<'de> Deserialize<'de>>(frame: &[u8], variants: u32) -> Resu
 }
 
 /// Number of [`ClientMessage`] variants (for [`decode`]).
-pub const CLIENT_MESSAGES: u32 = 4;
+pub const CLIENT_MESSAGES: u32 = 5;
 /// Number of [`ServerMessage`] variants (for [`decode`]).
-pub const SERVER_MESSAGES: u32 = 6;
+pub const SERVER_MESSAGES: u32 = 7;
 
 pub fn decode_client(frame: &[u8]) -> Result<ClientMessage, FrameError> {
     decode(frame, CLIENT_MESSAGES)

@@ -17,7 +17,7 @@ use folio_engine::sessions::constant_time_eq;
 /// Addresses remembered for lockouts at most (the oldest are dropped first).
 const MAX_LOCKOUTS: usize = 10_000;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AccessConfig {
     /// Clients must present this token to join.
     pub join_token: Option<String>,
@@ -27,6 +27,20 @@ pub struct AccessConfig {
     /// page's own. Clients that send no `Origin` (native ones) are not browsers
     /// and are not subject to it.
     pub allowed_origins: Vec<String>,
+    /// Each device answers a known-answer probe when it joins (and when its
+    /// backend changes) before it may be selected.
+    pub check_devices: bool,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            join_token: None,
+            admin_token: None,
+            allowed_origins: Vec::new(),
+            check_devices: true,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -175,6 +189,7 @@ mod tests {
                 join_token: Some("sesame".into()),
                 admin_token: Some("root".into()),
                 allowed_origins: vec!["https://folio.example".into()],
+                check_devices: true,
             },
             Duration::from_secs(1),
             Duration::from_secs(8),

@@ -182,6 +182,7 @@ impl Server {
             session_ttl: limits.session_ttl,
             new_sessions: limits.new_sessions,
             max_rounds: config.max_rounds,
+            check_devices: config.access.check_devices,
             ..engine_config(config.preset, config.rounds.clone(), config.seed)
         };
         let (engine, parts) = match host {
@@ -414,6 +415,7 @@ pub fn engine_config(preset: Preset, rounds: RoundConfig, seed: u64) -> EngineCo
         max_rounds: None,
         new_sessions: limits.new_sessions,
         role: folio_engine::Role::Whole,
+        check_devices: false,
     }
 }
 

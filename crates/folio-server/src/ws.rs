@@ -342,6 +342,47 @@ fn handle_update(shared: &Shared, id: u64, update: Update) -> Result<(), ErrorMe
     shared.engine(|e| e.update(id, decoded, Instant::now()))
 }
 
+/// Checks a device's answer to its probe against the probe computed here, on
+/// the CPU backend, off the engine and off the async workers.
+fn handle_probe_answer(
+    shared: &Arc<Shared>,
+    session: u64,
+    answer: folio_proto::ProbeAnswer,
+) -> Result<(), ErrorMessage> {
+    let probe = shared.read(|e| e.expected_probe(session, answer.id))?;
+    if answer.projections.len() != probe.directions as usize {
+        return Err(error(
+            ErrorCode::MalformedFrame,
+            format!(
+                "the probe asked for {} projections, not {}",
+                probe.directions,
+                answer.projections.len()
+            ),
+        ));
+    }
+    let spec = folio_model::probe::ProbeSpec {
+        id: probe.id,
+        batch_size: probe.batch_size as usize,
+        seq_len: probe.seq_len as usize,
+        directions: probe.directions as usize,
+    };
+    let model = shared.model;
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let reference = tokio::task::spawn_blocking(move || {
+            pollster::block_on(spec.measure(&burn::prelude::Device::flex(), model))
+        })
+        .await;
+        let verdict = match reference {
+            Ok(Ok(reference)) => reference.check(answer.loss, &answer.projections),
+            Ok(Err(err)) => Err(format!("the aggregator could not compute the probe: {err}")),
+            Err(err) => Err(format!("the aggregator could not compute the probe: {err}")),
+        };
+        shared.engine(|e| e.device_checked(session, probe.id, verdict, Instant::now()));
+    });
+    Ok(())
+}
+
 /// What a frame's handler needs of its connection.
 struct Connection<'a> {
     peer: &'a PeerInfo,
@@ -354,7 +395,7 @@ struct Connection<'a> {
 
 /// Handles one binary frame; replies go out through the outbox.
 fn handle_frame(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     connection: &Connection,
     joined: &mut Option<u64>,
     frame: &[u8],
@@ -398,9 +439,14 @@ fn handle_frame(
             peer.idle.disable();
             Ok(())
         }
-        (ClientMessage::Update(_) | ClientMessage::Heartbeat | ClientMessage::Secure(_), None) => {
-            Err(error(ErrorCode::NotJoined, "join first"))
-        }
+        (
+            ClientMessage::Update(_)
+            | ClientMessage::Heartbeat
+            | ClientMessage::Secure(_)
+            | ClientMessage::ProbeAnswer(_),
+            None,
+        ) => Err(error(ErrorCode::NotJoined, "join first")),
+        (ClientMessage::ProbeAnswer(answer), Some(id)) => handle_probe_answer(shared, id, answer),
         (ClientMessage::Update(update), Some(id)) => handle_update(shared, id, update),
         (ClientMessage::Secure(step), Some(id)) => {
             shared.engine(|e| e.secure(id, step, Instant::now()))

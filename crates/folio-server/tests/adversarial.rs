@@ -371,6 +371,7 @@ async fn tokens_origins_and_the_admin_api() {
         join_token: Some("sesame".into()),
         admin_token: Some("root-secret".into()),
         allowed_origins: vec!["https://folio.example".into()],
+        ..AccessConfig::default()
     };
     let (_dir, server) = start(rounds(5), limits, access).await;
 

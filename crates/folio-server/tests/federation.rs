@@ -74,6 +74,14 @@ impl Transport for Recording {
 
 /// A native client in its own thread (training is CPU work), as `folio client` runs.
 fn spawn_client(url: String, die_on_round: bool) -> (Arc<Mutex<Log>>, std::thread::JoinHandle<()>) {
+    spawn_client_with(url, die_on_round, ClientOptions::native())
+}
+
+fn spawn_client_with(
+    url: String,
+    die_on_round: bool,
+    options: ClientOptions,
+) -> (Arc<Mutex<Log>>, std::thread::JoinHandle<()>) {
     let log = Arc::new(Mutex::new(Log::default()));
     let handle = {
         let log = log.clone();
@@ -89,13 +97,7 @@ fn spawn_client(url: String, die_on_round: bool) -> (Arc<Mutex<Log>>, std::threa
                     log,
                     die_on_round,
                 };
-                let _ = folio_client::run(
-                    &mut transport,
-                    &Device::flex(),
-                    &ClientOptions::native(),
-                    |_| {},
-                )
-                .await;
+                let _ = folio_client::run(&mut transport, &Device::flex(), &options, |_| {}).await;
             });
         })
     };
@@ -157,7 +159,7 @@ async fn the_model_goes_down_as_f16_and_deltas_apply_to_the_f32_model() {
     let dir = tempfile::tempdir().unwrap();
     let mut round_config = rounds(2);
     round_config.model_encoding = Encoding::F16;
-    let server = Server::start(config(dir.path(), round_config, 1))
+    let server = Server::start(checked(config(dir.path(), round_config, 1)))
         .await
         .unwrap();
     let global = server.weights();
@@ -322,7 +324,7 @@ async fn three_clients_three_rounds_of_example_weighted_fedavg() {
     let dir = tempfile::tempdir().unwrap();
     let mut round_config = rounds(3);
     round_config.delta_encoding = Encoding::Int8;
-    let server = Server::start(config(dir.path(), round_config, 3))
+    let server = Server::start(checked(config(dir.path(), round_config, 3)))
         .await
         .unwrap();
     let clients: Vec<_> = (0..3).map(|_| spawn_client(url(&server), false)).collect();
@@ -387,7 +389,7 @@ async fn a_client_killed_mid_round_leaves_the_round_to_the_quorum() {
         ..rounds(3)
     };
     round_config.strategy.quorum = 2;
-    let server = Server::start(config(dir.path(), round_config, 2))
+    let server = Server::start(checked(config(dir.path(), round_config, 2)))
         .await
         .unwrap();
     // All three are in round 1 (it needs three); one dies on receiving the weights.
@@ -427,7 +429,7 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
     };
     let mut round_config = rounds(2);
     round_config.strategy.server_optimizer = momentum;
-    let first = Server::start(config(dir.path(), round_config.clone(), 2))
+    let first = Server::start(checked(config(dir.path(), round_config.clone(), 2)))
         .await
         .unwrap();
     let _clients: Vec<_> = (0..2).map(|_| spawn_client(url(&first), false)).collect();
@@ -440,7 +442,7 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
         .unwrap();
     assert_eq!(saved.completed_rounds(), 2);
     assert_eq!(saved.weights, after_two);
-    let second = Server::start(config(dir.path(), round_config, 3))
+    let second = Server::start(checked(config(dir.path(), round_config, 3)))
         .await
         .unwrap();
     let clients: Vec<_> = (0..2).map(|_| spawn_client(url(&second), false)).collect();
@@ -729,7 +731,7 @@ async fn the_population_is_evaluated_on_the_rounds_asked_for_and_the_last() {
         population_eval_every: Some(3),
         ..rounds(1)
     };
-    let server = Server::start(config(dir.path(), round_config, 2))
+    let server = Server::start(checked(config(dir.path(), round_config, 2)))
         .await
         .unwrap();
     let _client = spawn_client(url(&server), false);
@@ -770,7 +772,7 @@ async fn a_secure_round_commits_the_sum_of_masked_inputs_despite_a_dropout() {
         degree: 0,
         step_timeout: Duration::from_secs(20),
     });
-    let server = Server::start(config(dir.path(), round_config, 1))
+    let server = Server::start(checked(config(dir.path(), round_config, 1)))
         .await
         .unwrap();
     let global = server.weights();
@@ -820,7 +822,7 @@ async fn native_clients_train_continuously_in_asynchronous_rounds() {
         buffer: 2,
         max_staleness: 1,
     });
-    let server = Server::start(config(dir.path(), round_config, 4))
+    let server = Server::start(checked(config(dir.path(), round_config, 4)))
         .await
         .unwrap();
     let clients: Vec<_> = (0..3).map(|_| spawn_client(url(&server), false)).collect();
@@ -855,5 +857,71 @@ async fn native_clients_train_continuously_in_asynchronous_rounds() {
     let status = server.status();
     assert_eq!(status["asynchronous"]["buffer"], 2);
     assert_eq!(status["asynchronous"]["max_staleness"], 1);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_wrong_gradients_is_caught_told_why_and_never_selected() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(checked(config(dir.path(), rounds(2), 2)))
+        .await
+        .unwrap();
+    let faulty = ClientOptions {
+        gradient_fault: Some(0.0),
+        ..ClientOptions::native()
+    };
+    let (wrong, _) = spawn_client_with(url(&server), false, faulty);
+    let honest: Vec<_> = (0..2).map(|_| spawn_client(url(&server), false)).collect();
+    within(server.wait_for_round(2)).await;
+    let wrong = wrong.lock().unwrap();
+    let told = wrong.received.iter().find_map(|m| match m {
+        ServerMessage::Error(e) if e.code == ErrorCode::DeviceCheckFailed => {
+            Some(e.message.clone())
+        }
+        _ => None,
+    });
+    let told = told.expect("the wrong device is told");
+    assert!(
+        told.contains("its gradient differs from the expected one"),
+        "{told}"
+    );
+    assert!(
+        !wrong
+            .received
+            .iter()
+            .any(|m| matches!(m, ServerMessage::RoundStart(_))),
+        "never selected"
+    );
+    for (log, _) in &honest {
+        let log = log.lock().unwrap();
+        assert!(
+            log.sent
+                .iter()
+                .any(|m| matches!(m, ClientMessage::ProbeAnswer(_)))
+        );
+        assert!(
+            !log.received
+                .iter()
+                .any(|m| matches!(m, ServerMessage::Error(_)))
+        );
+    }
+    let status = server.status();
+    assert_eq!(status["errors"]["device_check_failed"], 1, "{status}");
+    let checks: Vec<String> = status["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["check"].to_string())
+        .collect();
+    assert_eq!(
+        checks.iter().filter(|c| *c == "\"passed\"").count(),
+        2,
+        "{checks:?}"
+    );
+    assert_eq!(
+        checks.iter().filter(|c| c.contains("failed")).count(),
+        1,
+        "{checks:?}"
+    );
     server.abort();
 }

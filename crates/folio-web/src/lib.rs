@@ -113,6 +113,7 @@ fn event_object(event: &ClientEvent) -> JsValue {
                 ClientState::Training { round, batch, of } => ("training", round, batch, of),
                 ClientState::Uploading { round } => ("uploading", round, 0, 0),
                 ClientState::Securing { round, .. } => ("securing", round, 0, 0),
+                ClientState::Checking => ("checking", 0, 0, 0),
             };
             let step = match *state {
                 ClientState::Securing { step, .. } => step,

@@ -403,6 +403,10 @@ pub struct ServeArgs {
     /// Another origin whose pages may open the WebSocket (repeatable; the page's own always may).
     #[arg(long)]
     allow_origin: Vec<String>,
+    /// Select devices without first checking their arithmetic (by default each
+    /// answers a known-answer probe when it joins and when its backend changes).
+    #[arg(long)]
+    skip_device_check: bool,
     /// WebSockets (sessions) open at most, in all (plain HTTP gets a few more
     /// connections)...
     #[arg(long, default_value_t = Limits::default().max_connections)]
@@ -541,6 +545,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
         join_token: secret(args.join_token_file.as_deref(), "FOLIO_JOIN_TOKEN")?,
         admin_token: secret(args.admin_token_file.as_deref(), "FOLIO_ADMIN_TOKEN")?,
         allowed_origins: args.allow_origin,
+        check_devices: !args.skip_device_check,
     };
     config.limits = Limits {
         max_connections: args.max_connections,

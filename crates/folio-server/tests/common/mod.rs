@@ -17,6 +17,8 @@ pub fn data_dir() -> PathBuf {
     folio_data::data_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
+/// A server whose devices are selected unchecked: tests that speak the protocol
+/// frame by frame ([`checked`] for those whose clients answer device checks).
 pub fn config(state_dir: &std::path::Path, rounds: RoundConfig, max_rounds: u64) -> ServerConfig {
     ServerConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
@@ -27,9 +29,23 @@ pub fn config(state_dir: &std::path::Path, rounds: RoundConfig, max_rounds: u64)
         init: None,
         rounds,
         seed: 5,
-        access: AccessConfig::default(),
+        access: AccessConfig {
+            check_devices: false,
+            ..AccessConfig::default()
+        },
         limits: Limits::default(),
         max_rounds: Some(max_rounds),
+    }
+}
+
+/// `config` with device checks on, as `folio serve` runs.
+pub fn checked(config: ServerConfig) -> ServerConfig {
+    ServerConfig {
+        access: AccessConfig {
+            check_devices: true,
+            ..config.access
+        },
+        ..config
     }
 }
 
