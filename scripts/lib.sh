@@ -395,6 +395,17 @@ build_page() {
     write_build_status ready
 }
 
+# For the end-to-end test of device checks: the page's main build with a WebGPU
+# made wrong on purpose (feature faulty-webgpu), bound into $FAULTY_PAGE_DIR.
+# Only folio-web itself is rebuilt (its feature is its own).
+build_faulty_page() {
+    FAULTY_PAGE_DIR="$BUILD_DIR/faulty-page"
+    step "building the page with a faulty WebGPU, for the device-check test (≈ 1 min)"
+    (cd "$FOLIO_ROOT" && cargo_progress "faulty page" build --profile wasm --locked -p folio-web \
+        --features faulty-webgpu --target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm")
+    bind_and_compress "$WASM_TARGET_DIR/wasm32-unknown-unknown/wasm/folio_web.wasm" "$FAULTY_PAGE_DIR"
+}
+
 # The page's threaded CPU build into pkg/threads/ (tabs that find it train on every
 # core; until then, and where the page is not cross-origin isolated, on one).
 build_threaded_page() {

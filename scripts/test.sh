@@ -61,10 +61,12 @@ export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
 step "browser tests in headless Chromium"
 cargo test "${wasm[@]}"
 
+build_faulty_page
 build_page
 build_threaded_page
 
 step "end-to-end: the page in headless Chromium tabs against the aggregator"
-cargo test "${native[@]}" --test tabs --test crowd --test edges --test privacy --test secure --test asynchronous -- --ignored --test-threads=1 --nocapture
+FOLIO_FAULTY_PAGE="$FAULTY_PAGE_DIR" cargo test "${native[@]}" --test tabs --test crowd --test edges \
+    --test privacy --test secure --test asynchronous --test device_check -- --ignored --test-threads=1 --nocapture
 
 step "all tests passed in ${SECONDS}s"

@@ -36,6 +36,7 @@ const explanations = {
   timeout: "The aggregator closed the connection after a silence.",
   bad_secure_step: "The aggregator refused a step of a secure round (late, or from an attempt it abandoned).",
   stale: "The global model moved on too far while this tab trained; it trains the latest model next.",
+  device_check_failed: "This tab's answer to the aggregator's known-answer probe was wrong: its arithmetic cannot be trusted, so it is not selected.",
 };
 // `kind` names notices that a later event makes stale (a lost connection, once
 // the tab is back).
@@ -65,7 +66,8 @@ function onDeviceEvent(event) {
     case "state":
       if (event.round) device.round = event.round;
       device.state = event.state === "training" ? `training batch ${event.batch} of ${event.of}`
-        : event.state === "securing" ? `secure aggregation: ${event.step}` : event.state;
+        : event.state === "securing" ? `secure aggregation: ${event.step}`
+        : event.state === "checking" ? "answering the aggregator's device check" : event.state;
       if (event.state === "training") Object.assign(training, { max: event.of, value: event.batch });
       // Milliseconds from opening the page to its first trained batch (benches read it).
       if (event.state === "training" && !document.body.dataset.firstBatchMs) {
@@ -91,7 +93,10 @@ function onDeviceEvent(event) {
       fillTable("device-rounds", trained.slice(0, 30));
       break;
     }
-    case "error": notify(`${explanations[event.code] ?? "The aggregator refused a message."} (${event.code}: ${event.message})`); break;
+    case "error":
+      notify(`${explanations[event.code] ?? "The aggregator refused a message."} (${event.code}: ${event.message})`);
+      if (event.code === "device_check_failed") distrusted(event.message);
+      break;
     case "notice": notify(event.message); break;
     case "secureRefused": notify(`This tab left secure round ${event.round}: ${event.message}. It joins the next round.`); break;
     case "closed": device.state = "done: the aggregator closed"; break;
@@ -144,9 +149,10 @@ async function aggregators() {
   return [own, ...(answer.edges ?? []).filter((url) => url !== own)];
 }
 
-async function startDevice() {
+let trainer;
+async function startDevice(on = backend) {
   const urls = await aggregators();
-  const trainer = worker();
+  trainer = worker();
   trainer.onmessage = ({ data }) => onDeviceEvent(data);
   trainer.onerror = (err) => onDeviceEvent({ type: "failed", message: err.message });
   trainer.postMessage({
@@ -154,9 +160,23 @@ async function startDevice() {
     urls,
     client: params.get("client"),
     resume: sessionStorage.getItem("folio-session"),
-    backend,
+    backend: on,
     threads,
   });
+}
+
+// The aggregator found this tab's arithmetic wrong. On WebGPU, the CPU fallback
+// may be right: the device starts again on it, as the same session (checked again
+// on its new backend). On the CPU there is nothing left to try.
+function distrusted(why) {
+  if (device.backend !== "webgpu") {
+    device.state = "not trusted: its answer to the device check was wrong";
+    return;
+  }
+  notify(`This tab's WebGPU failed the aggregator's device check (${why}); it trains on the CPU fallback instead.`);
+  device.state = "retrying on the CPU fallback";
+  trainer.terminate();
+  startDevice("cpu");
 }
 
 const deviceOn = params.get("device") !== "off";

@@ -166,6 +166,14 @@ function thisRound(open, session, asynchronous) {
   return "-";
 }
 
+// Where a device's check stands (its answer to the aggregator's known-answer probe).
+function checkMark(check) {
+  if (check === "passed") return " · checked";
+  if (check === "pending") return " · being checked";
+  if (check && check.failed) return " · failed its check: not selected";
+  return "";
+}
+
 // Under DP-FedAvg: the privacy the committed rounds spent, and why training
 // stopped if the budget did it.
 function showPrivacy(status) {
@@ -228,7 +236,7 @@ async function refresh() {
     fill("history", history.slice(-30).reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
       fmt(r.eval_loss), fmt(r.eval_accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1),
       fmt(r.epsilon, 3), r.secure ? "sum only" : "", fmt(r.staleness, 2)]));
-    fill("clients", status.clients.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}`, c.connected ? "yes" : "no",
+    fill("clients", status.clients.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}${checkMark(c.check)}`, c.connected ? "yes" : "no",
       thisRound(open, c.session, status.asynchronous), c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy),
       bytes(c.bytes_up), bytes(c.bytes_down)]));
     document.getElementById("errors").textContent = Object.keys(status.errors).length

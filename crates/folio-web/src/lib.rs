@@ -215,6 +215,10 @@ pub async fn run_device(
     options.join.kind = ClientKind::Browser;
     options.join.backend = backend.into();
     options.join.adapter = adapter;
+    #[cfg(feature = "faulty-webgpu")]
+    if backend == "webgpu" {
+        options.gradient_fault = Some(0.0);
+    }
     options.join.client = client;
     options.join.resume = resume;
     options.held = held_encoding

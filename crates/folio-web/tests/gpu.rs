@@ -90,3 +90,39 @@ async fn the_fused_gru_computes_the_stepwise_gru_and_its_gradients_on_webgpu() {
     let device = webgpu().await.autodiff();
     check_shapes(&device, &TEST_SHAPES).await.unwrap();
 }
+
+/// Device checks on honest WebGPU: the probe's answer on SwiftShader against the
+/// CPU backend's in the same tab, for the shapes the tabs train (small, medium)
+/// and fresh ids. None may fail; the worst error is printed as the margin under
+/// the tolerance.
+#[wasm_bindgen_test]
+async fn honest_webgpu_passes_its_device_checks_with_a_wide_margin() {
+    use folio_model::Preset;
+    use folio_model::probe::{ProbeSpec, TOLERANCE};
+    let gpu = webgpu().await;
+    let mut worst = 0f64;
+    let mut probes = 0;
+    for (preset, ids) in [(Preset::Small, 0..12u64), (Preset::Medium, 100..103)] {
+        let config = preset.config();
+        for id in ids {
+            let spec = ProbeSpec {
+                id: id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                batch_size: 2,
+                seq_len: 20,
+                directions: 8,
+            };
+            let reference = spec.measure(&Device::flex(), config).await.unwrap();
+            let answer = spec.measure(&gpu, config).await.unwrap();
+            let error = reference.error(answer.loss, &answer.projections).unwrap();
+            assert!(
+                error <= TOLERANCE,
+                "{preset} probe {id}: error {error:e} over the tolerance {TOLERANCE:e}"
+            );
+            worst = worst.max(error);
+            probes += 1;
+        }
+    }
+    console_log!(
+        "{probes} probes on WebGPU, none failed; worst error {worst:.2e} (tolerance {TOLERANCE:e})"
+    );
+}
