@@ -152,7 +152,7 @@ impl Measured {
             .map(|(a, b)| f64::from((a - b).abs()) / self.gradient_norm.max(1e-12))
             .fold(0.0, f64::max);
         Err(format!(
-            "this device's arithmetic is off: on the probe its loss is {loss:.6} (expected {:.6}) and its gradient differs from the expected one by {:.1} % of its norm (at most {} % allowed)",
+            "this device's arithmetic is off: on the probe its loss is {loss:.6} (expected {:.6}) and its gradient's projections differ from the expected ones by up to {:.1} % of the gradient's norm (at most {} % allowed)",
             self.loss,
             worst * 100.0,
             TOLERANCE * 100.0

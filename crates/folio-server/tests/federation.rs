@@ -882,7 +882,7 @@ async fn a_device_with_wrong_gradients_is_caught_told_why_and_never_selected() {
     });
     let told = told.expect("the wrong device is told");
     assert!(
-        told.contains("its gradient differs from the expected one"),
+        told.contains("projections differ from the expected ones"),
         "{told}"
     );
     assert!(

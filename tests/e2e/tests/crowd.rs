@@ -32,8 +32,9 @@ const TRAIN_WITHIN: Duration = Duration::from_secs(300);
 /// Who got each round's start: the crowd's count per round.
 type Starts = Arc<Mutex<BTreeMap<u64, usize>>>;
 
-/// One crowd session from `source`: joins, answers heartbeats, and when it is
-/// picked sends a zero update at once, as a sybil that plays along would.
+/// One crowd session from `source`: joins, answers heartbeats and its device
+/// check (computed honestly: passing it is cheap), and when it is picked sends a
+/// zero update at once, as a sybil that plays along would.
 async fn sybil(server: SocketAddr, source: String, starts: Starts) -> anyhow::Result<()> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(format!("{source}:0").parse()?)?;
@@ -59,6 +60,12 @@ async fn sybil(server: SocketAddr, source: String, starts: Starts) -> anyhow::Re
         };
         let reply = match folio_proto::decode_server(&frame)? {
             ServerMessage::Heartbeat => ClientMessage::Heartbeat,
+            ServerMessage::Probe(probe) => {
+                let config = folio_model::Preset::Small.config();
+                ClientMessage::ProbeAnswer(
+                    folio_client::answer_probe(&Device::flex(), config, probe).await?,
+                )
+            }
             ServerMessage::RoundStart(start) => {
                 *starts.lock().unwrap().entry(start.round).or_default() += 1;
                 ClientMessage::Update(Update {
