@@ -724,6 +724,17 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
                     "round {} global: eval loss {:.4}, accuracy {:.4} ({} clients)",
                     result.round, result.eval_loss, result.eval_accuracy, result.clients
                 ),
+                // Never selected on this backend: nothing left to do here.
+                ClientEvent::ServerError(error)
+                    if error.code == folio_proto::ErrorCode::DeviceCheckFailed =>
+                {
+                    eprintln!(
+                        "error: this machine failed the aggregator's device check, so it will never be selected: {}\n\
+                         Its CPU backend computes wrong gradients: try a build for another CPU (or without target-cpu flags), or another machine.",
+                        error.message
+                    );
+                    std::process::exit(2);
+                }
                 ClientEvent::ServerError(error) => {
                     eprintln!("server: {} ({})", error.message, error.code.name())
                 }
