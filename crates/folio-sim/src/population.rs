@@ -22,6 +22,9 @@ use crate::devices::{Clocked, Devices};
 use crate::host::{InProcess, Jobs, Trained};
 use folio_server::{engine_config, new_engine, starting_weights, state};
 
+/// A round's deadline in process without simulated devices: never reached.
+const IN_PROCESS_DEADLINE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// A population run.
 #[derive(Debug, Clone)]
 pub struct Population {
@@ -75,11 +78,22 @@ pub fn run(
     check_split(sim)?;
     let evaluator = Evaluator::new(model, &corpus, &sim.rounds, sim.seed)?;
     let start = pollster::block_on(starting_weights(model, sim.init.as_deref(), sim.seed))?;
+    // In process every selected client reports, so without simulated devices no
+    // round waits on the wall clock: a run suspended (a sleeping laptop, a
+    // stopped job) or slower than the deadline must not time its rounds out.
+    let rounds = if sim.devices {
+        sim.rounds.clone()
+    } else {
+        RoundConfig {
+            deadline: IN_PROCESS_DEADLINE,
+            ..sim.rounds.clone()
+        }
+    };
     let config = EngineConfig {
         max_sessions: corpus.clients.len(),
         session_ttl: Duration::MAX,
         max_rounds: Some(sim.max_rounds),
-        ..engine_config(sim.preset, sim.rounds.clone(), sim.seed)
+        ..engine_config(sim.preset, rounds, sim.seed)
     };
     let mut engine = new_engine(config, &corpus, &sim.state_dir, start)?;
     let clock_base = Instant::now();

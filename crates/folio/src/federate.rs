@@ -137,6 +137,8 @@ pub struct RoundArgs {
     /// Updates that close a round at its deadline [default: half the round, at least 1]
     #[arg(long)]
     quorum: Option<usize>,
+    /// How long a round (an asynchronous task) waits for its clients; a
+    /// --population run without --devices has none to wait for and ignores it.
     #[arg(long, default_value_t = 600.0)]
     deadline_secs: f64,
     #[arg(long, default_value_t = 1)]

@@ -470,3 +470,19 @@ fn asynchronous_rounds_on_simulated_devices_step_sooner_and_repeat_exactly() {
     let (again, _) = run("async");
     assert_eq!(buffered.weights, again.weights);
 }
+
+#[test]
+fn a_population_run_never_times_its_own_rounds_out() {
+    // In process every client reports: a deadline shorter than a round's training
+    // (or a run suspended past it) must not abandon the round.
+    let dir = tempfile::tempdir().unwrap();
+    let out = stdout(small_population("3").args([
+        "--deadline-secs",
+        "0.000001",
+        "--rounds",
+        "2",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ]));
+    assert!(out.contains("2 rounds in"), "{out}");
+}
