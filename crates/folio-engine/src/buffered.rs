@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
-use folio_fed::FedError;
 use folio_fed::strategy::OpenUpdates;
 use folio_proto::{ErrorCode, ErrorMessage, ServerMessage};
 
-use crate::sessions::ClientRound;
 use crate::settings::AsyncRounds;
-use crate::{Action, AggregateJob, Closing, DecodedUpdate, Phase, error, round_message};
+use crate::{
+    Action, AggregateJob, Closing, DecodedUpdate, Phase, error, refused_update, round_message,
+};
 
 /// A session's task: train the model of round `round` (the global model after
 /// round `round − 1`) by its plan.
@@ -242,10 +242,7 @@ impl crate::Engine {
                 task.allowed,
                 AsyncRounds::discount(staleness),
             )
-            .map_err(|err| match err {
-                FedError::BadExamples { .. } => error(ErrorCode::BadExamples, err.to_string()),
-                _ => error(ErrorCode::BadDelta, err.to_string()),
-            })?;
+            .map_err(refused_update)?;
         buffered.tasks.remove(&session);
         // Bounded by the task's examples, so none of these sums can overflow.
         let buffer = &mut buffered.buffer;
@@ -265,13 +262,7 @@ impl crate::Engine {
             buffered.full.push_back(full);
         }
         if let Some(info) = self.sessions.get_mut(session) {
-            info.reported(ClientRound {
-                round: update.round,
-                examples: update.examples,
-                train_loss: update.train_loss,
-                train_accuracy: update.train_accuracy,
-                train_seconds: update.train_seconds,
-            });
+            info.reported(update.client_round());
         }
         self.advance(now);
         Ok(())

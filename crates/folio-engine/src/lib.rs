@@ -207,6 +207,27 @@ pub struct DecodedUpdate {
     pub train_seconds: f32,
 }
 
+impl DecodedUpdate {
+    /// What the session's status shows of it.
+    fn client_round(&self) -> ClientRound {
+        ClientRound {
+            round: self.round,
+            examples: self.examples,
+            train_loss: self.train_loss,
+            train_accuracy: self.train_accuracy,
+            train_seconds: self.train_seconds,
+        }
+    }
+}
+
+/// Why the strategy refused an update, as the client is told.
+fn refused_update(err: FedError) -> ErrorMessage {
+    match err {
+        FedError::BadExamples { .. } => error(ErrorCode::BadExamples, err.to_string()),
+        _ => error(ErrorCode::BadDelta, err.to_string()),
+    }
+}
+
 /// Work for the host. Sends are cheap; the jobs are not, and their results come
 /// back as events ([`Engine::aggregated`], [`Engine::evaluated`],
 /// [`Engine::persisted`], [`Engine::job_failed`]).
@@ -947,10 +968,7 @@ impl Engine {
         let allowed = open.allowed_examples.get(&session).copied().unwrap_or(0);
         self.strategy
             .accept(&mut open.updates, &update.delta, update.examples, allowed)
-            .map_err(|err| match err {
-                FedError::BadExamples { .. } => error(ErrorCode::BadExamples, err.to_string()),
-                _ => error(ErrorCode::BadDelta, err.to_string()),
-            })?;
+            .map_err(refused_update)?;
         // Bounded by `allowed`, so none of these sums can overflow.
         open.reported.insert(session);
         let examples = update.examples as f64;
@@ -958,13 +976,7 @@ impl Engine {
         open.accuracy_sum += f64::from(update.train_accuracy) * examples;
         open.examples += update.examples;
         if let Some(info) = self.sessions.get_mut(session) {
-            info.reported(ClientRound {
-                round: update.round,
-                examples: update.examples,
-                train_loss: update.train_loss,
-                train_accuracy: update.train_accuracy,
-                train_seconds: update.train_seconds,
-            });
+            info.reported(update.client_round());
         }
         self.advance(now);
         Ok(())

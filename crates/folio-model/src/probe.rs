@@ -16,6 +16,7 @@
 //! far below what a scaled (× 0.99 moves it by about 1 %) or zeroed gradient moves.
 
 use folio_data::Batch;
+use folio_data::rng::SplitMix64;
 
 use crate::config::ModelConfig;
 use crate::model::CharRnn;
@@ -43,17 +44,17 @@ pub struct ProbeSpec {
 impl ProbeSpec {
     /// The probe's model: every weight uniform in ±0.2, drawn from the id.
     pub fn weights(&self, config: ModelConfig) -> Vec<f32> {
-        let mut rng = SplitMix(self.id);
+        let mut rng = SplitMix64::new(self.id);
         (0..config.num_params())
-            .map(|_| ((rng.uniform() * 2.0 - 1.0) * 0.2) as f32)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * 0.2) as f32)
             .collect()
     }
 
     /// The probe's batch: random characters (never the padding id 0).
     pub fn batch(&self, config: ModelConfig) -> Batch {
-        let mut rng = SplitMix(self.id ^ 0xBA7C_4000_0000_0001);
+        let mut rng = SplitMix64::new(self.id ^ 0xBA7C_4000_0000_0001);
         let n = self.batch_size * self.seq_len;
-        let mut id = || 1 + (rng.next() % (config.vocab as u64 - 1)) as u32;
+        let mut id = || 1 + (rng.next_u64() % (config.vocab as u64 - 1)) as u32;
         let inputs: Vec<u32> = (0..n).map(|_| id()).collect();
         let targets: Vec<u32> = (0..n).map(|_| id()).collect();
         Batch {
@@ -70,12 +71,12 @@ impl ProbeSpec {
         (0..self.directions)
             .map(|k| {
                 let mut rng =
-                    SplitMix(self.id ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    SplitMix64::new(self.id ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 let mut sum = 0f64;
                 let mut bits = 0u64;
                 for (i, &g) in gradient.iter().enumerate() {
                     if i % 64 == 0 {
-                        bits = rng.next();
+                        bits = rng.next_u64();
                     }
                     let sign = if bits >> (i % 64) & 1 == 1 { 1.0 } else { -1.0 };
                     sum += sign * f64::from(g);
@@ -116,9 +117,9 @@ pub struct Measured {
 }
 
 impl Measured {
-    /// The largest difference of `loss` and `projections` from these, each
-    /// relative to what [`TOLERANCE`] is relative to.
-    pub fn error(&self, loss: f32, projections: &[f32]) -> Result<f64, String> {
+    /// How far `loss` and `projections` are from these: the loss relative to
+    /// itself, and the worst projection relative to the gradient's norm.
+    fn errors(&self, loss: f32, projections: &[f32]) -> Result<(f64, f64), String> {
         if projections.len() != self.projections.len() {
             return Err(format!(
                 "the answer has {} projections; the probe asked for {}",
@@ -137,43 +138,27 @@ impl Measured {
             .zip(&self.projections)
             .map(|(a, b)| f64::from((a - b).abs()) / scale)
             .fold(0.0, f64::max);
+        Ok((loss_error, worst))
+    }
+
+    /// The larger of the two errors [`TOLERANCE`] bounds.
+    pub fn error(&self, loss: f32, projections: &[f32]) -> Result<f64, String> {
+        let (loss_error, worst) = self.errors(loss, projections)?;
         Ok(loss_error.max(worst))
     }
 
     /// Whether the answer matches within [`TOLERANCE`]; `Err` says how it does not.
     pub fn check(&self, loss: f32, projections: &[f32]) -> Result<(), String> {
-        let error = self.error(loss, projections)?;
-        if error <= TOLERANCE {
+        let (loss_error, worst) = self.errors(loss, projections)?;
+        if loss_error.max(worst) <= TOLERANCE {
             return Ok(());
         }
-        let worst = projections
-            .iter()
-            .zip(&self.projections)
-            .map(|(a, b)| f64::from((a - b).abs()) / self.gradient_norm.max(1e-12))
-            .fold(0.0, f64::max);
         Err(format!(
             "this device's arithmetic is off: on the probe its loss is {loss:.6} (expected {:.6}) and its gradient's projections differ from the expected ones by up to {:.1} % of the gradient's norm (at most {} % allowed)",
             self.loss,
             worst * 100.0,
             TOLERANCE * 100.0
         ))
-    }
-}
-
-/// SplitMix64: portable, seeded, the same on every platform.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use folio_data::rng::SplitMix64;
 use folio_model::Preset;
 use folio_proto::{ErrorCode, RoundStart, ServerMessage};
 use folio_server::eval::parallel_map;
@@ -84,11 +85,11 @@ impl Devices {
             Preset::Small => 1,
             Preset::Medium => 2,
         };
-        let mut rng = SplitMix(seed ^ 0xDE71_CE5E);
+        let mut rng = SplitMix64::new(seed ^ 0xDE71_CE5E);
         let speed = sessions
             .iter()
             .map(|&session| {
-                let pick = rng.uniform();
+                let pick = rng.next_f64();
                 let mut class = DEVICE_MIX.len() - 1;
                 let mut acc = 0.0;
                 for (i, c) in DEVICE_MIX.iter().enumerate() {
@@ -101,7 +102,7 @@ impl Devices {
                 let median = DEVICE_MIX[class].chars_per_second[column];
                 (
                     session,
-                    (class, median * (SPEED_SPREAD * rng.normal()).exp()),
+                    (class, median * (SPEED_SPREAD * normal(&mut rng)).exp()),
                 )
             })
             .collect();
@@ -117,29 +118,11 @@ impl Devices {
     }
 }
 
-/// SplitMix64: a small seeded generator for the draws of devices.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// In [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u = 1.0 - self.uniform();
-        let v = self.uniform();
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
+/// A standard normal draw (Box–Muller).
+fn normal(rng: &mut SplitMix64) -> f64 {
+    let u = 1.0 - rng.next_f64();
+    let v = rng.next_f64();
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
 }
 
 /// One line of `clock.jsonl`: where a commit stands in simulated time and
@@ -351,7 +334,7 @@ impl<'a> Clocked<'a> {
         self.clock.chars_trained += chars;
         let at = self.at();
         let metrics = (local.metrics.loss, local.metrics.accuracy, local.seconds);
-        match self.host.send_at(
+        match self.host.send(
             task.session,
             &task.start,
             &local.delta,

@@ -204,6 +204,7 @@ impl InProcess {
                     &t.delta,
                     t.examples,
                     t.metrics,
+                    Instant::now(),
                 )
                 .map_err(|e| anyhow::anyhow!("an honest update was refused: {}", e.message))?;
             }
@@ -278,21 +279,9 @@ impl InProcess {
         }
     }
 
-    /// Sends `session`'s update for `start`'s round, its delta encoded as the
-    /// round asks (the bytes counted as the wire would carry them).
+    /// Sends `session`'s update for `start`'s round at `now`, its delta encoded
+    /// as the round asks (the bytes counted as the wire would carry them).
     pub fn send(
-        &mut self,
-        session: u64,
-        start: &RoundStart,
-        delta: &[f32],
-        examples: u64,
-        metrics: (f64, f64, f32),
-    ) -> Result<(), folio_proto::ErrorMessage> {
-        self.send_at(session, start, delta, examples, metrics, Instant::now())
-    }
-
-    /// [`InProcess::send`] at `now`.
-    pub fn send_at(
         &mut self,
         session: u64,
         start: &RoundStart,

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use burn::prelude::Device;
@@ -292,8 +292,15 @@ impl Setup {
                 }
                 norms.push(l2_norm(&local.delta));
                 let metrics = (local.metrics.loss, local.metrics.accuracy, local.seconds);
-                host.send(*session, start, &local.delta, local.examples, metrics)
-                    .map_err(|e| anyhow::anyhow!("an honest update was refused: {}", e.message))?;
+                host.send(
+                    *session,
+                    start,
+                    &local.delta,
+                    local.examples,
+                    metrics,
+                    Instant::now(),
+                )
+                .map_err(|e| anyhow::anyhow!("an honest update was refused: {}", e.message))?;
             }
             let public_bound = host
                 .engine
@@ -327,7 +334,14 @@ impl Setup {
                     }
                 };
                 for (delta, claimed) in attempts {
-                    match host.send(*session, start, &delta, claimed, (2.0, 0.0, 1.0)) {
+                    match host.send(
+                        *session,
+                        start,
+                        &delta,
+                        claimed,
+                        (2.0, 0.0, 1.0),
+                        Instant::now(),
+                    ) {
                         Ok(()) => break,
                         Err(e) if e.code == ErrorCode::BadExamples => refused += 1,
                         Err(e) => anyhow::bail!("an attacker's update: {}", e.message),

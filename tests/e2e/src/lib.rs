@@ -5,6 +5,7 @@
 pub mod webdriver;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::ensure;
 
@@ -126,4 +127,28 @@ impl LocalServer {
     pub fn url(&self) -> String {
         format!("http://{}/", self.server.addr)
     }
+
+    /// Waits until `rounds` rounds are committed; after `within`, an error that
+    /// says `what` did not happen and how the aggregator stands.
+    pub fn wait_for_rounds(&self, rounds: u64, within: Duration, what: &str) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        while self.server.status()["completed_rounds"].as_u64() < Some(rounds) {
+            ensure!(
+                started.elapsed() < within,
+                "{what}; the aggregator: {}",
+                self.server.status()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    }
+}
+
+/// Where a test leaves `name` (a screenshot) for people: $FOLIO_ARTIFACTS, else
+/// artifacts/ in the repository.
+pub fn artifact(name: &str) -> anyhow::Result<PathBuf> {
+    let dir: PathBuf = std::env::var_os("FOLIO_ARTIFACTS")
+        .map_or_else(|| repo_root().join("artifacts"), Into::into);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir.join(name))
 }

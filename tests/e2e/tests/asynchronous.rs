@@ -91,10 +91,7 @@ fn a_fast_tab_steps_the_model_while_a_slow_one_trains_and_the_slow_update_still_
          return text.includes('asynchronous rounds') && stale ? text : null",
         Duration::from_secs(30),
     )?;
-    let dir = std::env::var_os("FOLIO_ARTIFACTS")
-        .map_or_else(|| folio_e2e::repo_root().join("artifacts"), Into::into);
-    std::fs::create_dir_all(&dir)?;
-    let shot = std::path::Path::new(&dir).join("asynchronous-rounds.png");
+    let shot = folio_e2e::artifact("asynchronous-rounds.png")?;
     std::fs::write(&shot, browser.screenshot()?)?;
     eprintln!(
         "screenshot: {}; round {} took an update {} steps stale; the page says: {said}",

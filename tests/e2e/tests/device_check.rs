@@ -6,7 +6,7 @@
 //! FOLIO_FAULTY_PAGE) and the real one (for the CPU build in pkg/threads/).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use folio_e2e::LocalServer;
@@ -65,15 +65,7 @@ fn a_tab_whose_webgpu_is_wrong_is_not_selected_and_trains_on_its_cpu_fallback() 
     let browser = driver.session(1280, 1400)?;
     browser.navigate(&server.url())?;
 
-    let started = Instant::now();
-    while server.server.status()["completed_rounds"].as_u64() < Some(1) {
-        ensure!(
-            started.elapsed() < Duration::from_secs(150),
-            "the tab never trained; the aggregator: {}",
-            server.server.status()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    server.wait_for_rounds(1, Duration::from_secs(150), "the tab never trained")?;
     let status = server.server.status();
     ensure!(status["errors"]["device_check_failed"] == 1, "{status}");
     let sessions = status["clients"].as_array().cloned().unwrap_or_default();
@@ -101,10 +93,7 @@ fn a_tab_whose_webgpu_is_wrong_is_not_selected_and_trains_on_its_cpu_fallback() 
         "return document.getElementById('clients').textContent.includes('flex · checked') || null",
         Duration::from_secs(30),
     )?;
-    let dir = std::env::var_os("FOLIO_ARTIFACTS")
-        .map_or_else(|| folio_e2e::repo_root().join("artifacts"), Into::into);
-    std::fs::create_dir_all(&dir)?;
-    let shot = std::path::Path::new(&dir).join("device-check.png");
+    let shot = folio_e2e::artifact("device-check.png")?;
     std::fs::write(&shot, browser.screenshot()?)?;
     eprintln!(
         "screenshot: {}; the page's notices: {notices}",

@@ -90,10 +90,7 @@ fn the_page_shows_epsilon_and_why_the_budget_stopped_training() -> anyhow::Resul
         .collect::<Result<_, _>>()?;
     assert_eq!(cells.len(), 3, "rounds 2, 1, 0: {cells:?}");
     assert!((cells[0] - epsilon).abs() < 1e-3 && (cells[1] - 1.67).abs() < 0.01 && cells[2] == 0.0);
-    let dir = std::env::var_os("FOLIO_ARTIFACTS")
-        .map_or_else(|| folio_e2e::repo_root().join("artifacts"), Into::into);
-    std::fs::create_dir_all(&dir)?;
-    let shot = std::path::Path::new(&dir).join("dp-budget-spent.png");
+    let shot = folio_e2e::artifact("dp-budget-spent.png")?;
     std::fs::write(&shot, tab.screenshot()?)?;
     eprintln!("screenshot: {}; the page says: {shown}", shot.display());
     Ok(())

@@ -4,7 +4,7 @@
 //! and the page says so. Needs the built page (ignored by a plain `cargo test`;
 //! `scripts/test.sh` runs it).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::ensure;
 use folio_e2e::LocalServer;
@@ -43,15 +43,7 @@ fn three_tabs_run_a_secure_round_and_the_page_says_the_aggregator_saw_only_the_s
     browser.open_tab(&url)?;
     browser.switch_to(&first)?;
 
-    let started = Instant::now();
-    while server.server.status()["completed_rounds"] != 1 {
-        ensure!(
-            started.elapsed() < Duration::from_secs(120),
-            "no secure round completed; the aggregator: {}",
-            server.server.status()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    server.wait_for_rounds(1, Duration::from_secs(120), "no secure round completed")?;
     let status = server.server.status();
     let latest = &status["latest"];
     ensure!(
@@ -92,10 +84,7 @@ fn three_tabs_run_a_secure_round_and_the_page_says_the_aggregator_saw_only_the_s
         sent == serde_json::json!(["masked"]),
         "this tab's rounds: {sent}"
     );
-    let dir = std::env::var_os("FOLIO_ARTIFACTS")
-        .map_or_else(|| folio_e2e::repo_root().join("artifacts"), Into::into);
-    std::fs::create_dir_all(&dir)?;
-    let shot = std::path::Path::new(&dir).join("secure-round.png");
+    let shot = folio_e2e::artifact("secure-round.png")?;
     std::fs::write(&shot, browser.screenshot()?)?;
     eprintln!("screenshot: {}; the page says: {said}", shot.display());
     Ok(())

@@ -175,11 +175,6 @@ fn generate_on_page(tab: &Session, length: usize) -> anyhow::Result<[Generated; 
     ])
 }
 
-fn artefact_dir() -> std::path::PathBuf {
-    std::env::var_os("FOLIO_ARTIFACTS")
-        .map_or_else(|| folio_e2e::repo_root().join("artifacts"), Into::into)
-}
-
 #[test]
 #[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
 fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow::Result<()> {
@@ -215,9 +210,7 @@ fn three_tabs_train_on_webgpu_generate_text_and_survive_a_closed_tab() -> anyhow
 
     // A screenshot during a round, with the generator's text on the page.
     wait_until(&server, "an open round", |s| !s["open_round"].is_null())?;
-    let dir = artefact_dir();
-    std::fs::create_dir_all(&dir)?;
-    let shot = dir.join("three-tabs-during-a-round.png");
+    let shot = folio_e2e::artifact("three-tabs-during-a-round.png")?;
     std::fs::write(&shot, browser.screenshot()?)?;
     eprintln!("screenshot: {}", shot.display());
 
@@ -435,8 +428,6 @@ fn tabs_reconnect_to_a_restarted_aggregator_and_the_next_round_completes() -> an
         dickens.source,
         federated.source
     );
-    let dir = artefact_dir();
-    std::fs::create_dir_all(&dir)?;
     for (width, height) in [(1280, 2300), (400, 4200)] {
         browser.resize(width, height)?;
         // Two status polls: the layout and the plot follow the new size.
@@ -461,7 +452,7 @@ fn tabs_reconnect_to_a_restarted_aggregator_and_the_next_round_completes() -> an
             overflow.as_i64() == Some(0),
             "the page or a table is {overflow} px wider than a {width} px window"
         );
-        let shot = dir.join(format!("page-{width}px.png"));
+        let shot = folio_e2e::artifact(&format!("page-{width}px.png"))?;
         std::fs::write(&shot, browser.screenshot()?)?;
         eprintln!("screenshot: {}", shot.display());
     }
