@@ -1454,6 +1454,12 @@ fn asynchronous_rounds_step_every_k_updates_and_discount_the_stale_ones() {
     assert_eq!(first.len(), 2, "two train at once: {first:?}");
     let idle = [a, b, c].into_iter().find(|s| !first.contains(s)).unwrap();
     let (fast, slow) = (first[0], first[1]);
+    // A task's examples are bounded by its plan, as a round's are.
+    let greedy = host
+        .engine
+        .update(fast, update(1, [1.0; PARAMS], ALLOWED + 1), host.now)
+        .unwrap_err();
+    assert_eq!(greedy.code, ErrorCode::BadExamples);
     host.update(fast, 1, [1.0, 0.0, 0.0, 0.0]).unwrap();
     assert_eq!(host.committed.len(), 1, "the buffer holds one of two");
     // The fast one is done with this model; the idle one takes its place.

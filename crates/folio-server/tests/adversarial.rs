@@ -943,3 +943,57 @@ async fn a_session_coming_back_to_a_network_a_crowd_filled_still_resumes() {
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_malformed_and_hostile_device_check_answers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(checked(config(dir.path(), rounds(1), 1)))
+        .await
+        .unwrap();
+    let answer = |id: u64, loss: f32, projections: Vec<f32>| {
+        binary(&ClientMessage::ProbeAnswer(folio_proto::ProbeAnswer {
+            id,
+            loss,
+            projections,
+        }))
+    };
+    let mut socket = connect(&server).await;
+    expect_error(
+        &mut socket,
+        answer(1, 1.0, vec![0.0; 8]),
+        ErrorCode::NotJoined,
+    )
+    .await;
+    join_as(&mut socket, join(Some(KENT))).await.unwrap();
+    let ServerMessage::Probe(probe) = next_message(&mut socket).await else {
+        panic!("a joined device is probed first");
+    };
+    // An answer to a probe it was not sent, one far longer than asked for.
+    let forged = probe.id.wrapping_add(1);
+    expect_error(
+        &mut socket,
+        answer(forged, 1.0, vec![0.0; 8]),
+        ErrorCode::UnknownMessage,
+    )
+    .await;
+    let long = answer(probe.id, 1.0, vec![0.0; 10_000]);
+    expect_error(&mut socket, long, ErrorCode::MalformedFrame).await;
+    // A non-finite answer fails the check, which is then spent: the right
+    // answer afterwards is refused, and the device is never selected.
+    expect_error(
+        &mut socket,
+        answer(probe.id, f32::NAN, vec![0.0; 8]),
+        ErrorCode::DeviceCheckFailed,
+    )
+    .await;
+    let config = folio_model::Preset::Small.config();
+    let right = folio_client::answer_probe(&burn::prelude::Device::flex(), config, probe)
+        .await
+        .unwrap();
+    let right = binary(&ClientMessage::ProbeAnswer(right));
+    expect_error(&mut socket, right, ErrorCode::UnknownMessage).await;
+    let status = server.status();
+    assert_eq!(status["errors"]["device_check_failed"], 1, "{status}");
+    assert!(status["open_round"].is_null(), "{status}");
+    server.abort();
+}

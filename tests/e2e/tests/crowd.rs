@@ -199,13 +199,14 @@ fn one_host_with_many_addresses_cannot_shut_out_a_device_or_fill_its_rounds() ->
         let status = server.server.status();
         let devices = genuine(&status);
         if joined.is_none() && devices.len() == 2 {
-            joined = Some((
+            joined = Some(arrived.elapsed());
+        }
+        // Both trained, so both passed their device checks: selectable from here.
+        if devices.len() == 2 && devices.iter().all(|(_, rounds)| *rounds >= 1) {
+            break (
                 arrived.elapsed(),
                 status["completed_rounds"].as_u64().unwrap_or(0),
-            ));
-        }
-        if devices.len() == 2 && devices.iter().all(|(_, rounds)| *rounds >= 1) {
-            break arrived.elapsed();
+            );
         }
         ensure!(
             !native.is_finished(),
@@ -220,7 +221,8 @@ fn one_host_with_many_addresses_cannot_shut_out_a_device_or_fill_its_rounds() ->
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    let (joined, since) = joined.context("never both joined")?;
+    let (trained, since) = trained;
+    let joined = joined.context("never both joined")?;
     eprintln!(
         "a native client and a tab joined within {:.1} s and both trained within {:.1} s of arriving",
         joined.as_secs_f64(),
@@ -228,7 +230,7 @@ fn one_host_with_many_addresses_cannot_shut_out_a_device_or_fill_its_rounds() ->
     );
     ensure!(joined < JOIN_WITHIN, "joining took {joined:?}");
 
-    // Five rounds started once both were in: the crowd got 2 of each round's 4
+    // Five rounds started once both were in and checked: the crowd got 2 of each round's 4
     // places (the devices' network had two sessions to offer), not 4 of 4.
     let measured = since + 2..=since + 6;
     let waited = Instant::now();
