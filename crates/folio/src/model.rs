@@ -345,6 +345,18 @@ pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
         println!("{line}");
     }
     metadata.extend(privacy);
+    if validation
+        && let (Some(loss), Some(accuracy)) = (last.population_loss, last.population_accuracy)
+    {
+        metadata.insert(
+            "population_validation_loss".to_owned(),
+            format!("{loss:.4}"),
+        );
+        metadata.insert(
+            "population_validation_accuracy".to_owned(),
+            format!("{accuracy:.4}"),
+        );
+    }
     metadata.extend(budget_metadata(&saved.history));
     checkpoint::save(
         &args.out,

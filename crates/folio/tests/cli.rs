@@ -238,6 +238,79 @@ fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
 }
 
 #[test]
+fn a_validation_run_is_tuned_on_validation_and_scored_on_test_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().to_str().unwrap();
+    let simulate = |validation: bool| {
+        let mut command = small_population("3");
+        command.args([
+            "--rounds",
+            "2",
+            "--population-eval-every",
+            "2",
+            "--state-dir",
+            run,
+        ]);
+        if validation {
+            command.arg("--validation");
+        }
+        command.output().unwrap()
+    };
+    let out = simulate(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its population figure is on validation: the validation view is what the
+    // model was not trained on.
+    let history = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(history.lines().last().unwrap()).unwrap();
+    let validation = last["population_accuracy"].as_f64().unwrap();
+    // The same run cannot go on on the full training text.
+    let refused = simulate(false);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("holds a validation run"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Exported, the model carries both: the validation figure from the run, the
+    // test figure computed now, and they are different splits.
+    let exported = dir.path().join("model.safetensors");
+    stdout(folio().args(["export", run, "--out", exported.to_str().unwrap()]));
+    let model = checkpoint::load(&exported, Some(Preset::Small.config())).unwrap();
+    let figure = |key: &str| -> f64 { model.metadata[key].parse().unwrap() };
+    assert!((figure("population_validation_accuracy") - validation).abs() < 1e-4);
+    let test = figure("population_test_accuracy");
+    // (A model this young predicts mostly spaces: its accuracies on the two
+    // splits can agree; its losses cannot.)
+    assert_ne!(
+        model.metadata["population_validation_loss"],
+        model.metadata["population_test_loss"]
+    );
+    // `folio eval` scores the file on either split and agrees with the metadata.
+    let scored = |split: &str| -> String {
+        stdout(folio().args([
+            "eval",
+            "--checkpoint",
+            exported.to_str().unwrap(),
+            "--population",
+            "--split",
+            split,
+        ]))
+    };
+    // (The file holds f16 weights; the export scored the run's f32 ones.)
+    let accuracy = |out: String| -> f64 {
+        let (_, after) = out.split_once("accuracy ").expect("an accuracy");
+        after.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert!((accuracy(scored("test")) - test).abs() < 2e-3);
+    assert!((accuracy(scored("validation")) - validation).abs() < 2e-3);
+}
+
+#[test]
 fn a_size_sampled_bias_corrected_fedadam_run_resumes_exactly_too() {
     // Bias correction depends on the server's step count, so a resumed run only
     // matches if the count is saved with the moments.
