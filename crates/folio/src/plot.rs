@@ -36,7 +36,8 @@ pub struct PlotArgs {
     /// The accuracy whose first round the table reports (McMahan et al.'s 54%).
     #[arg(long, default_value_t = 0.54)]
     target: f64,
-    /// What the x axis counts: rounds; or, for runs on simulated devices (their
+    /// What the x axis counts: rounds; client updates (runs of different cohort
+    /// sizes on one budget); or, for runs on simulated devices (their
     /// clock.jsonl), simulated time or the characters their devices trained
     /// (wasted work included).
     #[arg(long, value_enum, default_value = "round")]
@@ -46,6 +47,7 @@ pub struct PlotArgs {
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Axis {
     Round,
+    Updates,
     Time,
     Compute,
 }
@@ -54,6 +56,7 @@ impl Axis {
     fn describe(self) -> &'static str {
         match self {
             Axis::Round => "round",
+            Axis::Updates => "client updates (thousands)",
             Axis::Time => "simulated time (minutes)",
             Axis::Compute => "characters trained by the devices (millions)",
         }
@@ -64,6 +67,16 @@ impl Axis {
 fn x_positions(run: &Path, records: &[RoundRecord], by: Axis) -> anyhow::Result<Vec<Option<f64>>> {
     if by == Axis::Round {
         return Ok(records.iter().map(|r| Some(r.round as f64)).collect());
+    }
+    if by == Axis::Updates {
+        let mut updates = 0;
+        return Ok(records
+            .iter()
+            .map(|r| {
+                updates += r.clients as u64;
+                Some(updates as f64 / 1e3)
+            })
+            .collect());
     }
     let path = run.join("clock.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| {

@@ -390,6 +390,21 @@ fn plot_draws_every_run_into_one_svg() {
         assert!(svg.contains(label), "no {label:?} in the plot");
     }
     assert!(svg.matches("<circle").count() >= 6, "population points");
+    // Against client updates: 2 a round (the round-0 record's included), so the
+    // axis ends at the last round's 10.
+    stdout(
+        folio()
+            .arg("plot")
+            .arg(runs.path().join("fedavg"))
+            .args(["--by", "updates", "--out"])
+            .arg(&out),
+    );
+    let svg = std::fs::read_to_string(&out).unwrap();
+    assert!(svg.contains("client updates (thousands)"), "the axis");
+    assert!(
+        svg.contains("\n0.01\n</text>"),
+        "the last round at 10 updates: {svg}"
+    );
     let missing = folio().args(["plot", "/nonexistent-run"]).output().unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("is it a run folder?"));
 }
