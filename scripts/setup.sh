@@ -10,7 +10,7 @@ for part in "$@"; do
         rust) ensure_rust ;;
         wasm) ensure_wasm_target ;;
         wasm-bindgen) ensure_wasm_bindgen ;;
-        browser) ensure_browser && ensure_geckodriver ;;
+        browser) ensure_browser ;;
         data) ensure_corpus ;;
         cache) ensure_build_cache ;;
         nats) ensure_nats ;;

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs what is missing first (Rust's wasm32 target,
-# wasm-bindgen-cli, Chromium + ChromeDriver, Firefox ESR + geckodriver, the
+# wasm-bindgen-cli, Chromium + ChromeDriver, Firefox ESR, brotli, the
 # Shakespeare corpus, sccache, nats-server).
 # Each build happens once: the native test build is also the binary's and the
 # end-to-end tests', the wasm test build is also the page's (its threaded CPU
 # build is the one wasm build of its own).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# First, in a second: every command these scripts and the tests call is on a fresh
+# machine or installed by the scripts before its first use.
+step "the commands the scripts and tests call: each on a fresh machine, or installed before it is used"
+python3 "$FOLIO_ROOT/scripts/check-tools.py" --self-test
+python3 "$FOLIO_ROOT/scripts/check-tools.py"
 step "folio test suite: setting up what is missing"
 ensure_rust
 ensure_build_cache
@@ -29,7 +34,7 @@ cargo fmt --all --check
 # a target dir while it builds; wasm-bindgen-cli installs into its own too. Each
 # build leaves cargo's timing report (the slowest crates) in cargo-timings/.
 step "building side by side: the native crates and tests, the wasm crates and tests, the page's threaded build, wasm-bindgen-cli (≈ 35 min the first time on 2 cores)"
-{ ensure_wasm_bindgen && ensure_geckodriver; } &
+ensure_wasm_bindgen &
 tools=$!
 build_threaded_wasm &
 threaded_build=$!
@@ -47,8 +52,13 @@ step "lints (clippy, warnings are errors; ≈ 2 min the first time)"
 cargo_progress "clippy" clippy "${native[@]}" --all-targets -- -D warnings
 
 wait "$wasm_build" || die "the wasm build failed (its errors are above)"
-wait "$tools" || die "installing wasm-bindgen-cli or geckodriver failed (its errors are above)"
+wait "$tools" || die "installing wasm-bindgen-cli failed (its errors are above)"
 wait "$threaded_build" || die "the page's threaded build failed (its errors are above)"
+
+# The page and its threaded build, bound and brotli-compressed (a minute of one
+# core each) while the native and browser tests run; the end-to-end tests need them.
+{ build_page && build_threaded_page; } &
+page=$!
 
 step "native tests"
 cargo test "${native[@]}"
@@ -61,12 +71,10 @@ export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
 step "browser tests in headless Chromium"
 cargo test "${wasm[@]}"
 
-build_faulty_page
-build_page
-build_threaded_page
+wait "$page" || die "building the page failed (its errors are above)"
 
 step "end-to-end: the page in headless Chromium tabs against the aggregator"
-FOLIO_FAULTY_PAGE="$FAULTY_PAGE_DIR" cargo test "${native[@]}" --test tabs --test crowd --test edges \
+cargo test "${native[@]}" --test tabs --test crowd --test edges \
     --test privacy --test secure --test asynchronous --test device_check -- --ignored --test-threads=1 --nocapture
 
 step "all tests passed in ${SECONDS}s"

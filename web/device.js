@@ -1,6 +1,8 @@
 // Runs this tab as one federated device (the Rust client loop compiled to wasm) and
 // its text generator, each in a Web Worker (web/worker.js): the page stays responsive.
 // `?client=ID` asks for a Shakespeare client; `?backend=cpu` skips WebGPU;
+// `?backend=faulty-webgpu` makes this tab's WebGPU wrong on purpose (zero
+// gradients), to see the aggregator's device check refuse it;
 // `?threads=off` keeps the CPU fallback on one thread;
 // `?device=off` only shows the aggregator's status and the generator.
 const params = new URLSearchParams(location.search);

@@ -238,12 +238,20 @@ fn read(dir: &Path, num_params: usize, repair: bool) -> anyhow::Result<Option<Sa
             .with_context(|| format!("{} has no `weights`", path.display()))?
             .data(),
     );
-    anyhow::ensure!(
-        weights.len() == num_params,
-        "{} holds {} weights, the model has {num_params}: another preset? Use another --state-dir",
-        path.display(),
-        weights.len()
-    );
+    if weights.len() != num_params {
+        let written_for = folio_model::Preset::ALL
+            .into_iter()
+            .find(|preset| preset.config().num_params() == weights.len())
+            .map_or("another model".to_owned(), |preset| {
+                format!("the preset `{}` (run with --preset {0})", preset.name())
+            });
+        anyhow::bail!(
+            "{} holds {} weights, the model has {num_params}: it was written for {written_for}; \
+             or give this run another --state-dir",
+            path.display(),
+            weights.len()
+        );
+    }
     anyhow::ensure!(
         weights.iter().all(|w| w.is_finite()),
         "{} holds non-finite weights: move it away to start afresh",

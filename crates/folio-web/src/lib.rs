@@ -54,15 +54,27 @@ pub use webgpu::{webgpu_adapter, webgpu_device};
 pub use wasm_bindgen_rayon::init_thread_pool;
 
 /// Which backend a tab may use: `"auto"` (WebGPU when the browser offers it, else
-/// the CPU) or `"cpu"` (the pure-Rust CPU backend even where WebGPU exists).
-fn wants_gpu(backend: &str) -> Result<bool, JsValue> {
-    match backend {
-        "auto" => Ok(true),
-        "cpu" => Ok(false),
-        other => Err(JsValue::from_str(&format!(
-            "unknown backend {other:?}: use \"auto\" or \"cpu\""
-        ))),
-    }
+/// the CPU), `"cpu"` (the pure-Rust CPU backend even where WebGPU exists), or
+/// `"faulty-webgpu"` (as `"auto"`, with a WebGPU made wrong on purpose: its
+/// gradients come out zero, so the aggregator's device check refuses it; for
+/// seeing that check at work, and for its end-to-end test).
+struct BackendChoice {
+    gpu: bool,
+    faulty_gpu: bool,
+}
+
+fn backend_choice(backend: &str) -> Result<BackendChoice, JsValue> {
+    let (gpu, faulty_gpu) = match backend {
+        "auto" => (true, false),
+        "cpu" => (false, false),
+        "faulty-webgpu" => (true, true),
+        other => {
+            return Err(JsValue::from_str(&format!(
+                "unknown backend {other:?}: use \"auto\", \"cpu\" or \"faulty-webgpu\""
+            )));
+        }
+    };
+    Ok(BackendChoice { gpu, faulty_gpu })
 }
 
 /// The device this tab computes on: WebGPU when allowed and offered, else the
@@ -182,7 +194,7 @@ async fn sleep(duration: Duration) {
 /// Shakespeare client; `resume` is the session of an earlier welcome (a reloaded
 /// tab rejoins as the same client); `held_encoding` and `held_weights` are a
 /// global model kept by `keep_model` (offered back, so that it is not sent
-/// again); `backend` is `"auto"` or `"cpu"`; `keep_model({round, encoding,
+/// again); `backend` is `"auto"`, `"cpu"` or `"faulty-webgpu"`; `keep_model({round, encoding,
 /// weights})` stores a round's model and returns a promise, awaited before the
 /// round's training. `on_event` gets plain
 /// objects (`{type: "backend" | "welcome" | "state" | "trained" | "result" |
@@ -199,7 +211,8 @@ pub async fn run_device(
     keep_model: Option<Function>,
     on_event: Function,
 ) -> Result<(), JsValue> {
-    let (device, backend, adapter) = pick_device(wants_gpu(&backend)?).await;
+    let choice = backend_choice(&backend)?;
+    let (device, backend, adapter) = pick_device(choice.gpu).await;
     let emit = |value: JsValue| {
         let _ = on_event.call1(&JsValue::NULL, &value);
     };
@@ -215,8 +228,7 @@ pub async fn run_device(
     options.join.kind = ClientKind::Browser;
     options.join.backend = backend.into();
     options.join.adapter = adapter;
-    #[cfg(feature = "faulty-webgpu")]
-    if backend == "webgpu" {
+    if choice.faulty_gpu && backend == "webgpu" {
         options.gradient_fault = Some(0.0);
     }
     options.join.client = client;
@@ -272,7 +284,7 @@ pub async fn generate_text(
     on_char: Function,
 ) -> Result<String, JsValue> {
     let saved = folio_model::checkpoint::decode(&checkpoint, None).map_err(js_error)?;
-    let (device, _, _) = pick_device(wants_gpu(&backend)?).await;
+    let (device, _, _) = pick_device(backend_choice(&backend)?.gpu).await;
     let model =
         folio_model::CharRnn::from_flat(saved.config, &saved.weights, &device).map_err(js_error)?;
     let config = folio_model::generate::GenerateConfig {
@@ -300,7 +312,7 @@ pub async fn bench_train(
     steps: usize,
 ) -> Result<f64, JsValue> {
     let preset: folio_model::Preset = preset.parse().map_err(|e: String| JsValue::from(e))?;
-    let gpu = wants_gpu(&backend)?;
+    let gpu = backend_choice(&backend)?.gpu;
     let (device, name, _) = pick_device(gpu).await;
     if gpu && name != "webgpu" {
         return Err(JsValue::from_str("this browser offers no WebGPU adapter"));

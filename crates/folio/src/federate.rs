@@ -390,9 +390,10 @@ impl RoundArgs {
 pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
-    /// Checkpoints and metrics; restarting on the same folder resumes.
-    #[arg(long, default_value = "data/state")]
-    state_dir: PathBuf,
+    /// Checkpoints and metrics; restarting on the same folder resumes [default:
+    /// data/state/PRESET, so that runs of different presets never share one]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Stop after this many rounds.
     #[arg(long)]
     rounds: Option<u64>,
@@ -542,7 +543,10 @@ fn server_config(
 }
 
 pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
-    let mut config = server_config(&args.round, args.addr, args.state_dir, data_dir);
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| Path::new("data/state").join(args.round.preset.name()));
+    let mut config = server_config(&args.round, args.addr, state_dir, data_dir);
     config.access = AccessConfig {
         join_token: secret(args.join_token_file.as_deref(), "FOLIO_JOIN_TOKEN")?,
         admin_token: secret(args.admin_token_file.as_deref(), "FOLIO_ADMIN_TOKEN")?,

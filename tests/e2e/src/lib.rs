@@ -2,6 +2,7 @@
 //! as federated devices (`tests/`) and `browser-bench` (training chars/s in a tab
 //! against native flex).
 
+mod bidi;
 pub mod webdriver;
 
 use std::path::PathBuf;

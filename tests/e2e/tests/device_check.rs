@@ -1,58 +1,20 @@
-//! A tab whose WebGPU computes wrong gradients (a page built with the
-//! `faulty-webgpu` feature: its gradients come out zero) answers the aggregator's
+//! A tab whose WebGPU computes wrong gradients (the page's own
+//! `?backend=faulty-webgpu`: its gradients come out zero) answers the aggregator's
 //! device check wrong: it is told why and never selected; the page says so and
 //! starts the device again on its CPU fallback, whose answer checks out, and the
-//! tab trains. Needs the faulty page (`scripts/test.sh` builds it and names it in
-//! FOLIO_FAULTY_PAGE) and the real one (for the CPU build in pkg/threads/).
+//! tab trains.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use folio_e2e::LocalServer;
 use folio_e2e::webdriver::Driver;
 use folio_server::RoundConfig;
 
-/// A web root with the page's files, the faulty build as its main wasm and the
-/// real threaded CPU build (copies: the server serves nothing from outside its root).
-fn faulty_web_root() -> anyhow::Result<tempfile::TempDir> {
-    let faulty = PathBuf::from(std::env::var_os("FOLIO_FAULTY_PAGE").context(
-        "FOLIO_FAULTY_PAGE is unset: scripts/test.sh builds the faulty page and sets it",
-    )?);
-    ensure!(
-        faulty.join("folio_web_bg.wasm").is_file(),
-        "{} holds no page build: run scripts/test.sh",
-        faulty.display()
-    );
-    folio_e2e::check_page_built()?;
-    let repo = folio_e2e::repo_root();
-    let root = tempfile::tempdir()?;
-    for name in ["index.html", "web", "models"] {
-        copy(&repo.join(name), &root.path().join(name))?;
-    }
-    copy(&faulty, &root.path().join("pkg"))?;
-    copy(&repo.join("pkg/threads"), &root.path().join("pkg/threads"))?;
-    Ok(root)
-}
-
-fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
-    if from.is_dir() {
-        std::fs::create_dir_all(to)?;
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            copy(&entry.path(), &to.join(entry.file_name()))?;
-        }
-    } else {
-        std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
-    }
-    Ok(())
-}
-
 #[test]
-#[ignore = "needs the built pages; scripts/test.sh runs these with --ignored"]
+#[ignore = "needs the built page; scripts/test.sh runs these with --ignored"]
 fn a_tab_whose_webgpu_is_wrong_is_not_selected_and_trains_on_its_cpu_fallback() -> anyhow::Result<()>
 {
-    let root = faulty_web_root()?;
     let rounds = RoundConfig {
         max_batches: Some(1),
         eval_clients: 1,
@@ -60,10 +22,10 @@ fn a_tab_whose_webgpu_is_wrong_is_not_selected_and_trains_on_its_cpu_fallback() 
         strategy: folio_fed::StrategyConfig::fedavg(1),
         ..RoundConfig::tutorial()
     };
-    let server = LocalServer::start_serving(rounds, 2, root.path().to_owned())?;
+    let server = LocalServer::start(rounds, 2)?;
     let driver = Driver::chromium()?;
     let browser = driver.session(1280, 1400)?;
-    browser.navigate(&server.url())?;
+    browser.navigate(&format!("{}?backend=faulty-webgpu", server.url()))?;
 
     server.wait_for_rounds(1, Duration::from_secs(150), "the tab never trained")?;
     let status = server.server.status();
