@@ -420,6 +420,23 @@ mod tests {
     }
 
     #[test]
+    fn a_state_of_another_preset_is_refused_with_the_preset_that_wrote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = folio_model::Preset::Small.config().num_params();
+        commit_round(dir.path(), 0, 1.0, &vec![0.0; small]);
+        let medium = folio_model::Preset::Medium.config().num_params();
+        let Err(refusal) = load(dir.path(), medium) else {
+            panic!("a small model's state loaded as a medium one");
+        };
+        let refusal = refusal.to_string();
+        assert!(
+            refusal.contains("written for the preset `small` (run with --preset small)")
+                && refusal.contains("--state-dir"),
+            "{refusal}"
+        );
+    }
+
+    #[test]
     fn a_commit_writes_the_same_bytes_at_round_500_as_at_round_5() {
         let dir = tempfile::tempdir().unwrap();
         let sizes: Vec<u64> = (0..=500)

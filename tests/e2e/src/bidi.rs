@@ -15,10 +15,12 @@ use serde_json::{Map, Value, json};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
-/// Every tab is a device: background tabs keep their timers. (Firefox's remote
-/// agent sets its own automation preferences beside these.)
+/// Every tab is a device: background tabs keep their timers, and each tab acts
+/// as if focused (as under geckodriver). Firefox's remote agent sets its own
+/// automation preferences beside these.
 const PREFS: &str = r#"user_pref("dom.min_background_timeout_value", 4);
 user_pref("dom.timeout.enable_budget_timer_throttling", false);
+user_pref("focusmanager.testmode", true);
 user_pref("browser.shell.checkDefaultBrowser", false);
 user_pref("datareporting.policy.dataSubmissionEnabled", false);
 user_pref("app.update.disabledForTesting", true);
@@ -124,7 +126,10 @@ impl Bidi {
     }
 
     pub(crate) fn open_tab(&mut self, url: &str) -> anyhow::Result<String> {
-        let created = self.command("browsingContext.create", json!({ "type": "tab" }))?;
+        let created = self.command(
+            "browsingContext.create",
+            json!({ "type": "tab", "background": true }),
+        )?;
         self.context = created["context"]
             .as_str()
             .context("no context for the new tab")?
