@@ -401,9 +401,12 @@ build_page() {
     (cd "$FOLIO_ROOT" && cargo_progress "page" build --profile wasm --locked -p folio-web \
         --target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm")
     write_build_status building "binding and compressing"
-    step "binding and compressing the page's wasm (brotli and gzip, ≈ 1 min)"
+    step "binding and compressing the page's wasm unless it is unchanged (brotli and gzip, ≈ 1 min)"
     bind_and_compress "$WASM_TARGET_DIR/wasm32-unknown-unknown/wasm/folio_web.wasm" "$PAGE_DIR"
     write_build_status ready
+    # Built outside scripts/run.sh: no status of an earlier, interrupted build may
+    # keep tabs waiting for a page that is here.
+    [ -n "${FOLIO_BUILD_STATUS:-}" ] || rm -f "$PAGE_DIR/build.json"
 }
 
 # The page's threaded CPU build into pkg/threads/ (tabs that find it train on every
@@ -445,6 +448,8 @@ build_page_behind_server() {
 stop_page_builder() {
     if kill -0 "$PAGE_BUILDER" 2>/dev/null; then
         kill -- "-$PAGE_BUILDER" 2>/dev/null || true
-        write_build_status failed "the build of the device code was interrupted: run scripts/run.sh again"
+        # Only the threaded build may be left: the page itself is ready.
+        grep -q '"state":"ready"' "$FOLIO_BUILD_STATUS" 2>/dev/null \
+            || write_build_status failed "the build of the device code was interrupted: run scripts/run.sh again"
     fi
 }
