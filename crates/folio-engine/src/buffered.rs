@@ -10,12 +10,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 use folio_fed::strategy::OpenUpdates;
-use folio_proto::{ErrorCode, ErrorMessage, ServerMessage};
+use folio_proto::ErrorCode;
 
+use crate::engine::{Closing, Phase};
+use crate::error::EngineError;
+use crate::jobs::Collected;
+use crate::roles::Role;
+use crate::rounds::refused_update;
 use crate::settings::AsyncRounds;
-use crate::{
-    Action, AggregateJob, Closing, DecodedUpdate, Phase, error, refused_update, round_message,
-};
+use crate::{DecodedUpdate, Engine};
 
 /// A session's task: train the model of round `round` (the global model after
 /// round `round − 1`) by its plan.
@@ -125,7 +128,7 @@ impl Buffered {
     }
 }
 
-impl crate::Engine {
+impl<R: Role> Engine<R> {
     /// The round the buffer being filled will make: past the commit in flight
     /// (or the last commit) and the full buffers waiting behind it.
     fn buffer_round(&self) -> u64 {
@@ -157,10 +160,10 @@ impl crate::Engine {
                 self.buffered_mut().tasks.clear();
                 self.send(
                     training,
-                    ServerMessage::Error(error(
+                    EngineError::new(
                         ErrorCode::RoundClosed,
                         "training finished; your update will be ignored",
-                    )),
+                    ),
                 );
                 return;
             }
@@ -183,10 +186,10 @@ impl crate::Engine {
         &self,
         session: u64,
         round: u64,
-    ) -> Result<(Task, u64), ErrorMessage> {
+    ) -> Result<(Task, u64), EngineError> {
         let buffered = self.buffered.as_ref().expect("asynchronous rounds");
         if matches!(self.phase, Phase::Finished) {
-            return Err(error(
+            return Err(EngineError::new(
                 ErrorCode::RoundClosed,
                 "training finished; the update is ignored",
             ));
@@ -194,7 +197,7 @@ impl crate::Engine {
         let staleness = Buffered::staleness(self.buffer_round(), round);
         let max = buffered.settings.max_staleness;
         if staleness > max {
-            return Err(error(
+            return Err(EngineError::new(
                 ErrorCode::Stale,
                 format!(
                     "the update trained a model {staleness} steps behind the global one (at most {max}); the latest model comes to you"
@@ -209,12 +212,12 @@ impl crate::Engine {
                     .get(session)
                     .is_some_and(|s| s.reported_rounds.back() == Some(&round));
                 Err(if reported {
-                    error(
+                    EngineError::new(
                         ErrorCode::DuplicateUpdate,
                         format!("a second update from the model of round {round}"),
                     )
                 } else {
-                    error(
+                    EngineError::new(
                         ErrorCode::NotSelected,
                         format!("this client has no task for round {round}"),
                     )
@@ -230,7 +233,7 @@ impl crate::Engine {
         session: u64,
         update: DecodedUpdate,
         now: Instant,
-    ) -> Result<(), ErrorMessage> {
+    ) -> Result<(), EngineError> {
         let (task, staleness) = self.expected_async(session, update.round)?;
         let strategy = self.strategy.clone();
         let buffered = self.buffered_mut();
@@ -281,12 +284,12 @@ impl crate::Engine {
         let max = buffered.settings.max_staleness;
         self.send(
             stale,
-            ServerMessage::Error(error(
+            EngineError::new(
                 ErrorCode::Stale,
                 format!(
                     "the global model moved more than {max} steps past your task's; your update would be refused, and the latest model comes to you"
                 ),
-            )),
+            ),
         );
     }
 
@@ -306,15 +309,7 @@ impl crate::Engine {
             secure: false,
             staleness: Some(buffer.staleness_sum as f64 / buffer.count.max(1) as f64),
         };
-        self.actions.push_back(Action::Aggregate(AggregateJob {
-            round,
-            strategy: self.strategy.clone(),
-            updates: buffer.updates,
-            weights: self.global.weights.clone(),
-            state: self.global.state.clone(),
-            model_encoding: self.config.rounds.model_encoding,
-        }));
-        self.phase = Phase::Aggregating(closing);
+        self.aggregate(closing, Collected::Updates(buffer.updates));
     }
 
     /// Hands the global model to free sessions, up to `clients_per_round`
@@ -342,11 +337,7 @@ impl crate::Engine {
                     && !buffered.timed_out.contains(&s.session)
                     && s.reported_rounds.back() != Some(&round)
             })
-            .map(|s| folio_fed::Candidate {
-                client: s.session,
-                size: self.clients.get(&s.client_id).copied().unwrap_or(0) as u64,
-                group: s.group,
-            })
+            .map(|s| self.candidate(s))
             .collect();
         if candidates.is_empty() {
             return;
@@ -370,33 +361,28 @@ impl crate::Engine {
         let start = self.round_start(round);
         let plan = self.config.rounds.plan(start.seed);
         let deadline = now + self.config.rounds.deadline;
-        let (mut with, mut without) = (Vec::new(), Vec::new());
-        let mut tasks = Vec::new();
-        for session in picked {
-            let info = self.sessions.get_mut(session).expect("a connected session");
-            let allowed = plan.max_examples(self.clients[&info.client_id]);
-            if info.held_model == Some(start.model) {
-                without.push(session);
-            } else {
-                with.push(session);
-            }
-            info.held_model = Some(start.model);
-            tasks.push((
-                session,
-                Task {
-                    round,
-                    allowed,
-                    deadline,
-                },
-            ));
-        }
+        let tasks: Vec<(u64, Task)> = picked
+            .iter()
+            .map(|&session| {
+                let client = &self
+                    .sessions
+                    .get(session)
+                    .expect("a connected session")
+                    .client_id;
+                let allowed = plan.max_examples(self.clients[client]);
+                (
+                    session,
+                    Task {
+                        round,
+                        allowed,
+                        deadline,
+                    },
+                )
+            })
+            .collect();
         let buffered = self.buffered_mut();
         buffered.draws += 1;
         buffered.tasks.extend(tasks);
-        for (to, held) in [(with, false), (without, true)] {
-            if !to.is_empty() {
-                self.send(to, round_message(&start, start.deadline_ms, held));
-            }
-        }
+        self.hand_out(&start, picked);
     }
 }

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use folio_fed::Encoding;
-use folio_fed::strategy::OpenUpdates;
 use folio_proto::RoundStart;
 
 /// Where the open round stands.
@@ -23,7 +22,7 @@ pub enum RoundPhase {
     Failed,
 }
 
-pub struct OpenRound {
+pub(crate) struct OpenRound {
     pub round: u64,
     /// Attempts of this round number before this one (abandoned for no quorum).
     pub attempt: u32,
@@ -38,7 +37,8 @@ pub struct OpenRound {
     /// What the selected clients were sent (weights included), for a client that
     /// rejoins before it reported.
     pub start: RoundStart,
-    pub updates: OpenUpdates,
+    /// What the round collected so far.
+    pub(crate) collected: crate::jobs::Collected,
     pub deadline: Instant,
     pub started: Instant,
     pub loss_sum: f64,
@@ -48,8 +48,6 @@ pub struct OpenRound {
     pub bytes_down: u64,
     /// A secure round's steps (`None`: a plain round).
     pub(crate) secure: Option<Box<crate::secure::SecureOpen>>,
-    /// The updates are a secure round's sum.
-    pub secure_sum: bool,
 }
 
 impl OpenRound {
@@ -59,7 +57,7 @@ impl OpenRound {
         start: RoundStart,
         attempt: u32,
         allowed_examples: BTreeMap<u64, u64>,
-        updates: OpenUpdates,
+        collected: crate::jobs::Collected,
         now: Instant,
         deadline: Duration,
     ) -> Self {
@@ -72,7 +70,7 @@ impl OpenRound {
             allowed_examples,
             encoding: start.delta_encoding,
             start,
-            updates,
+            collected,
             deadline: now + deadline,
             started: now,
             loss_sum: 0.0,
@@ -81,7 +79,6 @@ impl OpenRound {
             bytes_up: 0,
             bytes_down: 0,
             secure: None,
-            secure_sum: false,
         }
     }
 
@@ -155,7 +152,9 @@ mod tests {
             start,
             0,
             selected.iter().map(|&s| (s, 8)).collect(),
-            strategy.open_round(&strategy.initial_state(1), 1).unwrap(),
+            crate::jobs::Collected::Updates(
+                strategy.open_round(&strategy.initial_state(1), 1).unwrap(),
+            ),
             Instant::now(),
             Duration::from_secs(60),
         )

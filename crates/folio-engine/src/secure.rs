@@ -2,13 +2,17 @@
 //! their deadlines, and the round's sum, unmasked and decoded off the engine
 //! into the share a strategy combines (as a cluster's root combines edges').
 
-use std::collections::BTreeSet;
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use folio_fed::{FedError, Partial};
+use folio_proto::{ErrorCode, ServerMessage};
 use folio_secagg::{SecureServer, SecureSpec, Unmasking};
 
-use crate::SecureRounds;
+use crate::engine::Phase;
+use crate::error::EngineError;
+use crate::roles::{HoldsSessions, Role};
+use crate::{Engine, SecureRounds};
 
 /// The secure side of an open round.
 pub(crate) struct SecureOpen {
@@ -22,19 +26,38 @@ pub(crate) struct SecureOpen {
     pub left: BTreeSet<u64>,
 }
 
-/// The spec of a secure round of `clients` (each with at most `most_examples`),
-/// clipped to `bound`.
-pub(crate) fn spec(
+/// A secure round that closed with its sum, and who is in it.
+pub(crate) struct ClosedSum {
+    pub sum: SecureSum,
+    pub contributors: Vec<u64>,
+}
+
+impl SecureOpen {
+    /// The round's sum, if its unmasking step closed.
+    pub fn into_sum(self) -> Option<ClosedSum> {
+        let unmasking = self.unmasking?;
+        Some(ClosedSum {
+            contributors: self.server.contributors(),
+            sum: SecureSum {
+                unmasking,
+                spec: self.spec,
+            },
+        })
+    }
+}
+
+/// The spec of secure round `id` of `clients` (each with at most
+/// `most_examples`), clipped to `bound`.
+fn spec(
+    id: u64,
     settings: &SecureRounds,
     clients: usize,
     most_examples: u64,
     bound: f32,
     weigh_by_examples: bool,
 ) -> SecureSpec {
-    let mut id = [0u8; 8];
-    getrandom::fill(&mut id).expect("the OS random number generator works");
     SecureSpec {
-        id: u64::from_le_bytes(id),
+        id,
         threshold: settings
             .threshold
             .unwrap_or_else(|| folio_secagg::graph::majority(clients, settings.degree as usize)),
@@ -105,5 +128,159 @@ impl SecureSum {
             norms: Vec::new(),
         };
         Ok((partial, metrics))
+    }
+}
+
+impl<R: Role> Engine<R> {
+    /// The bound a secure round's clients clip to (`None` for plain rounds).
+    pub(crate) fn secure_bound(
+        &self,
+        ordered: Result<Option<f32>, FedError>,
+    ) -> Result<Option<f32>, EngineError> {
+        if self.config.rounds.secure.is_none() {
+            return Ok(None);
+        }
+        match ordered {
+            Ok(Some(bound)) => Ok(Some(bound)),
+            Ok(None) => Err(EngineError::new(
+                ErrorCode::BadSecureStep,
+                "a secure round needs a fixed clip bound",
+            )),
+            Err(err) => Err(EngineError::new(
+                ErrorCode::BadSecureStep,
+                format!("a secure round cannot start: {err}"),
+            )),
+        }
+    }
+
+    /// The secure side of a round for the sessions in `allowed_examples`, its
+    /// spec and masking graph drawn fresh.
+    pub(crate) fn open_secure(
+        &mut self,
+        settings: &SecureRounds,
+        allowed_examples: &BTreeMap<u64, u64>,
+        bound: f32,
+        now: Instant,
+    ) -> Result<Box<SecureOpen>, folio_secagg::SecAggError> {
+        let strategy = &self.config.rounds.strategy;
+        let by_examples = strategy.weighting == folio_fed::Weighting::Examples
+            && strategy.kind != folio_fed::StrategyKind::DpFedAvg;
+        let most = allowed_examples.values().copied().max().unwrap_or(1);
+        let id = self.draw_u64();
+        let spec = spec(
+            id,
+            settings,
+            allowed_examples.len(),
+            most,
+            bound,
+            by_examples,
+        );
+        let graph_seed = self.draw_seed();
+        let sessions = allowed_examples.keys().copied();
+        let server = SecureServer::new(spec, self.config.num_params(), sessions, graph_seed)?;
+        Ok(Box::new(SecureOpen {
+            server,
+            spec,
+            step_deadline: now + settings.step_timeout,
+            unmasking: None,
+            left: BTreeSet::new(),
+        }))
+    }
+
+    /// Moves a secure round along: its step closes once every client it waits
+    /// for answered or left, or at the step's deadline. Returns whether the
+    /// round changed (and may move again).
+    pub(crate) fn step_secure(&mut self, now: Instant) -> bool {
+        let quorum = self.quorum();
+        let step_timeout = self
+            .config
+            .rounds
+            .secure
+            .map_or(Duration::ZERO, |s| s.step_timeout);
+        let Phase::Collecting(open) = &mut self.phase else {
+            return false;
+        };
+        let Some(secure) = &mut open.secure else {
+            return false;
+        };
+        if !secure.server.is_complete() && now < secure.step_deadline {
+            return false;
+        }
+        match secure.server.close() {
+            Ok(folio_secagg::Closed::Send(messages)) => {
+                // Training happens before the masked input: that step waits
+                // until the round's deadline, the others for the step timeout.
+                secure.step_deadline = match secure.server.stage() {
+                    folio_secagg::Stage::Masked => open.deadline,
+                    _ => now + step_timeout,
+                };
+                for &session in &secure.left {
+                    secure.server.leave(session);
+                }
+                for (session, step) in messages {
+                    self.send(vec![session], ServerMessage::Secure(step));
+                }
+                true
+            }
+            Ok(folio_secagg::Closed::Unmask(unmasking)) => {
+                if unmasking.contributors() < quorum {
+                    self.abandon_round("closed without a quorum");
+                    return true;
+                }
+                secure.unmasking = Some(unmasking);
+                self.close_round();
+                false
+            }
+            // Rounds that close with whatever came (DP-FedAvg's, whose sample
+            // must never be drawn again; an edge's share) close with nothing.
+            Err(why) if quorum == 0 => {
+                tracing::warn!(round = open.round, "a secure round closes empty: {why}");
+                open.secure = None;
+                open.reported.clear();
+                self.close_round();
+                false
+            }
+            Err(why) => {
+                self.abandon_round(&why.to_string());
+                true
+            }
+        }
+    }
+}
+
+impl<R: HoldsSessions> Engine<R> {
+    /// Takes one step of a secure round from `session`, or says why not; a
+    /// refused step changes nothing.
+    pub fn secure(
+        &mut self,
+        session: u64,
+        step: folio_secagg::ClientStep,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let Phase::Collecting(open) = &mut self.phase else {
+            return Err(EngineError::new(
+                ErrorCode::RoundClosed,
+                "no round is open; the secure step is ignored",
+            ));
+        };
+        let Some(secure) = &mut open.secure else {
+            return Err(EngineError::new(
+                ErrorCode::BadSecureStep,
+                format!("round {} is not secure", open.round),
+            ));
+        };
+        let masked = matches!(step, folio_secagg::ClientStep::Masked(_));
+        secure
+            .server
+            .receive(session, step)
+            .map_err(|e| EngineError::new(ErrorCode::BadSecureStep, e.to_string()))?;
+        if masked {
+            open.reported.insert(session);
+            if let Some(info) = self.sessions.get_mut(session) {
+                info.contributed(open.round);
+            }
+        }
+        self.advance(now);
+        Ok(())
     }
 }

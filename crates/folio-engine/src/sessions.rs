@@ -123,12 +123,6 @@ pub struct Sessions {
     next: u64,
 }
 
-fn random_secret() -> String {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).expect("the OS random number generator works");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Equal strings, in time that depends on their length only.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -209,8 +203,10 @@ impl Sessions {
             .ok_or(SessionError::NoFreeClient)
     }
 
-    /// A new session for `client_id`. A disconnected session holding that client
-    /// is revoked: its token stops working.
+    /// A new session for `client_id`, resumed with `secret` (drawn by the
+    /// engine). A disconnected session holding that client is revoked: its token
+    /// stops working.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &mut self,
         client_id: String,
@@ -219,6 +215,7 @@ impl Sessions {
         max_sessions: usize,
         now: Instant,
         ttl: Duration,
+        secret: u128,
     ) -> Result<u64, SessionError> {
         if let Some(old) = self.holder(&client_id) {
             debug_assert!(!old.connected, "pick_client checked");
@@ -253,7 +250,7 @@ impl Sessions {
                 checked_device: None,
                 held_model: None,
                 group,
-                secret: random_secret(),
+                secret: format!("{secret:032x}"),
                 disconnected_at: Some(now),
             },
         );
@@ -333,10 +330,10 @@ mod tests {
         let mut sessions = Sessions::new();
         let now = Instant::now();
         let a = sessions
-            .create("A".into(), "native", 0, 10, now, TTL)
+            .create("A".into(), "native", 0, 10, now, TTL, 11400714819323198485)
             .unwrap();
         let b = sessions
-            .create("B".into(), "native", 0, 10, now, TTL)
+            .create("B".into(), "native", 0, 10, now, TTL, 22801429638646396970)
             .unwrap();
         let (ta, tb) = (
             sessions.get(a).unwrap().token(),
@@ -359,7 +356,7 @@ mod tests {
         let mut sessions = Sessions::new();
         let now = Instant::now();
         let a = sessions
-            .create("A".into(), "browser", 0, 10, now, TTL)
+            .create("A".into(), "browser", 0, 10, now, TTL, 34202144457969595455)
             .unwrap();
         sessions.connect(a);
         assert_eq!(
@@ -368,7 +365,7 @@ mod tests {
         );
         assert_eq!(sessions.pick_client(None, &pool()), Ok("B".into()));
         let b = sessions
-            .create("B".into(), "browser", 0, 10, now, TTL)
+            .create("B".into(), "browser", 0, 10, now, TTL, 45602859277292793940)
             .unwrap();
         sessions.connect(b);
         assert_eq!(
@@ -380,7 +377,7 @@ mod tests {
         sessions.disconnect(a, now);
         assert_eq!(sessions.pick_client(None, &pool()), Ok("A".into()));
         sessions
-            .create("A".into(), "browser", 0, 10, now, TTL)
+            .create("A".into(), "browser", 0, 10, now, TTL, 57003574096615992425)
             .unwrap();
         assert_eq!(sessions.find_resumable(&token), Ok(None));
     }
@@ -390,20 +387,36 @@ mod tests {
         let mut sessions = Sessions::new();
         let now = Instant::now();
         let a = sessions
-            .create("A".into(), "native", 0, 2, now, TTL)
+            .create("A".into(), "native", 0, 2, now, TTL, 68404288915939190910)
             .unwrap();
         sessions.connect(a);
         sessions
-            .create("B".into(), "native", 0, 2, now, TTL)
+            .create("B".into(), "native", 0, 2, now, TTL, 79805003735262389395)
             .unwrap();
         assert_eq!(sessions.expire(now + TTL, TTL), 1);
         assert!(sessions.get(a).is_some(), "connected sessions never expire");
         let c = sessions
-            .create("C".into(), "native", 0, 2, now + TTL, TTL)
+            .create(
+                "C".into(),
+                "native",
+                0,
+                2,
+                now + TTL,
+                TTL,
+                91205718554585587880,
+            )
             .unwrap();
         sessions.connect(c);
         assert_eq!(
-            sessions.create("D".into(), "native", 0, 2, now + TTL, TTL),
+            sessions.create(
+                "D".into(),
+                "native",
+                0,
+                2,
+                now + TTL,
+                TTL,
+                102606433373908786365
+            ),
             Err(SessionError::Full),
             "every session kept is connected"
         );
@@ -416,21 +429,37 @@ mod tests {
         let later = |s: u64| now + Duration::from_secs(s);
         // One session of group 1 left first; three of group 2 left after it.
         let lone = sessions
-            .create("L".into(), "browser", 1, 4, now, TTL)
+            .create("L".into(), "browser", 1, 4, now, TTL, 114007148193231984850)
             .unwrap();
         let crowd: Vec<u64> = ["X", "Y", "Z"]
             .iter()
             .enumerate()
             .map(|(i, id)| {
                 let s = sessions
-                    .create((*id).into(), "native", 2, 4, later(i as u64 + 1), TTL)
+                    .create(
+                        (*id).into(),
+                        "native",
+                        2,
+                        4,
+                        later(i as u64 + 1),
+                        TTL,
+                        125407863012555183335,
+                    )
                     .unwrap();
                 sessions.disconnect(s, later(i as u64 + 1));
                 s
             })
             .collect();
         sessions.disconnect(lone, now);
-        let newcomer = sessions.create("N".into(), "browser", 3, 4, later(5), TTL);
+        let newcomer = sessions.create(
+            "N".into(),
+            "browser",
+            3,
+            4,
+            later(5),
+            TTL,
+            136808577831878381820,
+        );
         assert!(newcomer.is_ok());
         assert!(
             sessions.get(lone).is_some(),

@@ -8,8 +8,10 @@ use std::time::Instant;
 use folio_fed::PrivacySpent;
 use serde::Serialize;
 
+use crate::engine::Phase;
+use crate::roles::Role;
 use crate::sessions::SessionInfo;
-use crate::{Engine, Phase, RoundRecord};
+use crate::{Engine, RoundRecord};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -80,7 +82,7 @@ pub struct ConfigStatus {
     pub secure: Option<crate::SecureRounds>,
 }
 
-impl Engine {
+impl<R: Role> Engine<R> {
     pub fn status(&self, now: Instant) -> Status {
         let rounds = &self.config.rounds;
         let next_round = self.completed_rounds() + 1;

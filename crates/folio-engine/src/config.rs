@@ -1,0 +1,126 @@
+//! What an engine is built with: its settings, where it starts from, the
+//! entropy its draws come from, and the role/mode combinations it refuses.
+
+use std::time::Duration;
+
+use folio_fed::StateRecord;
+use folio_proto::ModelShape;
+
+use crate::{Role, RoundConfig, RoundRecord};
+
+/// What the engine is set up with.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub rounds: RoundConfig,
+    /// The model's preset name and shape, told to clients.
+    pub preset: String,
+    pub model: ModelShape,
+    /// Lengths of the model's tensors in parameter order (the delta codecs' unit).
+    pub segments: Vec<usize>,
+    /// The seed of the public draws: the order clients are handed out, selection,
+    /// each round's training plan.
+    pub seed: u64,
+    /// The seed of every draw that must stay secret (resume tokens, probe ids,
+    /// secure rounds' graphs, DP's sample and noise).
+    pub entropy: Entropy,
+    /// Clients in the federation's population, connected or not (DP-FedAvg's
+    /// sampling rate and δ depend on it).
+    pub population: usize,
+    /// Sessions kept (connected or waiting to be resumed).
+    pub max_sessions: usize,
+    /// A disconnected session can be resumed for this long.
+    pub session_ttl: Duration,
+    /// Stop after this many rounds (`None`: run forever).
+    pub max_rounds: Option<u64>,
+    /// How fast one group may open new sessions (resuming one is free).
+    pub new_sessions: SessionRate,
+    /// After a job fails (an evaluation, a save), the round runs again this much
+    /// later (a full disk or a lost store gets a moment, not a busy loop).
+    pub retry_after: Duration,
+    /// Check each device with a known-answer probe when it joins (and when its
+    /// backend changes) before it may be selected.
+    pub check_devices: bool,
+}
+
+impl EngineConfig {
+    pub fn num_params(&self) -> usize {
+        self.segments.iter().sum()
+    }
+}
+
+/// The 32 bytes every secret draw of an engine starts from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Entropy(pub [u8; 32]);
+
+impl Entropy {
+    /// From the OS: what a served federation uses, so that nobody can predict
+    /// its tokens, graphs or noise.
+    pub fn from_os() -> Self {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).expect("the OS random number generator works");
+        Self(bytes)
+    }
+
+    /// From a seed: a simulation replays bit for bit, and nothing it draws is
+    /// private.
+    pub fn from_seed(seed: u64) -> Self {
+        let mut bytes = [0u8; 32];
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            let word = (seed ^ 0x5EC2_E7D5_EED5_u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        Self(bytes)
+    }
+}
+
+impl std::fmt::Debug for Entropy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Entropy(..)")
+    }
+}
+
+/// New sessions one group may open: `burst` at once, then one every `every`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRate {
+    pub burst: u32,
+    pub every: Duration,
+}
+
+/// Where a federation starts: its global model, and what a saved state holds.
+#[derive(Debug, Clone)]
+pub struct Start {
+    pub weights: Vec<f32>,
+    /// The strategy's saved state (`None`, or one the strategy refuses: afresh).
+    pub strategy: Option<StateRecord>,
+    /// Committed rounds, from round 0; empty for a new federation.
+    pub history: Vec<RoundRecord>,
+}
+
+/// Why an engine cannot be built as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    #[error("inconsistent round settings: {0}")]
+    Rounds(String),
+    #[error(
+        "a cluster runs synchronous rounds: its root orders each round from the edges' sessions (run asynchronous rounds on one server)"
+    )]
+    AsynchronousCluster,
+    #[error("the starting model has {weights} weights, the model has {params}")]
+    Weights { weights: usize, params: usize },
+}
+
+/// Refuses what `R` cannot run.
+pub(crate) fn check<R: Role>(config: &EngineConfig, start: &Start) -> Result<(), BuildError> {
+    config.rounds.validate().map_err(BuildError::Rounds)?;
+    if !(R::HOLDS_SESSIONS && R::COMMITS) && config.rounds.asynchronous.is_some() {
+        return Err(BuildError::AsynchronousCluster);
+    }
+    if start.weights.len() != config.num_params() {
+        return Err(BuildError::Weights {
+            weights: start.weights.len(),
+            params: config.num_params(),
+        });
+    }
+    Ok(())
+}

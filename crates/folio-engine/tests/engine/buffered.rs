@@ -1,0 +1,148 @@
+use super::*;
+
+fn async_host(concurrency: usize, buffer: usize, max_staleness: u64) -> Host {
+    let mut config = config(strategy_config(concurrency, 1), None);
+    config.rounds.asynchronous = Some(folio_engine::AsyncRounds {
+        buffer,
+        max_staleness,
+    });
+    config.rounds.validate().unwrap();
+    Host::new(
+        config,
+        Start {
+            weights: vec![0.0; PARAMS],
+            strategy: None,
+            history: Vec::new(),
+        },
+    )
+}
+
+impl Host {
+    /// The sessions given a task for `round` so far, in order.
+    fn tasked(&self, round: u64) -> Vec<u64> {
+        self.starts()
+            .into_iter()
+            .filter(|(_, start)| start.round == round)
+            .flat_map(|(to, _)| to)
+            .collect()
+    }
+
+    fn training(&self) -> BTreeSet<u64> {
+        let status = self.engine.status(self.now).asynchronous.unwrap();
+        status.training.into_iter().map(|(s, _)| s).collect()
+    }
+}
+
+#[test]
+fn asynchronous_rounds_step_every_k_updates_and_discount_the_stale_ones() {
+    let mut host = async_host(2, 2, 1);
+    let [a, b, c] = ["A", "B", "C"].map(|id| host.join(id));
+    let first = host.tasked(1);
+    assert_eq!(first.len(), 2, "two train at once: {first:?}");
+    let idle = [a, b, c].into_iter().find(|s| !first.contains(s)).unwrap();
+    let (fast, slow) = (first[0], first[1]);
+    // A task's examples are bounded by its plan, as a round's are.
+    let greedy = host
+        .engine
+        .update(fast, update(1, [1.0; PARAMS], ALLOWED + 1), host.now)
+        .unwrap_err();
+    assert_eq!(greedy.code, ErrorCode::BadExamples);
+    host.update(fast, 1, [1.0, 0.0, 0.0, 0.0]).unwrap();
+    assert_eq!(host.committed.len(), 1, "the buffer holds one of two");
+    // The fast one is done with this model; the idle one takes its place.
+    assert_eq!(host.training(), BTreeSet::from([slow, idle]));
+    assert_eq!(
+        host.update(fast, 1, [1.0; PARAMS]),
+        Err(ErrorCode::DuplicateUpdate)
+    );
+    host.update(idle, 1, [0.0, 1.0, 0.0, 0.0]).unwrap();
+    assert_eq!(host.committed.len(), 2);
+    assert_eq!(host.committed[1].staleness, Some(0.0));
+    assert_eq!(host.engine.weights().as_slice(), [0.5, 0.5, 0.0, 0.0]);
+    // The slow one trained round 1's model, now one step behind: it counts
+    // 1/√2, the mean still over the buffer's examples.
+    let tasked = host.tasked(2);
+    assert_eq!(tasked.len(), 1, "one free slot: {tasked:?}");
+    host.update(slow, 1, [0.0, 0.0, 4.0, 0.0]).unwrap();
+    host.update(tasked[0], 2, [0.0, 0.0, 0.0, 2.0]).unwrap();
+    assert_eq!(host.committed.len(), 3);
+    assert_eq!(host.committed[2].staleness, Some(0.5));
+    let weights = host.engine.weights();
+    let expected = [0.5, 0.5, 2.0 / 2f32.sqrt(), 1.0];
+    for (w, e) in weights.iter().zip(expected) {
+        assert!((w - e).abs() < 1e-6, "{weights:?}");
+    }
+}
+
+#[test]
+fn an_update_staler_than_the_bound_is_refused_and_its_task_called_off() {
+    let mut host = async_host(2, 1, 0);
+    let _ = ["A", "B", "C"].map(|id| host.join(id));
+    let first = host.tasked(1);
+    let (fast, slow) = (first[0], first[1]);
+    host.update(fast, 1, [1.0; PARAMS]).unwrap();
+    assert_eq!(host.engine.completed_rounds(), 1);
+    // The step left the slow one's model behind: told at once, it gets the
+    // new model instead of finishing work that would be refused.
+    assert!(
+        host.errors_to(slow)
+            .iter()
+            .any(|e| e.contains("moved more than 0 steps")),
+        "{:?}",
+        host.errors_to(slow)
+    );
+    assert!(host.tasked(2).contains(&slow));
+    assert_eq!(host.update(slow, 1, [1.0; PARAMS]), Err(ErrorCode::Stale));
+    assert_eq!(host.engine.completed_rounds(), 1, "nothing was folded");
+    host.update(slow, 2, [1.0; PARAMS]).unwrap();
+    assert_eq!(host.engine.completed_rounds(), 2);
+}
+
+#[test]
+fn asynchronous_tasks_lapse_at_their_deadline_and_leaving_frees_the_slot() {
+    let mut host = async_host(2, 2, 4);
+    let [a, b, c] = ["A", "B", "C"].map(|id| host.join(id));
+    let first = host.tasked(1);
+    let idle = [a, b, c].into_iter().find(|s| !first.contains(s)).unwrap();
+    host.leave(first[0]);
+    assert_eq!(host.training(), BTreeSet::from([first[1], idle]));
+    host.wait(DEADLINE + Duration::from_secs(1));
+    assert!(host.training().is_empty(), "both lapsed, none re-tasked");
+    assert!(!host.errors_to(idle).is_empty());
+    assert_eq!(
+        host.update(idle, 1, [1.0; PARAMS]),
+        Err(ErrorCode::NotSelected)
+    );
+    // The one that left comes back: it never reported for this model.
+    let again = host.engine.join(join("A"), host.now);
+    host.run();
+    assert!(again.is_ok());
+    assert_eq!(host.training().len(), 1);
+    let status = host.engine.status(host.now);
+    assert_eq!(status.phase, "training");
+    assert_eq!(status.completed_rounds, 0);
+}
+
+#[test]
+fn asynchronous_rounds_refuse_strategies_that_need_a_sampled_round() {
+    for (kind, secure) in [
+        (folio_fed::StrategyKind::Krum, false),
+        (folio_fed::StrategyKind::DpFedAvg, false),
+        (folio_fed::StrategyKind::FedAvg, true),
+    ] {
+        let mut rounds = config(strategy_config(3, 3), None).rounds;
+        rounds.strategy.kind = kind;
+        rounds.strategy.clipping = Clipping::Fixed { bound: 1.0 };
+        rounds.secure = secure.then_some(folio_engine::SecureRounds {
+            threshold: None,
+            degree: 0,
+            step_timeout: DEADLINE,
+        });
+        rounds.asynchronous = Some(folio_engine::AsyncRounds {
+            buffer: 2,
+            max_staleness: 2,
+        });
+        let why = rounds.validate().unwrap_err();
+        assert!(why.contains("asynchronous"), "{why}");
+    }
+}

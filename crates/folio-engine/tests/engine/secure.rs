@@ -1,0 +1,306 @@
+use super::cluster::{Cluster, values_for};
+use super::*;
+
+fn secure_config(clients: usize, quorum: usize) -> EngineConfig {
+    let mut config = config(
+        StrategyConfig {
+            clipping: Clipping::Fixed { bound: 1.0 },
+            ..strategy_config(clients, quorum)
+        },
+        None,
+    );
+    config.rounds.secure = Some(folio_engine::SecureRounds {
+        threshold: None,
+        degree: 0,
+        step_timeout: Duration::from_secs(5),
+    });
+    config
+}
+
+/// The secure steps the engine sent `session` and not yet handled.
+fn secure_steps<R: Hosted>(
+    host: &Host<R>,
+    from: usize,
+    session: u64,
+) -> Vec<folio_secagg::ServerStep> {
+    host.sent[from..]
+        .iter()
+        .filter(|(to, _)| to.contains(&session))
+        .filter_map(|(_, message)| match message.as_ref() {
+            ServerMessage::Secure(step) => Some(step.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs the open secure round with one client per session in `deltas`; those
+/// in `leave_after_shares` disconnect instead of sending their masked input.
+/// Each client answers every step the engine sends it, until none is left.
+pub(super) fn run_secure_round<R: Hosted + HoldsSessions>(
+    host: &mut Host<R>,
+    deltas: &std::collections::BTreeMap<u64, [f32; PARAMS]>,
+    leave_after_shares: &[u64],
+) {
+    run_secure_round_with(host, deltas, leave_after_shares, &[]);
+}
+
+/// [`run_secure_round`], where the clients in `hostile` mask integers of their
+/// own choosing (far out of the quantiser's range) instead of their update.
+fn run_secure_round_with<R: Hosted + HoldsSessions>(
+    host: &mut Host<R>,
+    deltas: &std::collections::BTreeMap<u64, [f32; PARAMS]>,
+    leave_after_shares: &[u64],
+    hostile: &[u64],
+) {
+    use folio_secagg::{ClientStep, SecureClient, ServerStep};
+    let start = host.starts().last().unwrap().1.clone();
+    let spec = start.secure.expect("a secure round");
+    let mut clients = std::collections::BTreeMap::new();
+    for (i, &session) in deltas.keys().enumerate() {
+        let (client, keys) = SecureClient::new(spec, [i as u8 + 1; 32]);
+        clients.insert(session, client);
+        host.engine
+            .secure(session, ClientStep::Keys(keys), host.now)
+            .unwrap();
+        host.run();
+    }
+    // The steps of this round only: those sent since its start.
+    let mut handled = host
+        .sent
+        .iter()
+        .rposition(|(_, m)| matches!(m.as_ref(), ServerMessage::RoundStart(_)))
+        .unwrap_or(0);
+    loop {
+        let from = handled;
+        handled = host.sent.len();
+        let mut answered = false;
+        for (&session, client) in &mut clients {
+            for step in secure_steps(host, from, session) {
+                let reply = match step {
+                    ServerStep::Roster(roster) => {
+                        ClientStep::Shares(client.roster(roster).unwrap())
+                    }
+                    ServerStep::Shares(shares) => {
+                        client.shares(shares).unwrap();
+                        if leave_after_shares.contains(&session) {
+                            host.engine.leave(session, host.now);
+                            continue;
+                        }
+                        if hostile.contains(&session) {
+                            let mut values = vec![500_000_000u32; PARAMS];
+                            values.extend([0; folio_secagg::quantize::EXTRAS]);
+                            ClientStep::Masked(client.mask_values(values).unwrap())
+                        } else {
+                            let input = folio_secagg::Input {
+                                delta: &deltas[&session],
+                                weight: spec.weight(8),
+                                loss: 2.0,
+                                accuracy: 0.25,
+                            };
+                            ClientStep::Masked(client.mask(&input).unwrap())
+                        }
+                    }
+                    ServerStep::Unmask(request) => {
+                        ClientStep::Reveal(client.unmask(request).unwrap())
+                    }
+                };
+                host.engine.secure(session, reply, host.now).unwrap();
+                answered = true;
+            }
+        }
+        host.run();
+        if !answered {
+            break;
+        }
+    }
+}
+
+/// A fresh federation of secure rounds of four (with `quorum`), and A–D joined.
+fn secure_host(quorum: usize) -> (Host, Vec<u64>) {
+    let start = Start {
+        weights: vec![0.0; PARAMS],
+        strategy: None,
+        history: Vec::new(),
+    };
+    let mut host = Host::new(secure_config(4, quorum), start);
+    let sessions = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    (host, sessions)
+}
+
+#[test]
+fn a_secure_round_commits_the_mean_of_the_clipped_deltas_from_their_sum_alone() {
+    let (mut host, sessions) = secure_host(3);
+    let start = host.starts().last().unwrap().1.clone();
+    let spec = start.secure.expect("the round is secure");
+    assert_eq!(spec.quantizer.clip_bound, 1.0);
+    assert_eq!(spec.threshold, 3, "a majority of 4 holders");
+    // A plain update has no place in a secure round.
+    let refused = host.update(sessions[0], 1, [0.1; PARAMS]);
+    assert_eq!(refused, Err(ErrorCode::BadSecureStep));
+    // C's delta is over the bound: its client clips it. D drops after sharing.
+    let deltas = std::collections::BTreeMap::from([
+        (sessions[0], [0.3, 0.0, 0.0, 0.0]),
+        (sessions[1], [0.0, -0.6, 0.0, 0.0]),
+        (sessions[2], [0.0, 0.0, 4.0, 0.0]),
+        (sessions[3], [0.5, 0.5, 0.5, 0.5]),
+    ]);
+    run_secure_round(&mut host, &deltas, &[sessions[3]]);
+    let record = host.committed.last().unwrap().clone();
+    assert_eq!((record.round, record.clients, record.secure), (1, 3, true));
+    assert!((record.train_loss.unwrap() - 2.0).abs() < 1e-6);
+    assert_eq!(record.delta_norm, None, "single norms are hidden");
+    let expected = [0.1, -0.2, 1.0 / 3.0, 0.0];
+    for (w, e) in host.engine.weights().iter().zip(expected) {
+        assert!((f64::from(*w) - e).abs() < 1e-6, "{w} vs {e}");
+    }
+}
+
+#[test]
+fn a_secure_round_short_of_its_threshold_runs_again_with_new_keys() {
+    let (mut host, sessions) = secure_host(1);
+    let first = host.starts().last().unwrap().1.secure.unwrap();
+    // Only two of four send keys: below the threshold of 3 when the step times out.
+    for (i, &session) in sessions[..2].iter().enumerate() {
+        let (_, keys) = folio_secagg::SecureClient::new(first, [i as u8 + 1; 32]);
+        host.engine
+            .secure(session, folio_secagg::ClientStep::Keys(keys), host.now)
+            .unwrap();
+    }
+    host.wait(Duration::from_secs(6));
+    assert_eq!(host.committed.len(), 1, "nothing committed");
+    let retry = host.starts().last().unwrap().1.clone();
+    let second = retry.secure.unwrap();
+    assert_eq!(retry.round, 1);
+    assert_ne!(second.id, first.id, "the retry is a new secure round");
+    // A late step of the abandoned attempt is refused.
+    let (_, stale) = folio_secagg::SecureClient::new(first, [9; 32]);
+    let late = host
+        .engine
+        .secure(sessions[0], folio_secagg::ClientStep::Keys(stale), host.now);
+    assert_eq!(late.unwrap_err().code, ErrorCode::BadSecureStep);
+}
+
+#[test]
+fn a_cluster_runs_a_secure_round_per_edge_and_the_root_combines_their_sums() {
+    let strategy = StrategyConfig {
+        clipping: Clipping::Fixed { bound: 0.8 },
+        ..strategy_config(4, 4)
+    };
+    // One server, plain: the reference.
+    let mut whole = Host::fresh(strategy, Some(3));
+    let mut sessions = std::collections::BTreeMap::new();
+    for client in ["A", "B", "C", "D"] {
+        sessions.insert(whole.join(client), client);
+    }
+    for (&session, client) in &sessions {
+        whole.update(session, 1, values_for(client, 1)).unwrap();
+    }
+    // A root and two edges, each edge's clients in a secure round of their own.
+    let mut cluster = Cluster::new(strategy, &[&["A", "B"], &["C", "D"]]);
+    for edge in &mut cluster.edges {
+        edge.engine = {
+            let mut config = edge.engine.config().clone();
+            config.rounds.secure = secure_config(2, 2).rounds.secure;
+            let start = Start {
+                weights: vec![0.0; PARAMS],
+                strategy: None,
+                history: cluster.root.committed.clone(),
+            };
+            Engine::new(config, clients(), start, edge.now).unwrap()
+        };
+    }
+    for (e, names) in [["A", "B"], ["C", "D"]].iter().enumerate() {
+        cluster.clients[e] = names
+            .iter()
+            .map(|c| (cluster.edges[e].join(c), c.to_string()))
+            .collect();
+    }
+    cluster.offer();
+    cluster.deliver_orders();
+    for e in 0..2 {
+        let deltas = cluster.clients[e]
+            .iter()
+            .map(|(s, c)| (*s, values_for(c, 1)))
+            .collect();
+        run_secure_round(&mut cluster.edges[e], &deltas, &[]);
+        assert_eq!(
+            cluster.edges[e].parts.len(),
+            1,
+            "edge {e}'s sum is its share"
+        );
+    }
+    cluster.deliver_parts();
+    assert_eq!(cluster.root.engine.completed_rounds(), 1);
+    let (one, split) = (whole.engine.weights(), cluster.root.engine.weights());
+    for (a, b) in split.iter().zip(one.iter()) {
+        assert!((a - b).abs() <= 1e-6, "{split:?} vs {one:?}");
+    }
+    assert_eq!(cluster.root.committed.last().unwrap().clients, 4);
+}
+
+#[test]
+fn a_secure_dp_round_that_cannot_unmask_releases_noise_alone_and_is_never_drawn_again() {
+    // DP-FedAvg over secure rounds, q = 1 (4 clients a round of a population of
+    // 4). Round 1: only one client sends keys, below the threshold of 3; the
+    // round must not be drawn again (that would change q): it closes with
+    // nothing, releases noise alone and is charged. Round 2 runs in full.
+    let mut config = secure_config(4, 4);
+    config.rounds.strategy = StrategyConfig {
+        kind: folio_fed::StrategyKind::DpFedAvg,
+        dp: folio_fed::DpConfig {
+            noise_multiplier: 1.0,
+            ..folio_fed::DpConfig::default()
+        },
+        ..config.rounds.strategy
+    };
+    config.max_rounds = Some(2);
+    let start = Start {
+        weights: vec![0.0; PARAMS],
+        strategy: None,
+        history: Vec::new(),
+    };
+    let mut host = Host::of_population(config, start, 4);
+    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    let first = host.starts().last().unwrap().1.secure.unwrap();
+    let (_, keys) = folio_secagg::SecureClient::new(first, [1; 32]);
+    host.engine
+        .secure(sessions[0], folio_secagg::ClientStep::Keys(keys), host.now)
+        .unwrap();
+    host.wait(Duration::from_secs(6));
+    let round1 = host.committed.last().unwrap().clone();
+    assert_eq!(
+        (round1.round, round1.clients),
+        (1, 0),
+        "closed empty, not redrawn"
+    );
+    assert_ne!(
+        host.engine.weights().as_slice(),
+        [0.0; PARAMS],
+        "noise released"
+    );
+    let deltas = sessions.iter().map(|&s| (s, [0.1; PARAMS])).collect();
+    run_secure_round(&mut host, &deltas, &[]);
+    let round2 = host.committed.last().unwrap().clone();
+    assert_eq!((round2.round, round2.clients, round2.secure), (2, 4, true));
+    assert_eq!(host.engine.status(host.now).privacy.unwrap().rounds, 2);
+}
+
+#[test]
+fn a_secure_sum_no_clipped_inputs_could_make_is_refused_and_the_round_runs_again() {
+    // D masks values far past the clip bound (it can: the server never sees
+    // them alone). The unmasked sum's norm is over what the weights allow, so
+    // the round commits nothing and runs again.
+    let (mut host, sessions) = secure_host(4);
+    let first = host.starts().last().unwrap().1.secure.unwrap();
+    let deltas = sessions.iter().map(|&s| (s, [0.01; PARAMS])).collect();
+    run_secure_round_with(&mut host, &deltas, &[], &[sessions[3]]);
+    assert_eq!(host.committed.len(), 1, "nothing committed");
+    assert_eq!(host.engine.weights().as_slice(), [0.0; PARAMS]);
+    assert_eq!(
+        host.engine.status(host.now).errors.get("bad_delta"),
+        Some(&1)
+    );
+    let retry = host.starts().last().unwrap().1.clone();
+    assert_eq!(retry.round, 1);
+    assert_ne!(retry.secure.unwrap().id, first.id, "the round runs again");
+}
