@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use folio_engine::{PartReport, RoundOrder, Start};
-use folio_server::{Handle, Host, Server, ServerConfig, Share};
+use folio_server::{EdgeStart, Handle, Server, ServerConfig, Share};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -31,7 +31,7 @@ pub struct EdgeConfig {
 }
 
 pub struct Edge {
-    pub server: Server,
+    pub server: Server<folio_engine::Edge>,
     pub url: String,
     link: Vec<JoinHandle<()>>,
 }
@@ -69,12 +69,12 @@ impl Edge {
             history,
         };
         let first = store.weights(0).await?;
-        let host = Host::Edge {
+        let edge = EdgeStart {
             start,
             first,
             parts,
         };
-        let server = Server::start_as(server_config, host)
+        let server = Server::start_edge(server_config, edge)
             .await
             .context("cannot start the edge's server")?;
         let url = config

@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use folio_data::Corpus;
 use folio_engine::{
-    Action, AggregateResult, Engine, EngineConfig, Evaluation, Role, RoundRecord, Start,
+    Engine, EngineConfig, Entropy, Root as RootRole, RootAction, RoundRecord, Start,
 };
 use folio_fed::{Candidate, Partial};
-use folio_server::{ServerConfig, eval::Evaluator, state};
+use folio_host::eval::Evaluator;
+use folio_host::jobs::{Done, Job};
+use folio_host::state;
+use folio_server::ServerConfig;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -26,8 +29,6 @@ use crate::store::{
 
 /// How often the root reads the edges' reports.
 const OFFER_EVERY: Duration = Duration::from_millis(250);
-/// After a failed job (NATS away, say), this long before the round runs again.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub struct RootConfig {
     pub server: ServerConfig,
@@ -40,14 +41,6 @@ pub struct Root {
     task: JoinHandle<anyhow::Result<()>>,
     /// The last round committed.
     committed: watch::Receiver<Option<RoundRecord>>,
-}
-
-/// What a heavy job gave back.
-enum Done {
-    Aggregated(AggregateResult),
-    Evaluated(u64, Evaluation, Option<Evaluation>),
-    Persisted(u64),
-    Failed(u64, String),
 }
 
 impl Root {
@@ -63,16 +56,16 @@ impl Root {
             tokio::time::sleep(LEASE_TIME / 3).await;
         };
         let server = &config.server;
-        server
-            .rounds
-            .validate()
-            .map_err(|why| anyhow::anyhow!("inconsistent round settings: {why}"))?;
         let corpus = Corpus::load(&server.data_dir.join("shakespeare"))?;
         let model = server.preset.config();
         let engine_config = EngineConfig {
-            role: Role::Root,
             max_rounds: server.max_rounds,
-            ..folio_server::engine_config(server.preset, server.rounds.clone(), server.seed)
+            ..folio_host::engine_config(
+                server.preset,
+                server.rounds.clone(),
+                server.seed,
+                Entropy::from_os(),
+            )
         };
         let history = store.committed().await?;
         let start = match history.last() {
@@ -90,14 +83,15 @@ impl Root {
                 }
             }
             None => Start {
-                weights: folio_server::starting_weights(model, server.init.as_deref(), server.seed)
+                weights: folio_host::starting_weights(model, server.init.as_deref(), server.seed)
                     .await?,
                 strategy: None,
                 history,
             },
         };
         let evaluator = Arc::new(Evaluator::new(model, &corpus, &server.rounds, server.seed)?);
-        let mut engine = folio_server::engine_for(engine_config, &corpus, start);
+        let mut engine: Engine<RootRole> =
+            folio_host::build_engine(engine_config, folio_host::corpus_clients(&corpus), start)?;
         let completed = engine.completed_rounds();
         if let Some((order, _)) = store.order().await?
             && order.round == completed + 1
@@ -164,7 +158,7 @@ impl Root {
 
 struct RootHost {
     store: Store,
-    engine: Engine,
+    engine: Engine<RootRole>,
     evaluator: Arc<Evaluator>,
     seed: u64,
     name: String,
@@ -195,7 +189,7 @@ impl RootHost {
                 }
             };
             tokio::select! {
-                Some(job) = finished.recv() => self.finish(job),
+                Some(result) = finished.recv() => result.apply(&mut self.engine, Instant::now()),
                 Some((notice, part)) = shares.recv() => self.take_share(notice, part),
                 _ = offers.tick() => self.offer().await,
                 _ = renewals.tick() => self.renew().await?,
@@ -215,9 +209,9 @@ impl RootHost {
         Ok(())
     }
 
-    async fn act(&mut self, action: Action, done: &mpsc::UnboundedSender<Done>) {
-        match action {
-            Action::Order(order) => {
+    async fn act(&mut self, action: RootAction, done: &mpsc::UnboundedSender<Done>) {
+        let job = match action {
+            RootAction::Order(order) => {
                 tracing::info!(
                     round = order.round,
                     attempt = order.attempt,
@@ -228,71 +222,37 @@ impl RootHost {
                     // The edges never start it: it fails at its deadline and runs again.
                     tracing::error!(round = order.round, "cannot order the round: {err:#}");
                 }
+                return;
             }
-            Action::Aggregate(job) => {
-                let done = done.clone();
-                tokio::task::spawn_blocking(move || {
-                    let _ = done.send(Done::Aggregated(job.run()));
-                });
+            RootAction::Committed(record) => {
+                folio_host::log_committed(&record);
+                self.progress.send_replace(Some(*record));
+                return;
             }
-            Action::Evaluate {
+            RootAction::Aggregate(job) => Job::Aggregate(job),
+            RootAction::Evaluate {
                 round,
                 weights,
                 population,
-            } => {
-                let done = done.clone();
-                let evaluator = self.evaluator.clone();
-                tokio::task::spawn_blocking(move || {
-                    let _ = done.send(match evaluator.evaluate(&weights, population) {
-                        Ok((eval, population)) => Done::Evaluated(round, eval, population),
-                        Err(err) => {
-                            std::thread::sleep(RETRY_AFTER);
-                            Done::Failed(round, format!("evaluating: {err:#}"))
-                        }
-                    });
-                });
-            }
-            Action::Persist(commit) => {
-                let (done, store, seed) = (done.clone(), self.store.clone(), self.seed);
-                tokio::spawn(async move {
-                    let round = commit.record.round;
-                    let saved = async {
-                        let snapshot =
-                            state::snapshot(round, &commit.weights, &commit.state, seed)?;
-                        store
-                            .commit(&commit.record, &commit.weights, &snapshot)
-                            .await
-                    };
-                    let _ = done.send(match saved.await {
-                        Ok(()) => Done::Persisted(round),
-                        Err(err) => {
-                            tokio::time::sleep(RETRY_AFTER).await;
-                            Done::Failed(round, format!("committing: {err:#}"))
-                        }
-                    });
-                });
-            }
-            Action::Committed(record) => {
-                folio_server::log_committed(&record);
-                self.progress.send_replace(Some(*record));
-            }
-            Action::Send { .. } | Action::Part(_) => {}
-        }
-    }
-
-    fn finish(&mut self, job: Done) {
-        let now = Instant::now();
-        match job {
-            Done::Aggregated(result) => self.engine.aggregated(result, now),
-            Done::Evaluated(round, eval, population) => {
-                self.engine.evaluated(round, eval, population, now)
-            }
-            Done::Persisted(round) => self.engine.persisted(round, now),
-            Done::Failed(round, why) => {
-                tracing::error!(round, "{why}; the round runs again");
-                self.engine.job_failed(round, now);
-            }
-        }
+            } => Job::Evaluate {
+                round,
+                weights,
+                population,
+            },
+            RootAction::Persist(commit) => Job::Persist(commit),
+        };
+        let (done, store, seed) = (done.clone(), self.store.clone(), self.seed);
+        let evaluator = self.evaluator.clone();
+        tokio::spawn(async move {
+            let save = move |commit: Box<folio_engine::Commit>| async move {
+                let round = commit.record.round;
+                let snapshot = state::snapshot(round, &commit.weights, &commit.state, seed)?;
+                store
+                    .commit(&commit.record, &commit.weights, &snapshot)
+                    .await
+            };
+            let _ = done.send(job.run(evaluator, save).await);
+        });
     }
 
     fn take_share(&mut self, notice: ShareNotice, part: Partial) {

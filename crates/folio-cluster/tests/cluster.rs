@@ -152,7 +152,12 @@ fn one_server(
     let corpus = folio_data::Corpus::load(&config.data_dir.join("shakespeare")).unwrap();
     let engine_config = EngineConfig {
         max_rounds: config.max_rounds,
-        ..folio_server::engine_config(config.preset, config.rounds.clone(), config.seed)
+        ..folio_host::engine_config(
+            config.preset,
+            config.rounds.clone(),
+            config.seed,
+            folio_engine::Entropy::from_seed(config.seed),
+        )
     };
     let segments = engine_config.segments.clone();
     let start = Start {
@@ -160,7 +165,9 @@ fn one_server(
         strategy: None,
         history: Vec::new(),
     };
-    let mut engine = folio_server::engine_for(engine_config, &corpus, start);
+    let mut engine: folio_engine::Engine =
+        folio_host::build_engine(engine_config, folio_host::corpus_clients(&corpus), start)
+            .unwrap();
     let now = Instant::now();
     let run = |engine: &mut folio_engine::Engine| {
         while let Some(action) = engine.poll_action() {

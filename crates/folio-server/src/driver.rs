@@ -10,87 +10,87 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use folio_engine::{Action, Commit};
+use folio_engine::{Action, Commit, Edge, EdgeAction, HoldsSessions, Whole};
 use folio_proto::ServerMessage;
 use tokio::sync::mpsc;
 
 use crate::outbox::Outbox;
-use crate::{Shared, state};
+use folio_host::jobs::Job;
+use folio_host::state;
+
+use crate::Shared;
 
 /// What the dispatcher is told, in the engine's order.
-pub enum Delivery {
+pub enum Delivery<R: Served> {
     /// Frames for `session` go to this connection from now on.
     Connect(u64, Outbox),
     /// `session`'s connection is gone.
     Disconnect(u64),
     /// End `session`'s connection (an operator's revocation).
     Close(u64),
-    Action(Action),
+    Action(R::Action),
 }
 
-/// After a failed job, this long before the engine retries it.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A role a server plays: one server, or a cluster's edge. Each carries out
+/// exactly its own engine's actions.
+pub trait Served: HoldsSessions + Sized {
+    /// Starts `action`'s job; a message to send comes back to the dispatcher,
+    /// which holds the connections' outboxes.
+    fn carry(shared: &Arc<Shared<Self>>, action: Self::Action) -> Option<Frames>;
+}
 
-pub async fn dispatch(shared: Arc<Shared>, mut deliveries: mpsc::UnboundedReceiver<Delivery>) {
-    let mut outboxes: HashMap<u64, Outbox> = HashMap::new();
-    while let Some(delivery) = deliveries.recv().await {
-        match delivery {
-            Delivery::Connect(session, outbox) => {
-                outboxes.insert(session, outbox);
+/// A message for some sessions.
+pub struct Frames {
+    to: Vec<u64>,
+    message: Arc<ServerMessage>,
+}
+
+impl Served for Whole {
+    fn carry(shared: &Arc<Shared<Self>>, action: Action) -> Option<Frames> {
+        let job = match action {
+            Action::Send { to, message } => return Some(Frames { to, message }),
+            Action::Committed(record) => {
+                folio_host::log_committed(&record);
+                shared.completed.send_replace(record.round);
+                return None;
             }
-            Delivery::Disconnect(session) => {
-                outboxes.remove(&session);
-            }
-            Delivery::Close(session) => {
-                if let Some(outbox) = outboxes.remove(&session) {
-                    outbox.close();
-                }
-            }
-            Delivery::Action(Action::Send { to, message }) => {
-                let frame = encode(message).await;
-                for session in to {
-                    if let Some(outbox) = outboxes.get(&session) {
-                        outbox.send(frame.clone());
-                    }
-                }
-            }
-            Delivery::Action(Action::Aggregate(job)) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let round = job.round;
-                    match tokio::task::spawn_blocking(move || job.run()).await {
-                        Ok(result) => shared.engine(|e| e.aggregated(result, Instant::now())),
-                        Err(err) => failed(&shared, round, &format!("aggregating: {err}")).await,
-                    }
-                });
-            }
-            Delivery::Action(Action::Evaluate {
+            Action::Aggregate(job) => Job::Aggregate(job),
+            Action::Evaluate {
                 round,
                 weights,
                 population,
-            }) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let evaluator = shared.evaluator.clone();
-                    let evaluated = tokio::task::spawn_blocking(move || {
-                        evaluator.evaluate(&weights, population)
-                    })
-                    .await;
-                    match evaluated {
-                        Ok(Ok((eval, population))) => {
-                            shared.engine(|e| e.evaluated(round, eval, population, Instant::now()))
-                        }
-                        Ok(Err(err)) => {
-                            failed(&shared, round, &format!("evaluating: {err:#}")).await
-                        }
-                        Err(err) => failed(&shared, round, &format!("evaluating: {err}")).await,
-                    }
-                });
-            }
-            Delivery::Action(Action::Part(job)) => {
+            } => Job::Evaluate {
+                round,
+                weights,
+                population,
+            },
+            Action::Persist(commit) => Job::Persist(commit),
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let saver = shared.clone();
+            let save = move |commit: Box<Commit>| async move {
+                // Shutting down waits for a commit being saved.
+                let _saving = saver.saving.read().await;
+                let (dir, seed) = (saver.config.state_dir.clone(), saver.config.seed);
+                tokio::task::spawn_blocking(move || state::commit(&dir, &commit, seed)).await??;
+                Ok(())
+            };
+            let done = job.run(shared.evaluator.clone(), save).await;
+            shared.engine(|e| done.apply(e, Instant::now()));
+        });
+        None
+    }
+}
+
+impl Served for Edge {
+    fn carry(shared: &Arc<Shared<Self>>, action: EdgeAction) -> Option<Frames> {
+        match action {
+            EdgeAction::Send { to, message } => return Some(Frames { to, message }),
+            EdgeAction::Part(job) => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let round = job.report.round;
@@ -105,19 +105,39 @@ pub async fn dispatch(shared: Arc<Shared>, mut deliveries: mpsc::UnboundedReceiv
                     }
                 });
             }
-            Delivery::Action(Action::Order(order)) => {
-                tracing::error!(
-                    round = order.round,
-                    "a server orders no rounds: only a root does"
-                );
+        }
+        None
+    }
+}
+
+pub async fn dispatch<R: Served>(
+    shared: Arc<Shared<R>>,
+    mut deliveries: mpsc::UnboundedReceiver<Delivery<R>>,
+) {
+    let mut outboxes: HashMap<u64, Outbox> = HashMap::new();
+    while let Some(delivery) = deliveries.recv().await {
+        match delivery {
+            Delivery::Connect(session, outbox) => {
+                outboxes.insert(session, outbox);
             }
-            Delivery::Action(Action::Persist(commit)) => {
-                let shared = shared.clone();
-                tokio::spawn(async move { persist(shared, commit).await });
+            Delivery::Disconnect(session) => {
+                outboxes.remove(&session);
             }
-            Delivery::Action(Action::Committed(record)) => {
-                crate::log_committed(&record);
-                shared.completed.send_replace(record.round);
+            Delivery::Close(session) => {
+                if let Some(outbox) = outboxes.remove(&session) {
+                    outbox.close();
+                }
+            }
+            Delivery::Action(action) => {
+                let Some(Frames { to, message }) = R::carry(&shared, action) else {
+                    continue;
+                };
+                let frame = encode(message).await;
+                for session in to {
+                    if let Some(outbox) = outboxes.get(&session) {
+                        outbox.send(frame.clone());
+                    }
+                }
             }
         }
     }
@@ -137,27 +157,8 @@ async fn encode(message: Arc<ServerMessage>) -> Bytes {
     }
 }
 
-async fn persist(shared: Arc<Shared>, commit: Box<Commit>) {
-    let _saving = shared.saving.read().await;
-    let round = commit.record.round;
-    let dir = shared.config.state_dir.clone();
-    let seed = shared.config.seed;
-    let saved = tokio::task::spawn_blocking(move || state::commit(&dir, &commit, seed)).await;
-    match saved {
-        Ok(Ok(_)) => shared.engine(|e| e.persisted(round, Instant::now())),
-        Ok(Err(err)) => failed(&shared, round, &format!("saving: {err:#}")).await,
-        Err(err) => failed(&shared, round, &format!("saving: {err}")).await,
-    }
-}
-
-async fn failed(shared: &Shared, round: u64, why: &str) {
-    tracing::error!(round, "{why}; the round runs again");
-    tokio::time::sleep(RETRY_AFTER).await;
-    shared.engine(|e| e.job_failed(round, Instant::now()));
-}
-
 /// Wakes the engine at its timeouts (deadlines, session expiry).
-pub async fn clock(shared: Arc<Shared>) {
+pub async fn clock<R: Served>(shared: Arc<Shared<R>>) {
     loop {
         let due = shared.read(|e| e.poll_timeout());
         let woken = shared.wake.notified();

@@ -22,15 +22,16 @@ use folio_engine::status::Status;
 use crate::Shared;
 use crate::access::AdminRefusal;
 use crate::driver::Delivery;
+use crate::driver::Served;
 use crate::net::PeerInfo;
 use crate::{state, ws};
 
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router<R: Served>(shared: Arc<Shared<R>>) -> Router {
     let mut router = Router::new()
         .route("/ws", get(ws::upgrade))
         .route(
             "/api/status",
-            get(|State(shared): State<Arc<Shared>>| async move { Json(status(&shared)) }),
+            get(|State(shared): State<Arc<Shared<R>>>| async move { Json(status(&shared)) }),
         )
         .route("/api/history", get(history))
         .route("/api/characters", get(characters))
@@ -74,7 +75,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 /// The Shakespeare clients a tab can train as: `[[id, training chars], ...]`,
 /// for the page's character picker.
-async fn characters(State(shared): State<Arc<Shared>>) -> Json<Vec<(String, usize)>> {
+async fn characters<R: Served>(State(shared): State<Arc<Shared<R>>>) -> Json<Vec<(String, usize)>> {
     let clients = shared.read(|e| e.clients().clone());
     Json(clients.into_iter().collect())
 }
@@ -92,8 +93,8 @@ struct HistoryQuery {
 
 /// Committed rounds from `from` on, a page at a time: a page polls only for what
 /// is new.
-async fn history(
-    State(shared): State<Arc<Shared>>,
+async fn history<R: Served>(
+    State(shared): State<Arc<Shared<R>>>,
     Query(query): Query<HistoryQuery>,
 ) -> Json<Vec<RoundRecord>> {
     let limit = query.limit.unwrap_or(HISTORY_PAGE).min(HISTORY_PAGE);
@@ -102,7 +103,7 @@ async fn history(
 
 /// The current global model, f16 safetensors: public, the page's generator uses
 /// it. Encoded off the engine and off the async workers.
-async fn model_file(State(shared): State<Arc<Shared>>) -> Response {
+async fn model_file<R: Served>(State(shared): State<Arc<Shared<R>>>) -> Response {
     let (weights, round) = shared.read(|e| (e.weights(), e.completed_rounds()));
     let model = shared.model;
     let encoded = tokio::task::spawn_blocking(move || {
@@ -121,7 +122,7 @@ async fn model_file(State(shared): State<Arc<Shared>>) -> Response {
 
 /// The model the federation started from (round 0), for comparing with the
 /// current one.
-async fn start_model_file(State(shared): State<Arc<Shared>>) -> Response {
+async fn start_model_file<R: Served>(State(shared): State<Arc<Shared<R>>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/octet-stream")],
         shared.start_model.clone(),
@@ -131,7 +132,11 @@ async fn start_model_file(State(shared): State<Arc<Shared>>) -> Response {
 
 /// Why an admin request is refused, if it is; a wrong token is answered only
 /// after the address's wrong-token delay.
-async fn admin_refused(shared: &Shared, peer: &PeerInfo, headers: &HeaderMap) -> Option<Response> {
+async fn admin_refused<R: Served>(
+    shared: &Shared<R>,
+    peer: &PeerInfo,
+    headers: &HeaderMap,
+) -> Option<Response> {
     match shared.access.admin(headers) {
         Ok(()) => None,
         Err(AdminRefusal::Off) => Some(
@@ -156,8 +161,8 @@ async fn admin_refused(shared: &Shared, peer: &PeerInfo, headers: &HeaderMap) ->
 }
 
 /// The committed state file (weights, optimizer moments, history).
-async fn export_state(
-    State(shared): State<Arc<Shared>>,
+async fn export_state<R: Served>(
+    State(shared): State<Arc<Shared<R>>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
 ) -> Response {
@@ -175,8 +180,8 @@ async fn export_state(
 }
 
 /// Ends a session: its connection closes and its token stops working.
-async fn revoke_session(
-    State(shared): State<Arc<Shared>>,
+async fn revoke_session<R: Served>(
+    State(shared): State<Arc<Shared<R>>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     Path(session): Path<u64>,
     headers: HeaderMap,
@@ -211,7 +216,7 @@ pub struct ServerStatus {
     edges: Vec<String>,
 }
 
-pub fn status(shared: &Shared) -> ServerStatus {
+pub fn status<R: Served>(shared: &Shared<R>) -> ServerStatus {
     let count = &shared.connections;
     ServerStatus {
         engine: shared.read(|e| e.status(Instant::now())),

@@ -6,18 +6,20 @@
 //! The folder follows the work: `net` (TCP: connection caps, idle timeouts),
 //! `http` (the page, status, history, model, admin API), `ws` (one client
 //! connection), `outbox` (its bounded queue), `access` (tokens, origins,
-//! lockouts), `driver` (the engine's actions and clock), `eval` (central
-//! evaluation), `state` (durable commits), `limits` (every bound).
+//! lockouts), `driver` (the engine's actions and clock), `limits` (every
+//! bound). Start-up, evaluation and durable state are every host's, in
+//! `folio_host`.
+//!
+//! A server plays one of two roles: the whole federation ([`Server::start`]) or
+//! a cluster's edge ([`Server::start_edge`]), each over its own engine type.
 
 pub mod access;
 pub mod config;
 mod driver;
-pub mod eval;
 mod http;
 pub mod limits;
 pub mod net;
 pub mod outbox;
-pub mod state;
 mod ws;
 
 use std::collections::BTreeMap;
@@ -26,13 +28,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use burn::prelude::Device;
 use bytes::Bytes;
-use folio_data::{Corpus, vocab};
-use folio_engine::{Engine, EngineConfig, Start};
+use folio_data::Corpus;
+use folio_engine::{Edge, Engine, EngineConfig, Entropy, Start, Whole};
+use folio_host::{eval, state};
+use folio_model::ModelConfig;
 use folio_model::checkpoint::{self, Precision};
-use folio_model::{CharRnn, ModelConfig, Preset};
-use folio_proto::ModelShape;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -40,14 +41,15 @@ use tokio::task::JoinHandle;
 pub use access::AccessConfig;
 pub use config::{RoundConfig, ServerConfig};
 use driver::Delivery;
+pub use driver::Served;
 pub use folio_engine::{AsyncRounds, RoundRecord, SecureRounds};
 pub use limits::Limits;
 use net::{CappedListener, ConnectionCount};
 
-pub struct Shared {
-    engine: Mutex<Engine>,
+pub struct Shared<R: Served> {
+    engine: Mutex<Engine<R>>,
     /// The engine's actions, and connections coming and going, in order.
-    deliveries: mpsc::UnboundedSender<Delivery>,
+    deliveries: mpsc::UnboundedSender<Delivery<R>>,
     /// The engine may have a new timeout.
     wake: Notify,
     evaluator: Arc<eval::Evaluator>,
@@ -79,23 +81,17 @@ pub struct Shared {
 /// An edge's share of a round: what its sessions reported, and their deltas folded.
 pub type Share = (folio_engine::PartReport, folio_fed::Partial);
 
-/// What a server is to the federation.
-pub enum Host {
-    /// The whole federation in one process, its state on disk.
-    Whole,
-    /// A cluster's edge, starting from the root's last commit: it serves its
-    /// sessions and hands each round's share to `parts`; the round orders and
-    /// commits come in through [`Server::order`] and [`Server::adopt`].
-    Edge {
-        start: Start,
-        /// Round 0's weights: the model the federation started from.
-        first: Vec<f32>,
-        parts: mpsc::UnboundedSender<Share>,
-    },
+/// Where a cluster's edge starts: the root's last commit.
+pub struct EdgeStart {
+    pub start: Start,
+    /// Round 0's weights: the model the federation started from.
+    pub first: Vec<f32>,
+    /// Where the edge's shares go, for its link to the root.
+    pub parts: mpsc::UnboundedSender<Share>,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Engine> {
+impl<R: Served> Shared<R> {
+    fn lock(&self) -> MutexGuard<'_, Engine<R>> {
         // A panic while holding the lock is a bug; the engine is still consistent
         // (every method leaves it so before it can panic), so keep serving.
         self.engine
@@ -105,7 +101,7 @@ impl Shared {
 
     /// Runs an event through the engine and hands the actions it queued to the
     /// dispatcher, in order, before the lock is released. Nothing heavy runs here.
-    fn engine<R>(&self, event: impl FnOnce(&mut Engine) -> R) -> R {
+    fn engine<T>(&self, event: impl FnOnce(&mut Engine<R>) -> T) -> T {
         let mut engine = self.lock();
         let result = event(&mut engine);
         while let Some(action) = engine.poll_action() {
@@ -123,20 +119,20 @@ impl Shared {
     }
 
     /// Reads the engine without moving it.
-    fn read<R>(&self, read: impl FnOnce(&Engine) -> R) -> R {
+    fn read<T>(&self, read: impl FnOnce(&Engine<R>) -> T) -> T {
         read(&self.lock())
     }
 
-    fn deliver(&self, delivery: Delivery) {
+    fn deliver(&self, delivery: Delivery<R>) {
         // Only fails once the dispatcher is gone, when the server stops.
         let _ = self.deliveries.send(delivery);
     }
 }
 
-/// A running aggregator.
-pub struct Server {
+/// A running aggregator: the whole federation, or a cluster's edge.
+pub struct Server<R: Served = Whole> {
     pub addr: SocketAddr,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<R>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -144,37 +140,48 @@ impl Server {
     /// Loads the corpus and the model (or the saved state), binds, and starts
     /// serving and running rounds.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
-        Self::start_as(config, Host::Whole).await
-    }
-
-    /// Starts as `host` says.
-    pub async fn start_as(config: ServerConfig, host: Host) -> anyhow::Result<Server> {
-        config
-            .rounds
-            .validate()
-            .map_err(|why| anyhow::anyhow!("inconsistent round settings: {why}"))?;
-        let corpus = Arc::new(Corpus::load(&config.data_dir.join("shakespeare"))?);
         let model = config.preset.config();
         std::fs::create_dir_all(&config.state_dir).with_context(|| {
             format!("cannot create the state dir {}", config.state_dir.display())
         })?;
-        // The model the federation starts from, kept for the page's side-by-side
-        // generator however far the rounds have gone.
-        let start = match &host {
-            Host::Whole => starting_weights(model, config.init.as_deref(), config.seed).await?,
-            Host::Edge { first, .. } => first.clone(),
-        };
+        let first =
+            folio_host::starting_weights(model, config.init.as_deref(), config.seed).await?;
+        let start = folio_host::resume_or(&config.state_dir, model.num_params(), first.clone())?;
+        Self::serve(config, start, first, None).await
+    }
+}
+
+impl Server<Edge> {
+    /// Starts a cluster's edge from the root's last commit: it serves its
+    /// sessions and hands each round's share to `edge.parts`; the round orders
+    /// and commits come in through its [`Handle`].
+    pub async fn start_edge(config: ServerConfig, edge: EdgeStart) -> anyhow::Result<Self> {
+        Self::serve(config, edge.start, edge.first, Some(edge.parts)).await
+    }
+
+    /// A handle to the running engine, for a cluster's link to its root.
+    pub fn handle(&self) -> Handle {
+        Handle(self.shared.clone())
+    }
+}
+
+impl<R: Served> Server<R> {
+    /// Builds the engine from `start` (`first`: round 0's weights, kept for the
+    /// page's side-by-side generator however far the rounds have gone), binds,
+    /// and starts serving and running rounds.
+    async fn serve(
+        config: ServerConfig,
+        start: Start,
+        first: Vec<f32>,
+        parts: Option<mpsc::UnboundedSender<Share>>,
+    ) -> anyhow::Result<Self> {
+        let corpus = Arc::new(Corpus::load(&config.data_dir.join("shakespeare"))?);
+        let model = config.preset.config();
         let start_model = Bytes::from(checkpoint::encode(
             model,
-            &start,
+            &first,
             Precision::F16,
             &BTreeMap::from([("round".to_owned(), "0".to_owned())]),
-        )?);
-        let evaluator = Arc::new(eval::Evaluator::new(
-            model,
-            &corpus,
-            &config.rounds,
-            config.seed,
         )?);
         let limits = fit_to_file_limit(config.limits.clone());
         let engine_config = EngineConfig {
@@ -183,21 +190,21 @@ impl Server {
             new_sessions: limits.new_sessions,
             max_rounds: config.max_rounds,
             check_devices: config.access.check_devices,
-            ..engine_config(config.preset, config.rounds.clone(), config.seed)
+            ..folio_host::engine_config(
+                config.preset,
+                config.rounds.clone(),
+                config.seed,
+                Entropy::from_os(),
+            )
         };
-        let (engine, parts) = match host {
-            Host::Whole => (
-                new_engine(engine_config, &corpus, &config.state_dir, start)?,
-                None,
-            ),
-            Host::Edge { start, parts, .. } => {
-                let config = EngineConfig {
-                    role: folio_engine::Role::Edge,
-                    ..engine_config
-                };
-                (engine_for(config, &corpus, start), Some(parts))
-            }
-        };
+        let engine =
+            folio_host::build_engine(engine_config, folio_host::corpus_clients(&corpus), start)?;
+        let evaluator = Arc::new(eval::Evaluator::new(
+            model,
+            &corpus,
+            &config.rounds,
+            config.seed,
+        )?);
         let completed = engine.completed_rounds();
         let listener = TcpListener::bind(config.addr).await.with_context(|| {
             format!(
@@ -229,7 +236,7 @@ impl Server {
             limits,
             connections,
             max_frame_bytes: limits::max_frame_bytes(model.num_params()),
-            segments: segments(model),
+            segments: folio_host::segments(model),
             completed: watch::channel(completed).0,
             closing: watch::channel(false).0,
             websockets: watch::channel(0).0,
@@ -280,11 +287,6 @@ impl Server {
         serde_json::to_value(http::status(&self.shared)).expect("the status serialises")
     }
 
-    /// A handle to the running engine, for a cluster's link to its root.
-    pub fn handle(&self) -> Handle {
-        Handle(self.shared.clone())
-    }
-
     /// Open TCP connections.
     pub fn open_connections(&self) -> u64 {
         self.shared.connections.open()
@@ -314,11 +316,11 @@ impl Server {
 
 /// What a cluster's edge does to its server's engine.
 #[derive(Clone)]
-pub struct Handle(Arc<Shared>);
+pub struct Handle(Arc<Shared<Edge>>);
 
 impl Handle {
     /// Starts the round the root ordered (its sessions are this edge's own).
-    pub fn order(&self, order: &folio_engine::RoundOrder) -> Result<(), String> {
+    pub fn order(&self, order: &folio_engine::RoundOrder) -> Result<(), folio_engine::EngineError> {
         self.0.engine(|e| e.order(order, Instant::now()))
     }
 
@@ -353,112 +355,6 @@ impl Handle {
             *edges = urls;
         }
     }
-}
-
-/// Logs a committed round (every host's one line per round).
-pub fn log_committed(record: &RoundRecord) {
-    tracing::info!(
-        round = record.round,
-        clients = record.clients,
-        eval_loss = record.eval_loss,
-        eval_accuracy = record.eval_accuracy,
-        "round committed"
-    );
-}
-
-/// The tensors' lengths in parameter order.
-pub fn segments(model: ModelConfig) -> Vec<usize> {
-    model
-        .param_shapes()
-        .iter()
-        .map(|(_, shape)| shape.iter().product())
-        .collect()
-}
-
-/// The model a federation starts from: a model file, or fresh seeded weights.
-pub async fn starting_weights(
-    model: ModelConfig,
-    init: Option<&std::path::Path>,
-    seed: u64,
-) -> anyhow::Result<Vec<f32>> {
-    Ok(match init {
-        Some(path) => {
-            checkpoint::load(path, Some(model))
-                .with_context(|| format!("cannot start from {}", path.display()))?
-                .weights
-        }
-        None => {
-            CharRnn::init(model, seed, &Device::flex())
-                .to_flat()
-                .await?
-        }
-    })
-}
-
-/// The engine's settings for a federation of `preset` models run as `rounds`
-/// say, with the default limits on sessions and no limit on rounds.
-pub fn engine_config(preset: Preset, rounds: RoundConfig, seed: u64) -> EngineConfig {
-    let model = preset.config();
-    let limits = Limits::default();
-    EngineConfig {
-        rounds,
-        preset: preset.to_string(),
-        model: ModelShape {
-            vocab: model.vocab as u32,
-            embed: model.embed as u32,
-            hidden: model.hidden as u32,
-        },
-        segments: segments(model),
-        seed,
-        max_sessions: limits.max_sessions,
-        session_ttl: limits.session_ttl,
-        max_rounds: None,
-        new_sessions: limits.new_sessions,
-        role: folio_engine::Role::Whole,
-        check_devices: false,
-    }
-}
-
-/// An engine for `corpus`'s clients, resuming the state in `state_dir` if there is
-/// one, else starting from `start`.
-pub fn new_engine(
-    config: EngineConfig,
-    corpus: &Corpus,
-    state_dir: &std::path::Path,
-    start: Vec<f32>,
-) -> anyhow::Result<Engine> {
-    let start = match state::open(state_dir, config.num_params())? {
-        Some(saved) => Start {
-            weights: saved.weights,
-            strategy: Some(saved.strategy),
-            history: saved.history,
-        },
-        None => Start {
-            weights: start,
-            strategy: None,
-            history: Vec::new(),
-        },
-    };
-    Ok(engine_for(config, corpus, start))
-}
-
-/// An engine for `corpus`'s clients, starting from `start`.
-pub fn engine_for(config: EngineConfig, corpus: &Corpus, start: Start) -> Engine {
-    let clients: Vec<(String, usize)> = corpus
-        .clients
-        .iter()
-        .map(|c| (c.id.clone(), vocab::encode(&c.train_text()).0.len()))
-        .collect();
-    let population = clients.iter().filter(|(_, chars)| *chars > 0).count();
-    let strategy = folio_fed::strategy::build(
-        config.rounds.strategy,
-        &folio_engine::strategy_context(config.seed, population),
-    );
-    let engine = Engine::new(config, strategy, clients, start, Instant::now());
-    if let Some(why) = &engine.fresh_state {
-        tracing::warn!("the saved strategy state is not continued ({why}): it starts afresh");
-    }
-    engine
 }
 
 /// File descriptors kept free for the listener, state files and the like.

@@ -21,22 +21,23 @@ use folio_proto::{
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{Notify, mpsc};
 
-use folio_engine::{CheckedJoin, DecodedUpdate, error};
+use folio_engine::{CheckedJoin, DecodedUpdate, EngineError};
 
 use crate::Shared;
 use crate::driver::Delivery;
+use crate::driver::Served;
 use crate::limits::{
     MAX_ADAPTER_BYTES, MAX_BACKEND_BYTES, MAX_CLIENT_ID_BYTES, MAX_RESUME_BYTES, MAX_TOKEN_BYTES,
 };
 use crate::net::{Admission, PeerInfo};
 use crate::outbox::Outbox;
 
-pub async fn upgrade(
+pub async fn upgrade<R: Served>(
     ws: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
     uri: axum::http::Uri,
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Shared<R>>>,
 ) -> Response {
     if !shared.access.origin_ok(&headers) {
         shared.engine(|e| e.count_error(ErrorCode::BadToken));
@@ -81,22 +82,27 @@ const READ_BUFFER_BYTES: usize = 8 * 1024;
 struct Goodbye(ErrorMessage);
 
 /// Counts a WebSocket as open while it lives.
-struct Open(Arc<Shared>);
+struct Open<R: Served>(Arc<Shared<R>>);
 
-impl Open {
-    fn new(shared: &Arc<Shared>) -> Self {
+impl<R: Served> Open<R> {
+    fn new(shared: &Arc<Shared<R>>) -> Self {
         shared.websockets.send_modify(|open| *open += 1);
         Self(shared.clone())
     }
 }
 
-impl Drop for Open {
+impl<R: Served> Drop for Open<R> {
     fn drop(&mut self) {
         self.0.websockets.send_modify(|open| *open -= 1);
     }
 }
 
-async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo, resume_only: bool) {
+async fn connection<R: Served>(
+    socket: WebSocket,
+    shared: Arc<Shared<R>>,
+    peer: PeerInfo,
+    resume_only: bool,
+) {
     let _open = Open::new(&shared);
     let limits = shared.limits.clone();
     let (mut sink, mut stream) = socket.split();
@@ -247,8 +253,8 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, peer: PeerInfo, resu
 
 /// Checks a join's strings, protocol and token, and resolves the client it asks
 /// for: all without the federation's lock.
-fn check_join(
-    shared: &Shared,
+fn check_join<R: Served>(
+    shared: &Shared<R>,
     address: IpAddr,
     join: Join,
     resume_only: bool,
@@ -318,7 +324,11 @@ fn network_group(address: IpAddr) -> u64 {
 
 /// Checks an update's delta: the engine is asked only which round and encoding
 /// it may be for, and, once the delta is decoded, to fold it in.
-fn handle_update(shared: &Shared, id: u64, update: Update) -> Result<(), ErrorMessage> {
+fn handle_update<R: Served>(
+    shared: &Shared<R>,
+    id: u64,
+    update: Update,
+) -> Result<(), ErrorMessage> {
     let encoding = shared.read(|e| e.expected_update(id, update.round))?;
     if update.encoding != encoding {
         return Err(error(
@@ -339,13 +349,13 @@ fn handle_update(shared: &Shared, id: u64, update: Update) -> Result<(), ErrorMe
         train_accuracy: update.train_accuracy,
         train_seconds: update.train_seconds,
     };
-    shared.engine(|e| e.update(id, decoded, Instant::now()))
+    Ok(shared.engine(|e| e.update(id, decoded, Instant::now()))?)
 }
 
 /// Checks a device's answer to its probe against the probe computed here, on
 /// the CPU backend, off the engine and off the async workers.
-fn handle_probe_answer(
-    shared: &Arc<Shared>,
+fn handle_probe_answer<R: Served>(
+    shared: &Arc<Shared<R>>,
     session: u64,
     answer: folio_proto::ProbeAnswer,
 ) -> Result<(), ErrorMessage> {
@@ -394,8 +404,8 @@ struct Connection<'a> {
 }
 
 /// Handles one binary frame; replies go out through the outbox.
-fn handle_frame(
-    shared: &Arc<Shared>,
+fn handle_frame<R: Served>(
+    shared: &Arc<Shared<R>>,
     connection: &Connection,
     joined: &mut Option<u64>,
     frame: &[u8],
@@ -449,9 +459,14 @@ fn handle_frame(
         (ClientMessage::ProbeAnswer(answer), Some(id)) => handle_probe_answer(shared, id, answer),
         (ClientMessage::Update(update), Some(id)) => handle_update(shared, id, update),
         (ClientMessage::Secure(step), Some(id)) => {
-            shared.engine(|e| e.secure(id, step, Instant::now()))
+            Ok(shared.engine(|e| e.secure(id, step, Instant::now()))?)
         }
         // A heartbeat only says the client is alive.
         (ClientMessage::Heartbeat, Some(_)) => Ok(()),
     }
+}
+
+/// A refusal as the client is told it.
+fn error(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
+    EngineError::new(code, message).into()
 }

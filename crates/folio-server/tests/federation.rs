@@ -437,7 +437,7 @@ async fn a_restarted_server_resumes_from_its_checkpoint() {
     let after_two = first.weights();
     first.abort();
 
-    let saved = folio_server::state::load(dir.path(), after_two.len())
+    let saved = folio_host::state::load(dir.path(), after_two.len())
         .unwrap()
         .unwrap();
     assert_eq!(saved.completed_rounds(), 2);
@@ -747,7 +747,7 @@ async fn the_population_is_evaluated_on_the_rounds_asked_for_and_the_last() {
     let model =
         folio_model::CharRnn::from_flat(Preset::Small.config(), &server.weights(), &Device::flex())
             .unwrap();
-    let population = folio_server::eval::population_ids(&corpus);
+    let population = folio_host::eval::population_ids(&corpus);
     let expected = folio_model::eval::evaluate_population(&model, &population, 64, 8, |_, _| {})
         .await
         .unwrap();

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use folio_data::rng::SplitMix64;
+use folio_host::eval::parallel_map;
 use folio_model::Preset;
 use folio_proto::{ErrorCode, RoundStart, ServerMessage};
-use folio_server::eval::parallel_map;
 use serde::Serialize;
 
 use crate::host::{InProcess, Jobs};
@@ -314,7 +314,7 @@ impl<'a> Clocked<'a> {
             .tasks
             .iter()
             .filter(|(_, t)| t.trained.is_none())
-            .take(folio_server::eval::workers())
+            .take(folio_host::eval::workers())
             .map(|(&k, _)| k)
             .collect();
         let host = &self.host;

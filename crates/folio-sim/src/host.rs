@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use folio_client::LocalTraining;
-use folio_engine::{Action, Commit, DecodedUpdate, Engine, Evaluation, RoundRecord};
+use folio_engine::{Action, Commit, DecodedUpdate, Engine, EngineError, Evaluation, RoundRecord};
 use folio_fed::codec::{self, CheckedDelta};
 use folio_model::ModelConfig;
 use folio_proto::{RoundStart, ServerMessage};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
 
 /// What a host does with the engine's jobs.
 pub trait Jobs {
@@ -44,6 +46,9 @@ pub struct InProcess {
     models: BTreeMap<u64, (Arc<Vec<f32>>, u64)>,
     /// Actions a secure round's steps queued behind their messages.
     deferred: VecDeque<Action>,
+    /// The simulated clients' own secrets (their secure rounds' keys): seeded by
+    /// the federation's seed, so a run replays bit for bit.
+    rng: ChaCha20Rng,
 }
 
 /// One client's trained round, for [`InProcess::send_all`].
@@ -58,6 +63,7 @@ pub struct Trained {
 impl InProcess {
     pub fn new(engine: Engine, model: ModelConfig) -> Self {
         Self {
+            rng: ChaCha20Rng::seed_from_u64(engine.config().seed),
             segments: engine.config().segments.clone(),
             engine,
             model,
@@ -124,9 +130,6 @@ impl InProcess {
                 self.engine.persisted(commit.record.round, now);
             }
             Action::Committed(record) => jobs.committed(&record),
-            Action::Part(_) | Action::Order(_) => {
-                unreachable!("a simulation's engine runs whole, not in a cluster")
-            }
         }
         Ok(None)
     }
@@ -220,14 +223,14 @@ impl InProcess {
         trained: Vec<Trained>,
     ) -> anyhow::Result<()> {
         use folio_proto::{ClientStep, ServerStep};
-        let refused = |e: folio_proto::ErrorMessage| {
+        let refused = |e: folio_engine::EngineError| {
             anyhow::anyhow!("an honest step was refused: {}", e.message)
         };
         let mut clients = BTreeMap::new();
         let trained: BTreeMap<u64, Trained> = trained.into_iter().map(|t| (t.session, t)).collect();
         for &session in trained.keys() {
             let mut entropy = [0u8; 32];
-            getrandom::fill(&mut entropy)?;
+            self.rng.fill_bytes(&mut entropy);
             let (client, keys) = folio_secagg::SecureClient::new(spec, entropy);
             clients.insert(session, client);
             self.engine
@@ -289,12 +292,12 @@ impl InProcess {
         examples: u64,
         metrics: (f64, f64, f32),
         now: Instant,
-    ) -> Result<(), folio_proto::ErrorMessage> {
+    ) -> Result<(), EngineError> {
         let encoded = codec::encode(delta, &self.segments, start.delta_encoding);
         let down = self.model_bytes(start);
         self.engine.add_bytes(session, encoded.len() as u64, down);
         let delta = CheckedDelta::new(encoded, &self.segments, start.delta_encoding)
-            .map_err(|e| folio_engine::error(folio_proto::ErrorCode::BadDelta, e.to_string()))?;
+            .map_err(|e| EngineError::new(folio_proto::ErrorCode::BadDelta, e.to_string()))?;
         let (loss, accuracy, seconds) = metrics;
         let update = DecodedUpdate {
             round: start.round,

@@ -19,10 +19,10 @@ use folio_fed::robust::l2_norm;
 use folio_fed::sampling::sample_clients;
 use folio_fed::strategy::median_norm;
 use folio_fed::{Encoding, StrategyConfig};
+use folio_host::eval::parallel_map;
 use folio_model::CharRnn;
 use folio_model::Preset;
 use folio_proto::ErrorCode;
-use folio_server::eval::parallel_map;
 
 use crate::host::{InProcess, Jobs};
 use crate::population::join;
@@ -227,10 +227,11 @@ impl Setup {
             max_sessions: clients,
             session_ttl: Duration::MAX,
             max_rounds: Some(rounds),
-            ..folio_server::engine_config(
+            ..folio_host::engine_config(
                 self.params.preset,
                 self.rounds(strategy),
                 self.params.seed,
+                folio_engine::Entropy::from_seed(self.params.seed),
             )
         };
         let ids: Vec<String> = self.clients[..honest]
@@ -248,16 +249,12 @@ impl Setup {
             })
             .collect::<anyhow::Result<_>>()?;
         let sizes = texts.iter().map(|(id, text)| (id.clone(), text.len()));
-        let built = folio_fed::strategy::build(
-            strategy,
-            &folio_fed::StrategyContext::seeded(self.params.seed),
-        );
         let start = Start {
             weights: self.start.clone(),
             strategy: None,
             history: Vec::new(),
         };
-        let mut engine = Engine::new(config, built, sizes, start, std::time::Instant::now());
+        let mut engine: Engine = Engine::new(config, sizes, start, std::time::Instant::now())?;
         let sessions = join(&mut engine, &ids)?;
         // Each session's text, and whether it is honest.
         let roles: BTreeMap<u64, (&[u32], bool)> = sessions

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use folio_data::{Corpus, vocab};
 use folio_engine::{
-    CheckedJoin, Commit, Engine, EngineConfig, Evaluation, RoundConfig, RoundRecord,
+    CheckedJoin, Commit, Engine, EngineConfig, Entropy, Evaluation, RoundConfig, RoundRecord,
 };
+use folio_host::eval::{Evaluator, parallel_map};
+use folio_host::{engine_config, starting_weights, state};
 use folio_model::Preset;
-use folio_server::eval::{Evaluator, parallel_map};
 
 use crate::devices::{Clocked, Devices};
 use crate::host::{InProcess, Jobs, Trained};
-use folio_server::{engine_config, new_engine, starting_weights, state};
 
 /// A round's deadline in process without simulated devices: never reached.
 const IN_PROCESS_DEADLINE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -93,9 +93,11 @@ pub fn run(
         max_sessions: corpus.clients.len(),
         session_ttl: Duration::MAX,
         max_rounds: Some(sim.max_rounds),
-        ..engine_config(sim.preset, rounds, sim.seed)
+        ..engine_config(sim.preset, rounds, sim.seed, Entropy::from_seed(sim.seed))
     };
-    let mut engine = new_engine(config, &corpus, &sim.state_dir, start)?;
+    let start = folio_host::resume_or(&sim.state_dir, config.num_params(), start)?;
+    let mut engine: Engine =
+        folio_host::build_engine(config, folio_host::corpus_clients(&corpus), start)?;
     let clock_base = Instant::now();
     anyhow::ensure!(
         sim.devices || sim.rounds.asynchronous.is_none(),

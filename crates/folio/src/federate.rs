@@ -8,383 +8,10 @@ use burn::prelude::Device;
 use clap::{Args, ValueEnum};
 use folio_client::native::WsTransport;
 use folio_client::{ClientEvent, ClientOptions};
-use folio_fed::{
-    AdaptiveClip, Aggregation, Clipping, DpConfig, Encoding, Selection, ServerOptimizerConfig,
-    StrategyConfig, StrategyKind, Weighting,
-};
-use folio_model::Preset;
-use folio_proto::Optimizer;
-use folio_server::{
-    AccessConfig, AsyncRounds, Limits, RoundConfig, RoundRecord, SecureRounds, Server, ServerConfig,
-};
+use folio_host::settings::RunSettings;
+use folio_server::{AccessConfig, Limits, RoundRecord, Server, ServerConfig};
 use folio_sim::population::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum ServerOpt {
-    Fedavg,
-    Fedavgm,
-    Fedadagrad,
-    Fedadam,
-    Fedyogi,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StrategyRule {
-    Fedavg,
-    Krum,
-    /// User-level differential privacy: Poisson sampling, every delta clipped to
-    /// --clip-bound, Gaussian noise of --noise-multiplier × the bound on the sum.
-    DpFedavg,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RoundMode {
-    Sync,
-    Async,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum ClientOpt {
-    Sgd,
-    Adam,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum ClipRule {
-    /// No bound on an update's norm (undefended; for comparison only).
-    Off,
-    Fixed,
-    /// Follows the median norm of the clients' deltas (Andrew et al. 2021).
-    Adaptive,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum AggregationRule {
-    Mean,
-    TrimmedMean,
-    Median,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum ModelEncoding {
-    F32,
-    F16,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum DeltaEncoding {
-    F32,
-    F16,
-    Int8,
-}
-
-/// How rounds run. Defaults: the better setup found by `folio simulate` (see the
-/// README); `--tutorial` gives the tutorial's.
-#[derive(Args, Clone)]
-pub struct RoundArgs {
-    /// The tutorial's setup: 2 clients, 5 batches, SGD 0.5, FedAvg, eval on 2
-    /// batches of King Lear's Lear (overrides the flags below).
-    #[arg(long)]
-    tutorial: bool,
-    #[arg(long, default_value = "seed")]
-    preset: Preset,
-    /// Initial global model [default: the preset's shipped Dickens model,
-    /// models/dickens-PRESET.safetensors]
-    #[arg(long, conflicts_with = "fresh")]
-    init: Option<PathBuf>,
-    /// Start from fresh (seeded random) weights, not a pre-trained model.
-    #[arg(long)]
-    fresh: bool,
-    /// The round's rules: hardened FedAvg, multi-Krum (drops the updates far
-    /// from the others; see --byzantine), or DP-FedAvg (see --noise-multiplier).
-    #[arg(long, value_enum, default_value = "fedavg")]
-    strategy: StrategyRule,
-    /// DP-FedAvg: the noise's standard deviation over the clip bound (z).
-    #[arg(long, default_value_t = 1.0)]
-    noise_multiplier: f64,
-    /// DP-FedAvg: δ of the (ε, δ) guarantee [default: 1 / N^1.1 for N clients]
-    #[arg(long)]
-    dp_delta: Option<f64>,
-    /// DP-FedAvg: stop training before a round would spend more than this ε.
-    #[arg(long)]
-    epsilon_budget: Option<f64>,
-    /// DP-FedAvg: let the clip bound follow this quantile of the update norms
-    /// (private adaptive clipping, e.g. 0.5); it starts at --clip-bound.
-    #[arg(long)]
-    dp_adaptive_quantile: Option<f64>,
-    /// DP-FedAvg, adaptive: the noise on the count of updates under the bound
-    /// [default: clients per round / 20]
-    #[arg(long)]
-    dp_count_noise: Option<f64>,
-    /// DP-FedAvg, adaptive: how fast the bound moves.
-    #[arg(long, default_value_t = 0.2)]
-    dp_clip_lr: f64,
-    /// Updates Krum assumes may be hostile in a round.
-    #[arg(long, default_value_t = 0)]
-    byzantine: usize,
-    #[arg(long, default_value_t = 2)]
-    clients_per_round: usize,
-    /// Draw each round's clients in proportion to their training text (without
-    /// replacement) and average their deltas uniformly: close to training on
-    /// everyone's text pooled, without one large client's many local steps
-    /// dominating its round.
-    #[arg(long)]
-    sample_by_size: bool,
-    /// Connected clients needed to start a round [default: --clients-per-round]
-    #[arg(long)]
-    min_clients: Option<usize>,
-    /// Updates that close a round at its deadline [default: half the round, at least 1]
-    #[arg(long)]
-    quorum: Option<usize>,
-    /// How long a round (an asynchronous task) waits for its clients; a
-    /// --population run without --devices has none to wait for and ignores it.
-    #[arg(long, default_value_t = 600.0)]
-    deadline_secs: f64,
-    #[arg(long, default_value_t = 1)]
-    local_epochs: u32,
-    /// Batches per local epoch (0: all).
-    #[arg(long, default_value_t = 5)]
-    max_batches: u32,
-    /// Sequences per local batch (of 100 characters each): fewer give a client
-    /// more local steps over the same text.
-    #[arg(long, default_value_t = 8)]
-    batch_size: u32,
-    #[arg(long, value_enum, default_value = "sgd")]
-    client_optimizer: ClientOpt,
-    #[arg(long, default_value_t = 0.1)]
-    client_lr: f32,
-    /// Halve the client learning rate from each of these rounds on (e.g. 250,600).
-    #[arg(long, value_delimiter = ',')]
-    client_lr_halve_at: Vec<u64>,
-    #[arg(long)]
-    clip_norm: Option<f32>,
-    #[arg(long, value_enum, default_value = "fedavg")]
-    server_optimizer: ServerOpt,
-    #[arg(long, default_value_t = 1.0)]
-    server_lr: f32,
-    /// FedAvgM momentum, or β1 of the adaptive optimizers.
-    #[arg(long, default_value_t = 0.9)]
-    server_momentum: f32,
-    /// τ of the adaptive optimizers: per-coordinate scales below it are not
-    /// normalised (set it under the deltas' typical size for Adam-like steps).
-    #[arg(long, default_value_t = 1e-3)]
-    server_tau: f32,
-    /// β2 of FedAdam and FedYogi: how many rounds (≈ 1 / (1 − β2)) the second
-    /// moment averages.
-    #[arg(long, default_value_t = 0.99)]
-    server_beta2: f32,
-    /// Correct FedAdam's moments for their zero start, as Adam does (keeps its
-    /// first rounds' steps from being inflated, above all with --server-beta2
-    /// near 1).
-    #[arg(long)]
-    server_bias_correction: bool,
-    #[arg(long, value_enum, default_value = "f32")]
-    encoding: DeltaEncoding,
-    /// How the global model goes down to the clients each round: f16 halves the
-    /// bytes (the clients train from, and report against, what they received).
-    #[arg(long, value_enum, default_value = "f16")]
-    model_encoding: ModelEncoding,
-    /// How the server bounds each delta's L2 norm.
-    #[arg(long, value_enum, default_value = "adaptive")]
-    clip: ClipRule,
-    /// The L2 bound (fixed), or the most the first round's median norm may set
-    /// it to (adaptive).
-    #[arg(long, default_value_t = 1.0)]
-    clip_bound: f32,
-    /// The adaptive bound never grows past this multiple of the first round's.
-    #[arg(long, default_value_t = folio_fed::robust::DEFAULT_CEILING)]
-    clip_ceiling: f32,
-    /// How the round's (clipped) deltas are combined.
-    #[arg(long, value_enum, default_value = "mean")]
-    aggregation: AggregationRule,
-    /// The fraction trimmed at each end by --aggregation trimmed-mean.
-    #[arg(long, default_value_t = 0.1)]
-    trim: f32,
-    /// Weight client deltas uniformly rather than by examples.
-    #[arg(long)]
-    uniform: bool,
-    /// Central evaluation on the test split of this many clients...
-    #[arg(long, default_value_t = 8)]
-    eval_clients: usize,
-    /// ...this many batches each.
-    #[arg(long, default_value_t = 2)]
-    eval_batches: usize,
-    /// Evaluate on this client's first training batches instead.
-    #[arg(long)]
-    eval_client: Option<String>,
-    /// Also evaluate on every client's test split after every this many rounds
-    /// and the last (0: never; `small` takes seconds, `seed` minutes).
-    #[arg(long, default_value_t = 0)]
-    population_eval_every: u64,
-    /// Secure aggregation: the server learns only each round's sum. Clients
-    /// clip their own deltas to --clip-bound (fixed clipping), the mean is
-    /// the aggregation.
-    #[arg(long)]
-    secure_aggregation: bool,
-    /// Shares that rebuild a client's secrets in a secure round (default: a
-    /// majority of the client and its neighbours). More tolerates fewer
-    /// dropouts; fewer tolerates fewer colluding clients.
-    #[arg(long)]
-    secagg_threshold: Option<u32>,
-    /// Neighbours each client masks with in a secure round: 0 for every other
-    /// client (SecAgg), k for SecAgg+'s random k-regular graph (cheaper for
-    /// large rounds; at most 254).
-    #[arg(long, default_value_t = 0)]
-    secagg_degree: u32,
-    /// How long a secure round's key, share and unmasking steps wait for
-    /// stragglers (seconds).
-    #[arg(long, default_value_t = 30.0)]
-    secagg_step_secs: f64,
-    /// Synchronous rounds, or asynchronous ones (FedBuff): clients train
-    /// continuously, --clients-per-round at once, each on the latest model it
-    /// was given, and the global model steps every --buffer updates.
-    #[arg(long, value_enum, default_value = "sync")]
-    mode: RoundMode,
-    /// Asynchronous rounds: updates per step of the global model (K).
-    #[arg(long, default_value_t = 10)]
-    buffer: usize,
-    /// Asynchronous rounds: an update counts 1/√(1 + s) for the s steps the
-    /// global model moved since its model, and is refused past this many.
-    #[arg(long, default_value_t = 4)]
-    max_staleness: u64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-}
-
-impl RoundArgs {
-    pub fn round_config(&self) -> RoundConfig {
-        if self.tutorial {
-            return RoundConfig {
-                eval_client: Some("THE_TRAGEDY_OF_KING_LEAR_LEAR".into()),
-                ..RoundConfig::tutorial()
-            };
-        }
-        let (lr, beta1) = (self.server_lr, self.server_momentum);
-        let (beta2, tau) = (self.server_beta2, self.server_tau);
-        let server_optimizer = match self.server_optimizer {
-            ServerOpt::Fedavg => ServerOptimizerConfig::FedAvg { lr },
-            ServerOpt::Fedavgm => ServerOptimizerConfig::FedAvgM {
-                lr,
-                momentum: beta1,
-            },
-            ServerOpt::Fedadagrad => ServerOptimizerConfig::FedAdagrad { lr, beta1, tau },
-            ServerOpt::Fedadam => ServerOptimizerConfig::FedAdam {
-                lr,
-                beta1,
-                beta2,
-                tau,
-                bias_correction: self.server_bias_correction,
-            },
-            ServerOpt::Fedyogi => ServerOptimizerConfig::FedYogi {
-                lr,
-                beta1,
-                beta2,
-                tau,
-            },
-        };
-        let strategy = StrategyConfig {
-            kind: match self.strategy {
-                StrategyRule::Fedavg => StrategyKind::FedAvg,
-                StrategyRule::Krum => StrategyKind::Krum,
-                StrategyRule::DpFedavg => StrategyKind::DpFedAvg,
-            },
-            byzantine: self.byzantine,
-            clients_per_round: self.clients_per_round,
-            min_clients: self.min_clients.unwrap_or(self.clients_per_round),
-            quorum: self.quorum.unwrap_or(self.clients_per_round.div_ceil(2)),
-            selection: if self.sample_by_size {
-                Selection::BySize
-            } else {
-                Selection::Uniform
-            },
-            weighting: if self.uniform || self.sample_by_size {
-                Weighting::Uniform
-            } else {
-                Weighting::Examples
-            },
-            clipping: match self.clip {
-                // Both clip every delta to a bound known before the round.
-                _ if self.strategy == StrategyRule::DpFedavg || self.secure_aggregation => {
-                    Clipping::Fixed {
-                        bound: self.clip_bound,
-                    }
-                }
-                ClipRule::Off => Clipping::Off,
-                ClipRule::Fixed => Clipping::Fixed {
-                    bound: self.clip_bound,
-                },
-                ClipRule::Adaptive => Clipping::adaptive_to(self.clip_bound, self.clip_ceiling),
-            },
-            aggregation: match self.aggregation {
-                AggregationRule::Mean => Aggregation::Mean,
-                AggregationRule::TrimmedMean => Aggregation::TrimmedMean { trim: self.trim },
-                AggregationRule::Median => Aggregation::Median,
-            },
-            server_optimizer,
-            dp: DpConfig {
-                noise_multiplier: self.noise_multiplier,
-                delta: self.dp_delta,
-                epsilon_budget: self.epsilon_budget,
-                adaptive: self.dp_adaptive_quantile.map(|quantile| AdaptiveClip {
-                    quantile,
-                    count_noise: self
-                        .dp_count_noise
-                        .unwrap_or(self.clients_per_round as f64 / 20.0),
-                    learning_rate: self.dp_clip_lr,
-                }),
-            },
-        };
-        RoundConfig {
-            strategy,
-            deadline: Duration::from_secs_f64(self.deadline_secs),
-            local_epochs: self.local_epochs,
-            max_batches: (self.max_batches > 0).then_some(self.max_batches),
-            batch_size: self.batch_size,
-            seq_len: 100,
-            client_optimizer: match self.client_optimizer {
-                ClientOpt::Sgd => Optimizer::Sgd,
-                ClientOpt::Adam => Optimizer::Adam,
-            },
-            client_lr: self.client_lr,
-            client_lr_halvings: self.client_lr_halve_at.clone(),
-            clip_norm: self.clip_norm,
-            delta_encoding: match self.encoding {
-                DeltaEncoding::F32 => Encoding::F32,
-                DeltaEncoding::F16 => Encoding::F16,
-                DeltaEncoding::Int8 => Encoding::Int8,
-            },
-            model_encoding: match self.model_encoding {
-                ModelEncoding::F32 => Encoding::F32,
-                ModelEncoding::F16 => Encoding::F16,
-            },
-            eval_clients: self.eval_clients,
-            eval_batches: self.eval_batches,
-            eval_client: self.eval_client.clone(),
-            population_eval_every: (self.population_eval_every > 0)
-                .then_some(self.population_eval_every),
-            secure: self.secure_aggregation.then(|| SecureRounds {
-                threshold: self.secagg_threshold,
-                degree: self.secagg_degree,
-                step_timeout: Duration::from_secs_f64(self.secagg_step_secs.max(0.001)),
-            }),
-            asynchronous: (self.mode == RoundMode::Async).then_some(AsyncRounds {
-                buffer: self.buffer,
-                max_staleness: self.max_staleness,
-            }),
-        }
-    }
-
-    /// The model to start from; `None`: fresh weights.
-    pub fn init(&self) -> Option<PathBuf> {
-        if self.fresh {
-            return None;
-        }
-        Some(self.init.clone().unwrap_or_else(|| {
-            PathBuf::from(format!("models/dickens-{}.safetensors", self.preset.name()))
-        }))
-    }
-}
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -444,8 +71,12 @@ pub struct ServeArgs {
     /// Where tabs reach this edge, if not at --addr (ws://host:port/ws).
     #[arg(long)]
     public_url: Option<String>,
+    /// The run's settings from this file (JSON, as every run writes them to
+    /// its state dir's settings.json) instead of the flags.
+    #[arg(long, conflicts_with = "RunSettings")]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    round: RoundArgs,
+    round: RunSettings,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -517,17 +148,33 @@ pub struct SimulateArgs {
     /// Checkpoints and metrics [default: a fresh temporary folder]
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// The run's settings from this file (JSON, as every run writes them to
+    /// its state dir's settings.json) instead of the flags.
+    #[arg(long, conflicts_with = "RunSettings")]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    round: RoundArgs,
+    round: RunSettings,
 }
 
+/// The settings a run goes by: from `--config`, else the flags.
+fn settings(config: Option<&Path>, flags: &RunSettings) -> anyhow::Result<RunSettings> {
+    match config {
+        Some(path) => RunSettings::load(path),
+        None => Ok(flags.clone()),
+    }
+}
+
+/// A server of `round`'s settings, which it writes to its state dir.
 fn server_config(
-    round: &RoundArgs,
+    round: &RunSettings,
     addr: std::net::SocketAddr,
     state_dir: PathBuf,
     data_dir: &Path,
-) -> ServerConfig {
-    ServerConfig {
+) -> anyhow::Result<ServerConfig> {
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("cannot create the state dir {}", state_dir.display()))?;
+    round.save(&state_dir)?;
+    Ok(ServerConfig {
         addr,
         state_dir,
         data_dir: data_dir.to_owned(),
@@ -539,14 +186,15 @@ fn server_config(
         access: AccessConfig::default(),
         limits: Limits::default(),
         max_rounds: None,
-    }
+    })
 }
 
 pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
+    let round = settings(args.config.as_deref(), &args.round)?;
     let state_dir = args
         .state_dir
-        .unwrap_or_else(|| Path::new("data/state").join(args.round.preset.name()));
-    let mut config = server_config(&args.round, args.addr, state_dir, data_dir);
+        .unwrap_or_else(|| Path::new("data/state").join(round.preset.name()));
+    let mut config = server_config(&round, args.addr, state_dir, data_dir)?;
     config.access = AccessConfig {
         join_token: secret(args.join_token_file.as_deref(), "FOLIO_JOIN_TOKEN")?,
         admin_token: secret(args.admin_token_file.as_deref(), "FOLIO_ADMIN_TOKEN")?,
@@ -568,10 +216,6 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     config.max_rounds = args.rounds;
     let runtime = tokio::runtime::Runtime::new()?;
     if let (Some(nats), Some(role)) = (args.nats, args.role) {
-        anyhow::ensure!(
-            args.round.mode == RoundMode::Sync,
-            "a cluster runs synchronous rounds: drop --mode async or --role"
-        );
         let name = args.name.unwrap_or_else(|| match role {
             ClusterRole::Edge => format!("edge-{}", args.addr),
             ClusterRole::Root => format!("root-{}", std::process::id()),
@@ -621,7 +265,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Prints each committed round until `rounds` are, or a signal comes.
-async fn follow(server: &Server, rounds: Option<u64>) {
+async fn follow<R: folio_server::Served>(server: &Server<R>, rounds: Option<u64>) {
     println!("{TABLE_HEADER}");
     let mut shown = 0;
     let mut stop = std::pin::pin!(stop_signal());
@@ -797,13 +441,14 @@ pub fn row(r: &RoundRecord) -> String {
 }
 
 pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
+    let round = settings(args.config.as_deref(), &args.round)?;
     if args.population {
         let state_dir = args.state_dir.clone().expect("clap requires it");
-        return population(&args, state_dir, data_dir);
+        return population(&args, &round, state_dir, data_dir);
     }
     let temp = std::env::temp_dir().join(format!("folio-simulate-{}", std::process::id()));
     let state_dir = args.state_dir.clone().unwrap_or_else(|| temp.clone());
-    let mut config = server_config(&args.round, "127.0.0.1:0".parse()?, state_dir, data_dir);
+    let mut config = server_config(&round, "127.0.0.1:0".parse()?, state_dir, data_dir)?;
     config.max_rounds = Some(args.rounds);
     config.web_root = None;
     let clients = args.clients;
@@ -885,8 +530,16 @@ pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
 
 /// `folio simulate --population`: every Shakespeare client in this process, with
 /// a progress bar and the table of rounds.
-fn population(args: &SimulateArgs, state_dir: PathBuf, data_dir: &Path) -> anyhow::Result<()> {
-    let (round, rounds) = (&args.round, args.rounds);
+fn population(
+    args: &SimulateArgs,
+    round: &RunSettings,
+    state_dir: PathBuf,
+    data_dir: &Path,
+) -> anyhow::Result<()> {
+    let rounds = args.rounds;
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    round.save(&state_dir)?;
     let sim = folio_sim::population::Population {
         rounds: round.round_config(),
         preset: round.preset,
@@ -928,4 +581,55 @@ fn population(args: &SimulateArgs, state_dir: PathBuf, data_dir: &Path) -> anyho
             .map_or_else(String::new, |acc| format!(", population accuracy {acc:.4}"))
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn the_flags_default_to_what_a_settings_file_leaves_out() {
+        let flags = Serve::parse_from(["serve"]).args.round;
+        assert_eq!(flags, RunSettings::default());
+        let partial: RunSettings = serde_json::from_str(r#"{"seed": 3}"#).unwrap();
+        assert_eq!(
+            partial,
+            RunSettings {
+                seed: 3,
+                ..RunSettings::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_settings_file_is_read_back_as_written_and_excludes_round_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = Serve::parse_from(["serve", "--preset", "small", "--mode", "async"])
+            .args
+            .round;
+        written.save(dir.path()).unwrap();
+        let path = dir.path().join(folio_host::settings::SETTINGS_FILE);
+        let config = path.to_str().unwrap();
+        let read = Serve::parse_from(["serve", "--config", config]).args;
+        assert_eq!(
+            settings(read.config.as_deref(), &read.round).unwrap(),
+            written
+        );
+        let both = Serve::try_parse_from(["serve", "--config", config, "--seed", "1"]);
+        assert!(both.is_err(), "--config and a round flag at once");
+        std::fs::write(&path, r#"{"sead": 1}"#).unwrap();
+        let typo = RunSettings::load(&path).unwrap_err();
+        assert!(
+            format!("{typo:#}").contains("unknown field `sead`"),
+            "{typo:#}"
+        );
+    }
 }

@@ -1,17 +1,11 @@
 //! `folio`: the command line of the federated char-RNN.
 
-mod bench;
-mod cluster_bench;
 mod data;
 mod federate;
-mod influence;
 mod model;
 mod plot;
 mod pretrain;
 mod privacy;
-mod responsiveness;
-mod secagg_bench;
-mod server_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,7 +56,7 @@ enum Command {
     Export(model::ExportArgs),
     /// Benchmarks that print figures measured side by side.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(folio_bench::BenchCommand),
     /// Differential privacy: what rounds of DP-FedAvg cost in (ε, δ).
     #[command(subcommand)]
     Privacy(privacy::PrivacyCommand),
@@ -82,7 +76,7 @@ fn main() -> ExitCode {
     let data_dir = cli.data_dir.unwrap_or_else(data::default_data_dir);
     let result = match cli.command {
         Command::Data(command) => data::run(command, &data_dir),
-        Command::Bench(command) => bench::run(command, &data_dir),
+        Command::Bench(command) => folio_bench::run(command, &data_dir),
         Command::Privacy(command) => privacy::run(command),
         Command::Eval(args) => model::eval(args, &data_dir),
         Command::Generate(args) => model::generate_text(args),

@@ -295,13 +295,13 @@ fn budget_metadata(history: &[folio_server::RoundRecord]) -> BTreeMap<String, St
 /// from and how it scores on the whole population (evaluated now when the run's
 /// last round has no population figures).
 pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
-    let weights_len = folio_server::state::weight_count(&args.run)?;
+    let weights_len = folio_host::state::weight_count(&args.run)?;
     let preset = Preset::ALL
         .into_iter()
         .find(|p| p.config().num_params() == weights_len)
         .with_context(|| format!("{weights_len} weights fit no preset"))?;
     let saved =
-        folio_server::state::load(&args.run, weights_len)?.context("the run has no state yet")?;
+        folio_host::state::load(&args.run, weights_len)?.context("the run has no state yet")?;
     let last = saved.history.last().context("the run has no rounds yet")?;
     let model = CharRnn::from_flat(preset.config(), &saved.weights, &Device::flex())?;
     // A validation run's population figures are not test figures.

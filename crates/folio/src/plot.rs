@@ -118,7 +118,7 @@ fn load_font() -> anyhow::Result<()> {
 }
 
 fn history(run: &Path) -> anyhow::Result<Vec<RoundRecord>> {
-    let path = folio_server::state::history_path(run);
+    let path = folio_host::state::history_path(run);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}: is it a run folder?", path.display()))?;
     text.lines()

@@ -117,7 +117,7 @@ pub fn run(args: PretrainArgs, repo_root: &Path, data_dir: &Path) -> anyhow::Res
             .iter()
             .map(|c| vocab::encode(&c.train_text()).0)
             .collect();
-        let population = folio_server::eval::population_ids(&corpus);
+        let population = folio_host::eval::population_ids(&corpus);
         (
             train,
             HeldOut::Population(population),

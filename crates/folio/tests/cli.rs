@@ -188,7 +188,7 @@ fn whole_and_resumed_population_runs(extra: &[&str]) -> (tempfile::TempDir, temp
     let resumed = simulate(split.path(), "4");
     assert!(resumed.contains("2 of 4 rounds done"), "{resumed}");
     let load = |dir: &std::path::Path| {
-        folio_server::state::load(dir, Preset::Small.config().num_params())
+        folio_host::state::load(dir, Preset::Small.config().num_params())
             .unwrap()
             .unwrap()
     };
@@ -208,7 +208,7 @@ fn whole_and_resumed_population_runs(extra: &[&str]) -> (tempfile::TempDir, temp
 #[test]
 fn a_resumed_population_simulation_continues_exactly_where_it_stopped() {
     let (whole, _) = whole_and_resumed_population_runs(&[]);
-    let a = folio_server::state::load(whole.path(), Preset::Small.config().num_params())
+    let a = folio_host::state::load(whole.path(), Preset::Small.config().num_params())
         .unwrap()
         .unwrap();
 
@@ -478,7 +478,7 @@ fn a_secure_population_simulation_trains_the_model_a_plain_one_does() {
             command.arg("--secure-aggregation");
         }
         stdout(&mut command);
-        let state = folio_server::state::load(dir.path(), Preset::Small.config().num_params())
+        let state = folio_host::state::load(dir.path(), Preset::Small.config().num_params())
             .unwrap()
             .unwrap();
         (state.weights, state.history)
@@ -521,7 +521,7 @@ fn asynchronous_rounds_on_simulated_devices_step_sooner_and_repeat_exactly() {
             "--state-dir",
             dir.path().to_str().unwrap(),
         ]));
-        let state = folio_server::state::load(dir.path(), Preset::Small.config().num_params())
+        let state = folio_host::state::load(dir.path(), Preset::Small.config().num_params())
             .unwrap()
             .unwrap();
         let clock: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("clock.jsonl"))

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use folio_data::rng::SplitMix64;
 use folio_engine::model_hash;
+use folio_host::state;
 use folio_model::Preset;
-use folio_server::{RoundRecord, state};
+use folio_server::RoundRecord;
 
 const CYCLES: usize = 20;
 

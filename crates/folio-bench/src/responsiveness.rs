@@ -22,7 +22,7 @@ use folio_proto::{ClientMessage, ServerMessage, Update};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::server_bench::status_latency;
+use crate::server::status_latency;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 

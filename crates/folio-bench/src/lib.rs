@@ -1,4 +1,12 @@
-//! `folio bench ...`: figures measured side by side in one run.
+//! `folio bench ...`: figures measured side by side in one run. The benches
+//! that need a server or a client process start the running executable again
+//! (`folio serve`, `folio client`), so they run from the `folio` binary.
+
+mod cluster;
+mod influence;
+mod responsiveness;
+mod secagg;
+mod server;
 
 use std::time::Instant;
 
@@ -42,17 +50,17 @@ pub enum BenchCommand {
     /// loss, per strategy and crowd size.
     Sybils(crate::influence::SybilArgs),
     /// The aggregator under load and floods: its RSS and `/api/status` latency.
-    Server(crate::server_bench::ServerBenchArgs),
+    Server(crate::server::ServerBenchArgs),
     /// `/api/status` latency while a median aggregation of 100 medium-preset
     /// updates runs, and how long a request trickling its head stays open.
     Responsiveness(crate::responsiveness::ResponsivenessArgs),
     /// A cluster's fan-in (a root and 1, 2, 4 edges over NATS) against one
     /// `folio serve`, with light synthetic clients: updates folded per second,
     /// the aggregator's bytes in per round, p99 commit latency, memory.
-    Cluster(crate::cluster_bench::ClusterBenchArgs),
+    Cluster(crate::cluster::ClusterBenchArgs),
     /// Secure aggregation against plain rounds: bytes per client and seconds
     /// per round, for SecAgg and SecAgg+, per preset and round size.
-    Secagg(crate::secagg_bench::SecaggBenchArgs),
+    Secagg(crate::secagg::SecaggBenchArgs),
     /// (Internal) one round of `clients` seed-size deltas; prints peak RSS.
     #[command(hide = true)]
     AggregatePeak { clients: usize },
@@ -86,10 +94,10 @@ pub fn run(command: BenchCommand, data_dir: &std::path::Path) -> anyhow::Result<
         BenchCommand::Aggregate { repeats } => aggregate(repeats),
         BenchCommand::Influence(args) => crate::influence::run(args, data_dir),
         BenchCommand::Sybils(args) => crate::influence::sybils(args, data_dir),
-        BenchCommand::Server(args) => crate::server_bench::run(args, data_dir),
+        BenchCommand::Server(args) => crate::server::run(args, data_dir),
         BenchCommand::Responsiveness(args) => crate::responsiveness::run(args, data_dir),
-        BenchCommand::Cluster(args) => crate::cluster_bench::run(args, data_dir),
-        BenchCommand::Secagg(args) => crate::secagg_bench::run(args),
+        BenchCommand::Cluster(args) => crate::cluster::run(args, data_dir),
+        BenchCommand::Secagg(args) => crate::secagg::run(args),
         BenchCommand::AggregatePeak { clients } => {
             fold_round(clients);
             println!("{}", peak_rss_kib()?);

@@ -18,7 +18,7 @@ use folio_fed::{Encoding, codec};
 use folio_model::Preset;
 use folio_proto::{ClientMessage, ServerMessage, Update};
 
-use crate::server_bench::memory;
+use crate::server::memory;
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -293,16 +293,19 @@ fn p99(mut values: Vec<f64>) -> f64 {
 /// to train on (a session trains as a character of its own).
 fn clients_per_process(data_dir: &Path, preset: Preset) -> anyhow::Result<usize> {
     let corpus = folio_data::Corpus::load(&data_dir.join("shakespeare"))?;
-    let config = folio_server::engine_config(preset, folio_server::RoundConfig::tutorial(), 0);
-    let engine = folio_server::engine_for(
-        config,
-        &corpus,
-        folio_engine::Start {
-            weights: vec![0.0; preset.config().num_params()],
-            strategy: None,
-            history: Vec::new(),
-        },
+    let config = folio_host::engine_config(
+        preset,
+        folio_server::RoundConfig::tutorial(),
+        0,
+        folio_engine::Entropy::from_seed(0),
     );
+    let start = folio_engine::Start {
+        weights: vec![0.0; preset.config().num_params()],
+        strategy: None,
+        history: Vec::new(),
+    };
+    let engine: folio_engine::Engine =
+        folio_host::build_engine(config, folio_host::corpus_clients(&corpus), start)?;
     Ok(engine.clients().len())
 }
 
@@ -320,7 +323,7 @@ pub fn run(args: ClusterBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     }
     let model = args.preset.config();
     let num_params = model.num_params();
-    let segments = folio_server::segments(model);
+    let segments = folio_host::segments(model);
     let delta = Arc::new(codec::encode(
         &vec![1e-4f32; num_params],
         &segments,
