@@ -60,6 +60,32 @@ pub struct RoundRecord {
     pub staleness: Option<f64>,
 }
 
+impl RoundRecord {
+    /// The header of the table of rounds the command line prints.
+    pub const TABLE_HEADER: &str = "round  clients  train loss  train acc  eval loss  eval acc    bytes up   seconds  population acc";
+
+    /// The record as a row of that table.
+    pub fn table_row(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
+        format!(
+            "{:>5}  {:>7}  {:>10}  {:>9}  {:>9.4}  {:>8.4}  {:>10}  {:>8.1}",
+            self.round,
+            self.clients,
+            opt(self.train_loss),
+            opt(self.train_accuracy),
+            self.eval_loss,
+            self.eval_accuracy,
+            self.bytes_up,
+            self.seconds
+        ) + &self
+            .population_accuracy
+            .map_or_else(String::new, |acc| format!("  {acc:>14.4}"))
+            + &self
+                .epsilon
+                .map_or_else(String::new, |e| format!("  ε {e:.3}"))
+    }
+}
+
 /// FNV-1a (64 bits) of the weights' bytes, in hex: which model a round produced.
 pub fn model_hash(weights: &[f32]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

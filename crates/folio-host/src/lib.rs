@@ -4,12 +4,14 @@
 //! - start-up: the corpus, the starting model, the engine built for a role;
 //! - [`jobs`]: the commit pipeline's heavy jobs, run off the engine;
 //! - [`settings`]: a run's settings, from flags or a file;
+//! - [`provenance`]: what a model file says of the run it comes from;
 //! - [`eval`]: central evaluation; [`state`]: commits saved durably.
 //!
 //! It holds no network: no axum, no NATS.
 
 pub mod eval;
 pub mod jobs;
+pub mod provenance;
 pub mod settings;
 pub mod state;
 

@@ -498,3 +498,52 @@ mod preset_name {
         name.parse().map_err(serde::de::Error::custom)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "clap")]
+    #[test]
+    fn the_flags_default_to_what_a_settings_file_leaves_out() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            settings: RunSettings,
+        }
+        assert_eq!(
+            Flags::parse_from(["folio"]).settings,
+            RunSettings::default()
+        );
+    }
+
+    #[test]
+    fn a_settings_file_is_read_back_as_written_and_a_typo_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = RunSettings {
+            preset: Preset::Small,
+            mode: RoundMode::Async,
+            client_lr_halve_at: vec![250, 600],
+            ..RunSettings::default()
+        };
+        written.save(dir.path()).unwrap();
+        let path = dir.path().join(SETTINGS_FILE);
+        assert_eq!(RunSettings::load(&path).unwrap(), written);
+        std::fs::write(&path, r#"{"seed": 3}"#).unwrap();
+        let partial = RunSettings::load(&path).unwrap();
+        assert_eq!(
+            partial,
+            RunSettings {
+                seed: 3,
+                ..RunSettings::default()
+            }
+        );
+        std::fs::write(&path, r#"{"sead": 1}"#).unwrap();
+        let typo = RunSettings::load(&path).unwrap_err();
+        assert!(
+            format!("{typo:#}").contains("unknown field `sead`"),
+            "{typo:#}"
+        );
+    }
+}

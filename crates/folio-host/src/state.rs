@@ -283,6 +283,21 @@ fn read(dir: &Path, num_params: usize, repair: bool) -> anyhow::Result<Option<Sa
     }))
 }
 
+/// Every record of a run's history, refused at the first line that is not one
+/// (for reading a run, not resuming it).
+pub fn run_history(dir: &Path) -> anyhow::Result<Vec<RoundRecord>> {
+    let path = history_path(dir);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}: is it a run folder?", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line)
+                .with_context(|| format!("{} line {} is not a round record", path.display(), i + 1))
+        })
+        .collect()
+}
+
 /// The history's records up to `round`; with `repair`, lines past it, or a torn
 /// last line, are cut from the file.
 fn read_history(dir: &Path, round: u64, repair: bool) -> anyhow::Result<Vec<RoundRecord>> {

@@ -7,7 +7,8 @@
 //! - [`generate`]: stateful sampling;
 //! - [`checkpoint`]: safetensors files;
 //! - [`params`]: weight deltas;
-//! - [`probe`]: the known-answer probe a device passes before it is trusted.
+//! - [`probe`]: the known-answer probe a device passes before it is trusted;
+//! - `pretrain`: central training on pooled text, resumable (native only).
 //!
 //! Nothing here reads a tensor synchronously, so all of it runs on WebGPU in wasm.
 
@@ -18,6 +19,8 @@ pub mod generate;
 pub mod gru;
 pub mod model;
 pub mod params;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod pretrain;
 pub mod probe;
 pub mod train;
 

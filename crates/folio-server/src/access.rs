@@ -178,6 +178,32 @@ pub enum AdminRefusal {
     Wrong,
 }
 
+/// A secret from a file (trailing newline dropped) or else an environment
+/// variable; never from the command line, which other users can read.
+pub fn secret(file: Option<&std::path::Path>, env: &str) -> anyhow::Result<Option<String>> {
+    let value = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|err| {
+                    anyhow::anyhow!("cannot read the token file {}: {err}", path.display())
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        ),
+        None => std::env::var(env).ok(),
+    };
+    match value {
+        Some(token) if token.is_empty() => {
+            anyhow::bail!("the token from {env} or its file is empty")
+        }
+        Some(token) if token.len() > crate::limits::MAX_TOKEN_BYTES => anyhow::bail!(
+            "the token from {env} or its file is above {} bytes",
+            crate::limits::MAX_TOKEN_BYTES
+        ),
+        other => Ok(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

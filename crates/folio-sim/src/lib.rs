@@ -1,5 +1,7 @@
 //! Federations in one process, on the same round engine as `folio serve`:
 //!
+//! - [`loopback`]: the real aggregator and N native clients over loopback
+//!   WebSocket (`folio simulate`);
 //! - [`host`]: the engine's host for in-process clients;
 //! - [`devices`]: a population on devices of every speed, on a simulated
 //!   clock (synchronous against asynchronous rounds);
@@ -11,4 +13,5 @@
 pub mod devices;
 pub mod host;
 pub mod influence;
+pub mod loopback;
 pub mod population;

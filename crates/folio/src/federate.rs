@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use burn::prelude::Device;
 use clap::{Args, ValueEnum};
-use folio_client::native::WsTransport;
 use folio_client::{ClientEvent, ClientOptions};
 use folio_host::settings::RunSettings;
 use folio_server::{AccessConfig, Limits, RoundRecord, Server, ServerConfig};
@@ -83,30 +82,6 @@ pub struct ServeArgs {
 pub enum ClusterRole {
     Edge,
     Root,
-}
-
-/// A secret from a file (trailing newline dropped) or else an environment
-/// variable; never from the command line, which other users can read.
-pub fn secret(file: Option<&Path>, env: &str) -> anyhow::Result<Option<String>> {
-    let value = match file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the token file {}", path.display()))?
-                .trim_end_matches(['\n', '\r'])
-                .to_owned(),
-        ),
-        None => std::env::var(env).ok(),
-    };
-    match value {
-        Some(token) if token.is_empty() => {
-            anyhow::bail!("the token from {env} or its file is empty")
-        }
-        Some(token) if token.len() > folio_server::limits::MAX_TOKEN_BYTES => anyhow::bail!(
-            "the token from {env} or its file is above {} bytes",
-            folio_server::limits::MAX_TOKEN_BYTES
-        ),
-        other => Ok(other),
-    }
 }
 
 #[derive(Args)]
@@ -196,8 +171,14 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
         .unwrap_or_else(|| Path::new("data/state").join(round.preset.name()));
     let mut config = server_config(&round, args.addr, state_dir, data_dir)?;
     config.access = AccessConfig {
-        join_token: secret(args.join_token_file.as_deref(), "FOLIO_JOIN_TOKEN")?,
-        admin_token: secret(args.admin_token_file.as_deref(), "FOLIO_ADMIN_TOKEN")?,
+        join_token: folio_server::access::secret(
+            args.join_token_file.as_deref(),
+            "FOLIO_JOIN_TOKEN",
+        )?,
+        admin_token: folio_server::access::secret(
+            args.admin_token_file.as_deref(),
+            "FOLIO_ADMIN_TOKEN",
+        )?,
         allowed_origins: args.allow_origin,
         check_devices: !args.skip_device_check,
     };
@@ -266,12 +247,12 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
 
 /// Prints each committed round until `rounds` are, or a signal comes.
 async fn follow<R: folio_server::Served>(server: &Server<R>, rounds: Option<u64>) {
-    println!("{TABLE_HEADER}");
+    println!("{}", RoundRecord::TABLE_HEADER);
     let mut shown = 0;
     let mut stop = std::pin::pin!(stop_signal());
     loop {
         for record in server.history_from(shown) {
-            println!("{}", row(&record));
+            println!("{}", record.table_row());
             shown = record.round + 1;
         }
         if rounds.is_some_and(|max| shown > max) {
@@ -297,7 +278,7 @@ async fn run_root(config: ServerConfig, nats: String, name: String) -> anyhow::R
         name,
     })
     .await?;
-    println!("{TABLE_HEADER}");
+    println!("{}", RoundRecord::TABLE_HEADER);
     let mut records = root.records();
     let mut stop = std::pin::pin!(stop_signal());
     let mut finished = std::pin::pin!(root.join());
@@ -308,7 +289,7 @@ async fn run_root(config: ServerConfig, nats: String, name: String) -> anyhow::R
                     return Ok(());
                 }
                 if let Some(record) = records.borrow_and_update().clone() {
-                    println!("{}", row(&record));
+                    println!("{}", record.table_row());
                 }
             }
             done = &mut finished => return done,
@@ -347,7 +328,8 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
         .build()?;
     let mut options = ClientOptions::native();
     options.join.client = args.client;
-    options.join.token = secret(args.token_file.as_deref(), "FOLIO_JOIN_TOKEN")?;
+    options.join.token =
+        folio_server::access::secret(args.token_file.as_deref(), "FOLIO_JOIN_TOKEN")?;
     runtime.block_on(async {
         folio_client::native::run_reconnecting(
             &args.server,
@@ -419,27 +401,6 @@ fn print_above(bar: &ProgressBar, line: String) {
     }
 }
 
-pub const TABLE_HEADER: &str = "round  clients  train loss  train acc  eval loss  eval acc    bytes up   seconds  population acc";
-
-pub fn row(r: &RoundRecord) -> String {
-    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
-    format!(
-        "{:>5}  {:>7}  {:>10}  {:>9}  {:>9.4}  {:>8.4}  {:>10}  {:>8.1}",
-        r.round,
-        r.clients,
-        opt(r.train_loss),
-        opt(r.train_accuracy),
-        r.eval_loss,
-        r.eval_accuracy,
-        r.bytes_up,
-        r.seconds
-    ) + &r
-        .population_accuracy
-        .map_or_else(String::new, |acc| format!("  {acc:>14.4}"))
-        + &r.epsilon
-            .map_or_else(String::new, |e| format!("  ε {e:.3}"))
-}
-
 pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
     let round = settings(args.config.as_deref(), &args.round)?;
     if args.population {
@@ -452,69 +413,14 @@ pub fn simulate(args: SimulateArgs, data_dir: &Path) -> anyhow::Result<()> {
     config.max_rounds = Some(args.rounds);
     config.web_root = None;
     let clients = args.clients;
-    anyhow::ensure!(
-        clients >= config.rounds.strategy.min_clients,
-        "{clients} clients can never start a round that needs {}",
-        config.rounds.strategy.min_clients
-    );
-    let runtime = tokio::runtime::Runtime::new()?;
     let started = Instant::now();
-    let history = runtime.block_on(async {
-        let server = Server::start(config)
-            .await
-            .context("starting the aggregator")?;
-        let url = format!("ws://{}/ws", server.addr);
-        let mut threads: Vec<_> = (0..clients)
-            .map(|_| {
-                let url = url.clone();
-                // Training is CPU work: each client gets its own thread and runtime.
-                std::thread::spawn(move || -> anyhow::Result<()> {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    runtime.block_on(async {
-                        let mut transport = WsTransport::connect(&url).await?;
-                        folio_client::run(
-                            &mut transport,
-                            &Device::flex(),
-                            &ClientOptions::native(),
-                            |_| {},
-                        )
-                        .await?;
-                        Ok(())
-                    })
-                })
-            })
-            .collect();
-        let bar = rounds_bar(args.rounds);
-        let print = |line: String| print_above(&bar, line);
-        print(TABLE_HEADER.to_owned());
-        let mut shown = 0;
-        while shown <= args.rounds as usize {
-            let history = server.history();
-            for record in &history[shown.min(history.len())..] {
-                print(row(record));
-                bar.set_position(record.round);
-            }
-            shown = history.len();
-            if let Some(finished) = threads.iter().position(|t| t.is_finished())
-                && shown <= args.rounds as usize
-            {
-                let outcome = threads.swap_remove(finished).join();
-                let why = match outcome {
-                    Ok(Err(err)) => format!("{err:#}"),
-                    Ok(Ok(())) => "the server closed its connection".to_owned(),
-                    Err(_) => "it panicked".to_owned(),
-                };
-                anyhow::bail!("a client stopped before the last round: {why}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bar.finish_and_clear();
-        let history = server.history();
-        server.shutdown().await;
-        anyhow::Ok(history)
+    let bar = rounds_bar(args.rounds);
+    print_above(&bar, RoundRecord::TABLE_HEADER.to_owned());
+    let history = folio_sim::loopback::run(config, clients, |record| {
+        print_above(&bar, record.table_row());
+        bar.set_position(record.round);
     })?;
+    bar.finish_and_clear();
     if args.state_dir.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     }
@@ -560,12 +466,12 @@ fn population(
                 sim.rounds.strategy.clients_per_round,
                 state_dir.display()
             ));
-            print(TABLE_HEADER.to_owned());
+            print(RoundRecord::TABLE_HEADER.to_owned());
             bar.set_position(completed.min(rounds));
         }
         Progress::Training { clients } => bar.set_message(format!("{clients} clients training")),
         Progress::Committed(record) => {
-            print(row(record));
+            print(record.table_row());
             bar.set_position(record.round);
         }
         Progress::Stopped(why) => print(format!("stopped: {why}")),
@@ -596,21 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn the_flags_default_to_what_a_settings_file_leaves_out() {
-        let flags = Serve::parse_from(["serve"]).args.round;
-        assert_eq!(flags, RunSettings::default());
-        let partial: RunSettings = serde_json::from_str(r#"{"seed": 3}"#).unwrap();
-        assert_eq!(
-            partial,
-            RunSettings {
-                seed: 3,
-                ..RunSettings::default()
-            }
-        );
-    }
-
-    #[test]
-    fn a_settings_file_is_read_back_as_written_and_excludes_round_flags() {
+    fn a_settings_file_replaces_the_round_flags_and_excludes_them() {
         let dir = tempfile::tempdir().unwrap();
         let written = Serve::parse_from(["serve", "--preset", "small", "--mode", "async"])
             .args
@@ -625,11 +517,5 @@ mod tests {
         );
         let both = Serve::try_parse_from(["serve", "--config", config, "--seed", "1"]);
         assert!(both.is_err(), "--config and a round flag at once");
-        std::fs::write(&path, r#"{"sead": 1}"#).unwrap();
-        let typo = RunSettings::load(&path).unwrap_err();
-        assert!(
-            format!("{typo:#}").contains("unknown field `sead`"),
-            "{typo:#}"
-        );
     }
 }

@@ -11,6 +11,7 @@ use burn::prelude::Device;
 use clap::{Args, ValueEnum};
 use folio_data::batch::batches;
 use folio_data::{BatchConfig, Corpus, vocab};
+use folio_host::provenance;
 use folio_model::checkpoint::{self, Precision};
 use folio_model::eval::{evaluate, random_batches};
 use folio_model::generate::{GenerateConfig, generate};
@@ -108,40 +109,6 @@ fn load_model_and_metadata(path: &Path) -> anyhow::Result<(CharRnn, BTreeMap<Str
     Ok((model, saved.metadata))
 }
 
-/// The privacy guarantee a model file carries in its metadata (`dp_*`, written
-/// by `folio export` from a DP-FedAvg run), in one line.
-fn privacy_line(metadata: &BTreeMap<String, String>) -> Option<String> {
-    let get = |key: &str| metadata.get(&format!("dp_{key}")).map(String::as_str);
-    Some(format!(
-        "differentially private: (ε = {}, δ = {}) after {} rounds of ~{} clients (Poisson, q = {} of {}), noise multiplier {}, clip bound {}",
-        get("epsilon")?,
-        get("delta")?,
-        get("rounds")?,
-        get("expected_clients")?,
-        get("sampling_rate")?,
-        get("population")?,
-        get("noise_multiplier")?,
-        get("clip_bound")?,
-    ))
-}
-
-/// `privacy` (a DP-FedAvg state's `privacy` value) as model metadata.
-fn privacy_metadata(privacy: &folio_fed::PrivacySpent) -> BTreeMap<String, String> {
-    [
-        ("epsilon", format!("{:.4}", privacy.epsilon)),
-        ("delta", format!("{:.3e}", privacy.delta)),
-        ("rounds", privacy.rounds.to_string()),
-        ("expected_clients", format!("{}", privacy.expected_clients)),
-        ("sampling_rate", format!("{:.6}", privacy.sampling_rate)),
-        ("population", privacy.population.to_string()),
-        ("noise_multiplier", privacy.noise_multiplier.to_string()),
-        ("clip_bound", privacy.clip_bound.to_string()),
-    ]
-    .into_iter()
-    .map(|(key, value)| (format!("dp_{key}"), value))
-    .collect()
-}
-
 /// Loss and accuracy over every client's `split`, with a progress bar.
 fn population_metrics(
     model: &CharRnn,
@@ -195,7 +162,7 @@ fn eval_population(args: &EvalArgs, model: &CharRnn, data_dir: &Path) -> anyhow:
 
 pub fn eval(args: EvalArgs, data_dir: &Path) -> anyhow::Result<()> {
     let (model, metadata) = load_model_and_metadata(&args.checkpoint)?;
-    if let Some(line) = privacy_line(&metadata) {
+    if let Some(line) = provenance::privacy_line(&metadata) {
         println!("{line}");
     }
     if args.population {
@@ -262,35 +229,6 @@ pub struct ExportArgs {
     out: PathBuf,
 }
 
-/// What training the model cost: client updates, the characters they trained
-/// on (for runs that recorded them), and the bytes both ways.
-fn budget_metadata(history: &[folio_server::RoundRecord]) -> BTreeMap<String, String> {
-    let sum = |f: fn(&folio_server::RoundRecord) -> u64| history.iter().map(f).sum::<u64>();
-    let mut budget = BTreeMap::from([
-        (
-            "budget_client_updates".to_owned(),
-            sum(|r| r.clients as u64).to_string(),
-        ),
-        (
-            "budget_bytes_up".to_owned(),
-            sum(|r| r.bytes_up).to_string(),
-        ),
-        (
-            "budget_bytes_down".to_owned(),
-            sum(|r| r.bytes_down).to_string(),
-        ),
-    ]);
-    // Runs from before rounds recorded their examples leave it out.
-    if history.iter().skip(1).all(|r| r.examples > 0) {
-        let characters = sum(|r| r.examples) * folio_data::batch::SEQ_LEN as u64;
-        budget.insert(
-            "budget_characters_trained".to_owned(),
-            characters.to_string(),
-        );
-    }
-    budget
-}
-
 /// The run's global model as an f16 model file whose metadata says where it comes
 /// from and how it scores on the whole population (evaluated now when the run's
 /// last round has no population figures).
@@ -321,7 +259,7 @@ pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
         Some(value) => {
             let spent: folio_fed::PrivacySpent = serde_json::from_value(value.clone())
                 .context("the run's privacy ledger is unreadable")?;
-            privacy_metadata(&spent)
+            provenance::privacy_metadata(&spent)
         }
         None => BTreeMap::new(),
     };
@@ -341,7 +279,7 @@ pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
             format!("{:.4}", population.1),
         ),
     ]);
-    if let Some(line) = privacy_line(&privacy) {
+    if let Some(line) = provenance::privacy_line(&privacy) {
         println!("{line}");
     }
     metadata.extend(privacy);
@@ -357,7 +295,7 @@ pub fn export(args: ExportArgs, data_dir: &Path) -> anyhow::Result<()> {
             format!("{accuracy:.4}"),
         );
     }
-    metadata.extend(budget_metadata(&saved.history));
+    metadata.extend(provenance::budget_metadata(&saved.history));
     checkpoint::save(
         &args.out,
         preset.config(),

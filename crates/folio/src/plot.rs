@@ -117,19 +117,6 @@ fn load_font() -> anyhow::Result<()> {
     .map_err(|_| anyhow::anyhow!("DejaVu Sans is not a usable font"))
 }
 
-fn history(run: &Path) -> anyhow::Result<Vec<RoundRecord>> {
-    let path = folio_host::state::history_path(run);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}: is it a run folder?", path.display()))?;
-    text.lines()
-        .enumerate()
-        .map(|(i, line)| {
-            serde_json::from_str(line)
-                .with_context(|| format!("{} line {} is not a round record", path.display(), i + 1))
-        })
-        .collect()
-}
-
 pub fn run(args: PlotArgs) -> anyhow::Result<()> {
     load_font()?;
     let mut xs = Vec::new();
@@ -141,7 +128,7 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
                 || dir.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
             );
-            let mut records = history(dir)?;
+            let mut records = folio_host::state::run_history(dir)?;
             records.retain(|r| args.max_round.is_none_or(|max| r.round <= max));
             xs.push(x_positions(dir, &records, args.by)?);
             Ok((name, records))
