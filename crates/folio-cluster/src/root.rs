@@ -15,7 +15,7 @@ use folio_engine::{
 };
 use folio_fed::{Candidate, Partial};
 use folio_host::eval::Evaluator;
-use folio_host::jobs::{Done, Job};
+use folio_host::jobs::{self, Done};
 use folio_host::state;
 use folio_server::ServerConfig;
 use futures_util::StreamExt;
@@ -229,17 +229,7 @@ impl RootHost {
                 self.progress.send_replace(Some(*record));
                 return;
             }
-            RootAction::Aggregate(job) => Job::Aggregate(job),
-            RootAction::Evaluate {
-                round,
-                weights,
-                population,
-            } => Job::Evaluate {
-                round,
-                weights,
-                population,
-            },
-            RootAction::Persist(commit) => Job::Persist(commit),
+            RootAction::Job(job) => job,
         };
         let (done, store, seed) = (done.clone(), self.store.clone(), self.seed);
         let evaluator = self.evaluator.clone();
@@ -251,7 +241,7 @@ impl RootHost {
                     .commit(&commit.record, &commit.weights, &snapshot)
                     .await
             };
-            let _ = done.send(job.run(evaluator, save).await);
+            let _ = done.send(jobs::run(job, evaluator, save).await);
         });
     }
 

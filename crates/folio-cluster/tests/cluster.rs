@@ -14,7 +14,9 @@ use folio_client::{ClientError, ClientOptions, RoundReport, Transport};
 use folio_cluster::nats_server::NatsServer;
 use folio_cluster::store::Store;
 use folio_cluster::{Edge, EdgeConfig, Root, RootConfig};
-use folio_engine::{Action, CheckedJoin, DecodedUpdate, EngineConfig, Evaluation, Start};
+use folio_engine::{
+    Action, CheckedJoin, CommitJob, DecodedUpdate, EngineConfig, Evaluation, Start,
+};
 use folio_fed::codec::CheckedDelta;
 use folio_fed::{Clipping, StrategyConfig};
 use folio_model::Preset;
@@ -172,15 +174,17 @@ fn one_server(
     let run = |engine: &mut folio_engine::Engine| {
         while let Some(action) = engine.poll_action() {
             match action {
-                Action::Aggregate(job) => engine.aggregated(job.run(), now),
-                Action::Evaluate { round, .. } => {
+                Action::Job(CommitJob::Aggregate(job)) => engine.aggregated(job.run(), now),
+                Action::Job(CommitJob::Evaluate(job)) => {
                     let eval = Evaluation {
                         loss: 1.0,
                         accuracy: 0.5,
                     };
-                    engine.evaluated(round, eval, None, now);
+                    engine.evaluated(job.round, eval, None, now);
                 }
-                Action::Persist(commit) => engine.persisted(commit.record.round, now),
+                Action::Job(CommitJob::Persist(commit)) => {
+                    engine.persisted(commit.record.round, now)
+                }
                 _ => {}
             }
         }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use folio_proto::{ErrorCode, RoundResult, ServerMessage};
 
 use crate::engine::{Candidate, Closing, Global, Phase};
-use crate::jobs::Commit;
+use crate::jobs::{Commit, CommitJob, EvaluateJob};
 use crate::roles::{Commits, Output, Role};
 use crate::{AggregateResult, Engine, Evaluation, RoundRecord, model_hash};
 
@@ -35,11 +35,11 @@ impl<R: Role> Engine<R> {
             .rounds
             .population_eval_every
             .is_some_and(|every| round == 0 || last || round.is_multiple_of(every.max(1)));
-        self.emit(Output::Evaluate {
+        self.emit(Output::Job(CommitJob::Evaluate(EvaluateJob {
             round,
             weights: candidate.weights.clone(),
             population,
-        });
+        })));
         self.phase = Phase::Evaluating(closing, candidate);
     }
 
@@ -141,11 +141,11 @@ impl<R: Commits> Engine<R> {
             secure: closing.secure,
             staleness: closing.staleness,
         };
-        self.emit(Output::Persist(Box::new(Commit {
+        self.emit(Output::Job(CommitJob::Persist(Box::new(Commit {
             record: record.clone(),
             weights: candidate.weights.clone(),
             state: candidate.state.clone(),
-        })));
+        }))));
         self.phase = Phase::Persisting(candidate, record);
     }
 

@@ -95,6 +95,26 @@ impl PartJob {
     }
 }
 
+/// A model to evaluate: a round's candidate, or round 0's starting model.
+pub struct EvaluateJob {
+    pub round: u64,
+    pub weights: Arc<Vec<f32>>,
+    /// Also on every client's test text (the population figure).
+    pub population: bool,
+}
+
+/// A job of the commit pipeline, for the host to run off the engine; its
+/// result comes back as an event ([`crate::Engine::aggregated`],
+/// [`crate::Engine::evaluated`], [`crate::Engine::persisted`], or
+/// [`crate::Engine::job_failed`]).
+pub enum CommitJob {
+    Aggregate(AggregateJob),
+    Evaluate(EvaluateJob),
+    /// Save the commit durably (weights, strategy state, the record appended to
+    /// the history); the round is the global model once that is done.
+    Persist(Box<Commit>),
+}
+
 /// A round to save: everything a restart needs to resume after it.
 #[derive(Debug, Clone)]
 pub struct Commit {

@@ -69,7 +69,7 @@ pub use cluster::{PART_GRACE, PartReport, RoundOrder};
 pub use config::{BuildError, EngineConfig, Entropy, SessionRate, Start};
 pub use engine::Engine;
 pub use error::EngineError;
-pub use jobs::{AggregateJob, AggregateResult, Commit, PartJob};
+pub use jobs::{AggregateJob, AggregateResult, Commit, CommitJob, EvaluateJob, PartJob};
 pub use record::{Evaluation, RoundRecord, model_hash};
 pub use roles::{Action, Commits, Edge, EdgeAction, HoldsSessions, Role, Root, RootAction, Whole};
 pub use round::RoundPhase;

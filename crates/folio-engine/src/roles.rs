@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use folio_proto::ServerMessage;
 
-use crate::jobs::{AggregateJob, Commit, PartJob};
+use crate::jobs::{CommitJob, PartJob};
 use crate::{RoundOrder, RoundRecord};
 
 /// Sessions, rounds and commits in one process.
@@ -66,39 +66,20 @@ pub enum Output {
         to: Vec<u64>,
         message: Arc<ServerMessage>,
     },
-    Aggregate(AggregateJob),
-    Evaluate {
-        round: u64,
-        weights: Arc<Vec<f32>>,
-        population: bool,
-    },
-    Persist(Box<Commit>),
+    Job(CommitJob),
     Committed(Box<RoundRecord>),
     Part(PartJob),
     Order(RoundOrder),
 }
 
-/// Work for one server's host. Sends are cheap; the jobs are not, and their
-/// results come back as events ([`crate::Engine::aggregated`],
-/// [`crate::Engine::evaluated`], [`crate::Engine::persisted`],
-/// [`crate::Engine::job_failed`]).
+/// Work for one server's host. Sends are cheap; the jobs are not.
 pub enum Action {
     /// `message` to each of `to` (one encoding serves them all).
     Send {
         to: Vec<u64>,
         message: Arc<ServerMessage>,
     },
-    Aggregate(AggregateJob),
-    /// Evaluate `weights` centrally, and on every client's test text too when
-    /// `population` is set.
-    Evaluate {
-        round: u64,
-        weights: Arc<Vec<f32>>,
-        population: bool,
-    },
-    /// Save the commit durably (weights, strategy state, the record appended to
-    /// the history); the round is the global model once that is done.
-    Persist(Box<Commit>),
+    Job(CommitJob),
     /// Round `record.round` is now the global model.
     Committed(Box<RoundRecord>),
 }
@@ -118,14 +99,9 @@ pub enum EdgeAction {
 pub enum RootAction {
     /// Start the round on the edges.
     Order(RoundOrder),
-    /// Combine the edges' shares.
-    Aggregate(AggregateJob),
-    Evaluate {
-        round: u64,
-        weights: Arc<Vec<f32>>,
-        population: bool,
-    },
-    Persist(Box<Commit>),
+    /// A job of the commit pipeline (a root's aggregation combines the edges'
+    /// shares).
+    Job(CommitJob),
     Committed(Box<RoundRecord>),
 }
 
@@ -137,17 +113,7 @@ impl Role for Whole {
     fn action(output: Output) -> Option<Action> {
         Some(match output {
             Output::Send { to, message } => Action::Send { to, message },
-            Output::Aggregate(job) => Action::Aggregate(job),
-            Output::Evaluate {
-                round,
-                weights,
-                population,
-            } => Action::Evaluate {
-                round,
-                weights,
-                population,
-            },
-            Output::Persist(commit) => Action::Persist(commit),
+            Output::Job(job) => Action::Job(job),
             Output::Committed(record) => Action::Committed(record),
             Output::Part(_) | Output::Order(_) => {
                 unreachable!("one server's engine folds no shares and orders no rounds")
@@ -180,17 +146,7 @@ impl Role for Root {
             // Its sessions live on its edges, which tell them themselves.
             Output::Send { .. } => return None,
             Output::Order(order) => RootAction::Order(order),
-            Output::Aggregate(job) => RootAction::Aggregate(job),
-            Output::Evaluate {
-                round,
-                weights,
-                population,
-            } => RootAction::Evaluate {
-                round,
-                weights,
-                population,
-            },
-            Output::Persist(commit) => RootAction::Persist(commit),
+            Output::Job(job) => RootAction::Job(job),
             Output::Committed(record) => RootAction::Committed(record),
             Output::Part(_) => unreachable!("a root combines shares; it folds none"),
         })

@@ -11,7 +11,7 @@ use folio_proto::{ErrorCode, RoundStart, ServerMessage};
 
 use crate::engine::{Closing, Phase};
 use crate::error::EngineError;
-use crate::jobs::{AggregateJob, Collected, PartJob};
+use crate::jobs::{AggregateJob, Collected, CommitJob, PartJob};
 use crate::roles::{HoldsSessions, Output, Role};
 use crate::round::OpenRound;
 use crate::{DecodedUpdate, Engine, PartReport};
@@ -267,14 +267,14 @@ impl<R: Role> Engine<R> {
 
     /// Hands a closed round's (or a full buffer's) updates to the host.
     pub(crate) fn aggregate(&mut self, closing: Closing, collected: Collected) {
-        self.emit(Output::Aggregate(AggregateJob {
+        self.emit(Output::Job(CommitJob::Aggregate(AggregateJob {
             round: closing.round,
             strategy: self.strategy.clone(),
             collected,
             weights: self.global.weights.clone(),
             state: self.global.state.clone(),
             model_encoding: self.config.rounds.model_encoding,
-        }));
+        })));
         self.phase = Phase::Aggregating(closing);
     }
 }

@@ -7,58 +7,43 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use folio_engine::{AggregateJob, AggregateResult, Commit, Commits, Engine, Evaluation};
+use folio_engine::{AggregateResult, Commit, CommitJob, Commits, Engine, EvaluateJob, Evaluation};
 
 use crate::eval::Evaluator;
 
-/// A job of the commit pipeline.
-pub enum Job {
-    Aggregate(AggregateJob),
-    Evaluate {
-        round: u64,
-        weights: Arc<Vec<f32>>,
-        population: bool,
-    },
-    Persist(Box<Commit>),
-}
-
-impl Job {
-    /// Runs the job: evaluation with `evaluator`, saving with `save`. A job
-    /// that fails says why; the engine runs the round again after its
-    /// `retry_after`.
-    pub async fn run<S, F>(self, evaluator: Arc<Evaluator>, save: S) -> Done
-    where
-        S: FnOnce(Box<Commit>) -> F,
-        F: Future<Output = anyhow::Result<()>>,
-    {
-        match self {
-            Job::Aggregate(job) => {
-                let round = job.round;
-                match tokio::task::spawn_blocking(move || job.run()).await {
-                    Ok(result) => Done::Aggregated(result),
-                    Err(err) => Done::Failed(round, format!("aggregating: {err}")),
-                }
+/// Runs `job`: evaluation with `evaluator`, saving with `save`. A job that
+/// fails says why; the engine runs the round again after its `retry_after`.
+pub async fn run<S, F>(job: CommitJob, evaluator: Arc<Evaluator>, save: S) -> Done
+where
+    S: FnOnce(Box<Commit>) -> F,
+    F: Future<Output = anyhow::Result<()>>,
+{
+    match job {
+        CommitJob::Aggregate(job) => {
+            let round = job.round;
+            match tokio::task::spawn_blocking(move || job.run()).await {
+                Ok(result) => Done::Aggregated(result),
+                Err(err) => Done::Failed(round, format!("aggregating: {err}")),
             }
-            Job::Evaluate {
-                round,
-                weights,
-                population,
-            } => {
-                let evaluated =
-                    tokio::task::spawn_blocking(move || evaluator.evaluate(&weights, population))
-                        .await;
-                match evaluated {
-                    Ok(Ok((eval, population))) => Done::Evaluated(round, eval, population),
-                    Ok(Err(err)) => Done::Failed(round, format!("evaluating: {err:#}")),
-                    Err(err) => Done::Failed(round, format!("evaluating: {err}")),
-                }
+        }
+        CommitJob::Evaluate(EvaluateJob {
+            round,
+            weights,
+            population,
+        }) => {
+            let evaluated =
+                tokio::task::spawn_blocking(move || evaluator.evaluate(&weights, population)).await;
+            match evaluated {
+                Ok(Ok((eval, population))) => Done::Evaluated(round, eval, population),
+                Ok(Err(err)) => Done::Failed(round, format!("evaluating: {err:#}")),
+                Err(err) => Done::Failed(round, format!("evaluating: {err}")),
             }
-            Job::Persist(commit) => {
-                let round = commit.record.round;
-                match save(commit).await {
-                    Ok(()) => Done::Persisted(round),
-                    Err(err) => Done::Failed(round, format!("saving: {err:#}")),
-                }
+        }
+        CommitJob::Persist(commit) => {
+            let round = commit.record.round;
+            match save(commit).await {
+                Ok(()) => Done::Persisted(round),
+                Err(err) => Done::Failed(round, format!("saving: {err:#}")),
             }
         }
     }

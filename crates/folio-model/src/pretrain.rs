@@ -183,12 +183,7 @@ impl Pretraining {
                 position.step += 1;
                 let checkpoint = position.step % self.checkpoint_every.max(1) == 0;
                 if checkpoint {
-                    self.save(
-                        &trainer,
-                        &resume_path,
-                        Precision::F32,
-                        self.metadata(position),
-                    )?;
+                    self.save_resumable(&trainer, &resume_path, position)?;
                 }
                 progress(Progress::Step {
                     loss: metrics.loss,
@@ -202,12 +197,7 @@ impl Pretraining {
                 epoch: epoch + 1,
                 step: 0,
             };
-            self.save(
-                &trainer,
-                &resume_path,
-                Precision::F32,
-                self.metadata(position),
-            )?;
+            self.save_resumable(&trainer, &resume_path, position)?;
             let trained_chars = steps_before * self.batch_size * SEQ_LEN;
             let mut metadata = self.metadata(position);
             metadata.insert("held_out_loss".into(), format!("{:.4}", held.loss));
@@ -260,6 +250,16 @@ impl Pretraining {
             ("lr".into(), self.lr.to_string()),
             ("seed".into(), self.seed.to_string()),
         ])
+    }
+
+    /// The f32 checkpoint a run resumes from, at `position`.
+    fn save_resumable(
+        &self,
+        trainer: &Trainer,
+        path: &Path,
+        position: Position,
+    ) -> anyhow::Result<()> {
+        self.save(trainer, path, Precision::F32, self.metadata(position))
     }
 
     fn save(

@@ -18,7 +18,7 @@ use folio_proto::ServerMessage;
 use tokio::sync::mpsc;
 
 use crate::outbox::Outbox;
-use folio_host::jobs::Job;
+use folio_host::jobs;
 use folio_host::state;
 
 use crate::Shared;
@@ -57,17 +57,7 @@ impl Served for Whole {
                 shared.completed.send_replace(record.round);
                 return None;
             }
-            Action::Aggregate(job) => Job::Aggregate(job),
-            Action::Evaluate {
-                round,
-                weights,
-                population,
-            } => Job::Evaluate {
-                round,
-                weights,
-                population,
-            },
-            Action::Persist(commit) => Job::Persist(commit),
+            Action::Job(job) => job,
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -79,7 +69,7 @@ impl Served for Whole {
                 tokio::task::spawn_blocking(move || state::commit(&dir, &commit, seed)).await??;
                 Ok(())
             };
-            let done = job.run(shared.evaluator.clone(), save).await;
+            let done = jobs::run(job, shared.evaluator.clone(), save).await;
             shared.engine(|e| done.apply(e, Instant::now()));
         });
         None

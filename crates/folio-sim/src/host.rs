@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use folio_client::LocalTraining;
-use folio_engine::{Action, Commit, DecodedUpdate, Engine, EngineError, Evaluation, RoundRecord};
+use folio_engine::{
+    Action, Commit, CommitJob, DecodedUpdate, Engine, EngineError, Evaluation, RoundRecord,
+};
 use folio_fed::codec::{self, CheckedDelta};
 use folio_model::ModelConfig;
 use folio_proto::{RoundStart, ServerMessage};
@@ -116,16 +118,12 @@ impl InProcess {
                 }
                 return Ok(Some((to, message)));
             }
-            Action::Aggregate(job) => self.engine.aggregated(job.run(), now),
-            Action::Evaluate {
-                round,
-                weights,
-                population,
-            } => {
-                let (eval, population) = jobs.evaluate(&weights, population)?;
-                self.engine.evaluated(round, eval, population, now);
+            Action::Job(CommitJob::Aggregate(job)) => self.engine.aggregated(job.run(), now),
+            Action::Job(CommitJob::Evaluate(job)) => {
+                let (eval, population) = jobs.evaluate(&job.weights, job.population)?;
+                self.engine.evaluated(job.round, eval, population, now);
             }
-            Action::Persist(commit) => {
+            Action::Job(CommitJob::Persist(commit)) => {
                 jobs.persist(&commit)?;
                 self.engine.persisted(commit.record.round, now);
             }

@@ -58,15 +58,7 @@ fn a_dp_round_whose_sample_is_empty_still_releases_its_noise_and_is_charged() {
     // clients here connected most draws are empty. Drawing again until someone
     // is picked would take a connected client in nearly every round (far above
     // q); each such round instead commits noise alone, and is charged.
-    let dp = StrategyConfig {
-        kind: folio_fed::StrategyKind::DpFedAvg,
-        clipping: Clipping::Fixed { bound: 1.0 },
-        dp: folio_fed::DpConfig {
-            noise_multiplier: 1.0,
-            ..folio_fed::DpConfig::default()
-        },
-        ..strategy_config(3, 3)
-    };
+    let dp = dp_strategy(3, 1.0);
     let start = Start {
         weights: vec![0.0; PARAMS],
         strategy: None,
@@ -103,15 +95,7 @@ fn a_dp_round_whose_sample_is_empty_still_releases_its_noise_and_is_charged() {
 
 #[test]
 fn a_dp_cluster_noises_once_at_the_root_and_spends_what_one_server_does() {
-    let dp = StrategyConfig {
-        kind: folio_fed::StrategyKind::DpFedAvg,
-        clipping: Clipping::Fixed { bound: 0.8 },
-        dp: folio_fed::DpConfig {
-            noise_multiplier: 1.0,
-            ..folio_fed::DpConfig::default()
-        },
-        ..strategy_config(4, 4)
-    };
+    let dp = dp_strategy(4, 0.8);
     let mut whole = Host::fresh(dp, Some(3));
     let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| whole.join(c)).collect();
     for round in 1..=3 {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use folio_engine::{
-    Action, AggregateJob, CheckedJoin, Commits, DecodedUpdate, Edge, EdgeAction, Engine,
-    EngineConfig, Entropy, Evaluation, HoldsSessions, Role, Root, RootAction, RoundConfig,
-    RoundOrder, RoundRecord, SessionRate, Start, Whole,
+    Action, CheckedJoin, CommitJob, Commits, DecodedUpdate, Edge, EdgeAction, Engine, EngineConfig,
+    Entropy, Evaluation, HoldsSessions, Role, Root, RootAction, RoundConfig, RoundOrder,
+    RoundRecord, SessionRate, Start, Whole,
 };
 use folio_fed::codec::CheckedDelta;
 use folio_fed::{Clipping, StrategyConfig};
@@ -52,6 +52,20 @@ fn strategy_config(clients_per_round: usize, quorum: usize) -> StrategyConfig {
         quorum,
         clipping: Clipping::Off,
         ..StrategyConfig::fedavg(clients_per_round)
+    }
+}
+
+/// DP-FedAvg with `clients_per_round` (all needed), deltas clipped to `bound`,
+/// noise of the bound's size.
+fn dp_strategy(clients_per_round: usize, bound: f32) -> StrategyConfig {
+    StrategyConfig {
+        kind: folio_fed::StrategyKind::DpFedAvg,
+        clipping: Clipping::Fixed { bound },
+        dp: folio_fed::DpConfig {
+            noise_multiplier: 1.0,
+            ..folio_fed::DpConfig::default()
+        },
+        ..strategy_config(clients_per_round, clients_per_round)
     }
 }
 
@@ -127,9 +141,7 @@ impl Hosted for Whole {
     fn carry(host: &mut Host<Self>, action: Action) -> bool {
         match action {
             Action::Send { to, message } => host.sent.push((to, message)),
-            Action::Aggregate(job) => host.aggregate(job),
-            Action::Evaluate { round, weights, .. } => return host.evaluate(round, &weights),
-            Action::Persist(commit) => host.engine.persisted(commit.record.round, host.now),
+            Action::Job(job) => return host.run_job(job),
             Action::Committed(record) => host.committed.push(*record),
         }
         true
@@ -150,9 +162,7 @@ impl Hosted for Root {
     fn carry(host: &mut Host<Self>, action: RootAction) -> bool {
         match action {
             RootAction::Order(order) => host.orders.push(order),
-            RootAction::Aggregate(job) => host.aggregate(job),
-            RootAction::Evaluate { round, weights, .. } => return host.evaluate(round, &weights),
-            RootAction::Persist(commit) => host.engine.persisted(commit.record.round, host.now),
+            RootAction::Job(job) => return host.run_job(job),
             RootAction::Committed(record) => host.committed.push(*record),
         }
         true
@@ -256,24 +266,25 @@ impl<R: Hosted> Host<R> {
 }
 
 impl<R: Hosted + Commits> Host<R> {
-    fn aggregate(&mut self, job: AggregateJob) {
-        let result = job.run();
-        self.engine.aggregated(result, self.now);
-    }
-
-    /// Evaluates a candidate (its loss: the sum of its weights); `false` when
-    /// jobs fail.
-    fn evaluate(&mut self, round: u64, weights: &[f32]) -> bool {
-        if self.failing_jobs {
-            self.engine.job_failed(round, self.now);
-            return false;
+    /// Runs a commit job in place (a candidate's loss: the sum of its weights);
+    /// `false` when jobs fail.
+    fn run_job(&mut self, job: CommitJob) -> bool {
+        match job {
+            CommitJob::Aggregate(job) => self.engine.aggregated(job.run(), self.now),
+            CommitJob::Evaluate(job) if self.failing_jobs => {
+                self.engine.job_failed(job.round, self.now);
+                return false;
+            }
+            CommitJob::Evaluate(job) => {
+                let loss = f64::from(job.weights.iter().sum::<f32>());
+                let eval = Evaluation {
+                    loss,
+                    accuracy: 0.5,
+                };
+                self.engine.evaluated(job.round, eval, None, self.now);
+            }
+            CommitJob::Persist(commit) => self.engine.persisted(commit.record.round, self.now),
         }
-        let loss = f64::from(weights.iter().sum::<f32>());
-        let eval = Evaluation {
-            loss,
-            accuracy: 0.5,
-        };
-        self.engine.evaluated(round, eval, None, self.now);
         true
     }
 }

@@ -4,15 +4,7 @@ use super::*;
 /// tokens, masking graphs, round seeds, the models), and each commit (noised
 /// weights included).
 fn secure_dp_run(entropy: Entropy) -> (Vec<String>, Vec<RoundRecord>, Vec<f32>) {
-    let dp = StrategyConfig {
-        kind: folio_fed::StrategyKind::DpFedAvg,
-        clipping: Clipping::Fixed { bound: 1.0 },
-        dp: folio_fed::DpConfig {
-            noise_multiplier: 1.0,
-            ..folio_fed::DpConfig::default()
-        },
-        ..strategy_config(4, 4)
-    };
+    let dp = dp_strategy(4, 1.0);
     let mut config = config(dp, Some(3));
     config.entropy = entropy;
     config.check_devices = true;
