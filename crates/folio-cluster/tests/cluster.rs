@@ -4,7 +4,6 @@
 //! (Killing its parts: `crates/folio/tests/cluster.rs`, with real processes.)
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,47 +18,22 @@ use folio_engine::{
 };
 use folio_fed::codec::CheckedDelta;
 use folio_fed::{Clipping, StrategyConfig};
-use folio_model::Preset;
 use folio_proto::{ClientMessage, decode_client};
-use folio_server::{AccessConfig, Limits, RoundConfig, ServerConfig};
-
-const CLIENTS: [&str; 6] = [
-    "THE_TRAGEDY_OF_KING_LEAR_KENT",
-    "THE_TRAGEDY_OF_KING_LEAR_EDG",
-    "THE_TRAGEDY_OF_KING_LEAR_GLOU",
-    "THE_TRAGEDY_OF_KING_LEAR_GON",
-    "THE_TRAGEDY_OF_KING_LEAR_EDM",
-    "THE_TRAGEDY_OF_KING_LEAR_COR",
-];
+use folio_server::{RoundConfig, ServerConfig};
+use folio_testkit::{KING_LEAR, server_config};
 
 fn rounds(quorum: usize, deadline: Duration) -> RoundConfig {
     RoundConfig {
         strategy: StrategyConfig {
             clipping: Clipping::Fixed { bound: 0.5 },
             quorum,
-            ..StrategyConfig::fedavg(CLIENTS.len())
+            ..StrategyConfig::fedavg(KING_LEAR.len())
         },
         max_batches: Some(2),
         eval_clients: 2,
         eval_batches: 1,
         deadline,
         ..RoundConfig::tutorial()
-    }
-}
-
-fn server_config(state: &Path, rounds: RoundConfig, max_rounds: u64) -> ServerConfig {
-    ServerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        state_dir: state.to_owned(),
-        data_dir: folio_data::data_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")),
-        web_root: None,
-        preset: Preset::Small,
-        init: None,
-        rounds,
-        seed: 5,
-        access: AccessConfig::default(),
-        limits: Limits::default(),
-        max_rounds: Some(max_rounds),
     }
 }
 
@@ -191,7 +165,7 @@ fn one_server(
     };
     run(&mut engine);
     let mut sessions = BTreeMap::new();
-    for client in CLIENTS {
+    for client in KING_LEAR {
         let join = CheckedJoin {
             kind: "native",
             backend: "flex".into(),
@@ -249,7 +223,7 @@ async fn three_edges_commit_what_one_server_computes_from_the_same_updates() {
     let urls: Vec<String> = edges.iter().map(|e| e.url.clone()).collect();
     let mut clients = Vec::new();
     let mut logs = Vec::new();
-    for (i, client) in CLIENTS.iter().enumerate() {
+    for (i, client) in KING_LEAR.iter().enumerate() {
         // Two clients an edge; each fails over to the next edge in turn.
         let mine: Vec<String> = (0..3).map(|k| urls[(i / 2 + k) % 3].clone()).collect();
         let sent = Sent::default();
@@ -267,9 +241,9 @@ async fn three_edges_commit_what_one_server_computes_from_the_same_updates() {
         history.iter().take(3).map(|r| r.round).eq(0..3),
         "{history:?}"
     );
-    assert!(history[1..3].iter().all(|r| r.clients == CLIENTS.len()));
+    assert!(history[1..3].iter().all(|r| r.clients == KING_LEAR.len()));
     let mut updates: BTreeMap<u64, Vec<(&str, folio_proto::Update)>> = BTreeMap::new();
-    for (client, log) in CLIENTS.iter().zip(&logs) {
+    for (client, log) in KING_LEAR.iter().zip(&logs) {
         for update in log.lock().unwrap().iter().filter(|u| u.round <= 2) {
             updates
                 .entry(update.round)

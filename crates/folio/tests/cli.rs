@@ -1,12 +1,12 @@
 //! The `folio` binary as a user runs it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use assert_cmd::Command;
 use burn::prelude::Device;
 use folio_model::checkpoint::{self, Precision};
 use folio_model::{CharRnn, Preset};
+use folio_testkit::data_dir;
 
 fn folio() -> Command {
     let mut cmd = Command::cargo_bin("folio").unwrap();
@@ -14,13 +14,6 @@ fn folio() -> Command {
         .arg("--data-dir")
         .arg(data_dir());
     cmd
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("FOLIO_DATA_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/cache"),
-        PathBuf::from,
-    )
 }
 
 fn stdout(cmd: &mut Command) -> String {

@@ -6,25 +6,17 @@
 //! history exactly once, and the clients of the dead edge train elsewhere.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use folio_cluster::nats_server::NatsServer;
 use folio_cluster::store::Store;
 use folio_server::RoundRecord;
-
-const CLIENTS: [&str; 6] = [
-    "THE_TRAGEDY_OF_KING_LEAR_KENT",
-    "THE_TRAGEDY_OF_KING_LEAR_EDG",
-    "THE_TRAGEDY_OF_KING_LEAR_GLOU",
-    "THE_TRAGEDY_OF_KING_LEAR_GON",
-    "THE_TRAGEDY_OF_KING_LEAR_EDM",
-    "THE_TRAGEDY_OF_KING_LEAR_COR",
-];
+use folio_testkit::KING_LEAR;
 
 fn folio(logs: &Path, name: &str) -> Command {
-    let data = folio_data::data_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    let data = folio_testkit::data_dir();
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("folio"));
     cmd.arg("--data-dir").arg(data);
     let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
@@ -76,7 +68,7 @@ impl Cluster {
                 .unwrap();
             cluster.edges.push((format!("ws://{addr}/ws"), edge));
         }
-        for (i, client) in CLIENTS.iter().enumerate() {
+        for (i, client) in KING_LEAR.iter().enumerate() {
             // Two clients an edge, each told every edge from its own on.
             let mut command = folio(cluster.dir.path(), &format!("client-{i}"));
             command.args(["client", "--client", client]);
@@ -193,7 +185,7 @@ fn killing_an_edge_the_root_or_nats_loses_no_committed_round() {
     kill(&mut cluster.edges[2].1);
     cluster.wait_for("a full round after the edge died", |h| {
         h.iter()
-            .any(|r| r.round > round && r.clients == CLIENTS.len())
+            .any(|r| r.round > round && r.clients == KING_LEAR.len())
     });
 
     // The root dies mid-round; another takes over its lease and runs the round again.

@@ -5,7 +5,7 @@
 //! And stopped with SIGTERM: it exits at once, cleanly, its history intact.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,12 +14,9 @@ use folio_engine::model_hash;
 use folio_host::state;
 use folio_model::Preset;
 use folio_server::RoundRecord;
+use folio_testkit::data_dir;
 
 const CYCLES: usize = 20;
-
-fn data_dir() -> PathBuf {
-    folio_data::data_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
-}
 
 fn folio() -> Command {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("folio"));

@@ -3,39 +3,23 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use folio_client::ClientOptions;
 use folio_model::Preset;
 use folio_proto::{ClientMessage, ErrorCode, ServerMessage, decode_server};
-use folio_server::{AccessConfig, Limits, RoundConfig, Server, ServerConfig};
+use folio_server::{AccessConfig, RoundConfig, Server, ServerConfig};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-pub fn data_dir() -> PathBuf {
-    folio_data::data_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
-}
+// Each test file uses its own few.
+#[allow(unused_imports)]
+pub use folio_testkit::{data_dir, eventually, within};
 
 /// A server whose devices are selected unchecked: tests that speak the protocol
 /// frame by frame ([`checked`] for those whose clients answer device checks).
 pub fn config(state_dir: &std::path::Path, rounds: RoundConfig, max_rounds: u64) -> ServerConfig {
-    ServerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        state_dir: state_dir.to_owned(),
-        data_dir: data_dir(),
-        web_root: None,
-        preset: Preset::Small,
-        init: None,
-        rounds,
-        seed: 5,
-        access: AccessConfig {
-            check_devices: false,
-            ..AccessConfig::default()
-        },
-        limits: Limits::default(),
-        max_rounds: Some(max_rounds),
-    }
+    folio_testkit::unchecked(folio_testkit::server_config(state_dir, rounds, max_rounds))
 }
 
 /// `config` with device checks on, as `folio serve` runs.
@@ -67,14 +51,6 @@ pub async fn next_message(socket: &mut Socket) -> ServerMessage {
             return decode_server(&frame).unwrap();
         }
     }
-}
-
-/// Waits for `wait`, failing the test after two minutes rather than hanging
-/// (a loop over messages may never see the one it waits for).
-pub async fn within<T>(wait: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(120), wait)
-        .await
-        .expect("what the test waits for did not come within 2 minutes")
 }
 
 pub async fn expect_error(socket: &mut Socket, frame: Message, code: ErrorCode) {
@@ -121,20 +97,6 @@ pub fn segments() -> Vec<usize> {
         .iter()
         .map(|(_, s)| s.iter().product())
         .collect()
-}
-
-/// Polls `condition` until it holds, failing the test after 30 s: for what the
-/// server does on its own time (sees a socket end, forgets a session, retries a
-/// round), so no test sleeps a guessed duration and hopes.
-pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not within 30 s: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// A TCP connection to the server from the loopback address `source` (all of
