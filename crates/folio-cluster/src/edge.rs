@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use folio_engine::{PartReport, RoundOrder, Start};
+use folio_engine::{RoundOrder, ShareReport, Start};
 use folio_server::{EdgeStart, Handle, Server, ServerConfig, Share};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -228,7 +228,7 @@ async fn send_shares(
     mut shares: mpsc::UnboundedReceiver<Share>,
 ) {
     while let Some((report, part)) = shares.recv().await {
-        let report = PartReport {
+        let report = ShareReport {
             reported: report.reported.iter().map(|&s| global_id(id, s)).collect(),
             dropped: report.dropped.iter().map(|&s| global_id(id, s)).collect(),
             ..report

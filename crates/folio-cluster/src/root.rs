@@ -247,7 +247,7 @@ impl RootHost {
 
     fn take_share(&mut self, notice: ShareNotice, part: Partial) {
         let (round, edge) = (notice.report.round, notice.edge.clone());
-        if let Err(why) = self.engine.part(notice.report, part, Instant::now()) {
+        if let Err(why) = self.engine.take_share(notice.report, part, Instant::now()) {
             tracing::debug!(round, edge, "share not taken: {why}");
         }
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use async_nats::jetstream::{self, kv, object_store, stream};
 use bytes::Bytes;
-use folio_engine::{PartReport, RoundOrder, RoundRecord};
+use folio_engine::{RoundOrder, RoundRecord, ShareReport};
 use folio_fed::{Candidate, Partial};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
@@ -75,7 +75,7 @@ pub struct EdgeReport {
 pub struct ShareNotice {
     pub edge: String,
     /// Session ids are cluster-wide.
-    pub report: PartReport,
+    pub report: ShareReport,
     pub total_weight: f64,
     pub updates: usize,
     pub norms: Vec<f64>,
@@ -384,7 +384,7 @@ impl Store {
     pub async fn send_share(
         &self,
         edge: &str,
-        report: PartReport,
+        report: ShareReport,
         part: &Partial,
     ) -> anyhow::Result<()> {
         let id = format!("part-r{}-a{}-{edge}", report.round, report.attempt);

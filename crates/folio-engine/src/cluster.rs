@@ -32,7 +32,7 @@ pub struct RoundOrder {
 
 /// What an edge's share of a round says besides the folded deltas.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PartReport {
+pub struct ShareReport {
     pub round: u64,
     pub attempt: u32,
     /// Selected sessions that reported, and those that left before they did.
@@ -48,7 +48,7 @@ pub struct PartReport {
 
 /// An edge needs no more than this after the deadline for its share to reach
 /// the root: the root waits that much longer before it closes a round.
-pub const PART_GRACE: Duration = Duration::from_secs(5);
+pub const SHARE_GRACE: Duration = Duration::from_secs(5);
 
 /// A root's open round: the edges' shares so far, and the bound they clip to.
 pub(crate) struct Shares {
@@ -80,7 +80,7 @@ impl<R: Role> Engine<R> {
             parts: Vec::new(),
         });
         let selected = selected.into_iter().map(|s| (s, 0)).collect();
-        let deadline = self.config.rounds.deadline + PART_GRACE;
+        let deadline = self.config.rounds.deadline + SHARE_GRACE;
         self.phase = Phase::Collecting(OpenRound::new(
             start,
             self.attempt,
@@ -124,9 +124,9 @@ impl Engine<Root> {
     /// A root takes an edge's share of the open round: refused (and nothing
     /// counted) unless it is for the open round's attempt and every session it
     /// names is still awaited.
-    pub fn part(
+    pub fn take_share(
         &mut self,
-        report: PartReport,
+        report: ShareReport,
         part: Partial,
         now: Instant,
     ) -> Result<(), EngineError> {

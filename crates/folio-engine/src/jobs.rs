@@ -8,7 +8,7 @@ use folio_fed::{Aggregated, FedError, OpenUpdates, Partial, StateRecord, Strateg
 
 use crate::cluster::Shares;
 use crate::secure::{SecureSum, SumMetrics};
-use crate::{PartReport, RoundRecord};
+use crate::{RoundRecord, ShareReport};
 
 /// What a round collected.
 pub(crate) enum Collected {
@@ -70,14 +70,14 @@ impl AggregateJob {
 }
 
 /// An edge's share of a round, to fold off the engine.
-pub struct PartJob {
-    pub report: PartReport,
+pub struct ShareJob {
+    pub report: ShareReport,
     pub(crate) strategy: Arc<dyn Strategy>,
     pub(crate) collected: Collected,
 }
 
-impl PartJob {
-    pub fn run(mut self) -> Result<(PartReport, Partial), FedError> {
+impl ShareJob {
+    pub fn run(mut self) -> Result<(ShareReport, Partial), FedError> {
         match &self.collected {
             Collected::Updates(updates) => {
                 let partial = self.strategy.part(updates)?;

@@ -65,11 +65,11 @@ pub mod sessions;
 mod settings;
 pub mod status;
 
-pub use cluster::{PART_GRACE, PartReport, RoundOrder};
+pub use cluster::{RoundOrder, SHARE_GRACE, ShareReport};
 pub use config::{BuildError, EngineConfig, Entropy, SessionRate, Start};
 pub use engine::Engine;
 pub use error::EngineError;
-pub use jobs::{AggregateJob, AggregateResult, Commit, CommitJob, EvaluateJob, PartJob};
+pub use jobs::{AggregateJob, AggregateResult, Commit, CommitJob, EvaluateJob, ShareJob};
 pub use record::{Evaluation, RoundRecord, model_hash};
 pub use roles::{Action, Commits, Edge, EdgeAction, HoldsSessions, Role, Root, RootAction, Whole};
 pub use round::RoundPhase;

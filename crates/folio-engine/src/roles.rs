@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use folio_proto::ServerMessage;
 
-use crate::jobs::{CommitJob, PartJob};
+use crate::jobs::{CommitJob, ShareJob};
 use crate::{RoundOrder, RoundRecord};
 
 /// Sessions, rounds and commits in one process.
@@ -68,7 +68,7 @@ pub enum Output {
     },
     Job(CommitJob),
     Committed(Box<RoundRecord>),
-    Part(PartJob),
+    Share(ShareJob),
     Order(RoundOrder),
 }
 
@@ -92,7 +92,7 @@ pub enum EdgeAction {
         message: Arc<ServerMessage>,
     },
     /// The edge's share of a round, to fold and send to the root.
-    Part(PartJob),
+    Share(ShareJob),
 }
 
 /// Work for a root's host.
@@ -115,7 +115,7 @@ impl Role for Whole {
             Output::Send { to, message } => Action::Send { to, message },
             Output::Job(job) => Action::Job(job),
             Output::Committed(record) => Action::Committed(record),
-            Output::Part(_) | Output::Order(_) => {
+            Output::Share(_) | Output::Order(_) => {
                 unreachable!("one server's engine folds no shares and orders no rounds")
             }
         })
@@ -130,7 +130,7 @@ impl Role for Edge {
     fn action(output: Output) -> Option<EdgeAction> {
         Some(match output {
             Output::Send { to, message } => EdgeAction::Send { to, message },
-            Output::Part(job) => EdgeAction::Part(job),
+            Output::Share(job) => EdgeAction::Share(job),
             _ => unreachable!("an edge's engine folds shares; its root commits"),
         })
     }
@@ -148,7 +148,7 @@ impl Role for Root {
             Output::Order(order) => RootAction::Order(order),
             Output::Job(job) => RootAction::Job(job),
             Output::Committed(record) => RootAction::Committed(record),
-            Output::Part(_) => unreachable!("a root combines shares; it folds none"),
+            Output::Share(_) => unreachable!("a root combines shares; it folds none"),
         })
     }
 }

@@ -11,10 +11,10 @@ use folio_proto::{ErrorCode, RoundStart, ServerMessage};
 
 use crate::engine::{Closing, Phase};
 use crate::error::EngineError;
-use crate::jobs::{AggregateJob, Collected, CommitJob, PartJob};
+use crate::jobs::{AggregateJob, Collected, CommitJob, ShareJob};
 use crate::roles::{HoldsSessions, Output, Role};
 use crate::round::OpenRound;
-use crate::{DecodedUpdate, Engine, PartReport};
+use crate::{DecodedUpdate, Engine, ShareReport};
 
 /// Why the strategy refused an update, as the client is told.
 pub(crate) fn refused_update(err: FedError) -> EngineError {
@@ -228,7 +228,7 @@ impl<R: Role> Engine<R> {
             ),
         );
         if !R::COMMITS {
-            let report = PartReport {
+            let report = ShareReport {
                 round: open.round,
                 attempt: open.attempt,
                 reported: open.reported.iter().copied().collect(),
@@ -239,7 +239,7 @@ impl<R: Role> Engine<R> {
                 bytes_up: open.bytes_up,
                 bytes_down: open.bytes_down,
             };
-            self.emit(Output::Part(PartJob {
+            self.emit(Output::Share(ShareJob {
                 report,
                 strategy: self.strategy.clone(),
                 collected: open.collected,

@@ -80,7 +80,7 @@ impl Served for Edge {
     fn carry(shared: &Arc<Shared<Self>>, action: EdgeAction) -> Option<Frames> {
         match action {
             EdgeAction::Send { to, message } => return Some(Frames { to, message }),
-            EdgeAction::Part(job) => {
+            EdgeAction::Share(job) => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let round = job.report.round;

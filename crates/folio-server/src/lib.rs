@@ -79,7 +79,7 @@ pub struct Shared<R: Served> {
 }
 
 /// An edge's share of a round: what its sessions reported, and their deltas folded.
-pub type Share = (folio_engine::PartReport, folio_fed::Partial);
+pub type Share = (folio_engine::ShareReport, folio_fed::Partial);
 
 /// Where a cluster's edge starts: the root's last commit.
 pub struct EdgeStart {

@@ -101,7 +101,10 @@ impl Cluster {
                 for s in report.reported.iter_mut().chain(&mut report.dropped) {
                     *s |= (e as u64) << 32;
                 }
-                self.root.engine.part(report, part, self.root.now).unwrap();
+                self.root
+                    .engine
+                    .take_share(report, part, self.root.now)
+                    .unwrap();
                 self.root.run();
             }
         }
@@ -193,13 +196,13 @@ fn a_dead_edge_costs_the_root_its_clients_not_the_round() {
         0,
         "grace for late shares"
     );
-    cluster.root.now += folio_engine::PART_GRACE;
+    cluster.root.now += folio_engine::SHARE_GRACE;
     cluster.root.engine.handle_timeout(cluster.root.now);
     cluster.root.run();
     assert_eq!(cluster.root.engine.completed_rounds(), 1);
     assert_eq!(cluster.root.committed.last().unwrap().clients, 2);
     // A share that comes after the round closed is refused, and counts nothing.
-    let late = folio_engine::PartReport {
+    let late = folio_engine::ShareReport {
         round: 1,
         reported: vec![1 << 32 | 1],
         ..Default::default()
@@ -214,7 +217,7 @@ fn a_dead_edge_costs_the_root_its_clients_not_the_round() {
         cluster
             .root
             .engine
-            .part(late, part, cluster.root.now)
+            .take_share(late, part, cluster.root.now)
             .is_err()
     );
 
@@ -243,7 +246,7 @@ fn a_share_counts_once_must_match_its_report_and_a_malformed_one_commits_nothing
     cluster.offer();
     cluster.deliver_orders();
     cluster.train(1, &[0, 1]);
-    let global = |e: usize, mut report: folio_engine::PartReport| {
+    let global = |e: usize, mut report: folio_engine::ShareReport| {
         for s in report.reported.iter_mut().chain(&mut report.dropped) {
             *s |= (e as u64) << 32;
         }
@@ -261,16 +264,16 @@ fn a_share_counts_once_must_match_its_report_and_a_malformed_one_commits_nothing
         cluster
             .root
             .engine
-            .part(report.clone(), short, now)
+            .take_share(report.clone(), short, now)
             .is_err()
     );
     // The share counts once: replayed, it names sessions no longer awaited.
     cluster
         .root
         .engine
-        .part(report.clone(), part.clone(), now)
+        .take_share(report.clone(), part.clone(), now)
         .unwrap();
-    assert!(cluster.root.engine.part(report, part, now).is_err());
+    assert!(cluster.root.engine.take_share(report, part, now).is_err());
     // Edge 1's share has a sum of the wrong length: the round is dropped (no
     // commit, no model change) and runs again.
     let (report, mut part) = cluster.edges[1].parts.pop().unwrap();
@@ -279,7 +282,7 @@ fn a_share_counts_once_must_match_its_report_and_a_malformed_one_commits_nothing
     cluster
         .root
         .engine
-        .part(global(1, report), part, now)
+        .take_share(global(1, report), part, now)
         .unwrap();
     cluster.root.run();
     assert_eq!(cluster.root.engine.completed_rounds(), 0);

@@ -42,7 +42,7 @@ struct Host<R: Hosted = Whole> {
     /// Jobs fail while set (a full disk, say).
     failing_jobs: bool,
     /// An edge's shares, a root's orders.
-    parts: Vec<(folio_engine::PartReport, folio_fed::Partial)>,
+    parts: Vec<(folio_engine::ShareReport, folio_fed::Partial)>,
     orders: Vec<RoundOrder>,
 }
 
@@ -152,7 +152,7 @@ impl Hosted for Edge {
     fn carry(host: &mut Host<Self>, action: EdgeAction) -> bool {
         match action {
             EdgeAction::Send { to, message } => host.sent.push((to, message)),
-            EdgeAction::Part(job) => host.parts.push(job.run().unwrap()),
+            EdgeAction::Share(job) => host.parts.push(job.run().unwrap()),
         }
         true
     }
