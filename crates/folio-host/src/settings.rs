@@ -330,12 +330,14 @@ impl Default for RunSettings {
 }
 
 impl RunSettings {
-    pub fn round_config(&self) -> RoundConfig {
+    /// The engine's round settings; refused when a duration is negative or not
+    /// a number (a settings file can say anything).
+    pub fn round_config(&self) -> anyhow::Result<RoundConfig> {
         if self.tutorial {
-            return RoundConfig {
+            return Ok(RoundConfig {
                 eval_client: Some("THE_TRAGEDY_OF_KING_LEAR_LEAR".into()),
                 ..RoundConfig::tutorial()
-            };
+            });
         }
         let (lr, beta1) = (self.server_lr, self.server_momentum);
         let (beta2, tau) = (self.server_beta2, self.server_tau);
@@ -412,9 +414,11 @@ impl RunSettings {
                 }),
             },
         };
-        RoundConfig {
+        let step_timeout =
+            seconds("secagg_step_secs", self.secagg_step_secs)?.max(Duration::from_millis(1));
+        Ok(RoundConfig {
             strategy,
-            deadline: Duration::from_secs_f64(self.deadline_secs),
+            deadline: seconds("deadline_secs", self.deadline_secs)?,
             local_epochs: self.local_epochs,
             max_batches: (self.max_batches > 0).then_some(self.max_batches),
             batch_size: self.batch_size,
@@ -440,16 +444,16 @@ impl RunSettings {
             eval_client: self.eval_client.clone(),
             population_eval_every: (self.population_eval_every > 0)
                 .then_some(self.population_eval_every),
-            secure: self.secure_aggregation.then(|| SecureRounds {
+            secure: self.secure_aggregation.then_some(SecureRounds {
                 threshold: self.secagg_threshold,
                 degree: self.secagg_degree,
-                step_timeout: Duration::from_secs_f64(self.secagg_step_secs.max(0.001)),
+                step_timeout,
             }),
             asynchronous: (self.mode == RoundMode::Async).then_some(AsyncRounds {
                 buffer: self.buffer,
                 max_staleness: self.max_staleness,
             }),
-        }
+        })
     }
 
     /// The model to start from; `None`: fresh weights.
@@ -482,6 +486,12 @@ impl RunSettings {
         std::fs::write(&path, text + "\n")
             .with_context(|| format!("cannot write {}", path.display()))
     }
+}
+
+/// `value` seconds as a duration, or why not.
+fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("{name} is {value}: give a number of seconds, 0 or more"))
 }
 
 /// A preset by its name.
@@ -538,6 +548,15 @@ mod tests {
                 seed: 3,
                 ..RunSettings::default()
             }
+        );
+        std::fs::write(&path, r#"{"deadline_secs": -5}"#).unwrap();
+        let negative = RunSettings::load(&path)
+            .unwrap()
+            .round_config()
+            .unwrap_err();
+        assert!(
+            negative.to_string().contains("deadline_secs is -5"),
+            "{negative}"
         );
         std::fs::write(&path, r#"{"sead": 1}"#).unwrap();
         let typo = RunSettings::load(&path).unwrap_err();

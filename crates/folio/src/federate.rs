@@ -156,7 +156,7 @@ fn server_config(
         web_root: Path::new("index.html").exists().then(|| PathBuf::from(".")),
         preset: round.preset,
         init: round.init(),
-        rounds: round.round_config(),
+        rounds: round.round_config()?,
         seed: round.seed,
         access: AccessConfig::default(),
         limits: Limits::default(),
@@ -447,7 +447,7 @@ fn population(
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
     round.save(&state_dir)?;
     let sim = folio_sim::population::Population {
-        rounds: round.round_config(),
+        rounds: round.round_config()?,
         preset: round.preset,
         init: round.init(),
         seed: round.seed,
