@@ -1,19 +1,22 @@
 //! The client loop, written once: join → receive the global weights → train
-//! locally on this client's Shakespeare lines → send the encoded delta → wait.
+//! locally on this device's text (its own, or in the simulation the Shakespeare
+//! character's lines the server handed it) → send the encoded delta → wait.
 //! A [`Transport`] carries the frames: tokio-tungstenite natively ([`native`]),
 //! the browser's WebSocket in `folio-web`.
 
 pub mod bench;
+pub mod evaluate;
 #[cfg(not(target_family = "wasm"))]
 pub mod native;
 
 use burn::prelude::Device;
+use folio_data::device::DeviceText;
 use folio_data::{TrainingPlan, vocab};
 use folio_fed::{Encoding, codec};
 use folio_model::params::delta;
 use folio_model::{CharRnn, ModelConfig, OptimizerKind, TrainConfig, Trainer};
 use folio_proto::{
-    ClientKind, ClientMessage, ClientStep, ErrorCode, ErrorMessage, Join, Optimizer,
+    ClientKind, ClientMessage, ClientStep, DataSource, ErrorCode, ErrorMessage, Join, Optimizer,
     PROTOCOL_VERSION, RoundResult, RoundStart, ServerMessage, ServerStep, Update, Welcome,
 };
 use folio_secagg::SecureClient;
@@ -52,6 +55,8 @@ pub enum ClientError {
     Fed(#[from] folio_fed::FedError),
     #[error("secure aggregation: {0}")]
     Secure(#[from] folio_secagg::SecAggError),
+    #[error("{0}")]
+    WrongData(&'static str),
 }
 
 /// What the client is doing, for a page or a log.
@@ -77,6 +82,11 @@ pub enum ClientState {
     },
     /// Computing the aggregator's known-answer probe on this device.
     Checking,
+    /// Measuring a model on the text this device holds out (federated
+    /// evaluation).
+    Evaluating {
+        round: u64,
+    },
 }
 
 /// Everything worth showing, as it happens.
@@ -85,7 +95,9 @@ pub enum ClientEvent {
     Welcomed {
         client_id: String,
         session: String,
+        data: DataSource,
         train_chars: usize,
+        held_out_chars: usize,
     },
     State(ClientState),
     Trained(RoundReport),
@@ -105,6 +117,8 @@ pub enum ClientEvent {
         round: u64,
         model: HeldModel,
     },
+    /// This device measured a model on the text it holds out, and answered.
+    Evaluated(folio_proto::Evaluation),
 }
 
 /// A global model as it came down: its encoding and bytes, and their fingerprint.
@@ -152,6 +166,9 @@ pub struct ClientOptions {
     /// its device check are scaled by this (0: a backend whose gradients come
     /// out zero, as one phone's WebGPU was reported to do).
     pub gradient_fault: Option<f32>,
+    /// This device's own text, where the federation's devices bring theirs: it
+    /// never leaves the device (`None`: the simulation hands out text).
+    pub text: Option<String>,
 }
 
 impl ClientOptions {
@@ -171,6 +188,7 @@ impl ClientOptions {
             max_rounds: None,
             held: None,
             gradient_fault: None,
+            text: None,
         }
     }
 }
@@ -179,7 +197,29 @@ impl ClientOptions {
 struct Session {
     welcome: Welcome,
     ids: Vec<u32>,
+    /// The text it holds out, as ids: what it measures a model on when asked.
+    held_out: Vec<u32>,
     config: ModelConfig,
+}
+
+/// What this device trains on and holds out: in the simulation, the
+/// character's lines the server handed it; else its own text.
+fn device_text(welcome: &Welcome, own: Option<&str>) -> Result<DeviceText, ClientError> {
+    match (welcome.data, own) {
+        (DataSource::Shakespeare, None) => Ok(DeviceText {
+            train: welcome.train_text.clone().unwrap_or_default(),
+            held_out: welcome.held_out_text.clone().unwrap_or_default(),
+        }),
+        (DataSource::Shakespeare, Some(_)) => Err(ClientError::WrongData(
+            "this server runs the Shakespeare simulation and hands each device a character's lines: \
+             leave out this device's own text, or serve with --data device",
+        )),
+        (DataSource::Device, Some(own)) => Ok(DeviceText::split(own)),
+        (DataSource::Device, None) => Err(ClientError::WrongData(
+            "this server's devices train on their own text, and this one has none: give it some \
+             (folio client --text PATH, or the page's text box)",
+        )),
+    }
 }
 
 /// A secure round this client is in: its protocol state, and the round's
@@ -229,11 +269,15 @@ pub async fn run<T: Transport>(
         let bytes_down = frame.len();
         match folio_proto::decode_server(&frame)? {
             ServerMessage::Welcome(welcome) => {
-                let (ids, _) = vocab::encode(&welcome.train_text);
+                let text = device_text(&welcome, options.text.as_deref())?;
+                let (ids, _) = vocab::encode(&text.train);
+                let (held_out, _) = vocab::encode(&text.held_out);
                 on_event(ClientEvent::Welcomed {
                     client_id: welcome.client_id.clone(),
                     session: welcome.session.clone(),
+                    data: welcome.data,
                     train_chars: ids.len(),
+                    held_out_chars: held_out.len(),
                 });
                 let config = ModelConfig {
                     vocab: welcome.model.vocab as usize,
@@ -243,6 +287,7 @@ pub async fn run<T: Transport>(
                 session = Some(Session {
                     welcome,
                     ids,
+                    held_out,
                     config,
                 });
                 on_event(ClientEvent::State(ClientState::Waiting));
@@ -254,7 +299,13 @@ pub async fn run<T: Transport>(
                 on_event(ClientEvent::State(ClientState::Downloading {
                     round: start.round,
                 }));
-                let model = round_model(&start, &mut held)?;
+                let model = received_model(
+                    start.round,
+                    start.model,
+                    start.weights.as_ref(),
+                    start.weights_encoding,
+                    &mut held,
+                )?;
                 if start.weights.is_some() {
                     transport.keep_model(start.round, &model).await;
                     on_event(ClientEvent::ModelReceived {
@@ -334,6 +385,41 @@ pub async fn run<T: Transport>(
                 transport
                     .send(folio_proto::encode(&ClientMessage::ProbeAnswer(answer)))
                     .await?;
+                on_event(ClientEvent::State(ClientState::Waiting));
+            }
+            ServerMessage::Evaluate(ask) => {
+                let session = session
+                    .as_ref()
+                    .ok_or(ClientError::NotWelcomed("an evaluation"))?;
+                on_event(ClientEvent::State(ClientState::Evaluating {
+                    round: ask.round,
+                }));
+                let model = received_model(
+                    ask.round,
+                    ask.model,
+                    ask.weights.as_ref(),
+                    ask.weights_encoding,
+                    &mut held,
+                )?;
+                if ask.weights.is_some() {
+                    transport.keep_model(ask.round, &model).await;
+                    on_event(ClientEvent::ModelReceived {
+                        round: ask.round,
+                        model: model.clone(),
+                    });
+                }
+                let weights = codec::decode(
+                    &model.weights,
+                    &[session.config.num_params()],
+                    model.encoding,
+                )?;
+                let answer =
+                    evaluate::measure(device, session.config, &weights, &session.held_out, &ask)
+                        .await?;
+                transport
+                    .send(folio_proto::encode(&ClientMessage::Evaluation(answer)))
+                    .await?;
+                on_event(ClientEvent::Evaluated(answer));
                 on_event(ClientEvent::State(ClientState::Waiting));
             }
             ServerMessage::RoundResult(result) => {
@@ -448,8 +534,11 @@ where
                 let outcome = run(&mut transport, device, &options, |event| {
                     match &event {
                         ClientEvent::Welcomed {
-                            client_id, session, ..
-                        } => welcomed = Some((session.clone(), client_id.clone())),
+                            client_id,
+                            session,
+                            data,
+                            ..
+                        } => welcomed = Some((session.clone(), client_id.clone(), *data)),
                         ClientEvent::ModelReceived { model, .. } => received = Some(model.clone()),
                         _ => {}
                     }
@@ -459,9 +548,13 @@ where
                 if received.is_some() {
                     options.held = received;
                 }
-                if let Some((session, client_id)) = welcomed {
+                if let Some((session, client_id, data)) = welcomed {
                     options.join.resume = Some(session);
-                    options.join.client = Some(client_id);
+                    // A session that cannot be resumed starts again as the same
+                    // character; a device's own name is the server's to give.
+                    if data == DataSource::Shakespeare {
+                        options.join.client = Some(client_id);
+                    }
                     failures = 0;
                 }
                 outcome
@@ -493,22 +586,29 @@ where
     }
 }
 
-/// The round's global model: the one that came with `start` (which from now on is
-/// the one held), or the held one when `start` came without weights.
-fn round_model(start: &RoundStart, held: &mut Option<HeldModel>) -> Result<HeldModel, ClientError> {
-    match &start.weights {
+/// The model a message names by `fingerprint`: the one that came with it
+/// (which from now on is the one held), or the held one when it came without
+/// weights.
+fn received_model(
+    round: u64,
+    fingerprint: u64,
+    weights: Option<&Vec<u8>>,
+    encoding: Encoding,
+    held: &mut Option<HeldModel>,
+) -> Result<HeldModel, ClientError> {
+    match weights {
         Some(weights) => {
-            let model = HeldModel::new(start.weights_encoding, weights.clone());
-            if model.fingerprint != start.model {
-                return Err(ClientError::DamagedModel { round: start.round });
+            let model = HeldModel::new(encoding, weights.clone());
+            if model.fingerprint != fingerprint {
+                return Err(ClientError::DamagedModel { round });
             }
             *held = Some(model.clone());
             Ok(model)
         }
         None => held
             .clone()
-            .filter(|model| model.fingerprint == start.model)
-            .ok_or(ClientError::ModelNotHeld { round: start.round }),
+            .filter(|model| model.fingerprint == fingerprint)
+            .ok_or(ClientError::ModelNotHeld { round }),
     }
 }
 

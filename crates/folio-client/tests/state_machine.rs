@@ -11,8 +11,8 @@ use folio_client::{ClientError, ClientEvent, ClientOptions, ClientState, Transpo
 use folio_fed::{Encoding, codec};
 use folio_model::{CharRnn, Preset};
 use folio_proto::{
-    ClientMessage, ErrorCode, ErrorMessage, ModelShape, Optimizer, RoundResult, RoundStart,
-    ServerMessage, Welcome, decode_client,
+    ClientMessage, DataSource, ErrorCode, ErrorMessage, Evaluate, ModelShape, Optimizer,
+    RoundResult, RoundStart, ServerMessage, Welcome, decode_client,
 };
 
 #[cfg(target_family = "wasm")]
@@ -52,13 +52,28 @@ impl Transport for Scripted {
     }
 }
 
+const KENT: &str = "I thought the King had more affected the Duke of Albany than Cornwall.\n";
+
+/// The simulation's welcome: Kent's lines handed out.
 fn welcome() -> ServerMessage {
-    let config = Preset::Small.config();
     ServerMessage::Welcome(Welcome {
-        session: "s1".into(),
         client_id: "THE_TRAGEDY_OF_KING_LEAR_KENT".into(),
-        train_text: "I thought the King had more affected the Duke of Albany than Cornwall.\n"
-            .repeat(60),
+        data: DataSource::Shakespeare,
+        train_text: Some(KENT.repeat(60)),
+        held_out_text: Some(KENT.repeat(3)),
+        ..device_welcome()
+    })
+}
+
+/// A welcome where devices bring their own text: none comes with it.
+fn device_welcome() -> Welcome {
+    let config = Preset::Small.config();
+    Welcome {
+        session: "s1".into(),
+        client_id: "device-1".into(),
+        data: DataSource::Device,
+        train_text: None,
+        held_out_text: None,
         preset: "small".into(),
         model: ModelShape {
             vocab: config.vocab as u32,
@@ -67,7 +82,7 @@ fn welcome() -> ServerMessage {
         },
         batch_size: 8,
         seq_len: 100,
-    })
+    }
 }
 
 async fn round_start(round: u64, deadline_ms: u64) -> ServerMessage {
@@ -263,6 +278,107 @@ async fn a_held_model_is_offered_and_used_and_a_missing_or_damaged_one_is_refuse
     ));
 }
 
+/// Where devices bring their own text, the client trains on its own and holds
+/// out its last lines; without text of its own (or with some, in the
+/// simulation) it stops and says why.
+async fn a_device_trains_on_its_own_text_only_where_devices_bring_theirs_body() {
+    let own = ClientOptions {
+        text: Some(KENT.repeat(50)),
+        ..ClientOptions::native()
+    };
+    let device = ServerMessage::Welcome(device_welcome());
+    let (outcome, events, sent) = run_with(
+        vec![device.clone(), round_start(1, 600_000).await],
+        own.clone(),
+    )
+    .await;
+    assert_eq!(outcome.unwrap(), 1);
+    let Some(ClientMessage::Update(update)) = sent.last() else {
+        panic!("no update went up")
+    };
+    // 40 of Kent's lines are 2,839 characters: 29 sequences of 100.
+    assert_eq!(update.examples, 29);
+    let Some(ClientEvent::Welcomed {
+        train_chars,
+        held_out_chars,
+        ..
+    }) = events.first()
+    else {
+        panic!("no welcome: {events:?}")
+    };
+    assert_eq!(
+        (*train_chars, *held_out_chars),
+        (40 * KENT.len() - 1, 10 * KENT.len())
+    );
+
+    let (outcome, _, _) = run(vec![device, round_start(1, 600_000).await]).await;
+    assert!(matches!(outcome, Err(ClientError::WrongData(why)) if why.contains("--text")));
+    let (outcome, _, sent) = run_with(vec![welcome(), round_start(1, 600_000).await], own).await;
+    assert!(matches!(outcome, Err(ClientError::WrongData(why)) if why.contains("--data device")));
+    assert_eq!(sent.len(), 1, "nothing but the join went up");
+}
+
+/// Asked to evaluate, a device measures the model on its held-out lines and
+/// answers sums; it trains nothing, and keeps the model it was sent.
+async fn an_evaluation_is_measured_on_the_held_out_text_and_answered_as_sums_body() {
+    let Some(ServerMessage::RoundStart(start)) = Some(round_start(3, 600_000).await) else {
+        unreachable!()
+    };
+    let evaluate = ServerMessage::Evaluate(Evaluate {
+        round: 3,
+        model: start.model,
+        weights: start.weights.clone(),
+        weights_encoding: start.weights_encoding,
+        deadline_ms: 60_000,
+        max_chars: 100_000,
+    });
+    let capped = ServerMessage::Evaluate(Evaluate {
+        weights: None,
+        max_chars: 50,
+        ..match &evaluate {
+            ServerMessage::Evaluate(e) => e.clone(),
+            _ => unreachable!(),
+        }
+    });
+    let (outcome, events, sent) = run(vec![welcome(), evaluate, capped]).await;
+    assert_eq!(outcome.unwrap(), 0, "nothing trained");
+    let answers: Vec<_> = sent
+        .iter()
+        .filter_map(|m| match m {
+            ClientMessage::Evaluation(answer) => Some(*answer),
+            _ => None,
+        })
+        .collect();
+    let [whole, capped] = answers.as_slice() else {
+        panic!("two answers expected: {sent:?}")
+    };
+    // Three of Kent's lines (215 characters), less the first of each sequence,
+    // which predicts nothing.
+    assert!((205..215).contains(&whole.chars), "{whole:?}");
+    assert_eq!(capped.chars, 50, "at most the characters asked for");
+    for answer in [whole, capped] {
+        let loss = answer.loss_sum / answer.chars as f64;
+        assert!(
+            answer.round == 3 && (3.0..6.0).contains(&loss),
+            "{answer:?}"
+        );
+        assert!(answer.correct <= answer.chars);
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::ModelReceived { round: 3, .. }))
+    );
+}
+
+native_and_browser_test!(
+    a_device_trains_on_its_own_text_only_where_devices_bring_theirs,
+    a_device_trains_on_its_own_text_only_where_devices_bring_theirs_body
+);
+native_and_browser_test!(
+    an_evaluation_is_measured_on_the_held_out_text_and_answered_as_sums,
+    an_evaluation_is_measured_on_the_held_out_text_and_answered_as_sums_body
+);
 native_and_browser_test!(
     a_held_model_is_offered_and_used_and_a_missing_or_damaged_one_is_refused,
     a_held_model_is_offered_and_used_and_a_missing_or_damaged_one_is_refused_body

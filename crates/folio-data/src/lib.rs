@@ -9,6 +9,7 @@
 //! - [`stats`]: the figures `folio data stats` prints.
 
 pub mod batch;
+pub mod device;
 pub mod dickens;
 pub mod plan;
 pub mod rng;
@@ -50,6 +51,13 @@ pub enum DataError {
     EmptyText { path: PathBuf },
     #[error("no corpus files given")]
     NoCorpusFiles,
+    #[error("{path} holds no text to train on: give a text file, or a folder of .txt files")]
+    EmptyDeviceText { path: PathBuf },
+    #[error(
+        "{path} holds more than {} MB of text: give a device at most that much",
+        device::MAX_DEVICE_TEXT_BYTES / (1024 * 1024)
+    )]
+    DeviceTextTooLarge { path: PathBuf },
     #[error(
         "no client `{id}`. Closest ids: {}\n  (`folio data clients` lists them all)",
         suggestions.join(", ")

@@ -1,11 +1,11 @@
-//! Who gets in: a resumed session, or a new one with the client asked for or the
-//! next free one, each network opening new sessions at a bounded rate (a token
+//! Who gets in: a resumed session, or a new one (in the simulation, with the
+//! client asked for or the next free one), each network opening new sessions at a bounded rate (a token
 //! bucket per group); and what happens when a connection ends.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use folio_proto::{ErrorCode, Welcome};
+use folio_proto::{DataSource, ErrorCode, Welcome};
 
 use crate::engine::Phase;
 use crate::error::EngineError;
@@ -86,16 +86,7 @@ impl<R: HoldsSessions> Engine<R> {
             }
             None => {
                 self.new_session_allowed(join.group, now)?;
-                let client = self
-                    .sessions
-                    .pick_client(join.client.as_deref(), &self.pool)
-                    .map_err(session_error)?;
-                if !self.clients.contains_key(&client) {
-                    return Err(EngineError::new(
-                        ErrorCode::UnknownClient,
-                        format!("{client} has no training text to train on"),
-                    ));
-                }
+                let client = self.client_for(join.client.as_deref())?;
                 let secret = u128::from(self.draw_u64()) << 64 | u128::from(self.draw_u64());
                 let session = self
                     .sessions
@@ -127,6 +118,31 @@ impl<R: HoldsSessions> Engine<R> {
         self.check_device(session);
         self.rejoin_open_round(session, now);
         Ok(joined)
+    }
+
+    /// The Shakespeare client a new session trains as: the one asked for or the
+    /// next free one. `None` where devices bring their own text.
+    fn client_for(&self, wanted: Option<&str>) -> Result<Option<String>, EngineError> {
+        if self.config.data == DataSource::Device {
+            return match wanted {
+                Some(_) => Err(EngineError::new(
+                    ErrorCode::UnknownClient,
+                    "this federation's devices train on their own text: there is no Shakespeare character to train as (join without one)",
+                )),
+                None => Ok(None),
+            };
+        }
+        let client = self
+            .sessions
+            .pick_client(wanted, &self.pool)
+            .map_err(session_error)?;
+        if !self.clients.contains_key(&client) {
+            return Err(EngineError::new(
+                ErrorCode::UnknownClient,
+                format!("{client} has no training text to train on"),
+            ));
+        }
+        Ok(Some(client))
     }
 
     /// Whether `group` may open a new session now (its allowance refilled).
@@ -167,12 +183,17 @@ impl<R: HoldsSessions> Engine<R> {
         }
     }
 
-    /// The welcome for a session just admitted, with its client's training text.
-    pub fn welcome(&self, joined: &Joined, train_text: String) -> Welcome {
+    /// The welcome for a session just admitted: with its character's training
+    /// and held-out text in the simulation (`texts`), with none where devices
+    /// bring their own.
+    pub fn welcome(&self, joined: &Joined, texts: Option<(String, String)>) -> Welcome {
+        let (train_text, held_out_text) = texts.unzip();
         Welcome {
             session: joined.token.clone(),
             client_id: joined.client_id.clone(),
+            data: self.config.data,
             train_text,
+            held_out_text,
             preset: self.config.preset.clone(),
             model: self.config.model,
             batch_size: self.config.rounds.batch_size,
@@ -218,6 +239,9 @@ impl<R: HoldsSessions> Engine<R> {
                 secure.left.insert(session);
                 secure.server.leave(session);
             }
+        }
+        if let Phase::Asking(asking) = &mut self.phase {
+            asking.waiting.remove(&session);
         }
         self.advance(now);
     }

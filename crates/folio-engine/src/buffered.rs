@@ -369,7 +369,7 @@ impl<R: Role> Engine<R> {
                     .get(session)
                     .expect("a connected session")
                     .client_id;
-                let allowed = plan.max_examples(self.clients[client]);
+                let allowed = plan.max_examples(self.text_size(client));
                 (
                     session,
                     Task {

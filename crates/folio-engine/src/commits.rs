@@ -9,7 +9,7 @@ use std::time::Instant;
 use folio_proto::{ErrorCode, RoundResult, ServerMessage};
 
 use crate::engine::{Candidate, Closing, Global, Phase};
-use crate::jobs::{Commit, CommitJob, EvaluateJob};
+use crate::jobs::{CommitJob, EvaluateJob};
 use crate::roles::{Commits, Output, Role};
 use crate::{AggregateResult, Engine, Evaluation, RoundRecord, model_hash};
 
@@ -140,13 +140,9 @@ impl<R: Commits> Engine<R> {
             epsilon: self.strategy.privacy(&candidate.state).map(|p| p.epsilon),
             secure: closing.secure,
             staleness: closing.staleness,
+            federated: None,
         };
-        self.emit(Output::Job(CommitJob::Persist(Box::new(Commit {
-            record: record.clone(),
-            weights: candidate.weights.clone(),
-            state: candidate.state.clone(),
-        }))));
-        self.phase = Phase::Persisting(candidate, record);
+        self.ask_devices_or_persist(candidate, record, now);
     }
 
     /// A commit is durable: its round becomes the global model.

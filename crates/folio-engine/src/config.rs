@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use folio_fed::StateRecord;
-use folio_proto::ModelShape;
+use folio_fed::{Selection, StateRecord};
+use folio_proto::{DataSource, ModelShape};
 
 use crate::{Role, RoundConfig, RoundRecord};
 
@@ -23,6 +23,9 @@ pub struct EngineConfig {
     /// The seed of every draw that must stay secret (resume tokens, probe ids,
     /// secure rounds' graphs, DP's sample and noise).
     pub entropy: Entropy,
+    /// Where devices' text comes from: handed out (the Shakespeare simulation),
+    /// or their own, which the engine never sees.
+    pub data: DataSource,
     /// Clients in the federation's population, connected or not (DP-FedAvg's
     /// sampling rate and δ depend on it).
     pub population: usize,
@@ -108,6 +111,8 @@ pub enum BuildError {
     AsynchronousCluster,
     #[error("the starting model has {weights} weights, the model has {params}")]
     Weights { weights: usize, params: usize },
+    #[error("devices bring their own text, so {0}")]
+    DeviceData(&'static str),
 }
 
 /// Refuses what `R` cannot run.
@@ -116,11 +121,35 @@ pub(crate) fn check<R: Role>(config: &EngineConfig, start: &Start) -> Result<(),
     if !(R::HOLDS_SESSIONS && R::COMMITS) && config.rounds.asynchronous.is_some() {
         return Err(BuildError::AsynchronousCluster);
     }
+    if config.data == DataSource::Device {
+        check_device_data(&config.rounds)?;
+    }
     if start.weights.len() != config.num_params() {
         return Err(BuildError::Weights {
             weights: start.weights.len(),
             params: config.num_params(),
         });
+    }
+    Ok(())
+}
+
+/// What a federation whose server never sees the text cannot do: bound an
+/// update's weight by a text size it cannot check, or evaluate on text it lacks.
+fn check_device_data(rounds: &crate::RoundConfig) -> Result<(), BuildError> {
+    if rounds.max_batches.is_none() {
+        return Err(BuildError::DeviceData(
+            "an update's weight must be bounded by the round's plan: set a cap on batches per epoch (--max-batches)",
+        ));
+    }
+    if rounds.strategy.selection == Selection::BySize {
+        return Err(BuildError::DeviceData(
+            "the server does not know how much text each has: select uniformly (--selection uniform)",
+        ));
+    }
+    if rounds.population_eval_every.is_some() || rounds.eval_client.is_some() {
+        return Err(BuildError::DeviceData(
+            "the server has no text to evaluate on: evaluate on the devices (--federated-eval-every)",
+        ));
     }
     Ok(())
 }

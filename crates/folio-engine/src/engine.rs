@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use folio_fed::sampling::sample_clients;
 use folio_fed::{StateRecord, Strategy};
-use folio_proto::{ErrorCode, ServerMessage};
+use folio_proto::{DataSource, ErrorCode, ServerMessage};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -16,6 +16,7 @@ use crate::admission::Allowance;
 use crate::buffered::Buffered;
 use crate::config::{self, BuildError, EngineConfig, Start};
 use crate::error::EngineError;
+use crate::federated_eval::Asking;
 use crate::jobs::encode_model;
 use crate::roles::{Output, Role, Whole};
 use crate::round::OpenRound;
@@ -112,6 +113,8 @@ pub(crate) enum Phase {
         until: Instant,
         redo: Option<Box<(Closing, Candidate)>>,
     },
+    /// Devices measure the candidate model (federated evaluation).
+    Asking(Box<Asking>),
     /// `max_rounds` are committed.
     Finished,
 }
@@ -125,6 +128,7 @@ impl Phase {
             Phase::Evaluating(..) => "evaluating",
             Phase::Persisting(..) => "saving",
             Phase::Resting { .. } => "waiting to retry a failed job",
+            Phase::Asking(_) => "evaluating on the devices",
             Phase::Finished => "finished",
         }
     }
@@ -241,6 +245,7 @@ impl<R: Role> Engine<R> {
                 None => open.deadline,
             }),
             Phase::Resting { until, .. } => Some(*until),
+            Phase::Asking(asking) => Some(asking.deadline),
             _ => None,
         };
         let tasks = self.buffered.as_ref().and_then(Buffered::next_deadline);
@@ -304,8 +309,17 @@ impl<R: Role> Engine<R> {
     pub(crate) fn candidate(&self, session: &SessionInfo) -> folio_fed::Candidate {
         folio_fed::Candidate {
             client: session.session,
-            size: self.clients.get(&session.client_id).copied().unwrap_or(0) as u64,
+            size: self.text_size(&session.client_id) as u64,
             group: session.group,
+        }
+    }
+
+    /// The training characters of a session's text, as far as the engine knows:
+    /// its character's in the simulation; unknown (unbounded) for a device's own.
+    pub(crate) fn text_size(&self, client_id: &str) -> usize {
+        match self.config.data {
+            DataSource::Shakespeare => self.clients.get(client_id).copied().unwrap_or(0),
+            DataSource::Device => usize::MAX,
         }
     }
 
@@ -316,6 +330,9 @@ impl<R: Role> Engine<R> {
 
     /// Moves the round along: start one, close or abandon the open one.
     pub(crate) fn advance(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Asking(_)) {
+            self.advance_asking(now);
+        }
         if matches!(&self.phase, Phase::Resting { until, .. } if now >= *until) {
             let Phase::Resting { redo, .. } = std::mem::replace(&mut self.phase, Phase::Idle)
             else {

@@ -55,6 +55,7 @@ mod config;
 mod device_check;
 mod engine;
 mod error;
+mod federated_eval;
 mod jobs;
 pub mod record;
 mod roles;
@@ -70,10 +71,10 @@ pub use config::{BuildError, EngineConfig, Entropy, SessionRate, Start};
 pub use engine::Engine;
 pub use error::EngineError;
 pub use jobs::{AggregateJob, AggregateResult, Commit, CommitJob, EvaluateJob, ShareJob};
-pub use record::{Evaluation, RoundRecord, model_hash};
+pub use record::{Evaluation, FederatedEvaluation, RoundRecord, model_hash};
 pub use roles::{Action, Commits, Edge, EdgeAction, HoldsSessions, Role, Root, RootAction, Whole};
 pub use round::RoundPhase;
-pub use settings::{AsyncRounds, RoundConfig, SecureRounds};
+pub use settings::{AsyncRounds, FederatedEval, RoundConfig, SecureRounds};
 
 use folio_fed::codec::CheckedDelta;
 

@@ -58,6 +58,20 @@ pub struct RoundRecord {
     /// steps the global model had moved since each update's model).
     #[serde(default, with = "opt_float", skip_serializing_if = "Option::is_none")]
     pub staleness: Option<f64>,
+    /// The model measured where the data is: devices' loss and accuracy on the
+    /// text they hold out, over all their characters (federated evaluation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated: Option<FederatedEvaluation>,
+}
+
+/// A round's federated evaluation: what the devices asked reported, summed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FederatedEvaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+    /// Characters measured, and the devices that measured them.
+    pub chars: u64,
+    pub devices: usize,
 }
 
 impl RoundRecord {
@@ -177,6 +191,7 @@ mod tests {
             epsilon: Some(f64::INFINITY),
             secure: true,
             staleness: Some(1.5),
+            federated: None,
         };
         let json = serde_json::to_string(&record).unwrap();
         assert!(json.contains(r#""eval_loss":"NaN""#), "{json}");

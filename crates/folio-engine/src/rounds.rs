@@ -123,7 +123,7 @@ impl<R: Role> Engine<R> {
             .iter()
             .filter_map(|&s| {
                 let client = &self.sessions.get(s)?.client_id;
-                Some((s, plan.max_examples(self.clients[client])))
+                Some((s, plan.max_examples(self.text_size(client))))
             })
             .collect();
         let secure = match (self.config.rounds.secure, secure_bound) {

@@ -1,5 +1,6 @@
-//! Sessions: who is training as which Shakespeare client, and how a dropped
-//! connection gets its session back.
+//! Sessions: the devices, each named (the Shakespeare client it trains as in
+//! the simulation, `device-N` where devices bring their own text), and how a
+//! dropped connection gets its session back.
 //!
 //! Rules: a resume token is `<session>.<128 random bits from the OS, hex>`,
 //! compared in constant time and good for that one session; a Shakespeare client
@@ -203,13 +204,14 @@ impl Sessions {
             .ok_or(SessionError::NoFreeClient)
     }
 
-    /// A new session for `client_id`, resumed with `secret` (drawn by the
-    /// engine). A disconnected session holding that client is revoked: its token
-    /// stops working.
+    /// A new session for the Shakespeare client `client_id` (`None`: a device
+    /// with text of its own, named `device-N` after its session), resumed with
+    /// `secret` (drawn by the engine). A disconnected session holding that client
+    /// is revoked: its token stops working.
     #[allow(clippy::too_many_arguments)]
     pub fn create(
         &mut self,
-        client_id: String,
+        client_id: Option<String>,
         kind: &'static str,
         group: u64,
         max_sessions: usize,
@@ -217,7 +219,7 @@ impl Sessions {
         ttl: Duration,
         secret: u128,
     ) -> Result<u64, SessionError> {
-        if let Some(old) = self.holder(&client_id) {
+        if let Some(old) = client_id.as_deref().and_then(|id| self.holder(id)) {
             debug_assert!(!old.connected, "pick_client checked");
             let old = old.session;
             self.by_id.remove(&old);
@@ -235,7 +237,7 @@ impl Sessions {
             session,
             SessionInfo {
                 session,
-                client_id,
+                client_id: client_id.unwrap_or_else(|| format!("device-{session}")),
                 kind,
                 backend: String::new(),
                 adapter: None,
@@ -330,10 +332,26 @@ mod tests {
         let mut sessions = Sessions::new();
         let now = Instant::now();
         let a = sessions
-            .create("A".into(), "native", 0, 10, now, TTL, 11400714819323198485)
+            .create(
+                Some("A".into()),
+                "native",
+                0,
+                10,
+                now,
+                TTL,
+                11400714819323198485,
+            )
             .unwrap();
         let b = sessions
-            .create("B".into(), "native", 0, 10, now, TTL, 22801429638646396970)
+            .create(
+                Some("B".into()),
+                "native",
+                0,
+                10,
+                now,
+                TTL,
+                22801429638646396970,
+            )
             .unwrap();
         let (ta, tb) = (
             sessions.get(a).unwrap().token(),
@@ -356,7 +374,15 @@ mod tests {
         let mut sessions = Sessions::new();
         let now = Instant::now();
         let a = sessions
-            .create("A".into(), "browser", 0, 10, now, TTL, 34202144457969595455)
+            .create(
+                Some("A".into()),
+                "browser",
+                0,
+                10,
+                now,
+                TTL,
+                34202144457969595455,
+            )
             .unwrap();
         sessions.connect(a);
         assert_eq!(
@@ -365,7 +391,15 @@ mod tests {
         );
         assert_eq!(sessions.pick_client(None, &pool()), Ok("B".into()));
         let b = sessions
-            .create("B".into(), "browser", 0, 10, now, TTL, 45602859277292793940)
+            .create(
+                Some("B".into()),
+                "browser",
+                0,
+                10,
+                now,
+                TTL,
+                45602859277292793940,
+            )
             .unwrap();
         sessions.connect(b);
         assert_eq!(
@@ -377,7 +411,15 @@ mod tests {
         sessions.disconnect(a, now);
         assert_eq!(sessions.pick_client(None, &pool()), Ok("A".into()));
         sessions
-            .create("A".into(), "browser", 0, 10, now, TTL, 57003574096615992425)
+            .create(
+                Some("A".into()),
+                "browser",
+                0,
+                10,
+                now,
+                TTL,
+                57003574096615992425,
+            )
             .unwrap();
         assert_eq!(sessions.find_resumable(&token), Ok(None));
     }
@@ -387,17 +429,33 @@ mod tests {
         let mut sessions = Sessions::new();
         let now = Instant::now();
         let a = sessions
-            .create("A".into(), "native", 0, 2, now, TTL, 68404288915939190910)
+            .create(
+                Some("A".into()),
+                "native",
+                0,
+                2,
+                now,
+                TTL,
+                68404288915939190910,
+            )
             .unwrap();
         sessions.connect(a);
         sessions
-            .create("B".into(), "native", 0, 2, now, TTL, 79805003735262389395)
+            .create(
+                Some("B".into()),
+                "native",
+                0,
+                2,
+                now,
+                TTL,
+                79805003735262389395,
+            )
             .unwrap();
         assert_eq!(sessions.expire(now + TTL, TTL), 1);
         assert!(sessions.get(a).is_some(), "connected sessions never expire");
         let c = sessions
             .create(
-                "C".into(),
+                Some("C".into()),
                 "native",
                 0,
                 2,
@@ -409,7 +467,7 @@ mod tests {
         sessions.connect(c);
         assert_eq!(
             sessions.create(
-                "D".into(),
+                Some("D".into()),
                 "native",
                 0,
                 2,
@@ -429,7 +487,15 @@ mod tests {
         let later = |s: u64| now + Duration::from_secs(s);
         // One session of group 1 left first; three of group 2 left after it.
         let lone = sessions
-            .create("L".into(), "browser", 1, 4, now, TTL, 114007148193231984850)
+            .create(
+                Some("L".into()),
+                "browser",
+                1,
+                4,
+                now,
+                TTL,
+                114007148193231984850,
+            )
             .unwrap();
         let crowd: Vec<u64> = ["X", "Y", "Z"]
             .iter()
@@ -437,7 +503,7 @@ mod tests {
             .map(|(i, id)| {
                 let s = sessions
                     .create(
-                        (*id).into(),
+                        Some((*id).into()),
                         "native",
                         2,
                         4,
@@ -452,7 +518,7 @@ mod tests {
             .collect();
         sessions.disconnect(lone, now);
         let newcomer = sessions.create(
-            "N".into(),
+            Some("N".into()),
             "browser",
             3,
             4,

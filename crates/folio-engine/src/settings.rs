@@ -44,6 +44,41 @@ pub struct RoundConfig {
     /// model steps every `buffer` updates (`None`: synchronous rounds).
     #[serde(default)]
     pub asynchronous: Option<AsyncRounds>,
+    /// Federated evaluation: devices measure candidate models on the text they
+    /// hold out (`None`: only the server's own evaluation).
+    #[serde(default)]
+    pub federated_eval: Option<FederatedEval>,
+}
+
+/// How federated evaluation runs: every `every` rounds, before the round's
+/// model is committed, up to `devices` devices drawn from those connected
+/// measure it on the text they hold out and train nothing; the round commits
+/// with what came back by `deadline`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FederatedEval {
+    pub every: u64,
+    pub devices: usize,
+    pub deadline: Duration,
+    /// Characters one device measures at most (its answer is refused above).
+    pub max_chars: u64,
+}
+
+impl FederatedEval {
+    /// Every round, 16 devices, 60 s, up to 65,536 characters each (more than
+    /// any Shakespeare character holds out).
+    pub fn every(every: u64) -> Self {
+        Self {
+            every,
+            devices: 16,
+            deadline: Duration::from_secs(60),
+            max_chars: 65_536,
+        }
+    }
+
+    /// Whether `round`'s model is measured on the devices.
+    pub fn due(&self, round: u64) -> bool {
+        round > 0 && round.is_multiple_of(self.every.max(1))
+    }
 }
 
 /// How asynchronous rounds run (FedBuff, Nguyen et al. 2022): up to
@@ -102,6 +137,7 @@ impl RoundConfig {
             population_eval_every: None,
             secure: None,
             asynchronous: None,
+            federated_eval: None,
         }
     }
 }
@@ -161,6 +197,23 @@ impl RoundConfig {
             }
             if secure.threshold == Some(0) {
                 return Err("a secure round's threshold must be at least 1".into());
+            }
+        }
+        if let Some(federated) = &self.federated_eval {
+            if federated.every == 0 || federated.devices == 0 || federated.max_chars == 0 {
+                return Err(
+                    "federated evaluation needs a round interval, a number of devices and a character cap, each above zero"
+                        .into(),
+                );
+            }
+            if federated.deadline.is_zero() {
+                return Err("federated evaluation's deadline must be above zero".into());
+            }
+            if self.secure.is_some() {
+                return Err(
+                    "federated evaluation's answers go up one by one, and secure aggregation promises the server only sums: use one or the other"
+                        .into(),
+                );
             }
         }
         if !(self.client_lr.is_finite() && self.client_lr > 0.0) {

@@ -50,6 +50,16 @@ impl Evaluator {
         })
     }
 
+    /// A server that holds no text (devices bring their own): its figures are
+    /// unknown (NaN), and the devices evaluate instead.
+    pub fn without_text(model: ModelConfig) -> Self {
+        Self {
+            model,
+            batches: Vec::new(),
+            population: Vec::new(),
+        }
+    }
+
     /// Evaluates `weights` on the held-out batches, and on the population too when
     /// `population` is set. Blocks: call it off the async workers.
     pub fn evaluate(
@@ -57,6 +67,13 @@ impl Evaluator {
         weights: &[f32],
         population: bool,
     ) -> anyhow::Result<(Evaluation, Option<Evaluation>)> {
+        if self.batches.is_empty() {
+            let unknown = Evaluation {
+                loss: f64::NAN,
+                accuracy: f64::NAN,
+            };
+            return Ok((unknown, None));
+        }
         let model = CharRnn::from_flat(self.model, weights, &Device::flex())?;
         let held_out = pollster::block_on(folio_model::eval::evaluate(&model, &self.batches))?;
         let population = population

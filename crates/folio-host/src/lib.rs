@@ -26,7 +26,7 @@ use folio_engine::{
 };
 use folio_model::checkpoint;
 use folio_model::{CharRnn, ModelConfig, Preset};
-use folio_proto::ModelShape;
+use folio_proto::{DataSource, ModelShape};
 
 /// Sessions an engine keeps unless its host says otherwise.
 pub const MAX_SESSIONS: usize = 4096;
@@ -62,6 +62,7 @@ pub fn engine_config(
         segments: segments(model),
         seed,
         entropy,
+        data: DataSource::Shakespeare,
         population: 0,
         max_sessions: MAX_SESSIONS,
         session_ttl: SESSION_TTL,
@@ -128,14 +129,19 @@ pub fn corpus_clients(corpus: &Corpus) -> Vec<(String, usize)> {
 }
 
 /// An engine of role `R` for `clients` (id, training characters), starting
-/// from `start`; its population is the clients with text.
+/// from `start`; its population is the clients with text, or where devices
+/// bring their own text (and `clients` is empty), as many as it keeps sessions.
 pub fn build_engine<R: Role>(
     config: EngineConfig,
     clients: Vec<(String, usize)>,
     start: Start,
 ) -> anyhow::Result<Engine<R>> {
+    let population = match config.data {
+        DataSource::Shakespeare => clients.iter().filter(|(_, chars)| *chars > 0).count(),
+        DataSource::Device => config.max_sessions,
+    };
     let config = EngineConfig {
-        population: clients.iter().filter(|(_, chars)| *chars > 0).count(),
+        population,
         ..config
     };
     let engine = Engine::new(config, clients, start, Instant::now())?;

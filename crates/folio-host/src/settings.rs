@@ -7,17 +7,38 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use folio_engine::{AsyncRounds, RoundConfig, SecureRounds};
+use folio_engine::{AsyncRounds, FederatedEval, RoundConfig, SecureRounds};
 use folio_fed::{
     AdaptiveClip, Aggregation, Clipping, DpConfig, Encoding, Selection, ServerOptimizerConfig,
     StrategyConfig, StrategyKind, Weighting,
 };
 use folio_model::Preset;
-use folio_proto::Optimizer;
+use folio_proto::{DataSource, Optimizer};
 use serde::{Deserialize, Serialize};
 
 /// The file a run's settings are written to, in its state dir.
 pub const SETTINGS_FILE: &str = "settings.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Data {
+    /// The simulation: each device trains as a Shakespeare character, whose
+    /// lines the server hands it.
+    Shakespeare,
+    /// Devices bring their own text, which never leaves them; the server holds
+    /// none.
+    Device,
+}
+
+impl Data {
+    pub fn source(self) -> DataSource {
+        match self {
+            Data::Shakespeare => DataSource::Shakespeare,
+            Data::Device => DataSource::Device,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -237,6 +258,20 @@ pub struct RunSettings {
     /// and the last (0: never; `small` takes seconds, `seed` minutes).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
     pub population_eval_every: u64,
+    /// Where the devices' text comes from: the Shakespeare simulation (the
+    /// server hands each device a character's lines), or the devices' own.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value = "shakespeare"))]
+    pub data: Data,
+    /// Federated evaluation: before every this many rounds' model is committed,
+    /// devices measure it on the text they hold out (0: never).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
+    pub federated_eval_every: u64,
+    /// Federated evaluation: devices asked each time, drawn from those connected.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 16))]
+    pub federated_eval_devices: usize,
+    /// Federated evaluation: how long the devices have to answer (seconds).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 60.0))]
+    pub federated_eval_secs: f64,
     /// Secure aggregation: the server learns only each round's sum. Clients
     /// clip their own deltas to --clip-bound (fixed clipping), the mean is
     /// the aggregation.
@@ -317,6 +352,10 @@ impl Default for RunSettings {
             eval_batches: 2,
             eval_client: None,
             population_eval_every: 0,
+            data: Data::Shakespeare,
+            federated_eval_every: 0,
+            federated_eval_devices: 16,
+            federated_eval_secs: 60.0,
             secure_aggregation: false,
             secagg_threshold: None,
             secagg_degree: 0,
@@ -453,6 +492,14 @@ impl RunSettings {
                 buffer: self.buffer,
                 max_staleness: self.max_staleness,
             }),
+            federated_eval: match self.federated_eval_every {
+                0 => None,
+                every => Some(FederatedEval {
+                    devices: self.federated_eval_devices,
+                    deadline: seconds("federated_eval_secs", self.federated_eval_secs)?,
+                    ..FederatedEval::every(every)
+                }),
+            },
         })
     }
 

@@ -400,6 +400,7 @@ mod tests {
             epsilon: None,
             secure: false,
             staleness: None,
+            federated: None,
         }
     }
 

@@ -9,7 +9,7 @@ pub use folio_secagg::{ClientStep, SecureSpec, ServerStep};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Largest frame either side accepts: the seed model's f32 weights (16.2 MB) with room.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
@@ -25,6 +25,9 @@ pub enum ClientMessage {
     Secure(ClientStep),
     /// The answer to a device check.
     ProbeAnswer(ProbeAnswer),
+    /// The answer to an [`Evaluate`]: the global model's figures on the text
+    /// this device holds out.
+    Evaluation(Evaluation),
 }
 
 /// Server → client.
@@ -40,6 +43,9 @@ pub enum ServerMessage {
     /// A device check: compute this known-answer probe on the backend you train
     /// on; until the answer checks out, the client is not selected.
     Probe(Probe),
+    /// Federated evaluation: measure this model on the text you hold out, and
+    /// train nothing.
+    Evaluate(Evaluate),
 }
 
 /// A known-answer probe: a model and a batch built from `id` (see
@@ -91,7 +97,8 @@ pub struct Join {
     pub token: Option<String>,
     /// The token of an earlier [`Welcome`]: rejoin as the same session.
     pub resume: Option<String>,
-    /// Ask for this Shakespeare client id rather than the next free one.
+    /// Ask for this Shakespeare client id rather than the next free one (the
+    /// simulation only: see [`DataSource`]).
     pub client: Option<String>,
     /// The [`model_fingerprint`] of a global model this client still holds (a
     /// reloaded tab's stored copy): a round on that model starts without weights.
@@ -112,14 +119,54 @@ pub enum Optimizer {
     Adam,
 }
 
+/// Where a federation's devices get the text they train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataSource {
+    /// The simulation: a device trains as a Shakespeare character, and the server
+    /// hands it that character's lines in its [`Welcome`].
+    Shakespeare,
+    /// Every device brings its own text, which never leaves it: the server holds
+    /// none and sends none.
+    Device,
+}
+
+impl DataSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataSource::Shakespeare => "shakespeare",
+            DataSource::Device => "device",
+        }
+    }
+}
+
+impl std::str::FromStr for DataSource {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "shakespeare" => Ok(DataSource::Shakespeare),
+            "device" => Ok(DataSource::Device),
+            other => Err(format!(
+                "unknown data source {other:?}: use \"device\" (devices bring their own text) or \"shakespeare\" (the simulation)"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
     /// Pass back in [`Join::resume`] to rejoin as the same session: a secret.
     pub session: String,
-    /// The Shakespeare client this connection trains as.
+    /// This device's name in the federation: the Shakespeare character it trains
+    /// as, or `device-N` where devices bring their own text.
     pub client_id: String,
-    /// That client's training text: it reaches the client once, here.
-    pub train_text: String,
+    pub data: DataSource,
+    /// The character's lines, in the simulation: they reach the device once,
+    /// here. `None` where devices bring their own text.
+    pub train_text: Option<String>,
+    /// The character's held-out lines (its test split), in the simulation: what
+    /// the device measures a model on when asked to [`Evaluate`].
+    pub held_out_text: Option<String>,
     pub preset: String,
     pub model: ModelShape,
     pub batch_size: u32,
@@ -165,6 +212,34 @@ pub struct Update {
     pub train_loss: f32,
     pub train_accuracy: f32,
     pub train_seconds: f32,
+}
+
+/// Federated evaluation of a model about to be committed as `round`'s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluate {
+    pub round: u64,
+    /// The [`model_fingerprint`] of the model to measure.
+    pub model: u64,
+    /// Its weights (`None`: the device holds them already).
+    pub weights: Option<Vec<u8>>,
+    pub weights_encoding: Encoding,
+    /// Milliseconds the device has to answer.
+    pub deadline_ms: u64,
+    /// Characters to measure at most (the first of those held out).
+    pub max_chars: u64,
+}
+
+/// A model's figures on the text one device holds out: sums, so that the
+/// server adds devices up exactly (a mean of means would not weigh them).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub round: u64,
+    /// Cross-entropy summed over the predicted characters (nats).
+    pub loss_sum: f64,
+    /// Characters predicted right.
+    pub correct: u64,
+    /// Characters predicted.
+    pub chars: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +302,11 @@ pub enum ErrorCode {
     /// The device's answer to its probe is wrong: it is not selected (a tab
     /// retries on its CPU fallback).
     DeviceCheckFailed,
+    /// The client's own text does not fit the federation's data source (it
+    /// brings none where devices must, or brings its own to the simulation).
+    WrongData,
+    /// An evaluation was refused (not asked for, out of range, a second one).
+    BadEvaluation,
 }
 
 impl ErrorCode {
@@ -257,6 +337,8 @@ impl ErrorCode {
             ErrorCode::BadSecureStep => "bad_secure_step",
             ErrorCode::Stale => "stale",
             ErrorCode::DeviceCheckFailed => "device_check_failed",
+            ErrorCode::WrongData => "wrong_data",
+            ErrorCode::BadEvaluation => "bad_evaluation",
         }
     }
 }
@@ -316,9 +398,9 @@ pub fn decode<M: for<'de> Deserialize<'de>>(frame: &[u8], variants: u32) -> Resu
 }
 
 /// Number of [`ClientMessage`] variants (for [`decode`]).
-pub const CLIENT_MESSAGES: u32 = 5;
+pub const CLIENT_MESSAGES: u32 = 6;
 /// Number of [`ServerMessage`] variants (for [`decode`]).
-pub const SERVER_MESSAGES: u32 = 7;
+pub const SERVER_MESSAGES: u32 = 8;
 
 pub fn decode_client(frame: &[u8]) -> Result<ClientMessage, FrameError> {
     decode(frame, CLIENT_MESSAGES)

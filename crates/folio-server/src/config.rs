@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use folio_model::Preset;
+pub use folio_proto::DataSource;
 
 pub use folio_engine::RoundConfig;
 
@@ -15,7 +16,10 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// Checkpoints and the metrics history; restarting on it resumes.
     pub state_dir: PathBuf,
-    /// The data cache holding `shakespeare/`.
+    /// Where devices' text comes from: the Shakespeare simulation (the server
+    /// hands it out) or the devices themselves (the server holds none).
+    pub data: DataSource,
+    /// The data cache holding `shakespeare/` (the simulation's).
     pub data_dir: PathBuf,
     /// Served at `/` (index.html, web/, the built wasm under pkg/).
     pub web_root: Option<PathBuf>,

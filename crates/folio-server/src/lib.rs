@@ -39,7 +39,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use access::AccessConfig;
-pub use config::{RoundConfig, ServerConfig};
+pub use config::{DataSource, RoundConfig, ServerConfig};
 use driver::Delivery;
 pub use driver::Served;
 pub use folio_engine::{AsyncRounds, RoundRecord, SecureRounds};
@@ -53,7 +53,9 @@ pub struct Shared<R: Served> {
     /// The engine may have a new timeout.
     wake: Notify,
     evaluator: Arc<eval::Evaluator>,
-    corpus: Arc<Corpus>,
+    /// The Shakespeare corpus the simulation hands out; `None` where devices
+    /// bring their own text (the server holds none).
+    corpus: Option<Arc<Corpus>>,
     model: ModelConfig,
     /// The starting model as a model file (f16).
     start_model: Bytes,
@@ -175,7 +177,12 @@ impl<R: Served> Server<R> {
         first: Vec<f32>,
         parts: Option<mpsc::UnboundedSender<Share>>,
     ) -> anyhow::Result<Self> {
-        let corpus = Arc::new(Corpus::load(&config.data_dir.join("shakespeare"))?);
+        let corpus = match config.data {
+            DataSource::Shakespeare => Some(Arc::new(Corpus::load(
+                &config.data_dir.join("shakespeare"),
+            )?)),
+            DataSource::Device => None,
+        };
         let model = config.preset.config();
         let start_model = Bytes::from(checkpoint::encode(
             model,
@@ -190,6 +197,7 @@ impl<R: Served> Server<R> {
             new_sessions: limits.new_sessions,
             max_rounds: config.max_rounds,
             check_devices: config.access.check_devices,
+            data: config.data,
             ..folio_host::engine_config(
                 config.preset,
                 config.rounds.clone(),
@@ -197,14 +205,15 @@ impl<R: Served> Server<R> {
                 Entropy::from_os(),
             )
         };
-        let engine =
-            folio_host::build_engine(engine_config, folio_host::corpus_clients(&corpus), start)?;
-        let evaluator = Arc::new(eval::Evaluator::new(
-            model,
-            &corpus,
-            &config.rounds,
-            config.seed,
-        )?);
+        let clients = corpus
+            .as_deref()
+            .map(folio_host::corpus_clients)
+            .unwrap_or_default();
+        let engine = folio_host::build_engine(engine_config, clients, start)?;
+        let evaluator = Arc::new(match &corpus {
+            Some(corpus) => eval::Evaluator::new(model, corpus, &config.rounds, config.seed)?,
+            None => eval::Evaluator::without_text(model),
+        });
         let completed = engine.completed_rounds();
         let listener = TcpListener::bind(config.addr).await.with_context(|| {
             format!(

@@ -288,16 +288,16 @@ fn check_join<R: Served>(
     if !shared.access.join_token_ok(join.token.as_deref()) {
         return Err(error(ErrorCode::BadToken, "missing or wrong join token"));
     }
-    let client = match join.client {
-        Some(wanted) => Some(
-            shared
-                .corpus
+    // Where devices bring their own text, the engine refuses any character.
+    let client = match (join.client, &shared.corpus) {
+        (Some(wanted), Some(corpus)) => Some(
+            corpus
                 .client(&wanted)
                 .map_err(|err| error(ErrorCode::UnknownClient, err.to_string()))?
                 .id
                 .clone(),
         ),
-        None => None,
+        (wanted, _) => wanted,
     };
     Ok(CheckedJoin {
         kind: match join.kind {
@@ -432,12 +432,13 @@ fn handle_frame<R: Served>(
             // session (a round it rejoins): both under the engine's lock.
             let id = shared.engine(|e| -> Result<u64, ErrorMessage> {
                 let joined = e.join(checked, Instant::now())?;
-                let text = shared
-                    .corpus
-                    .client(&joined.client_id)
-                    .expect("the engine hands out corpus clients")
-                    .train_text();
-                let welcome = ServerMessage::Welcome(e.welcome(&joined, text));
+                let texts = shared.corpus.as_ref().map(|corpus| {
+                    let client = corpus
+                        .client(&joined.client_id)
+                        .expect("the engine hands out corpus clients");
+                    (client.train_text(), client.test_text())
+                });
+                let welcome = ServerMessage::Welcome(e.welcome(&joined, texts));
                 // Counted from the welcome on: the writer reads it per frame.
                 session.store(joined.session, std::sync::atomic::Ordering::Relaxed);
                 outbox.send(Bytes::from(folio_proto::encode(&welcome)));
@@ -453,9 +454,13 @@ fn handle_frame<R: Served>(
             ClientMessage::Update(_)
             | ClientMessage::Heartbeat
             | ClientMessage::Secure(_)
-            | ClientMessage::ProbeAnswer(_),
+            | ClientMessage::ProbeAnswer(_)
+            | ClientMessage::Evaluation(_),
             None,
         ) => Err(error(ErrorCode::NotJoined, "join first")),
+        (ClientMessage::Evaluation(answer), Some(id)) => {
+            Ok(shared.engine(|e| e.evaluation(id, answer, Instant::now()))?)
+        }
         (ClientMessage::ProbeAnswer(answer), Some(id)) => handle_probe_answer(shared, id, answer),
         (ClientMessage::Update(update), Some(id)) => handle_update(shared, id, update),
         (ClientMessage::Secure(step), Some(id)) => {

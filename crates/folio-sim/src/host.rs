@@ -51,6 +51,9 @@ pub struct InProcess {
     /// The simulated clients' own secrets (their secure rounds' keys): seeded by
     /// the federation's seed, so a run replays bit for bit.
     rng: ChaCha20Rng,
+    /// Each session's held-out text (ids), which it measures a model on when
+    /// asked to evaluate.
+    held_out: BTreeMap<u64, Vec<u32>>,
 }
 
 /// One client's trained round, for [`InProcess::send_all`].
@@ -71,7 +74,13 @@ impl InProcess {
             model,
             models: BTreeMap::new(),
             deferred: VecDeque::new(),
+            held_out: BTreeMap::new(),
         }
+    }
+
+    /// Gives the sessions their held-out text: they answer federated evaluations.
+    pub fn with_held_out(self, held_out: BTreeMap<u64, Vec<u32>>) -> Self {
+        Self { held_out, ..self }
     }
 
     /// Carries out the engine's actions until a round is handed to clients;
@@ -113,8 +122,13 @@ impl InProcess {
     ) -> anyhow::Result<Option<(Vec<u64>, Arc<ServerMessage>)>> {
         match action {
             Action::Send { to, message } => {
-                if let ServerMessage::RoundStart(start) = message.as_ref() {
-                    self.receive(start)?;
+                match message.as_ref() {
+                    ServerMessage::RoundStart(start) => self.receive(start)?,
+                    ServerMessage::Evaluate(ask) => {
+                        self.answer_evaluation(&to, ask, now)?;
+                        return Ok(None);
+                    }
+                    _ => {}
                 }
                 return Ok(Some((to, message)));
             }
@@ -142,6 +156,46 @@ impl InProcess {
             self.models.clear();
             self.models
                 .insert(start.model, (Arc::new(decoded), weights.len() as u64));
+        }
+        Ok(())
+    }
+
+    /// Each of `to` measures the model `ask` names on its held-out text, side
+    /// by side, and answers (one without held-out text does not).
+    fn answer_evaluation(
+        &mut self,
+        to: &[u64],
+        ask: &folio_proto::Evaluate,
+        now: Instant,
+    ) -> anyhow::Result<()> {
+        if let Some(weights) = &ask.weights {
+            let num_params: usize = self.segments.iter().sum();
+            let decoded = codec::decode(weights, &[num_params], ask.weights_encoding)?;
+            self.models
+                .insert(ask.model, (Arc::new(decoded), weights.len() as u64));
+        }
+        let Some((weights, _)) = self.models.get(&ask.model) else {
+            return Ok(());
+        };
+        let weights = weights.clone();
+        let askers: Vec<(u64, &Vec<u32>)> = to
+            .iter()
+            .filter_map(|s| Some((*s, self.held_out.get(s)?)))
+            .collect();
+        let model = self.model;
+        let answers = folio_host::eval::parallel_map(&askers, |(_, ids)| {
+            pollster::block_on(folio_client::evaluate::measure(
+                &burn::prelude::Device::flex(),
+                model,
+                &weights,
+                ids,
+                ask,
+            ))
+        });
+        for ((session, _), answer) in askers.iter().zip(answers) {
+            self.engine
+                .evaluation(*session, answer?, now)
+                .map_err(|e| anyhow::anyhow!("an honest evaluation was refused: {}", e.message))?;
         }
         Ok(())
     }

@@ -112,15 +112,17 @@ pub fn run(
     // first round is drawn.
     let ids: Vec<String> = engine.clients().keys().cloned().collect();
     let sessions = join(&mut engine, &ids)?;
-    let mut texts: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    let (mut texts, mut held_out) = (BTreeMap::new(), BTreeMap::new());
     for (id, session) in ids.iter().zip(sessions) {
-        texts.insert(session, vocab::encode(&corpus.client(id)?.train_text()).0);
+        let client = corpus.client(id)?;
+        texts.insert(session, vocab::encode(&client.train_text()).0);
+        held_out.insert(session, vocab::encode(&client.test_text()).0);
     }
     progress(Progress::Started {
         clients: texts.len(),
         completed: engine.completed_rounds(),
     });
-    let mut host = InProcess::new(engine, model);
+    let mut host = InProcess::new(engine, model).with_held_out(held_out);
     let mut jobs = Disk {
         sim,
         evaluator,

@@ -36,6 +36,7 @@ pub fn server_config(state_dir: &Path, rounds: RoundConfig, max_rounds: u64) -> 
     ServerConfig {
         addr: "127.0.0.1:0".parse().expect("a socket address"),
         state_dir: state_dir.to_owned(),
+        data: folio_server::DataSource::Shakespeare,
         data_dir: data_dir(),
         web_root: None,
         preset: Preset::Small,

@@ -90,9 +90,14 @@ pub struct ClientArgs {
     /// connecting to one fails.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     server: Vec<String>,
-    /// Train as this Shakespeare client.
-    #[arg(long)]
+    /// Train as this Shakespeare client (the simulation, `serve --data shakespeare`).
+    #[arg(long, conflicts_with = "text")]
     client: Option<String>,
+    /// Train on this text, which never leaves this machine: a file, or a folder
+    /// of .txt files (for `serve --data device`). The last fifth of its lines is
+    /// held out, for federated evaluation.
+    #[arg(long)]
+    text: Option<PathBuf>,
     /// A file holding the join token [default: $FOLIO_JOIN_TOKEN]
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -152,6 +157,7 @@ fn server_config(
     Ok(ServerConfig {
         addr,
         state_dir,
+        data: round.data.source(),
         data_dir: data_dir.to_owned(),
         web_root: Path::new("index.html").exists().then(|| PathBuf::from(".")),
         preset: round.preset,
@@ -328,6 +334,13 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
         .build()?;
     let mut options = ClientOptions::native();
     options.join.client = args.client;
+    options.text = match &args.text {
+        Some(path) => Some(
+            folio_data::device::read_device_text(path)
+                .with_context(|| format!("cannot train on {}", path.display()))?,
+        ),
+        None => None,
+    };
     options.join.token =
         folio_server::access::secret(args.token_file.as_deref(), "FOLIO_JOIN_TOKEN")?;
     runtime.block_on(async {
@@ -338,11 +351,27 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
             |event| match event {
                 ClientEvent::Welcomed {
                     client_id,
+                    data: folio_proto::DataSource::Device,
+                    train_chars,
+                    held_out_chars,
+                    ..
+                } => println!(
+                    "joined as {client_id}: training on {train_chars} chars of this machine's text, {held_out_chars} held out; the text never leaves it"
+                ),
+                ClientEvent::Welcomed {
+                    client_id,
                     train_chars,
                     ..
                 } => {
                     println!("training as {client_id} ({train_chars} chars of lines)")
                 }
+                ClientEvent::Evaluated(answer) => println!(
+                    "round {} evaluated here: loss {:.4}, accuracy {:.4} on {} held-out chars",
+                    answer.round,
+                    answer.loss_sum / answer.chars.max(1) as f64,
+                    answer.correct as f64 / answer.chars.max(1) as f64,
+                    answer.chars
+                ),
                 ClientEvent::Trained(report) => println!(
                     "round {}: {} examples, loss {:.4}, accuracy {:.4}, {:.1}s, {} bytes up",
                     report.round,

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::ensure;
+use folio_server::DataSource;
 
 /// The repository root: `folio serve`'s web root (index.html, web/, pkg/, models/).
 pub fn repo_root() -> PathBuf {
@@ -78,6 +79,16 @@ impl LocalServer {
         Self::start_serving(rounds, max_rounds, repo_root())
     }
 
+    /// As [`LocalServer::start`], its devices bringing their own text: the
+    /// server holds none.
+    pub fn start_device_data(
+        rounds: folio_server::RoundConfig,
+        max_rounds: u64,
+    ) -> anyhow::Result<Self> {
+        check_page_built()?;
+        Self::start_with(rounds, max_rounds, repo_root(), DataSource::Device)
+    }
+
     /// As [`LocalServer::start`], serving the page from `web_root` (index.html,
     /// web/, pkg/, models/), which may not hold a built page yet.
     pub fn start_serving(
@@ -85,11 +96,21 @@ impl LocalServer {
         max_rounds: u64,
         web_root: PathBuf,
     ) -> anyhow::Result<Self> {
+        Self::start_with(rounds, max_rounds, web_root, DataSource::Shakespeare)
+    }
+
+    fn start_with(
+        rounds: folio_server::RoundConfig,
+        max_rounds: u64,
+        web_root: PathBuf,
+        data: DataSource,
+    ) -> anyhow::Result<Self> {
         let runtime = server_runtime()?;
         let state = tempfile::tempdir()?;
         let config = folio_server::ServerConfig {
             addr: "127.0.0.1:0".parse()?,
             state_dir: state.path().to_owned(),
+            data,
             data_dir: folio_data::data_dir(&repo_root()),
             web_root: Some(web_root),
             preset: folio_model::Preset::Small,

@@ -26,6 +26,7 @@ fn config(state: &std::path::Path, rounds: RoundConfig) -> ServerConfig {
     ServerConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
         state_dir: state.to_owned(),
+        data: folio_server::DataSource::Shakespeare,
         data_dir: folio_data::data_dir(&repo_root()),
         web_root: Some(repo_root()),
         preset: folio_model::Preset::Small,

@@ -12,12 +12,13 @@ use folio_engine::{
 };
 use folio_fed::codec::CheckedDelta;
 use folio_fed::{Clipping, StrategyConfig};
-use folio_proto::{ErrorCode, ModelShape, RoundStart, ServerMessage};
+use folio_proto::{DataSource, ErrorCode, ModelShape, RoundStart, ServerMessage};
 
 mod admission;
 mod buffered;
 mod cluster;
 mod device_checks;
+mod devices_own_text;
 mod dp;
 mod replay;
 mod rounds;
@@ -85,6 +86,7 @@ fn config(strategy: StrategyConfig, max_rounds: Option<u64>) -> EngineConfig {
         segments: vec![PARAMS],
         seed: 5,
         entropy: Entropy::from_seed(5),
+        data: DataSource::Shakespeare,
         population: 0,
         max_sessions: 8,
         session_ttl: TTL,
@@ -202,8 +204,13 @@ impl<R: Hosted> Host<R> {
     /// A host of role `R`.
     fn start(config: EngineConfig, start: Start) -> Self {
         let now = Instant::now();
+        // Devices that bring their own text come with no corpus.
+        let clients = match config.data {
+            DataSource::Shakespeare => clients(),
+            DataSource::Device => Vec::new(),
+        };
         let mut host = Self {
-            engine: Engine::new(config, clients(), start, now).unwrap(),
+            engine: Engine::new(config, clients, start, now).unwrap(),
             now,
             sent: Vec::new(),
             committed: Vec::new(),

@@ -1,0 +1,49 @@
+//! Federated evaluation on the device: the model the server asks about,
+//! measured on the text this device holds out, answered as sums (so that the
+//! server adds devices up by their characters). Nothing is trained.
+
+use burn::prelude::Device;
+use folio_model::{CharRnn, ModelConfig};
+use folio_proto::{Evaluate, Evaluation};
+
+use crate::ClientError;
+
+/// Sequences per batch when measuring: one pass over the held-out text.
+const BATCH_SIZE: usize = 32;
+
+/// The loss, right predictions and characters of the model of `weights` on the
+/// first `ask.max_chars` characters of `held_out` (ids), computed on `device`.
+pub async fn measure(
+    device: &Device,
+    config: ModelConfig,
+    weights: &[f32],
+    held_out: &[u32],
+    ask: &Evaluate,
+) -> Result<Evaluation, ClientError> {
+    let keep = usize::try_from(ask.max_chars).unwrap_or(usize::MAX);
+    let ids = &held_out[..held_out.len().min(keep.saturating_add(1))];
+    let mut answer = Evaluation {
+        round: ask.round,
+        loss_sum: 0.0,
+        correct: 0,
+        chars: 0,
+    };
+    // Fewer than two ids predict nothing.
+    if ids.len() < 2 {
+        return Ok(answer);
+    }
+    let rnn = CharRnn::from_flat(config, weights, device)?;
+    let metrics = folio_model::eval::evaluate_population(
+        &rnn,
+        &[ids.to_vec()],
+        BATCH_SIZE,
+        usize::MAX,
+        |_, _| {},
+    )
+    .await?;
+    let chars = metrics.targets as f64;
+    answer.loss_sum = metrics.loss * chars;
+    answer.correct = (metrics.accuracy * chars).round() as u64;
+    answer.chars = metrics.targets as u64;
+    Ok(answer)
+}
