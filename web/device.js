@@ -1,10 +1,14 @@
 // Runs this tab as one federated device (the Rust client loop compiled to wasm) and
 // its text generator, each in a Web Worker (web/worker.js): the page stays responsive.
+// Where the aggregator's devices bring their own text, the text form keeps this
+// tab's in its own storage (web/store.js) and hands it to the device code only.
 // `?client=ID` asks for a Shakespeare client; `?backend=cpu` skips WebGPU;
 // `?backend=faulty-webgpu` makes this tab's WebGPU wrong on purpose (zero
 // gradients), to see the aggregator's device check refuse it;
 // `?threads=off` keeps the CPU fallback on one thread;
 // `?device=off` only shows the aggregator's status and the generator.
+import { deleteText, keepText, ownText } from "./store.js";
+
 const params = new URLSearchParams(location.search);
 const backend = params.get("backend") ?? "auto";
 const threads = params.get("threads") ?? "auto";
@@ -60,6 +64,10 @@ function onDeviceEvent(event) {
     case "backend": Object.assign(device, { backend: event.backend, adapter: event.adapter, state: "joining" }); break;
     case "welcome":
       device.client = event.client;
+      if (event.data === "device") {
+        document.getElementById("text-note").textContent =
+          `Training on ${event.trainChars.toLocaleString()} characters of your text; ${event.heldOutChars.toLocaleString()} held out for measuring models.`;
+      }
       // Back with the aggregator: the notices of losing it no longer hold.
       if (forget("lost")) notify("Back with the aggregator after losing it; this tab trains on.");
       // A reload of this tab rejoins as the same client.
@@ -69,7 +77,8 @@ function onDeviceEvent(event) {
       if (event.round) device.round = event.round;
       device.state = event.state === "training" ? `training batch ${event.batch} of ${event.of}`
         : event.state === "securing" ? `secure aggregation: ${event.step}`
-        : event.state === "checking" ? "answering the aggregator's device check" : event.state;
+        : event.state === "checking" ? "answering the aggregator's device check"
+        : event.state === "evaluating" ? "measuring a model on the text this tab holds out" : event.state;
       if (event.state === "training") Object.assign(training, { max: event.of, value: event.batch });
       // Milliseconds from opening the page to its first trained batch (benches read it).
       if (event.state === "training" && !document.body.dataset.firstBatchMs) {
@@ -95,6 +104,12 @@ function onDeviceEvent(event) {
       fillTable("device-rounds", trained.slice(0, 30));
       break;
     }
+    case "evaluated":
+      trained.unshift([event.round, event.loss.toFixed(4), event.accuracy.toFixed(4), "-", "-", "-",
+        `measured on ${event.chars} held-out chars`]);
+      fillTable("device-rounds", trained.slice(0, 30));
+      notify(`Measured round ${event.round}'s model on this tab's held-out text: loss ${event.loss.toFixed(4)}, accuracy ${event.accuracy.toFixed(4)} over ${event.chars} characters. Only these sums went up.`);
+      break;
     case "error":
       notify(`${explanations[event.code] ?? "The aggregator refused a message."} (${event.code}: ${event.message})`);
       if (event.code === "device_check_failed") distrusted(event.message);
@@ -152,8 +167,18 @@ async function aggregators() {
 }
 
 let trainer;
+let backendInUse = backend;
+// Set once the device code is built and the device first started.
+let deviceReady = false;
 async function startDevice(on = backend) {
+  backendInUse = on;
   const urls = await aggregators();
+  const text = dataSource === "device" ? await ownText() : null;
+  if (dataSource === "device" && !text.trim()) {
+    device.state = "waiting for your text: add some below to train on it";
+    show();
+    return;
+  }
   trainer = worker();
   trainer.onmessage = ({ data }) => onDeviceEvent(data);
   trainer.onerror = (err) => onDeviceEvent({ type: "failed", message: err.message });
@@ -162,9 +187,72 @@ async function startDevice(on = backend) {
     urls,
     client: params.get("client"),
     resume: sessionStorage.getItem("folio-session"),
+    text,
     backend: on,
     threads,
   });
+}
+
+// Where devices bring their own text: what this tab trains on, typed, pasted or
+// from files, kept in this browser only; deleting it stops the device.
+function stopDevice() {
+  trainer?.terminate();
+  trainer = null;
+  sessionStorage.removeItem("folio-session");
+}
+async function textForm() {
+  const form = document.getElementById("text-form");
+  const area = document.getElementById("own-text");
+  const note = document.getElementById("text-note");
+  area.value = await ownText().catch(() => "");
+  const append = async (files) => {
+    const parts = await Promise.all([...files].map((file) => file.text()));
+    area.value = [area.value, ...parts].filter((part) => part.length).join("\n");
+    note.textContent = `Added ${files.length} file(s); keep the text to train on it.`;
+  };
+  document.getElementById("text-files").addEventListener("change", (event) => append(event.target.files));
+  area.addEventListener("dragover", (event) => event.preventDefault());
+  area.addEventListener("drop", (event) => {
+    event.preventDefault();
+    append(event.dataTransfer.files);
+  });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!area.value.trim()) {
+      note.textContent = "There is no text to keep: type, paste or add some first.";
+      return;
+    }
+    await keepText(area.value);
+    note.textContent = `Kept ${area.value.length.toLocaleString()} characters in this browser; training on them.`;
+    stopDevice();
+    // Before the device code is loaded, the device starts with it, on the text kept.
+    if (deviceReady) startDevice(backendInUse);
+  });
+  document.getElementById("text-delete").addEventListener("click", async () => {
+    await deleteText();
+    stopDevice();
+    area.value = "";
+    note.textContent = "Your text is deleted from this browser; this tab no longer trains.";
+    device.state = "stopped: no text to train on";
+    show();
+  });
+  // Shown once it works: a text kept before then would be lost.
+  form.hidden = false;
+}
+
+// Where this federation's devices get their text, as the aggregator says.
+let dataSource = "shakespeare";
+async function showDataSource() {
+  const status = await fetch("api/status").then((r) => r.json()).catch(() => null);
+  dataSource = status?.config?.data ?? "shakespeare";
+  document.body.dataset.dataSource = dataSource;
+  document.getElementById("data-mode").textContent = dataSource === "device"
+    ? "This federation trains on text each device keeps: this tab trains on yours, and the aggregator never sees a character of it."
+    : "The Shakespeare simulation: this tab trains as a Shakespeare character, whose lines the aggregator hands it.";
+  if (dataSource === "device") {
+    document.getElementById("character-form").hidden = true;
+    await textForm();
+  }
 }
 
 // The aggregator found this tab's arithmetic wrong. On WebGPU, the CPU fallback
@@ -252,11 +340,11 @@ async function characterPicker() {
   const input = document.getElementById("character");
   const note = document.getElementById("character-note");
   const response = await fetch("api/characters").catch(() => null);
-  if (!response?.ok) {
+  const characters = new Map(response?.ok ? await response.json() : []);
+  if (characters.size === 0) {
     form.hidden = true;
     return;
   }
-  const characters = new Map(await response.json());
   document.getElementById("characters").append(
     ...[...characters].map(([id, chars]) => new Option(`${chars.toLocaleString()} chars of lines`, id)),
   );
@@ -285,9 +373,12 @@ setInterval(() => {
   document.body.dataset.longestStallMs = Math.round(longestStall);
 }, 100);
 
-deviceCodeBuilt().then(() => {
+const dataSourceShown = deviceOn ? showDataSource() : Promise.resolve();
+deviceCodeBuilt().then(async () => {
   device.state = "loading the device code";
   show();
+  await dataSourceShown;
+  deviceReady = true;
   if (deviceOn) startDevice();
   button.disabled = false;
 });

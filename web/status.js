@@ -1,7 +1,8 @@
 // Polls the aggregator's status API and renders it; no dependencies.
 "use strict";
 
-const fmt = (v, digits = 4) => (v === null || v === undefined ? "-" : typeof v === "number" ? v.toFixed(digits) : v);
+// A figure; "-" where there is none (a server with no text to evaluate on says NaN).
+const fmt = (v, digits = 4) => (v === null || v === undefined || v === "NaN" ? "-" : typeof v === "number" ? v.toFixed(digits) : v);
 const bytes = (n) => (n < 1e3 ? `${n} B` : n < 1e6 ? `${(n / 1e3).toFixed(1)} kB` : `${(n / 1e6).toFixed(2)} MB`);
 
 // Rows of cells into a table's body; each cell carries its column's name, which
@@ -225,16 +226,21 @@ async function refresh() {
     const open = status.open_round;
     const evaluated = history.filter((r) => Number.isFinite(r.eval_accuracy));
     const latest = evaluated[evaluated.length - 1];
+    const onDevices = history.filter((r) => r.federated).pop();
+    const text = status.config.data === "device" ? "devices train on their own text, which the aggregator never sees" : "the Shakespeare simulation";
     document.getElementById("summary").textContent =
-      `preset ${status.preset} (${status.parameters.toLocaleString()} parameters) · ${status.completed_rounds} rounds done · ` +
+      `preset ${status.preset} (${status.parameters.toLocaleString()} parameters) · ${text} · ${status.completed_rounds} rounds done · ` +
       `${status.connected} devices connected` +
-      (latest ? ` · global eval accuracy ${fmt(latest.eval_accuracy)} after round ${latest.round}` : "");
+      (latest ? ` · global eval accuracy ${fmt(latest.eval_accuracy)} after round ${latest.round}` : "") +
+      (onDevices ? ` · measured on ${onDevices.federated.devices} devices' held-out text: accuracy ${fmt(onDevices.federated.accuracy)} after round ${onDevices.round}` : "");
     roundProgress(open, status.phase, status.asynchronous);
-    plot(history);
+    // A server with no text of its own has no eval figures: the devices' are plotted.
+    plot(history.map((r) => (Number.isFinite(r.eval_loss) || !r.federated ? r
+      : { ...r, eval_loss: r.federated.loss, eval_accuracy: r.federated.accuracy })));
     showPrivacy(status);
     showSecure(status);
     fill("history", history.slice(-30).reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
-      fmt(r.eval_loss), fmt(r.eval_accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1),
+      fmt(r.eval_loss), fmt(r.eval_accuracy), fmt(r.federated?.loss), fmt(r.federated?.accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1),
       fmt(r.epsilon, 3), r.secure ? "sum only" : "", fmt(r.staleness, 2)]));
     fill("clients", status.clients.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}${checkMark(c.check)}`, c.connected ? "yes" : "no",
       thisRound(open, c.session, status.asynchronous), c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy),

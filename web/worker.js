@@ -1,3 +1,5 @@
+import { store } from "./store.js";
+
 // One job for the page, off its main thread (so a tab on the CPU fallback never
 // freezes): {job: "device"} runs the tab as a federated device until the aggregator
 // closes; {job: "generate"} samples text. Posts plain event objects back.
@@ -28,29 +30,15 @@ globalThis.folioPanic = (message) => postMessage({ type: "failed", message });
 
 // The last global model this origin's tabs received, kept in IndexedDB: a
 // reloaded tab offers it when it rejoins and is not sent it again.
-function modelStore(mode, use) {
-  return new Promise((resolve, reject) => {
-    const opening = indexedDB.open("folio", 1);
-    opening.onupgradeneeded = () => opening.result.createObjectStore("models");
-    opening.onerror = () => reject(opening.error);
-    opening.onsuccess = () => {
-      const transaction = opening.result.transaction("models", mode);
-      const request = use(transaction.objectStore("models"));
-      // Settled once committed: the training that follows holds this thread.
-      transaction.oncomplete = () => resolve(request.result);
-      transaction.onerror = () => reject(transaction.error);
-      transaction.onabort = () => reject(transaction.error);
-    };
-  });
-}
-const heldModel = () => modelStore("readonly", (models) => models.get("global")).catch(() => undefined);
+const heldModel = () => store("models", "readonly", (models) => models.get("global")).catch(() => undefined);
 const keepModel = ({ round, encoding, weights }) =>
-  modelStore("readwrite", (models) => models.put({ round, encoding, weights }, "global")).catch(() => undefined);
+  store("models", "readwrite", (models) => models.put({ round, encoding, weights }, "global")).catch(() => undefined);
 
-async function device({ urls, client, resume, backend }) {
+// `text`: this device's own text, where the aggregator's devices bring theirs.
+async function device({ urls, client, resume, text, backend }) {
   const held = await heldModel();
   if (held) postMessage({ type: "held", round: held.round, bytes: held.weights.length });
-  await deviceCode.runDevice(urls, client, resume, held?.encoding, held?.weights, backend, keepModel, postMessage);
+  await deviceCode.runDevice(urls, client, resume, held?.encoding, held?.weights, text, backend, keepModel, postMessage);
   postMessage({ type: "closed" });
 }
 

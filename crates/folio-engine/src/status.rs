@@ -80,6 +80,11 @@ pub struct ConfigStatus {
     pub max_rounds: Option<u64>,
     /// Secure aggregation's settings, when rounds are secure.
     pub secure: Option<crate::SecureRounds>,
+    /// Where devices' text comes from: `shakespeare` (handed out) or `device`
+    /// (their own).
+    pub data: &'static str,
+    /// Federated evaluation's settings, when devices evaluate.
+    pub federated_eval: Option<crate::FederatedEval>,
 }
 
 impl<R: Role> Engine<R> {
@@ -128,6 +133,8 @@ impl<R: Role> Engine<R> {
                 delta_encoding: format!("{:?}", rounds.delta_encoding),
                 max_rounds: self.config.max_rounds,
                 secure: rounds.secure,
+                data: self.config.data.name(),
+                federated_eval: rounds.federated_eval,
             },
             privacy: self.strategy.privacy(&self.global.state),
             stopped: self.stopped.clone(),

@@ -42,7 +42,7 @@ pub use access::AccessConfig;
 pub use config::{DataSource, RoundConfig, ServerConfig};
 use driver::Delivery;
 pub use driver::Served;
-pub use folio_engine::{AsyncRounds, RoundRecord, SecureRounds};
+pub use folio_engine::{AsyncRounds, FederatedEval, RoundRecord, SecureRounds};
 pub use limits::Limits;
 use net::{CappedListener, ConnectionCount};
 

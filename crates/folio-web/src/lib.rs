@@ -111,12 +111,16 @@ fn event_object(event: &ClientEvent) -> JsValue {
         ClientEvent::Welcomed {
             client_id,
             session,
+            data,
             train_chars,
+            held_out_chars,
         } => object(&[
             ("type", "welcome".into()),
             ("client", client_id.into()),
             ("session", session.into()),
+            ("data", data.name().into()),
             ("trainChars", (*train_chars as f64).into()),
+            ("heldOutChars", (*held_out_chars as f64).into()),
         ]),
         ClientEvent::State(state) => {
             let (name, round, batch, of) = match *state {
@@ -126,6 +130,7 @@ fn event_object(event: &ClientEvent) -> JsValue {
                 ClientState::Uploading { round } => ("uploading", round, 0, 0),
                 ClientState::Securing { round, .. } => ("securing", round, 0, 0),
                 ClientState::Checking => ("checking", 0, 0, 0),
+                ClientState::Evaluating { round } => ("evaluating", round, 0, 0),
             };
             let step = match *state {
                 ClientState::Securing { step, .. } => step,
@@ -171,6 +176,16 @@ fn event_object(event: &ClientEvent) -> JsValue {
             ("round", (*round as f64).into()),
             ("bytes", (model.weights.len() as f64).into()),
         ]),
+        ClientEvent::Evaluated(answer) => {
+            let chars = answer.chars.max(1) as f64;
+            object(&[
+                ("type", "evaluated".into()),
+                ("round", (answer.round as f64).into()),
+                ("loss", (answer.loss_sum / chars).into()),
+                ("accuracy", (answer.correct as f64 / chars).into()),
+                ("chars", (answer.chars as f64).into()),
+            ])
+        }
     }
 }
 
@@ -194,7 +209,8 @@ async fn sleep(duration: Duration) {
 /// Shakespeare client; `resume` is the session of an earlier welcome (a reloaded
 /// tab rejoins as the same client); `held_encoding` and `held_weights` are a
 /// global model kept by `keep_model` (offered back, so that it is not sent
-/// again); `backend` is `"auto"`, `"cpu"` or `"faulty-webgpu"`; `keep_model({round, encoding,
+/// again); `text` is this tab's own text, where the aggregator's devices bring
+/// theirs (it never leaves the tab); `backend` is `"auto"`, `"cpu"` or `"faulty-webgpu"`; `keep_model({round, encoding,
 /// weights})` stores a round's model and returns a promise, awaited before the
 /// round's training. `on_event` gets plain
 /// objects (`{type: "backend" | "welcome" | "state" | "trained" | "result" |
@@ -207,6 +223,7 @@ pub async fn run_device(
     resume: Option<String>,
     held_encoding: Option<u8>,
     held_weights: Option<Vec<u8>>,
+    text: Option<String>,
     backend: String,
     keep_model: Option<Function>,
     on_event: Function,
@@ -233,6 +250,7 @@ pub async fn run_device(
     }
     options.join.client = client;
     options.join.resume = resume;
+    options.text = text.filter(|text| !text.trim().is_empty());
     options.held = held_encoding
         .and_then(Encoding::from_tag)
         .zip(held_weights)

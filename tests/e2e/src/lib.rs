@@ -3,6 +3,7 @@
 //! against native flex).
 
 mod bidi;
+pub mod tap;
 pub mod webdriver;
 
 use std::path::PathBuf;
@@ -143,6 +144,11 @@ impl LocalServer {
             .runtime
             .block_on(folio_server::Server::start(self.config.clone()))?;
         Ok(())
+    }
+
+    /// Where the aggregator keeps its state.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.config.state_dir
     }
 
     /// The page's address.
