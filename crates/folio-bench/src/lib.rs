@@ -3,6 +3,7 @@
 //! (`folio serve`, `folio client`), so they run from the `folio` binary.
 
 mod cluster;
+mod devices;
 mod influence;
 mod responsiveness;
 mod secagg;
@@ -51,6 +52,9 @@ pub enum BenchCommand {
     Sybils(crate::influence::SybilArgs),
     /// The aggregator under load and floods: its RSS and `/api/status` latency.
     Server(crate::server::ServerBenchArgs),
+    /// One aggregator holding 10,000 device sessions (devices bring their own
+    /// text): join rate, memory, `/api/status` latency, a round of 100.
+    Devices(crate::devices::DevicesBenchArgs),
     /// `/api/status` latency while a median aggregation of 100 medium-preset
     /// updates runs, and how long a request trickling its head stays open.
     Responsiveness(crate::responsiveness::ResponsivenessArgs),
@@ -95,6 +99,7 @@ pub fn run(command: BenchCommand, data_dir: &std::path::Path) -> anyhow::Result<
         BenchCommand::Influence(args) => crate::influence::run(args, data_dir),
         BenchCommand::Sybils(args) => crate::influence::sybils(args, data_dir),
         BenchCommand::Server(args) => crate::server::run(args, data_dir),
+        BenchCommand::Devices(args) => crate::devices::run(args, data_dir),
         BenchCommand::Responsiveness(args) => crate::responsiveness::run(args, data_dir),
         BenchCommand::Cluster(args) => crate::cluster::run(args, data_dir),
         BenchCommand::Secagg(args) => crate::secagg::run(args),

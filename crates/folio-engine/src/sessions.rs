@@ -145,7 +145,7 @@ impl Sessions {
         self.by_id.get_mut(&session)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &SessionInfo> {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &SessionInfo> {
         self.by_id.values()
     }
 

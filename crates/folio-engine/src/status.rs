@@ -13,6 +13,10 @@ use crate::roles::Role;
 use crate::sessions::SessionInfo;
 use crate::{Engine, RoundRecord};
 
+/// Sessions a status lists at most: its size stays bounded however many
+/// devices the aggregator holds.
+pub const STATUS_SESSIONS: usize = 200;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub preset: String,
@@ -28,6 +32,10 @@ pub struct Status {
     /// Records `/api/history` holds (round 0 included).
     pub history_len: usize,
     pub connected: usize,
+    /// Sessions held, connected or waiting to be resumed.
+    pub sessions: usize,
+    /// At most [`STATUS_SESSIONS`] of them: those in the open round first,
+    /// then the newest.
     pub clients: Vec<SessionInfo>,
     pub errors: BTreeMap<&'static str, u64>,
     pub config: ConfigStatus,
@@ -88,6 +96,21 @@ pub struct ConfigStatus {
 }
 
 impl<R: Role> Engine<R> {
+    /// The sessions a status lists: the open round's first, then the newest.
+    fn listed_sessions(&self) -> Vec<SessionInfo> {
+        let in_round: std::collections::BTreeSet<u64> = match &self.phase {
+            Phase::Collecting(open) => open.selected.clone(),
+            _ => Default::default(),
+        };
+        let first = in_round.iter().filter_map(|&s| self.sessions.get(s));
+        let rest = self
+            .sessions
+            .iter()
+            .rev()
+            .filter(|s| !in_round.contains(&s.session));
+        first.chain(rest).take(STATUS_SESSIONS).cloned().collect()
+    }
+
     pub fn status(&self, now: Instant) -> Status {
         let rounds = &self.config.rounds;
         let next_round = self.completed_rounds() + 1;
@@ -119,7 +142,8 @@ impl<R: Role> Engine<R> {
             latest: self.history.last().cloned(),
             history_len: self.history.len(),
             connected: self.sessions.connected().count(),
-            clients: self.sessions.iter().cloned().collect(),
+            sessions: self.sessions.len(),
+            clients: self.listed_sessions(),
             errors: self.errors.clone(),
             config: ConfigStatus {
                 clients_per_round: rounds.strategy.clients_per_round,
