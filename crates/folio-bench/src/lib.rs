@@ -5,6 +5,7 @@
 mod cluster;
 mod devices;
 mod influence;
+mod personal;
 mod responsiveness;
 mod secagg;
 mod server;
@@ -55,6 +56,12 @@ pub enum BenchCommand {
     /// One aggregator holding 10,000 device sessions (devices bring their own
     /// text): join rate, memory, `/api/status` latency, a round of 100.
     Devices(crate::devices::DevicesBenchArgs),
+    /// Devices fine-tune the global model on their own text: the fraction whose
+    /// held-out accuracy improves and the mean gain, per setting.
+    Personalization(crate::personal::PersonalizationArgs),
+    /// Federated evaluation by a sample of devices against every device's
+    /// held-out text: the sample's spread and where the population figure falls.
+    DeviceEval(crate::personal::DeviceEvalArgs),
     /// `/api/status` latency while a median aggregation of 100 medium-preset
     /// updates runs, and how long a request trickling its head stays open.
     Responsiveness(crate::responsiveness::ResponsivenessArgs),
@@ -100,6 +107,8 @@ pub fn run(command: BenchCommand, data_dir: &std::path::Path) -> anyhow::Result<
         BenchCommand::Sybils(args) => crate::influence::sybils(args, data_dir),
         BenchCommand::Server(args) => crate::server::run(args, data_dir),
         BenchCommand::Devices(args) => crate::devices::run(args, data_dir),
+        BenchCommand::Personalization(args) => crate::personal::personalization(args, data_dir),
+        BenchCommand::DeviceEval(args) => crate::personal::device_eval(args, data_dir),
         BenchCommand::Responsiveness(args) => crate::responsiveness::run(args, data_dir),
         BenchCommand::Cluster(args) => crate::cluster::run(args, data_dir),
         BenchCommand::Secagg(args) => crate::secagg::run(args),

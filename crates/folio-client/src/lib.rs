@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod evaluate;
+pub mod personalize;
 #[cfg(not(target_family = "wasm"))]
 pub mod native;
 
