@@ -6,9 +6,9 @@
 
 pub mod bench;
 pub mod evaluate;
-pub mod personalize;
 #[cfg(not(target_family = "wasm"))]
 pub mod native;
+pub mod personalize;
 
 use burn::prelude::Device;
 use folio_data::device::DeviceText;

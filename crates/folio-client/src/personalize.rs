@@ -41,5 +41,9 @@ pub async fn fine_tune(
         time_limit: None,
     };
     let local = crate::train_locally(device, config, ids, global, &training, |_, _| {}).await?;
-    Ok(global.iter().zip(&local.delta).map(|(g, d)| g + d).collect())
+    Ok(global
+        .iter()
+        .zip(&local.delta)
+        .map(|(g, d)| g + d)
+        .collect())
 }
