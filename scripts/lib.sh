@@ -398,8 +398,9 @@ build_page() {
     ensure_brotli
     step "building the page's device code (wasm; ≈ 12 min the first time on 2 cores)"
     write_build_status building "the device code"
+    # Called in && lists, where errexit does not apply: a failure returns here.
     (cd "$FOLIO_ROOT" && cargo_progress "page" build --profile wasm --locked -p folio-web \
-        --target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm")
+        --target wasm32-unknown-unknown --target-dir "$BUILD_DIR/wasm") || return 1
     write_build_status building "binding and compressing"
     step "binding and compressing the page's wasm unless it is unchanged (brotli and gzip, ≈ 1 min)"
     bind_and_compress "$WASM_TARGET_DIR/wasm32-unknown-unknown/wasm/folio_web.wasm" "$PAGE_DIR"
@@ -413,7 +414,7 @@ build_page() {
 # core; until then, and where the page is not cross-origin isolated, on one).
 build_threaded_page() {
     step "building the page's threaded CPU build (≈ 8 min the first time on 2 cores)"
-    FOLIO_BUILD_STATUS="" build_threaded_wasm
+    FOLIO_BUILD_STATUS="" build_threaded_wasm || return 1
     bind_and_compress "$TARGET_DIR/wasm-threads/wasm32-unknown-unknown/wasm/folio_web.wasm" "$PAGE_DIR/threads"
     step "the threaded CPU build is ready: CPU tabs opened from now on train on every core"
 }

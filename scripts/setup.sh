@@ -14,7 +14,9 @@ for part in "$@"; do
         data) ensure_corpus ;;
         cache) ensure_build_cache ;;
         nats) ensure_nats ;;
-        page) ensure_build_cache && build_page && build_threaded_page ;;
+        page) ensure_build_cache
+            build_page || die "building the page's device code failed (its errors are above)"
+            build_threaded_page || die "building the page's threaded CPU build failed (its errors are above)" ;;
         *) die "unknown part '$part' (rust wasm wasm-bindgen browser data cache nats page)" ;;
     esac
 done

@@ -228,6 +228,22 @@ async function textForm() {
     // Before the device code is loaded, the device starts with it, on the text kept.
     if (deviceReady) startDevice(backendInUse);
   });
+  document.getElementById("text-personalize").addEventListener("click", () => {
+    note.textContent = "Fine-tuning the current global model on your text, in this tab…";
+    const tuner = worker();
+    tuner.onmessage = ({ data }) => {
+      if (data.type === "personalized") {
+        const { before, after } = data;
+        note.textContent = `My model, on your held-out text (${data.chars.toLocaleString()} characters): loss ${before.loss.toFixed(4)} ` +
+          `with the global model, ${after.loss.toFixed(4)} fine-tuned; accuracy ${before.accuracy.toFixed(4)}, ${after.accuracy.toFixed(4)}. ` +
+          "It stays in this browser: pick “my model” in the generator.";
+        document.body.dataset.personalizedLoss = `${before.loss} ${after.loss}`;
+        document.body.dataset.personalized = "yes";
+      } else if (data.type === "failed") note.textContent = `Fine-tuning failed: ${data.message}`;
+      if (data.type === "personalized" || data.type === "failed") tuner.terminate();
+    };
+    tuner.postMessage({ job: "personalize", url: new URL("api/model", location.href).href, backend: backendInUse, threads, ...PERSONALIZATION });
+  });
   document.getElementById("text-delete").addEventListener("click", async () => {
     await deleteText();
     stopDevice();
@@ -283,7 +299,10 @@ const choices = {
   current: { label: "the current global model", models: [{ url: "api/model", source: "the current global model" }, federated] },
   dickens: { label: "the shipped Dickens model", models: [dickens] },
   federated: { label: "the shipped federated Shakespeare model", models: [federated] },
+  mine: { label: "my model (fine-tuned on this device's text)", models: [{ idb: "mine", source: "my model, fine-tuned in this browser" }] },
 };
+// How a device fine-tunes its model (chosen on the validation split: docs/own-text.md).
+const PERSONALIZATION = { epochs: 1, lr: 0.05 };
 const button = document.getElementById("gen-button");
 const panes = [
   { choice: "start", select: "gen-start-model", output: "gen-start-output", source: "gen-start-source" },
@@ -308,7 +327,7 @@ function generateInto(pane, job) {
         case "failed": pane.output.textContent = `generation failed: ${data.message}`; resolve(false); break;
       }
     };
-    const models = choices[pane.picker.value].models.map(({ url, source }) => ({ url: new URL(url, location.href).href, source }));
+    const models = choices[pane.picker.value].models.map(({ url, idb, source }) => ({ url: url && new URL(url, location.href).href, idb, source }));
     generator.postMessage({ ...job, models });
   });
 }

@@ -28,4 +28,6 @@ export function store(name, mode, use) {
 // The device's own text, kept across reloads; "" when there is none.
 export const ownText = () => store("texts", "readonly", (texts) => texts.get("own")).then((text) => text ?? "");
 export const keepText = (text) => store("texts", "readwrite", (texts) => texts.put(text, "own"));
-export const deleteText = () => store("texts", "readwrite", (texts) => texts.delete("own"));
+// The text, and the model fine-tuned on it (which it shaped): both gone.
+export const deleteText = () => store("texts", "readwrite", (texts) => texts.delete("own"))
+  .then(() => store("models", "readwrite", (models) => models.delete("mine")));

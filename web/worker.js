@@ -1,4 +1,4 @@
-import { store } from "./store.js";
+import { ownText, store } from "./store.js";
 
 // One job for the page, off its main thread (so a tab on the CPU fallback never
 // freezes): {job: "device"} runs the tab as a federated device until the aggregator
@@ -42,15 +42,21 @@ async function device({ urls, client, resume, text, backend }) {
   postMessage({ type: "closed" });
 }
 
-// The first of `models` that answers (the aggregator's, then a shipped file).
+// The first of `models` that answers (the aggregator's, then a shipped file; or
+// a model kept in this browser, `idb`).
 async function checkpoint(models) {
-  for (const { url, source } of models) {
+  for (const { url, idb, source } of models) {
     try {
+      if (idb) {
+        const kept = await store("models", "readonly", (m) => m.get(idb));
+        if (kept) return { bytes: kept, source };
+        continue;
+      }
       const response = await fetch(url);
       if (response.ok) return { bytes: new Uint8Array(await response.arrayBuffer()), source };
     } catch (_) { /* try the next one */ }
   }
-  throw new Error(`no model to generate from: none of ${models.map((m) => m.url).join(", ")} answered`);
+  throw new Error(`no model to generate from: none of ${models.map((m) => m.url ?? `this browser's ${m.idb} model`).join(", ")} answered`);
 }
 
 async function generate({ models, prompt, length, temperature, seed, backend }) {
@@ -60,7 +66,20 @@ async function generate({ models, prompt, length, temperature, seed, backend }) 
   postMessage({ type: "generated", text });
 }
 
-const jobs = { device, generate };
+// Personalization: the current global model fine-tuned on this device's own
+// text, here, and kept in this browser ("mine"); nothing is sent.
+async function personalize({ url, backend, epochs, lr }) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`no global model to fine-tune (${url}: ${response.status})`);
+  const global = new Uint8Array(await response.arrayBuffer());
+  const text = await ownText();
+  if (!text.trim()) throw new Error("there is no text of yours to fine-tune on");
+  const tuned = await deviceCode.personalizeModel(global, text, epochs, lr, backend);
+  await store("models", "readwrite", (models) => models.put(tuned.checkpoint, "mine"));
+  postMessage({ type: "personalized", before: tuned.before, after: tuned.after, chars: tuned.chars });
+}
+
+const jobs = { device, generate, personalize };
 onmessage = async ({ data }) => {
   try {
     deviceCode ??= await loadDeviceCode(data);

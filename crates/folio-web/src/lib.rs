@@ -318,6 +318,78 @@ pub async fn generate_text(
     .map_err(js_error)
 }
 
+/// Fine-tunes a checkpoint (safetensors bytes) on the training part of `text`
+/// (this tab's own; the last fifth held out, as in federated rounds) on this
+/// tab's device, for this tab only: personalization, nothing sent. Returns
+/// `{checkpoint, before, after, chars}`: the fine-tuned model (f16 safetensors)
+/// and both models' `{loss, accuracy}` on the held-out fifth.
+#[wasm_bindgen(js_name = personalizeModel)]
+pub async fn personalize_model(
+    checkpoint: Vec<u8>,
+    text: String,
+    epochs: u32,
+    learning_rate: f32,
+    backend: String,
+) -> Result<JsValue, JsValue> {
+    use folio_client::personalize::{Personalization, fine_tune};
+    let saved = folio_model::checkpoint::decode(&checkpoint, None).map_err(js_error)?;
+    let text = folio_data::device::DeviceText::split(&text);
+    let (train, _) = folio_data::vocab::encode(&text.train);
+    let (held_out, _) = folio_data::vocab::encode(&text.held_out);
+    let (device, _, _) = pick_device(backend_choice(&backend)?.gpu).await;
+    let settings = Personalization {
+        epochs,
+        max_batches: Some(20),
+        learning_rate,
+        seed: 0,
+    };
+    let tuned = fine_tune(&device, saved.config, &saved.weights, &train, settings)
+        .await
+        .map_err(js_error)?;
+    let ask = folio_proto::Evaluate {
+        round: 0,
+        model: 0,
+        weights: None,
+        weights_encoding: Encoding::F32,
+        deadline_ms: 0,
+        max_chars: u64::MAX,
+    };
+    let measure = folio_client::evaluate::measure;
+    let before = measure(&device, saved.config, &saved.weights, &held_out, &ask)
+        .await
+        .map_err(js_error)?;
+    let after = measure(&device, saved.config, &tuned, &held_out, &ask)
+        .await
+        .map_err(js_error)?;
+    let figures = |e: &folio_proto::Evaluation| {
+        let chars = e.chars.max(1) as f64;
+        object(&[
+            ("loss", (e.loss_sum / chars).into()),
+            ("accuracy", (e.correct as f64 / chars).into()),
+        ])
+    };
+    let metadata = std::collections::BTreeMap::from([(
+        "personalized".to_owned(),
+        format!("{epochs} epochs at {learning_rate}"),
+    )]);
+    let bytes = folio_model::checkpoint::encode(
+        saved.config,
+        &tuned,
+        folio_model::checkpoint::Precision::F16,
+        &metadata,
+    )
+    .map_err(js_error)?;
+    Ok(object(&[
+        (
+            "checkpoint",
+            js_sys::Uint8Array::from(bytes.as_slice()).into(),
+        ),
+        ("before", figures(&before)),
+        ("after", figures(&after)),
+        ("chars", (after.chars as f64).into()),
+    ]))
+}
+
 /// Training chars/s of a `preset` ("small" or "seed") model on this tab's
 /// `backend` ("auto": WebGPU, "cpu"), B × T = `batch_size` × `seq_len`, over `steps`
 /// timed steps: the same measurement as `folio bench train`.

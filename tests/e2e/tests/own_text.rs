@@ -283,6 +283,45 @@ fn text_kept_on_devices_never_reaches_the_aggregator_and_still_trains_the_model(
     );
     let shot = folio_e2e::artifact("own-text.png")?;
     std::fs::write(&shot, browser.screenshot()?)?;
+
+    // Personalization: the global model fine-tuned on the tab's text, kept in
+    // the browser, generating in the page; its loss on the held-out text fell.
+    browser.execute(
+        "document.getElementById('text-personalize').click()",
+        serde_json::json!([]),
+    )?;
+    let tuned = browser.wait_for(
+        "the tab to fine-tune its model",
+        "return document.body.dataset.personalized === 'yes' \
+         && document.body.dataset.personalizedLoss",
+        Duration::from_secs(120),
+    )?;
+    let losses: Vec<f64> = tuned
+        .as_str()
+        .unwrap_or_default()
+        .split(' ')
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    ensure!(
+        matches!(losses.as_slice(), [before, after] if after < before),
+        "fine-tuning did not lower the loss on the held-out text: {tuned}"
+    );
+    browser.execute(
+        "document.getElementById('gen-model').value = 'mine'; \
+         document.getElementById('gen-length').value = 40; \
+         document.getElementById('gen-form').requestSubmit();",
+        serde_json::json!([]),
+    )?;
+    let source = browser.wait_for(
+        "the generator to run on the tab's own model",
+        "return document.body.dataset.generated === 'yes' \
+         && document.getElementById('gen-source').textContent",
+        Duration::from_secs(120),
+    )?;
+    ensure!(
+        source.as_str().is_some_and(|s| s.contains("my model")),
+        "{source}"
+    );
     browser.navigate(&page)?;
     let kept = browser.wait_for(
         "the reloaded tab to show its kept text",
@@ -306,12 +345,14 @@ fn text_kept_on_devices_never_reaches_the_aggregator_and_still_trains_the_model(
     ensure!(stopped == serde_json::json!(true));
     let left = browser.execute_async(
         "const done = arguments[arguments.length - 1]; \
-         import('./web/store.js').then((s) => s.ownText()).then(done, (e) => done(String(e)));",
+         import('./web/store.js').then(async (s) => \
+           [await s.ownText(), (await s.store('models', 'readonly', (m) => m.get('mine'))) ?? null]) \
+         .then(done, (e) => done(String(e)));",
         serde_json::json!([]),
     )?;
     ensure!(
-        left == serde_json::json!(""),
-        "text left in the browser's storage: {left}"
+        left == serde_json::json!(["", null]),
+        "text or a model fine-tuned on it left in the browser's storage: {left}"
     );
     eprintln!(
         "searched {} messages, {} bytes of answers, {} state files, {} bytes of logs and {} endpoints: no canary; loss on the devices' texts {before:.3} -> {after:.3}; screenshot {}",
