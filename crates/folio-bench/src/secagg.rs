@@ -135,6 +135,7 @@ fn secure(params: usize, model: &[u8], deltas: &[Vec<f32>], degree: u32) -> Cost
         quantizer: Quantizer {
             clients: n as u32,
             clip_bound: BOUND,
+            held_out_chars: 0,
         },
         weight_scale: Some(40),
     };
@@ -195,6 +196,7 @@ fn secure(params: usize, model: &[u8], deltas: &[Vec<f32>], degree: u32) -> Cost
                         weight: spec.weight(40),
                         loss: 2.0,
                         accuracy: 0.3,
+                        held_out: folio_secagg::HeldOut::default(),
                     };
                     ClientStep::Masked(client.mask(&input).unwrap())
                 }

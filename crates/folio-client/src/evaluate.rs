@@ -5,6 +5,7 @@
 use burn::prelude::Device;
 use folio_model::{CharRnn, ModelConfig};
 use folio_proto::{Evaluate, Evaluation};
+use folio_secagg::HeldOut;
 
 use crate::ClientError;
 
@@ -20,17 +21,28 @@ pub async fn measure(
     held_out: &[u32],
     ask: &Evaluate,
 ) -> Result<Evaluation, ClientError> {
-    let keep = usize::try_from(ask.max_chars).unwrap_or(usize::MAX);
-    let ids = &held_out[..held_out.len().min(keep.saturating_add(1))];
-    let mut answer = Evaluation {
+    let figures = held_out_figures(device, config, weights, held_out, ask.max_chars).await?;
+    Ok(Evaluation {
         round: ask.round,
-        loss_sum: 0.0,
-        correct: 0,
-        chars: 0,
-    };
+        loss_sum: figures.loss_sum,
+        correct: figures.correct as u64,
+        chars: figures.chars as u64,
+    })
+}
+
+/// [`measure`]'s sums on the first `max_chars` characters of `held_out`.
+pub async fn held_out_figures(
+    device: &Device,
+    config: ModelConfig,
+    weights: &[f32],
+    held_out: &[u32],
+    max_chars: u64,
+) -> Result<HeldOut, ClientError> {
+    let keep = usize::try_from(max_chars).unwrap_or(usize::MAX);
+    let ids = &held_out[..held_out.len().min(keep.saturating_add(1))];
     // Fewer than two ids predict nothing.
     if ids.len() < 2 {
-        return Ok(answer);
+        return Ok(HeldOut::default());
     }
     let rnn = CharRnn::from_flat(config, weights, device)?;
     let metrics = folio_model::eval::evaluate_population(
@@ -42,8 +54,9 @@ pub async fn measure(
     )
     .await?;
     let chars = metrics.targets as f64;
-    answer.loss_sum = metrics.loss * chars;
-    answer.correct = (metrics.accuracy * chars).round() as u64;
-    answer.chars = metrics.targets as u64;
-    Ok(answer)
+    Ok(HeldOut {
+        loss_sum: metrics.loss * chars,
+        correct: (metrics.accuracy * chars).round(),
+        chars,
+    })
 }

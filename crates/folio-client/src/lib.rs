@@ -780,11 +780,24 @@ async fn secure_step<T: Transport>(
             let local = train_round(device, session, &round.start, &round.model, on_event).await?;
             on_event(ClientEvent::State(ClientState::Uploading { round: number }));
             let spec = *round.client.spec();
+            // The round also evaluates on the devices: the model it was sent,
+            // on the text this device holds out, summed with the round's.
+            let held_out = match spec.quantizer.held_out_chars {
+                0 => folio_secagg::HeldOut::default(),
+                most => {
+                    let num_params = [session.config.num_params()];
+                    let model = &round.model;
+                    let weights = codec::decode(&model.weights, &num_params, model.encoding)?;
+                    let ids = &session.held_out;
+                    evaluate::held_out_figures(device, session.config, &weights, ids, most).await?
+                }
+            };
             let masked = round.client.mask(&folio_secagg::Input {
                 delta: &local.delta,
                 weight: spec.weight(local.examples),
                 loss: local.metrics.loss,
                 accuracy: local.metrics.accuracy,
+                held_out,
             })?;
             let bytes_up = send_step(transport, ClientStep::Masked(masked)).await?;
             let report = RoundReport::new(&round.start, &local, round.bytes_down, bytes_up, true);

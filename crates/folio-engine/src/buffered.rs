@@ -308,6 +308,7 @@ impl<R: Role> Engine<R> {
             started: buffer.started,
             secure: false,
             staleness: Some(buffer.staleness_sum as f64 / buffer.count.max(1) as f64),
+            federated: None,
         };
         self.aggregate(closing, Collected::Updates(buffer.updates));
     }

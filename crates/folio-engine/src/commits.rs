@@ -76,6 +76,14 @@ impl<R: Commits> Engine<R> {
             closing.train_loss = Some(metrics.loss_sum / weight);
             closing.train_accuracy = Some(metrics.accuracy_sum / weight);
             closing.examples = metrics.examples;
+            let held_out = metrics.held_out;
+            closing.federated = (held_out.chars >= 0.5).then(|| crate::FederatedEvaluation {
+                model_round: closing.round.saturating_sub(1),
+                loss: held_out.loss_sum / held_out.chars,
+                accuracy: held_out.correct / held_out.chars,
+                chars: held_out.chars.round() as u64,
+                devices: closing.clients,
+            });
         }
         match result.result {
             Ok((aggregated, encoded)) => {
@@ -140,7 +148,7 @@ impl<R: Commits> Engine<R> {
             epsilon: self.strategy.privacy(&candidate.state).map(|p| p.epsilon),
             secure: closing.secure,
             staleness: closing.staleness,
-            federated: None,
+            federated: closing.federated,
         };
         self.ask_devices_or_persist(candidate, record, now);
     }

@@ -80,6 +80,8 @@ pub(crate) struct Closing {
     pub secure: bool,
     /// An asynchronous step: its updates' mean staleness.
     pub staleness: Option<f64>,
+    /// A secure round's devices' figures on their held-out text.
+    pub federated: Option<crate::FederatedEvaluation>,
 }
 
 impl Closing {
@@ -96,6 +98,7 @@ impl Closing {
             started: now,
             secure: false,
             staleness: None,
+            federated: None,
         }
     }
 }

@@ -52,7 +52,10 @@ impl<R: Role> Engine<R> {
         now: Instant,
     ) {
         let settings = self.config.rounds.federated_eval;
-        let Some(settings) = settings.filter(|s| R::HOLDS_SESSIONS && s.due(record.round)) else {
+        // A secure round's devices measured its starting model already.
+        let secure = self.config.rounds.secure.is_some();
+        let due = |s: &crate::FederatedEval| R::HOLDS_SESSIONS && !secure && s.due(record.round);
+        let Some(settings) = settings.filter(due) else {
             return self.persist(candidate, record);
         };
         let candidates: Vec<u64> = self
@@ -120,13 +123,16 @@ impl<R: Role> Engine<R> {
             answers,
             ..
         } = *asking;
-        record.federated = summed(answers.values());
+        record.federated = summed(record.round, answers.values());
         self.persist(candidate, record);
     }
 }
 
 /// The devices' answers added up; `None` when none measured a character.
-fn summed<'a>(answers: impl Iterator<Item = &'a Evaluation>) -> Option<FederatedEvaluation> {
+fn summed<'a>(
+    model_round: u64,
+    answers: impl Iterator<Item = &'a Evaluation>,
+) -> Option<FederatedEvaluation> {
     let (mut loss, mut correct, mut chars, mut devices) = (0.0, 0u64, 0u64, 0usize);
     for answer in answers {
         loss += answer.loss_sum;
@@ -135,6 +141,7 @@ fn summed<'a>(answers: impl Iterator<Item = &'a Evaluation>) -> Option<Federated
         devices += 1;
     }
     (chars > 0).then(|| FederatedEvaluation {
+        model_round,
         loss: loss / chars as f64,
         accuracy: correct as f64 / chars as f64,
         chars,

@@ -67,6 +67,10 @@ pub struct RoundRecord {
 /// A round's federated evaluation: what the devices asked reported, summed.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct FederatedEvaluation {
+    /// The round whose model was measured: this one's candidate, or under
+    /// secure aggregation, the model this round started from (the devices
+    /// measured it before training, and their sums came with the round's).
+    pub model_round: u64,
     pub loss: f64,
     pub accuracy: f64,
     /// Characters measured, and the devices that measured them.

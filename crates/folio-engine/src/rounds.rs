@@ -128,7 +128,7 @@ impl<R: Role> Engine<R> {
             .collect();
         let secure = match (self.config.rounds.secure, secure_bound) {
             (Some(settings), Some(bound)) => {
-                match self.open_secure(&settings, &allowed_examples, bound, now) {
+                match self.open_secure(round, &settings, &allowed_examples, bound, now) {
                     Ok(secure) => {
                         start.secure = Some(secure.spec);
                         Some(secure)
@@ -261,6 +261,7 @@ impl<R: Role> Engine<R> {
             started: open.started,
             secure: matches!(open.collected, Collected::SecureSum(_)),
             staleness: None,
+            federated: None,
         };
         self.aggregate(closing, open.collected);
     }

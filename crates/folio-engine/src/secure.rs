@@ -55,6 +55,7 @@ fn spec(
     most_examples: u64,
     bound: f32,
     weigh_by_examples: bool,
+    held_out_chars: u64,
 ) -> SecureSpec {
     SecureSpec {
         id,
@@ -65,6 +66,7 @@ fn spec(
         quantizer: folio_secagg::Quantizer {
             clients: clients as u32,
             clip_bound: bound,
+            held_out_chars,
         },
         weight_scale: weigh_by_examples.then_some(most_examples.max(1)),
     }
@@ -84,6 +86,9 @@ pub(crate) struct SumMetrics {
     pub weight: f64,
     /// Σ examples, where clients are weighted by them.
     pub examples: u64,
+    /// Σ of the devices' figures on their held-out text (a round that also
+    /// evaluates on the devices), for the model the round started from.
+    pub held_out: folio_secagg::HeldOut,
 }
 
 impl SecureSum {
@@ -101,10 +106,12 @@ impl SecureSum {
         // Each client adds at most w·S (plus rounding): the sum's norm is at
         // most Σw·S, and Σw at most one per client.
         let slack = 1e-3 * bound * contributors as f64 + 1e-6;
+        let most_chars = (contributors as u64 * self.spec.quantizer.held_out_chars) as f64;
         let plausible = sum.weight.is_finite()
             && sum.weight > 0.0
             && sum.weight <= contributors as f64 + 1e-6
-            && norm <= sum.weight * bound + slack;
+            && norm <= sum.weight * bound + slack
+            && sum.held_out.chars <= most_chars + 1.0;
         if !plausible {
             return Err(FedError::Secure(format!(
                 "the unmasked sum cannot come from clipped inputs (weight {:.3} of {contributors} clients, norm {norm:.4} over bound {bound}): a client sent values out of range",
@@ -120,6 +127,7 @@ impl SecureSum {
             accuracy_sum: sum.weighted_accuracy,
             weight: sum.weight,
             examples,
+            held_out: sum.held_out,
         };
         let partial = Partial {
             sum: sum.weighted_delta,
@@ -157,6 +165,7 @@ impl<R: Role> Engine<R> {
     /// spec and masking graph drawn fresh.
     pub(crate) fn open_secure(
         &mut self,
+        round: u64,
         settings: &SecureRounds,
         allowed_examples: &BTreeMap<u64, u64>,
         bound: f32,
@@ -166,6 +175,14 @@ impl<R: Role> Engine<R> {
         let by_examples = strategy.weighting == folio_fed::Weighting::Examples
             && strategy.kind != folio_fed::StrategyKind::DpFedAvg;
         let most = allowed_examples.values().copied().max().unwrap_or(1);
+        // One server also has the devices measure the round's starting model,
+        // summed with the round, when federated evaluation is due.
+        let held_out_chars = self
+            .config
+            .rounds
+            .federated_eval
+            .filter(|f| R::HOLDS_SESSIONS && R::COMMITS && f.due(round))
+            .map_or(0, |f| f.max_chars);
         let id = self.draw_u64();
         let spec = spec(
             id,
@@ -174,6 +191,7 @@ impl<R: Role> Engine<R> {
             most,
             bound,
             by_examples,
+            held_out_chars,
         );
         let graph_seed = self.draw_seed();
         let sessions = allowed_examples.keys().copied();

@@ -53,7 +53,9 @@ pub struct RoundConfig {
 /// How federated evaluation runs: every `every` rounds, before the round's
 /// model is committed, up to `devices` devices drawn from those connected
 /// measure it on the text they hold out and train nothing; the round commits
-/// with what came back by `deadline`.
+/// with what came back by `deadline`. Under secure aggregation, the round's
+/// own devices measure the model they were sent before they train, and their
+/// sums are unmasked only with the round's: the server sees no device's.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FederatedEval {
     pub every: u64,
@@ -208,12 +210,6 @@ impl RoundConfig {
             }
             if federated.deadline.is_zero() {
                 return Err("federated evaluation's deadline must be above zero".into());
-            }
-            if self.secure.is_some() {
-                return Err(
-                    "federated evaluation's answers go up one by one, and secure aggregation promises the server only sums: use one or the other"
-                        .into(),
-                );
             }
         }
         if !(self.client_lr.is_finite() && self.client_lr > 0.0) {

@@ -38,7 +38,7 @@ pub mod shamir;
 use serde::{Deserialize, Serialize};
 
 pub use client::SecureClient;
-pub use quantize::{Input, Quantizer, Sum};
+pub use quantize::{HeldOut, Input, Quantizer, Sum};
 pub use server::{Closed, SecureServer, Stage, Unmasking};
 
 /// How a secure round runs: told to its clients with the round.

@@ -2,18 +2,22 @@
 //!
 //! Each client clips its delta to the round's L2 bound S and scales it by its
 //! weight w ∈ [0, 1] (its examples over the round's most), so every coordinate
-//! lies in [−S, S]; after it come three extras in [0, 1]: w, w × loss / 16 and
-//! w × accuracy. Each value is scaled so that the sum of the round's `clients`
-//! values stays inside (−2³¹, 2³¹): the sum never wraps, and a decoded sum is
-//! exact up to the stochastic rounding, which is unbiased.
+//! lies in [−S, S]; after it come six extras in [0, 1]: w, w × loss / 16 and
+//! w × accuracy, then, where the round also evaluates on the devices (its
+//! quantizer's `held_out_chars` H > 0), the device's held-out figures: c =
+//! chars / H, c × (loss per char) / 16 and c × accuracy (zeros otherwise).
+//! Each value is scaled so that the sum of the round's `clients` values stays
+//! inside (−2³¹, 2³¹): the sum never wraps, and a decoded sum is exact up to
+//! the stochastic rounding, which is unbiased.
 
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::SecAggError;
 
-/// Values after the delta: the weight, the weighted loss, the weighted accuracy.
-pub const EXTRAS: usize = 3;
+/// Values after the delta: the weight, the weighted loss, the weighted accuracy,
+/// and the held-out characters, loss and right guesses.
+pub const EXTRAS: usize = 6;
 /// A loss is clamped to [0, LOSS_RANGE] before it is summed.
 pub const LOSS_RANGE: f64 = 16.0;
 
@@ -26,6 +30,20 @@ pub struct Input<'a> {
     pub weight: f64,
     pub loss: f64,
     pub accuracy: f64,
+    /// The model the round started from, measured on the text the device holds
+    /// out (where the round asks for it).
+    pub held_out: HeldOut,
+}
+
+/// A model's figures on one device's held-out text, or their sum over a round.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HeldOut {
+    /// Cross-entropy summed over the characters (each at most 16 nats).
+    pub loss_sum: f64,
+    /// Characters predicted right.
+    pub correct: f64,
+    /// Characters predicted.
+    pub chars: f64,
 }
 
 /// The decoded sum of a round's inputs.
@@ -38,6 +56,8 @@ pub struct Sum {
     /// Σ w × loss and Σ w × accuracy.
     pub weighted_loss: f64,
     pub weighted_accuracy: f64,
+    /// Σ of the devices' held-out figures.
+    pub held_out: HeldOut,
 }
 
 /// How a round's values become integers: one per round, known to all.
@@ -47,6 +67,10 @@ pub struct Quantizer {
     pub clients: u32,
     /// The L2 bound each delta is clipped to.
     pub clip_bound: f32,
+    /// Held-out characters one device measures at most; 0: the round does not
+    /// evaluate on the devices.
+    #[serde(default)]
+    pub held_out_chars: u64,
 }
 
 impl Quantizer {
@@ -75,10 +99,14 @@ impl Quantizer {
     pub fn encode(&self, input: &Input, rng: &mut impl RngCore) -> Result<Vec<u32>, SecAggError> {
         self.check()?;
         let norm = l2_norm(input.delta);
+        let held_out = input.held_out;
         let finite = norm.is_finite()
             && input.weight.is_finite()
             && input.loss.is_finite()
-            && input.accuracy.is_finite();
+            && input.accuracy.is_finite()
+            && held_out.loss_sum.is_finite()
+            && held_out.correct.is_finite()
+            && held_out.chars.is_finite();
         if !finite {
             return Err(SecAggError::NonFinite);
         }
@@ -87,10 +115,20 @@ impl Quantizer {
         let clip = if norm > bound { bound / norm } else { 1.0 };
         let delta_scale = self.delta_scale() * clip * weight;
         let extra_scale = self.headroom();
+        let (chars, per_char) = match self.held_out_chars {
+            0 => (0.0, 1.0),
+            most => (
+                (held_out.chars / most as f64).clamp(0.0, 1.0),
+                held_out.chars.max(1.0),
+            ),
+        };
         let extras = [
             weight,
             weight * input.loss.clamp(0.0, LOSS_RANGE) / LOSS_RANGE,
             weight * input.accuracy.clamp(0.0, 1.0),
+            chars,
+            chars * (held_out.loss_sum / per_char).clamp(0.0, LOSS_RANGE) / LOSS_RANGE,
+            chars * (held_out.correct / per_char).clamp(0.0, 1.0),
         ];
         let mut out = Vec::with_capacity(input.delta.len() + EXTRAS);
         let limit = self.headroom();
@@ -127,6 +165,11 @@ impl Quantizer {
             weight: extra(0),
             weighted_loss: extra(1) * LOSS_RANGE,
             weighted_accuracy: extra(2),
+            held_out: HeldOut {
+                chars: extra(3) * self.held_out_chars as f64,
+                loss_sum: extra(4) * LOSS_RANGE * self.held_out_chars as f64,
+                correct: extra(5) * self.held_out_chars as f64,
+            },
         })
     }
 }
@@ -160,7 +203,53 @@ mod tests {
             weight,
             loss: 2.0,
             accuracy: 0.25,
+            held_out: HeldOut::default(),
         }
+    }
+
+    /// Where a round evaluates on the devices, their held-out sums come out of
+    /// the round's sum: characters, loss and right guesses, to rounding.
+    #[test]
+    fn held_out_figures_are_summed_with_the_round() {
+        let quantizer = Quantizer {
+            clients: 16,
+            clip_bound: 1.0,
+            held_out_chars: 65_536,
+        };
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let mut sum = vec![0u32; 1 + EXTRAS];
+        let mut expected = HeldOut::default();
+        for device in 0..16u32 {
+            let chars = f64::from(100 + device * 997);
+            let held_out = HeldOut {
+                loss_sum: chars * (1.5 + f64::from(device) / 10.0),
+                correct: (chars * 0.4).round(),
+                chars,
+            };
+            expected.loss_sum += held_out.loss_sum;
+            expected.correct += held_out.correct;
+            expected.chars += held_out.chars;
+            let input = Input {
+                held_out,
+                ..input(&[0.1], 1.0)
+            };
+            for (total, v) in sum
+                .iter_mut()
+                .zip(quantizer.encode(&input, &mut rng).unwrap())
+            {
+                *total = total.wrapping_add(v);
+            }
+        }
+        let decoded = quantizer.decode(&sum).unwrap().held_out;
+        assert!((decoded.chars - expected.chars).abs() < 0.1, "{decoded:?}");
+        assert!(
+            (decoded.correct - expected.correct).abs() < 0.1,
+            "{decoded:?}"
+        );
+        assert!(
+            (decoded.loss_sum - expected.loss_sum).abs() < 1.0,
+            "{decoded:?}"
+        );
     }
 
     #[test]
@@ -168,6 +257,7 @@ mod tests {
         let quantizer = Quantizer {
             clients: 64,
             clip_bound: 1.0,
+            held_out_chars: 0,
         };
         let mut rng = ChaCha20Rng::seed_from_u64(3);
         let deltas: Vec<Vec<f32>> = (0..64)
@@ -202,6 +292,7 @@ mod tests {
         let quantizer = Quantizer {
             clients: 10,
             clip_bound: 0.5,
+            held_out_chars: 0,
         };
         let mut rng = ChaCha20Rng::seed_from_u64(4);
         // Every client's delta is one coordinate, far over the bound, weight 1.
@@ -234,6 +325,7 @@ mod tests {
         let quantizer = Quantizer {
             clients: 3,
             clip_bound: 1.0,
+            held_out_chars: 0,
         };
         let mut rng = ChaCha20Rng::seed_from_u64(6);
         assert_eq!(
@@ -243,6 +335,7 @@ mod tests {
         let no_bound = Quantizer {
             clients: 3,
             clip_bound: 0.0,
+            held_out_chars: 0,
         };
         assert!(no_bound.encode(&input(&[1.0], 1.0), &mut rng).is_err());
         assert!(quantizer.decode(&[1, 2]).is_err());

@@ -26,6 +26,7 @@ fn spec(clients: u32, threshold: u32, degree: u32) -> SecureSpec {
         quantizer: Quantizer {
             clients,
             clip_bound: 1.0,
+            held_out_chars: 1_000,
         },
         weight_scale: Some(100),
     }
@@ -74,6 +75,11 @@ fn run(n: u64, spec: SecureSpec, drops: &BTreeMap<u64, Drop>, seed: u64) -> Outc
             weight: 0.5,
             loss: 3.0,
             accuracy: 0.4,
+            held_out: crate::HeldOut {
+                loss_sum: 600.0,
+                correct: 120.0,
+                chars: 300.0,
+            },
         };
         quantised.insert(s, spec.quantizer.encode(&input, &mut rng).unwrap());
         if alive(s, Drop::Keys) {
@@ -370,6 +376,7 @@ fn one_masked_input_reads_as_uniform_noise() {
         quantizer: Quantizer {
             clients: 3,
             clip_bound: 1.0,
+            held_out_chars: 0,
         },
         weight_scale: None,
     };

@@ -268,6 +268,37 @@ impl InProcess {
         self.send_secure(spec, &starts, trained)
     }
 
+    /// Where a secure round also evaluates on the devices: each session's
+    /// figures for the model it was sent, on its held-out text.
+    fn held_out_figures(
+        &self,
+        spec: &folio_proto::SecureSpec,
+        starts: &BTreeMap<u64, &RoundStart>,
+        sessions: impl Iterator<Item = u64>,
+    ) -> anyhow::Result<BTreeMap<u64, folio_secagg::HeldOut>> {
+        let most = spec.quantizer.held_out_chars;
+        if most == 0 {
+            return Ok(BTreeMap::new());
+        }
+        let askers: Vec<(u64, &Vec<u32>, Arc<Vec<f32>>)> = sessions
+            .filter_map(|s| Some((s, self.held_out.get(&s)?, self.global(starts[&s]))))
+            .collect();
+        let figures = folio_host::eval::parallel_map(&askers, |(_, ids, weights)| {
+            pollster::block_on(folio_client::evaluate::held_out_figures(
+                &burn::prelude::Device::flex(),
+                self.model,
+                weights,
+                ids,
+                most,
+            ))
+        });
+        askers
+            .iter()
+            .zip(figures)
+            .map(|((session, ..), figures)| Ok((*session, figures?)))
+            .collect()
+    }
+
     fn send_secure(
         &mut self,
         spec: folio_proto::SecureSpec,
@@ -280,6 +311,7 @@ impl InProcess {
         };
         let mut clients = BTreeMap::new();
         let trained: BTreeMap<u64, Trained> = trained.into_iter().map(|t| (t.session, t)).collect();
+        let held_out = self.held_out_figures(&spec, starts, trained.keys().copied())?;
         for &session in trained.keys() {
             let mut entropy = [0u8; 32];
             self.rng.fill_bytes(&mut entropy);
@@ -317,6 +349,7 @@ impl InProcess {
                             weight: spec.weight(t.examples),
                             loss: t.metrics.0,
                             accuracy: t.metrics.1,
+                            held_out: held_out.get(&session).copied().unwrap_or_default(),
                         })?;
                         // Counted as the wire would carry them: the masked input
                         // up, the model down.

@@ -91,11 +91,22 @@ fn run_secure_round_with<R: Hosted + HoldsSessions>(
                             values.extend([0; folio_secagg::quantize::EXTRAS]);
                             ClientStep::Masked(client.mask_values(values).unwrap())
                         } else {
+                            // Where the round evaluates on the devices: 100
+                            // held-out characters each, 40 right, 2 nats each.
+                            let held_out = match spec.quantizer.held_out_chars {
+                                0 => folio_secagg::HeldOut::default(),
+                                _ => folio_secagg::HeldOut {
+                                    loss_sum: 200.0,
+                                    correct: 40.0,
+                                    chars: 100.0,
+                                },
+                            };
                             let input = folio_secagg::Input {
                                 delta: &deltas[&session],
                                 weight: spec.weight(8),
                                 loss: 2.0,
                                 accuracy: 0.25,
+                                held_out,
                             };
                             ClientStep::Masked(client.mask(&input).unwrap())
                         }
@@ -303,4 +314,49 @@ fn a_secure_sum_no_clipped_inputs_could_make_is_refused_and_the_round_runs_again
     let retry = host.starts().last().unwrap().1.clone();
     assert_eq!(retry.round, 1);
     assert_ne!(retry.secure.unwrap().id, first.id, "the round runs again");
+}
+
+/// Under secure aggregation, federated evaluation rides on the round: its
+/// devices measure the model they were sent, and the server learns the sum of
+/// their figures with the round's, never one device's; no `Evaluate` goes out.
+#[test]
+fn a_secure_round_brings_its_devices_held_out_figures_summed() {
+    let start = Start {
+        weights: vec![0.0; PARAMS],
+        strategy: None,
+        history: Vec::new(),
+    };
+    let mut config = secure_config(4, 3);
+    config.rounds.federated_eval = Some(folio_engine::FederatedEval {
+        max_chars: 1_000,
+        ..folio_engine::FederatedEval::every(1)
+    });
+    let mut host = Host::new(config, start);
+    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    let spec = host.starts().last().unwrap().1.secure.unwrap();
+    assert_eq!(spec.quantizer.held_out_chars, 1_000);
+    let deltas = sessions.iter().map(|&s| (s, [0.1; PARAMS])).collect();
+    run_secure_round(&mut host, &deltas, &[]);
+    let record = host.committed.last().unwrap();
+    let federated = record
+        .federated
+        .expect("the round's sum carried the figures");
+    assert_eq!(
+        (
+            record.round,
+            federated.model_round,
+            federated.chars,
+            federated.devices
+        ),
+        (1, 0, 400, 4)
+    );
+    assert!((federated.loss - 2.0).abs() < 1e-3, "{federated:?}");
+    assert!((federated.accuracy - 0.4).abs() < 1e-3, "{federated:?}");
+    assert!(
+        !host
+            .sent
+            .iter()
+            .any(|(_, m)| matches!(m.as_ref(), ServerMessage::Evaluate(_))),
+        "no device is asked for its figures on its own"
+    );
 }
