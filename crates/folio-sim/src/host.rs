@@ -280,7 +280,8 @@ impl InProcess {
         if most == 0 {
             return Ok(BTreeMap::new());
         }
-        let askers: Vec<(u64, &Vec<u32>, Arc<Vec<f32>>)> = sessions
+        // Each session with its held-out text and the model it was sent.
+        let askers: Vec<_> = sessions
             .filter_map(|s| Some((s, self.held_out.get(&s)?, self.global(starts[&s]))))
             .collect();
         let figures = folio_host::eval::parallel_map(&askers, |(_, ids, weights)| {
