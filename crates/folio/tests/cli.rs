@@ -567,3 +567,99 @@ fn a_population_run_never_times_its_own_rounds_out() {
     ]));
     assert!(out.contains("2 rounds in"), "{out}");
 }
+
+/// `folio serve --data device` with two `folio client --text` processes, one
+/// given a file and one a folder of .txt files: a round trains on their text,
+/// and the devices measure the candidate on what they hold out. A client given
+/// no text, and one given text against the simulation, are told why not.
+#[test]
+fn native_devices_train_on_text_of_their_own() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let texts = tempfile::tempdir().unwrap();
+    let file = texts.path().join("mine.txt");
+    std::fs::write(&file, "A line only this machine has.\n".repeat(80)).unwrap();
+    let folder = texts.path().join("notes");
+    std::fs::create_dir(&folder).unwrap();
+    for (name, line) in [
+        ("a.txt", "First notes of mine.\n"),
+        ("b.txt", "Second notes.\n"),
+    ] {
+        std::fs::write(folder.join(name), line.repeat(60)).unwrap();
+    }
+    let state = tempfile::tempdir().unwrap();
+    let mut server = process()
+        .args(["serve", "--data", "device", "--preset", "small", "--fresh"])
+        .args(["--addr", &addr, "--rounds", "1", "--clients-per-round", "2"])
+        .args([
+            "--federated-eval-every",
+            "1",
+            "--federated-eval-devices",
+            "2",
+        ])
+        .arg("--state-dir")
+        .arg(state.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("ws://{addr}/ws");
+    let client = |text: &std::path::Path| {
+        process()
+            .args(["client", "--server", &url, "--text"])
+            .arg(text)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let devices = [client(&file), client(&folder)];
+    let table = server.wait_with_output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.lines().any(|l| l.trim_start().starts_with("1 ")),
+        "no round 1: {table}"
+    );
+    for device in devices {
+        let said = String::from_utf8_lossy(&device.wait_with_output().unwrap().stdout).into_owned();
+        assert!(said.contains("the text never leaves it"), "{said}");
+        assert!(said.contains("round 1 evaluated here"), "{said}");
+    }
+    let history = std::fs::read_to_string(state.path().join("metrics.jsonl")).unwrap();
+    assert!(history.contains("\"federated\""), "{history}");
+
+    // Without text of its own, against a server whose devices bring theirs.
+    let mut server = process()
+        .args(["serve", "--data", "device", "--preset", "small", "--fresh"])
+        .args(["--addr", &addr, "--rounds", "1"])
+        .arg("--state-dir")
+        .arg(tempfile::tempdir().unwrap().path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = process()
+        .args(["client", "--server", &url])
+        .output()
+        .unwrap();
+    let refused = (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    server.kill().unwrap();
+    let _ = server.wait();
+    assert!(!refused.0.success(), "{}", refused.1);
+    assert!(refused.1.contains("--text PATH"), "{}", refused.1);
+}
+
+/// The `folio` binary as a process of its own (to run beside others).
+fn process() -> std::process::Command {
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("folio"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("--data-dir")
+        .arg(data_dir());
+    cmd
+}
