@@ -302,7 +302,7 @@ const choices = {
   mine: { label: "my model (fine-tuned on this device's text)", models: [{ idb: "mine", source: "my model, fine-tuned in this browser" }] },
 };
 // How a device fine-tunes its model (chosen on the validation split: docs/own-text.md).
-const PERSONALIZATION = { epochs: 1, lr: 0.05 };
+const PERSONALIZATION = { epochs: 1, lr: 0.02 };
 const button = document.getElementById("gen-button");
 const panes = [
   { choice: "start", select: "gen-start-model", output: "gen-start-output", source: "gen-start-source" },

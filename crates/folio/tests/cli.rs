@@ -591,7 +591,7 @@ fn native_devices_train_on_text_of_their_own() {
         std::fs::write(folder.join(name), line.repeat(60)).unwrap();
     }
     let state = tempfile::tempdir().unwrap();
-    let mut server = process()
+    let server = process()
         .args(["serve", "--data", "device", "--preset", "small", "--fresh"])
         .args(["--addr", &addr, "--rounds", "1", "--clients-per-round", "2"])
         .args([
