@@ -39,14 +39,24 @@ impl<R: HoldsSessions> Engine<R> {
         let info = self.sessions.get_mut(session).expect("checked above");
         info.check = DeviceCheck::Pending;
         info.probe = Some(id);
+        info.probe_answered = false;
         info.checked_device = None;
         self.send(vec![session], ServerMessage::Probe(Probe::with_id(id)));
     }
 
-    /// The probe `session` was sent, if `id` names it: the answer may be checked.
-    pub fn expected_probe(&self, session: u64, id: u64) -> Result<Probe, EngineError> {
-        match self.sessions.get(session) {
-            Some(info) if info.probe == Some(id) => Ok(Probe::with_id(id)),
+    /// The probe `session` was sent, if `id` names it and it was not answered
+    /// yet: its answer is taken for checking, once (a resent answer would start
+    /// another reference computation on the host).
+    pub fn take_probe_answer(&mut self, session: u64, id: u64) -> Result<Probe, EngineError> {
+        match self.sessions.get_mut(session) {
+            Some(info) if info.probe == Some(id) && !info.probe_answered => {
+                info.probe_answered = true;
+                Ok(Probe::with_id(id))
+            }
+            Some(info) if info.probe == Some(id) => Err(EngineError::new(
+                ErrorCode::UnknownMessage,
+                format!("device check {id} was answered already; its verdict is coming"),
+            )),
             _ => Err(EngineError::new(
                 ErrorCode::UnknownMessage,
                 format!("no device check {id} is awaited from this client"),
@@ -71,6 +81,7 @@ impl<R: HoldsSessions> Engine<R> {
             return;
         };
         info.probe = None;
+        info.probe_answered = false;
         match verdict {
             Ok(()) => {
                 info.check = DeviceCheck::Passed;

@@ -44,9 +44,12 @@ pub struct SessionInfo {
     pub reported_rounds: VecDeque<u64>,
     /// Where the check of its device's arithmetic stands (device checks on).
     pub check: DeviceCheck,
-    /// The probe it was sent and has not answered.
+    /// The probe it was sent, until its verdict is in.
     #[serde(skip)]
     pub probe: Option<u64>,
+    /// Its answer to that probe is being checked: another is refused.
+    #[serde(skip)]
+    pub probe_answered: bool,
     /// The backend and adapter its check passed on: another one is checked again.
     #[serde(skip)]
     pub checked_device: Option<String>,
@@ -249,6 +252,7 @@ impl Sessions {
                 reported_rounds: VecDeque::new(),
                 check: DeviceCheck::Unchecked,
                 probe: None,
+                probe_answered: false,
                 checked_device: None,
                 held_model: None,
                 group,

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use folio_fed::codec::CheckedDelta;
 use folio_proto::{
-    ClientKind, ClientMessage, ErrorCode, ErrorMessage, Join, ServerMessage, Update,
+    ClientKind, ClientMessage, ErrorCode, ErrorMessage, Join, Probe, ServerMessage, Update,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{Notify, mpsc};
@@ -359,17 +359,18 @@ fn handle_probe_answer<R: Served>(
     session: u64,
     answer: folio_proto::ProbeAnswer,
 ) -> Result<(), ErrorMessage> {
-    let probe = shared.read(|e| e.expected_probe(session, answer.id))?;
-    if answer.projections.len() != probe.directions as usize {
+    let expected = Probe::with_id(answer.id).directions as usize;
+    if answer.projections.len() != expected {
         return Err(error(
             ErrorCode::MalformedFrame,
             format!(
-                "the probe asked for {} projections, not {}",
-                probe.directions,
+                "the probe asked for {expected} projections, not {}",
                 answer.projections.len()
             ),
         ));
     }
+    // Taken once: a resent answer starts no second reference computation.
+    let probe = shared.engine(|e| e.take_probe_answer(session, answer.id))?;
     let spec = folio_model::probe::ProbeSpec {
         id: probe.id,
         batch_size: probe.batch_size as usize,

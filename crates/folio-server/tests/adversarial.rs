@@ -997,3 +997,58 @@ async fn forged_malformed_and_hostile_device_check_answers_are_refused() {
     assert!(status["open_round"].is_null(), "{status}");
     server.abort();
 }
+
+/// An answer to a device check resent many times is checked once: the first is
+/// taken, each resend is refused at once (each would otherwise start another
+/// reference computation on the server), and the device passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_check_answer_resent_many_times_is_checked_once() {
+    use futures_util::SinkExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(checked(config(dir.path(), rounds(2), 1)))
+        .await
+        .unwrap();
+    let mut socket = connect(&server).await;
+    join_as(&mut socket, join(Some(KENT))).await.unwrap();
+    let ServerMessage::Probe(probe) = next_message(&mut socket).await else {
+        panic!("a joined device is probed first");
+    };
+    let config = folio_model::Preset::Small.config();
+    let right = folio_client::answer_probe(&burn::prelude::Device::flex(), config, probe)
+        .await
+        .unwrap();
+    // Fewer than the outbox holds: a client that does not read is dropped.
+    const SENT: usize = 6;
+    // In one write: the server reads them while the first is being checked.
+    for _ in 0..SENT {
+        socket
+            .feed(binary(&ClientMessage::ProbeAnswer(right.clone())))
+            .await
+            .unwrap();
+    }
+    socket.flush().await.unwrap();
+    let mut refused = Vec::new();
+    while refused.len() < SENT - 1 {
+        match next_message(&mut socket).await {
+            ServerMessage::Error(error) => refused.push(error),
+            ServerMessage::Heartbeat => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Refused while the first is checked, or once its verdict is in.
+    assert!(
+        refused.iter().all(|e| e.code == ErrorCode::UnknownMessage
+            && (e.message.contains("answered already") || e.message.contains("no device check"))),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|e| e.message.contains("answered already"))
+    );
+    folio_testkit::eventually("the device passes its check", || {
+        server.status()["clients"][0]["check"] == "passed"
+    })
+    .await;
+    server.abort();
+}
