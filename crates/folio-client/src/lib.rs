@@ -300,20 +300,15 @@ pub async fn run<T: Transport>(
                 on_event(ClientEvent::State(ClientState::Downloading {
                     round: start.round,
                 }));
-                let model = received_model(
-                    start.round,
-                    start.model,
+                let model = receive_model(
+                    transport,
+                    (start.round, start.model),
                     start.weights.as_ref(),
                     start.weights_encoding,
                     &mut held,
-                )?;
-                if start.weights.is_some() {
-                    transport.keep_model(start.round, &model).await;
-                    on_event(ClientEvent::ModelReceived {
-                        round: start.round,
-                        model: model.clone(),
-                    });
-                }
+                    &mut on_event,
+                )
+                .await?;
                 if let Some(spec) = start.secure {
                     let (client, keys) = SecureClient::new(spec, entropy());
                     on_event(ClientEvent::State(ClientState::Securing {
@@ -395,20 +390,15 @@ pub async fn run<T: Transport>(
                 on_event(ClientEvent::State(ClientState::Evaluating {
                     round: ask.round,
                 }));
-                let model = received_model(
-                    ask.round,
-                    ask.model,
+                let model = receive_model(
+                    transport,
+                    (ask.round, ask.model),
                     ask.weights.as_ref(),
                     ask.weights_encoding,
                     &mut held,
-                )?;
-                if ask.weights.is_some() {
-                    transport.keep_model(ask.round, &model).await;
-                    on_event(ClientEvent::ModelReceived {
-                        round: ask.round,
-                        model: model.clone(),
-                    });
-                }
+                    &mut on_event,
+                )
+                .await?;
                 let weights = codec::decode(
                     &model.weights,
                     &[session.config.num_params()],
@@ -587,15 +577,16 @@ where
     }
 }
 
-/// The model a message names by `fingerprint`: the one that came with it
-/// (which from now on is the one held), or the held one when it came without
-/// weights.
-fn received_model(
-    round: u64,
-    fingerprint: u64,
+/// The model round `round`'s message names by `fingerprint`: the one that came
+/// with it (from now on the one held, kept where it outlives the connection,
+/// and announced), or the held one when it came without weights.
+async fn receive_model<T: Transport>(
+    transport: &mut T,
+    (round, fingerprint): (u64, u64),
     weights: Option<&Vec<u8>>,
     encoding: Encoding,
     held: &mut Option<HeldModel>,
+    on_event: &mut impl FnMut(ClientEvent),
 ) -> Result<HeldModel, ClientError> {
     match weights {
         Some(weights) => {
@@ -604,6 +595,11 @@ fn received_model(
                 return Err(ClientError::DamagedModel { round });
             }
             *held = Some(model.clone());
+            transport.keep_model(round, &model).await;
+            on_event(ClientEvent::ModelReceived {
+                round,
+                model: model.clone(),
+            });
             Ok(model)
         }
         None => held
