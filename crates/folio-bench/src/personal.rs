@@ -13,13 +13,13 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::Device;
-use folio_client::evaluate::measure;
+use folio_client::evaluate::held_out_figures;
 use folio_client::personalize::{Personalization, fine_tune};
 use folio_data::{Corpus, vocab};
 use folio_fed::sampling::sample_clients;
 use folio_host::eval::parallel_map;
 use folio_model::ModelConfig;
-use folio_proto::{Evaluate, Evaluation};
+use folio_secagg::HeldOut;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Split {
@@ -95,27 +95,19 @@ fn model(path: &Path) -> anyhow::Result<(ModelConfig, Vec<f32>)> {
     Ok((saved.config, saved.weights))
 }
 
-/// What a device answers when asked to measure `weights` on `held_out`.
-fn measured(config: ModelConfig, weights: &[f32], held_out: &[u32]) -> anyhow::Result<Evaluation> {
-    let ask = Evaluate {
-        round: 0,
-        model: 0,
-        weights: None,
-        weights_encoding: folio_fed::Encoding::F32,
-        deadline_ms: 0,
-        max_chars: u64::MAX,
-    };
-    Ok(pollster::block_on(measure(
+/// What a device measures of `weights` on all of `held_out`.
+fn measured(config: ModelConfig, weights: &[f32], held_out: &[u32]) -> anyhow::Result<HeldOut> {
+    Ok(pollster::block_on(held_out_figures(
         &Device::flex(),
         config,
         weights,
         held_out,
-        &ask,
+        u64::MAX,
     ))?)
 }
 
-fn accuracy(e: &Evaluation) -> f64 {
-    e.correct as f64 / e.chars.max(1) as f64
+fn accuracy(e: &HeldOut) -> f64 {
+    e.correct / e.chars.max(1.0)
 }
 
 pub fn personalization(args: PersonalizationArgs, data_dir: &Path) -> anyhow::Result<()> {
@@ -176,7 +168,7 @@ pub fn personalization(args: PersonalizationArgs, data_dir: &Path) -> anyhow::Re
             let improved = gains.iter().filter(|&&g| g > 0.0).count() as f64 / gains.len() as f64;
             let mean = gains.iter().sum::<f64>() / gains.len() as f64;
             gains.sort_by(f64::total_cmp);
-            let mean_of = |e: &[Evaluation]| e.iter().map(accuracy).sum::<f64>() / e.len() as f64;
+            let mean_of = |e: &[HeldOut]| e.iter().map(accuracy).sum::<f64>() / e.len() as f64;
             println!(
                 "{epochs:>6} {lr:>6} {:>9.1}% {:>+12.4} {:>+12.4} {:>12.4} {:>12.4}",
                 improved * 100.0,
@@ -196,11 +188,11 @@ pub fn device_eval(args: DeviceEvalArgs, data_dir: &Path) -> anyhow::Result<()> 
     let answers = parallel_map(&all, |d| measured(config, &weights, &d.held_out))
         .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let answers: Vec<&Evaluation> = answers.iter().filter(|a| a.chars > 0).collect();
-    let pooled = |sample: &[&Evaluation]| {
-        let chars: u64 = sample.iter().map(|a| a.chars).sum();
-        let correct: u64 = sample.iter().map(|a| a.correct).sum();
-        correct as f64 / chars.max(1) as f64
+    let answers: Vec<&HeldOut> = answers.iter().filter(|a| a.chars > 0.0).collect();
+    let pooled = |sample: &[&HeldOut]| {
+        let chars: f64 = sample.iter().map(|a| a.chars).sum();
+        let correct: f64 = sample.iter().map(|a| a.correct).sum();
+        correct / chars.max(1.0)
     };
     let population = pooled(&answers);
     let mut estimates: Vec<f64> = (0..args.draws)

@@ -5,7 +5,7 @@
 use burn::prelude::Device;
 use folio_model::{CharRnn, ModelConfig};
 use folio_proto::{Evaluate, Evaluation};
-use folio_secagg::HeldOut;
+pub use folio_secagg::HeldOut;
 
 use crate::ClientError;
 

@@ -106,12 +106,21 @@ impl SecureSum {
         // Each client adds at most w·S (plus rounding): the sum's norm is at
         // most Σw·S, and Σw at most one per client.
         let slack = 1e-3 * bound * contributors as f64 + 1e-6;
+        // Each device's held-out figures are at most its characters (its loss
+        // at most 16 nats each), its characters at most the cap.
+        let held_out = sum.held_out;
         let most_chars = (contributors as u64 * self.spec.quantizer.held_out_chars) as f64;
+        let within = |value: f64, most: f64| (-1.0..=most + 1.0).contains(&value);
         let plausible = sum.weight.is_finite()
             && sum.weight > 0.0
             && sum.weight <= contributors as f64 + 1e-6
             && norm <= sum.weight * bound + slack
-            && sum.held_out.chars <= most_chars + 1.0;
+            && within(held_out.chars, most_chars)
+            && within(held_out.correct, held_out.chars)
+            && within(
+                held_out.loss_sum,
+                held_out.chars * folio_secagg::quantize::LOSS_RANGE,
+            );
         if !plausible {
             return Err(FedError::Secure(format!(
                 "the unmasked sum cannot come from clipped inputs (weight {:.3} of {contributors} clients, norm {norm:.4} over bound {bound}): a client sent values out of range",

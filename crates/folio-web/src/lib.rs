@@ -346,26 +346,18 @@ pub async fn personalize_model(
     let tuned = fine_tune(&device, saved.config, &saved.weights, &train, settings)
         .await
         .map_err(js_error)?;
-    let ask = folio_proto::Evaluate {
-        round: 0,
-        model: 0,
-        weights: None,
-        weights_encoding: Encoding::F32,
-        deadline_ms: 0,
-        max_chars: u64::MAX,
-    };
-    let measure = folio_client::evaluate::measure;
-    let before = measure(&device, saved.config, &saved.weights, &held_out, &ask)
+    let measure = folio_client::evaluate::held_out_figures;
+    let before = measure(&device, saved.config, &saved.weights, &held_out, u64::MAX)
         .await
         .map_err(js_error)?;
-    let after = measure(&device, saved.config, &tuned, &held_out, &ask)
+    let after = measure(&device, saved.config, &tuned, &held_out, u64::MAX)
         .await
         .map_err(js_error)?;
-    let figures = |e: &folio_proto::Evaluation| {
-        let chars = e.chars.max(1) as f64;
+    let figures = |e: &folio_client::evaluate::HeldOut| {
+        let chars = e.chars.max(1.0);
         object(&[
             ("loss", (e.loss_sum / chars).into()),
-            ("accuracy", (e.correct as f64 / chars).into()),
+            ("accuracy", (e.correct / chars).into()),
         ])
     };
     let metadata = std::collections::BTreeMap::from([(
@@ -386,7 +378,7 @@ pub async fn personalize_model(
         ),
         ("before", figures(&before)),
         ("after", figures(&after)),
-        ("chars", (after.chars as f64).into()),
+        ("chars", after.chars.into()),
     ]))
 }
 

@@ -211,10 +211,26 @@ fn an_evaluation_ends_at_its_deadline_and_does_not_wait_for_devices_that_left() 
     assert_eq!(record.round, 1);
     assert_eq!(record.federated.unwrap().devices, 1);
 
-    // Round 2: nobody answers; it commits at the deadline without the figure.
+    // Round 2: no answer counts (two answer what no measurement gives: more
+    // right than measured, a loss that is not a number); it commits at the
+    // deadline without the figure.
     let (picked, _) = host.starts().last().cloned().unwrap();
     for &session in &picked {
         host.update(session, 2, [1.0; PARAMS]).unwrap();
+    }
+    let (asked, _) = host.evaluations().pop().unwrap();
+    let impossible = [(11, 20.0), (5, f64::NAN)].map(|(correct, loss_sum)| Answer {
+        round: 2,
+        loss_sum,
+        correct,
+        chars: 10,
+    });
+    for (&session, answer) in asked.iter().zip(impossible) {
+        let refused = host
+            .engine
+            .evaluation(session, answer, host.now)
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::BadEvaluation);
     }
     host.wait(Duration::from_secs(31));
     let record = host.committed.last().unwrap();

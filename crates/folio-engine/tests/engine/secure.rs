@@ -45,12 +45,12 @@ pub(super) fn run_secure_round<R: Hosted + HoldsSessions>(
 }
 
 /// [`run_secure_round`], where the clients in `hostile` mask integers of their
-/// own choosing (far out of the quantiser's range) instead of their update.
+/// own choosing (out of the quantiser's range) instead of their update.
 fn run_secure_round_with<R: Hosted + HoldsSessions>(
     host: &mut Host<R>,
     deltas: &std::collections::BTreeMap<u64, [f32; PARAMS]>,
     leave_after_shares: &[u64],
-    hostile: &[u64],
+    hostile: &[(u64, Vec<u32>)],
 ) {
     use folio_secagg::{ClientStep, SecureClient, ServerStep};
     let start = host.starts().last().unwrap().1.clone();
@@ -86,10 +86,8 @@ fn run_secure_round_with<R: Hosted + HoldsSessions>(
                             host.engine.leave(session, host.now);
                             continue;
                         }
-                        if hostile.contains(&session) {
-                            let mut values = vec![500_000_000u32; PARAMS];
-                            values.extend([0; folio_secagg::quantize::EXTRAS]);
-                            ClientStep::Masked(client.mask_values(values).unwrap())
+                        if let Some((_, values)) = hostile.iter().find(|(s, _)| *s == session) {
+                            ClientStep::Masked(client.mask_values(values.clone()).unwrap())
                         } else {
                             // Where the round evaluates on the devices: 100
                             // held-out characters each, 40 right, 2 nats each.
@@ -304,7 +302,14 @@ fn a_secure_sum_no_clipped_inputs_could_make_is_refused_and_the_round_runs_again
     let (mut host, sessions) = secure_host(4);
     let first = host.starts().last().unwrap().1.secure.unwrap();
     let deltas = sessions.iter().map(|&s| (s, [0.01; PARAMS])).collect();
-    run_secure_round_with(&mut host, &deltas, &[], &[sessions[3]]);
+    let mut far_over_the_bound = vec![500_000_000u32; PARAMS];
+    far_over_the_bound.extend([0; folio_secagg::quantize::EXTRAS]);
+    run_secure_round_with(
+        &mut host,
+        &deltas,
+        &[],
+        &[(sessions[3], far_over_the_bound)],
+    );
     assert_eq!(host.committed.len(), 1, "nothing committed");
     assert_eq!(host.engine.weights().as_slice(), [0.0; PARAMS]);
     assert_eq!(
@@ -358,5 +363,39 @@ fn a_secure_round_brings_its_devices_held_out_figures_summed() {
             .iter()
             .any(|(_, m)| matches!(m.as_ref(), ServerMessage::Evaluate(_))),
         "no device is asked for its figures on its own"
+    );
+}
+
+/// A device that masks held-out figures no measurement gives (more right
+/// guesses than characters) makes the round's sum implausible: it is refused
+/// and the round runs again, as for a delta past the bound.
+#[test]
+fn held_out_figures_no_device_could_measure_are_refused_with_the_round() {
+    let start = Start {
+        weights: vec![0.0; PARAMS],
+        strategy: None,
+        history: Vec::new(),
+    };
+    let mut config = secure_config(4, 4);
+    config.rounds.federated_eval = Some(folio_engine::FederatedEval {
+        max_chars: 1_000,
+        ..folio_engine::FederatedEval::every(1)
+    });
+    let mut host = Host::new(config, start);
+    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    let deltas = sessions.iter().map(|&s| (s, [0.01; PARAMS])).collect();
+    // Nothing but a right-guess count, a fifth of the headroom: no characters.
+    let mut no_chars_all_right = vec![0u32; PARAMS + folio_secagg::quantize::EXTRAS];
+    no_chars_all_right[PARAMS + 5] = 100_000_000;
+    run_secure_round_with(
+        &mut host,
+        &deltas,
+        &[],
+        &[(sessions[3], no_chars_all_right)],
+    );
+    assert_eq!(host.committed.len(), 1, "nothing committed");
+    assert_eq!(
+        host.engine.status(host.now).errors.get("bad_delta"),
+        Some(&1)
     );
 }
