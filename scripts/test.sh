@@ -75,6 +75,6 @@ wait "$page" || die "building the page failed (its errors are above)"
 
 step "end-to-end: the page in headless Chromium tabs against the aggregator"
 cargo test "${native[@]}" --test tabs --test crowd --test edges \
-    --test privacy --test secure --test asynchronous --test device_check --test own_text -- --ignored --test-threads=1 --nocapture
+    --test privacy --test secure --test asynchronous --test device_check --test own_text --test secure_context -- --ignored --test-threads=1 --nocapture
 
 step "all tests passed in ${SECONDS}s"

@@ -14,6 +14,17 @@ const backend = params.get("backend") ?? "auto";
 const threads = params.get("threads") ?? "auto";
 const worker = () => new Worker(new URL("worker.js", import.meta.url), { type: "module" });
 
+// Plain HTTP off localhost is no secure context: browsers withhold WebGPU,
+// cross-origin isolation (so the threaded CPU build) and Web Crypto. Say so.
+if (!window.isSecureContext) {
+  const lost = document.getElementById("insecure-context");
+  lost.textContent = `This page came over plain HTTP from ${location.host}, which browsers trust only at localhost, ` +
+    "so they withhold WebGPU, the threaded CPU build (cross-origin isolation) and Web Crypto: this tab trains on one CPU thread. " +
+    "For all of them, open the page over HTTPS: whoever runs the server can serve it with folio serve --tls-cert … --tls-key … " +
+    "or behind a proxy that speaks HTTPS (docs/deploy.md).";
+  lost.hidden = false;
+}
+
 const status = document.getElementById("device-status");
 // This tab's rounds, the latest first.
 const trained = [];

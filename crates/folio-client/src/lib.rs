@@ -58,6 +58,10 @@ pub enum ClientError {
     Secure(#[from] folio_secagg::SecAggError),
     #[error("{0}")]
     WrongData(&'static str),
+    /// The server's TLS certificate is not one this machine trusts: no retry
+    /// changes that.
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 /// What the client is doing, for a page or a log.

@@ -2,7 +2,7 @@
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 use crate::{ClientError, Transport};
@@ -14,11 +14,29 @@ pub struct WsTransport {
 impl WsTransport {
     /// Connects to the aggregator's WebSocket (`ws://127.0.0.1:8080/ws`).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let (socket, _) = connect_async(url).await.map_err(|err| {
-            ClientError::Connection(format!("{url}: {err}; is `folio serve` running?"))
-        })?;
+        let (socket, _) = connect_async(url)
+            .await
+            .map_err(|err| match untrusted(&err) {
+                Some(why) => ClientError::Untrusted(format!(
+                    "{url}: the server's TLS certificate is not trusted ({why}): if your own \
+                 CA signed it, point SSL_CERT_FILE at that CA's certificate (PEM)"
+                )),
+                None => ClientError::Connection(format!("{url}: {err}; is `folio serve` running?")),
+            })?;
         Ok(Self { socket })
     }
+}
+
+/// The certificate error a failed connection ended on, if it did: no retry
+/// mends that.
+fn untrusted(err: &tungstenite::Error) -> Option<&rustls::Error> {
+    let why = match err {
+        tungstenite::Error::Tls(tungstenite::error::TlsError::Rustls(why)) => why.as_ref(),
+        // The handshake's own errors come as IO errors around rustls's.
+        tungstenite::Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>()?,
+        _ => return None,
+    };
+    matches!(why, rustls::Error::InvalidCertificate(_)).then_some(why)
 }
 
 impl Transport for WsTransport {

@@ -74,12 +74,14 @@ impl Edge {
             first,
             parts,
         };
+        let tls = server_config.tls.is_some();
         let server = Server::start_edge(server_config, edge)
             .await
             .context("cannot start the edge's server")?;
+        let scheme = if tls { "wss" } else { "ws" };
         let url = config
             .public_url
-            .unwrap_or_else(|| format!("ws://{}/ws", server.addr));
+            .unwrap_or_else(|| format!("{scheme}://{}/ws", server.addr));
         let id = edge_id(&config.name);
         let link = Link {
             store: store.clone(),

@@ -10,10 +10,14 @@ pub use folio_engine::RoundConfig;
 
 use crate::access::AccessConfig;
 use crate::limits::Limits;
+use crate::tls::TlsConfig;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub addr: SocketAddr,
+    /// HTTPS and `wss://` with this certificate; `None`: plain HTTP (secure
+    /// for browsers on localhost only).
+    pub tls: Option<TlsConfig>,
     /// Checkpoints and the metrics history; restarting on it resumes.
     pub state_dir: PathBuf,
     /// Where devices' text comes from: the Shakespeare simulation (the server

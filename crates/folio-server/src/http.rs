@@ -70,6 +70,12 @@ pub fn router<R: Served>(shared: Arc<Shared<R>>) -> Router {
             ));
         router = router.merge(pages);
     }
+    if shared.config.tls.is_some() {
+        router = router.layer(SetResponseHeaderLayer::overriding(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static(crate::tls::HSTS),
+        ));
+    }
     router.with_state(shared)
 }
 

@@ -20,6 +20,7 @@ mod http;
 pub mod limits;
 pub mod net;
 pub mod outbox;
+pub mod tls;
 mod ws;
 
 use std::collections::BTreeMap;
@@ -45,6 +46,7 @@ pub use driver::Served;
 pub use folio_engine::{AsyncRounds, FederatedEval, RoundRecord, SecureRounds};
 pub use limits::Limits;
 use net::{CappedListener, ConnectionCount};
+pub use tls::TlsConfig;
 
 pub struct Shared<R: Served> {
     engine: Mutex<Engine<R>>,
@@ -215,6 +217,7 @@ impl<R: Served> Server<R> {
             None => eval::Evaluator::without_text(model),
         });
         let completed = engine.completed_rounds();
+        let tls = config.tls.as_ref().map(tls::start).transpose()?;
         let listener = TcpListener::bind(config.addr).await.with_context(|| {
             format!(
                 "cannot listen on {}: is another server running?",
@@ -255,8 +258,13 @@ impl<R: Served> Server<R> {
             config,
         });
         let router = http::router(shared.clone());
+        let (acceptor, reloader) = match tls {
+            Some(tls) => (Some(tls.acceptor), Some(tls.reloader)),
+            None => (None, None),
+        };
         let http = tokio::spawn(net::serve(
             listener,
+            acceptor,
             router,
             shared.limits.header_timeout,
             shared.closing.subscribe(),
@@ -265,10 +273,12 @@ impl<R: Served> Server<R> {
         shared.engine(|_| ());
         let dispatcher = tokio::spawn(driver::dispatch(shared.clone(), delivered));
         let clock = tokio::spawn(driver::clock(shared.clone()));
+        let mut tasks = vec![http, dispatcher, clock];
+        tasks.extend(reloader);
         Ok(Server {
             addr,
             shared,
-            tasks: vec![http, dispatcher, clock],
+            tasks,
         })
     }
 

@@ -487,18 +487,17 @@ pub struct PeerInfo {
     pub permit: PermitRef,
 }
 
-/// Serves HTTP (and WebSocket upgrades) on `listener` until `closing` is set.
-/// Every request's head must arrive within `header_timeout` of its first byte: a
-/// client trickling bytes holds its connection for that long at most.
+/// Serves HTTP (and WebSocket upgrades) on `listener`, over TLS where `tls` is
+/// given, until `closing` is set. The TLS handshake and then every request's
+/// head must each arrive within `header_timeout`: a client trickling bytes holds
+/// its connection for that long at most.
 pub async fn serve(
     mut listener: CappedListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     router: axum::Router,
     header_timeout: Duration,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use tower::ServiceExt;
-
     loop {
         let (io, address) = tokio::select! {
             accepted = axum::serve::Listener::accept(&mut listener) => accepted,
@@ -510,26 +509,52 @@ pub async fn serve(
             permit: PermitRef(io.permit.clone()),
         };
         let router = router.clone();
-        let service = hyper::service::service_fn(
-            move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                request
-                    .extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer.clone()));
-                router.clone().oneshot(request.map(axum::body::Body::new))
-            },
-        );
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            if let Err(err) = connection.await {
+            let ended = match tls {
+                None => serve_connection(io, peer, router, header_timeout).await,
+                Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(io)).await {
+                    Ok(Ok(io)) => serve_connection(io, peer, router, header_timeout).await,
+                    Ok(Err(err)) => Err(format!("TLS handshake failed: {err}").into()),
+                    Err(_) => Err("no TLS handshake in time".into()),
+                },
+            };
+            if let Err(err) = ended {
                 tracing::debug!(%address, "connection ended: {err}");
             }
         });
     }
+}
+
+/// Serves one connection's requests (the peer's info in each, for handlers).
+async fn serve_connection<I>(
+    io: I,
+    peer: PeerInfo,
+    router: axum::Router,
+    header_timeout: Duration,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let service = hyper::service::service_fn(
+        move |mut request: axum::http::Request<hyper::body::Incoming>| {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer.clone()));
+            router.clone().oneshot(request.map(axum::body::Body::new))
+        },
+    );
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
 }
 
 #[cfg(test)]

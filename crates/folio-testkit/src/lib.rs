@@ -2,6 +2,8 @@
 //! clients the multi-process tests train as, a server config on loopback, and
 //! waiting for what happens on its own time without sleeping a guessed while.
 
+pub mod certificates;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,6 +37,7 @@ pub const KING_LEAR: [&str; 6] = [
 pub fn server_config(state_dir: &Path, rounds: RoundConfig, max_rounds: u64) -> ServerConfig {
     ServerConfig {
         addr: "127.0.0.1:0".parse().expect("a socket address"),
+        tls: None,
         state_dir: state_dir.to_owned(),
         data: folio_server::DataSource::Shakespeare,
         data_dir: data_dir(),

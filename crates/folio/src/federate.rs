@@ -16,6 +16,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
+    /// Serve HTTPS and wss:// with this certificate chain (PEM), read again
+    /// whenever the file changes: a renewed certificate needs no restart.
+    /// Browsers off localhost give the page WebGPU and threads only over HTTPS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Checkpoints and metrics; restarting on the same folder resumes [default:
     /// data/state/PRESET, so that runs of different presets never share one]
     #[arg(long)]
@@ -156,6 +164,7 @@ fn server_config(
     round.save(&state_dir)?;
     Ok(ServerConfig {
         addr,
+        tls: None,
         state_dir,
         data: round.data.source(),
         data_dir: data_dir.to_owned(),
@@ -176,6 +185,13 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
         .state_dir
         .unwrap_or_else(|| Path::new("data/state").join(round.preset.name()));
     let mut config = server_config(&round, args.addr, state_dir, data_dir)?;
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(folio_server::TlsConfig::Files { cert, key });
+    }
+    let (http, ws) = match config.tls {
+        Some(_) => ("https", "wss"),
+        None => ("http", "ws"),
+    };
     config.access = AccessConfig {
         join_token: folio_server::access::secret(
             args.join_token_file.as_deref(),
@@ -219,7 +235,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
                     })
                     .await?;
                     println!(
-                        "folio edge {name} on http://{} (WebSocket {}), rounds from the root",
+                        "folio edge {name} on {http}://{} (WebSocket {}), rounds from the root",
                         edge.server.addr, edge.url
                     );
                     follow(&edge.server, args.rounds).await;
@@ -234,11 +250,11 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     let served = runtime.block_on(async {
         let server = Server::start(config).await?;
         println!(
-            "folio aggregator on http://{0} (WebSocket ws://{0}/ws, status http://{0}/api/status)",
+            "folio aggregator on {http}://{0} (WebSocket {ws}://{0}/ws, status {http}://{0}/api/status)",
             server.addr
         );
         println!(
-            "open http://{} in several tabs, or run `folio client` in several terminals",
+            "open {http}://{} in several tabs, or run `folio client` in several terminals",
             server.addr
         );
         follow(&server, args.rounds).await;

@@ -87,7 +87,7 @@ impl LocalServer {
         max_rounds: u64,
     ) -> anyhow::Result<Self> {
         check_page_built()?;
-        Self::start_with(rounds, max_rounds, repo_root(), DataSource::Device)
+        Self::start_with(rounds, max_rounds, repo_root(), DataSource::Device, None)
     }
 
     /// As [`LocalServer::start`], serving the page from `web_root` (index.html,
@@ -97,7 +97,23 @@ impl LocalServer {
         max_rounds: u64,
         web_root: PathBuf,
     ) -> anyhow::Result<Self> {
-        Self::start_with(rounds, max_rounds, web_root, DataSource::Shakespeare)
+        Self::start_with(rounds, max_rounds, web_root, DataSource::Shakespeare, None)
+    }
+
+    /// As [`LocalServer::start`], over HTTPS with `tls`'s certificate.
+    pub fn start_tls(
+        rounds: folio_server::RoundConfig,
+        max_rounds: u64,
+        tls: folio_server::TlsConfig,
+    ) -> anyhow::Result<Self> {
+        check_page_built()?;
+        Self::start_with(
+            rounds,
+            max_rounds,
+            repo_root(),
+            DataSource::Shakespeare,
+            Some(tls),
+        )
     }
 
     fn start_with(
@@ -105,11 +121,13 @@ impl LocalServer {
         max_rounds: u64,
         web_root: PathBuf,
         data: DataSource,
+        tls: Option<folio_server::TlsConfig>,
     ) -> anyhow::Result<Self> {
         let runtime = server_runtime()?;
         let state = tempfile::tempdir()?;
         let config = folio_server::ServerConfig {
             addr: "127.0.0.1:0".parse()?,
+            tls,
             state_dir: state.path().to_owned(),
             data,
             data_dir: folio_data::data_dir(&repo_root()),
@@ -153,7 +171,18 @@ impl LocalServer {
 
     /// The page's address.
     pub fn url(&self) -> String {
-        format!("http://{}/", self.server.addr)
+        self.url_at("127.0.0.1")
+    }
+
+    /// The page's address at host name `host` (which the browser must map to
+    /// loopback): `https://` where the server speaks TLS.
+    pub fn url_at(&self, host: &str) -> String {
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{host}:{}/", self.server.addr.port())
     }
 
     /// Waits until `rounds` rounds are committed; after `within`, an error that

@@ -95,6 +95,17 @@ impl Driver {
 
     /// A new browser (fresh profile) with one tab of `width` × `height` pixels.
     pub fn session(&self, width: u32, height: u32) -> anyhow::Result<Session> {
+        self.session_with(width, height, &[])
+    }
+
+    /// As [`Driver::session`], Chromium started with `extra` arguments too
+    /// (Firefox takes none).
+    pub fn session_with(
+        &self,
+        width: u32,
+        height: u32,
+        extra: &[String],
+    ) -> anyhow::Result<Session> {
         let profile = tempfile::tempdir()?;
         let Some(server) = &self.server else {
             let firefox = Bidi::launch(profile.path(), width, height)
@@ -109,6 +120,7 @@ impl Driver {
         let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
         args.push(format!("--user-data-dir={}", profile.path().display()));
         args.push(format!("--window-size={width},{height}"));
+        args.extend(extra.iter().cloned());
         let mut options = json!({ "args": args });
         if let Some(binary) = chromium_binary() {
             options["binary"] = json!(binary);

@@ -25,6 +25,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn config(state: &std::path::Path, rounds: RoundConfig) -> ServerConfig {
     ServerConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
         state_dir: state.to_owned(),
         data: folio_server::DataSource::Shakespeare,
         data_dir: folio_data::data_dir(&repo_root()),
