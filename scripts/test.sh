@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs what is missing first (Rust's wasm32 target,
 # wasm-bindgen-cli, Chromium + ChromeDriver, Firefox ESR, brotli, the
-# Shakespeare corpus, sccache, nats-server).
+# Shakespeare corpus, sccache, nats-server, Prometheus).
 # Each build happens once: the native test build is also the binary's and the
 # end-to-end tests', the wasm test build is also the page's (its threaded CPU
 # build is the one wasm build of its own).
@@ -18,6 +18,7 @@ ensure_wasm_target
 ensure_browser
 ensure_corpus
 ensure_nats
+ensure_deploy_tools
 cd "$FOLIO_ROOT"
 # One package selection for every native cargo command, so that they all resolve
 # the same features and share one build (folio-web is wasm-only).

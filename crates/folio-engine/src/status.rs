@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::engine::Phase;
 use crate::roles::Role;
-use crate::sessions::SessionInfo;
+use crate::sessions::{DeviceCheck, SessionInfo};
 use crate::{Engine, RoundRecord};
 
 /// Sessions a status lists at most: its size stays bounded however many
@@ -95,7 +95,34 @@ pub struct ConfigStatus {
     pub federated_eval: Option<crate::FederatedEval>,
 }
 
+/// Sessions held, connected, and by where their device check stands.
+#[derive(Debug, Clone, Default)]
+pub struct SessionCounts {
+    pub held: usize,
+    pub connected: usize,
+    pub checks: BTreeMap<&'static str, usize>,
+}
+
 impl<R: Role> Engine<R> {
+    /// Every session counted (the status lists only some).
+    pub fn session_counts(&self) -> SessionCounts {
+        let mut counts = SessionCounts {
+            held: self.sessions.len(),
+            ..SessionCounts::default()
+        };
+        for session in self.sessions.iter() {
+            counts.connected += usize::from(session.connected);
+            let verdict = match session.check {
+                DeviceCheck::Unchecked => "unchecked",
+                DeviceCheck::Pending => "pending",
+                DeviceCheck::Passed => "passed",
+                DeviceCheck::Failed(_) => "failed",
+            };
+            *counts.checks.entry(verdict).or_default() += 1;
+        }
+        counts
+    }
+
     /// The sessions a status lists: the open round's first, then the newest.
     fn listed_sessions(&self) -> Vec<SessionInfo> {
         let in_round: std::collections::BTreeSet<u64> = match &self.phase {

@@ -38,6 +38,7 @@ pub fn router<R: Served>(shared: Arc<Shared<R>>) -> Router {
         .route("/api/model", get(model_file))
         .route("/api/model/start", get(start_model_file))
         .route("/api/admin/state", get(export_state))
+        .route("/metrics", get(metrics))
         .route("/api/admin/sessions/{session}/revoke", post(revoke_session));
     if let Some(root) = &shared.config.web_root {
         // The page and its assets only, not the folder they live in. The wasm goes
@@ -164,6 +165,26 @@ async fn admin_refused<R: Served>(
             )
         }
     }
+}
+
+/// The aggregator's metrics (Prometheus's text format), for the operator's
+/// monitoring: behind the admin token.
+async fn metrics<R: Served>(
+    State(shared): State<Arc<Shared<R>>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refused(&shared, &peer, &headers).await {
+        return refused;
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&shared),
+    )
+        .into_response()
 }
 
 /// The committed state file (weights, optimizer moments, history).

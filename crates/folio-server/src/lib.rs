@@ -18,6 +18,7 @@ pub mod config;
 mod driver;
 mod http;
 pub mod limits;
+mod metrics;
 pub mod net;
 pub mod outbox;
 pub mod tls;
@@ -80,6 +81,8 @@ pub struct Shared<R: Served> {
     parts: Option<mpsc::UnboundedSender<Share>>,
     /// A cluster's edges (their WebSocket URLs), for tabs to fail over to.
     edges: Mutex<Vec<String>>,
+    /// Sums over the committed rounds, for `/metrics`.
+    round_totals: Mutex<metrics::RoundTotals>,
 }
 
 /// An edge's share of a round: what its sessions reported, and their deltas folded.
@@ -255,6 +258,7 @@ impl<R: Served> Server<R> {
             saving: tokio::sync::RwLock::new(()),
             parts,
             edges: Mutex::new(Vec::new()),
+            round_totals: Mutex::default(),
             config,
         });
         let router = http::router(shared.clone());

@@ -262,14 +262,29 @@ async fn tokens_origins_and_the_admin_api() {
     .await;
     assert!(revoked.starts_with("HTTP/1.0 200"), "{revoked}");
     until_closed(&mut member, Duration::from_secs(5)).await;
+    // The operator's metrics: with the admin token only.
+    let metrics = raw_http(&server, &admin("GET", "/metrics", Some("root-secret"))).await;
+    assert!(metrics.starts_with("HTTP/1.0 200"), "{metrics}");
+    for line in [
+        "# TYPE folio_rounds_completed_total counter",
+        "folio_rounds_completed_total 0",
+        "folio_round_duration_seconds_bucket{le=\"+Inf\"} 0",
+        "folio_refused_total{reason=\"bad_token\"} 2",
+        "folio_sessions{state=\"connected\"} 0",
+        "folio_eval_loss ",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in {metrics}");
+    }
     server.abort();
 
     let (_dir, open) = start(rounds(5), Limits::default(), AccessConfig::default()).await;
-    assert!(
-        raw_http(&open, &admin("GET", "/api/admin/state", Some("x")))
-            .await
-            .starts_with("HTTP/1.0 403")
-    );
+    for path in ["/api/admin/state", "/metrics"] {
+        assert!(
+            raw_http(&open, &admin("GET", path, Some("x")))
+                .await
+                .starts_with("HTTP/1.0 403")
+        );
+    }
     open.abort();
 }
 
