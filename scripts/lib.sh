@@ -299,11 +299,15 @@ ensure_nats() {
 }
 
 # The servers a deployment meets, for its tests (Debian packages): Prometheus,
-# which scrapes /metrics.
+# which scrapes /metrics; nginx and Caddy, the reverse proxies of docs/deploy/.
 ensure_deploy_tools() {
-    if ! have prometheus; then
-        step "installing Prometheus (Debian package, for the metrics test)"
-        apt_install prometheus
+    local missing=()
+    have prometheus || missing+=(prometheus)
+    have nginx || missing+=(nginx)
+    have caddy || missing+=(caddy)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        step "installing ${missing[*]} (Debian packages, for the deployment tests)"
+        apt_install "${missing[@]}"
     fi
 }
 

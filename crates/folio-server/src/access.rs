@@ -30,6 +30,9 @@ pub struct AccessConfig {
     /// Each device answers a known-answer probe when it joins (and when its
     /// backend changes) before it may be selected.
     pub check_devices: bool,
+    /// Reverse proxies whose word on a device's address is taken: caps,
+    /// fairness, lockouts and logs then see the devices behind them.
+    pub trusted_proxies: crate::proxy::TrustedProxies,
 }
 
 impl Default for AccessConfig {
@@ -39,6 +42,7 @@ impl Default for AccessConfig {
             admin_token: None,
             allowed_origins: Vec::new(),
             check_devices: true,
+            trusted_proxies: Default::default(),
         }
     }
 }
@@ -215,7 +219,7 @@ mod tests {
                 join_token: Some("sesame".into()),
                 admin_token: Some("root".into()),
                 allowed_origins: vec!["https://folio.example".into()],
-                check_devices: true,
+                ..AccessConfig::default()
             },
             Duration::from_secs(1),
             Duration::from_secs(8),

@@ -21,6 +21,7 @@ pub mod limits;
 mod metrics;
 pub mod net;
 pub mod outbox;
+pub mod proxy;
 pub mod tls;
 mod ws;
 
@@ -233,7 +234,12 @@ impl<R: Served> Server<R> {
             per_address: limits.max_connections_per_address,
             per_network: limits.max_connections_per_network,
         }));
-        let listener = CappedListener::new(listener, connections.clone(), limits.http_idle);
+        let listener = CappedListener::new(
+            listener,
+            connections.clone(),
+            limits.http_idle,
+            config.access.trusted_proxies.clone(),
+        );
         let (deliveries, delivered) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             engine: Mutex::new(engine),

@@ -23,6 +23,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
+
+use crate::proxy::TrustedProxies;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
@@ -147,6 +149,29 @@ impl Table {
         self.websockets -= usize::from(entry.websocket);
     }
 
+    /// Counts TCP connection `id` as `to`'s instead of `from`'s.
+    fn reassign(&mut self, from: IpAddr, to: IpAddr, id: u64) {
+        let Some(entries) = self.per_network.get_mut(&network(from)) else {
+            return;
+        };
+        let Some(at) = entries.iter().position(|e| e.id == id) else {
+            return;
+        };
+        let mut entry = entries.remove(at);
+        if entries.is_empty() {
+            self.per_network.remove(&network(from));
+        }
+        if let Some((tcp, _)) = self.per_address.get_mut(&from) {
+            *tcp -= 1;
+            if *tcp == 0 {
+                self.per_address.remove(&from);
+            }
+        }
+        self.per_address.entry(to).or_default().0 += 1;
+        entry.address = to;
+        self.per_network.entry(network(to)).or_default().push(entry);
+    }
+
     /// Ends the newest connection (a WebSocket, if `websockets`) of the network
     /// holding the most, if it holds more than `newcomer`'s would with the
     /// newcomer in; its places are free at once. Returns whether one was.
@@ -209,8 +234,10 @@ impl ConnectionCount {
         self.total.load(Ordering::Relaxed)
     }
 
-    /// A place for a TCP connection from `address`, or `None` at a cap.
-    fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Permit> {
+    /// A place for a TCP connection from `address`, or `None` at a cap. A
+    /// trusted proxy's connections carry many devices: only the total caps
+    /// them here, and each WebSocket is counted as its device's at the upgrade.
+    fn admit(self: &Arc<Self>, address: IpAddr, proxy: bool) -> Option<Permit> {
         let network = network(address);
         let mut table = self.table();
         let Caps {
@@ -219,9 +246,13 @@ impl ConnectionCount {
             per_network,
         } = self.caps;
         let here = table.per_address.get(&address).map_or(0, |c| c.0);
-        let full = here >= per_address + HTTP_ROOM.per_address
-            || table.in_network(network, false) >= per_network + HTTP_ROOM.per_network
-            || (table.tcp >= total + HTTP_ROOM.total && !self.evict(&mut table, network, false));
+        let full = if proxy {
+            table.tcp >= total + HTTP_ROOM.total
+        } else {
+            here >= per_address + HTTP_ROOM.per_address
+                || table.in_network(network, false) >= per_network + HTTP_ROOM.per_network
+                || (table.tcp >= total + HTTP_ROOM.total && !self.evict(&mut table, network, false))
+        };
         if full {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -240,7 +271,7 @@ impl ConnectionCount {
         self.total.fetch_add(1, Ordering::Relaxed);
         Some(Permit {
             count: self.clone(),
-            address,
+            address: Mutex::new(address),
             id,
             eviction,
         })
@@ -254,22 +285,30 @@ impl ConnectionCount {
         evicted
     }
 
-    /// Makes connection `permit` a WebSocket, if the WebSocket caps allow (a
-    /// newcomer's network may take the place of the largest network's newest), or
-    /// a session `resuming` finds room in [`RESUME_ROOM`]; `None`: refused.
-    pub fn upgrade(&self, permit: &PermitRef, resuming: bool) -> Option<Admission> {
+    /// Makes connection `permit` a WebSocket of the device at `client` (the TCP
+    /// peer, or behind a trusted proxy the address it vouches for), if the
+    /// WebSocket caps allow (a newcomer's network may take the place of the
+    /// largest network's newest), or a session `resuming` finds room in
+    /// [`RESUME_ROOM`]; `None`: refused.
+    pub fn upgrade(&self, permit: &PermitRef, client: IpAddr, resuming: bool) -> Option<Admission> {
         let permit = &permit.0;
-        let network = network(permit.address);
         let mut table = self.table();
         if permit.eviction.evicted.load(Ordering::Relaxed) {
             return None;
         }
+        // From here on the connection counts as its device's, in its network.
+        let mut address = permit.address.lock().unwrap_or_else(|p| p.into_inner());
+        if *address != client {
+            table.reassign(*address, client, permit.id);
+            *address = client;
+        }
+        let network = network(client);
         let Caps {
             total,
             per_address,
             per_network,
         } = self.caps;
-        let here = table.per_address.get(&permit.address).map_or(0, |c| c.1);
+        let here = table.per_address.get(&client).map_or(0, |c| c.1);
         let in_network = table.in_network(network, true);
         let admission = if here < per_address
             && in_network < per_network
@@ -293,7 +332,7 @@ impl ConnectionCount {
         if let Some(entry) = entry {
             entry.websocket = true;
             table.websockets += 1;
-            table.per_address.entry(permit.address).or_default().1 += 1;
+            table.per_address.entry(client).or_default().1 += 1;
         }
         Some(admission)
     }
@@ -303,7 +342,8 @@ impl ConnectionCount {
 #[derive(Debug)]
 struct Permit {
     count: Arc<ConnectionCount>,
-    address: IpAddr,
+    /// The device it counts for: the TCP peer, or the one a proxy vouched for.
+    address: Mutex<IpAddr>,
     id: u64,
     eviction: Arc<Eviction>,
 }
@@ -312,10 +352,19 @@ struct Permit {
 #[derive(Debug, Clone)]
 pub struct PermitRef(Arc<Permit>);
 
+impl PermitRef {
+    /// The address the connection counts for.
+    #[cfg(test)]
+    fn address(&self) -> IpAddr {
+        *self.0.address.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         // An evicted connection's places were given back when it was evicted.
-        self.count.table().remove(network(self.address), self.id);
+        let address = *self.address.lock().unwrap_or_else(|p| p.into_inner());
+        self.count.table().remove(network(address), self.id);
         self.count.total.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -324,11 +373,22 @@ pub struct CappedListener {
     inner: TcpListener,
     count: Arc<ConnectionCount>,
     idle: Duration,
+    proxies: Arc<TrustedProxies>,
 }
 
 impl CappedListener {
-    pub fn new(inner: TcpListener, count: Arc<ConnectionCount>, idle: Duration) -> Self {
-        Self { inner, count, idle }
+    pub fn new(
+        inner: TcpListener,
+        count: Arc<ConnectionCount>,
+        idle: Duration,
+        proxies: TrustedProxies,
+    ) -> Self {
+        Self {
+            inner,
+            count,
+            idle,
+            proxies: Arc::new(proxies),
+        }
     }
 }
 
@@ -348,7 +408,8 @@ impl axum::serve::Listener for CappedListener {
                 }
             };
             // Over a cap: dropping the stream closes it at once.
-            let Some(permit) = self.count.admit(address.ip()) else {
+            let proxy = self.proxies.trusts(address.ip());
+            let Some(permit) = self.count.admit(address.ip(), proxy) else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
@@ -482,6 +543,8 @@ impl AsyncWrite for GuardedStream {
 /// What a handler learns about its connection (axum's `ConnectInfo`).
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
+    /// The device's address: the TCP peer's, or behind a trusted proxy the one
+    /// it vouches for in this request.
     pub address: SocketAddr,
     pub idle: Arc<IdleControl>,
     pub permit: PermitRef,
@@ -510,11 +573,12 @@ pub async fn serve(
         };
         let router = router.clone();
         let tls = tls.clone();
+        let proxies = listener.proxies.clone();
         tokio::spawn(async move {
             let ended = match tls {
-                None => serve_connection(io, peer, router, header_timeout).await,
+                None => serve_connection(io, peer, proxies, router, header_timeout).await,
                 Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(io)).await {
-                    Ok(Ok(io)) => serve_connection(io, peer, router, header_timeout).await,
+                    Ok(Ok(io)) => serve_connection(io, peer, proxies, router, header_timeout).await,
                     Ok(Err(err)) => Err(format!("TLS handshake failed: {err}").into()),
                     Err(_) => Err("no TLS handshake in time".into()),
                 },
@@ -526,10 +590,12 @@ pub async fn serve(
     }
 }
 
-/// Serves one connection's requests (the peer's info in each, for handlers).
+/// Serves one connection's requests, each with its device's [`PeerInfo`] for
+/// the handlers (a proxy may carry several devices' requests on one connection).
 async fn serve_connection<I>(
     io: I,
     peer: PeerInfo,
+    proxies: Arc<TrustedProxies>,
     router: axum::Router,
     header_timeout: Duration,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -541,9 +607,14 @@ where
 
     let service = hyper::service::service_fn(
         move |mut request: axum::http::Request<hyper::body::Incoming>| {
+            let client = proxies.client(peer.address.ip(), request.headers());
+            let device = PeerInfo {
+                address: SocketAddr::new(client, peer.address.port()),
+                ..peer.clone()
+            };
             request
                 .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer.clone()));
+                .insert(axum::extract::ConnectInfo(device));
             router.clone().oneshot(request.map(axum::body::Body::new))
         },
     );
@@ -591,14 +662,21 @@ mod tests {
         }));
         // Three WebSockets from one network fill the server's three places.
         let crowd: Vec<PermitRef> = (1..=3)
-            .map(|i| PermitRef(Arc::new(count.admit(ip(&format!("10.0.0.{i}"))).unwrap())))
+            .map(|i| {
+                PermitRef(Arc::new(
+                    count.admit(ip(&format!("10.0.0.{i}")), false).unwrap(),
+                ))
+            })
             .collect();
         for permit in &crowd {
-            assert_eq!(count.upgrade(permit, false), Some(Admission::Open));
+            assert_eq!(
+                count.upgrade(permit, permit.address(), false),
+                Some(Admission::Open)
+            );
         }
-        let newcomer = PermitRef(Arc::new(count.admit(ip("10.0.9.1")).unwrap()));
+        let newcomer = PermitRef(Arc::new(count.admit(ip("10.0.9.1"), false).unwrap()));
         assert_eq!(
-            count.upgrade(&newcomer, false),
+            count.upgrade(&newcomer, newcomer.address(), false),
             Some(Admission::Open),
             "3 > 1: the crowd gives a place"
         );
@@ -608,11 +686,14 @@ mod tests {
         );
         assert!(!crowd[0].0.eviction.evicted.load(Ordering::Relaxed));
         // 2 against 2 with the next newcomer in: nobody gives way.
-        let second = PermitRef(Arc::new(count.admit(ip("10.0.9.2")).unwrap()));
-        assert_eq!(count.upgrade(&second, false), None);
+        let second = PermitRef(Arc::new(count.admit(ip("10.0.9.2"), false).unwrap()));
+        assert_eq!(count.upgrade(&second, second.address(), false), None);
         assert_eq!(count.evicted.load(Ordering::Relaxed), 1);
         // Coming back to resume, it gets the room kept for that.
-        assert_eq!(count.upgrade(&second, true), Some(Admission::ResumeOnly));
+        assert_eq!(
+            count.upgrade(&second, second.address(), true),
+            Some(Admission::ResumeOnly)
+        );
         // The evicted connection gives nothing back twice when it ends.
         drop(crowd);
         drop(second);

@@ -54,7 +54,10 @@ pub async fn upgrade<R: Served>(
             .split('&')
             .any(|p| p == "resume" || p.starts_with("resume="))
     });
-    let Some(admission) = shared.connections.upgrade(&peer.permit, resuming) else {
+    let Some(admission) = shared
+        .connections
+        .upgrade(&peer.permit, peer.address.ip(), resuming)
+    else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "30")],

@@ -24,6 +24,19 @@ pub struct ServeArgs {
     /// The certificate's private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// A reverse proxy (an address or block, e.g. 127.0.0.1 or 10.0.0.0/8)
+    /// whose --client-address-header is believed: devices behind it are then
+    /// capped, rate-limited and selected by their own addresses. Repeatable.
+    #[arg(long, value_name = "CIDR")]
+    trusted_proxy: Vec<folio_server::proxy::Cidr>,
+    /// The header the trusted proxies append each client's address to.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "x-forwarded-for",
+        requires = "trusted_proxy"
+    )]
+    client_address_header: AddressHeader,
     /// Checkpoints and metrics; restarting on the same folder resumes [default:
     /// data/state/PRESET, so that runs of different presets never share one]
     #[arg(long)]
@@ -84,6 +97,15 @@ pub struct ServeArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     round: RunSettings,
+}
+
+/// `--client-address-header`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum AddressHeader {
+    /// X-Forwarded-For (nginx's $proxy_add_x_forwarded_for, Caddy's default).
+    XForwardedFor,
+    /// RFC 7239 Forwarded.
+    Forwarded,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -203,6 +225,13 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
         )?,
         allowed_origins: args.allow_origin,
         check_devices: !args.skip_device_check,
+        trusted_proxies: folio_server::proxy::TrustedProxies {
+            proxies: args.trusted_proxy,
+            header: match args.client_address_header {
+                AddressHeader::XForwardedFor => folio_server::proxy::ClientHeader::XForwardedFor,
+                AddressHeader::Forwarded => folio_server::proxy::ClientHeader::Forwarded,
+            },
+        },
     };
     config.limits = Limits {
         max_connections: args.max_connections,
