@@ -23,6 +23,23 @@ function fill(id, rows) {
   );
 }
 globalThis.fillTable = fill;
+
+// Where other devices join: this page's own address, and its QR code for a
+// phone's camera. Loopback names reach only this machine: say what to do instead.
+(function showJoinAddress() {
+  const at = document.getElementById("join-at");
+  const address = `${location.origin}/`;
+  const loopback = ["localhost", "127.0.0.1", "[::1]"].includes(location.hostname) || location.hostname.startsWith("127.");
+  if (loopback) {
+    at.textContent = `Other devices cannot open ${address}: it is this machine's own. Open this page by the server's name or network address (the server listening there, e.g. folio serve --addr 0.0.0.0:8443 with a certificate: docs/deploy.md) for the address and QR code they can use.`;
+    return;
+  }
+  const link = Object.assign(document.createElement("a"), { href: address, textContent: address });
+  at.replaceChildren("Other devices join by opening ", link, " (or scanning the code).");
+  const qr = document.getElementById("join-qr");
+  qr.src = `api/qr.svg?url=${encodeURIComponent(address)}`;
+  qr.hidden = false;
+})();
 globalThis.formatBytes = bytes;
 
 // About `count` round numbers spanning [lo, hi]: steps of 1, 2 or 5 × 10^k, at

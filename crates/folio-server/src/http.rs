@@ -37,6 +37,7 @@ pub fn router<R: Served>(shared: Arc<Shared<R>>) -> Router {
         .route("/api/characters", get(characters))
         .route("/api/model", get(model_file))
         .route("/api/model/start", get(start_model_file))
+        .route("/api/qr.svg", get(qr_code))
         .route("/api/admin/state", get(export_state))
         .route("/metrics", get(metrics))
         .route("/api/admin/sessions/{session}/revoke", post(revoke_session));
@@ -135,6 +136,38 @@ async fn start_model_file<R: Served>(State(shared): State<Arc<Shared<R>>>) -> Re
         shared.start_model.clone(),
     )
         .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct QrQuery {
+    url: String,
+}
+
+/// Longest address a QR code is drawn for.
+const MAX_QR_URL_BYTES: usize = 512;
+
+/// A QR code of `url` (an `http(s)://` address), SVG: the page shows the
+/// address other devices open, for a phone's camera.
+async fn qr_code(Query(query): Query<QrQuery>) -> Response {
+    let url = query.url;
+    if url.len() > MAX_QR_URL_BYTES || !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("?url= must be an http(s):// address of at most {MAX_QR_URL_BYTES} bytes"),
+        )
+            .into_response();
+    }
+    match qrcode::QrCode::new(url.as_bytes()) {
+        Ok(code) => (
+            [(header::CONTENT_TYPE, "image/svg+xml")],
+            code.render::<qrcode::render::svg::Color<'_>>()
+                .min_dimensions(200, 200)
+                .build(),
+        )
+            .into_response(),
+        Err(err) => (StatusCode::BAD_REQUEST, format!("no QR code for it: {err}")).into_response(),
+    }
 }
 
 /// Why an admin request is refused, if it is; a wrong token is answered only

@@ -4,7 +4,8 @@
 //! gives an adapter, the page is cross-origin isolated, Web Crypto is there, and
 //! a tab on the CPU trains on the threaded build over `wss://`. Over plain HTTP at
 //! the same name, the browser withholds all of these: the page says what it lost
-//! and how to serve it over HTTPS, and trains on one thread.
+//! and how to serve it over HTTPS, and trains on one thread. The page shows the
+//! address other devices open, and its QR code.
 
 use std::time::Duration;
 
@@ -94,6 +95,20 @@ fn off_localhost_the_page_keeps_webgpu_and_threads_over_https_and_says_what_plai
         json!([]),
     )?;
     ensure!(shown == json!(true), "no warning over HTTPS");
+    // The address other devices open, and its QR code for a phone's camera.
+    let join = browser.wait_for(
+        "the page to show where devices join, with its QR code",
+        "const qr = document.getElementById('join-qr'); \
+         return qr.complete && qr.naturalWidth > 0 ? document.getElementById('join-at').textContent : null",
+        Duration::from_secs(30),
+    )?;
+    let address = https.url_at(NAME);
+    ensure!(
+        join.as_str().is_some_and(|j| j.contains(&address)),
+        "{join} lacks {address}"
+    );
+    let shot = folio_e2e::artifact("https-off-localhost.png")?;
+    std::fs::write(&shot, browser.screenshot()?)?;
     drop(browser);
 
     let http = LocalServer::start(one_short_round(), 1)?;

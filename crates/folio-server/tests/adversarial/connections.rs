@@ -431,3 +431,25 @@ async fn idle_half_open_and_excess_connections_are_closed() {
     assert_eq!(server.status()["connected"], 1);
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qr_codes_only_of_short_web_addresses() {
+    let (_dir, server) = start(rounds(5), Limits::default(), AccessConfig::default()).await;
+    let drawn = http_get(&server, "/api/qr.svg?url=https%3A%2F%2Ffolio.example%2F").await;
+    assert!(
+        drawn.starts_with("HTTP/1.0 200")
+            && drawn.contains("image/svg+xml")
+            && drawn.contains("<svg"),
+        "{drawn}"
+    );
+    let long = format!("/api/qr.svg?url=https://{}", "a".repeat(600));
+    for refused in [
+        "/api/qr.svg?url=javascript:alert(1)",
+        "/api/qr.svg",
+        long.as_str(),
+    ] {
+        let answer = http_get(&server, refused).await;
+        assert!(answer.starts_with("HTTP/1.0 400"), "{refused}: {answer}");
+    }
+    server.abort();
+}
