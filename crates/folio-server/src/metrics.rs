@@ -18,7 +18,7 @@ use crate::driver::Served;
 /// Upper bounds (seconds) of the round-duration histogram's buckets.
 const DURATION_BUCKETS: [f64; 10] = [0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
-/// Sums over every committed round this process has seen.
+/// Sums over the committed rounds (the whole run's, read back after a restart).
 #[derive(Debug, Default)]
 pub struct RoundTotals {
     /// The next round to fold in.
@@ -131,7 +131,7 @@ pub fn render<R: Served>(shared: &Shared<R>) -> String {
     out.family(
         "round_duration_seconds",
         "histogram",
-        "Seconds from a round's start to its commit (rounds committed since this process started).",
+        "Seconds from a round's start to its commit.",
     );
     for (bound, count) in DURATION_BUCKETS.iter().zip(totals.buckets) {
         out.sample(
@@ -150,19 +150,19 @@ pub fn render<R: Served>(shared: &Shared<R>) -> String {
     out.one(
         "updates_accepted_total",
         "counter",
-        "Client updates averaged into committed rounds since this process started.",
+        "Client updates averaged into committed rounds.",
         totals.updates as f64,
     );
     out.one(
         "examples_total",
         "counter",
-        "Training sequences behind the committed rounds' updates since this process started.",
+        "Training sequences behind the committed rounds' updates.",
         totals.examples as f64,
     );
     out.family(
         "round_bytes_total",
         "counter",
-        "Bytes of the committed rounds' models and updates, by direction, since this process started.",
+        "Bytes of the committed rounds' models and updates, by direction,.",
     );
     out.sample(
         "round_bytes_total",
