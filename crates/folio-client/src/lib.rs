@@ -462,15 +462,11 @@ fn backoff(failures: u32) -> std::time::Duration {
     std::time::Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)).min(30_000))
 }
 
-/// The WebSocket address to open: with `resume` in its query when the client
-/// holds a session, so that a server full of other connections from its network
-/// still lets it in to resume (only to resume).
-pub fn connect_url(url: &str, resuming: bool) -> String {
-    if !resuming {
-        return url.to_owned();
-    }
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}resume")
+/// The WebSocket subprotocol a client holding session `token` offers, so that
+/// a server full of other connections from its network still lets it in to
+/// resume (only to resume): [`folio_proto::RESUME_SUBPROTOCOL`].
+pub fn resume_protocol(token: &str) -> String {
+    format!("{}{token}", folio_proto::RESUME_SUBPROTOCOL)
 }
 
 /// The servers a client may use (a cluster's edges): the one in use until
@@ -491,9 +487,9 @@ impl Failover {
         }
     }
 
-    /// The URL to connect to now ([`connect_url`]).
-    pub fn url(&self, resuming: bool) -> String {
-        connect_url(&self.urls[self.next.get() % self.urls.len()], resuming)
+    /// The URL to connect to now.
+    pub fn url(&self) -> String {
+        self.urls[self.next.get() % self.urls.len()].clone()
     }
 
     /// Connecting failed: the next server is tried.
@@ -502,13 +498,13 @@ impl Failover {
     }
 }
 
-/// [`run`] that survives the server going away: it reconnects (`connect`, told
-/// whether it holds a session to resume) with backoff (`sleep`) and resumes its
+/// [`run`] that survives the server going away: it reconnects (`connect`, given
+/// the token of the session it holds, to offer as [`resume_protocol`]) with backoff (`sleep`) and resumes its
 /// session (or, after a server restart, joins again as the same Shakespeare
 /// client), offering the last model it received. Returns when `run` does (a clean
 /// close, `max_rounds` results), or when the server refuses us for good.
 pub async fn run_reconnecting<T: Transport, C, S>(
-    mut connect: impl FnMut(bool) -> C,
+    mut connect: impl FnMut(Option<String>) -> C,
     sleep: impl Fn(std::time::Duration) -> S,
     device: &Device,
     options: &ClientOptions,
@@ -523,7 +519,7 @@ where
     let mut reports = Vec::new();
     let mut failures = 0;
     loop {
-        let outcome = match connect(options.join.resume.is_some()).await {
+        let outcome = match connect(options.join.resume.clone()).await {
             Ok(mut transport) => {
                 let (mut welcomed, mut received) = (None, None);
                 let outcome = run(&mut transport, device, &options, |event| {

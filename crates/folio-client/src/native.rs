@@ -2,7 +2,8 @@
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message, http};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 use crate::{ClientError, Transport};
@@ -14,7 +15,24 @@ pub struct WsTransport {
 impl WsTransport {
     /// Connects to the aggregator's WebSocket (`ws://127.0.0.1:8080/ws`).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let (socket, _) = connect_async(url)
+        Self::connect_resuming(url, None).await
+    }
+
+    /// Connects as the holder of session `resume` (its token), which the server
+    /// checks before the upgrade completes ([`crate::resume_protocol`]).
+    pub async fn connect_resuming(url: &str, resume: Option<&str>) -> Result<Self, ClientError> {
+        let mut request = url
+            .into_client_request()
+            .map_err(|err| ClientError::Connection(format!("{url}: {err}")))?;
+        if let Some(token) = resume {
+            let protocol = crate::resume_protocol(token).parse().map_err(|_| {
+                ClientError::Connection("the session token is not a header value".into())
+            })?;
+            request
+                .headers_mut()
+                .insert(http::header::SEC_WEBSOCKET_PROTOCOL, protocol);
+        }
+        let (socket, _) = connect_async(request)
             .await
             .map_err(|err| match untrusted(&err) {
                 Some(why) => ClientError::Untrusted(format!(
@@ -72,10 +90,10 @@ pub async fn run_reconnecting(
 ) -> Result<Vec<crate::RoundReport>, ClientError> {
     let servers = crate::Failover::new(urls.iter().cloned());
     crate::run_reconnecting(
-        |resuming| {
-            let (url, servers) = (servers.url(resuming), &servers);
+        |resume| {
+            let (url, servers) = (servers.url(), &servers);
             async move {
-                let connected = WsTransport::connect(&url).await;
+                let connected = WsTransport::connect_resuming(&url, resume.as_deref()).await;
                 if connected.is_err() {
                     servers.failed();
                 }

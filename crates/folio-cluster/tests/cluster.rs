@@ -92,7 +92,7 @@ fn spawn_client(
     options.max_rounds = Some(rounds);
     tokio::spawn(async move {
         let next = Arc::new(Mutex::new(0usize));
-        let connect = |resuming: bool| {
+        let connect = |resume: Option<String>| {
             let (urls, next, sent) = (urls.clone(), next.clone(), sent.clone());
             async move {
                 let url = {
@@ -100,8 +100,7 @@ fn spawn_client(
                     *next += 1;
                     urls[(*next - 1) % urls.len()].clone()
                 };
-                let inner =
-                    WsTransport::connect(&folio_client::connect_url(&url, resuming)).await?;
+                let inner = WsTransport::connect_resuming(&url, resume.as_deref()).await?;
                 Ok(Recording { inner, sent })
             }
         };

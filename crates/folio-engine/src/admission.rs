@@ -70,6 +70,12 @@ impl<R: HoldsSessions> Engine<R> {
         joined
     }
 
+    /// Whether `token` names a session that can be resumed now (it exists, the
+    /// secret is right, it is not connected).
+    pub fn can_resume(&self, token: &str) -> bool {
+        matches!(self.sessions.find_resumable(token), Ok(Some(_)))
+    }
+
     fn admit(&mut self, join: CheckedJoin, now: Instant) -> Result<Joined, EngineError> {
         let resumed = match &join.resume {
             Some(token) => self.sessions.find_resumable(token).map_err(session_error)?,
@@ -81,7 +87,7 @@ impl<R: HoldsSessions> Engine<R> {
                 return Err(EngineError::new(
                     ErrorCode::ServerFull,
                     "this connection was let in to resume a session, and there is none to \
-                     resume: reconnect without `?resume`",
+                     resume: reconnect without offering a session token",
                 ));
             }
             None => {

@@ -11,6 +11,12 @@ use serde::{Deserialize, Serialize};
 /// Bumped on any change to the messages below.
 pub const PROTOCOL_VERSION: u16 = 7;
 
+/// A client coming back to its session offers the WebSocket subprotocol
+/// `folio-resume.TOKEN` (its session token): the server checks the token before
+/// the upgrade completes, and only then lets it into the room kept for sessions
+/// coming back. (A header, not the URL: proxies log URLs.)
+pub const RESUME_SUBPROTOCOL: &str = "folio-resume.";
+
 /// Largest frame either side accepts: the seed model's f32 weights (16.2 MB) with room.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
 

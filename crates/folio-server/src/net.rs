@@ -55,8 +55,9 @@ pub const HTTP_ROOM: Caps = Caps {
     per_network: 16,
 };
 
-/// WebSockets kept beyond the caps for sessions coming back (`?resume`): such a
-/// connection may only resume a session, so a crowd cannot use the room.
+/// WebSockets kept beyond the caps for sessions coming back: only a connection
+/// that proved a session's token before its upgrade gets one, and it may only
+/// resume that session, so a crowd cannot use or hold the room.
 pub const RESUME_ROOM: Caps = Caps {
     total: 32,
     per_address: 4,

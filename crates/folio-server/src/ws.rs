@@ -36,7 +36,6 @@ pub async fn upgrade<R: Served>(
     ws: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
-    uri: axum::http::Uri,
     State(shared): State<Arc<Shared<R>>>,
 ) -> Response {
     if !shared.access.origin_ok(&headers) {
@@ -47,13 +46,14 @@ pub async fn upgrade<R: Served>(
         )
             .into_response();
     }
-    // A client holding a session says so (`?resume`): it may use the room kept
-    // for sessions coming back, and then only to resume.
-    let resuming = uri.query().is_some_and(|query| {
-        query
-            .split('&')
-            .any(|p| p == "resume" || p.starts_with("resume="))
-    });
+    // A client coming back to its session offers its token as a subprotocol:
+    // checked now, before the upgrade, it may use the room kept for sessions
+    // coming back, and then only to resume. A connection that cannot prove a
+    // session gets no room, however it asks.
+    let offered = resume_offer(&headers);
+    let resuming = offered
+        .as_ref()
+        .is_some_and(|(_, token)| shared.read(|e| e.can_resume(token)));
     let Some(admission) = shared
         .connections
         .upgrade(&peer.permit, peer.address.ip(), resuming)
@@ -72,6 +72,11 @@ pub async fn upgrade<R: Served>(
     let max = shared.max_frame_bytes;
     // Small per-connection buffers (tungstenite's defaults are 128 KiB each): an
     // idle connection costs a few KiB, large frames just take more reads.
+    // A browser that offered a subprotocol needs it echoed, or it fails the socket.
+    let ws = match offered {
+        Some((protocol, _)) => ws.protocols([protocol]),
+        None => ws,
+    };
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER_BYTES)
@@ -80,6 +85,20 @@ pub async fn upgrade<R: Served>(
 }
 
 const READ_BUFFER_BYTES: usize = 8 * 1024;
+
+/// The resume subprotocol a client offered, and the session token in it.
+fn resume_offer(headers: &HeaderMap) -> Option<(String, String)> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(','))
+        .map(str::trim)
+        .find_map(|protocol| {
+            let token = protocol.strip_prefix(folio_proto::RESUME_SUBPROTOCOL)?;
+            (token.len() <= MAX_RESUME_BYTES).then(|| (protocol.to_owned(), token.to_owned()))
+        })
+}
 
 /// Why the server ends a connection, told to the client before it closes.
 struct Goodbye(ErrorMessage);

@@ -260,10 +260,10 @@ pub async fn run_device(
     }
     let servers = folio_client::Failover::new(urls);
     folio_client::run_reconnecting(
-        |resuming| {
-            let (url, keep, servers) = (servers.url(resuming), keep_model.clone(), &servers);
+        |resume| {
+            let (url, keep, servers) = (servers.url(), keep_model.clone(), &servers);
             async move {
-                let connected = BrowserTransport::connect(&url, keep).await;
+                let connected = BrowserTransport::connect(&url, resume.as_deref(), keep).await;
                 if connected.is_err() {
                     servers.failed();
                 }

@@ -23,11 +23,20 @@ pub struct BrowserTransport {
 }
 
 impl BrowserTransport {
-    /// Opens `url` (`ws://host/ws`) and waits until the socket is open. `keep`
-    /// stores each round's model (and resolves when it is stored).
-    pub async fn connect(url: &str, keep: Option<Function>) -> Result<Self, ClientError> {
-        let socket =
-            WebSocket::new(url).map_err(|e| ClientError::Connection(format!("{url}: {e:?}")))?;
+    /// Opens `url` (`ws://host/ws`), as the holder of session `resume` (its
+    /// token, offered as [`folio_client::resume_protocol`]), and waits until the
+    /// socket is open. `keep` stores each round's model (and resolves when it is
+    /// stored).
+    pub async fn connect(
+        url: &str,
+        resume: Option<&str>,
+        keep: Option<Function>,
+    ) -> Result<Self, ClientError> {
+        let socket = match resume {
+            Some(token) => WebSocket::new_with_str(url, &folio_client::resume_protocol(token)),
+            None => WebSocket::new(url),
+        }
+        .map_err(|e| ClientError::Connection(format!("{url}: {e:?}")))?;
         socket.set_binary_type(BinaryType::Arraybuffer);
         let (frames_tx, frames) = mpsc::unbounded();
         let on_message = {

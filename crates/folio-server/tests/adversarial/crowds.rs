@@ -180,8 +180,10 @@ async fn sybils_far_over_the_bound_cannot_walk_it_up() {
 }
 
 /// A device whose network a crowd has filled comes back and resumes its session:
-/// a connection saying `?resume` may use the room kept for that, and only to
-/// resume; the crowd cannot use the room to open sessions.
+/// a connection that proves a session's token (offered as a subprotocol) before
+/// its upgrade may use the room kept for that, and only to resume. The crowd
+/// cannot use the room to open sessions, nor hold it: a made-up token gets no
+/// place, so the device resumes on every try while the crowd keeps asking.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_coming_back_to_a_network_a_crowd_filled_still_resumes() {
     let limits = Limits {
@@ -189,14 +191,24 @@ async fn a_session_coming_back_to_a_network_a_crowd_filled_still_resumes() {
         ..Limits::default()
     };
     let (_dir, server) = start(rounds(100), limits, AccessConfig::default()).await;
-    let connect = |source: &'static str, resume: bool| {
+    let connect = |source: String, token: Option<String>| {
         let server = &server;
         async move {
-            let url = folio_client::connect_url(&url(server), resume);
-            ws_from_to(server, source, &url).await
+            let mut request = url(server).into_client_request().unwrap();
+            if let Some(token) = token {
+                request.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    folio_client::resume_protocol(&token).parse().unwrap(),
+                );
+            }
+            let stream = tcp_from(server, &source).await?;
+            let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+            Ok::<_, tokio_tungstenite::tungstenite::Error>(
+                tokio_tungstenite::client_async(request, stream).await?.0,
+            )
         }
     };
-    let mut device = connect("127.0.6.1", false).await.unwrap();
+    let mut device = connect("127.0.6.1".into(), None).await.unwrap();
     let welcome = join_as(&mut device, join(None)).await.unwrap();
     drop(device);
     eventually("the device is seen to leave", || {
@@ -205,23 +217,38 @@ async fn a_session_coming_back_to_a_network_a_crowd_filled_still_resumes() {
     .await;
     // The crowd takes the network's four places.
     let mut crowd = Vec::new();
-    for source in ["127.0.6.2", "127.0.6.3", "127.0.6.4", "127.0.6.5"] {
-        let mut socket = connect(source, false).await.unwrap();
+    for host in 2..=5 {
+        let mut socket = connect(format!("127.0.6.{host}"), None).await.unwrap();
         join_as(&mut socket, join(None)).await.unwrap();
         crowd.push(socket);
     }
-    let full = connect("127.0.6.1", false).await.expect_err("refused");
+    let full = connect("127.0.6.1".into(), None)
+        .await
+        .expect_err("refused");
     assert!(full.to_string().contains("503"), "{full}");
-    // Coming back with its token, the device is let in and resumes.
-    let mut back = connect("127.0.6.1", true).await.unwrap();
-    let resume = join_with(|j| j.resume = Some(welcome.session.clone()));
-    let resumed = join_as(&mut back, resume).await.unwrap();
-    assert_eq!(resumed.session, welcome.session);
-    // The crowd saying `?resume` gets in, but cannot open a session.
-    let mut pretender = connect("127.0.6.6", true).await.unwrap();
-    assert_eq!(
-        join_as(&mut pretender, join(None)).await.unwrap_err(),
-        ErrorCode::ServerFull
-    );
+    // Coming back with its token, the device is let in and resumes, every time,
+    // while the crowd asks for the room with tokens of its own making.
+    let mut resumed_tries = 0;
+    for attempt in 0..10u32 {
+        for host in 10..40 {
+            let made_up = format!("{}.{attempt}{host}", 1 + host % 3);
+            let pretender = connect(format!("127.0.6.{host}"), Some(made_up)).await;
+            let refused = pretender.expect_err("no room without a session");
+            assert!(refused.to_string().contains("503"), "{refused}");
+        }
+        let mut back = connect("127.0.6.1".into(), Some(welcome.session.clone()))
+            .await
+            .unwrap();
+        let resume = join_with(|j| j.resume = Some(welcome.session.clone()));
+        let resumed = join_as(&mut back, resume).await.unwrap();
+        assert_eq!(resumed.session, welcome.session);
+        resumed_tries += 1;
+        drop(back);
+        eventually("the device is seen to leave", || {
+            server.status()["connected"] == 4
+        })
+        .await;
+    }
+    assert_eq!(resumed_tries, 10);
     server.abort();
 }
