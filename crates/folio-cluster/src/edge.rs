@@ -191,8 +191,17 @@ impl Link {
             && global.record.round > self.adopted
         {
             let round = global.record.round;
+            // Rounds committed since the last adopted (NATS was away, or they
+            // came quicker than the ticks): their records, from the history.
+            let missed = if round > self.adopted + 1 {
+                let mut missed = self.store.committed_after(self.adopted).await?;
+                missed.retain(|r| r.round < round);
+                missed
+            } else {
+                Vec::new()
+            };
             let weights = self.store.weights(round).await?;
-            self.handle.adopt(global.record, weights);
+            self.handle.adopt(missed, global.record, weights);
             self.adopted = round;
         }
         let Some((order, revision)) = self.store.order().await? else {

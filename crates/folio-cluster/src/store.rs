@@ -322,6 +322,34 @@ impl Store {
         Ok(records)
     }
 
+    /// The committed rounds after round `after`, oldest first, each once: read
+    /// from the end of the history back, so the cost is the rounds asked for.
+    pub async fn committed_after(&self, after: u64) -> anyhow::Result<Vec<RoundRecord>> {
+        let mut stream = self.history.clone();
+        let state = stream.info().await?.state.clone();
+        let mut records: Vec<RoundRecord> = Vec::new();
+        for sequence in (state.first_sequence.max(1)..=state.last_sequence).rev() {
+            let message = stream
+                .get_raw_message(sequence)
+                .await
+                .with_context(|| format!("cannot read history message {sequence}"))?;
+            let record: RoundRecord = serde_json::from_slice(&message.payload)
+                .with_context(|| format!("history message {sequence} is unreadable"))?;
+            if record.round <= after {
+                break;
+            }
+            records.push(record);
+        }
+        records.reverse();
+        let mut last = after;
+        records.retain(|r| {
+            let next = r.round > last;
+            last = last.max(r.round);
+            next
+        });
+        Ok(records)
+    }
+
     /// Round `round`'s committed snapshot (weights and strategy state).
     pub async fn snapshot(&self, round: u64) -> anyhow::Result<Vec<u8>> {
         self.object(&format!("state-r{round}")).await

@@ -311,3 +311,41 @@ async fn a_second_root_waits_as_a_standby_until_the_lease_lapses() {
     );
     second.abort();
 }
+
+/// Commits that come quicker than an edge looks (or while NATS was away from
+/// it) still reach its history, each one: the edge fills in the rounds between
+/// the last it adopted and the one announced, from JetStream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_missed_commits_fills_its_history_from_jetstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(&dir.path().join("nats")).unwrap();
+    let config = |name: &str| {
+        server_config(
+            &dir.path().join(name),
+            rounds(1, Duration::from_secs(5)),
+            100,
+        )
+    };
+    let root = root(&nats, config("root"), "root").await;
+    root.wait_for_round(0).await;
+    let edge = edge(&nats, config("edge"), "edge").await;
+    // Five commits at once, as a root writes them, faster than the edge's ticks.
+    let store = Store::connect(&nats.url()).await.unwrap();
+    let first = store.committed().await.unwrap()[0].clone();
+    let (weights, snapshot) = (
+        store.weights(0).await.unwrap(),
+        store.snapshot(0).await.unwrap(),
+    );
+    for round in 1..=5 {
+        let record = folio_engine::RoundRecord {
+            round,
+            ..first.clone()
+        };
+        store.commit(&record, &weights, &snapshot).await.unwrap();
+    }
+    edge.server.wait_for_round(5).await;
+    let seen: Vec<u64> = edge.server.history().iter().map(|r| r.round).collect();
+    assert_eq!(seen, (0..=5).collect::<Vec<_>>());
+    edge.abort();
+    root.abort();
+}

@@ -215,6 +215,18 @@ impl Engine<Edge> {
     }
 
     /// An edge takes the root's commit of `record.round` as its global model.
+    /// Records of rounds committed while this edge was not looking (NATS away,
+    /// or rounds quicker than its polling), oldest first: each one that comes
+    /// next in the history is appended, so the history stays whole before the
+    /// next commit is adopted.
+    pub fn fill_history(&mut self, missed: impl IntoIterator<Item = RoundRecord>) {
+        for record in missed {
+            if !self.history.is_empty() && record.round == self.completed_rounds() + 1 {
+                self.history.push(record);
+            }
+        }
+    }
+
     pub fn adopt(&mut self, record: RoundRecord, weights: Vec<f32>, now: Instant) {
         if record.round <= self.completed_rounds() && !self.history.is_empty() {
             return;

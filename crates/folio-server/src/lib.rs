@@ -353,10 +353,14 @@ impl Handle {
         self.0.engine(|e| e.order(order, Instant::now()))
     }
 
-    /// Takes the root's commit as the global model.
-    pub fn adopt(&self, record: RoundRecord, weights: Vec<f32>) {
+    /// Takes the root's commit as the global model, the records of rounds
+    /// committed since the last one adopted (`missed`) into the history first.
+    pub fn adopt(&self, missed: Vec<RoundRecord>, record: RoundRecord, weights: Vec<f32>) {
         let round = record.round;
-        self.0.engine(|e| e.adopt(record, weights, Instant::now()));
+        self.0.engine(|e| {
+            e.fill_history(missed);
+            e.adopt(record, weights, Instant::now())
+        });
         self.0.completed.send_replace(round);
     }
 

@@ -40,6 +40,17 @@ pub fn network(address: IpAddr) -> IpAddr {
     }
 }
 
+/// The allocation an address belongs to, as addresses are handed out: an IPv6
+/// /48 (a site's; its 65,536 /64s cost a host nothing) or an IPv4 /24 (the
+/// network itself: IPv4 is scarce). Eviction, and the engine's fairness, go by
+/// allocation first, so many prefixes of one allocation get one allocation's share.
+pub fn allocation(address: IpAddr) -> IpAddr {
+    match network(address) {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(v6.to_bits() & !(u128::MAX >> 48))),
+        v4 => v4,
+    }
+}
+
 /// How many connections of each kind a scope may hold.
 #[derive(Debug, Clone, Copy)]
 pub struct Caps {
@@ -173,22 +184,36 @@ impl Table {
         self.per_network.entry(network(to)).or_default().push(entry);
     }
 
-    /// Ends the newest connection (a WebSocket, if `websockets`) of the network
-    /// holding the most, if it holds more than `newcomer`'s would with the
-    /// newcomer in; its places are free at once. Returns whether one was.
+    /// Ends the newest connection (a WebSocket, if `websockets`) of the largest
+    /// network of the allocation holding the most, if that allocation holds more
+    /// than `newcomer`'s would with the newcomer in; its places are free at once.
+    /// Returns whether one was.
     fn evict_for(&mut self, newcomer: IpAddr, websockets: bool) -> bool {
-        let theirs = self.in_network(newcomer, websockets) + 1;
-        let largest = self
-            .per_network
-            .keys()
-            .map(|&n| (self.in_network(n, websockets), n))
-            .max();
-        let Some((held, network)) = largest else {
+        let mut per_allocation: HashMap<IpAddr, usize> = HashMap::new();
+        for &network in self.per_network.keys() {
+            *per_allocation.entry(allocation(network)).or_default() +=
+                self.in_network(network, websockets);
+        }
+        let theirs = per_allocation
+            .get(&allocation(newcomer))
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let Some((held, crowded)) = per_allocation.into_iter().map(|(a, n)| (n, a)).max() else {
             return false;
         };
         if held <= theirs {
             return false;
         }
+        let largest = self
+            .per_network
+            .keys()
+            .filter(|&&n| allocation(n) == crowded)
+            .map(|&n| (self.in_network(n, websockets), n))
+            .max();
+        let Some((_, network)) = largest else {
+            return false;
+        };
         let victim = self.per_network[&network]
             .iter()
             .rev()
@@ -652,6 +677,44 @@ mod tests {
         );
         // An IPv4 peer on a dual-stack socket is its IPv4 network.
         assert_eq!(network(ip("::ffff:203.0.113.77")), ip("203.0.113.0"));
+    }
+
+    #[test]
+    fn many_ipv6_prefixes_of_one_allocation_give_way_as_one() {
+        assert_eq!(allocation(ip("2001:db8:7:ab::1")), ip("2001:db8:7::"));
+        assert_eq!(allocation(ip("203.0.113.9")), ip("203.0.113.0"));
+        let count = Arc::new(ConnectionCount::new(Caps {
+            total: 3,
+            per_address: 10,
+            per_network: 10,
+        }));
+        // One host, three /64s of its /48: each /64 holds one place.
+        let crowd: Vec<PermitRef> = (1..=3)
+            .map(|i| {
+                PermitRef(Arc::new(
+                    count
+                        .admit(ip(&format!("2001:db8:7:{i}::1")), false)
+                        .unwrap(),
+                ))
+            })
+            .collect();
+        for permit in &crowd {
+            assert_eq!(
+                count.upgrade(permit, permit.address(), false),
+                Some(Admission::Open)
+            );
+        }
+        // A device of another allocation takes the newest /64's place: by
+        // networks alone (one each) it would have been refused.
+        let newcomer = PermitRef(Arc::new(count.admit(ip("2001:db8:9::5"), false).unwrap()));
+        assert_eq!(
+            count.upgrade(&newcomer, newcomer.address(), false),
+            Some(Admission::Open)
+        );
+        assert!(crowd[2].0.eviction.evicted.load(Ordering::Relaxed));
+        // Another /64 of the crowd's /48 takes nobody's place.
+        let more = PermitRef(Arc::new(count.admit(ip("2001:db8:7:4::1"), false).unwrap()));
+        assert_eq!(count.upgrade(&more, more.address(), false), None);
     }
 
     #[test]

@@ -336,11 +336,13 @@ fn check_join<R: Served>(
     })
 }
 
-/// The engine's group for a connection from `address`: its network.
+/// The engine's group for a connection from `address` (fair selection, the
+/// session table, the session rate): its allocation, so that a host holding
+/// many IPv6 /64s of one /48 is one group, as an IPv4 /24 is.
 fn network_group(address: IpAddr) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    crate::net::network(address).hash(&mut hasher);
+    crate::net::allocation(address).hash(&mut hasher);
     hasher.finish()
 }
 
@@ -497,4 +499,16 @@ fn handle_frame<R: Served>(
 /// A refusal as the client is told it.
 fn error(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
     EngineError::new(code, message).into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_prefixes_of_one_ipv6_allocation_are_one_group() {
+        let group = |text: &str| super::network_group(text.parse().unwrap());
+        assert_eq!(group("2001:db8:1:2::1"), group("2001:db8:1:ffff::9"));
+        assert_ne!(group("2001:db8:1::1"), group("2001:db8:2::1"));
+        assert_eq!(group("203.0.113.7"), group("203.0.113.200"));
+        assert_ne!(group("203.0.113.7"), group("203.0.114.7"));
+    }
 }

@@ -217,4 +217,44 @@ fn killing_an_edge_the_root_or_nats_loses_no_committed_round() {
         &before[..],
         "nothing committed is lost"
     );
+
+    // Each live edge's own history is whole too: the rounds committed while it
+    // was not looking (NATS away) are filled in from JetStream.
+    for (url, _) in &cluster.edges[..2] {
+        let addr = url.trim_start_matches("ws://").trim_end_matches("/ws");
+        let started = Instant::now();
+        loop {
+            let seen = rounds(&edge_history(addr));
+            if seen.last().is_some_and(|&last| last >= resumed) {
+                let last = *seen.last().unwrap();
+                assert_eq!(
+                    seen,
+                    (0..=last).collect::<Vec<_>>(),
+                    "edge {addr}'s history has gaps"
+                );
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "edge {addr} never adopted round {resumed}: {seen:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// An edge's `/api/history`.
+fn edge_history(addr: &str) -> Vec<RoundRecord> {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return Vec::new();
+    };
+    let request = format!("GET /api/history HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut answer = String::new();
+    if stream.write_all(request.as_bytes()).is_err() || stream.read_to_string(&mut answer).is_err()
+    {
+        return Vec::new();
+    }
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    serde_json::from_str(body).unwrap_or_default()
 }
