@@ -299,9 +299,11 @@ ensure_nats() {
 }
 
 # The servers a deployment meets, for its tests (Debian packages): Prometheus,
-# which scrapes /metrics; nginx and Caddy, the reverse proxies of docs/deploy/.
+# which scrapes /metrics; nginx and Caddy, the reverse proxies of docs/deploy/;
+# pebble, an ACME CA for tests (with pebble-challtestsrv, its DNS).
 ensure_deploy_tools() {
     local missing=()
+    { have pebble && have pebble-challtestsrv; } || missing+=(pebble)
     have prometheus || missing+=(prometheus)
     have nginx || missing+=(nginx)
     have caddy || missing+=(caddy)

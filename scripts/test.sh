@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs what is missing first (Rust's wasm32 target,
 # wasm-bindgen-cli, Chromium + ChromeDriver, Firefox ESR, brotli, the
-# Shakespeare corpus, sccache, nats-server, Prometheus, nginx, Caddy).
+# Shakespeare corpus, sccache, nats-server, Prometheus, nginx, Caddy, pebble).
 # Each build happens once: the native test build is also the binary's and the
 # end-to-end tests', the wasm test build is also the page's (its threaded CPU
 # build is the one wasm build of its own).

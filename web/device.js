@@ -20,7 +20,7 @@ if (!window.isSecureContext) {
   const lost = document.getElementById("insecure-context");
   lost.textContent = `This page came over plain HTTP from ${location.host}, which browsers trust only at localhost, ` +
     "so they withhold WebGPU, the threaded CPU build (cross-origin isolation) and Web Crypto: this tab trains on one CPU thread. " +
-    "For all of them, open the page over HTTPS: whoever runs the server can serve it with folio serve --tls-cert … --tls-key … " +
+    "For all of them, open the page over HTTPS: whoever runs the server can serve it with folio serve --acme-domain NAME (or --tls-cert … --tls-key …) " +
     "or behind a proxy that speaks HTTPS (docs/deploy.md).";
   lost.hidden = false;
 }

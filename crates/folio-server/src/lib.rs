@@ -14,6 +14,7 @@
 //! a cluster's edge ([`Server::start_edge`]), each over its own engine type.
 
 pub mod access;
+pub mod acme;
 pub mod config;
 mod driver;
 mod http;

@@ -1,7 +1,8 @@
 //! HTTPS and `wss://`: browsers give a page WebGPU, cross-origin isolation (the
 //! threaded CPU build) and Web Crypto only in a secure context, which off
 //! localhost means TLS. The certificate comes from PEM files, read again
-//! whenever they change, so a renewed certificate needs no restart.
+//! whenever they change, so a renewed certificate needs no restart, or from an
+//! ACME CA ([`crate::acme`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -22,6 +23,8 @@ pub enum TlsConfig {
     /// A certificate chain and its private key, PEM files (as certbot, an ACME
     /// client or a CA hands them out).
     Files { cert: PathBuf, key: PathBuf },
+    /// Obtained and renewed from an ACME CA.
+    Acme(crate::acme::AcmeConfig),
 }
 
 /// How often the certificate files are looked at for a change.
@@ -40,32 +43,43 @@ pub struct Tls {
 /// Reads the certificate (an error that names the file and what it should hold,
 /// if it cannot be used) and starts watching its files.
 pub fn start(config: &TlsConfig) -> anyhow::Result<Tls> {
-    let TlsConfig::Files { cert, key } = config;
-    let files = Arc::new(CertificateFiles::load(cert.clone(), key.clone())?);
-    let reloader = tokio::spawn(files.clone().watch());
-    Ok(Tls {
-        acceptor: acceptor(files),
-        reloader,
-    })
+    match config {
+        TlsConfig::Files { cert, key } => {
+            let files = Arc::new(CertificateFiles::load(cert.clone(), key.clone())?);
+            let reloader = tokio::spawn(files.clone().watch());
+            Ok(Tls {
+                acceptor: acceptor(files, vec![b"http/1.1".to_vec()]),
+                reloader,
+            })
+        }
+        TlsConfig::Acme(acme) => {
+            let certificates = Arc::new(crate::acme::AcmeCertificates::new(acme.clone())?);
+            let reloader = tokio::spawn(certificates.clone().keep_current());
+            Ok(Tls {
+                acceptor: acceptor(certificates, crate::acme::AcmeCertificates::alpn()),
+                reloader,
+            })
+        }
+    }
 }
 
-/// HTTP/1.1 only: the WebSocket upgrade is an HTTP/1.1 one.
-fn acceptor(certificates: Arc<dyn ResolvesServerCert>) -> TlsAcceptor {
+/// HTTP/1.1 (the WebSocket upgrade is an HTTP/1.1 one), and whatever else `alpn` names.
+fn acceptor(certificates: Arc<dyn ResolvesServerCert>, alpn: Vec<Vec<u8>>) -> TlsAcceptor {
     let mut config = ServerConfig::builder()
         .with_no_client_auth()
         .with_cert_resolver(certificates);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn;
     TlsAcceptor::from(Arc::new(config))
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
 /// A chain and its key, checked to belong together.
-fn read_certificate(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
+pub(crate) fn read_certificate(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .with_context(|| {

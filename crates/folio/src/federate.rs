@@ -24,6 +24,27 @@ pub struct ServeArgs {
     /// The certificate's private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate for this name from an ACME CA (proved on
+    /// this server's port by TLS-ALPN-01, which the CA checks at port 443),
+    /// renewed before it gets old. Repeatable.
+    #[arg(long, value_name = "NAME", conflicts_with = "tls_cert")]
+    acme_domain: Vec<String>,
+    /// The ACME CA's directory.
+    #[arg(long, default_value = "https://acme-v02.api.letsencrypt.org/directory")]
+    acme_directory: String,
+    /// Where the ACME account and certificate are kept [default: STATE_DIR/acme]
+    #[arg(long)]
+    acme_cache: Option<PathBuf>,
+    /// An address the CA may write to about the certificate (mailto:...).
+    #[arg(long)]
+    acme_contact: Vec<String>,
+    /// A CA certificate (PEM) to trust for the ACME directory's own HTTPS (a
+    /// test CA such as pebble's) instead of the system's.
+    #[arg(long)]
+    acme_directory_ca: Option<PathBuf>,
+    /// How often the ACME certificate's age is checked.
+    #[arg(long, default_value_t = 3600, hide = true)]
+    acme_check_secs: u64,
     /// A reverse proxy (an address or block, e.g. 127.0.0.1 or 10.0.0.0/8)
     /// whose --client-address-header is believed: devices behind it are then
     /// capped, rate-limited and selected by their own addresses. Repeatable.
@@ -209,6 +230,20 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
     let mut config = server_config(&round, args.addr, state_dir, data_dir)?;
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(folio_server::TlsConfig::Files { cert, key });
+    }
+    if !args.acme_domain.is_empty() {
+        config.tls = Some(folio_server::TlsConfig::Acme(
+            folio_server::acme::AcmeConfig {
+                domains: args.acme_domain,
+                directory: args.acme_directory,
+                cache: args
+                    .acme_cache
+                    .unwrap_or_else(|| config.state_dir.join("acme")),
+                contact: args.acme_contact,
+                directory_ca: args.acme_directory_ca,
+                check_every: Duration::from_secs(args.acme_check_secs.max(1)),
+            },
+        ));
     }
     let (http, ws) = match config.tls {
         Some(_) => ("https", "wss"),

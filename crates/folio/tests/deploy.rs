@@ -237,3 +237,207 @@ fn prometheus_scrapes_the_aggregator_and_its_query_api_returns_the_rounds() {
     assert!(updates.is_some_and(|u| u >= 2.0), "{updates:?}");
     assert!(loss.is_some_and(|l| l > 0.0 && l < 5.0), "{loss:?}");
 }
+
+/// GETs `path` over HTTPS from `addr` as `name`, trusting the CA certificates of
+/// PEM `roots`: the certificate presented, and the answer's body.
+fn https_get(addr: &str, name: &str, roots: &[u8], path: &str) -> Option<(Vec<u8>, String)> {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let mut store = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(roots) {
+        store.add(cert.ok()?).ok()?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).ok()?;
+    let connection =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), server_name).ok()?;
+    let tcp = std::net::TcpStream::connect(addr).ok()?;
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    let presented = tls.conn.peer_certificates()?.first()?.to_vec();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Some((presented, body))
+}
+
+/// A process stopped when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `folio serve --acme-domain` gets its certificate from a real ACME CA
+/// (Debian's pebble, its names resolved by pebble-challtestsrv to loopback),
+/// proving the name by TLS-ALPN-01 on its own port, and serves it; when the
+/// certificate gets old it orders a new one and serves that, without a restart.
+#[test]
+fn an_acme_ca_issues_the_certificate_and_a_renewal_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let (pebble_cert, pebble_key) = (
+        dir.path().join("pebble.pem"),
+        dir.path().join("pebble-key.pem"),
+    );
+    ca.issue(
+        &["localhost", "127.0.0.1"],
+        "pebble",
+        &pebble_cert,
+        &pebble_key,
+    );
+    let (folio_addr, pebble_addr, management, dns) = (
+        free_address(),
+        free_address(),
+        free_address(),
+        free_address(),
+    );
+    let folio_port = folio_addr.rsplit(':').next().unwrap().to_owned();
+    let config = dir.path().join("pebble.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"pebble": {
+            "listenAddress": pebble_addr,
+            "managementListenAddress": management,
+            "certificate": pebble_cert,
+            "privateKey": pebble_key,
+            "httpPort": 5002,
+            "tlsPort": folio_port.parse::<u16>().unwrap(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    // Every name is 127.0.0.1 (no AAAA answers: folio listens on IPv4).
+    let _dns = Running(
+        Command::new("pebble-challtestsrv")
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .args([
+                "-dns01",
+                &dns,
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+            ])
+            .args(["-management", &free_address()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pebble-challtestsrv is installed by scripts/test.sh (Debian package pebble)"),
+    );
+    let _pebble = Running(
+        Command::new("pebble")
+            .arg("-config")
+            .arg(&config)
+            .args(["-dnsserver", &dns])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pebble is installed by scripts/test.sh (Debian package pebble)"),
+    );
+    let test_ca = std::fs::read(&ca.cert).unwrap();
+    let wait = |what: &str, seconds: u64, mut done: Box<dyn FnMut() -> bool + '_>| {
+        let started = std::time::Instant::now();
+        while !done() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(seconds),
+                "{what}: not within {seconds} s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let mut roots = Vec::new();
+    wait(
+        "pebble's root",
+        30,
+        Box::new(
+            || match https_get(&management, "localhost", &test_ca, "/roots/0") {
+                Some((_, body)) if body.contains("BEGIN CERTIFICATE") => {
+                    roots = body.into_bytes();
+                    true
+                }
+                _ => false,
+            },
+        ),
+    );
+
+    let state = tempfile::tempdir().unwrap();
+    let cache = state.path().join("acme");
+    let _server = Running(
+        folio()
+            .args([
+                "serve",
+                "--preset",
+                "small",
+                "--fresh",
+                "--addr",
+                &folio_addr,
+            ])
+            .args(["--acme-domain", "folio.test", "--acme-check-secs", "1"])
+            .arg("--acme-directory")
+            .arg(format!("https://{pebble_addr}/dir"))
+            .arg("--acme-directory-ca")
+            .arg(&ca.cert)
+            .arg("--state-dir")
+            .arg(state.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut issued = Vec::new();
+    wait(
+        "a certificate from pebble, served",
+        60,
+        Box::new(
+            || match https_get(&folio_addr, "folio.test", &roots, "/api/status") {
+                Some((presented, body)) if body.contains("completed_rounds") => {
+                    issued = presented;
+                    true
+                }
+                _ => false,
+            },
+        ),
+    );
+    assert!(cache.join("cert.pem").is_file() && cache.join("account.json").is_file());
+
+    // Sixty-one days later (the file's time moved back), a new one is ordered and served.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(61 * 24 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(cache.join("cert.pem"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    wait(
+        "the renewed certificate, served",
+        60,
+        Box::new(|| {
+            https_get(&folio_addr, "folio.test", &roots, "/api/status")
+                .is_some_and(|(presented, _)| presented != issued)
+        }),
+    );
+    eprintln!(
+        "pebble issued {} bytes of certificate for folio.test, and a renewal, both served by one folio serve",
+        issued.len()
+    );
+}
