@@ -10,7 +10,7 @@ mod privacy;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Training allocates and frees tensors of hundreds of kilobytes every step;
 /// glibc's malloc hands each back to the OS and gets it again as fresh zeroed
@@ -28,8 +28,18 @@ struct Cli {
     /// Data cache holding `shakespeare/` [env: FOLIO_DATA_DIR] [default: data/cache]
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// How log lines (stderr) are written: for people, or one JSON object a
+    /// line for a log collector.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -66,13 +76,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Logs (the aggregator's rounds, warnings, errors) to stderr; RUST_LOG picks
     // the levels, e.g. `RUST_LOG=folio_server=debug`.
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let data_dir = cli.data_dir.unwrap_or_else(data::default_data_dir);
     let result = match cli.command {
         Command::Data(command) => data::run(command, &data_dir),

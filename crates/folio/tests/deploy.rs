@@ -42,6 +42,7 @@ fn native_clients_train_over_wss_against_a_certificate_they_check() {
             "1",
         ])
         .args(["--addr", &addr, "--rounds", "2", "--clients-per-round", "2"])
+        .args(["--log-format", "json"])
         .arg("--tls-cert")
         .arg(&cert)
         .arg("--tls-key")
@@ -49,6 +50,7 @@ fn native_clients_train_over_wss_against_a_certificate_they_check() {
         .arg("--state-dir")
         .arg(state.path())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let url = format!("wss://localhost:{port}/ws");
@@ -62,9 +64,21 @@ fn native_clients_train_over_wss_against_a_certificate_they_check() {
             .unwrap()
     };
     let clients = [client(&ca.cert), client(&ca.cert)];
-    let table = server.wait_with_output().unwrap();
-    let table = String::from_utf8_lossy(&table.stdout);
+    let output = server.wait_with_output().unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("https://"), "{table}");
+    // --log-format json: every log line one JSON object, the rounds among them.
+    let logs = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "round committed" && l["fields"]["round"] == 2),
+        "{logs}"
+    );
     assert!(
         table.lines().any(|l| l.trim_start().starts_with("2 ")),
         "no round 2 over wss: {table}"
