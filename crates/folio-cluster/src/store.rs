@@ -290,19 +290,28 @@ impl Store {
         .await
     }
 
+    /// The history's message sequence numbers, first to last.
+    async fn history_sequences(&self) -> anyhow::Result<std::ops::RangeInclusive<u64>> {
+        let state = self.history.clone().info().await?.state.clone();
+        Ok(state.first_sequence.max(1)..=state.last_sequence)
+    }
+
+    /// The history's record at message `sequence`.
+    async fn history_record(&self, sequence: u64) -> anyhow::Result<RoundRecord> {
+        let message = self
+            .history
+            .get_raw_message(sequence)
+            .await
+            .with_context(|| format!("cannot read history message {sequence}"))?;
+        serde_json::from_slice(&message.payload)
+            .with_context(|| format!("history message {sequence} is unreadable"))
+    }
+
     /// Every record in the history, as appended.
     pub async fn history(&self) -> anyhow::Result<Vec<RoundRecord>> {
-        let mut stream = self.history.clone();
-        let state = stream.info().await?.state.clone();
-        let mut records: Vec<RoundRecord> = Vec::new();
-        for sequence in state.first_sequence.max(1)..=state.last_sequence {
-            let message = stream
-                .get_raw_message(sequence)
-                .await
-                .with_context(|| format!("cannot read history message {sequence}"))?;
-            let record: RoundRecord = serde_json::from_slice(&message.payload)
-                .with_context(|| format!("history message {sequence} is unreadable"))?;
-            records.push(record);
+        let mut records = Vec::new();
+        for sequence in self.history_sequences().await? {
+            records.push(self.history_record(sequence).await?);
         }
         Ok(records)
     }
@@ -325,16 +334,9 @@ impl Store {
     /// The committed rounds after round `after`, oldest first, each once: read
     /// from the end of the history back, so the cost is the rounds asked for.
     pub async fn committed_after(&self, after: u64) -> anyhow::Result<Vec<RoundRecord>> {
-        let mut stream = self.history.clone();
-        let state = stream.info().await?.state.clone();
-        let mut records: Vec<RoundRecord> = Vec::new();
-        for sequence in (state.first_sequence.max(1)..=state.last_sequence).rev() {
-            let message = stream
-                .get_raw_message(sequence)
-                .await
-                .with_context(|| format!("cannot read history message {sequence}"))?;
-            let record: RoundRecord = serde_json::from_slice(&message.payload)
-                .with_context(|| format!("history message {sequence} is unreadable"))?;
+        let mut records = Vec::new();
+        for sequence in self.history_sequences().await?.rev() {
+            let record = self.history_record(sequence).await?;
             if record.round <= after {
                 break;
             }

@@ -1,6 +1,7 @@
 //! `folio` deployed beyond loopback's defaults: `serve` over TLS with native
 //! clients on `wss://`.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use folio_testkit::certificates::TestCa;
@@ -23,6 +24,39 @@ fn free_address() -> String {
 /// `folio serve --tls-cert --tls-key` runs rounds with `folio client`s on
 /// `wss://`, each checking the certificate against the CA it was told to trust
 /// (`SSL_CERT_FILE`); a client trusting only the system's CAs refuses it.
+/// `folio serve` of the small preset (one batch a round) on `addr` over TLS
+/// with `cert` and `key`, its state in `state`, with `extra` flags.
+fn serve_tls(addr: &str, (cert, key): (&Path, &Path), state: &Path, extra: &[&str]) -> Command {
+    let mut command = folio();
+    command
+        .args([
+            "serve",
+            "--preset",
+            "small",
+            "--fresh",
+            "--max-batches",
+            "1",
+        ])
+        .args(["--addr", addr])
+        .args(extra)
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .arg("--state-dir")
+        .arg(state);
+    command
+}
+
+/// `folio client` on `url`, trusting the CA certificate `trusted`.
+fn wss_client(url: &str, trusted: &Path) -> Command {
+    let mut command = folio();
+    command
+        .args(["client", "--server", url])
+        .env("SSL_CERT_FILE", trusted);
+    command
+}
+
 #[test]
 fn native_clients_train_over_wss_against_a_certificate_they_check() {
     let dir = tempfile::tempdir().unwrap();
@@ -32,32 +66,26 @@ fn native_clients_train_over_wss_against_a_certificate_they_check() {
     let addr = free_address();
     let port = addr.rsplit(':').next().unwrap().to_owned();
     let state = tempfile::tempdir().unwrap();
-    let server = folio()
-        .args([
-            "serve",
-            "--preset",
-            "small",
-            "--fresh",
-            "--max-batches",
-            "1",
-        ])
-        .args(["--addr", &addr, "--rounds", "2", "--clients-per-round", "2"])
-        .args(["--log-format", "json"])
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .arg("--state-dir")
-        .arg(state.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let server = serve_tls(
+        &addr,
+        (&cert, &key),
+        state.path(),
+        &[
+            "--rounds",
+            "2",
+            "--clients-per-round",
+            "2",
+            "--log-format",
+            "json",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let url = format!("wss://localhost:{port}/ws");
-    let client = |trusted: &std::path::Path| {
-        folio()
-            .args(["client", "--server", &url])
-            .env("SSL_CERT_FILE", trusted)
+    let client = |trusted: &Path| {
+        wss_client(&url, trusted)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -93,14 +121,7 @@ fn native_clients_train_over_wss_against_a_certificate_they_check() {
     let other = tempfile::tempdir().unwrap();
     let stranger = TestCa::new(other.path());
     let state = tempfile::tempdir().unwrap();
-    let mut server = folio()
-        .args(["serve", "--preset", "small", "--fresh", "--addr", &addr])
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .arg("--state-dir")
-        .arg(state.path())
+    let mut server = serve_tls(&addr, (&cert, &key), state.path(), &[])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -148,35 +169,22 @@ fn prometheus_scrapes_the_aggregator_and_its_query_api_returns_the_rounds() {
     std::fs::write(&token, "metrics-reader-secret\n").unwrap();
     let addr = free_address();
     let state = tempfile::tempdir().unwrap();
-    let mut server = folio()
-        .args([
-            "serve",
-            "--preset",
-            "small",
-            "--fresh",
-            "--max-batches",
-            "1",
-        ])
-        .args(["--addr", &addr, "--clients-per-round", "2"])
-        .arg("--admin-token-file")
-        .arg(&token)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .arg("--state-dir")
-        .arg(state.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let token_arg = token.display().to_string();
+    let mut server = serve_tls(
+        &addr,
+        (&cert, &key),
+        state.path(),
+        &["--clients-per-round", "2", "--admin-token-file", &token_arg],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let port = addr.rsplit(':').next().unwrap();
     let url = format!("wss://localhost:{port}/ws");
     let mut clients: Vec<_> = (0..2)
         .map(|_| {
-            folio()
-                .args(["client", "--server", &url])
-                .env("SSL_CERT_FILE", &ca.cert)
+            wss_client(&url, &ca.cert)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
