@@ -81,6 +81,18 @@ pub enum ClientHeader {
     Forwarded,
 }
 
+impl FromStr for ClientHeader {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(Self::XForwardedFor),
+            "forwarded" => Ok(Self::Forwarded),
+            _ => Err(format!("{name:?}: x-forwarded-for or forwarded")),
+        }
+    }
+}
+
 /// The reverse proxies whose word on the client's address is taken.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrustedProxies {

@@ -162,3 +162,32 @@ async fn certificate_files_that_cannot_be_used_are_refused_with_what_to_do() {
         "{not_a_key}"
     );
 }
+
+/// A peer that starts a TLS handshake and never finishes it holds its
+/// connection for the header timeout at most (not the longer idle timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_left_half_done_is_closed_at_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    ca.issue(&["localhost"], "one", &cert, &key);
+    let state = tempfile::tempdir().unwrap();
+    let mut config = tls_config(state.path(), &cert, &key);
+    config.limits.header_timeout = Duration::from_secs(1);
+    let server = Server::start(config).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // The first bytes of a ClientHello, then nothing.
+    slow.write_all(&[0x16, 3, 1, 0x02, 0x00, 1, 0, 1, 0xfc])
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open after 10 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    server.abort();
+}

@@ -50,14 +50,11 @@ pub struct ServeArgs {
     /// capped, rate-limited and selected by their own addresses. Repeatable.
     #[arg(long, value_name = "CIDR")]
     trusted_proxy: Vec<folio_server::proxy::Cidr>,
-    /// The header the trusted proxies append each client's address to.
-    #[arg(
-        long,
-        value_enum,
-        default_value = "x-forwarded-for",
-        requires = "trusted_proxy"
-    )]
-    client_address_header: AddressHeader,
+    /// The header the trusted proxies append each client's address to:
+    /// x-forwarded-for (nginx's $proxy_add_x_forwarded_for, Caddy's default) or
+    /// forwarded (RFC 7239).
+    #[arg(long, default_value = "x-forwarded-for", requires = "trusted_proxy")]
+    client_address_header: folio_server::proxy::ClientHeader,
     /// Checkpoints and metrics; restarting on the same folder resumes [default:
     /// data/state/PRESET, so that runs of different presets never share one]
     #[arg(long)]
@@ -118,15 +115,6 @@ pub struct ServeArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     round: RunSettings,
-}
-
-/// `--client-address-header`.
-#[derive(Clone, Copy, ValueEnum)]
-pub enum AddressHeader {
-    /// X-Forwarded-For (nginx's $proxy_add_x_forwarded_for, Caddy's default).
-    XForwardedFor,
-    /// RFC 7239 Forwarded.
-    Forwarded,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -262,10 +250,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
         check_devices: !args.skip_device_check,
         trusted_proxies: folio_server::proxy::TrustedProxies {
             proxies: args.trusted_proxy,
-            header: match args.client_address_header {
-                AddressHeader::XForwardedFor => folio_server::proxy::ClientHeader::XForwardedFor,
-                AddressHeader::Forwarded => folio_server::proxy::ClientHeader::Forwarded,
-            },
+            header: args.client_address_header,
         },
     };
     config.limits = Limits {

@@ -128,7 +128,17 @@ fn native_clients_train_over_wss_against_a_certificate_they_check() {
     while std::net::TcpStream::connect(&addr).is_err() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let refused = client(&stranger.cert).wait_with_output().unwrap();
+    let mut refused = client(&stranger.cert);
+    // It stops by itself, at once: a client retrying forever fails the test.
+    let started = std::time::Instant::now();
+    while refused.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = refused.kill();
+            panic!("a client with a certificate it cannot trust kept retrying");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let refused = refused.wait_with_output().unwrap();
     server.kill().unwrap();
     let _ = server.wait();
     let said = String::from_utf8_lossy(&refused.stderr);
