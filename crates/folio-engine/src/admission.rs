@@ -233,8 +233,12 @@ impl<R: HoldsSessions> Engine<R> {
     /// training in the open round, the round counts it as dropped.
     pub fn leave(&mut self, session: u64, now: Instant) {
         self.sessions.disconnect(session, now);
-        if let Some(buffered) = &mut self.buffered {
-            buffered.tasks.remove(&session);
+        let held_task = self.buffered.as_mut().is_some_and(|b| {
+            b.owing.remove(&session);
+            b.tasks.remove(&session).is_some()
+        });
+        if held_task {
+            self.strike(&[session], now, "left with an asynchronous task");
         }
         if let Phase::Collecting(open) = &mut self.phase {
             if open.is_training(session) {

@@ -5,9 +5,19 @@
 //! rules of synchronous rounds hold per update: examples bounded by the task's
 //! plan, the strategy's clipping, one update per session per model, and none
 //! staler than `max_staleness`.
+//!
+//! A device that takes a task and says nothing holds no slot for long: its
+//! slot is given to another device once it took `SLACK` times as long as that
+//! device usually takes (a device new to tasks: the population's median task),
+//! so more devices can be in flight than `clients_per_round`; its task still
+//! counts until the deadline. Both count the time the session has held tasks
+//! since its last update (a task called off as stale hands its time on to the
+//! next), so a silent device cannot start afresh on each new model.
+//! A task that reaches its deadline is a strike: the session gets no task for
+//! a growing time.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use folio_fed::strategy::OpenUpdates;
 use folio_proto::ErrorCode;
@@ -17,6 +27,7 @@ use crate::error::EngineError;
 use crate::jobs::Collected;
 use crate::roles::Role;
 use crate::rounds::refused_update;
+use crate::sessions::SessionInfo;
 use crate::settings::AsyncRounds;
 use crate::{DecodedUpdate, Engine};
 
@@ -27,8 +38,30 @@ pub(crate) struct Task {
     pub round: u64,
     /// The most examples its update may claim.
     pub allowed: u64,
+    /// Since when the session owes an update: this task's hand-out, less the
+    /// time it held tasks that were called off as stale since its last update.
+    pub owed_since: Instant,
     pub deadline: Instant,
+    /// When its slot goes to another device if no update came.
+    pub patience: Instant,
 }
+
+impl Task {
+    /// Whether it still holds one of the `clients_per_round` slots at `now`.
+    pub fn holds_slot(&self, now: Instant) -> bool {
+        now < self.patience
+    }
+}
+
+/// A task's slot is handed on after this many times the device's usual time.
+pub(crate) const SLACK: u32 = 3;
+/// ...and never sooner than this.
+pub(crate) const MIN_PATIENCE: Duration = Duration::from_secs(1);
+/// One slot in this many (at least one) is open to devices new to tasks
+/// whatever the proven ones want.
+const PROBATION_SHARE: usize = 4;
+/// Tasks' times kept for the population's median.
+const RECENT_TASKS: usize = 64;
 
 /// The updates waiting for the next step of the global model.
 pub(crate) struct Buffer {
@@ -71,6 +104,11 @@ pub(crate) struct Buffered {
     pub buffer: Buffer,
     /// Full buffers waiting for the step before them to be committed.
     pub full: VecDeque<Buffer>,
+    /// How long the latest tasks took, from handed out to update in.
+    pub recent: VecDeque<Duration>,
+    /// Sessions whose task was called off as stale: how long each held tasks
+    /// with no update (its next task goes on from there).
+    pub owing: BTreeMap<u64, Duration>,
 }
 
 impl Buffered {
@@ -82,7 +120,42 @@ impl Buffered {
             draws: 0,
             buffer: Buffer::new(updates, now),
             full: VecDeque::new(),
+            recent: VecDeque::new(),
+            owing: BTreeMap::new(),
         }
+    }
+
+    /// How long a device that usually takes `turnaround` keeps its slot:
+    /// `SLACK` times that; a device new to tasks (`None`) as long as the
+    /// population's median task, or an eighth of the deadline before any task
+    /// came back; within [`MIN_PATIENCE`, `deadline`]. A slower task goes on
+    /// outside the slot.
+    pub fn patience(&self, turnaround: Option<Duration>, deadline: Duration) -> Duration {
+        let patience = match turnaround {
+            Some(usual) => usual * SLACK,
+            None => {
+                let mut recent: Vec<Duration> = self.recent.iter().copied().collect();
+                recent.sort_unstable();
+                recent
+                    .get(recent.len() / 2)
+                    .copied()
+                    .unwrap_or(deadline / 8)
+            }
+        };
+        patience.max(MIN_PATIENCE).min(deadline)
+    }
+
+    /// A task came back after `took`.
+    pub fn finished(&mut self, took: Duration) {
+        if self.recent.len() == RECENT_TASKS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(took);
+    }
+
+    /// Tasks holding a slot at `now`.
+    pub fn in_flight(&self, now: Instant) -> usize {
+        self.tasks.values().filter(|t| t.holds_slot(now)).count()
     }
 
     /// The steps the global model moved since round `round`'s model, when the
@@ -91,9 +164,13 @@ impl Buffered {
         next.saturating_sub(round)
     }
 
-    /// The earliest task deadline.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.tasks.values().map(|t| t.deadline).min()
+    /// The earliest task deadline, or slot handed on, after `now`.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        self.tasks
+            .values()
+            .flat_map(|t| [t.deadline, t.patience])
+            .filter(|&at| at > now)
+            .min()
     }
 
     /// Removes the tasks past their deadline at `now`, and returns their sessions.
@@ -106,6 +183,7 @@ impl Buffered {
             .collect();
         for s in &late {
             self.tasks.remove(s);
+            self.owing.remove(s);
             self.timed_out.insert(*s);
         }
         late
@@ -113,7 +191,7 @@ impl Buffered {
 
     /// Removes the tasks whose model is now more than `max_staleness` steps
     /// behind (the next round being `next`), and returns their sessions.
-    pub fn drop_stale(&mut self, next: u64) -> Vec<u64> {
+    pub fn drop_stale(&mut self, next: u64, now: Instant) -> Vec<u64> {
         let max = self.settings.max_staleness;
         let stale: Vec<u64> = self
             .tasks
@@ -122,7 +200,9 @@ impl Buffered {
             .map(|(&s, _)| s)
             .collect();
         for s in &stale {
-            self.tasks.remove(s);
+            let task = self.tasks.remove(s).expect("listed above");
+            let held = now.saturating_duration_since(task.owed_since);
+            self.owing.insert(*s, held);
         }
         stale
     }
@@ -247,6 +327,9 @@ impl<R: Role> Engine<R> {
             )
             .map_err(refused_update)?;
         buffered.tasks.remove(&session);
+        buffered.owing.remove(&session);
+        let took = now.saturating_duration_since(task.owed_since);
+        buffered.finished(took);
         // Bounded by the task's examples, so none of these sums can overflow.
         let buffer = &mut buffered.buffer;
         let examples = update.examples as f64;
@@ -266,6 +349,9 @@ impl<R: Role> Engine<R> {
         }
         if let Some(info) = self.sessions.get_mut(session) {
             info.reported(update.client_round());
+            info.strikes.clear();
+            // Smoothed: one slow task moves it halfway.
+            info.turnaround = Some(info.turnaround.map_or(took, |usual| (usual + took) / 2));
         }
         self.advance(now);
         Ok(())
@@ -280,7 +366,7 @@ impl<R: Role> Engine<R> {
         };
         buffered.timed_out.clear();
         buffered.draws = 0;
-        let stale = buffered.drop_stale(next);
+        let stale = buffered.drop_stale(next, self.clock);
         let max = buffered.settings.max_staleness;
         self.send(
             stale,
@@ -323,60 +409,87 @@ impl<R: Role> Engine<R> {
         let round = self.completed_rounds() + 1;
         let buffered = self.buffered.as_ref().expect("asynchronous rounds");
         let strategy = *self.strategy.config();
+        let deadline = self.config.rounds.deadline;
+        let free_sessions = self.sessions.connected().filter(|s| {
+            self.drawable(s.session, now)
+                && !buffered.tasks.contains_key(&s.session)
+                && !buffered.timed_out.contains(&s.session)
+                && s.reported_rounds.back() != Some(&round)
+        });
+        // A session whose stale task was called off after it held tasks past
+        // its patience gets the latest model at once: that task holds no slot.
+        let (mut picked, waiting): (Vec<u64>, Vec<&SessionInfo>) = {
+            let (owed, waiting): (Vec<_>, Vec<_>) = free_sessions.partition(|s| {
+                buffered
+                    .owing
+                    .get(&s.session)
+                    .is_some_and(|&held| held >= buffered.patience(s.turnaround, deadline))
+            });
+            (owed.into_iter().map(|s| s.session).collect(), waiting)
+        };
         let free = strategy
             .clients_per_round
-            .saturating_sub(buffered.tasks.len());
-        if free == 0 {
-            return;
-        }
-        let candidates: Vec<folio_fed::Candidate> = self
-            .sessions
-            .connected()
-            .filter(|s| {
-                self.selectable(s.session)
-                    && !buffered.tasks.contains_key(&s.session)
-                    && !buffered.timed_out.contains(&s.session)
-                    && s.reported_rounds.back() != Some(&round)
+            .saturating_sub(buffered.in_flight(now));
+        // Devices that finished a task before are drawn first; those new to
+        // tasks (or back from a lapse) get what that leaves, and a probation
+        // share of the slots whatever it leaves, so newcomers are never shut
+        // out and silent ones hold no more than that share.
+        let (proven, unproven): (Vec<_>, Vec<_>) =
+            waiting.into_iter().partition(|s| s.turnaround.is_some());
+        let on_probation = buffered
+            .tasks
+            .iter()
+            .filter(|&(&s, t)| {
+                t.holds_slot(now) && self.sessions.get(s).is_none_or(|s| s.turnaround.is_none())
             })
-            .map(|s| self.candidate(s))
-            .collect();
-        if candidates.is_empty() {
+            .count();
+        let probation = (strategy.clients_per_round / PROBATION_SHARE).max(1);
+        let reserved = probation
+            .saturating_sub(on_probation)
+            .min(free)
+            .min(unproven.len());
+        let from_proven = (free - reserved).min(proven.len());
+        let from_unproven = (free - from_proven).min(unproven.len());
+        let seed = self.strategy.seed();
+        let draws = buffered.draws;
+        let draw = |group: Vec<&SessionInfo>, count: usize, attempt: u32| -> Vec<u64> {
+            if count == 0 {
+                return Vec::new();
+            }
+            let candidates: Vec<folio_fed::Candidate> =
+                group.into_iter().map(|s| self.candidate(s)).collect();
+            let draw = folio_fed::StrategyConfig {
+                clients_per_round: count,
+                min_clients: 1,
+                quorum: 1,
+                ..strategy
+            };
+            folio_fed::strategy::select(&draw, seed, round, attempt, &candidates, &BTreeSet::new())
+                .unwrap_or_default()
+        };
+        picked.extend(draw(proven, from_proven, 2 * draws));
+        picked.extend(draw(unproven, from_unproven, 2 * draws + 1));
+        if picked.is_empty() {
             return;
         }
-        let draw = folio_fed::StrategyConfig {
-            clients_per_round: free.min(candidates.len()),
-            min_clients: 1,
-            quorum: 1,
-            ..strategy
-        };
-        let seed = self.strategy.seed();
-        let picked = folio_fed::strategy::select(
-            &draw,
-            seed,
-            round,
-            buffered.draws,
-            &candidates,
-            &BTreeSet::new(),
-        )
-        .unwrap_or_default();
         let start = self.round_start(round);
         let plan = self.config.rounds.plan(start.seed);
-        let deadline = now + self.config.rounds.deadline;
         let tasks: Vec<(u64, Task)> = picked
             .iter()
             .map(|&session| {
-                let client = &self
-                    .sessions
-                    .get(session)
-                    .expect("a connected session")
-                    .client_id;
-                let allowed = plan.max_examples(self.text_size(client));
+                let info = self.sessions.get(session).expect("a connected session");
+                let allowed = plan.max_examples(self.text_size(&info.client_id));
+                let patience = buffered.patience(info.turnaround, deadline);
+                let held = buffered.owing.get(&session).copied().unwrap_or_default();
+                let owed_since = now.checked_sub(held).unwrap_or(now);
                 (
                     session,
                     Task {
                         round,
                         allowed,
-                        deadline,
+                        owed_since,
+                        deadline: owed_since + deadline,
+                        patience: owed_since + patience,
                     },
                 )
             })

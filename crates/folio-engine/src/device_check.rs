@@ -20,6 +20,16 @@ impl<R: Role> Engine<R> {
             .get(session)
             .is_some_and(|s| !self.config.check_devices || s.check == DeviceCheck::Passed)
     }
+
+    /// Whether `session` may be drawn for a round or a task at `now`:
+    /// selectable, and not benched for what it broke before.
+    pub(crate) fn drawable(&self, session: u64, now: Instant) -> bool {
+        self.selectable(session)
+            && self
+                .sessions
+                .get(session)
+                .is_some_and(|s| s.strikes.benched_until(now).is_none())
+    }
 }
 
 impl<R: HoldsSessions> Engine<R> {

@@ -50,6 +50,8 @@ pub struct Engine<R: Role = Whole> {
     pub(crate) stopped: Option<String>,
     /// Asynchronous rounds' tasks and buffer (`None`: synchronous rounds).
     pub(crate) buffered: Option<Buffered>,
+    /// The latest time an event brought (for timers that count from it).
+    pub(crate) clock: Instant,
     /// Every secret draw: seeded by the config's entropy.
     rng: ChaCha20Rng,
     role: PhantomData<R>,
@@ -223,6 +225,7 @@ impl<R: Role> Engine<R> {
             fresh_state,
             stopped: None,
             buffered,
+            clock: now,
             rng,
             role: PhantomData,
         };
@@ -251,9 +254,17 @@ impl<R: Role> Engine<R> {
             Phase::Asking(asking) => Some(asking.deadline),
             _ => None,
         };
-        let tasks = self.buffered.as_ref().and_then(Buffered::next_deadline);
+        let now = self.clock;
+        let tasks = self.buffered.as_ref().and_then(|b| b.next_deadline(now));
         let expiry = self.sessions.next_expiry(self.config.session_ttl);
-        deadline.into_iter().chain(tasks).chain(expiry).min()
+        // A bench that ends may let a round or a task start.
+        let bench = self.sessions.next_bench_end(now);
+        deadline
+            .into_iter()
+            .chain(tasks)
+            .chain(expiry)
+            .chain(bench)
+            .min()
     }
 
     /// Time passed: sessions expire, tasks lapse, a round may close at its
@@ -262,6 +273,13 @@ impl<R: Role> Engine<R> {
         self.sessions.expire(now, self.config.session_ttl);
         if let Some(buffered) = &mut self.buffered {
             let late = buffered.expire(now);
+            self.strike(&late, now, "let its asynchronous task lapse");
+            // Back on probation: its past speed no longer vouches for it.
+            for &session in &late {
+                if let Some(info) = self.sessions.get_mut(session) {
+                    info.turnaround = None;
+                }
+            }
             self.send(
                 late,
                 EngineError::new(
@@ -326,6 +344,21 @@ impl<R: Role> Engine<R> {
         }
     }
 
+    /// `sessions` broke something (`what`): each sits out for a growing time.
+    pub(crate) fn strike(&mut self, sessions: &[u64], now: Instant, what: &str) {
+        for &session in sessions {
+            if let Some(info) = self.sessions.get_mut(session) {
+                let bench = info.strikes.add(now);
+                tracing::info!(
+                    session,
+                    strikes = info.strikes.count(),
+                    "session {session} {what}: not drawn for {}s",
+                    bench.as_secs()
+                );
+            }
+        }
+    }
+
     /// Counts a refused input for the status.
     pub fn count_error(&mut self, code: ErrorCode) {
         *self.errors.entry(code.name()).or_default() += 1;
@@ -333,6 +366,7 @@ impl<R: Role> Engine<R> {
 
     /// Moves the round along: start one, close or abandon the open one.
     pub(crate) fn advance(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
         if matches!(self.phase, Phase::Asking(_)) {
             self.advance_asking(now);
         }

@@ -50,7 +50,7 @@ impl<R: Role> Engine<R> {
         let candidates = if R::HOLDS_SESSIONS {
             self.sessions
                 .connected()
-                .filter(|s| self.selectable(s.session))
+                .filter(|s| self.drawable(s.session, now))
                 .map(|s| self.candidate(s))
                 .collect()
         } else {

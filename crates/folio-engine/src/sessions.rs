@@ -60,10 +60,52 @@ pub struct SessionInfo {
     /// The group it last connected from (its network, for a server).
     #[serde(skip)]
     pub group: u64,
+    /// What it broke (tasks let lapse, secure rounds spoiled): it sits out.
+    #[serde(skip)]
+    pub strikes: Strikes,
+    /// How long its asynchronous tasks take, smoothed over the recent ones.
+    #[serde(skip)]
+    pub turnaround: Option<Duration>,
     #[serde(skip)]
     secret: String,
     #[serde(skip)]
     disconnected_at: Option<Instant>,
+}
+
+/// The first strike benches a session for this long; each next one for twice
+/// as long as the one before, up to 2¹⁰ times as long (about 3 hours).
+pub const BENCH: Duration = Duration::from_secs(10);
+
+/// Strikes against a session, and until when it is not selected.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Strikes {
+    count: u32,
+    until: Option<Instant>,
+}
+
+impl Strikes {
+    /// One more strike at `now`: benched for twice as long as the last time.
+    /// Returns how long.
+    pub fn add(&mut self, now: Instant) -> Duration {
+        self.count = self.count.saturating_add(1);
+        let bench = BENCH * 2u32.pow((self.count - 1).min(10));
+        self.until = Some(now + bench);
+        bench
+    }
+
+    /// It did its part: the slate is clean.
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// When its bench ends, if it is on one at `now`.
+    pub fn benched_until(&self, now: Instant) -> Option<Instant> {
+        self.until.filter(|&until| now < until)
+    }
 }
 
 /// A device's check: a known-answer probe it must get right before it is
@@ -256,6 +298,8 @@ impl Sessions {
                 checked_device: None,
                 held_model: None,
                 group,
+                strikes: Strikes::default(),
+                turnaround: None,
                 secret: format!("{secret:032x}"),
                 disconnected_at: Some(now),
             },
@@ -285,6 +329,14 @@ impl Sessions {
                 .is_none_or(|at| now.saturating_duration_since(at) < ttl)
         });
         before - self.by_id.len()
+    }
+
+    /// When the next bench after `now` ends, if any session is on one.
+    pub fn next_bench_end(&self, now: Instant) -> Option<Instant> {
+        self.by_id
+            .values()
+            .filter_map(|s| s.strikes.benched_until(now))
+            .min()
     }
 
     /// When the next disconnected session expires, if any is waiting.

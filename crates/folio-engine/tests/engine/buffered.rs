@@ -146,3 +146,63 @@ fn asynchronous_rounds_refuse_strategies_that_need_a_sampled_round() {
         assert!(why.contains("asynchronous"), "{why}");
     }
 }
+
+/// Steps of the global model in `minutes` of asynchronous rounds, 3 slots and
+/// a buffer of 2, with 6 honest devices (each answering its task after a
+/// second) and `silent` devices that take tasks and never answer.
+fn steps_beside_silent_devices(silent: usize, minutes: u64) -> usize {
+    let mut config = config(strategy_config(3, 1), None);
+    config.data = DataSource::Device;
+    config.max_sessions = 64;
+    config.rounds.asynchronous = Some(folio_engine::AsyncRounds {
+        buffer: 2,
+        max_staleness: 4,
+    });
+    let mut host = Host::new(config, fresh_start());
+    let device = |group: u64| CheckedJoin {
+        client: None,
+        group,
+        ..join("A")
+    };
+    // The silent ones come first: they are there when the first tasks go out.
+    let silent: BTreeSet<u64> = (0..silent as u64)
+        .map(|g| host.engine.join(device(100 + g), host.now).unwrap().session)
+        .collect();
+    for group in 0..6 {
+        host.engine.join(device(group), host.now).unwrap();
+    }
+    host.run();
+    let tick = Duration::from_millis(100);
+    let end = host.now + Duration::from_secs(60 * minutes);
+    let mut seen = 0;
+    let mut answers: Vec<(Instant, u64, u64)> = Vec::new();
+    while host.now < end {
+        let starts = host.starts();
+        for (to, start) in &starts[seen..] {
+            for &session in to.iter().filter(|s| !silent.contains(s)) {
+                answers.push((host.now + Duration::from_secs(1), session, start.round));
+            }
+        }
+        seen = starts.len();
+        let (due, later) = answers.into_iter().partition(|(at, ..)| *at <= host.now);
+        answers = later;
+        for (_, session, round) in due {
+            let _ = host.update(session, round, [0.01; PARAMS]);
+        }
+        host.wait(tick);
+    }
+    host.committed.len()
+}
+
+#[test]
+fn devices_that_take_tasks_and_never_answer_hold_no_slot_for_long() {
+    let honest = steps_beside_silent_devices(0, 10);
+    let three = steps_beside_silent_devices(3, 10);
+    let twelve = steps_beside_silent_devices(12, 10);
+    println!(
+        "steps in 10 simulated minutes: honest {honest}, 3 silent {three}, 12 silent {twelve}"
+    );
+    assert!(honest > 500, "{honest}");
+    assert!(three * 10 >= honest * 9, "3 silent: {three} of {honest}");
+    assert!(twelve * 10 >= honest * 8, "12 silent: {twelve} of {honest}");
+}
