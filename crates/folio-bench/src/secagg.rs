@@ -189,8 +189,9 @@ fn secure(params: usize, model: &[u8], deltas: &[Vec<f32>], degree: u32) -> Cost
             let started = Instant::now();
             let reply = match step {
                 ServerStep::Roster(roster) => ClientStep::Shares(client.roster(roster).unwrap()),
-                ServerStep::Shares(shares) => {
-                    client.shares(shares).unwrap();
+                ServerStep::Shares(shares) => ClientStep::Check(client.shares(shares).unwrap()),
+                ServerStep::Proceed(proceed) => {
+                    client.proceed(proceed).unwrap();
                     let input = Input {
                         delta: &deltas[s as usize],
                         weight: spec.weight(40),

@@ -9,6 +9,7 @@ pub mod evaluate;
 #[cfg(not(target_family = "wasm"))]
 pub mod native;
 pub mod personalize;
+mod secure;
 
 use burn::prelude::Device;
 use folio_data::device::DeviceText;
@@ -18,9 +19,10 @@ use folio_model::params::delta;
 use folio_model::{CharRnn, ModelConfig, OptimizerKind, TrainConfig, Trainer};
 use folio_proto::{
     ClientKind, ClientMessage, ClientStep, DataSource, ErrorCode, ErrorMessage, Join, Optimizer,
-    PROTOCOL_VERSION, RoundResult, RoundStart, ServerMessage, ServerStep, Update, Welcome,
+    PROTOCOL_VERSION, RoundResult, RoundStart, ServerMessage, Update, Welcome,
 };
 use folio_secagg::SecureClient;
+use secure::{SecureRound, secure_step, send_step};
 use web_time::Instant;
 
 /// Carries binary frames to and from the aggregator.
@@ -227,15 +229,6 @@ fn device_text(welcome: &Welcome, own: Option<&str>) -> Result<DeviceText, Clien
     }
 }
 
-/// A secure round this client is in: its protocol state, and the round's
-/// start and model, trained on once the shares are in.
-struct SecureRound {
-    client: SecureClient,
-    start: RoundStart,
-    model: HeldModel,
-    bytes_down: usize,
-}
-
 /// 32 bytes from the OS (`crypto.getRandomValues` in a tab).
 fn entropy() -> [u8; 32] {
     let mut bytes = [0u8; 32];
@@ -325,6 +318,7 @@ pub async fn run<T: Transport>(
                         start,
                         model,
                         bytes_down,
+                        trained: None,
                     });
                     continue;
                 }
@@ -736,81 +730,6 @@ pub async fn train_locally(
         metrics,
         seconds: started.elapsed().as_secs_f32(),
     })
-}
-
-/// Sends one step of a secure round.
-async fn send_step<T: Transport>(
-    transport: &mut T,
-    step: ClientStep,
-) -> Result<usize, ClientError> {
-    let frame = folio_proto::encode(&ClientMessage::Secure(step));
-    let bytes = frame.len();
-    transport.send(frame).await?;
-    Ok(bytes)
-}
-
-/// Answers one server step of a secure round: shares for the roster; for
-/// the relayed shares, training and the masked input (the round's report);
-/// the revealed shares for the unmasking request.
-async fn secure_step<T: Transport>(
-    transport: &mut T,
-    device: &Device,
-    session: &Session,
-    round: &mut SecureRound,
-    step: ServerStep,
-    on_event: &mut impl FnMut(ClientEvent),
-) -> Result<Option<RoundReport>, ClientError> {
-    let number = round.start.round;
-    match step {
-        ServerStep::Roster(roster) => {
-            let shares = round.client.roster(roster)?;
-            on_event(ClientEvent::State(ClientState::Securing {
-                round: number,
-                step: "shares",
-            }));
-            send_step(transport, ClientStep::Shares(shares)).await?;
-            Ok(None)
-        }
-        ServerStep::Shares(shares) => {
-            round.client.shares(shares)?;
-            let local = train_round(device, session, &round.start, &round.model, on_event).await?;
-            on_event(ClientEvent::State(ClientState::Uploading { round: number }));
-            let spec = *round.client.spec();
-            // The round also evaluates on the devices: the model it was sent,
-            // on the text this device holds out, summed with the round's.
-            let held_out = match spec.quantizer.held_out_chars {
-                0 => folio_secagg::HeldOut::default(),
-                most => {
-                    let num_params = [session.config.num_params()];
-                    let model = &round.model;
-                    let weights = codec::decode(&model.weights, &num_params, model.encoding)?;
-                    let ids = &session.held_out;
-                    evaluate::held_out_figures(device, session.config, &weights, ids, most).await?
-                }
-            };
-            let masked = round.client.mask(&folio_secagg::Input {
-                delta: &local.delta,
-                weight: spec.weight(local.examples),
-                loss: local.metrics.loss,
-                accuracy: local.metrics.accuracy,
-                held_out,
-            })?;
-            let bytes_up = send_step(transport, ClientStep::Masked(masked)).await?;
-            let report = RoundReport::new(&round.start, &local, round.bytes_down, bytes_up, true);
-            on_event(ClientEvent::Trained(report.clone()));
-            on_event(ClientEvent::State(ClientState::Securing {
-                round: number,
-                step: "unmasking",
-            }));
-            Ok(Some(report))
-        }
-        ServerStep::Unmask(request) => {
-            let reveal = round.client.unmask(request)?;
-            send_step(transport, ClientStep::Reveal(reveal)).await?;
-            on_event(ClientEvent::State(ClientState::Waiting));
-            Ok(None)
-        }
-    }
 }
 
 impl RoundReport {

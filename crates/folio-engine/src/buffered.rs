@@ -395,6 +395,7 @@ impl<R: Role> Engine<R> {
             secure: false,
             staleness: Some(buffer.staleness_sum as f64 / buffer.count.max(1) as f64),
             federated: None,
+            contributors: Vec::new(),
         };
         self.aggregate(closing, Collected::Updates(buffer.updates));
     }

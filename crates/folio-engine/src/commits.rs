@@ -85,6 +85,7 @@ impl<R: Commits> Engine<R> {
                 devices: closing.clients,
             });
         }
+        self.judge_contributors(&closing.contributors, result.result.is_ok(), now);
         match result.result {
             Ok((aggregated, encoded)) => {
                 let candidate = Candidate {

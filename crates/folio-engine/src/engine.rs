@@ -84,6 +84,8 @@ pub(crate) struct Closing {
     pub staleness: Option<f64>,
     /// A secure round's devices' figures on their held-out text.
     pub federated: Option<crate::FederatedEvaluation>,
+    /// The sessions whose inputs a secure round's sum holds.
+    pub contributors: Vec<u64>,
 }
 
 impl Closing {
@@ -101,6 +103,7 @@ impl Closing {
             secure: false,
             staleness: None,
             federated: None,
+            contributors: Vec::new(),
         }
     }
 }

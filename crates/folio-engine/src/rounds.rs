@@ -56,6 +56,7 @@ impl<R: Role> Engine<R> {
         } else {
             self.offered.clone()
         };
+        let candidates = self.least_suspected(candidates, round, now);
         let Some(selected) =
             self.strategy
                 .configure_round(round, self.attempt, &candidates, &self.failed)
@@ -262,6 +263,10 @@ impl<R: Role> Engine<R> {
             secure: matches!(open.collected, Collected::SecureSum(_)),
             staleness: None,
             federated: None,
+            contributors: match open.collected {
+                Collected::SecureSum(_) => open.reported.iter().copied().collect(),
+                _ => Vec::new(),
+            },
         };
         self.aggregate(closing, open.collected);
     }

@@ -24,6 +24,8 @@ pub(crate) struct SecureOpen {
     pub unmasking: Option<Unmasking>,
     /// Sessions that left during the round: no later step waits for them.
     pub left: BTreeSet<u64>,
+    /// When the step under way began.
+    pub step_started: Instant,
 }
 
 /// A secure round that closed with its sum, and who is in it.
@@ -70,6 +72,27 @@ fn spec(
         },
         weight_scale: weigh_by_examples.then_some(most_examples.max(1)),
     }
+}
+
+/// How long a secure step waits for its last few: once at most one in ten
+/// (at least one) of those it waits for is missing, as long again as the step
+/// has taken (at least a second), so one silent client costs a round seconds,
+/// not the step's timeout. A client that slow is a dropout.
+fn stragglers_until(secure: &SecureOpen, now: Instant) -> Instant {
+    let (answered, of) = secure.server.progress();
+    let missing = of - answered;
+    if missing == 0 || missing > (of / 10).max(1) {
+        return secure.step_deadline;
+    }
+    let taken = now.saturating_duration_since(secure.step_started);
+    now + taken.max(Duration::from_secs(1))
+}
+
+/// SplitMix64's finaliser: a well-mixed 64-bit hash of `x`.
+fn splitmix(x: u64) -> u64 {
+    let x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 /// A secure round's sum, to unmask and decode where it holds nothing up.
@@ -211,6 +234,7 @@ impl<R: Role> Engine<R> {
             step_deadline: now + settings.step_timeout,
             unmasking: None,
             left: BTreeSet::new(),
+            step_started: now,
         }))
     }
 
@@ -233,6 +257,21 @@ impl<R: Role> Engine<R> {
         if !secure.server.is_complete() && now < secure.step_deadline {
             return false;
         }
+        // Those that checked the shares and sent no input while connected
+        // held the round up to its straggler wait: a strike each.
+        let silent: Vec<u64> = match secure.server.stage() {
+            folio_secagg::Stage::Masked => secure
+                .server
+                .awaiting()
+                .filter(|s| !secure.left.contains(s))
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.strike(&silent, now, "sent no masked input in time");
+        let Phase::Collecting(open) = &mut self.phase else {
+            unreachable!("matched above")
+        };
+        let secure = open.secure.as_mut().expect("matched above");
         match secure.server.close() {
             Ok(folio_secagg::Closed::Send(messages)) => {
                 // Training happens before the masked input: that step waits
@@ -241,12 +280,29 @@ impl<R: Role> Engine<R> {
                     folio_secagg::Stage::Masked => open.deadline,
                     _ => now + step_timeout,
                 };
+                secure.step_started = now;
                 for &session in &secure.left {
                     secure.server.leave(session);
                 }
+                let culprits = match secure.server.stage() {
+                    folio_secagg::Stage::Masked => secure.server.culprits(),
+                    _ => Vec::new(),
+                };
                 for (session, step) in messages {
                     self.send(vec![session], ServerMessage::Secure(step));
                 }
+                self.strike(
+                    &culprits,
+                    now,
+                    "spoiled a secure round's share or accused a neighbour falsely",
+                );
+                self.send(
+                    culprits,
+                    EngineError::new(
+                        ErrorCode::BadSecureStep,
+                        "a share you sealed did not open for its holder (or you said a good one did not): you are out of this round",
+                    ),
+                );
                 true
             }
             Ok(folio_secagg::Closed::Unmask(unmasking)) => {
@@ -272,6 +328,67 @@ impl<R: Role> Engine<R> {
                 true
             }
         }
+    }
+}
+
+impl<R: Role> Engine<R> {
+    /// A secure sum was decoded (`plausible`) or refused as no clipped inputs
+    /// could make it. No one can tell whose input spoiled it, so each of its
+    /// contributors is suspected, for 10 s doubling with each refused sum in a
+    /// row; a good sum clears it. The spoiler is in every refused sum, so its
+    /// suspicion grows and lasts while an honest client's is soon cleared.
+    pub(crate) fn judge_contributors(
+        &mut self,
+        contributors: &[u64],
+        plausible: bool,
+        now: Instant,
+    ) {
+        for &session in contributors {
+            if let Some(info) = self.sessions.get_mut(session) {
+                if plausible {
+                    info.suspicion.clear();
+                } else {
+                    info.suspicion.add(now);
+                }
+            }
+        }
+    }
+
+    /// A secure round's candidates, the least suspected first: those under
+    /// no suspicion if there are enough of them for a round, else topped up
+    /// with the least suspected (ties drawn by the round's seed). DP rounds
+    /// keep every candidate: their sample must stay the Poisson one.
+    pub(crate) fn least_suspected(
+        &self,
+        candidates: Vec<folio_fed::Candidate>,
+        round: u64,
+        now: Instant,
+    ) -> Vec<folio_fed::Candidate> {
+        let strategy = self.strategy.config();
+        if self.config.rounds.secure.is_none() || strategy.kind == folio_fed::StrategyKind::DpFedAvg
+        {
+            return candidates;
+        }
+        let suspicion = |c: &folio_fed::Candidate| {
+            self.sessions
+                .get(c.client)
+                .and_then(|s| s.suspicion.benched_until(now).map(|_| s.suspicion.count()))
+                .unwrap_or(0)
+        };
+        let (clean, mut suspected): (Vec<_>, Vec<_>) =
+            candidates.into_iter().partition(|c| suspicion(c) == 0);
+        let wanted = strategy.min_clients.max(1);
+        if clean.len() >= wanted {
+            return clean;
+        }
+        let seed = self.strategy.seed() ^ round.rotate_left(32) ^ u64::from(self.attempt);
+        let tie = |c: &folio_fed::Candidate| splitmix(seed ^ c.client);
+        suspected.sort_by_key(|c| (suspicion(c), tie(c)));
+        let top_up = wanted - clean.len();
+        clean
+            .into_iter()
+            .chain(suspected.into_iter().take(top_up))
+            .collect()
     }
 }
 
@@ -301,6 +418,7 @@ impl<R: HoldsSessions> Engine<R> {
             .server
             .receive(session, step)
             .map_err(|e| EngineError::new(ErrorCode::BadSecureStep, e.to_string()))?;
+        secure.step_deadline = secure.step_deadline.min(stragglers_until(secure, now));
         if masked {
             open.reported.insert(session);
             if let Some(info) = self.sessions.get_mut(session) {

@@ -66,6 +66,10 @@ pub struct SessionInfo {
     /// How long its asynchronous tasks take, smoothed over the recent ones.
     #[serde(skip)]
     pub turnaround: Option<Duration>,
+    /// Secure sums refused in a row that held its input, and until when that
+    /// keeps it from being drawn while others can be.
+    #[serde(skip)]
+    pub suspicion: Strikes,
     #[serde(skip)]
     secret: String,
     #[serde(skip)]
@@ -300,6 +304,7 @@ impl Sessions {
                 group,
                 strikes: Strikes::default(),
                 turnaround: None,
+                suspicion: Strikes::default(),
                 secret: format!("{secret:032x}"),
                 disconnected_at: Some(now),
             },

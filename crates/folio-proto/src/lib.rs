@@ -9,7 +9,7 @@ pub use folio_secagg::{ClientStep, SecureSpec, ServerStep};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// A client coming back to its session offers the WebSocket subprotocol
 /// `folio-resume.TOKEN` (its session token): the server checks the token before

@@ -9,10 +9,11 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::blame::CipherSecret;
 use crate::shamir::{self, Secret};
 use crate::{
-    Input, Keys, MAX_NEIGHBOURS, Masked, Peer, Reveal, Revealed, Roster, SEALED_BYTES, Sealed,
-    SecAggError, SecureSpec, Shares, SharesFor, Unmask, mask,
+    Check, Input, Keys, MAX_NEIGHBOURS, Masked, Peer, Proceed, Reveal, Revealed, Roster,
+    SEALED_BYTES, Sealed, SecAggError, SecureSpec, Shares, SharesFor, Unmask, Unopened, mask,
 };
 
 /// Labels that keep each derived key to one purpose.
@@ -22,13 +23,13 @@ pub(crate) const MASK_LABEL: &str = "folio-secagg pairwise mask v1";
 /// A neighbour's public keys.
 #[derive(Clone)]
 struct Neighbour {
-    cipher_key: PublicKey,
+    cipher_key: [u8; 32],
     mask_key: PublicKey,
 }
 
 /// This client's shares of one neighbour's secrets.
 #[derive(Clone, Copy)]
-struct Held {
+pub(crate) struct Held {
     mask_key: Secret,
     self_mask: Secret,
 }
@@ -42,6 +43,14 @@ enum Stage {
         neighbours: BTreeMap<u32, Neighbour>,
         /// This client's own shares of its secrets.
         own: Held,
+    },
+    /// Holds the shares that opened; said which did not, and waits for the
+    /// server to name who is out.
+    Checked {
+        me: u32,
+        neighbours: BTreeMap<u32, Neighbour>,
+        held: BTreeMap<u32, Held>,
+        unopened: Vec<u32>,
     },
     /// Holds the shares of the neighbours still in; ready to mask.
     Ready {
@@ -60,6 +69,7 @@ impl Stage {
         match self {
             Stage::Advertised => "keys",
             Stage::Shared { .. } => "shares",
+            Stage::Checked { .. } => "check",
             Stage::Ready { .. } => "masked input",
             Stage::Masked { .. } => "unmasking",
             Stage::Done => "done",
@@ -70,7 +80,7 @@ impl Stage {
 pub struct SecureClient {
     round: u64,
     spec: SecureSpec,
-    cipher: StaticSecret,
+    cipher: CipherSecret,
     mask: StaticSecret,
     self_mask: Secret,
     rng: ChaCha20Rng,
@@ -92,6 +102,35 @@ fn share_header(round: u64, owner: u32, holder: u32) -> [u8; 16] {
     header
 }
 
+/// Opens the share `owner` sealed for `holder`; `None` if it does not open or
+/// names another sender, holder or round.
+pub(crate) fn open_share(
+    round: u64,
+    owner: u32,
+    holder: u32,
+    agreement: &[u8; 32],
+    ciphertext: &[u8],
+) -> Option<Held> {
+    let header = share_header(round, owner, holder);
+    let plaintext = share_cipher(round, owner, holder, agreement)
+        .decrypt(
+            Nonce::from_slice(&[0; 12]),
+            Payload {
+                msg: ciphertext,
+                aad: &header,
+            },
+        )
+        .ok()?;
+    if plaintext.len() != SEALED_BYTES - 16 || plaintext[..16] != header {
+        return None;
+    }
+    let secret = |at: usize| -> Secret { plaintext[at..at + 32].try_into().expect("32") };
+    Some(Held {
+        mask_key: secret(16),
+        self_mask: secret(48),
+    })
+}
+
 /// The seed of the pairwise mask between `a` and `b` (the same from both ends).
 pub(crate) fn pairwise_seed(round: u64, a: u32, b: u32, agreement: &[u8; 32]) -> [u8; 32] {
     mask::derive(MASK_LABEL, round, a.min(b), a.max(b), agreement)
@@ -109,12 +148,12 @@ impl SecureClient {
             rng.fill_bytes(&mut bytes);
             bytes
         };
-        let cipher = StaticSecret::from(secret());
+        let cipher = CipherSecret::from_wide([secret(), secret()].concat().try_into().expect("64"));
         let mask = StaticSecret::from(secret());
         let self_mask = secret();
         let keys = Keys {
             round,
-            cipher_key: PublicKey::from(&cipher).to_bytes(),
+            cipher_key: cipher.public(),
             mask_key: PublicKey::from(&mask).to_bytes(),
         };
         let client = Self {
@@ -171,10 +210,7 @@ impl SecureClient {
         } in roster.peers
         {
             if index == me {
-                let mine = (
-                    PublicKey::from(&self.cipher).to_bytes(),
-                    PublicKey::from(&self.mask).to_bytes(),
-                );
+                let mine = (self.cipher.public(), PublicKey::from(&self.mask).to_bytes());
                 if mine != (cipher_key, mask_key) {
                     return Err(SecAggError::BadRequest(
                         "the roster holds other keys for this client than it sent".into(),
@@ -183,8 +219,11 @@ impl SecureClient {
                 saw_myself = true;
                 continue;
             }
+            if !crate::blame::is_cipher_key(&cipher_key) {
+                return Err(SecAggError::BadKey("a neighbour's cipher key"));
+            }
             let neighbour = Neighbour {
-                cipher_key: PublicKey::from(cipher_key),
+                cipher_key,
                 mask_key: PublicKey::from(mask_key),
             };
             if neighbours.insert(index, neighbour).is_some() {
@@ -222,12 +261,12 @@ impl SecureClient {
             .iter()
             .zip(ranks)
             .map(|((&index, neighbour), rank)| {
-                let agreement = self.cipher.diffie_hellman(&neighbour.cipher_key);
+                let agreement = self.cipher.agree(&neighbour.cipher_key).expect("checked");
                 let header = share_header(self.round, me, index);
                 let mut plaintext = header.to_vec();
                 plaintext.extend_from_slice(&key_shares[rank]);
                 plaintext.extend_from_slice(&mask_shares[rank]);
-                let ciphertext = share_cipher(self.round, me, index, agreement.as_bytes())
+                let ciphertext = share_cipher(self.round, me, index, &agreement)
                     .encrypt(
                         Nonce::from_slice(&[0; 12]),
                         Payload {
@@ -254,10 +293,12 @@ impl SecureClient {
         })
     }
 
-    /// The neighbours' shares arrived: opened and kept. A share that does not
-    /// open (tampered, replayed from another round, meant for someone else)
-    /// refuses the whole message: this client then leaves the round.
-    pub fn shares(&mut self, shares: SharesFor) -> Result<(), SecAggError> {
+    /// The neighbours' shares arrived: those that open are kept; for each that
+    /// does not (spoiled by its owner), the check tells the server, with the
+    /// proof it needs to see for itself. A share from a client that is not a
+    /// neighbour, or a second one, is the server's doing and refuses the whole
+    /// message: this client then leaves the round.
+    pub fn shares(&mut self, shares: SharesFor) -> Result<Check, SecAggError> {
         self.check_round(shares.round)?;
         let Stage::Shared {
             me,
@@ -269,57 +310,84 @@ impl SecureClient {
         };
         let me = *me;
         let mut held = BTreeMap::from([(me, *own)]);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut unopened = Vec::new();
         for Sealed { peer, ciphertext } in &shares.sealed {
             let Some(neighbour) = neighbours.get(peer) else {
                 return Err(SecAggError::BadShare(format!(
                     "client {peer} is not a neighbour"
                 )));
             };
-            if held.contains_key(peer) {
+            if *peer == me || !seen.insert(*peer) {
                 return Err(SecAggError::BadShare(format!(
                     "a second share from client {peer} (a replay?)"
                 )));
             }
-            let agreement = self.cipher.diffie_hellman(&neighbour.cipher_key);
-            let header = share_header(self.round, *peer, me);
-            let plaintext = share_cipher(self.round, *peer, me, agreement.as_bytes())
-                .decrypt(
-                    Nonce::from_slice(&[0; 12]),
-                    Payload {
-                        msg: ciphertext,
-                        aad: &header,
-                    },
-                )
-                .map_err(|_| {
-                    SecAggError::BadShare(format!("the share from client {peer} does not open"))
-                })?;
-            if plaintext.len() != SEALED_BYTES - 16 || plaintext[..16] != header {
-                return Err(SecAggError::BadShare(format!(
-                    "the share from client {peer} names another sender, holder or round"
-                )));
+            let agreement = self.cipher.agree(&neighbour.cipher_key).expect("checked");
+            match open_share(self.round, *peer, me, &agreement, ciphertext) {
+                Some(share) => {
+                    held.insert(*peer, share);
+                }
+                None => {
+                    let mut nonce = [0u8; 64];
+                    self.rng.fill_bytes(&mut nonce);
+                    let proof = self.cipher.prove(&neighbour.cipher_key, &agreement, nonce);
+                    unopened.push(Unopened {
+                        owner: *peer,
+                        agreement,
+                        proof,
+                    });
+                }
             }
-            let secret = |at: usize| -> Secret { plaintext[at..at + 32].try_into().expect("32") };
-            held.insert(
-                *peer,
-                Held {
-                    mask_key: secret(16),
-                    self_mask: secret(48),
-                },
-            );
-        }
-        let threshold = self.spec.threshold as usize;
-        if held.len() < threshold {
-            return Err(SecAggError::TooFew {
-                stage: "shares",
-                needed: threshold,
-                have: held.len(),
-            });
         }
         let Stage::Shared { neighbours, .. } = std::mem::replace(&mut self.stage, Stage::Done)
         else {
             unreachable!("matched above")
         };
-        // Masks are agreed with the neighbours whose shares came, and no others.
+        self.stage = Stage::Checked {
+            me,
+            neighbours,
+            held,
+            unopened: unopened.iter().map(|u| u.owner).collect(),
+        };
+        Ok(Check {
+            round: self.round,
+            unopened,
+        })
+    }
+
+    /// The server named the clients out of the round: no mask with them. It
+    /// must name every one whose share did not open here.
+    pub fn proceed(&mut self, proceed: Proceed) -> Result<(), SecAggError> {
+        self.check_round(proceed.round)?;
+        let Stage::Checked { unopened, .. } = &self.stage else {
+            return Err(self.out_of_order("the list of clients out"));
+        };
+        if let Some(kept) = unopened.iter().find(|u| !proceed.excluded.contains(u)) {
+            return Err(SecAggError::BadRequest(format!(
+                "client {kept}'s share did not open, yet it stays in the round"
+            )));
+        }
+        let Stage::Checked {
+            me,
+            neighbours,
+            mut held,
+            ..
+        } = std::mem::replace(&mut self.stage, Stage::Done)
+        else {
+            unreachable!("matched above")
+        };
+        held.retain(|index, _| *index == me || !proceed.excluded.contains(index));
+        let threshold = self.spec.threshold as usize;
+        if held.len() < threshold {
+            return Err(SecAggError::TooFew {
+                stage: "check",
+                needed: threshold,
+                have: held.len(),
+            });
+        }
+        // Masks are agreed with the neighbours whose shares came and opened,
+        // and that are still in; no others.
         let neighbours = neighbours
             .into_iter()
             .filter(|(index, _)| held.contains_key(index))

@@ -4,22 +4,28 @@
 //! its honest-but-curious form, over the sparse graph of SecAgg+ (Bell et al.
 //! 2020) when a degree is set.
 //!
-//! A round runs four steps, each a message from every client still in it and
+//! A round runs five steps, each a message from every client still in it and
 //! the server's answer once all have come or the step's deadline passed:
 //!
-//! 1. **keys**: each client makes two X25519 key pairs and sends the public
-//!    halves ([`Keys`]). The server numbers the clients that did, draws the
-//!    graph and sends each its neighbours' keys ([`Roster`]).
+//! 1. **keys**: each client makes two key pairs (a Ristretto255 one to seal
+//!    shares, an X25519 one to agree masks) and sends the public halves
+//!    ([`Keys`]). The server numbers the clients that did, draws the graph and
+//!    sends each its neighbours' keys ([`Roster`]).
 //! 2. **shares**: each client Shamir-shares (threshold t) its mask key and a
 //!    fresh self-mask seed among its neighbours, each share sealed with
 //!    ChaCha20-Poly1305 under a key agreed with that neighbour ([`Shares`]);
 //!    the server relays them ([`SharesFor`]), so a client learns which of its
 //!    neighbours are still in.
-//! 3. **masked input**: each client quantises its clipped, weighted delta to
+//! 3. **check**: each client says which shares did not open, with a proof the
+//!    server checks ([`Check`], [`blame`]); the server names the clients out of
+//!    the round — a share's spoiler or a false accuser, and those that said
+//!    nothing — and no one masks with them ([`Proceed`]). One hostile client
+//!    costs the round that client, not the round.
+//! 4. **masked input**: each client quantises its clipped, weighted delta to
 //!    integers mod 2³² ([`quantize`]) and adds its self mask and, for each
 //!    neighbour still in, a pairwise mask that the neighbour subtracts
 //!    ([`Masked`]). Summed, the pairwise masks cancel.
-//! 4. **unmasking**: the server names the survivors and the dropped ([`Unmask`]);
+//! 5. **unmasking**: the server names the survivors and the dropped ([`Unmask`]);
 //!    each survivor reveals its shares of the survivors' self-mask seeds and of
 //!    the dropped clients' mask keys, never both for one client ([`Reveal`]).
 //!    With t shares of each the server removes what did not cancel.
@@ -28,6 +34,7 @@
 //! secret with fewer than t live holders, the round is abandoned: no sum is
 //! ever released that is not the exact sum of the survivors' inputs.
 
+pub mod blame;
 pub mod client;
 pub mod graph;
 pub mod mask;
@@ -124,6 +131,31 @@ pub struct Masked {
     pub input: Vec<u8>,
 }
 
+/// A neighbour's share that did not open: the holder's agreement with its
+/// owner and the proof that it is the right one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unopened {
+    pub owner: u32,
+    pub agreement: [u8; 32],
+    pub proof: blame::Proof,
+}
+
+/// Client → server after the shares came: those that did not open (none, as
+/// a rule).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub round: u64,
+    pub unopened: Vec<Unopened>,
+}
+
+/// Server → client once the shares are checked: the clients out of the round
+/// (mask with none of them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proceed {
+    pub round: u64,
+    pub excluded: Vec<u32>,
+}
+
 /// Server → client after step 3: which of its neighbours' inputs are in the
 /// sum, and which dropped out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +187,7 @@ pub struct Reveal {
 pub enum ClientStep {
     Keys(Keys),
     Shares(Shares),
+    Check(Check),
     Masked(Masked),
     Reveal(Reveal),
 }
@@ -164,6 +197,7 @@ pub enum ClientStep {
 pub enum ServerStep {
     Roster(Roster),
     Shares(SharesFor),
+    Proceed(Proceed),
     Unmask(Unmask),
 }
 
@@ -172,6 +206,7 @@ impl ClientStep {
         match self {
             ClientStep::Keys(m) => m.round,
             ClientStep::Shares(m) => m.round,
+            ClientStep::Check(m) => m.round,
             ClientStep::Masked(m) => m.round,
             ClientStep::Reveal(m) => m.round,
         }
@@ -183,6 +218,7 @@ impl ServerStep {
         match self {
             ServerStep::Roster(m) => m.round,
             ServerStep::Shares(m) => m.round,
+            ServerStep::Proceed(m) => m.round,
             ServerStep::Unmask(m) => m.round,
         }
     }
@@ -212,6 +248,8 @@ pub enum SecAggError {
     NotExpected(&'static str),
     #[error("a share is damaged, replayed, or not for this client: {0}")]
     BadShare(String),
+    #[error("a public key is not a point of its curve: {0}")]
+    BadKey(&'static str),
     #[error("{what} has {found} values; the round takes {expected}")]
     WrongLength {
         what: &'static str,

@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::client::pairwise_seed;
+use crate::client::{open_share, pairwise_seed};
 use crate::quantize::EXTRAS;
 use crate::shamir::{self, Secret};
 use crate::{
-    ClientStep, Keys, MAX_NEIGHBOURS, Masked, Peer, Reveal, Roster, SEALED_BYTES, Sealed,
-    SecAggError, SecureSpec, ServerStep, Shares, SharesFor, Unmask, graph, mask,
+    Check, ClientStep, Keys, MAX_NEIGHBOURS, Masked, Peer, Proceed, Reveal, Roster, SEALED_BYTES,
+    Sealed, SecAggError, SecureSpec, ServerStep, Shares, SharesFor, Unmask, blame, graph, mask,
 };
 
 /// The step a secure round is at.
@@ -19,6 +19,7 @@ use crate::{
 pub enum Stage {
     Keys,
     Shares,
+    Check,
     Masked,
     Reveal,
     Closed,
@@ -29,6 +30,7 @@ impl Stage {
         match self {
             Stage::Keys => "keys",
             Stage::Shares => "shares",
+            Stage::Check => "check",
             Stage::Masked => "masked input",
             Stage::Reveal => "unmasking",
             Stage::Closed => "closed",
@@ -68,8 +70,15 @@ pub struct SecureServer {
     /// From step 1 on: the round's clients by index.
     members: Vec<Member>,
     index: BTreeMap<u64, u32>,
-    /// Clients in after step 2 (U2) and after step 3 (U3).
+    /// Clients in after step 2 (U2, less those put out at the check) and
+    /// after step 3 (U3).
     shared: BTreeSet<u32>,
+    /// Put out at the check: a share's spoiler, or a false accuser.
+    culprits: BTreeSet<u32>,
+    /// Clients whose check came.
+    checked: BTreeSet<u32>,
+    /// Messages the step under way waits for, as it began.
+    step_size: usize,
     masked: BTreeSet<u32>,
     sum: Vec<u32>,
     reveals: BTreeMap<u32, Reveal>,
@@ -90,17 +99,21 @@ impl SecureServer {
                 "the threshold must be at least 1".into(),
             ));
         }
+        let awaiting: BTreeSet<u64> = selected.into_iter().collect();
         Ok(Self {
             round: spec.id,
             spec,
             values: params + EXTRAS,
             graph_seed,
             stage: Stage::Keys,
-            awaiting: selected.into_iter().collect(),
+            step_size: awaiting.len(),
+            awaiting,
             keys: BTreeMap::new(),
             members: Vec::new(),
             index: BTreeMap::new(),
             shared: BTreeSet::new(),
+            culprits: BTreeSet::new(),
+            checked: BTreeSet::new(),
             masked: BTreeSet::new(),
             sum: Vec::new(),
             reveals: BTreeMap::new(),
@@ -119,6 +132,28 @@ impl SecureServer {
     /// Whether the step under way was answered by all it waits for.
     pub fn is_complete(&self) -> bool {
         self.awaiting.is_empty()
+    }
+
+    /// The step under way's answers so far, of how many it began waiting for.
+    pub fn progress(&self) -> (usize, usize) {
+        (
+            self.step_size.saturating_sub(self.awaiting.len()),
+            self.step_size,
+        )
+    }
+
+    /// Sessions put out of the round at the check, for spoiling a share or
+    /// accusing a neighbour falsely.
+    pub fn culprits(&self) -> Vec<u64> {
+        self.culprits
+            .iter()
+            .map(|&i| self.members[i as usize].session)
+            .collect()
+    }
+
+    /// The sessions the step under way still waits for.
+    pub fn awaiting(&self) -> impl Iterator<Item = u64> + '_ {
+        self.awaiting.iter().copied()
     }
 
     /// Whether the step under way waits for `session`.
@@ -151,6 +186,7 @@ impl SecureServer {
         let (name, stage) = match &step {
             ClientStep::Keys(_) => ("keys", Stage::Keys),
             ClientStep::Shares(_) => ("shares", Stage::Shares),
+            ClientStep::Check(_) => ("a check", Stage::Check),
             ClientStep::Masked(_) => ("a masked input", Stage::Masked),
             ClientStep::Reveal(_) => ("revealed shares", Stage::Reveal),
         };
@@ -165,9 +201,13 @@ impl SecureServer {
         }
         match step {
             ClientStep::Keys(keys) => {
+                if !blame::is_cipher_key(&keys.cipher_key) {
+                    return Err(SecAggError::BadKey("the cipher key"));
+                }
                 self.keys.insert(session, keys);
             }
             ClientStep::Shares(shares) => self.take_shares(session, shares)?,
+            ClientStep::Check(check) => self.take_check(session, check)?,
             ClientStep::Masked(masked) => self.take_masked(session, masked)?,
             ClientStep::Reveal(reveal) => self.take_reveal(session, reveal)?,
         }
@@ -197,6 +237,61 @@ impl SecureServer {
         let index = self.index[&session];
         self.members[index as usize].shares = Some(shares);
         self.shared.insert(index);
+        Ok(())
+    }
+
+    /// A client's word on the shares it was relayed: for each that did not
+    /// open, the server checks the proof and opens the share itself; the
+    /// owner is out if it does not open, the accuser if it does.
+    fn take_check(&mut self, session: u64, check: Check) -> Result<(), SecAggError> {
+        let holder = self.index[&session];
+        let relayed: BTreeSet<u32> = self.members[holder as usize]
+            .neighbours
+            .iter()
+            .copied()
+            .filter(|n| self.shared.contains(n))
+            .collect();
+        let mut named = BTreeSet::new();
+        for claim in &check.unopened {
+            if !relayed.contains(&claim.owner) || !named.insert(claim.owner) {
+                return Err(SecAggError::BadShare(format!(
+                    "client {} sent this client no share, or is named twice",
+                    claim.owner
+                )));
+            }
+        }
+        let mut culprits = Vec::new();
+        for claim in &check.unopened {
+            let owner = &self.members[claim.owner as usize];
+            let holder_key = &self.members[holder as usize].keys.cipher_key;
+            let proven = blame::verify(
+                holder_key,
+                &owner.keys.cipher_key,
+                &claim.agreement,
+                &claim.proof,
+            );
+            let sealed = owner
+                .shares
+                .as_ref()
+                .and_then(|s| s.sealed.iter().find(|s| s.peer == holder))
+                .expect("relayed");
+            let opens = proven
+                && open_share(
+                    self.round,
+                    claim.owner,
+                    holder,
+                    &claim.agreement,
+                    &sealed.ciphertext,
+                )
+                .is_some();
+            culprits.push(if proven && !opens {
+                claim.owner
+            } else {
+                holder
+            });
+        }
+        self.culprits.extend(culprits);
+        self.checked.insert(holder);
         Ok(())
     }
 
@@ -266,6 +361,7 @@ impl SecureServer {
         let result = match stage {
             Stage::Keys => self.close_keys(),
             Stage::Shares => self.close_shares(),
+            Stage::Check => self.close_check(),
             Stage::Masked => self.close_masked(),
             Stage::Reveal => self.close_reveal(),
             Stage::Closed => Err(SecAggError::OutOfOrder {
@@ -276,6 +372,7 @@ impl SecureServer {
         if result.is_err() {
             self.stage = Stage::Closed;
         }
+        self.step_size = self.awaiting.len();
         result
     }
 
@@ -375,6 +472,50 @@ impl SecureServer {
                     sealed,
                 };
                 (member.session, ServerStep::Shares(message))
+            })
+            .collect();
+        self.awaiting = self
+            .shared
+            .iter()
+            .map(|&i| self.members[i as usize].session)
+            .collect();
+        self.stage = Stage::Check;
+        Ok(Closed::Send(messages))
+    }
+
+    /// Puts out the culprits and those whose check did not come; every
+    /// secret left must still have t holders in.
+    fn close_check(&mut self) -> Result<Closed, SecAggError> {
+        let threshold = self.spec.threshold as usize;
+        let out: BTreeSet<u32> = self
+            .shared
+            .iter()
+            .copied()
+            .filter(|u| self.culprits.contains(u) || !self.checked.contains(u))
+            .collect();
+        self.shared.retain(|u| !out.contains(u));
+        let fewest = self
+            .shared
+            .iter()
+            .map(|&u| self.live_holders(u, &self.shared))
+            .min();
+        match fewest {
+            Some(fewest) if fewest >= threshold => {}
+            fewest => return Err(self.too_few(Stage::Check, fewest.unwrap_or(0))),
+        }
+        let excluded: Vec<u32> = out.into_iter().collect();
+        let messages = self
+            .shared
+            .iter()
+            .map(|&v| {
+                let proceed = Proceed {
+                    round: self.round,
+                    excluded: excluded.clone(),
+                };
+                (
+                    self.members[v as usize].session,
+                    ServerStep::Proceed(proceed),
+                )
             })
             .collect();
         self.awaiting = self

@@ -88,7 +88,6 @@ fn run(n: u64, spec: SecureSpec, drops: &BTreeMap<u64, Drop>, seed: u64) -> Outc
             server.leave(s);
         }
     }
-    let mut step = Drop::Shares;
     let result = loop {
         assert!(server.is_complete());
         let messages = match server.close() {
@@ -97,6 +96,13 @@ fn run(n: u64, spec: SecureSpec, drops: &BTreeMap<u64, Drop>, seed: u64) -> Outc
             Ok(Closed::Send(messages)) => messages,
         };
         for (s, message) in messages {
+            // The step each message asks for (the check comes with the shares).
+            let step = match &message {
+                ServerStep::Roster(_) => Drop::Shares,
+                ServerStep::Shares(_) => Drop::Keys,
+                ServerStep::Proceed(_) => Drop::Masked,
+                ServerStep::Unmask(_) => Drop::Reveal,
+            };
             if !alive(s, step) {
                 server.leave(s);
                 continue;
@@ -104,19 +110,15 @@ fn run(n: u64, spec: SecureSpec, drops: &BTreeMap<u64, Drop>, seed: u64) -> Outc
             let client = clients.get_mut(&s).unwrap();
             let reply = match message {
                 ServerStep::Roster(roster) => ClientStep::Shares(client.roster(roster).unwrap()),
-                ServerStep::Shares(shares) => {
-                    client.shares(shares).unwrap();
+                ServerStep::Shares(shares) => ClientStep::Check(client.shares(shares).unwrap()),
+                ServerStep::Proceed(proceed) => {
+                    client.proceed(proceed).unwrap();
                     ClientStep::Masked(client.mask_values(quantised[&s].clone()).unwrap())
                 }
                 ServerStep::Unmask(request) => ClientStep::Reveal(client.unmask(request).unwrap()),
             };
             server.receive(s, reply).unwrap();
         }
-        step = match step {
-            Drop::Shares => Drop::Masked,
-            Drop::Masked => Drop::Reveal,
-            _ => Drop::Reveal,
-        };
     };
     let contributors = server.contributors();
     let mut expected = vec![0u32; PARAMS + EXTRAS];
@@ -215,6 +217,15 @@ fn secagg_plus_survives_dropouts_within_each_neighbourhood() {
 /// A three-client round up to the shares step; returns the server, the clients
 /// and the share messages the server relays.
 fn three_clients_relayed(seed: u8) -> (SecureServer, Vec<SecureClient>, Vec<crate::SharesFor>) {
+    three_clients_sharing(seed, |_, _| {})
+}
+
+/// [`three_clients_relayed`], each client's shares edited by `spoil` (given
+/// its index) before they go up.
+fn three_clients_sharing(
+    seed: u8,
+    spoil: impl Fn(usize, &mut crate::Shares),
+) -> (SecureServer, Vec<SecureClient>, Vec<crate::SharesFor>) {
     let spec = spec(3, 2, 0);
     let mut server = SecureServer::new(spec, PARAMS, [1, 2, 3], [seed; 32]).unwrap();
     let mut clients = Vec::new();
@@ -230,7 +241,8 @@ fn three_clients_relayed(seed: u8) -> (SecureServer, Vec<SecureClient>, Vec<crat
         let ServerStep::Roster(roster) = message else {
             panic!("a roster")
         };
-        let shares = clients[s as usize - 1].roster(roster).unwrap();
+        let mut shares = clients[s as usize - 1].roster(roster).unwrap();
+        spoil(s as usize - 1, &mut shares);
         server.receive(s, ClientStep::Shares(shares)).unwrap();
     }
     let Ok(Closed::Send(relayed)) = server.close() else {
@@ -248,51 +260,147 @@ fn three_clients_relayed(seed: u8) -> (SecureServer, Vec<SecureClient>, Vec<crat
 
 #[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
-fn tampered_replayed_or_misdirected_shares_are_refused() {
-    let (_, clients, relayed) = three_clients_relayed(40);
+fn tampered_replayed_or_misdirected_shares_are_named_or_refused() {
+    let (_, _, relayed) = three_clients_relayed(40);
     let fresh = |i: usize| {
         let (_, mut clients, _) = three_clients_relayed(40);
         clients.remove(i)
     };
-    // Tampered: one bit of one ciphertext flipped.
+    let unopened = |check: crate::Check| {
+        let mut owners: Vec<u32> = check.unopened.iter().map(|u| u.owner).collect();
+        owners.sort_unstable();
+        owners
+    };
+    // Tampered: one bit of one ciphertext flipped; that share is named.
     let mut tampered = relayed[0].clone();
     tampered.sealed[0].ciphertext[20] ^= 1;
-    let mut client = fresh(0);
-    assert!(matches!(
-        client.shares(tampered),
-        Err(SecAggError::BadShare(_))
-    ));
-    // Replayed within the round: the same share twice.
+    let mut owners: Vec<u32> = relayed[0].sealed.iter().map(|s| s.peer).collect();
+    owners.sort_unstable();
+    let tampered_owner = tampered.sealed[0].peer;
+    assert_eq!(
+        unopened(fresh(0).shares(tampered).unwrap()),
+        [tampered_owner]
+    );
+    // Replayed from another round (other keys): none opens.
+    let (_, _, other_round) = three_clients_relayed(90);
+    assert_eq!(
+        unopened(fresh(0).shares(other_round[0].clone()).unwrap()),
+        owners
+    );
+    // A share relabelled as coming from another neighbour: neither opens.
+    let mut relabelled = relayed[0].clone();
+    let (a, b) = (relabelled.sealed[0].peer, relabelled.sealed[1].peer);
+    relabelled.sealed[0].peer = b;
+    relabelled.sealed[1].peer = a;
+    assert_eq!(unopened(fresh(0).shares(relabelled).unwrap()), owners);
+    // The server's doing: the same share twice, or a client's own share.
     let mut doubled = relayed[0].clone();
     doubled.sealed.push(doubled.sealed[0].clone());
     assert!(matches!(
         fresh(0).shares(doubled),
         Err(SecAggError::BadShare(_))
     ));
-    // Replayed from another round (other keys): does not open.
-    let (_, _, other_round) = three_clients_relayed(90);
-    assert!(matches!(
-        fresh(0).shares(other_round[0].clone()),
-        Err(SecAggError::BadShare(_))
-    ));
-    // Meant for another client: does not open.
     assert!(matches!(
         fresh(0).shares(relayed[1].clone()),
         Err(SecAggError::BadShare(_))
     ));
-    // A share relabelled as coming from another neighbour: does not open.
-    let mut relabelled = relayed[0].clone();
-    let (a, b) = (relabelled.sealed[0].peer, relabelled.sealed[1].peer);
-    relabelled.sealed[0].peer = b;
-    relabelled.sealed[1].peer = a;
-    assert!(matches!(
-        fresh(0).shares(relabelled),
-        Err(SecAggError::BadShare(_))
-    ));
     // The genuine message opens.
-    let mut genuine = fresh(0);
-    genuine.shares(relayed[0].clone()).unwrap();
-    drop(clients);
+    assert!(
+        fresh(0)
+            .shares(relayed[0].clone())
+            .unwrap()
+            .unopened
+            .is_empty()
+    );
+}
+
+/// Three clients through the check (each client's shares edited by `spoil`
+/// before they go up); returns the server's answer to closing the check.
+fn three_clients_checked(
+    seed: u8,
+    spoil: impl Fn(usize, &mut crate::Shares),
+) -> (SecureServer, Vec<SecureClient>, Result<Closed, SecAggError>) {
+    let (mut server, mut clients, relayed) = three_clients_sharing(seed, spoil);
+    for (i, (client, shares)) in clients.iter_mut().zip(relayed).enumerate() {
+        let check = client.shares(shares).unwrap();
+        server
+            .receive(i as u64 + 1, ClientStep::Check(check))
+            .unwrap();
+    }
+    let closed = server.close();
+    (server, clients, closed)
+}
+
+/// Three clients ready to mask.
+fn three_clients_ready(seed: u8) -> (SecureServer, Vec<SecureClient>) {
+    let (server, mut clients, closed) = three_clients_checked(seed, |_, _| {});
+    let Ok(Closed::Send(messages)) = closed else {
+        panic!("check close")
+    };
+    for (s, message) in messages {
+        let ServerStep::Proceed(proceed) = message else {
+            panic!("proceed")
+        };
+        assert!(proceed.excluded.is_empty());
+        clients[s as usize - 1].proceed(proceed).unwrap();
+    }
+    (server, clients)
+}
+
+#[cfg_attr(not(target_family = "wasm"), test)]
+#[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
+fn a_spoiled_share_puts_out_its_owner_and_a_false_claim_its_accuser() {
+    // Client 1 (index 0) spoils the share it seals for index 1: index 1 names
+    // it, the server opens that share itself, and client 1 is out.
+    let spoil_for_1 = |i: usize, shares: &mut crate::Shares| {
+        if i == 0 {
+            let to_1 = shares.sealed.iter_mut().find(|s| s.peer == 1).unwrap();
+            to_1.ciphertext[30] ^= 0x40;
+        }
+    };
+    let (server, mut clients, closed) = three_clients_checked(70, spoil_for_1);
+    assert_eq!(server.culprits(), [1]);
+    let Ok(Closed::Send(messages)) = closed else {
+        panic!("the round goes on without it")
+    };
+    assert_eq!(messages.len(), 2, "the two others go on");
+    for (s, message) in messages {
+        let ServerStep::Proceed(proceed) = message else {
+            panic!("proceed")
+        };
+        assert_eq!(proceed.excluded, [0]);
+        clients[s as usize - 1].proceed(proceed).unwrap();
+    }
+    // A client refuses to go on beside an owner whose share did not open.
+    let (_, mut clients, _) = three_clients_checked(70, spoil_for_1);
+    let kept = crate::Proceed {
+        round: 7,
+        excluded: Vec::new(),
+    };
+    assert!(matches!(
+        clients[1].proceed(kept),
+        Err(SecAggError::BadRequest(_))
+    ));
+    // Index 2 claims that index 0's good share did not open (it spoils its
+    // own copy to get a valid proof): the server's copy opens, and client 3
+    // is out. A claim whose proof is bent counts against its maker the same.
+    for bend in [false, true] {
+        let (mut server, mut clients, relayed) = three_clients_relayed(80);
+        for (i, (client, mut shares)) in clients.iter_mut().zip(relayed).enumerate() {
+            if i == 2 {
+                shares.sealed[0].ciphertext[0] ^= 1;
+            }
+            let mut check = client.shares(shares).unwrap();
+            if i == 2 && bend {
+                check.unopened[0].proof.response[3] ^= 1;
+            }
+            server
+                .receive(i as u64 + 1, ClientStep::Check(check))
+                .unwrap();
+        }
+        assert!(server.close().is_ok());
+        assert_eq!(server.culprits(), [3], "bent proof: {bend}");
+    }
 }
 
 #[cfg_attr(not(target_family = "wasm"), test)]
@@ -324,10 +432,7 @@ fn the_server_refuses_what_a_step_does_not_take() {
         Err(SecAggError::OutOfOrder { .. })
     ));
     // A masked input of the wrong length, at its step.
-    let (mut server, mut clients, relayed) = three_clients_relayed(50);
-    for (client, shares) in clients.iter_mut().zip(relayed) {
-        client.shares(shares).unwrap();
-    }
+    let (mut server, mut clients) = three_clients_ready(50);
     let short = clients[0].mask_values(vec![0; PARAMS]).unwrap();
     assert!(matches!(
         server.receive(1, ClientStep::Masked(short)),
@@ -338,9 +443,8 @@ fn the_server_refuses_what_a_step_does_not_take() {
 #[cfg_attr(not(target_family = "wasm"), test)]
 #[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
 fn a_client_never_reveals_both_secrets_of_one_neighbour() {
-    let (_, mut clients, relayed) = three_clients_relayed(60);
-    for (client, shares) in clients.iter_mut().zip(relayed) {
-        client.shares(shares).unwrap();
+    let (_, mut clients) = three_clients_ready(60);
+    for client in &mut clients {
         client.mask_values(vec![0; PARAMS + EXTRAS]).unwrap();
     }
     let both = crate::Unmask {
@@ -390,7 +494,7 @@ fn one_masked_input_reads_as_uniform_noise() {
             client
         })
         .collect();
-    for step in 0..2 {
+    for step in 0..3 {
         let Ok(Closed::Send(messages)) = server.close() else {
             panic!("step {step}")
         };
@@ -401,7 +505,11 @@ fn one_masked_input_reads_as_uniform_noise() {
                     let shares = client.roster(roster).unwrap();
                     server.receive(s, ClientStep::Shares(shares)).unwrap();
                 }
-                ServerStep::Shares(shares) => client.shares(shares).unwrap(),
+                ServerStep::Shares(shares) => {
+                    let check = client.shares(shares).unwrap();
+                    server.receive(s, ClientStep::Check(check)).unwrap();
+                }
+                ServerStep::Proceed(proceed) => client.proceed(proceed).unwrap(),
                 ServerStep::Unmask(_) => unreachable!(),
             }
         }

@@ -791,6 +791,7 @@ async fn a_secure_round_commits_the_sum_of_masked_inputs_despite_a_dropout() {
                 ClientMessage::Secure(step) => Some(match step {
                     folio_proto::ClientStep::Keys(_) => "keys",
                     folio_proto::ClientStep::Shares(_) => "shares",
+                    folio_proto::ClientStep::Check(_) => "check",
                     folio_proto::ClientStep::Masked(_) => "masked",
                     folio_proto::ClientStep::Reveal(_) => "reveal",
                 }),
@@ -798,7 +799,7 @@ async fn a_secure_round_commits_the_sum_of_masked_inputs_despite_a_dropout() {
                 _ => None,
             })
             .collect();
-        assert_eq!(steps, ["keys", "shares", "masked", "reveal"]);
+        assert_eq!(steps, ["keys", "shares", "check", "masked", "reveal"]);
     }
     // The mean of deltas each clipped to the bound moves the model by at most it.
     let moved = server

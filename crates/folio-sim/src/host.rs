@@ -342,8 +342,9 @@ impl InProcess {
                 let client = clients.get_mut(&session).expect("a client of the round");
                 let reply = match step {
                     ServerStep::Roster(roster) => ClientStep::Shares(client.roster(roster)?),
-                    ServerStep::Shares(shares) => {
-                        client.shares(shares)?;
+                    ServerStep::Shares(shares) => ClientStep::Check(client.shares(shares)?),
+                    ServerStep::Proceed(proceed) => {
+                        client.proceed(proceed)?;
                         let t = &trained[&session];
                         let masked = client.mask(&folio_secagg::Input {
                             delta: &t.delta,

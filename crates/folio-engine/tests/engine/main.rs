@@ -20,6 +20,7 @@ mod cluster;
 mod device_checks;
 mod devices_own_text;
 mod dp;
+mod hostile;
 mod replay;
 mod rounds;
 mod secure;

@@ -80,8 +80,9 @@ fn run_secure_round_with<R: Hosted + HoldsSessions>(
                     ServerStep::Roster(roster) => {
                         ClientStep::Shares(client.roster(roster).unwrap())
                     }
-                    ServerStep::Shares(shares) => {
-                        client.shares(shares).unwrap();
+                    ServerStep::Shares(shares) => ClientStep::Check(client.shares(shares).unwrap()),
+                    ServerStep::Proceed(proceed) => {
+                        client.proceed(proceed).unwrap();
                         if leave_after_shares.contains(&session) {
                             host.engine.leave(session, host.now);
                             continue;
