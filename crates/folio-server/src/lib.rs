@@ -85,7 +85,13 @@ pub struct Shared<R: Served> {
     edges: Mutex<Vec<String>>,
     /// Sums over the committed rounds, for `/metrics`.
     round_totals: Mutex<metrics::RoundTotals>,
+    /// Device checks' reference computations running at once: however many
+    /// devices answer together, the memory they take stays bounded.
+    probe_slots: tokio::sync::Semaphore,
 }
+
+/// Device checks computed at once (each holds a model and its gradients).
+const PROBES_AT_ONCE: usize = 2;
 
 /// An edge's share of a round: what its sessions reported, and their deltas folded.
 pub type Share = (folio_engine::ShareReport, folio_fed::Partial);
@@ -263,6 +269,7 @@ impl<R: Served> Server<R> {
             closing: watch::channel(false).0,
             websockets: watch::channel(0).0,
             saving: tokio::sync::RwLock::new(()),
+            probe_slots: tokio::sync::Semaphore::new(PROBES_AT_ONCE),
             parts,
             edges: Mutex::new(Vec::new()),
             round_totals: Mutex::default(),

@@ -51,6 +51,9 @@ pub struct Limits {
     /// Refused frames a connection may send before it is closed (late updates,
     /// told `round_closed`, do not count).
     pub error_budget: u32,
+    /// Bytes a second read from one connection once its burst (two of the
+    /// largest frames) is spent; a frame counts at least 4 KiB.
+    pub read_bytes_per_sec: usize,
     /// After a wrong join token, the address is refused for this long, doubling
     /// with every further wrong guess up to `max_token_lockout`.
     pub token_lockout: Duration,
@@ -74,6 +77,7 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(120),
             outbox_frames: 8,
             error_budget: 32,
+            read_bytes_per_sec: folio_proto::MAX_FRAME_BYTES,
             token_lockout: Duration::from_secs(1),
             max_token_lockout: Duration::from_secs(300),
         }

@@ -163,9 +163,14 @@ async fn connection<R: Served>(
     let mut last_heard = opened;
     let mut closing = shared.closing.subscribe();
     let mut tick = tokio::time::interval(limits.heartbeat.min(limits.join_timeout) / 4);
+    let mut budget = ReadBudget::new(limits.read_bytes_per_sec, shared.max_frame_bytes);
     let goodbye: Option<Goodbye> = loop {
+        let paced = async {
+            tokio::time::sleep(budget.wait(Instant::now())).await;
+            stream.next().await
+        };
         let message = tokio::select! {
-            message = stream.next() => match message {
+            message = paced => match message {
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
                     if err.to_string().contains("Space limit exceeded")
@@ -202,6 +207,12 @@ async fn connection<R: Served>(
             }
         };
         last_heard = Instant::now();
+        let bytes = match &message {
+            Message::Binary(frame) => frame.len(),
+            Message::Text(text) => text.len(),
+            _ => 0,
+        };
+        budget.spend(bytes, last_heard);
         let reply = match message {
             Message::Binary(frame) => {
                 let connection = Connection {
@@ -404,6 +415,9 @@ fn handle_probe_answer<R: Served>(
     let model = shared.model;
     let shared = shared.clone();
     tokio::spawn(async move {
+        let Ok(_slot) = shared.probe_slots.acquire().await else {
+            return;
+        };
         let reference = tokio::task::spawn_blocking(move || {
             pollster::block_on(spec.measure(&burn::prelude::Device::flex(), model))
         })
@@ -416,6 +430,50 @@ fn handle_probe_answer<R: Served>(
         shared.engine(|e| e.device_checked(session, probe.id, verdict, Instant::now()));
     });
     Ok(())
+}
+
+/// How fast one connection's frames are read: `rate` bytes a second (a frame
+/// counts at least [`ReadBudget::FLOOR`]), after a burst of two of the largest
+/// frames. A client that sends faster is read more slowly: its frames wait in
+/// its own socket (TCP pushes back), and it makes the server decode no more
+/// than its share.
+struct ReadBudget {
+    available: f64,
+    rate: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl ReadBudget {
+    const FLOOR: usize = 4096;
+
+    fn new(rate: usize, max_frame: usize) -> Self {
+        let burst = 2.0 * max_frame as f64;
+        Self {
+            available: burst,
+            rate: rate.max(1) as f64,
+            burst,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.available = (self.available + elapsed * self.rate).min(self.burst);
+        self.at = now;
+    }
+
+    /// A frame of `bytes` was read at `now`.
+    fn spend(&mut self, bytes: usize, now: Instant) {
+        self.refill(now);
+        self.available -= bytes.max(Self::FLOOR) as f64;
+    }
+
+    /// How long to wait at `now` before reading the next frame.
+    fn wait(&mut self, now: Instant) -> std::time::Duration {
+        self.refill(now);
+        std::time::Duration::from_secs_f64((-self.available).max(0.0) / self.rate)
+    }
 }
 
 /// What a frame's handler needs of its connection.
@@ -503,6 +561,28 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_connection_is_read_at_its_rate_once_its_burst_is_spent() {
+        // 1 MB a second, frames of at most 1 MB: a burst of 2 MB.
+        let mut budget = super::ReadBudget::new(1_000_000, 1_000_000);
+        let now = Instant::now();
+        budget.spend(1_000_000, now);
+        budget.spend(1_000_000, now);
+        assert_eq!(budget.wait(now), Duration::ZERO, "the burst");
+        budget.spend(500_000, now);
+        let wait = budget.wait(now).as_secs_f64();
+        assert!((wait - 0.5).abs() < 1e-6, "{wait}");
+        // Tiny frames count 4 KiB each: 1,000 of them cost 4 s of reading.
+        let later = now + Duration::from_secs(10);
+        for _ in 0..1000 {
+            budget.spend(1, later);
+        }
+        let wait = budget.wait(later).as_secs_f64();
+        assert!((wait - 2.096).abs() < 1e-3, "{wait}");
+    }
+
     #[test]
     fn the_prefixes_of_one_ipv6_allocation_are_one_group() {
         let group = |text: &str| super::network_group(text.parse().unwrap());

@@ -110,3 +110,76 @@ async fn a_device_check_answer_resent_many_times_is_checked_once() {
     .await;
     server.abort();
 }
+
+/// The server process's resident memory, in MB.
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+/// The replay that took the server to 4 GB: 20 sessions (from 20 networks)
+/// each sending a well-formed answer to its probe 30 times at once. Each probe
+/// starts one reference computation, two run at a time, and the memory stays
+/// flat. (The server runs in this test's process: the figure is its RSS.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sessions_replaying_answers_leave_memory_flat() {
+    use futures_util::SinkExt;
+    const SESSIONS: usize = 20;
+    const RESENT: usize = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = checked(config(dir.path(), rounds(100), 1));
+    // Every answer refused but the first counts against the connection.
+    config.limits.error_budget = 64;
+    config.limits.outbox_frames = 64;
+    let server = Server::start(config).await.unwrap();
+    let mut sockets = Vec::new();
+    let mut probes = Vec::new();
+    for i in 0..SESSIONS {
+        let mut socket = ws_from(&server, &format!("127.0.{}.1", 10 + i))
+            .await
+            .unwrap();
+        join_as(&mut socket, join(None)).await.unwrap();
+        let ServerMessage::Probe(probe) = next_message(&mut socket).await else {
+            panic!("a joined device is probed first");
+        };
+        probes.push(probe);
+        sockets.push(socket);
+    }
+    let before = rss_mb();
+    for (socket, probe) in sockets.iter_mut().zip(&probes) {
+        let answer = folio_proto::ProbeAnswer {
+            id: probe.id,
+            loss: 4.0,
+            projections: vec![0.5; probe.directions as usize],
+        };
+        for _ in 0..RESENT {
+            socket
+                .feed(binary(&ClientMessage::ProbeAnswer(answer.clone())))
+                .await
+                .unwrap();
+        }
+        socket.flush().await.unwrap();
+    }
+    let mut peak = before;
+    folio_testkit::eventually("every device's check is in", || {
+        peak = peak.max(rss_mb());
+        let status = server.status();
+        let clients = status["clients"].as_array().unwrap();
+        clients.len() == SESSIONS && clients.iter().all(|c| c["check"].get("failed").is_some())
+    })
+    .await;
+    println!(
+        "{SESSIONS} sessions x {RESENT} answers: RSS {before:.0} MB before, peak {peak:.0} MB (+{:.0} MB)",
+        peak - before
+    );
+    assert!(
+        peak - before < 300.0,
+        "RSS grew from {before:.0} to {peak:.0} MB"
+    );
+    server.abort();
+}
