@@ -89,6 +89,7 @@ function onDeviceEvent(event) {
       device.state = event.state === "training" ? `training batch ${event.batch} of ${event.of}`
         : event.state === "securing" ? `secure aggregation: ${event.step}`
         : event.state === "checking" ? "answering the aggregator's device check"
+        : event.state === "solving" ? `proving work for a new session (${event.of} bits)`
         : event.state === "evaluating" ? "measuring a model on the text this tab holds out" : event.state;
       if (event.state === "training") Object.assign(training, { max: event.of, value: event.batch });
       // Milliseconds from opening the page to its first trained batch (benches read it).
@@ -120,6 +121,11 @@ function onDeviceEvent(event) {
         `measured on ${event.chars} held-out chars`]);
       fillTable("device-rounds", trained.slice(0, 30));
       notify(`Measured round ${event.round}'s model on this tab's held-out text: loss ${event.loss.toFixed(4)}, accuracy ${event.accuracy.toFixed(4)} over ${event.chars} characters. Only these sums went up.`);
+      break;
+    case "solved":
+      // The cost of joining a busy aggregator (tests read it).
+      document.body.dataset.joinWorkSeconds = event.seconds;
+      notify(`The aggregator is busy: joining cost this tab ${event.bits} bits of work, ${event.seconds.toFixed(2)} s.`);
       break;
     case "error":
       notify(`${explanations[event.code] ?? "The aggregator refused a message."} (${event.code}: ${event.message})`);

@@ -89,6 +89,10 @@ pub enum ClientState {
     },
     /// Computing the aggregator's known-answer probe on this device.
     Checking,
+    /// Solving the work a new session costs (`bits` zero bits).
+    Solving {
+        bits: u8,
+    },
     /// Measuring a model on the text this device holds out (federated
     /// evaluation).
     Evaluating {
@@ -126,6 +130,11 @@ pub enum ClientEvent {
     },
     /// This device measured a model on the text it holds out, and answered.
     Evaluated(folio_proto::Evaluation),
+    /// The work a new session cost: `bits` zero bits, solved in `seconds`.
+    Solved {
+        bits: u8,
+        seconds: f32,
+    },
 }
 
 /// A global model as it came down: its encoding and bytes, and their fingerprint.
@@ -191,6 +200,7 @@ impl ClientOptions {
                 resume: None,
                 client: None,
                 held_model: None,
+                work: None,
             },
             max_rounds: None,
             held: None,
@@ -250,7 +260,7 @@ pub async fn run<T: Transport>(
         ..options.join.clone()
     };
     transport
-        .send(folio_proto::encode(&ClientMessage::Join(join)))
+        .send(folio_proto::encode(&ClientMessage::Join(join.clone())))
         .await?;
     let mut session: Option<Session> = None;
     let mut secure: Option<SecureRound> = None;
@@ -422,6 +432,26 @@ pub async fn run<T: Transport>(
                 transport
                     .send(folio_proto::encode(&ClientMessage::Heartbeat))
                     .await?
+            }
+            // A new session costs work when the aggregator is busy: solved
+            // here (in a tab, in its worker), then the same join again.
+            ServerMessage::Challenge(challenge) => {
+                on_event(ClientEvent::State(ClientState::Solving {
+                    bits: challenge.bits,
+                }));
+                let started = Instant::now();
+                let nonce = challenge.solve();
+                on_event(ClientEvent::Solved {
+                    bits: challenge.bits,
+                    seconds: started.elapsed().as_secs_f32(),
+                });
+                let join = Join {
+                    work: Some(nonce),
+                    ..join.clone()
+                };
+                transport
+                    .send(folio_proto::encode(&ClientMessage::Join(join)))
+                    .await?;
             }
             ServerMessage::Error(error) if is_fatal(error.code) => {
                 return Err(ClientError::Rejected(error));

@@ -395,3 +395,43 @@ native_and_browser_test!(
     error_messages_are_reported_and_fatal_ones_end_the_session,
     error_messages_are_reported_and_fatal_ones_end_the_session_body
 );
+
+native_and_browser_test!(
+    a_client_asked_for_work_solves_it_and_joins_again,
+    client_asked_for_work
+);
+/// A busy aggregator asks for work before a new session: the client solves it
+/// and sends the same join with the nonce. At 20 bits (about a million
+/// hashes): the time is what a device pays, natively or in this browser.
+async fn client_asked_for_work() {
+    let challenge = folio_proto::work::Challenge {
+        seed: [3; 32],
+        bits: 20,
+    };
+    let (result, events, sent) = run(vec![ServerMessage::Challenge(challenge), welcome()]).await;
+    assert!(result.is_ok(), "{result:?}");
+    let joins: Vec<&folio_proto::Join> = sent
+        .iter()
+        .filter_map(|m| match m {
+            ClientMessage::Join(join) => Some(join),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joins.len(), 2, "the join, then the join with its work");
+    assert_eq!(joins[0].work, None);
+    let nonce = joins[1].work.expect("the nonce");
+    assert!(challenge.solved_by(nonce));
+    assert_eq!(joins[1].backend, joins[0].backend, "the same join");
+    let seconds = events
+        .iter()
+        .find_map(|e| match e {
+            ClientEvent::Solved { bits: 20, seconds } => Some(*seconds),
+            _ => None,
+        })
+        .expect("the work is reported");
+    let message = format!("20 bits of join work: {seconds:.2} s");
+    #[cfg(target_family = "wasm")]
+    wasm_bindgen_test::console_log!("{message}");
+    #[cfg(not(target_family = "wasm"))]
+    println!("{message}");
+}

@@ -105,6 +105,16 @@ pub struct SessionCounts {
 
 impl<R: Role> Engine<R> {
     /// Every session counted (the status lists only some).
+    /// Connected sessions in all, and of `group`: what a newcomer from that
+    /// group competes with.
+    pub fn connected_sessions(&self, group: u64) -> (usize, usize) {
+        self.sessions
+            .connected()
+            .fold((0, 0), |(all, of_group), s| {
+                (all + 1, of_group + usize::from(s.group == group))
+            })
+    }
+
     pub fn session_counts(&self) -> SessionCounts {
         let mut counts = SessionCounts {
             held: self.sessions.len(),

@@ -4,6 +4,8 @@
 //! version comes first so that a peer speaking another version is told so, not
 //! handed a decoding error.
 
+pub mod work;
+
 use folio_fed::Encoding;
 pub use folio_secagg::{ClientStep, SecureSpec, ServerStep};
 use serde::{Deserialize, Serialize};
@@ -52,6 +54,8 @@ pub enum ServerMessage {
     /// Federated evaluation: measure this model on the text you hold out, and
     /// train nothing.
     Evaluate(Evaluate),
+    /// Before a new session: solve this, and join again with the nonce.
+    Challenge(work::Challenge),
 }
 
 /// A known-answer probe: a model and a batch built from `id` (see
@@ -109,6 +113,8 @@ pub struct Join {
     /// The [`model_fingerprint`] of a global model this client still holds (a
     /// reloaded tab's stored copy): a round on that model starts without weights.
     pub held_model: Option<u64>,
+    /// The nonce solving the [`work::Challenge`] this connection was sent.
+    pub work: Option<u64>,
 }
 
 /// The model's shape.
@@ -406,7 +412,7 @@ pub fn decode<M: for<'de> Deserialize<'de>>(frame: &[u8], variants: u32) -> Resu
 /// Number of [`ClientMessage`] variants (for [`decode`]).
 pub const CLIENT_MESSAGES: u32 = 6;
 /// Number of [`ServerMessage`] variants (for [`decode`]).
-pub const SERVER_MESSAGES: u32 = 8;
+pub const SERVER_MESSAGES: u32 = 9;
 
 pub fn decode_client(frame: &[u8]) -> Result<ClientMessage, FrameError> {
     decode(frame, CLIENT_MESSAGES)
@@ -430,6 +436,7 @@ mod tests {
             resume: None,
             client: Some("THE_TRAGEDY_OF_KING_LEAR_KENT".into()),
             held_model: Some(42),
+            work: Some(7),
         })
     }
 

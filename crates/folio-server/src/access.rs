@@ -33,6 +33,9 @@ pub struct AccessConfig {
     /// Reverse proxies whose word on a device's address is taken: caps,
     /// fairness, lockouts and logs then see the devices behind them.
     pub trusted_proxies: crate::proxy::TrustedProxies,
+    /// The most proof-of-work bits a new session is asked for when the server
+    /// is busy (0: none, ever); see [`crate::work`].
+    pub join_work_bits: u8,
 }
 
 impl Default for AccessConfig {
@@ -43,6 +46,7 @@ impl Default for AccessConfig {
             allowed_origins: Vec::new(),
             check_devices: true,
             trusted_proxies: Default::default(),
+            join_work_bits: folio_proto::work::MAX_BITS,
         }
     }
 }
@@ -72,6 +76,11 @@ impl Access {
             max,
             peers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The most work bits a new session is asked for (0: none).
+    pub fn join_work_bits(&self) -> u8 {
+        self.config.join_work_bits
     }
 
     /// The cluster's edges, by their WebSocket URLs (`ws://host:port/ws`).

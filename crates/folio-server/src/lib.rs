@@ -24,6 +24,7 @@ pub mod net;
 pub mod outbox;
 pub mod proxy;
 pub mod tls;
+pub mod work;
 mod ws;
 
 use std::collections::BTreeMap;

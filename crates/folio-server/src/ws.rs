@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use folio_fed::codec::CheckedDelta;
+use folio_proto::work::Challenge;
 use folio_proto::{
     ClientKind, ClientMessage, ErrorCode, ErrorMessage, Join, Probe, ServerMessage, Update,
 };
@@ -158,9 +159,13 @@ async fn connection<R: Served>(
         })
     };
     let mut joined: Option<u64> = None;
+    let challenge = std::cell::Cell::new(None);
     let mut errors = 0u32;
     let opened = Instant::now();
     let mut last_heard = opened;
+    // Join within the join timeout; a connection asked for work gets three
+    // times that from the challenge (a slow phone solving the most bits).
+    let mut join_by = opened + limits.join_timeout;
     let mut closing = shared.closing.subscribe();
     let mut tick = tokio::time::interval(limits.heartbeat.min(limits.join_timeout) / 4);
     let mut budget = ReadBudget::new(limits.read_bytes_per_sec, shared.max_frame_bytes);
@@ -188,7 +193,7 @@ async fn connection<R: Served>(
             _ = tick.tick() => {
                 let now = Instant::now();
                 match joined {
-                    None if now.duration_since(opened) > limits.join_timeout => {
+                    None if now > join_by => {
                         break Some(Goodbye(error(ErrorCode::Timeout, "join within the join timeout")));
                     }
                     Some(id) => {
@@ -220,8 +225,14 @@ async fn connection<R: Served>(
                     outbox: &outbox,
                     session: &session,
                     resume_only,
+                    challenge: &challenge,
                 };
-                handle_frame(&shared, &connection, &mut joined, &frame)
+                let asked = challenge.get();
+                let reply = handle_frame(&shared, &connection, &mut joined, &frame);
+                if challenge.get() != asked {
+                    join_by = Instant::now() + 3 * limits.join_timeout;
+                }
+                reply
             }
             Message::Text(_) => Err(error(
                 ErrorCode::TextFrame,
@@ -484,6 +495,52 @@ struct Connection<'a> {
     session: &'a std::sync::atomic::AtomicU64,
     /// Let in to resume a session, and for nothing else.
     resume_only: bool,
+    /// The work this connection was asked for before a new session.
+    challenge: &'a std::cell::Cell<Option<Challenge>>,
+}
+
+/// The work `join` must show first, if any: a new session on a busy server
+/// solves the challenge its connection was sent (a fresh one if it was sent
+/// none, or the nonce does not solve it); a session coming back shows none.
+fn work_due<R: Served>(
+    shared: &Shared<R>,
+    join: &CheckedJoin,
+    sent: Option<Challenge>,
+    nonce: Option<u64>,
+) -> Option<Challenge> {
+    let max_bits = shared.access.join_work_bits();
+    if max_bits == 0 {
+        return None;
+    }
+    let bits = shared.read(|e| {
+        if join
+            .resume
+            .as_deref()
+            .is_some_and(|token| e.can_resume(token))
+        {
+            return 0;
+        }
+        let (connected, of_allocation) = e.connected_sessions(join.group);
+        let round_size = e.config().rounds.strategy.clients_per_round;
+        crate::work::join_work_bits(connected, round_size, of_allocation, max_bits)
+    });
+    match (sent, nonce) {
+        (Some(sent), Some(nonce)) if sent.solved_by(nonce) => None,
+        _ if bits == 0 => None,
+        _ => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).expect("the OS random number generator works");
+            Some(Challenge { seed, bits })
+        }
+    }
+}
+
+/// Sends `challenge` and returns it, to check the answer against.
+fn challenge_sent(outbox: &Outbox, challenge: Challenge) -> Challenge {
+    outbox.send(Bytes::from(folio_proto::encode(&ServerMessage::Challenge(
+        challenge,
+    ))));
+    challenge
 }
 
 /// Handles one binary frame; replies go out through the outbox.
@@ -498,6 +555,7 @@ fn handle_frame<R: Served>(
         outbox,
         session,
         resume_only,
+        challenge,
     } = connection;
     if let Some(id) = *joined {
         shared.count_bytes(id, frame.len() as u64, 0);
@@ -510,7 +568,12 @@ fn handle_frame<R: Served>(
             "this connection has joined already",
         )),
         (ClientMessage::Join(join), None) => {
+            let work = join.work;
             let checked = check_join(shared, peer.address.ip(), join, *resume_only)?;
+            if let Some(due) = work_due(shared, &checked, challenge.get(), work) {
+                challenge.set(Some(challenge_sent(outbox, due)));
+                return Ok(());
+            }
             // The welcome goes out before anything the engine queues for the
             // session (a round it rejoins): both under the engine's lock.
             let id = shared.engine(|e| -> Result<u64, ErrorMessage> {

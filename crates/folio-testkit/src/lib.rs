@@ -33,7 +33,8 @@ pub const KING_LEAR: [&str; 6] = [
 
 /// A small-preset server on a free loopback port, its state in `state_dir`,
 /// stopping after `max_rounds`, otherwise as `folio serve` runs (device checks
-/// on, the default limits).
+/// on, the default limits), but asking no work of new sessions: tests speak
+/// the protocol frame by frame from one address (the work has tests of its own).
 pub fn server_config(state_dir: &Path, rounds: RoundConfig, max_rounds: u64) -> ServerConfig {
     ServerConfig {
         addr: "127.0.0.1:0".parse().expect("a socket address"),
@@ -46,7 +47,10 @@ pub fn server_config(state_dir: &Path, rounds: RoundConfig, max_rounds: u64) -> 
         init: None,
         rounds,
         seed: 5,
-        access: AccessConfig::default(),
+        access: AccessConfig {
+            join_work_bits: 0,
+            ..AccessConfig::default()
+        },
         limits: Limits::default(),
         max_rounds: Some(max_rounds),
     }

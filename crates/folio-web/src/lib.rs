@@ -130,6 +130,7 @@ fn event_object(event: &ClientEvent) -> JsValue {
                 ClientState::Uploading { round } => ("uploading", round, 0, 0),
                 ClientState::Securing { round, .. } => ("securing", round, 0, 0),
                 ClientState::Checking => ("checking", 0, 0, 0),
+                ClientState::Solving { bits } => ("solving", 0, 0, u64::from(bits) as usize),
                 ClientState::Evaluating { round } => ("evaluating", round, 0, 0),
             };
             let step = match *state {
@@ -186,6 +187,11 @@ fn event_object(event: &ClientEvent) -> JsValue {
                 ("chars", (answer.chars as f64).into()),
             ])
         }
+        ClientEvent::Solved { bits, seconds } => object(&[
+            ("type", "solved".into()),
+            ("bits", f64::from(*bits).into()),
+            ("seconds", f64::from(*seconds).into()),
+        ]),
     }
 }
 

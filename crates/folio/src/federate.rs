@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// How often the ACME certificate's age is checked.
     #[arg(long, default_value_t = 3600, hide = true)]
     acme_check_secs: u64,
+    /// The most proof-of-work bits a new session is asked for when many
+    /// sessions compete for places (0: never; at most 22, a second or two in a
+    /// tab). None while there is room.
+    #[arg(long, default_value_t = folio_proto::work::MAX_BITS)]
+    join_work_bits: u8,
     /// A reverse proxy (an address or block, e.g. 127.0.0.1 or 10.0.0.0/8)
     /// whose --client-address-header is believed: devices behind it are then
     /// capped, rate-limited and selected by their own addresses. Repeatable.
@@ -252,6 +257,7 @@ pub fn serve(args: ServeArgs, data_dir: &Path) -> anyhow::Result<()> {
             proxies: args.trusted_proxy,
             header: args.client_address_header,
         },
+        join_work_bits: args.join_work_bits.min(folio_proto::work::MAX_BITS),
     };
     config.limits = Limits {
         max_connections: args.max_connections,
@@ -463,6 +469,9 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
                 }
                 ClientEvent::ServerError(error) => {
                     eprintln!("server: {} ({})", error.message, error.code.name())
+                }
+                ClientEvent::Solved { bits, seconds } => {
+                    eprintln!("a new session's work: {bits} bits, solved in {seconds:.2} s")
                 }
                 ClientEvent::SecureRefused { round, why } => {
                     eprintln!("left secure round {round}: {why}")

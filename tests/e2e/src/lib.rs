@@ -80,6 +80,28 @@ impl LocalServer {
         Self::start_serving(rounds, max_rounds, repo_root())
     }
 
+    /// As [`LocalServer::start`], asking new sessions for at most
+    /// `join_work_bits` of work when crowded (`folio serve`: 22).
+    pub fn start_with_join_work(
+        rounds: folio_server::RoundConfig,
+        max_rounds: u64,
+        join_work_bits: u8,
+    ) -> anyhow::Result<Self> {
+        check_page_built()?;
+        let access = folio_server::AccessConfig {
+            join_work_bits,
+            ..Default::default()
+        };
+        Self::start_with(
+            rounds,
+            max_rounds,
+            repo_root(),
+            DataSource::Shakespeare,
+            None,
+            access,
+        )
+    }
+
     /// As [`LocalServer::start`], its devices bringing their own text: the
     /// server holds none.
     pub fn start_device_data(
@@ -87,7 +109,14 @@ impl LocalServer {
         max_rounds: u64,
     ) -> anyhow::Result<Self> {
         check_page_built()?;
-        Self::start_with(rounds, max_rounds, repo_root(), DataSource::Device, None)
+        Self::start_with(
+            rounds,
+            max_rounds,
+            repo_root(),
+            DataSource::Device,
+            None,
+            Default::default(),
+        )
     }
 
     /// As [`LocalServer::start`], serving the page from `web_root` (index.html,
@@ -97,7 +126,14 @@ impl LocalServer {
         max_rounds: u64,
         web_root: PathBuf,
     ) -> anyhow::Result<Self> {
-        Self::start_with(rounds, max_rounds, web_root, DataSource::Shakespeare, None)
+        Self::start_with(
+            rounds,
+            max_rounds,
+            web_root,
+            DataSource::Shakespeare,
+            None,
+            Default::default(),
+        )
     }
 
     /// As [`LocalServer::start`], over HTTPS with `tls`'s certificate.
@@ -113,6 +149,7 @@ impl LocalServer {
             repo_root(),
             DataSource::Shakespeare,
             Some(tls),
+            Default::default(),
         )
     }
 
@@ -122,6 +159,7 @@ impl LocalServer {
         web_root: PathBuf,
         data: DataSource,
         tls: Option<folio_server::TlsConfig>,
+        access: folio_server::AccessConfig,
     ) -> anyhow::Result<Self> {
         let runtime = server_runtime()?;
         let state = tempfile::tempdir()?;
@@ -136,7 +174,7 @@ impl LocalServer {
             init: None,
             rounds,
             seed: 7,
-            access: folio_server::AccessConfig::default(),
+            access,
             limits: folio_server::Limits::default(),
             max_rounds: Some(max_rounds),
         };

@@ -45,7 +45,7 @@ async fn sybil(server: SocketAddr, source: String, starts: Starts) -> anyhow::Re
             .await?;
     let mut options = ClientOptions::native();
     options.join.backend = "sybil".into();
-    let join = folio_proto::encode(&ClientMessage::Join(options.join));
+    let join = folio_proto::encode(&ClientMessage::Join(options.join.clone()));
     ws.send(Message::Binary(join.into())).await?;
     let segments: Vec<usize> = folio_model::Preset::Small
         .config()
@@ -60,6 +60,11 @@ async fn sybil(server: SocketAddr, source: String, starts: Starts) -> anyhow::Re
         };
         let reply = match folio_proto::decode_server(&frame)? {
             ServerMessage::Heartbeat => ClientMessage::Heartbeat,
+            // It pays the work a session costs, as an attacker with the CPU would.
+            ServerMessage::Challenge(challenge) => ClientMessage::Join(folio_proto::Join {
+                work: Some(challenge.solve()),
+                ..options.join.clone()
+            }),
             ServerMessage::Probe(probe) => {
                 let config = folio_model::Preset::Small.config();
                 ClientMessage::ProbeAnswer(
@@ -127,8 +132,10 @@ fn one_host_with_many_addresses_cannot_shut_out_a_device_or_fill_its_rounds() ->
         ..RoundConfig::tutorial()
     };
     // Rounds never run out: the crowd alone closes them as fast as the server can
-    // until the genuine devices are in.
-    let server = LocalServer::start(rounds, u64::MAX)?;
+    // until the genuine devices are in. Join work is asked, capped at 12 bits (a
+    // millisecond) so that the crowd pays it within the test's seconds: the
+    // native client and the tab solve it as any device does.
+    let server = LocalServer::start_with_join_work(rounds, u64::MAX, 12)?;
     let url = format!("ws://{}/ws", server.server.addr);
     let crowd_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

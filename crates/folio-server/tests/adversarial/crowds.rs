@@ -252,3 +252,83 @@ async fn a_session_coming_back_to_a_network_a_crowd_filled_still_resumes() {
     assert_eq!(resumed_tries, 10);
     server.abort();
 }
+
+/// Joins a new session from `source`, solving the work it is asked for, as a
+/// device does. Returns the socket, the bits asked, and the seconds spent
+/// solving.
+async fn join_paying(server: &Server, source: &str) -> (Socket, u8, f64) {
+    let mut socket = ws_from(server, source).await.unwrap();
+    socket.send(binary(&join(None))).await.unwrap();
+    let (mut bits, mut seconds) = (0, 0.0);
+    loop {
+        match next_message(&mut socket).await {
+            ServerMessage::Welcome(_) => return (socket, bits, seconds),
+            ServerMessage::Challenge(challenge) => {
+                let started = Instant::now();
+                let nonce = challenge.solve();
+                seconds += started.elapsed().as_secs_f64();
+                bits = challenge.bits;
+                let paid = join_with(|j| j.work = Some(nonce));
+                socket.send(binary(&paid)).await.unwrap();
+            }
+            ServerMessage::Error(error) => panic!("refused: {error:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// A crowd of sessions, three from each of many /24 networks, against one
+/// genuine device, in rounds of 10: with work asked (the default) each session
+/// past four rounds' worth costs more as the crowd grows, and the device pays
+/// once, at the price the crowd set; without it (before) both join for
+/// nothing. `FOLIO_CROWD` sets the crowd (90 by default; 300 for the figures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_pays_for_every_session_and_a_device_once() {
+    let crowd_size: usize = std::env::var("FOLIO_CROWD")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(90);
+    let mut figures = Vec::new();
+    for max_bits in [0, folio_proto::work::MAX_BITS] {
+        let access = AccessConfig {
+            join_work_bits: max_bits,
+            ..AccessConfig::default()
+        };
+        let (_dir, server) = start(rounds(10), Limits::default(), access).await;
+        let mut crowd = Vec::new();
+        let (mut crowd_seconds, mut last_bits) = (0.0, 0);
+        let started = Instant::now();
+        for i in 0..crowd_size {
+            let source = format!("127.{}.{}.{}", 1 + i / 3 / 250, 1 + i / 3 % 250, 1 + i % 3);
+            let (socket, bits, seconds) = join_paying(&server, &source).await;
+            crowd_seconds += seconds;
+            last_bits = bits;
+            crowd.push(socket);
+        }
+        let crowd_wall = started.elapsed().as_secs_f64();
+        let device_started = Instant::now();
+        let (_device, device_bits, device_seconds) = join_paying(&server, "127.200.1.1").await;
+        let device_join = device_started.elapsed().as_secs_f64();
+        figures.push((
+            max_bits,
+            last_bits,
+            crowd_seconds,
+            crowd_wall,
+            device_bits,
+            device_seconds,
+            device_join,
+        ));
+        assert_eq!(server.status()["connected"], crowd_size as u64 + 1);
+        server.abort();
+    }
+    for (max, last, crowd, wall, bits, device, join) in &figures {
+        println!(
+            "work up to {max} bits: the crowd of {crowd_size} solved {crowd:.2} s ({wall:.1} s to join all; its last session {last} bits); the device then {bits} bits, {device:.3} s solving, {join:.3} s to join"
+        );
+    }
+    let (off, on) = (&figures[0], &figures[1]);
+    assert_eq!((off.1, off.4), (0, 0), "no work when it is off");
+    // 90 sessions for rounds of 10: 8·log2(90/40) = 9 bits, and 2 more for a
+    // session's /24 holding two already.
+    assert!(on.1 >= 9 && on.4 >= 9, "{on:?}");
+}
