@@ -58,11 +58,37 @@ async fn connect(server: &Server) -> Socket {
 }
 
 async fn join_as(socket: &mut Socket, message: ClientMessage) -> Result<Welcome, ErrorCode> {
+    join_paying(socket, message)
+        .await
+        .map(|(welcome, ..)| welcome)
+}
+
+/// Joins with `message`, solving the work the server asks for as a device
+/// does; returns the welcome, the bits asked and the seconds spent solving.
+async fn join_paying(
+    socket: &mut Socket,
+    message: ClientMessage,
+) -> Result<(Welcome, u8, f64), ErrorCode> {
     socket.send(binary(&message)).await.unwrap();
+    let (mut bits, mut seconds) = (0, 0.0);
     loop {
         match next_message(socket).await {
-            ServerMessage::Welcome(welcome) => return Ok(welcome),
+            ServerMessage::Welcome(welcome) => return Ok((welcome, bits, seconds)),
             ServerMessage::Error(error) => return Err(error.code),
+            ServerMessage::Challenge(challenge) => {
+                let started = Instant::now();
+                let nonce = challenge.solve();
+                seconds += started.elapsed().as_secs_f64();
+                bits = challenge.bits;
+                let ClientMessage::Join(join) = &message else {
+                    panic!("work is asked of a join")
+                };
+                let paid = ClientMessage::Join(Join {
+                    work: Some(nonce),
+                    ..join.clone()
+                });
+                socket.send(binary(&paid)).await.unwrap();
+            }
             _ => {}
         }
     }
