@@ -94,7 +94,8 @@ pub struct SessionRate {
 #[derive(Debug, Clone)]
 pub struct Start {
     pub weights: Vec<f32>,
-    /// The strategy's saved state (`None`, or one the strategy refuses: afresh).
+    /// The strategy's saved state (`None`: a fresh one; one the strategy
+    /// cannot continue is refused).
     pub strategy: Option<StateRecord>,
     /// Committed rounds, from round 0; empty for a new federation.
     pub history: Vec<RoundRecord>,
@@ -113,6 +114,10 @@ pub enum BuildError {
     Weights { weights: usize, params: usize },
     #[error("devices bring their own text, so {0}")]
     DeviceData(&'static str),
+    #[error(
+        "the saved run cannot be continued with these settings ({0}): restart it with the strategy that wrote it (another --server-optimizer is fine), or give another --state-dir"
+    )]
+    StrategyState(String),
 }
 
 /// Refuses what `R` cannot run.

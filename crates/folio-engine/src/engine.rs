@@ -44,8 +44,6 @@ pub struct Engine<R: Role = Whole> {
     actions: VecDeque<R::Action>,
     /// Sessions the edges offer (a root).
     pub(crate) offered: Vec<folio_fed::Candidate>,
-    /// Why the strategy's saved state was not continued, if it was not.
-    pub fresh_state: Option<String>,
     /// Why training stopped before `max_rounds` (a privacy budget spent).
     pub(crate) stopped: Option<String>,
     /// Asynchronous rounds' tasks and buffer (`None`: synchronous rounds).
@@ -196,12 +194,22 @@ impl<R: Role> Engine<R> {
             .collect();
         let ids: Vec<String> = clients.keys().cloned().collect();
         let pool = sample_clients(&ids, ids.len(), config.seed, 0);
-        let (state, fresh_state) = match start.strategy {
-            Some(saved) => match strategy.restore(saved, num_params) {
-                Ok(state) => (state, None),
-                Err(why) => (strategy.initial_state(num_params), Some(why)),
-            },
-            None => (strategy.initial_state(num_params), None),
+        // A saved state is continued or refused, never replaced: replacing a
+        // DP ledger would reset the privacy spent.
+        let state = match start.strategy {
+            Some(saved) => strategy
+                .restore(saved, num_params)
+                .map_err(BuildError::StrategyState)?,
+            None if strategy
+                .privacy(&strategy.initial_state(num_params))
+                .is_some()
+                && !start.history.iter().all(|r| r.round == 0) =>
+            {
+                return Err(BuildError::StrategyState(
+                    "its rounds were trained without a privacy ledger, so DP-FedAvg cannot account for them".into(),
+                ));
+            }
+            None => strategy.initial_state(num_params),
         };
         let encoded = encode_model(&start.weights, config.rounds.model_encoding);
         let buffered = config.rounds.asynchronous.map(|settings| {
@@ -225,7 +233,6 @@ impl<R: Role> Engine<R> {
             allowances: BTreeMap::new(),
             actions: VecDeque::new(),
             offered: Vec::new(),
-            fresh_state,
             stopped: None,
             buffered,
             clock: now,

@@ -163,6 +163,18 @@ impl ServerOptimizer {
         Ok(restored)
     }
 
+    /// The saved moments where they fit `config` and the model; otherwise
+    /// fresh ones (another server optimizer, or other settings of its
+    /// moments): what else the state holds — a DP ledger, a clip bound —
+    /// carries on whatever the optimizer.
+    pub fn restore_or_fresh(
+        record: &mut StateRecord,
+        config: ServerOptimizerConfig,
+        num_params: usize,
+    ) -> Self {
+        Self::restore(record, config, num_params).unwrap_or_else(|_| Self::new(config, num_params))
+    }
+
     /// Whether every moment is finite.
     pub fn is_finite(&self) -> bool {
         self.m.iter().chain(&self.v).all(|v| v.is_finite())

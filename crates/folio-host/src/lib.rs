@@ -144,11 +144,7 @@ pub fn build_engine<R: Role>(
         population,
         ..config
     };
-    let engine = Engine::new(config, clients, start, Instant::now())?;
-    if let Some(why) = &engine.fresh_state {
-        tracing::warn!("the saved strategy state is not continued ({why}): it starts afresh");
-    }
-    Ok(engine)
+    Ok(Engine::new(config, clients, start, Instant::now())?)
 }
 
 /// Logs a committed round (every host's one line per round).

@@ -663,3 +663,70 @@ fn process() -> std::process::Command {
         .arg(data_dir());
     cmd
 }
+
+/// A DP run's ledger outlives any restart: 3 DP rounds, then the same state
+/// continued with another server optimizer (ε only grows), then restarts that
+/// would drop the ledger (plain FedAvg) or account for rounds it never saw (a
+/// plain run turned DP) are refused with what to do.
+#[test]
+fn a_dp_ledger_survives_every_restart_and_a_run_that_would_reset_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap().to_owned();
+    let run = |extra: &[&str], rounds: &str| {
+        let mut command = small_population("3");
+        command.args(["--seed", "4", "--rounds", rounds, "--state-dir", &state]);
+        command.args(extra);
+        command.output().unwrap()
+    };
+    let dp = ["--strategy", "dp-fedavg", "--clip-bound", "0.5"];
+    let epsilons = || -> Vec<f64> {
+        folio_host::state::load(dir.path(), Preset::Small.config().num_params())
+            .unwrap()
+            .unwrap()
+            .history
+            .iter()
+            .filter_map(|r| r.epsilon)
+            .collect()
+    };
+    assert!(run(&dp, "3").status.success());
+    let before = epsilons();
+    assert_eq!(before.len(), 4, "round 0 and 3 rounds: {before:?}");
+    // Another server optimizer: the ledger carries on.
+    let mut momentum = dp.to_vec();
+    momentum.extend(["--server-optimizer", "fedavgm"]);
+    let out = run(&momentum, "5");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = epsilons();
+    assert_eq!(after.len(), 6);
+    assert_eq!(after[..4], before[..], "the first rounds as they were");
+    assert!(
+        after.windows(2).all(|w| w[1] > w[0]),
+        "ε never drops: {after:?}"
+    );
+    // Without DP the ledger would be dropped: refused, the state untouched.
+    let plain = run(&[], "6");
+    assert!(!plain.status.success());
+    let why = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        why.contains("cannot be continued") && why.contains("--state-dir"),
+        "{why}"
+    );
+    assert_eq!(epsilons(), after, "nothing changed");
+    // A plain run turned DP: its earlier rounds had no ledger.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain_state = plain_dir.path().to_str().unwrap();
+    let mut first = small_population("3");
+    first.args(["--seed", "4", "--rounds", "2", "--state-dir", plain_state]);
+    assert!(first.output().unwrap().status.success());
+    let mut turned = small_population("3");
+    turned.args(["--seed", "4", "--rounds", "4", "--state-dir", plain_state]);
+    turned.args(dp);
+    let turned = turned.output().unwrap();
+    assert!(!turned.status.success());
+    let why = String::from_utf8_lossy(&turned.stderr);
+    assert!(why.contains("cannot be continued"), "{why}");
+}

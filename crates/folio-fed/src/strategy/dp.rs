@@ -420,7 +420,7 @@ impl Strategy for DpFedAvg {
             ledger.bound = clip_bound(&self.config);
         }
         let optimizer =
-            ServerOptimizer::restore(&mut saved, self.config.server_optimizer, num_params)?;
+            ServerOptimizer::restore_or_fresh(&mut saved, self.config.server_optimizer, num_params);
         Ok(self.record(&optimizer, &ledger))
     }
 
