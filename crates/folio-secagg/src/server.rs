@@ -433,17 +433,7 @@ impl SecureServer {
     }
 
     fn close_shares(&mut self) -> Result<Closed, SecAggError> {
-        let threshold = self.spec.threshold as usize;
-        // Every secret shared must keep t live holders.
-        let fewest = self
-            .shared
-            .iter()
-            .map(|&u| self.live_holders(u, &self.shared))
-            .min();
-        match fewest {
-            Some(fewest) if fewest >= threshold => {}
-            fewest => return Err(self.too_few(Stage::Shares, fewest.unwrap_or(0))),
-        }
+        self.check_holders(Stage::Shares)?;
         let messages = self
             .shared
             .iter()
@@ -474,19 +464,36 @@ impl SecureServer {
                 (member.session, ServerStep::Shares(message))
             })
             .collect();
+        self.await_shared();
+        self.stage = Stage::Check;
+        Ok(Closed::Send(messages))
+    }
+
+    /// Every secret shared must keep t live holders among those still in.
+    fn check_holders(&self, stage: Stage) -> Result<(), SecAggError> {
+        let fewest = self
+            .shared
+            .iter()
+            .map(|&u| self.live_holders(u, &self.shared))
+            .min();
+        match fewest {
+            Some(fewest) if fewest >= self.spec.threshold as usize => Ok(()),
+            fewest => Err(self.too_few(stage, fewest.unwrap_or(0))),
+        }
+    }
+
+    /// The next step waits for every client still in.
+    fn await_shared(&mut self) {
         self.awaiting = self
             .shared
             .iter()
             .map(|&i| self.members[i as usize].session)
             .collect();
-        self.stage = Stage::Check;
-        Ok(Closed::Send(messages))
     }
 
     /// Puts out the culprits and those whose check did not come; every
     /// secret left must still have t holders in.
     fn close_check(&mut self) -> Result<Closed, SecAggError> {
-        let threshold = self.spec.threshold as usize;
         let out: BTreeSet<u32> = self
             .shared
             .iter()
@@ -494,15 +501,7 @@ impl SecureServer {
             .filter(|u| self.culprits.contains(u) || !self.checked.contains(u))
             .collect();
         self.shared.retain(|u| !out.contains(u));
-        let fewest = self
-            .shared
-            .iter()
-            .map(|&u| self.live_holders(u, &self.shared))
-            .min();
-        match fewest {
-            Some(fewest) if fewest >= threshold => {}
-            fewest => return Err(self.too_few(Stage::Check, fewest.unwrap_or(0))),
-        }
+        self.check_holders(Stage::Check)?;
         let excluded: Vec<u32> = out.into_iter().collect();
         let messages = self
             .shared
@@ -518,11 +517,7 @@ impl SecureServer {
                 )
             })
             .collect();
-        self.awaiting = self
-            .shared
-            .iter()
-            .map(|&i| self.members[i as usize].session)
-            .collect();
+        self.await_shared();
         self.stage = Stage::Masked;
         Ok(Closed::Send(messages))
     }
