@@ -74,7 +74,7 @@ pub use jobs::{AggregateJob, AggregateResult, Commit, CommitJob, EvaluateJob, Sh
 pub use record::{Evaluation, FederatedEvaluation, RoundRecord, model_hash};
 pub use roles::{Action, Commits, Edge, EdgeAction, HoldsSessions, Role, Root, RootAction, Whole};
 pub use round::RoundPhase;
-pub use settings::{AsyncRounds, FederatedEval, RoundConfig, SecureRounds};
+pub use settings::{AsyncRounds, FederatedEval, MIN_COHORT, RoundConfig, SecureRounds};
 
 use folio_fed::codec::CheckedDelta;
 

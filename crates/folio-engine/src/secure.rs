@@ -243,11 +243,11 @@ impl<R: Role> Engine<R> {
     /// round changed (and may move again).
     pub(crate) fn step_secure(&mut self, now: Instant) -> bool {
         let quorum = self.quorum();
-        let step_timeout = self
+        let (step_timeout, min_cohort) = self
             .config
             .rounds
             .secure
-            .map_or(Duration::ZERO, |s| s.step_timeout);
+            .map_or((Duration::ZERO, 0), |s| (s.step_timeout, s.min_cohort));
         let Phase::Collecting(open) = &mut self.phase else {
             return false;
         };
@@ -272,6 +272,23 @@ impl<R: Role> Engine<R> {
             unreachable!("matched above")
         };
         let secure = open.secure.as_mut().expect("matched above");
+        // Nothing is revealed of fewer inputs than the quorum and the minimum
+        // cohort: checked before any unmasking request goes out.
+        let inputs = secure.server.contributors().len();
+        let required = quorum.max(min_cohort);
+        if secure.server.stage() == folio_secagg::Stage::Masked && inputs < required {
+            let why =
+                format!("has {inputs} masked inputs, under the {required} a sum is revealed of");
+            if quorum == 0 {
+                tracing::warn!(round = open.round, "a secure round closes empty: it {why}");
+                open.secure = None;
+                open.reported.clear();
+                self.close_round();
+                return false;
+            }
+            self.abandon_round(&why);
+            return true;
+        }
         match secure.server.close() {
             Ok(folio_secagg::Closed::Send(messages)) => {
                 // Training happens before the masked input: that step waits
@@ -306,10 +323,6 @@ impl<R: Role> Engine<R> {
                 true
             }
             Ok(folio_secagg::Closed::Unmask(unmasking)) => {
-                if unmasking.contributors() < quorum {
-                    self.abandon_round("closed without a quorum");
-                    return true;
-                }
                 secure.unmasking = Some(unmasking);
                 self.close_round();
                 false

@@ -114,6 +114,18 @@ pub struct SecureRounds {
     pub degree: u32,
     /// How long the key, share and unmasking steps each wait for stragglers.
     pub step_timeout: Duration,
+    /// The fewest masked inputs a sum is revealed of ([`MIN_COHORT`] at least):
+    /// with fewer, nothing is unmasked.
+    #[serde(default = "min_cohort")]
+    pub min_cohort: usize,
+}
+
+/// No secure sum is revealed of fewer inputs than this: a sum of one is that
+/// input, and of two, each input to the other.
+pub const MIN_COHORT: usize = 3;
+
+fn min_cohort() -> usize {
+    MIN_COHORT
 }
 
 impl RoundConfig {
@@ -199,6 +211,12 @@ impl RoundConfig {
             }
             if secure.threshold == Some(0) {
                 return Err("a secure round's threshold must be at least 1".into());
+            }
+            if secure.min_cohort < MIN_COHORT {
+                return Err(format!(
+                    "a secure sum is revealed of at least {MIN_COHORT} inputs (it was set to {})",
+                    secure.min_cohort
+                ));
             }
         }
         if let Some(federated) = &self.federated_eval {

@@ -291,6 +291,11 @@ pub struct RunSettings {
     /// stragglers (seconds).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 30.0))]
     pub secagg_step_secs: f64,
+    /// The fewest masked inputs a secure sum is revealed of (at least 3): a
+    /// round with fewer is abandoned before anything is unmasked (a DP round
+    /// closes with its noise alone).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = folio_engine::MIN_COHORT))]
+    pub secagg_min_cohort: usize,
     /// Synchronous rounds, or asynchronous ones (FedBuff): clients train
     /// continuously, --clients-per-round at once, each on the latest model it
     /// was given, and the global model steps every --buffer updates.
@@ -360,6 +365,7 @@ impl Default for RunSettings {
             secagg_threshold: None,
             secagg_degree: 0,
             secagg_step_secs: 30.0,
+            secagg_min_cohort: folio_engine::MIN_COHORT,
             mode: RoundMode::Sync,
             buffer: 10,
             max_staleness: 4,
@@ -485,6 +491,7 @@ impl RunSettings {
                 .then_some(self.population_eval_every),
             secure: self.secure_aggregation.then_some(SecureRounds {
                 threshold: self.secagg_threshold,
+                min_cohort: self.secagg_min_cohort,
                 degree: self.secagg_degree,
                 step_timeout,
             }),

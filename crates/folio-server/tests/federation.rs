@@ -771,6 +771,7 @@ async fn a_secure_round_commits_the_sum_of_masked_inputs_despite_a_dropout() {
         threshold: None,
         degree: 0,
         step_timeout: Duration::from_secs(20),
+        min_cohort: 3,
     });
     let server = Server::start(checked(config(dir.path(), round_config, 1)))
         .await

@@ -30,6 +30,7 @@ fn simulate(seed: u64) -> Vec<RoundRecord> {
             threshold: None,
             degree: 0,
             step_timeout: Duration::from_secs(30),
+            min_cohort: 3,
         }),
         ..RoundConfig::tutorial()
     };

@@ -29,6 +29,7 @@ fn three_tabs_run_a_secure_round_and_the_page_says_the_aggregator_saw_only_the_s
             threshold: None,
             degree: 0,
             step_timeout: Duration::from_secs(30),
+            min_cohort: 3,
         }),
         ..RoundConfig::tutorial()
     };

@@ -137,6 +137,7 @@ fn asynchronous_rounds_refuse_strategies_that_need_a_sampled_round() {
             threshold: None,
             degree: 0,
             step_timeout: DEADLINE,
+            min_cohort: 3,
         });
         rounds.asynchronous = Some(folio_engine::AsyncRounds {
             buffer: 2,

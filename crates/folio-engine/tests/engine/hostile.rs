@@ -35,6 +35,7 @@ fn secure_rounds_beside(hostile: Option<Hostile>, minutes: u64) -> u64 {
         threshold: None,
         degree: 0,
         step_timeout: Duration::from_secs(30),
+        min_cohort: 3,
     });
     let mut host = Host::new(config, fresh_start());
     let sessions: Vec<u64> = ["A", "B", "C", "D", "E"]

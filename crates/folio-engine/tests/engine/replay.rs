@@ -12,6 +12,7 @@ fn secure_dp_run(entropy: Entropy) -> (Vec<String>, Vec<RoundRecord>, Vec<f32>) 
         threshold: None,
         degree: 0,
         step_timeout: Duration::from_secs(5),
+        min_cohort: 3,
     });
     let mut host = Host::of_population(config, fresh_start(), 4);
     let mut shown = Vec::new();

@@ -13,6 +13,7 @@ fn secure_config(clients: usize, quorum: usize) -> EngineConfig {
         threshold: None,
         degree: 0,
         step_timeout: Duration::from_secs(5),
+        min_cohort: 3,
     });
     config
 }
@@ -190,23 +191,32 @@ fn a_secure_round_short_of_its_threshold_runs_again_with_new_keys() {
     assert_eq!(late.unwrap_err().code, ErrorCode::BadSecureStep);
 }
 
+/// Each edge runs a secure round over its own clients and sends the root its
+/// sum; an edge holding fewer than the minimum cohort (here 2 of 3) reveals
+/// nothing and sends an empty share, so its clients' sum of two is never
+/// unmasked.
 #[test]
 fn a_cluster_runs_a_secure_round_per_edge_and_the_root_combines_their_sums() {
-    let strategy = StrategyConfig {
+    let clipped = |strategy: StrategyConfig| StrategyConfig {
         clipping: Clipping::Fixed { bound: 0.8 },
-        ..strategy_config(4, 4)
+        ..strategy
     };
-    // One server, plain: the reference.
-    let mut whole = Host::fresh(strategy, Some(3));
+    // One server, plain, with the three clients whose sum is revealed: the reference.
+    let mut whole = Host::fresh(clipped(strategy_config(3, 3)), Some(3));
     let mut sessions = std::collections::BTreeMap::new();
-    for client in ["A", "B", "C", "D"] {
+    for client in ["A", "B", "C"] {
         sessions.insert(whole.join(client), client);
     }
     for (&session, client) in &sessions {
         whole.update(session, 1, values_for(client, 1)).unwrap();
     }
     // A root and two edges, each edge's clients in a secure round of their own.
-    let mut cluster = Cluster::new(strategy, &[&["A", "B"], &["C", "D"]]);
+    let strategy = StrategyConfig {
+        min_clients: 5,
+        ..clipped(strategy_config(5, 3))
+    };
+    let groups: [&[&str]; 2] = [&["A", "B", "C"], &["D", "E"]];
+    let mut cluster = Cluster::new(strategy, &groups);
     for edge in &mut cluster.edges {
         edge.engine = {
             let mut config = edge.engine.config().clone();
@@ -219,7 +229,7 @@ fn a_cluster_runs_a_secure_round_per_edge_and_the_root_combines_their_sums() {
             Engine::new(config, clients(), start, edge.now).unwrap()
         };
     }
-    for (e, names) in [["A", "B"], ["C", "D"]].iter().enumerate() {
+    for (e, names) in groups.iter().enumerate() {
         cluster.clients[e] = names
             .iter()
             .map(|c| (cluster.edges[e].join(c), c.to_string()))
@@ -239,13 +249,75 @@ fn a_cluster_runs_a_secure_round_per_edge_and_the_root_combines_their_sums() {
             "edge {e}'s sum is its share"
         );
     }
+    let unmasks = |edge: &Host<Edge>| {
+        edge.sent
+            .iter()
+            .filter(|(_, m)| {
+                matches!(
+                    m.as_ref(),
+                    ServerMessage::Secure(folio_secagg::ServerStep::Unmask(_))
+                )
+            })
+            .count()
+    };
+    assert_eq!(unmasks(&cluster.edges[0]), 3, "three asked to unmask");
+    assert_eq!(
+        unmasks(&cluster.edges[1]),
+        0,
+        "a sum of two is never unmasked"
+    );
+    assert_eq!(cluster.edges[1].parts[0].0.reported.len(), 0);
     cluster.deliver_parts();
     assert_eq!(cluster.root.engine.completed_rounds(), 1);
     let (one, split) = (whole.engine.weights(), cluster.root.engine.weights());
     for (a, b) in split.iter().zip(one.iter()) {
         assert!((a - b).abs() <= 1e-6, "{split:?} vs {one:?}");
     }
-    assert_eq!(cluster.root.committed.last().unwrap().clients, 4);
+    assert_eq!(cluster.root.committed.last().unwrap().clients, 3);
+}
+
+/// A secure round of one or two masked inputs is never unmasked, though its
+/// threshold (a majority of one or two holders) and quorum would let it: it is
+/// abandoned before any unmasking request goes out (a sum of one is that
+/// client's update, of two each one's to the other); a DP round closes with its
+/// noise alone.
+#[test]
+fn a_secure_sum_of_fewer_than_three_is_never_unmasked() {
+    for (clients, dp) in [(1, false), (2, false), (2, true)] {
+        let mut config = secure_config(clients, 1);
+        if dp {
+            config.rounds.strategy = StrategyConfig {
+                kind: folio_fed::StrategyKind::DpFedAvg,
+                clipping: Clipping::Fixed { bound: 1.0 },
+                ..config.rounds.strategy
+            };
+        }
+        let mut host = Host::of_population(config, fresh_start(), clients);
+        let sessions: Vec<u64> = ["A", "B"][..clients].iter().map(|c| host.join(c)).collect();
+        let deltas = sessions.iter().map(|&s| (s, [0.1; PARAMS])).collect();
+        run_secure_round(&mut host, &deltas, &[]);
+        let unmask_requests = host
+            .sent
+            .iter()
+            .filter(|(_, m)| {
+                matches!(
+                    m.as_ref(),
+                    ServerMessage::Secure(folio_secagg::ServerStep::Unmask(_))
+                )
+            })
+            .count();
+        let case = format!("{clients} clients, dp: {dp}");
+        assert_eq!(unmask_requests, 0, "{case}");
+        if dp {
+            // Closed with noise alone (the model moves by the noise): charged,
+            // never drawn again.
+            assert_eq!(host.engine.completed_rounds(), 1, "{case}");
+            assert_eq!(host.committed.last().unwrap().clients, 0, "{case}");
+        } else {
+            assert_eq!(host.engine.weights().as_slice(), [0.0; PARAMS], "{case}");
+            assert_eq!(host.engine.completed_rounds(), 0, "{case}");
+        }
+    }
 }
 
 #[test]
