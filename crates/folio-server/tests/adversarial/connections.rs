@@ -453,3 +453,43 @@ async fn qr_codes_only_of_short_web_addresses() {
     }
     server.abort();
 }
+
+/// A connection that floods frames is read at its rate: 1,000 heartbeats
+/// (4 KiB each by the budget, 4.1 MB) past a burst of two of the largest frames
+/// (0.74 MB for `small`), at 1 MB/s, take the server over 3 s to read, so the
+/// answer to a frame sent after them comes only then (at once, unpaced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flooding_frames_is_read_at_its_rate() {
+    let limits = Limits {
+        read_bytes_per_sec: 1_000_000,
+        ..Limits::default()
+    };
+    let (_dir, server) = start(rounds(2), limits, AccessConfig::default()).await;
+    let mut socket = connect(&server).await;
+    join_as(&mut socket, join(None)).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..1000 {
+        socket
+            .feed(binary(&ClientMessage::Heartbeat))
+            .await
+            .unwrap();
+    }
+    // No device check was asked: this answer is refused, and the refusal is
+    // the reply.
+    let unasked = ClientMessage::ProbeAnswer(folio_proto::ProbeAnswer {
+        id: 7,
+        loss: 1.0,
+        projections: vec![0.0; 8],
+    });
+    socket.feed(binary(&unasked)).await.unwrap();
+    socket.flush().await.unwrap();
+    loop {
+        if let ServerMessage::Error(_) = next_message(&mut socket).await {
+            break;
+        }
+    }
+    let waited = started.elapsed().as_secs_f64();
+    println!("1,000 heartbeats and a refused answer read in {waited:.2} s at 1 MB/s");
+    assert!(waited > 2.0, "read in {waited:.2} s: not paced");
+    server.abort();
+}
