@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::FedError;
 use crate::codec::CheckedDelta;
 
-/// Norms within this relative distance of the bound count as at the bound: a
-/// delta scaled to "exactly the bound" in f32 measures a few ulps over it.
-pub const NORM_TOLERANCE: f64 = 1e-5;
+/// How far under the bound a clipped delta is scaled: its f32 coordinates
+/// (each rounded by at most 2⁻²⁴ of itself) then measure at most the bound, so
+/// the sensitivity is the bound the noise assumes, not a few ulps more.
+const CLIP_MARGIN: f64 = 1.0 - 1.0 / (1u64 << 22) as f64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Clipping {
@@ -181,15 +182,16 @@ pub fn l2_norm(values: &[f32]) -> f64 {
         .sqrt()
 }
 
-/// Whether a delta of L2 norm `norm` is over `bound` (beyond f32 rounding).
+/// Whether a delta of L2 norm `norm` is over `bound`: clipped.
 pub fn over(norm: f64, bound: f32) -> bool {
-    norm > f64::from(bound) * (1.0 + NORM_TOLERANCE)
+    norm > f64::from(bound)
 }
 
-/// What a delta of L2 norm `norm` is multiplied by to be at most `bound` long.
+/// What a delta of L2 norm `norm` is multiplied by to be at most `bound` long,
+/// measured on its f32 coordinates.
 pub fn clip_scale(norm: f64, bound: f32) -> f64 {
     if over(norm, bound) {
-        f64::from(bound) / norm
+        f64::from(bound) / norm * CLIP_MARGIN
     } else {
         1.0
     }
@@ -316,7 +318,7 @@ mod tests {
 
     #[test]
     fn clipping_scales_long_deltas_only() {
-        assert_eq!(clip_scale(5.0, 1.0), 0.2);
+        assert!((clip_scale(5.0, 1.0) - 0.2).abs() < 1e-6);
         assert_eq!(clip_scale(0.5, 1.0), 1.0);
         let huge = checked(&[f32::MAX, f32::MAX]);
         let mut round = RoundUpdates::new(Aggregation::Mean, 2);
@@ -383,19 +385,29 @@ mod tests {
     }
 
     #[test]
-    fn a_delta_scaled_to_the_bound_in_f32_is_not_over_it() {
+    fn a_clipped_delta_is_never_over_the_bound_in_f32() {
         let direction: Vec<f32> = (0..10_000)
             .map(|i| ((i * 7919) % 113) as f32 - 56.0)
             .collect();
-        let norm = l2_norm(&direction);
-        let at_bound: Vec<f32> = direction
-            .iter()
-            .map(|&v| (f64::from(v) / norm) as f32)
-            .collect();
-        let measured = l2_norm(&at_bound);
-        assert!(!over(measured, 1.0), "{measured}");
-        assert_eq!(clip_scale(measured, 1.0), 1.0);
-        assert!(over(1.001, 1.0));
+        let unit = l2_norm(&direction);
+        // Just over the bound (by 10⁻⁶ to 10⁻⁵, what a tolerance let through),
+        // and far over it: each clipped delta, in f32, measures at most the bound.
+        for over_by in [1e-7, 1e-6, 5e-6, 1e-5, 1.0, 1e6] {
+            for bound in [0.01f32, 0.7, 1.0, 3.0] {
+                let long: Vec<f32> = direction
+                    .iter()
+                    .map(|&v| (f64::from(v) / unit * f64::from(bound) * (1.0 + over_by)) as f32)
+                    .collect();
+                let delta = checked(&long);
+                assert!(over(delta.norm(), bound), "{over_by} {bound}");
+                let clipped = delta.to_vec(clip_scale(delta.norm(), bound) as f32);
+                let measured = l2_norm(&clipped);
+                assert!(measured <= f64::from(bound), "{over_by} {bound}: {measured}");
+                assert!(measured > f64::from(bound) * (1.0 - 1e-6), "{measured}");
+            }
+        }
+        assert!(!over(1.0, 1.0));
+        assert!(over(1.0 + 1e-12, 1.0));
     }
 
     #[test]
