@@ -3,7 +3,7 @@
 
 // A figure; "-" where there is none (a server with no text to evaluate on says NaN).
 const fmt = (v, digits = 4) => (v === null || v === undefined || v === "NaN" ? "-" : typeof v === "number" ? v.toFixed(digits) : v);
-const bytes = (n) => (n < 1e3 ? `${n} B` : n < 1e6 ? `${(n / 1e3).toFixed(1)} kB` : `${(n / 1e6).toFixed(2)} MB`);
+const bytes = (n) => (n === undefined ? "-" : n < 1e3 ? `${n} B` : n < 1e6 ? `${(n / 1e3).toFixed(1)} kB` : `${(n / 1e6).toFixed(2)} MB`);
 
 // Rows of cells into a table's body; each cell carries its column's name, which
 // narrow windows show beside the value (style.css).
@@ -151,6 +151,10 @@ function plot(all) {
 function roundProgress(open, phase, asynchronous) {
   const bar = document.getElementById("round-progress");
   const text = document.getElementById("round-text");
+  if (asynchronous && asynchronous.buffered === undefined) {
+    text.textContent = `asynchronous rounds: the model steps every ${asynchronous.buffer} updates; who trains is private · ${phase}`;
+    return;
+  }
   if (asynchronous) {
     const a = asynchronous;
     Object.assign(bar, { max: a.buffer, value: a.buffered });
@@ -164,15 +168,22 @@ function roundProgress(open, phase, asynchronous) {
     text.textContent = phase === "waiting for clients" ? "no round open: waiting for enough devices" : `no round open: ${phase}`;
     return;
   }
+  const secure = open.secure_step ? ` · secure aggregation, step: ${open.secure_step}` : "";
+  if (open.selected === undefined) {
+    // A private federation says nothing of who or how many are in the round.
+    Object.assign(bar, { max: open.deadline_seconds, value: open.deadline_seconds - open.seconds_left });
+    text.textContent = `round ${open.round} open; who takes part is private · deadline in ${Math.ceil(open.seconds_left)} s${secure}`;
+    return;
+  }
   Object.assign(bar, { max: open.selected, value: open.reported });
   const left = open.dropped_sessions.length ? `, ${open.dropped_sessions.length} left` : "";
   const attempt = open.attempt ? ` (attempt ${open.attempt + 1})` : "";
-  const secure = open.secure_step ? ` · secure aggregation, step: ${open.secure_step}` : "";
   text.textContent = `round ${open.round}${attempt}: ${open.reported} of ${open.selected} devices reported${left}; ` +
     `deadline in ${Math.ceil(open.seconds_left)} s${secure}`;
 }
 
 function thisRound(open, session, asynchronous) {
+  if (asynchronous?.training === undefined && open?.selected_sessions === undefined) return "-";
   if (asynchronous) {
     const task = asynchronous.training.find(([s]) => s === session);
     return task ? `training for round ${task[1]}` : "-";
@@ -216,7 +227,7 @@ function showSecure(status) {
   const threshold = s.threshold ? `threshold ${s.threshold}` : "threshold: a majority";
   const last = history.length ? history[history.length - 1] : null;
   const latest = last && last.round > 0
-    ? ` · round ${last.round} was ${last.secure ? `secure: the aggregator saw only the sum of its ${last.clients} devices' masked updates` : "not secure"}`
+    ? ` · round ${last.round} was ${last.secure ? `secure: the aggregator saw only the sum of its${last.clients === undefined ? "" : ` ${last.clients}`} devices' masked updates` : "not secure"}`
     : "";
   line.textContent = `Secure aggregation (${graph}; ${threshold}): the aggregator learns each round's sum and nothing about one device's update${latest}.`;
 }
@@ -230,15 +241,22 @@ async function fetchHistory(status) {
   if (!status.latest || status.latest.round < last) history = [];
   while (history.length < status.history_len) {
     const from = history.length ? history[history.length - 1].round + 1 : 0;
-    const page = await (await fetch(`api/history?from=${from}`)).json();
+    const page = await (await fetch(`api/history?from=${from}`, asked())).json();
     if (page.length === 0) break;
     history.push(...page);
   }
 }
 
+// This tab's session token (kept by device.js): a private federation's status
+// then shows this device's own row, and nobody else's.
+function asked() {
+  const token = sessionStorage.getItem("folio-session");
+  return token ? { headers: { "folio-session": token } } : {};
+}
+
 async function refresh() {
   try {
-    const status = await (await fetch("api/status")).json();
+    const status = await (await fetch("api/status", asked())).json();
     await fetchHistory(status);
     const open = status.open_round;
     const evaluated = history.filter((r) => Number.isFinite(r.eval_accuracy));
@@ -256,13 +274,17 @@ async function refresh() {
       : { ...r, eval_loss: r.federated.loss, eval_accuracy: r.federated.accuracy })));
     showPrivacy(status);
     showSecure(status);
-    fill("history", history.slice(-30).reverse().map((r) => [r.round, r.clients, fmt(r.train_loss), fmt(r.train_accuracy),
+    fill("history", history.slice(-30).reverse().map((r) => [r.round, fmt(r.clients), fmt(r.train_loss), fmt(r.train_accuracy),
       fmt(r.eval_loss), fmt(r.eval_accuracy), fmt(r.federated?.loss), fmt(r.federated?.accuracy), bytes(r.bytes_up), bytes(r.bytes_down), fmt(r.seconds, 1),
       fmt(r.epsilon, 3), r.secure ? "sum only" : "", fmt(r.staleness, 2)]));
-    fill("clients", status.clients.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}${checkMark(c.check)}`, c.connected ? "yes" : "no",
+    const sessions = status.private ? (status.own ? [status.own] : []) : status.clients;
+    document.getElementById("private-note").hidden = !status.private;
+    fill("clients", sessions.map((c) => [c.session, c.client_id, `${c.kind}, ${c.backend}${checkMark(c.check)}`, c.connected ? "yes" : "no",
       thisRound(open, c.session, status.asynchronous), c.rounds, fmt(c.last && c.last.train_loss), fmt(c.last && c.last.train_accuracy),
       bytes(c.bytes_up), bytes(c.bytes_down)]));
-    document.getElementById("errors").textContent = Object.keys(status.errors).length
+    document.getElementById("errors").textContent = status.errors === undefined
+      ? "private: counted for the operator only"
+      : Object.keys(status.errors).length
       ? Object.entries(status.errors).map(([code, count]) => `${code}: ${count}`).join("\n")
       : "none";
   } catch (err) {

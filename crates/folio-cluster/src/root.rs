@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use folio_data::Corpus;
 use folio_engine::{
-    Engine, EngineConfig, Entropy, Root as RootRole, RootAction, RoundRecord, Start,
+    Engine, EngineConfig, Entropy, Release, Root as RootRole, RootAction, RoundRecord, Start,
 };
 use folio_fed::{Candidate, Partial};
 use folio_host::eval::Evaluator;
@@ -41,6 +41,7 @@ pub struct Root {
     task: JoinHandle<anyhow::Result<()>>,
     /// The last round committed.
     committed: watch::Receiver<Option<RoundRecord>>,
+    release: Release,
 }
 
 impl Root {
@@ -112,7 +113,9 @@ impl Root {
             })
             .await?;
         let (progress, watched) = watch::channel(engine.history(completed, 1).first().cloned());
+        let release = engine.release();
         let host = RootHost {
+            release,
             store,
             engine,
             evaluator,
@@ -124,6 +127,7 @@ impl Root {
         Ok(Root {
             task: tokio::spawn(host.run()),
             committed: watched,
+            release,
         })
     }
 
@@ -138,6 +142,11 @@ impl Root {
     /// Rounds committed so far.
     pub fn completed_rounds(&self) -> u64 {
         self.committed.borrow().as_ref().map_or(0, |r| r.round)
+    }
+
+    /// What the federation's public surfaces and logs show.
+    pub fn release(&self) -> Release {
+        self.release
     }
 
     /// The last round committed, as it changes.
@@ -164,6 +173,7 @@ struct RootHost {
     name: String,
     lease: u64,
     progress: watch::Sender<Option<RoundRecord>>,
+    release: Release,
 }
 
 impl RootHost {
@@ -212,10 +222,12 @@ impl RootHost {
     async fn act(&mut self, action: RootAction, done: &mpsc::UnboundedSender<Done>) {
         let job = match action {
             RootAction::Order(order) => {
+                // A private federation's sample size is not logged.
+                let clients = (!self.release.is_private()).then_some(order.sessions.len());
                 tracing::info!(
                     round = order.round,
                     attempt = order.attempt,
-                    clients = order.sessions.len(),
+                    clients,
                     "round ordered"
                 );
                 if let Err(err) = self.store.put_order(&order).await {
@@ -225,7 +237,7 @@ impl RootHost {
                 return;
             }
             RootAction::Committed(record) => {
-                folio_host::log_committed(&record);
+                folio_host::log_committed(&record, self.release);
                 self.progress.send_replace(Some(*record));
                 return;
             }

@@ -11,7 +11,7 @@ use folio_proto::ErrorCode;
 
 use crate::engine::{Global, Phase};
 use crate::error::EngineError;
-use crate::jobs::{Collected, encode_model};
+use crate::jobs::{Collected, ShareJob, encode_model};
 use crate::roles::{Edge, Output, Role, Root};
 use crate::round::OpenRound;
 use crate::{Engine, RoundRecord};
@@ -208,6 +208,28 @@ impl Engine<Edge> {
             .copied()
             .filter(|&s| self.sessions.get(s).is_some())
             .collect();
+        // Clients whose sum this edge revealed for this round are not drawn
+        // again (a second sum of nearly the same updates would give one away):
+        // the attempt gets an empty share at once.
+        if self.revealed_round == Some(order.round) {
+            let report = ShareReport {
+                round: order.round,
+                attempt: order.attempt,
+                reported: Vec::new(),
+                dropped: mine,
+                loss_sum: 0.0,
+                accuracy_sum: 0.0,
+                examples: 0,
+                bytes_up: 0,
+                bytes_down: 0,
+            };
+            self.emit(Output::Share(ShareJob {
+                report,
+                strategy: self.strategy.clone(),
+                collected: Collected::Updates(updates),
+            }));
+            return Ok(());
+        }
         let bound = self.secure_bound(Ok(order.clip_bound))?;
         self.open_round(order.round, order.attempt, &mine, updates, bound, now);
         self.advance(now);

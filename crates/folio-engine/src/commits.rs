@@ -8,23 +8,28 @@ use std::time::Instant;
 
 use folio_proto::{ErrorCode, RoundResult, ServerMessage};
 
+use crate::cluster::Shares;
 use crate::engine::{Candidate, Closing, Global, Phase};
-use crate::jobs::{CommitJob, EvaluateJob};
+use crate::jobs::{Collected, CommitJob, EvaluateJob};
 use crate::roles::{Commits, Output, Role};
 use crate::{AggregateResult, Engine, Evaluation, RoundRecord, model_hash};
 
 impl<R: Role> Engine<R> {
     /// Round 0: the starting model is evaluated and committed before any round.
     pub(crate) fn evaluate_start(&mut self, now: Instant) {
-        let initial = Candidate {
+        self.evaluate(Closing::initial(now), self.unchanged());
+    }
+
+    /// The global model as it is, as a round's outcome.
+    fn unchanged(&self) -> Candidate {
+        Candidate {
             weights: self.global.weights.clone(),
             encoded: self.global.encoded.clone(),
             state: self.global.state.clone(),
             clip_bound: None,
             clipped: 0,
             median_norm: None,
-        };
-        self.evaluate(Closing::initial(now), initial);
+        }
     }
 
     pub(crate) fn evaluate(&mut self, closing: Closing, candidate: Candidate) {
@@ -100,13 +105,57 @@ impl<R: Commits> Engine<R> {
                 self.evaluate(closing, candidate);
             }
             Err(err) => {
-                // Every reporter shares the blame: the retry avoids them all.
                 self.count_error(ErrorCode::BadDelta);
-                self.attempt += 1;
-                tracing::warn!(round = closing.round, "round dropped: {err}");
-                self.advance(now);
+                // A secure sum, once unmasked, and a DP round's sample are never
+                // drawn again: a retry over the same clients would reveal
+                // another sum of nearly the same updates (their difference one
+                // client's), or sample them above q.
+                let drawn_once = self.config.rounds.secure.is_some() || self.is_dp();
+                if drawn_once && closing.clients > 0 {
+                    tracing::warn!(
+                        round = closing.round,
+                        "the round's sum is refused ({err}); it commits without it"
+                    );
+                    self.commit_without_updates(closing);
+                } else {
+                    // Every reporter shares the blame: the retry avoids them all.
+                    self.attempt += 1;
+                    tracing::warn!(round = closing.round, "round dropped: {err}");
+                    self.advance(now);
+                }
             }
         }
+    }
+
+    /// Commits a round without its updates: under DP its noise alone (the
+    /// round is charged), otherwise the model unchanged.
+    fn commit_without_updates(&mut self, mut closing: Closing) {
+        closing.clients = 0;
+        closing.train_loss = None;
+        closing.train_accuracy = None;
+        closing.examples = 0;
+        closing.federated = None;
+        closing.contributors.clear();
+        if !self.is_dp() {
+            let unchanged = self.unchanged();
+            self.evaluate(closing, unchanged);
+            return;
+        }
+        let nothing = if R::HOLDS_SESSIONS {
+            match self
+                .strategy
+                .open_round(&self.global.state, self.config.num_params())
+            {
+                Ok(updates) => Collected::Updates(updates),
+                Err(err) => unreachable!("the strategy opens rounds on its own state: {err}"),
+            }
+        } else {
+            Collected::Shares(Shares {
+                bound: None,
+                parts: Vec::new(),
+            })
+        };
+        self.aggregate(closing, nothing);
     }
 
     /// A candidate model was evaluated: the round's record is made and saved.

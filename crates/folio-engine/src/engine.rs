@@ -17,6 +17,7 @@ use crate::buffered::Buffered;
 use crate::config::{self, BuildError, EngineConfig, Start};
 use crate::error::EngineError;
 use crate::federated_eval::Asking;
+use crate::jobs::Collected;
 use crate::jobs::encode_model;
 use crate::roles::{Output, Role, Whole};
 use crate::round::OpenRound;
@@ -50,6 +51,9 @@ pub struct Engine<R: Role = Whole> {
     pub(crate) buffered: Option<Buffered>,
     /// The latest time an event brought (for timers that count from it).
     pub(crate) clock: Instant,
+    /// The round an edge last sent an unmasked secure sum of: a later attempt
+    /// of it (a root that failed over orders it again) runs with no one.
+    pub(crate) revealed_round: Option<u64>,
     /// Every secret draw: seeded by the config's entropy.
     rng: ChaCha20Rng,
     role: PhantomData<R>,
@@ -226,6 +230,7 @@ impl<R: Role> Engine<R> {
             phase: Phase::Idle,
             attempt: 0,
             failed: BTreeSet::new(),
+            revealed_round: None,
             sessions: Sessions::new(),
             clients,
             pool,
@@ -357,16 +362,33 @@ impl<R: Role> Engine<R> {
     /// `sessions` broke something (`what`): each sits out for a growing time.
     pub(crate) fn strike(&mut self, sessions: &[u64], now: Instant, what: &str) {
         for &session in sessions {
+            let private = self.release().is_private();
             if let Some(info) = self.sessions.get_mut(session) {
                 let bench = info.strikes.add(now);
+                // A private federation's logs name no session that took part.
+                let who = if private {
+                    "a session".to_owned()
+                } else {
+                    format!("session {session}")
+                };
                 tracing::info!(
-                    session,
                     strikes = info.strikes.count(),
-                    "session {session} {what}: not drawn for {}s",
+                    "{who} {what}: not drawn for {}s",
                     bench.as_secs()
                 );
             }
         }
+    }
+
+    /// Rounds are DP-FedAvg's: each samples its clients once, with q.
+    pub(crate) fn is_dp(&self) -> bool {
+        self.strategy.config().kind == folio_fed::StrategyKind::DpFedAvg
+    }
+
+    /// A root's open secure round already holds an edge's unmasked sum.
+    fn holds_a_secure_share(&self, open: &crate::round::OpenRound) -> bool {
+        self.config.rounds.secure.is_some()
+            && matches!(&open.collected, Collected::Shares(s) if s.parts.iter().any(|p| p.updates > 0))
     }
 
     /// Counts a refused input for the status.
@@ -426,6 +448,12 @@ impl<R: Role> Engine<R> {
                 }
                 Phase::Collecting(open) => match open.phase(self.quorum(), now) {
                     RoundPhase::Collecting | RoundPhase::Idle => return,
+                    // A root holding an edge's unmasked secure sum commits
+                    // it: drawn again, its clients would reveal another.
+                    RoundPhase::Failed if self.holds_a_secure_share(open) => {
+                        self.close_round();
+                        return;
+                    }
                     RoundPhase::Failed => self.abandon_round("closed without a quorum"),
                     RoundPhase::Complete | RoundPhase::DeadlineWithQuorum => {
                         self.close_round();

@@ -44,6 +44,7 @@
 //! | `commits` | aggregated → evaluated → persisted → the global model |
 //! | `secure` | secure aggregation's steps inside a round |
 //! | `buffered` | asynchronous rounds (FedBuff) |
+//! | `release` | what public surfaces show of a DP or secure federation |
 //! | `cluster` | a root's orders and an edge's shares |
 //! | `sessions`, `round`, `record`, `settings`, `status`, `error` | their types |
 
@@ -58,6 +59,7 @@ mod error;
 mod federated_eval;
 mod jobs;
 pub mod record;
+mod release;
 mod roles;
 mod round;
 mod rounds;
@@ -72,6 +74,7 @@ pub use engine::Engine;
 pub use error::EngineError;
 pub use jobs::{AggregateJob, AggregateResult, Commit, CommitJob, EvaluateJob, ShareJob};
 pub use record::{Evaluation, FederatedEvaluation, RoundRecord, model_hash};
+pub use release::{RECORD_WITHHELD, Release, STATUS_WITHHELD};
 pub use roles::{Action, Commits, Edge, EdgeAction, HoldsSessions, Role, Root, RootAction, Whole};
 pub use round::RoundPhase;
 pub use settings::{AsyncRounds, FederatedEval, MIN_COHORT, RoundConfig, SecureRounds};

@@ -84,17 +84,26 @@ impl RoundRecord {
 
     /// The record as a row of that table.
     pub fn table_row(&self) -> String {
-        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
+        self.row(false)
+    }
+
+    /// The row, with what a private federation withholds as `-` when `withheld`.
+    pub(crate) fn row(&self, withheld: bool) -> String {
+        let opt = |v: Option<f64>| match v {
+            Some(v) if !withheld => format!("{v:.4}"),
+            _ => "-".to_owned(),
+        };
+        let shown = |v: String| if withheld { "-".to_owned() } else { v };
         format!(
-            "{:>5}  {:>7}  {:>10}  {:>9}  {:>9.4}  {:>8.4}  {:>10}  {:>8.1}",
+            "{:>5}  {:>7}  {:>10}  {:>9}  {:>9.4}  {:>8.4}  {:>10}  {:>8}",
             self.round,
-            self.clients,
+            shown(self.clients.to_string()),
             opt(self.train_loss),
             opt(self.train_accuracy),
             self.eval_loss,
             self.eval_accuracy,
-            self.bytes_up,
-            self.seconds
+            shown(self.bytes_up.to_string()),
+            shown(format!("{:.1}", self.seconds)),
         ) + &self
             .population_accuracy
             .map_or_else(String::new, |acc| format!("  {acc:>14.4}"))

@@ -229,6 +229,9 @@ impl<R: Role> Engine<R> {
             ),
         );
         if !R::COMMITS {
+            if matches!(open.collected, Collected::SecureSum(_)) && !open.reported.is_empty() {
+                self.revealed_round = Some(open.round);
+            }
             let report = ShareReport {
                 round: open.round,
                 attempt: open.attempt,

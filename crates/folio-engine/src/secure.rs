@@ -378,8 +378,7 @@ impl<R: Role> Engine<R> {
         now: Instant,
     ) -> Vec<folio_fed::Candidate> {
         let strategy = self.strategy.config();
-        if self.config.rounds.secure.is_none() || strategy.kind == folio_fed::StrategyKind::DpFedAvg
-        {
+        if self.config.rounds.secure.is_none() || self.is_dp() {
             return candidates;
         }
         let suspicion = |c: &folio_fed::Candidate| {

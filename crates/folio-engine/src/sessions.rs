@@ -214,21 +214,20 @@ impl Sessions {
         self.by_id.values().find(|s| s.client_id == client_id)
     }
 
+    /// The session `token` names, if the token is right.
+    pub fn owner_of(&self, token: &str) -> Option<u64> {
+        let (id, secret) = token.split_once('.')?;
+        let info = id.parse().ok().and_then(|id: u64| self.by_id.get(&id))?;
+        constant_time_eq(secret.as_bytes(), info.secret.as_bytes()).then_some(info.session)
+    }
+
     /// The disconnected session `token` names, if the token is right.
     pub fn find_resumable(&self, token: &str) -> Result<Option<u64>, SessionError> {
-        let Some((id, secret)) = token.split_once('.') else {
-            return Ok(None);
-        };
-        let Some(info) = id.parse().ok().and_then(|id: u64| self.by_id.get(&id)) else {
-            return Ok(None);
-        };
-        if !constant_time_eq(secret.as_bytes(), info.secret.as_bytes()) {
-            return Ok(None);
+        match self.owner_of(token).and_then(|id| self.by_id.get(&id)) {
+            Some(info) if info.connected => Err(SessionError::InUse),
+            Some(info) => Ok(Some(info.session)),
+            None => Ok(None),
         }
-        if info.connected {
-            return Err(SessionError::InUse);
-        }
-        Ok(Some(info.session))
     }
 
     /// A Shakespeare client for a new session: the one wanted (unless a connected

@@ -402,7 +402,10 @@ mod tests {
                 assert!(over(delta.norm(), bound), "{over_by} {bound}");
                 let clipped = delta.to_vec(clip_scale(delta.norm(), bound) as f32);
                 let measured = l2_norm(&clipped);
-                assert!(measured <= f64::from(bound), "{over_by} {bound}: {measured}");
+                assert!(
+                    measured <= f64::from(bound),
+                    "{over_by} {bound}: {measured}"
+                );
                 assert!(measured > f64::from(bound) * (1.0 - 1e-6), "{measured}");
             }
         }

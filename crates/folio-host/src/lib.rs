@@ -147,11 +147,13 @@ pub fn build_engine<R: Role>(
     Ok(Engine::new(config, clients, start, Instant::now())?)
 }
 
-/// Logs a committed round (every host's one line per round).
-pub fn log_committed(record: &RoundRecord) {
+/// Logs a committed round (every host's one line per round): a private
+/// federation's without how many took part.
+pub fn log_committed(record: &RoundRecord, release: folio_engine::Release) {
+    let clients = (!release.is_private()).then_some(record.clients);
     tracing::info!(
         round = record.round,
-        clients = record.clients,
+        clients,
         eval_loss = record.eval_loss,
         eval_accuracy = record.eval_accuracy,
         "round committed"

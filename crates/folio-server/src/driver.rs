@@ -53,7 +53,7 @@ impl Served for Whole {
         let job = match action {
             Action::Send { to, message } => return Some(Frames { to, message }),
             Action::Committed(record) => {
-                folio_host::log_committed(&record);
+                folio_host::log_committed(&record, shared.release);
                 shared.completed.send_replace(record.round);
                 return None;
             }

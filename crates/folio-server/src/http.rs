@@ -16,8 +16,7 @@ use folio_model::checkpoint::{self, Precision};
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use folio_engine::RoundRecord;
-use folio_engine::status::Status;
+use folio_engine::Release;
 
 use crate::Shared;
 use crate::access::AdminRefusal;
@@ -29,10 +28,7 @@ use crate::{state, ws};
 pub fn router<R: Served>(shared: Arc<Shared<R>>) -> Router {
     let mut router = Router::new()
         .route("/ws", get(ws::upgrade))
-        .route(
-            "/api/status",
-            get(|State(shared): State<Arc<Shared<R>>>| async move { Json(status(&shared)) }),
-        )
+        .route("/api/status", get(public_status))
         .route("/api/history", get(history))
         .route("/api/characters", get(characters))
         .route("/api/model", get(model_file))
@@ -100,13 +96,77 @@ struct HistoryQuery {
 }
 
 /// Committed rounds from `from` on, a page at a time: a page polls only for what
-/// is new.
+/// is new. A private federation's records without what it withholds, unless
+/// the operator asks.
 async fn history<R: Served>(
     State(shared): State<Arc<Shared<R>>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
     Query(query): Query<HistoryQuery>,
-) -> Json<Vec<RoundRecord>> {
+) -> Response {
+    let asker = match asker(&shared, &peer, &headers).await {
+        Ok(asker) => asker,
+        Err(refused) => return refused,
+    };
     let limit = query.limit.unwrap_or(HISTORY_PAGE).min(HISTORY_PAGE);
-    Json(shared.read(|e| e.history(query.from, limit).to_vec()))
+    let records = shared.read(|e| e.history(query.from, limit).to_vec());
+    let release = asker.release(shared.release);
+    let records: Vec<serde_json::Value> = records.iter().map(|r| release.record(r)).collect();
+    Json(records).into_response()
+}
+
+/// The header a device proves its session with (its resume token), to see its
+/// own row of a private federation's status.
+pub const SESSION_HEADER: &str = "folio-session";
+
+/// Who asks a public endpoint.
+enum Asker {
+    /// The admin token: everything.
+    Operator,
+    /// Anyone, or the device holding this session.
+    Public(Option<u64>),
+}
+
+impl Asker {
+    fn release(&self, federation: Release) -> Release {
+        match self {
+            Asker::Operator => Release::Full,
+            Asker::Public(_) => federation,
+        }
+    }
+}
+
+/// Who is asking: a request with an `Authorization` header must hold the admin
+/// token (a wrong one waits and is refused, as on the admin API), one with
+/// [`SESSION_HEADER`] is the device of that session if the token is right.
+async fn asker<R: Served>(
+    shared: &Shared<R>,
+    peer: &PeerInfo,
+    headers: &HeaderMap,
+) -> Result<Asker, Response> {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return match admin_refused(shared, peer, headers).await {
+            Some(refused) => Err(refused),
+            None => Ok(Asker::Operator),
+        };
+    }
+    let own = headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|token| shared.read(|e| e.session_of_token(token)));
+    Ok(Asker::Public(own))
+}
+
+async fn public_status<R: Served>(
+    State(shared): State<Arc<Shared<R>>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+) -> Response {
+    match asker(&shared, &peer, &headers).await {
+        Ok(Asker::Operator) => Json(status(&shared, Release::Full, None)).into_response(),
+        Ok(Asker::Public(own)) => Json(status(&shared, shared.release, own)).into_response(),
+        Err(refused) => refused,
+    }
 }
 
 /// The current global model, f16 safetensors: public, the page's generator uses
@@ -263,8 +323,9 @@ async fn revoke_session<R: Served>(
 /// depends on the sessions held, not on the rounds run.
 #[derive(serde::Serialize)]
 pub struct ServerStatus {
+    /// The engine's status as `release` shows it.
     #[serde(flatten)]
-    engine: Status,
+    engine: serde_json::Value,
     /// TCP connections open now.
     connections: u64,
     /// Connections refused at a cap, and ended to make room for a newcomer from
@@ -276,10 +337,11 @@ pub struct ServerStatus {
     edges: Vec<String>,
 }
 
-pub fn status<R: Served>(shared: &Shared<R>) -> ServerStatus {
+/// The status as `release` shows it to the holder of session `own`.
+pub fn status<R: Served>(shared: &Shared<R>, release: Release, own: Option<u64>) -> ServerStatus {
     let count = &shared.connections;
     ServerStatus {
-        engine: shared.read(|e| e.status(Instant::now())),
+        engine: release.status(shared.read(|e| e.status(Instant::now())), own),
         connections: count.open(),
         connections_refused: count.refused.load(std::sync::atomic::Ordering::Relaxed),
         connections_evicted: count.evicted.load(std::sync::atomic::Ordering::Relaxed),

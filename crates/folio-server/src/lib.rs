@@ -89,6 +89,8 @@ pub struct Shared<R: Served> {
     /// Device checks' reference computations running at once: however many
     /// devices answer together, the memory they take stays bounded.
     probe_slots: tokio::sync::Semaphore,
+    /// What public surfaces and logs show (fixed by the settings).
+    release: folio_engine::Release,
 }
 
 /// Device checks computed at once (each holds a model and its gradients).
@@ -249,7 +251,9 @@ impl<R: Served> Server<R> {
             config.access.trusted_proxies.clone(),
         );
         let (deliveries, delivered) = mpsc::unbounded_channel();
+        let release = engine.release();
         let shared = Arc::new(Shared {
+            release,
             engine: Mutex::new(engine),
             deliveries,
             wake: Notify::new(),
@@ -321,8 +325,19 @@ impl<R: Served> Server<R> {
         self.shared.read(|e| e.weights().to_vec())
     }
 
+    /// The status in full (the operator's view).
     pub fn status(&self) -> serde_json::Value {
-        serde_json::to_value(http::status(&self.shared)).expect("the status serialises")
+        serde_json::to_value(http::status(
+            &self.shared,
+            folio_engine::Release::Full,
+            None,
+        ))
+        .expect("the status serialises")
+    }
+
+    /// What this federation's public surfaces show.
+    pub fn release(&self) -> folio_engine::Release {
+        self.shared.release
     }
 
     /// Open TCP connections.

@@ -329,7 +329,7 @@ async fn follow<R: folio_server::Served>(server: &Server<R>, rounds: Option<u64>
     let mut stop = std::pin::pin!(stop_signal());
     loop {
         for record in server.history_from(shown) {
-            println!("{}", record.table_row());
+            println!("{}", server.release().table_row(&record));
             shown = record.round + 1;
         }
         if rounds.is_some_and(|max| shown > max) {
@@ -357,6 +357,7 @@ async fn run_root(config: ServerConfig, nats: String, name: String) -> anyhow::R
     .await?;
     println!("{}", RoundRecord::TABLE_HEADER);
     let mut records = root.records();
+    let release = root.release();
     let mut stop = std::pin::pin!(stop_signal());
     let mut finished = std::pin::pin!(root.join());
     loop {
@@ -366,7 +367,7 @@ async fn run_root(config: ServerConfig, nats: String, name: String) -> anyhow::R
                     return Ok(());
                 }
                 if let Some(record) = records.borrow_and_update().clone() {
-                    println!("{}", record.table_row());
+                    println!("{}", release.table_row(&record));
                 }
             }
             done = &mut finished => return done,

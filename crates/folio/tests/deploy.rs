@@ -149,11 +149,16 @@ fn native_clients_train_over_wss_against_a_certificate_they_check() {
 /// GETs `path` from a plain-HTTP server: the status code and the body (`None`
 /// while it does not answer).
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    http_get_with(addr, path, "")
+}
+
+/// The same with more request headers (`Name: value\r\n` each).
+fn http_get_with(addr: &str, path: &str, headers: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut answer = String::new();
@@ -472,4 +477,170 @@ fn an_acme_ca_issues_the_certificate_and_a_renewal_is_served_without_a_restart()
         "pebble issued {} bytes of certificate for folio.test, and a renewal, both served by one folio serve",
         issued.len()
     );
+}
+
+/// Every key of `value`, at any depth.
+fn keys(value: &serde_json::Value, into: &mut std::collections::BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, inner) in map {
+                into.insert(key.clone());
+                keys(inner, into);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| keys(v, into)),
+        _ => {}
+    }
+}
+
+/// A DP run of `folio serve` with three `folio client`s: every public endpoint,
+/// read throughout, and the server's output name no client that took part and
+/// give no exact count or norm; the operator, with the admin token, sees them.
+#[test]
+fn a_dp_run_publishes_no_participant_on_any_public_surface() {
+    let state = tempfile::tempdir().unwrap();
+    let addr = free_address();
+    let mut server = folio()
+        .args(["serve", "--preset", "small", "--fresh"])
+        .args(["--max-batches", "1", "--addr", &addr, "--rounds", "6"])
+        .args(["--min-clients", "3"])
+        // More clients a round than the corpus has: q = 1, all three in every
+        // round, so there is participation to leak.
+        .args(["--clients-per-round", "100000", "--quorum", "1"])
+        .args(["--strategy", "dp-fedavg", "--clip-bound", "0.5"])
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("FOLIO_ADMIN_TOKEN", "operator-secret")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if let Some(exit) = server.try_wait().unwrap() {
+            let mut why = String::new();
+            std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut why).unwrap();
+            panic!("folio serve stopped ({exit}): {why}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The operator's views stay behind the token; a wrong one is refused.
+    let wrong = "Authorization: Bearer guess\r\n";
+    assert_eq!(http_get_with(&addr, "/api/status", wrong).unwrap().0, 401);
+    assert_eq!(http_get(&addr, "/metrics").unwrap().0, 401);
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            folio()
+                .args(["client", "--server", &format!("ws://{addr}/ws")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Read every public endpoint until the run ends (rounds open and closed).
+    let mut public = Vec::new();
+    let mut operator = None;
+    // Rounds done at each read: the reads span the run.
+    let mut seen = std::collections::BTreeSet::new();
+    let admin = "Authorization: Bearer operator-secret\r\n";
+    while let Some((200, status)) = http_get(&addr, "/api/status") {
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&status) {
+            seen.insert(value["completed_rounds"].as_u64());
+        }
+        public.push(status);
+        if let Some((200, history)) = http_get(&addr, "/api/history") {
+            public.push(history);
+        }
+        // A session token that proves nothing shows no row.
+        if let Some((200, forged)) = http_get_with(&addr, "/api/status", "folio-session: 1.00\r\n")
+        {
+            public.push(forged);
+        }
+        if let Some((200, full)) = http_get_with(&addr, "/api/status", admin) {
+            operator = Some(full);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let output = server.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut ids = Vec::new();
+    for client in clients {
+        let said = String::from_utf8_lossy(&client.wait_with_output().unwrap().stdout).to_string();
+        let id = said
+            .lines()
+            .find_map(|l| l.strip_prefix("training as "))
+            .and_then(|l| l.split(' ').next())
+            .unwrap_or_else(|| panic!("no client id in {said}"))
+            .to_owned();
+        ids.push(id);
+    }
+    let operator = operator.expect("the operator's status was read");
+    // What the operator sees: the data a public surface must not show exist.
+    for id in &ids {
+        assert!(
+            operator.contains(&format!("\"{id}\"")),
+            "{id} not in {operator}"
+        );
+    }
+    let full: serde_json::Value = serde_json::from_str(&operator).unwrap();
+    let took_part = full["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c["reported_rounds"].as_array().unwrap().is_empty())
+        .count();
+    assert_eq!(took_part, 3, "{operator}");
+    let withheld = [
+        "client_id",
+        "reported_rounds",
+        "selected_sessions",
+        "reported_sessions",
+        "dropped_sessions",
+        "selected",
+        "reported",
+        "clients",
+        "examples",
+        "clipped",
+        "delta_norm",
+        "train_loss",
+        "train_accuracy",
+        "bytes_up",
+        "bytes_down",
+        "errors",
+        "federated",
+        "seconds",
+        "attempt",
+    ];
+    assert!(seen.len() >= 3, "read at rounds {seen:?} only");
+    for body in &public {
+        let value: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
+        let mut found = std::collections::BTreeSet::new();
+        keys(&value, &mut found);
+        for field in withheld {
+            assert!(!found.contains(field), "{field} published: {body}");
+        }
+        for id in &ids {
+            assert!(!body.contains(id.as_str()), "{id} published: {body}");
+        }
+    }
+    // Neither the table the server prints nor its logs.
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let logs = String::from_utf8_lossy(&output.stderr);
+    for id in &ids {
+        assert!(
+            !printed.contains(id.as_str()) && !logs.contains(id.as_str()),
+            "{id}"
+        );
+    }
+    assert!(!logs.contains("clients="), "{logs}");
+    let row = printed
+        .lines()
+        .find(|l| l.trim_start().starts_with("6 "))
+        .expect("round 6");
+    assert!(row.split_whitespace().nth(1) == Some("-"), "{row}");
 }

@@ -76,7 +76,15 @@ fn three_tabs_run_a_secure_round_and_the_page_says_the_aggregator_saw_only_the_s
         Duration::from_secs(30),
     )?;
     let said = said.as_str().unwrap_or_default().to_owned();
-    ensure!(said.contains("sum of its 3 devices"), "{said}");
+    // A private federation's page names no count of the round's devices, and
+    // lists only this tab's own session.
+    ensure!(said.contains("only the sum of its devices"), "{said}");
+    let listed = browser.wait_for(
+        "the page to list this tab's own session alone",
+        "const rows = document.querySelectorAll('#clients tbody tr');          return !document.getElementById('private-note').hidden && rows.length === 1 ? rows.length : null",
+        Duration::from_secs(30),
+    )?;
+    ensure!(listed == 1, "{listed}");
     let sent = browser.execute(
         "return [...document.querySelectorAll('#device-rounds tbody tr')].map(r => r.lastElementChild.textContent)",
         serde_json::json!([]),

@@ -161,3 +161,100 @@ fn a_dp_cluster_noises_once_at_the_root_and_spends_what_one_server_does() {
     let off: f32 = root.iter().zip(plain).map(|(a, b)| (a - b).abs()).sum();
     assert!(off > 0.1, "no noise: {root:?} vs {plain:?}");
 }
+
+/// Status fields every surface may show, and why (the withheld ones are
+/// `folio_engine::STATUS_WITHHELD`).
+const STATUS_PUBLIC: &[&str] = &[
+    "preset",
+    "parameters",
+    "next_round",
+    "completed_rounds",
+    "phase",
+    "open_round",
+    "open_round.round",
+    "open_round.seconds_left",
+    "open_round.deadline_seconds",
+    "open_round.secure_step",
+    "latest",
+    "history_len",
+    "connected",
+    "sessions",
+    "config",
+    "privacy",
+    "stopped",
+    "asynchronous",
+    "asynchronous.buffer",
+    "asynchronous.max_staleness",
+];
+
+/// Every field of the status, `a.b` for those of its open round and
+/// asynchronous parts.
+fn status_fields(status: &serde_json::Value) -> Vec<String> {
+    let mut fields = Vec::new();
+    for (name, value) in status.as_object().unwrap() {
+        fields.push(name.clone());
+        if ["open_round", "asynchronous"].contains(&name.as_str()) {
+            for inner in value.as_object().into_iter().flat_map(|o| o.keys()) {
+                fields.push(format!("{name}.{inner}"));
+            }
+        }
+    }
+    fields.sort();
+    fields
+}
+
+#[test]
+fn a_dp_status_names_no_participant_and_a_device_sees_its_own_row() {
+    let mut host = Host::fresh(dp_strategy(3, 1.0), None);
+    let tokens: Vec<String> = ["A", "B", "C"]
+        .iter()
+        .map(|c| {
+            let joined = host.engine.join(join(c), host.now).unwrap();
+            host.run();
+            joined.token
+        })
+        .collect();
+    let open = host.engine.status(host.now).open_round.unwrap();
+    for &session in &open.selected_sessions[..2] {
+        host.update(session, open.round, [0.5; PARAMS]).unwrap();
+    }
+    let status = host.engine.status(host.now);
+    let release = host.engine.release();
+    assert_eq!(release, folio_engine::Release::Private);
+    // In full (the operator's view) every field is either public or withheld.
+    let full = folio_engine::Release::Full.status(status.clone(), None);
+    let mut classified: Vec<String> = STATUS_PUBLIC
+        .iter()
+        .chain(folio_engine::STATUS_WITHHELD.iter().map(|(f, _)| f))
+        .map(|f| f.to_string())
+        .collect();
+    classified.sort();
+    let mut shown = status_fields(&full);
+    shown.retain(|f| !f.starts_with("asynchronous")); // synchronous rounds here
+    classified.retain(|f| !f.starts_with("asynchronous"));
+    assert_eq!(shown, classified, "a status field is not classified");
+    assert_eq!(full["clients"].as_array().unwrap().len(), 3);
+    assert!(full.to_string().contains("\"A\"") && full["latest"]["clients"] == 0);
+    // Anyone: no session, no count of the sample, no participant's figure.
+    let public = release.status(status.clone(), None);
+    let text = public.to_string();
+    for (field, _) in folio_engine::STATUS_WITHHELD {
+        assert!(
+            !status_fields(&public).contains(&field.to_string()),
+            "{field}: {text}"
+        );
+    }
+    for client in ["A", "B", "C"] {
+        assert!(!text.contains(&format!("\"{client}\"")), "{client}: {text}");
+    }
+    assert!(public["own"].is_null() && public["private"] == true);
+    for (field, _) in folio_engine::RECORD_WITHHELD {
+        assert!(public["latest"].get(field).is_none(), "latest.{field}");
+    }
+    // A device that proves its session: its own row, nobody else's.
+    let own = host.engine.session_of_token(&tokens[1]).unwrap();
+    let mine = release.status(status.clone(), Some(own));
+    assert_eq!(mine["own"]["session"], own);
+    assert!(!mine.to_string().contains("\"A\"") && !mine.to_string().contains("\"C\""));
+    assert_eq!(host.engine.session_of_token("1.forged"), None);
+}

@@ -210,45 +210,7 @@ fn a_cluster_runs_a_secure_round_per_edge_and_the_root_combines_their_sums() {
     for (&session, client) in &sessions {
         whole.update(session, 1, values_for(client, 1)).unwrap();
     }
-    // A root and two edges, each edge's clients in a secure round of their own.
-    let strategy = StrategyConfig {
-        min_clients: 5,
-        ..clipped(strategy_config(5, 3))
-    };
-    let groups: [&[&str]; 2] = [&["A", "B", "C"], &["D", "E"]];
-    let mut cluster = Cluster::new(strategy, &groups);
-    for edge in &mut cluster.edges {
-        edge.engine = {
-            let mut config = edge.engine.config().clone();
-            config.rounds.secure = secure_config(2, 2).rounds.secure;
-            let start = Start {
-                weights: vec![0.0; PARAMS],
-                strategy: None,
-                history: cluster.root.committed.clone(),
-            };
-            Engine::new(config, clients(), start, edge.now).unwrap()
-        };
-    }
-    for (e, names) in groups.iter().enumerate() {
-        cluster.clients[e] = names
-            .iter()
-            .map(|c| (cluster.edges[e].join(c), c.to_string()))
-            .collect();
-    }
-    cluster.offer();
-    cluster.deliver_orders();
-    for e in 0..2 {
-        let deltas = cluster.clients[e]
-            .iter()
-            .map(|(s, c)| (*s, values_for(c, 1)))
-            .collect();
-        run_secure_round(&mut cluster.edges[e], &deltas, &[]);
-        assert_eq!(
-            cluster.edges[e].parts.len(),
-            1,
-            "edge {e}'s sum is its share"
-        );
-    }
+    let (mut cluster, _) = secure_cluster(3);
     let unmasks = |edge: &Host<Edge>| {
         edge.sent
             .iter()
@@ -274,6 +236,113 @@ fn a_cluster_runs_a_secure_round_per_edge_and_the_root_combines_their_sums() {
         assert!((a - b).abs() <= 1e-6, "{split:?} vs {one:?}");
     }
     assert_eq!(cluster.root.committed.last().unwrap().clients, 3);
+}
+
+/// A root (rounds of five with `quorum`, clipping to 0.8) and two edges whose
+/// clients (A–C, and D–E) ran round 1 as secure rounds of their own, their
+/// shares not yet delivered: the first edge's sum of three unmasked, the
+/// second's of two never.
+fn secure_cluster(quorum: usize) -> (Cluster, RoundOrder) {
+    let strategy = StrategyConfig {
+        min_clients: 5,
+        clipping: Clipping::Fixed { bound: 0.8 },
+        ..strategy_config(5, quorum)
+    };
+    let groups: [&[&str]; 2] = [&["A", "B", "C"], &["D", "E"]];
+    let mut cluster = Cluster::new(strategy, &groups);
+    // The root runs with the edges' settings, as a cluster's nodes do.
+    let mut root_config = cluster.root.engine.config().clone();
+    root_config.rounds.secure = secure_config(2, 2).rounds.secure;
+    cluster.root = Host::<Root>::start(root_config, fresh_start());
+    for edge in &mut cluster.edges {
+        edge.engine = {
+            let mut config = edge.engine.config().clone();
+            config.rounds.secure = secure_config(2, 2).rounds.secure;
+            let start = Start {
+                weights: vec![0.0; PARAMS],
+                strategy: None,
+                history: cluster.root.committed.clone(),
+            };
+            Engine::new(config, clients(), start, edge.now).unwrap()
+        };
+    }
+    for (e, names) in groups.iter().enumerate() {
+        cluster.clients[e] = names
+            .iter()
+            .map(|c| (cluster.edges[e].join(c), c.to_string()))
+            .collect();
+    }
+    cluster.offer();
+    let order = cluster.root.orders[0].clone();
+    cluster.deliver_orders();
+    for e in 0..2 {
+        let deltas = cluster.clients[e]
+            .iter()
+            .map(|(s, c)| (*s, values_for(c, 1)))
+            .collect();
+        run_secure_round(&mut cluster.edges[e], &deltas, &[]);
+        assert_eq!(
+            cluster.edges[e].parts.len(),
+            1,
+            "edge {e}'s sum is its share"
+        );
+    }
+    (cluster, order)
+}
+
+/// A root that fails over orders its open round again, as a new attempt. An
+/// edge that already sent its unmasked sum for that round runs the new
+/// attempt with no one: its clients would retrain from the same model and text
+/// and give a second sum of nearly the same updates.
+#[test]
+fn an_edge_never_reveals_a_second_sum_for_a_round() {
+    let (mut cluster, order) = secure_cluster(3);
+    let edge = &mut cluster.edges[0];
+    let starts = edge.starts().len();
+    let again = RoundOrder {
+        attempt: order.attempt + 1,
+        sessions: order
+            .sessions
+            .iter()
+            .filter(|&&s| s >> 32 == 0)
+            .map(|&s| s & 0xffff_ffff)
+            .collect(),
+        ..order
+    };
+    edge.engine.order(&again, edge.now).unwrap();
+    edge.run();
+    assert_eq!(
+        edge.starts().len(),
+        starts,
+        "no client is sent the round again"
+    );
+    let (report, part) = edge.parts.last().unwrap();
+    assert_eq!(
+        (report.attempt, report.reported.len(), part.updates),
+        (1, 0, 0)
+    );
+}
+
+/// A root whose round falls short of its quorum after an edge's secure sum
+/// came in commits that sum: drawn again, the same clients would reveal
+/// another sum of nearly the same updates.
+#[test]
+fn a_root_holding_an_unmasked_secure_sum_commits_it_rather_than_draw_again() {
+    let (mut cluster, _) = secure_cluster(5);
+    cluster.deliver_parts();
+    let root = &cluster.root;
+    assert_eq!(
+        root.engine.completed_rounds(),
+        1,
+        "committed, not ordered again"
+    );
+    let record = root.committed.last().unwrap();
+    assert_eq!((record.round, record.clients), (1, 3));
+    assert!(
+        root.orders.iter().all(|o| o.round > 1),
+        "round 1 ordered again: {:?}",
+        root.orders
+    );
 }
 
 /// A secure round of one or two masked inputs is never unmasked, though its
@@ -326,23 +395,7 @@ fn a_secure_dp_round_that_cannot_unmask_releases_noise_alone_and_is_never_drawn_
     // 4). Round 1: only one client sends keys, below the threshold of 3; the
     // round must not be drawn again (that would change q): it closes with
     // nothing, releases noise alone and is charged. Round 2 runs in full.
-    let mut config = secure_config(4, 4);
-    config.rounds.strategy = StrategyConfig {
-        kind: folio_fed::StrategyKind::DpFedAvg,
-        dp: folio_fed::DpConfig {
-            noise_multiplier: 1.0,
-            ..folio_fed::DpConfig::default()
-        },
-        ..config.rounds.strategy
-    };
-    config.max_rounds = Some(2);
-    let start = Start {
-        weights: vec![0.0; PARAMS],
-        strategy: None,
-        history: Vec::new(),
-    };
-    let mut host = Host::of_population(config, start, 4);
-    let sessions: Vec<u64> = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    let (mut host, sessions) = dp_secure_host();
     let first = host.starts().last().unwrap().1.secure.unwrap();
     let (_, keys) = folio_secagg::SecureClient::new(first, [1; 32]);
     host.engine
@@ -367,31 +420,77 @@ fn a_secure_dp_round_that_cannot_unmask_releases_noise_alone_and_is_never_drawn_
     assert_eq!(host.engine.status(host.now).privacy.unwrap().rounds, 2);
 }
 
-#[test]
-fn a_secure_sum_no_clipped_inputs_could_make_is_refused_and_the_round_runs_again() {
-    // D masks values far past the clip bound (it can: the server never sees
-    // them alone). The unmasked sum's norm is over what the weights allow, so
-    // the round commits nothing and runs again.
-    let (mut host, sessions) = secure_host(4);
-    let first = host.starts().last().unwrap().1.secure.unwrap();
+/// DP-FedAvg over secure rounds of four, q = 1 (a population of four), two
+/// rounds at most, and A–D joined.
+fn dp_secure_host() -> (Host, Vec<u64>) {
+    let mut config = secure_config(4, 4);
+    config.rounds.strategy = StrategyConfig {
+        kind: folio_fed::StrategyKind::DpFedAvg,
+        dp: folio_fed::DpConfig {
+            noise_multiplier: 1.0,
+            ..folio_fed::DpConfig::default()
+        },
+        ..config.rounds.strategy
+    };
+    config.max_rounds = Some(2);
+    let start = Start {
+        weights: vec![0.0; PARAMS],
+        strategy: None,
+        history: Vec::new(),
+    };
+    let mut host = Host::of_population(config, start, 4);
+    let sessions = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
+    (host, sessions)
+}
+
+/// Runs round 1 with the last of `sessions` masking `garbage` in every
+/// coordinate of its delta: the unmasked sum is refused, and the round is
+/// committed without it.
+fn refused_round(host: &mut Host, sessions: &[u64], garbage: u32) {
     let deltas = sessions.iter().map(|&s| (s, [0.01; PARAMS])).collect();
-    let mut far_over_the_bound = vec![500_000_000u32; PARAMS];
+    let mut far_over_the_bound = vec![garbage; PARAMS];
     far_over_the_bound.extend([0; folio_secagg::quantize::EXTRAS]);
-    run_secure_round_with(
-        &mut host,
-        &deltas,
-        &[],
-        &[(sessions[3], far_over_the_bound)],
+    let hostile = [(*sessions.last().unwrap(), far_over_the_bound)];
+    run_secure_round_with(host, &deltas, &[], &hostile);
+    let record = host.committed.last().unwrap();
+    assert_eq!(
+        (record.round, record.clients),
+        (1, 0),
+        "committed without it"
     );
-    assert_eq!(host.committed.len(), 1, "nothing committed");
+}
+
+/// DP over secure rounds (q = 1): a refused sum is not drawn again either (that
+/// would also sample its clients above q); the round releases its noise alone
+/// and is charged.
+#[test]
+fn a_dp_round_whose_secure_sum_is_refused_releases_noise_alone() {
+    let (mut host, sessions) = dp_secure_host();
+    refused_round(&mut host, &sessions, 2_000_000_000);
+    assert_ne!(
+        host.engine.weights().as_slice(),
+        [0.0; PARAMS],
+        "noise released"
+    );
+    assert_eq!(host.engine.status(host.now).privacy.unwrap().rounds, 1);
+    assert_eq!(host.starts().last().unwrap().1.round, 2, "not drawn again");
+}
+
+#[test]
+fn a_secure_sum_no_clipped_inputs_could_make_is_refused_and_never_drawn_again() {
+    // D masks values far past the clip bound (it can: the server never sees
+    // them alone). The unmasked sum's norm is over what the weights allow: it
+    // is refused, and the round commits the model unchanged. Drawn again, the
+    // same clients would reveal a second sum of nearly the same updates.
+    let (mut host, sessions) = secure_host(4);
+    refused_round(&mut host, &sessions, 500_000_000);
     assert_eq!(host.engine.weights().as_slice(), [0.0; PARAMS]);
     assert_eq!(
         host.engine.status(host.now).errors.get("bad_delta"),
         Some(&1)
     );
-    let retry = host.starts().last().unwrap().1.clone();
-    assert_eq!(retry.round, 1);
-    assert_ne!(retry.secure.unwrap().id, first.id, "the round runs again");
+    let next = host.starts().last().unwrap().1.clone();
+    assert_eq!(next.round, 2, "round 1 is not drawn again");
 }
 
 /// Under secure aggregation, federated evaluation rides on the round: its
@@ -441,7 +540,7 @@ fn a_secure_round_brings_its_devices_held_out_figures_summed() {
 
 /// A device that masks held-out figures no measurement gives (more right
 /// guesses than characters) makes the round's sum implausible: it is refused
-/// and the round runs again, as for a delta past the bound.
+/// and the round commits without it, as for a delta past the bound.
 #[test]
 fn held_out_figures_no_device_could_measure_are_refused_with_the_round() {
     let start = Start {
@@ -466,9 +565,59 @@ fn held_out_figures_no_device_could_measure_are_refused_with_the_round() {
         &[],
         &[(sessions[3], no_chars_all_right)],
     );
-    assert_eq!(host.committed.len(), 1, "nothing committed");
+    let record = host.committed.last().unwrap();
+    assert_eq!(
+        (record.round, record.clients),
+        (1, 0),
+        "committed without it"
+    );
+    assert_eq!(host.engine.weights().as_slice(), [0.0; PARAMS]);
     assert_eq!(
         host.engine.status(host.now).errors.get("bad_delta"),
         Some(&1)
     );
+}
+
+/// The server checks a secure sum only as a whole (its norm at most Σw·S), so
+/// one client can move the round by far more than an honest one: measured
+/// here, not prevented (that needs a per-client range proof). Four clients of
+/// weight 1 and bound S: an honest client at the bound moves the mean by S/4;
+/// one that scales its encoded delta k times moves it k·S/4, accepted while the
+/// sum's norm stays within 4·S.
+#[test]
+fn one_client_can_move_a_secure_round_by_up_to_every_clients_share() {
+    use rand_core::SeedableRng;
+    let moved = |scale: f64| {
+        let (mut host, sessions) = secure_host(4);
+        let spec = host.starts().last().unwrap().1.secure.unwrap();
+        let bound = f64::from(spec.quantizer.clip_bound);
+        let deltas = sessions.iter().map(|&s| (s, [0.0; PARAMS])).collect();
+        let mut at_bound = [0.0; PARAMS];
+        at_bound[0] = spec.quantizer.clip_bound;
+        let input = folio_secagg::Input {
+            delta: &at_bound,
+            weight: spec.weight(8),
+            loss: 2.0,
+            accuracy: 0.25,
+            held_out: folio_secagg::HeldOut::default(),
+        };
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let mut values = spec.quantizer.encode(&input, &mut rng).unwrap();
+        for v in &mut values[..PARAMS] {
+            *v = (f64::from(*v as i32) * scale).round() as i32 as u32;
+        }
+        run_secure_round_with(&mut host, &deltas, &[], &[(sessions[3], values)]);
+        let record = host.committed.last().unwrap().clone();
+        let moved = folio_fed::robust::l2_norm(&host.engine.weights());
+        (record.clients, moved / (bound / 4.0))
+    };
+    // As an honest client at the bound: its fair share.
+    let (clients, honest) = moved(1.0);
+    assert_eq!(clients, 4);
+    assert!((honest - 1.0).abs() < 1e-3, "{honest}");
+    // 3.9 times its share, accepted: the sum is within what four could send.
+    let (clients, hostile) = moved(3.9);
+    eprintln!("one client moved the mean {hostile:.3}× an honest client's most");
+    assert_eq!(clients, 4, "accepted");
+    assert!((hostile - 3.9).abs() < 1e-2, "{hostile}");
 }
