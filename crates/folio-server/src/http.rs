@@ -136,15 +136,21 @@ impl Asker {
     }
 }
 
-/// Who is asking: a request with an `Authorization` header must hold the admin
-/// token (a wrong one waits and is refused, as on the admin API), one with
-/// [`SESSION_HEADER`] is the device of that session if the token is right.
+/// Who is asking: a request with a bearer token, where the admin API is on,
+/// must hold the admin token (a wrong one waits and is refused, as on the admin
+/// API); one with [`SESSION_HEADER`] is the device of that session if the token
+/// is right; anyone else (a proxy's own `Authorization: Basic` included) is
+/// the public.
 async fn asker<R: Served>(
     shared: &Shared<R>,
     peer: &PeerInfo,
     headers: &HeaderMap,
 ) -> Result<Asker, Response> {
-    if headers.contains_key(header::AUTHORIZATION) {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer "));
+    if bearer && shared.access.config.admin_token.is_some() {
         return match admin_refused(shared, peer, headers).await {
             Some(refused) => Err(refused),
             None => Ok(Asker::Operator),

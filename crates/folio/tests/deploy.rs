@@ -527,6 +527,9 @@ fn a_dp_run_publishes_no_participant_on_any_public_surface() {
     let wrong = "Authorization: Bearer guess\r\n";
     assert_eq!(http_get_with(&addr, "/api/status", wrong).unwrap().0, 401);
     assert_eq!(http_get(&addr, "/metrics").unwrap().0, 401);
+    // A proxy's own credentials are not an admin's: the public view.
+    let basic = "Authorization: Basic dXNlcjpwYXNz\r\n";
+    assert_eq!(http_get_with(&addr, "/api/status", basic).unwrap().0, 200);
     let clients: Vec<_> = (0..3)
         .map(|_| {
             folio()
