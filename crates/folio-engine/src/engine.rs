@@ -361,8 +361,8 @@ impl<R: Role> Engine<R> {
 
     /// `sessions` broke something (`what`): each sits out for a growing time.
     pub(crate) fn strike(&mut self, sessions: &[u64], now: Instant, what: &str) {
+        let private = self.release().is_private();
         for &session in sessions {
-            let private = self.release().is_private();
             if let Some(info) = self.sessions.get_mut(session) {
                 let bench = info.strikes.add(now);
                 // A private federation's logs name no session that took part.

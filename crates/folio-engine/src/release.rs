@@ -110,21 +110,22 @@ impl Release {
     /// The status as a public surface shows it to the holder of session `own`
     /// (a device that proved its session token), or to anyone (`None`).
     pub fn status(self, mut status: Status, own: Option<u64>) -> Value {
-        if self.is_private() {
-            status.clients.retain(|c| Some(c.session) == own);
+        if !self.is_private() {
+            return serde_json::to_value(&status).expect("a status serialises");
         }
-        let mine = std::mem::take(&mut status.clients);
+        let mine = status
+            .clients
+            .iter()
+            .position(|c| Some(c.session) == own)
+            .map(|i| status.clients.swap_remove(i));
+        status.clients.clear();
         let mut value = serde_json::to_value(&status).expect("a status serialises");
-        if self.is_private() {
-            withhold(&mut value, STATUS_WITHHELD);
-            if let Some(latest) = value.get_mut("latest").filter(|l| !l.is_null()) {
-                withhold(latest, RECORD_WITHHELD);
-            }
-            value["own"] = serde_json::to_value(mine.first()).expect("a session serialises");
-            value["private"] = Value::Bool(true);
-        } else {
-            value["clients"] = serde_json::to_value(&mine).expect("sessions serialise");
+        withhold(&mut value, STATUS_WITHHELD);
+        if let Some(latest) = value.get_mut("latest").filter(|l| !l.is_null()) {
+            withhold(latest, RECORD_WITHHELD);
         }
+        value["own"] = serde_json::to_value(mine).expect("a session serialises");
+        value["private"] = Value::Bool(true);
         value
     }
 

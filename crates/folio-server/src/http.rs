@@ -110,7 +110,7 @@ async fn history<R: Served>(
     };
     let limit = query.limit.unwrap_or(HISTORY_PAGE).min(HISTORY_PAGE);
     let records = shared.read(|e| e.history(query.from, limit).to_vec());
-    let release = asker.release(shared.release);
+    let (release, _) = asker.view(shared.release);
     let records: Vec<serde_json::Value> = records.iter().map(|r| release.record(r)).collect();
     Json(records).into_response()
 }
@@ -128,10 +128,12 @@ enum Asker {
 }
 
 impl Asker {
-    fn release(&self, federation: Release) -> Release {
+    /// What this asker is shown of a federation that releases `federation`,
+    /// and the session whose row it may see.
+    fn view(self, federation: Release) -> (Release, Option<u64>) {
         match self {
-            Asker::Operator => Release::Full,
-            Asker::Public(_) => federation,
+            Asker::Operator => (Release::Full, None),
+            Asker::Public(own) => (federation, own),
         }
     }
 }
@@ -169,8 +171,10 @@ async fn public_status<R: Served>(
     headers: HeaderMap,
 ) -> Response {
     match asker(&shared, &peer, &headers).await {
-        Ok(Asker::Operator) => Json(status(&shared, Release::Full, None)).into_response(),
-        Ok(Asker::Public(own)) => Json(status(&shared, shared.release, own)).into_response(),
+        Ok(asker) => {
+            let (release, own) = asker.view(shared.release);
+            Json(status(&shared, release, own)).into_response()
+        }
         Err(refused) => refused,
     }
 }
