@@ -136,6 +136,7 @@ fn secure(params: usize, model: &[u8], deltas: &[Vec<f32>], degree: u32) -> Cost
             clients: n as u32,
             clip_bound: BOUND,
             held_out_chars: 0,
+            noise: None,
         },
         weight_scale: Some(40),
     };

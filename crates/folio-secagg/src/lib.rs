@@ -41,6 +41,7 @@ pub mod mask;
 pub mod quantize;
 pub mod server;
 pub mod shamir;
+pub mod skellam;
 
 use serde::{Deserialize, Serialize};
 

@@ -9,11 +9,21 @@
 //! Each value is scaled so that the sum of the round's `clients` values stays
 //! inside (−2³¹, 2³¹): the sum never wraps, and a decoded sum is exact up to
 //! the stochastic rounding, which is unbiased.
+//!
+//! Under distributed DP ([`DeviceNoise`]) the delta is scaled to `c` integer
+//! steps per clip bound, rounded at random until its L2 norm is within the
+//! round's bound (conditional randomized rounding), and each device adds its
+//! share of Skellam noise: the server only ever unmasks a noised sum. Values are
+//! summed mod 2³² and read back in [−2³¹, 2³¹) (modular clipping); the scale
+//! leaves room for every update at the bound and eight standard deviations of
+//! the noise. The extras carry the weight alone: a device's loss, accuracy and
+//! held-out figures would reach the server un-noised.
 
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::SecAggError;
+use crate::skellam::skellam;
 
 /// Values after the delta: the weight, the weighted loss, the weighted accuracy,
 /// and the held-out characters, loss and right guesses.
@@ -71,7 +81,28 @@ pub struct Quantizer {
     /// evaluate on the devices.
     #[serde(default)]
     pub held_out_chars: u64,
+    /// Distributed DP: the noise each device adds; `None`: none.
+    #[serde(default)]
+    pub noise: Option<DeviceNoise>,
 }
+
+/// What each device of a distributed-DP round does to its update.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DeviceNoise {
+    /// c: integer steps in one clip bound.
+    pub scaled_bound: f64,
+    /// Rounding is drawn again until the rounded update's L2 norm is at most
+    /// this many steps.
+    pub rounded_bound: f64,
+    /// The Skellam variance each device adds to each coordinate, in steps².
+    pub variance: f64,
+}
+
+/// Standard deviations of the summed noise the scale leaves room for.
+const NOISE_TAIL: f64 = 8.0;
+/// Conditional roundings tried before a device gives up (each fails with
+/// probability β ≤ 0.61: 10⁻²¹ after 100).
+const MAX_ROUNDINGS: usize = 100;
 
 impl Quantizer {
     /// The largest sum of `clients` values each at most 1 in magnitude.
@@ -82,7 +113,18 @@ impl Quantizer {
     }
 
     fn delta_scale(&self) -> f64 {
-        self.headroom() / f64::from(self.clip_bound)
+        match self.noise {
+            Some(noise) => noise.scaled_bound / f64::from(self.clip_bound),
+            None => self.headroom() / f64::from(self.clip_bound),
+        }
+    }
+
+    /// The standard deviation of the noise in a sum of `inputs`, in the delta's
+    /// units (0 without distributed DP).
+    pub fn noise_std(&self, inputs: usize) -> f64 {
+        self.noise.map_or(0.0, |noise| {
+            (noise.variance * inputs as f64).sqrt() / self.delta_scale()
+        })
     }
 
     pub fn check(&self) -> Result<(), SecAggError> {
@@ -91,6 +133,20 @@ impl Quantizer {
                 "quantising needs clients ≥ 1 and a finite clip bound > 0 (got {} clients, bound {})",
                 self.clients, self.clip_bound
             )));
+        }
+        if let Some(noise) = self.noise {
+            let n = f64::from(self.clients);
+            let reach = n * noise.rounded_bound + NOISE_TAIL * (n * noise.variance).sqrt();
+            let sound = noise.scaled_bound >= 1.0
+                && noise.rounded_bound >= noise.scaled_bound
+                && noise.variance.is_finite()
+                && noise.variance >= 0.0;
+            if !sound || reach >= f64::from(i32::MAX) - n {
+                return Err(SecAggError::Settings(format!(
+                    "distributed DP's scale does not fit {} clients in 32 bits (scale {}, rounded bound {}, variance {})",
+                    self.clients, noise.scaled_bound, noise.rounded_bound, noise.variance
+                )));
+            }
         }
         Ok(())
     }
@@ -115,6 +171,9 @@ impl Quantizer {
         let clip = if norm > bound { bound / norm } else { 1.0 };
         let delta_scale = self.delta_scale() * clip * weight;
         let extra_scale = self.headroom();
+        if let Some(noise) = self.noise {
+            return self.encode_noised(input.delta, clip * weight, weight, noise, rng);
+        }
         let (chars, per_char) = match self.held_out_chars {
             0 => (0.0, 1.0),
             most => (
@@ -140,6 +199,51 @@ impl Quantizer {
         for scaled in values {
             out.push(round_stochastically(scaled.clamp(-limit, limit), rng) as i32 as u32);
         }
+        Ok(out)
+    }
+
+    /// Distributed DP's encoding: the delta scaled by `factor` (its clip and
+    /// weight), rounded within the bound, noised; then the weight.
+    fn encode_noised(
+        &self,
+        delta: &[f32],
+        factor: f64,
+        weight: f64,
+        noise: DeviceNoise,
+        rng: &mut impl RngCore,
+    ) -> Result<Vec<u32>, SecAggError> {
+        let scale = self.delta_scale() * factor;
+        let bound_squared = noise.rounded_bound * noise.rounded_bound;
+        let mut rounded = vec![0i64; delta.len()];
+        let mut tries = 0;
+        loop {
+            let mut norm_squared = 0.0;
+            for (r, &v) in rounded.iter_mut().zip(delta) {
+                *r = round_stochastically(f64::from(v) * scale, rng);
+                norm_squared += (*r as f64) * (*r as f64);
+            }
+            if norm_squared <= bound_squared {
+                break;
+            }
+            tries += 1;
+            if tries == MAX_ROUNDINGS {
+                return Err(SecAggError::Settings(format!(
+                    "no rounding of the update fell within the bound of {} steps in {MAX_ROUNDINGS} tries: the bound is too tight for the scale",
+                    noise.rounded_bound
+                )));
+            }
+        }
+        let mut out: Vec<u32> = rounded
+            .into_iter()
+            .map(|r| (r + skellam(noise.variance, rng)) as u32)
+            .collect();
+        let extras = [weight, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let extra_scale = self.headroom();
+        out.extend(
+            extras
+                .iter()
+                .map(|&v| round_stochastically(v * extra_scale, rng) as u32),
+        );
         Ok(out)
     }
 
@@ -215,6 +319,7 @@ mod tests {
             clients: 16,
             clip_bound: 1.0,
             held_out_chars: 65_536,
+            noise: None,
         };
         let mut rng = ChaCha20Rng::seed_from_u64(9);
         let mut sum = vec![0u32; 1 + EXTRAS];
@@ -258,6 +363,7 @@ mod tests {
             clients: 64,
             clip_bound: 1.0,
             held_out_chars: 0,
+            noise: None,
         };
         let mut rng = ChaCha20Rng::seed_from_u64(3);
         let deltas: Vec<Vec<f32>> = (0..64)
@@ -293,6 +399,7 @@ mod tests {
             clients: 10,
             clip_bound: 0.5,
             held_out_chars: 0,
+            noise: None,
         };
         let mut rng = ChaCha20Rng::seed_from_u64(4);
         // Every client's delta is one coordinate, far over the bound, weight 1.
@@ -326,6 +433,7 @@ mod tests {
             clients: 3,
             clip_bound: 1.0,
             held_out_chars: 0,
+            noise: None,
         };
         let mut rng = ChaCha20Rng::seed_from_u64(6);
         assert_eq!(
@@ -336,8 +444,110 @@ mod tests {
             clients: 3,
             clip_bound: 0.0,
             held_out_chars: 0,
+            noise: None,
         };
         assert!(no_bound.encode(&input(&[1.0], 1.0), &mut rng).is_err());
         assert!(quantizer.decode(&[1, 2]).is_err());
+    }
+
+    fn noised(clients: u32, variance: f64) -> Quantizer {
+        Quantizer {
+            clients,
+            clip_bound: 0.5,
+            held_out_chars: 0,
+            noise: Some(DeviceNoise {
+                scaled_bound: 1e6,
+                rounded_bound: 1e6 + 40.0,
+                variance,
+            }),
+        }
+    }
+
+    /// Under distributed DP the decoded sum is the clipped deltas' sum plus
+    /// noise of the variance all devices added, centred; the weight is exact and
+    /// no device metric is summed.
+    #[test]
+    fn a_noised_sum_decodes_to_the_sum_plus_the_devices_noise() {
+        let clients = 20;
+        // 10⁸ steps² a device: the sum's noise is √(20·10⁸) steps, at 2·10⁶
+        // steps per unit.
+        let quantizer = noised(clients, 1e8);
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let dims = 4000;
+        let mut sum = vec![0u32; dims + EXTRAS];
+        let mut expected = vec![0f64; dims];
+        for c in 0..clients {
+            let delta: Vec<f32> = (0..dims)
+                .map(|i| ((c as usize * 31 + i) as f32).cos() * 0.02)
+                .collect();
+            let norm = l2_norm(&delta);
+            let clip = (0.5 / norm).min(1.0);
+            for (e, v) in expected.iter_mut().zip(&delta) {
+                *e += f64::from(*v) * clip;
+            }
+            for (s, v) in sum
+                .iter_mut()
+                .zip(quantizer.encode(&input(&delta, 1.0), &mut rng).unwrap())
+            {
+                *s = s.wrapping_add(v);
+            }
+        }
+        let decoded = quantizer.decode(&sum).unwrap();
+        let errors: Vec<f64> = decoded
+            .weighted_delta
+            .iter()
+            .zip(&expected)
+            .map(|(d, e)| f64::from(*d) - e)
+            .collect();
+        let mean = errors.iter().sum::<f64>() / dims as f64;
+        let std = (errors.iter().map(|e| e * e).sum::<f64>() / dims as f64).sqrt();
+        let want = quantizer.noise_std(clients as usize);
+        assert!((want - (20e8f64).sqrt() / 2e6).abs() < 1e-12);
+        assert!((std / want - 1.0).abs() < 0.05, "noise std {std} vs {want}");
+        assert!(mean.abs() < 5.0 * want / (dims as f64).sqrt(), "mean {mean}");
+        assert!((decoded.weight - 20.0).abs() < 1e-6);
+        assert_eq!(decoded.weighted_loss, 0.0);
+        assert_eq!(decoded.weighted_accuracy, 0.0);
+    }
+
+    /// Conditional rounding keeps every device's integer update within the
+    /// bound the accountant charges for, far over the clip bound or at it.
+    #[test]
+    fn a_rounded_update_is_never_over_its_bound() {
+        let mut quantizer = noised(4, 0.0);
+        let dims = 10_000;
+        // √d/2 = 50 over the scale is the likely growth; allow a quarter of it.
+        quantizer.noise.as_mut().unwrap().rounded_bound = 1e6 + 0.5;
+        let mut rng = ChaCha20Rng::seed_from_u64(8);
+        let delta: Vec<f32> = (0..dims).map(|i| (i as f32).sin()).collect();
+        for _ in 0..5 {
+            let encoded = quantizer.encode(&input(&delta, 1.0), &mut rng).unwrap();
+            let norm = encoded[..dims]
+                .iter()
+                .map(|&v| f64::from(v as i32).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(norm <= 1e6 + 0.5, "{norm}");
+        }
+        // A bound under what any rounding reaches is refused, not looped on: at
+        // 150 steps over 10⁴ equal coordinates, each is 1.5 and rounds to 1 or
+        // 2, so the rounded norm is over 150 always.
+        quantizer.noise = Some(DeviceNoise {
+            scaled_bound: 150.0,
+            rounded_bound: 150.0,
+            variance: 0.0,
+        });
+        let equal = vec![1.0f32; dims];
+        assert!(matches!(
+            quantizer.encode(&input(&equal, 1.0), &mut rng),
+            Err(SecAggError::Settings(_))
+        ));
+    }
+
+    #[test]
+    fn a_scale_that_could_wrap_is_refused() {
+        assert!(noised(2000, 1e8).check().is_ok());
+        assert!(noised(2200, 1e8).check().is_err());
+        assert!(noised(20, 1e16).check().is_err());
     }
 }

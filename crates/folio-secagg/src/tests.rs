@@ -27,6 +27,7 @@ fn spec(clients: u32, threshold: u32, degree: u32) -> SecureSpec {
             clients,
             clip_bound: 1.0,
             held_out_chars: 1_000,
+            noise: None,
         },
         weight_scale: Some(100),
     }
@@ -481,6 +482,7 @@ fn one_masked_input_reads_as_uniform_noise() {
             clients: 3,
             clip_bound: 1.0,
             held_out_chars: 0,
+            noise: None,
         },
         weight_scale: None,
     };

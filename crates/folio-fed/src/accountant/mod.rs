@@ -9,7 +9,11 @@
 //! their binomial sum, fractional ones by their two-sided series; orders add up
 //! over rounds; the total converts to (ε, δ) by the tight conversion of Canonne,
 //! Kamath and Steinke 2020 (Proposition 12, as Google's `dp-accounting` applies
-//! it), minimised over the orders.
+//! it), minimised over the orders. Distributed DP's rounds: [`skellam`].
+
+mod skellam;
+
+pub use skellam::{SampledSkellam, rounded_l2_bound};
 
 /// The orders the accountant tries: dense where the optimum usually is, sparse
 /// beyond (the set Google's `dp-accounting` uses by default).
