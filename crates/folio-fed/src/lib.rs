@@ -19,8 +19,9 @@ pub use codec::{Encoding, decode, encode};
 pub use robust::{Aggregation, Clipping, FirstBound};
 pub use server_opt::{ServerOptimizer, ServerOptimizerConfig};
 pub use strategy::{
-    AdaptiveClip, Aggregated, Candidate, DpConfig, OpenUpdates, Partial, PrivacySpent, Selection,
-    StateRecord, Strategy, StrategyConfig, StrategyContext, StrategyKind, Weighting,
+    AdaptiveClip, Aggregated, Candidate, DeviceNoisePlan, DistributedDp, DpConfig, OpenUpdates,
+    Partial, PrivacySpent, Selection, StateRecord, Strategy, StrategyConfig, StrategyContext,
+    StrategyKind, Weighting,
 };
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -504,7 +504,10 @@ mod tests {
         let want = quantizer.noise_std(clients as usize);
         assert!((want - (20e8f64).sqrt() / 2e6).abs() < 1e-12);
         assert!((std / want - 1.0).abs() < 0.05, "noise std {std} vs {want}");
-        assert!(mean.abs() < 5.0 * want / (dims as f64).sqrt(), "mean {mean}");
+        assert!(
+            mean.abs() < 5.0 * want / (dims as f64).sqrt(),
+            "mean {mean}"
+        );
         assert!((decoded.weight - 20.0).abs() < 1e-6);
         assert_eq!(decoded.weighted_loss, 0.0);
         assert_eq!(decoded.weighted_accuracy, 0.0);

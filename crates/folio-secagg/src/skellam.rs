@@ -58,9 +58,7 @@ fn log_poisson_pmf(k: f64, mean: f64) -> f64 {
         return -mean + k * mean.ln() - log_factorial;
     }
     let remainder = 1.0 / (12.0 * k) - 1.0 / (360.0 * k.powi(3)) + 1.0 / (1260.0 * k.powi(5));
-    k * ((mean - k) / k).ln_1p() + (k - mean)
-        - 0.5 * (std::f64::consts::TAU * k).ln()
-        - remainder
+    k * ((mean - k) / k).ln_1p() + (k - mean) - 0.5 * (std::f64::consts::TAU * k).ln() - remainder
 }
 
 /// A uniform draw from (0, 1): 53 random bits, never 0.
@@ -121,8 +119,8 @@ mod tests {
     #[test]
     fn the_log_pmf_agrees_with_its_direct_form() {
         for (k, mean) in [(10.0, 12.0), (57.0, 50.0), (1000.0, 990.5)] {
-            let direct: f64 = -mean + k * f64::ln(mean)
-                - (2..=k as u32).map(|i| f64::from(i).ln()).sum::<f64>();
+            let direct: f64 =
+                -mean + k * f64::ln(mean) - (2..=k as u32).map(|i| f64::from(i).ln()).sum::<f64>();
             assert!((log_poisson_pmf(k, mean) - direct).abs() < 1e-9, "k {k}");
         }
     }
@@ -133,11 +131,20 @@ mod tests {
         for variance in [0.5, 30.0, 1e6, 1e12] {
             let n = 200_000;
             let (m, var, fourth) = moments(n, || skellam(variance, &mut rng));
-            assert!(m.abs() < 5.0 * (variance / n as f64).sqrt(), "μ {variance}: mean {m}");
-            assert!((var / variance - 1.0).abs() < 0.02, "μ {variance}: variance {var}");
+            assert!(
+                m.abs() < 5.0 * (variance / n as f64).sqrt(),
+                "μ {variance}: mean {m}"
+            );
+            assert!(
+                (var / variance - 1.0).abs() < 0.02,
+                "μ {variance}: variance {var}"
+            );
             // Skellam's kurtosis is 3 + 1/μ: Gaussian-like at large variance.
             let kurtosis = fourth / (var * var);
-            assert!((kurtosis - (3.0 + 1.0 / variance)).abs() < 0.1, "μ {variance}: {kurtosis}");
+            assert!(
+                (kurtosis - (3.0 + 1.0 / variance)).abs() < 0.1,
+                "μ {variance}: {kurtosis}"
+            );
         }
         assert_eq!(skellam(0.0, &mut rng), 0);
     }

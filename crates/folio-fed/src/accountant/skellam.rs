@@ -131,11 +131,8 @@ fn amplified(q: f64, alpha: u64, base: impl Fn(u64) -> f64) -> f64 {
     for l in 3..=alpha {
         let l_f = l as f64;
         log_binomial += (a - l_f + 1.0).ln() - l_f.ln();
-        let term = 3f64.ln()
-            + log_binomial
-            + l_f * log_q
-            + (a - l_f) * log_keep
-            + (l_f - 1.0) * base(l);
+        let term =
+            3f64.ln() + log_binomial + l_f * log_q + (a - l_f) * log_keep + (l_f - 1.0) * base(l);
         total = log_add(total, term);
     }
     total / (a - 1.0)

@@ -28,7 +28,9 @@ use crate::codec::CheckedDelta;
 use crate::robust::{Aggregation, Clipping, FirstBound};
 use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig};
 
-pub use dp::{AdaptiveClip, DpConfig, DpFedAvg, PrivacySpent, default_delta};
+pub use dp::{
+    AdaptiveClip, DeviceNoisePlan, DistributedDp, DpConfig, DpFedAvg, PrivacySpent, default_delta,
+};
 pub use fedavg::RobustFedAvg;
 pub use krum::Krum;
 
@@ -512,6 +514,12 @@ pub trait Strategy: Send + Sync {
 
     /// What the committed rounds in `state` cost in privacy (`None`: a strategy
     /// that promises none).
+    /// Distributed DP: what each device of a secure round does to its
+    /// `dims`-value update (`None`: the devices add no noise).
+    fn device_noise(&self, _dims: usize) -> Result<Option<DeviceNoisePlan>, String> {
+        Ok(None)
+    }
+
     fn privacy(&self, _state: &StateRecord) -> Option<PrivacySpent> {
         None
     }

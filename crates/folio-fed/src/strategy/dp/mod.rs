@@ -17,6 +17,10 @@
 //! updates under the bound gets noise of its own, and the updates' noise is
 //! lowered so that the two together spend what one Gaussian of multiplier z does.
 //!
+//! With `distributed` set (secure rounds only), the devices add the noise
+//! inside the secure sum instead ([`distributed`]): the server adds none and
+//! never sees an un-noised sum, and rounds are charged as the Skellam mechanism.
+//!
 //! The state carries the privacy ledger: the Rényi DP spent at each of the
 //! accountant's orders, summed over the committed rounds (each at the `q` and `z`
 //! it ran with), so ε survives restarts and changes of settings. Sampling and
@@ -36,9 +40,13 @@ use super::{
 };
 use crate::FedError;
 use crate::accountant::{SampledGaussian, default_orders, epsilon_of};
+
+pub mod distributed;
+
 use crate::codec::CheckedDelta;
 use crate::robust::{Aggregation, Clipping, over};
 use crate::server_opt::ServerOptimizer;
+pub use distributed::{DeviceNoisePlan, DistributedDp};
 
 const KIND: &str = "dp-fedavg";
 const VERSION: u32 = 1;
@@ -59,6 +67,9 @@ pub struct DpConfig {
     /// The bound adapts to a quantile of the norms; `None`: fixed.
     #[serde(default)]
     pub adaptive: Option<AdaptiveClip>,
+    /// The devices add the noise inside secure rounds; `None`: the server does.
+    #[serde(default)]
+    pub distributed: Option<DistributedDp>,
 }
 
 /// Private adaptive clipping (Andrew et al. 2021): after each round the bound C
@@ -81,6 +92,7 @@ impl Default for DpConfig {
             delta: None,
             epsilon_budget: None,
             adaptive: None,
+            distributed: None,
         }
     }
 }
@@ -102,6 +114,21 @@ impl DpConfig {
             && (budget.is_nan() || budget <= 0.0)
         {
             return Err(format!("the ε budget must be positive, not {budget}"));
+        }
+        if self.adaptive.is_some() && self.distributed.is_some() {
+            return Err(
+                "adaptive clipping counts single updates' norms, which distributed DP's secure sum hides: use a fixed bound"
+                    .into(),
+            );
+        }
+        if let Some(DistributedDp {
+            min_inputs: Some(m),
+        }) = self.distributed
+            && m < 2
+        {
+            return Err(format!(
+                "distributed DP needs a sum of at least 2 inputs, not {m}"
+            ));
         }
         if let Some(AdaptiveClip {
             quantile,
@@ -154,6 +181,9 @@ pub struct PrivacySpent {
     pub expected_clients: f64,
     pub population: usize,
     pub epsilon_budget: Option<f64>,
+    /// The devices added the noise (Skellam) rather than the server (Gaussian).
+    #[serde(default)]
+    pub distributed: bool,
 }
 
 pub struct DpFedAvg {
@@ -174,6 +204,8 @@ struct Ledger {
     rounds: u64,
     /// The bound the next round clips to.
     bound: f32,
+    /// Values a model has: distributed DP's sensitivities grow with it.
+    dims: usize,
 }
 
 impl DpFedAvg {
@@ -224,16 +256,49 @@ impl DpFedAvg {
             .unwrap_or_else(|| default_delta(self.population))
     }
 
-    /// Rényi DP of one more round, at each order.
-    fn round_rdp(&self) -> impl Iterator<Item = f64> + '_ {
-        let round = SampledGaussian {
-            sampling_rate: self.sampling_rate(),
-            noise_multiplier: self.config.dp.noise_multiplier,
-            rounds: 1,
-        };
-        default_orders()
-            .into_iter()
-            .map(move |order| round.rdp(order))
+    /// Rényi DP of one more round of `dims`-value updates, at each order.
+    fn round_rdp(&self, dims: usize) -> Vec<f64> {
+        let q = self.sampling_rate();
+        let z = self.config.dp.noise_multiplier;
+        let orders = default_orders();
+        match self.device_noise_plan(dims) {
+            Some(Ok(plan)) => {
+                let round = plan.accountant(q, z, dims);
+                orders.iter().map(|&order| round.rdp(order)).collect()
+            }
+            // No plan fits: no round can run, and none may be charged less.
+            Some(Err(_)) => vec![f64::INFINITY; orders.len()],
+            None => {
+                let round = SampledGaussian {
+                    sampling_rate: q,
+                    noise_multiplier: z,
+                    rounds: 1,
+                };
+                orders.iter().map(|&order| round.rdp(order)).collect()
+            }
+        }
+    }
+
+    /// M: the fewest inputs a distributed-DP sum is unmasked with.
+    fn min_inputs(&self, distributed: DistributedDp) -> usize {
+        distributed.min_inputs.map_or_else(
+            || ((0.8 * self.expected_clients()).floor() as usize).max(3),
+            |m| m as usize,
+        )
+    }
+
+    /// Distributed DP's plan for `dims`-value updates (`None`: the server adds
+    /// the noise). Rounds hold at most the population (or the clients a round
+    /// asks for, if more).
+    fn device_noise_plan(&self, dims: usize) -> Option<Result<DeviceNoisePlan, String>> {
+        let distributed = self.config.dp.distributed?;
+        let most = self.population.max(self.config.clients_per_round);
+        Some(DeviceNoisePlan::new(
+            self.config.dp.noise_multiplier,
+            self.min_inputs(distributed),
+            most,
+            dims,
+        ))
     }
 
     fn spent(&self, ledger: &Ledger) -> PrivacySpent {
@@ -248,6 +313,7 @@ impl DpFedAvg {
             expected_clients: self.expected_clients(),
             population: self.population,
             epsilon_budget: self.config.dp.epsilon_budget,
+            distributed: self.config.dp.distributed.is_some(),
         }
     }
 
@@ -262,6 +328,7 @@ impl DpFedAvg {
         record.set_value("rdp", rdp);
         record.set_value("rounds", ledger.rounds);
         record.set_value("clip_bound", ledger.bound);
+        record.set_value("dims", ledger.dims);
         // For people and exports; recomputed from the ledger when read.
         record.set_value("privacy", self.spent(ledger));
         optimizer.save(&mut record);
@@ -317,6 +384,8 @@ fn saved_ledger(record: &StateRecord) -> Result<Ledger, String> {
         rdp,
         rounds: record.value("rounds")?,
         bound: record.value("clip_bound")?,
+        // Written since distributed DP; a restore fills it in.
+        dims: record.value("dims").unwrap_or(0),
     })
 }
 
@@ -406,6 +475,7 @@ impl Strategy for DpFedAvg {
             rdp: vec![0.0; default_orders().len()],
             rounds: 0,
             bound: clip_bound(&self.config),
+            dims: num_params,
         };
         self.record(
             &ServerOptimizer::new(self.config.server_optimizer, num_params),
@@ -416,6 +486,7 @@ impl Strategy for DpFedAvg {
     fn restore(&self, mut saved: StateRecord, num_params: usize) -> Result<StateRecord, String> {
         saved.check(KIND, VERSION)?;
         let mut ledger = saved_ledger(&saved)?;
+        ledger.dims = num_params;
         if self.config.dp.adaptive.is_none() {
             ledger.bound = clip_bound(&self.config);
         }
@@ -489,7 +560,10 @@ impl Strategy for DpFedAvg {
         let bound = ledger.bound;
         let dp = self.config.dp;
         let mut rng = self.noise_stream();
-        add_noise(&mut rng, &mut sum, dp.update_noise() * f64::from(bound));
+        // Under distributed DP the devices noised the sum already.
+        if dp.distributed.is_none() {
+            add_noise(&mut rng, &mut sum, dp.update_noise() * f64::from(bound));
+        }
         let expected = self.expected_clients();
         if let Some(adaptive) = dp.adaptive {
             // Σ (bᵢ − ½) over the updates, noised: one client moves it by ½.
@@ -510,10 +584,11 @@ impl Strategy for DpFedAvg {
         }
         let (new_weights, optimizer) =
             server_step(self.config.server_optimizer, state, weights, &delta)?;
-        for (spent, round) in ledger.rdp.iter_mut().zip(self.round_rdp()) {
+        for (spent, round) in ledger.rdp.iter_mut().zip(self.round_rdp(weights.len())) {
             *spent += round;
         }
         ledger.rounds += 1;
+        ledger.dims = weights.len();
         Ok(Aggregated {
             weights: new_weights,
             state: self.record(&optimizer, &ledger),
@@ -521,6 +596,10 @@ impl Strategy for DpFedAvg {
             clipped: norms.iter().filter(|&&n| over(n, bound)).count(),
             median_norm: median_norm(&norms),
         })
+    }
+
+    fn device_noise(&self, dims: usize) -> Result<Option<DeviceNoisePlan>, String> {
+        self.device_noise_plan(dims).transpose()
     }
 
     fn privacy(&self, state: &StateRecord) -> Option<PrivacySpent> {
@@ -532,7 +611,7 @@ impl Strategy for DpFedAvg {
             return Ok(());
         };
         let mut ledger = saved_ledger(state)?;
-        for (spent, round) in ledger.rdp.iter_mut().zip(self.round_rdp()) {
+        for (spent, round) in ledger.rdp.iter_mut().zip(self.round_rdp(ledger.dims)) {
             *spent += round;
         }
         ledger.rounds += 1;
@@ -552,273 +631,4 @@ impl Strategy for DpFedAvg {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::server_opt::ServerOptimizerConfig;
-    use crate::strategy::{StrategyKind, build};
-
-    fn config(clients_per_round: usize, z: f64, bound: f32) -> StrategyConfig {
-        StrategyConfig {
-            kind: StrategyKind::DpFedAvg,
-            clipping: Clipping::Fixed { bound },
-            dp: DpConfig {
-                noise_multiplier: z,
-                delta: Some(1e-5),
-                ..DpConfig::default()
-            },
-            server_optimizer: ServerOptimizerConfig::FedAvg { lr: 1.0 },
-            ..StrategyConfig::fedavg(clients_per_round)
-        }
-    }
-
-    fn context(population: usize, secret: u8) -> StrategyContext {
-        StrategyContext {
-            seed: 0,
-            population,
-            secret: [secret; 32],
-        }
-    }
-
-    fn delta(values: &[f32]) -> CheckedDelta {
-        CheckedDelta::from_values(values).unwrap()
-    }
-
-    /// One round from zero weights: its released model is the noised mean.
-    fn release(s: &dyn Strategy, deltas: &[Vec<f32>], state: &StateRecord) -> Aggregated {
-        let n = deltas[0].len();
-        let mut open = s.open_round(state, n).unwrap();
-        for d in deltas {
-            s.accept(&mut open, &delta(d), 5, 10).unwrap();
-        }
-        s.aggregate(&open, &vec![0.0; n], state).unwrap()
-    }
-
-    #[test]
-    fn the_released_sum_carries_noise_of_z_times_s_and_no_more() {
-        // 4 of 100 clients a round: q·N = 4 divides the noised sum. Each client's
-        // delta, clipped to S = 0.5, is the same unit direction.
-        let (z, bound, params) = (1.3, 0.5f32, 20_000);
-        let s = build(config(4, z, bound), &context(100, 7));
-        let mut state = s.initial_state(params);
-        let direction: Vec<f32> = (0..params)
-            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
-            .collect();
-        let deltas = vec![direction.clone(); 3];
-        let clipped = f64::from(bound) / (params as f64).sqrt();
-        let mut variances = Vec::new();
-        for _ in 0..5 {
-            let out = release(s.as_ref(), &deltas, &state);
-            // Released sum minus the true clipped sum: the noise alone.
-            let noise: Vec<f64> = out
-                .weights
-                .iter()
-                .zip(&direction)
-                .map(|(&w, &d)| f64::from(w) * 4.0 - 3.0 * clipped * f64::from(d))
-                .collect();
-            let mean = noise.iter().sum::<f64>() / params as f64;
-            let variance = noise.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / params as f64;
-            assert!(mean.abs() < 0.05, "noise mean {mean}");
-            variances.push(variance);
-            state = out.state;
-        }
-        let expected = (z * f64::from(bound)).powi(2);
-        for v in &variances {
-            // 20,000 draws: the sample variance is within 5 % with room to spare.
-            assert!((v / expected - 1.0).abs() < 0.05, "{v} vs {expected}");
-        }
-        // Fresh noise every round.
-        assert!(variances.windows(2).all(|w| w[0] != w[1]));
-        // Without noise the same rounds would release exactly 3/4 of the clipped
-        // direction: a variance of 0.
-        let privacy = s.privacy(&state).unwrap();
-        assert_eq!(privacy.rounds, 5);
-        assert!(privacy.epsilon > 0.0 && privacy.epsilon.is_finite());
-    }
-
-    #[test]
-    fn one_client_moves_the_release_by_at_most_s_over_the_expected_clients() {
-        let s = build(config(4, 1.0, 0.5), &context(100, 3));
-        let state = s.initial_state(3);
-        // The same noise (same secret, first draw) with and without a huge delta.
-        let with = release(
-            s.as_ref(),
-            &[vec![0.1, 0.0, 0.0], vec![1e9, 1e9, 1e9]],
-            &state,
-        );
-        let s = build(config(4, 1.0, 0.5), &context(100, 3));
-        let without = release(s.as_ref(), &[vec![0.1, 0.0, 0.0]], &state);
-        let moved: f64 = with
-            .weights
-            .iter()
-            .zip(&without.weights)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert!(moved <= 0.5 / 4.0 + 1e-6, "{moved}");
-        assert_eq!(with.clipped, 1);
-    }
-
-    #[test]
-    fn poisson_sampling_takes_each_client_with_probability_q() {
-        let s = build(config(10, 1.0, 1.0), &context(200, 9));
-        let candidates: Vec<Candidate> = (0..200)
-            .map(|client| Candidate {
-                client,
-                size: 10,
-                group: 0,
-            })
-            .collect();
-        let mut counts = vec![0u32; 200];
-        let mut sizes = BTreeSet::new();
-        for round in 1..=1000 {
-            let picked = s
-                .configure_round(round, 0, &candidates, &BTreeSet::new())
-                .unwrap();
-            sizes.insert(picked.len());
-            for c in picked {
-                counts[c as usize] += 1;
-            }
-        }
-        // q = 0.05 over 1,000 rounds: 50 ± 7 per client; the round size varies.
-        let total: u32 = counts.iter().sum();
-        assert!(
-            (f64::from(total) / 200_000.0 - 0.05).abs() < 0.002,
-            "{total}"
-        );
-        assert!(counts.iter().all(|&c| (20..=90).contains(&c)), "{counts:?}");
-        assert!(sizes.len() > 5, "{sizes:?}");
-        // Another secret, other draws; too few connected, no round.
-        let other = build(config(10, 1.0, 1.0), &context(200, 10));
-        assert_ne!(
-            s.configure_round(1, 0, &candidates, &BTreeSet::new()),
-            other.configure_round(1, 0, &candidates, &BTreeSet::new())
-        );
-        assert_eq!(
-            s.configure_round(1, 0, &candidates[..5], &BTreeSet::new()),
-            None
-        );
-    }
-
-    #[test]
-    fn the_ledger_matches_the_accountant_and_the_budget_stops_training() {
-        let mut dp = config(10, 1.1, 1.0);
-        dp.dp.epsilon_budget = Some(2.0);
-        let s = build(dp, &context(1000, 1));
-        let mut state = s.initial_state(2);
-        let mut rounds = 0;
-        while s.admits_next_round(&state).is_ok() {
-            state = release(s.as_ref(), &[vec![0.1, 0.1]], &state).state;
-            rounds += 1;
-            assert!(rounds < 10_000);
-        }
-        let spent = s.privacy(&state).unwrap();
-        assert!(spent.epsilon <= 2.0, "{spent:?}");
-        let accountant = SampledGaussian {
-            sampling_rate: 0.01,
-            noise_multiplier: 1.1,
-            rounds,
-        };
-        let expected = accountant.epsilon(1e-5, &default_orders()).unwrap().epsilon;
-        assert!((spent.epsilon - expected).abs() < 1e-9 * expected);
-        let one_more = SampledGaussian {
-            rounds: rounds + 1,
-            ..accountant
-        };
-        assert!(one_more.epsilon(1e-5, &default_orders()).unwrap().epsilon > 2.0);
-        let why = s.admits_next_round(&state).unwrap_err();
-        assert!(why.contains("over the budget of 2"), "{why}");
-        // The ledger survives a restart.
-        assert_eq!(
-            s.privacy(&s.restore(state.clone(), 2).unwrap()),
-            Some(spent)
-        );
-    }
-
-    #[test]
-    fn edges_shares_are_noised_once_at_the_root() {
-        let s = build(config(4, 0.5, 1.0), &context(100, 5));
-        let state = s.initial_state(4);
-        // A round nobody delivered to releases noise alone, and is charged.
-        let empty = s.part(&s.open_part(Some(1.0), 4).unwrap()).unwrap();
-        let noise_only = s.combine(&[empty], Some(1.0), &[0.0; 4], &state).unwrap();
-        assert!(noise_only.weights.iter().all(|&w| w != 0.0));
-        assert_eq!(s.privacy(&noise_only.state).unwrap().rounds, 1);
-        let edges: Vec<Partial> = [vec![0.5f32, 0.0, 0.0, 0.0], vec![0.0, 0.5, 0.0, 0.0]]
-            .iter()
-            .map(|d| {
-                let mut open = s.open_part(Some(1.0), 4).unwrap();
-                s.accept(&mut open, &delta(d), 1, 1).unwrap();
-                s.part(&open).unwrap()
-            })
-            .collect();
-        // The edges' shares are the clipped sums, unnoised.
-        assert_eq!(edges[0].sum, vec![0.5, 0.0, 0.0, 0.0]);
-        let out = s.combine(&edges, Some(1.0), &[0.0; 4], &state).unwrap();
-        assert_ne!(out.weights, vec![0.125, 0.125, 0.0, 0.0]);
-        assert_eq!(s.privacy(&out.state).unwrap().rounds, 1);
-    }
-
-    #[test]
-    fn an_adaptive_bound_follows_the_median_and_the_updates_noise_is_lowered_to_pay_for_it() {
-        let mut adaptive = config(20, 1.0, 1.0);
-        adaptive.dp.adaptive = Some(AdaptiveClip {
-            quantile: 0.5,
-            count_noise: 1.0,
-            learning_rate: 0.2,
-        });
-        // 1/z² = 1/z_Δ² + 1/(2σ_b)²: z_Δ = 1/√(1 − 1/4).
-        assert!((adaptive.dp.update_noise() - (1.0f64 / 0.75).sqrt()).abs() < 1e-12);
-        let s = build(adaptive, &context(20, 2));
-        let mut state = s.initial_state(2);
-        // Twenty clients a round (q = 1), norms spread from 0.05 to 1.0: the
-        // median is about 0.5.
-        let deltas: Vec<Vec<f32>> = (1..=20).map(|i| vec![i as f32 * 0.05, 0.0]).collect();
-        for _ in 0..100 {
-            state = release(s.as_ref(), &deltas, &state).state;
-        }
-        let bound = s.ordered_bound(&state).unwrap().unwrap();
-        assert!((0.35..=0.7).contains(&bound), "{bound}");
-        let restored = s.restore(state.clone(), 2).unwrap();
-        assert_eq!(s.ordered_bound(&restored).unwrap(), Some(bound));
-        // The ledger spends what one Gaussian of multiplier z does.
-        let spent = s.privacy(&state).unwrap();
-        let account = SampledGaussian {
-            sampling_rate: 1.0,
-            noise_multiplier: 1.0,
-            rounds: 100,
-        };
-        let expected = account.epsilon(1e-5, &default_orders()).unwrap().epsilon;
-        assert!((spent.epsilon - expected).abs() < 1e-9 * expected);
-        let mut too_little = adaptive;
-        too_little.dp.adaptive = Some(AdaptiveClip {
-            count_noise: 0.5,
-            ..adaptive.dp.adaptive.unwrap()
-        });
-        assert!(too_little.validate().unwrap_err().contains("count's noise"));
-    }
-
-    #[test]
-    fn bad_settings_are_refused() {
-        let ok = config(4, 1.0, 1.0);
-        assert!(ok.validate().is_ok());
-        let mut no_noise = ok;
-        no_noise.dp.noise_multiplier = 0.0;
-        assert!(
-            no_noise
-                .validate()
-                .unwrap_err()
-                .contains("noise multiplier")
-        );
-        let adaptive = StrategyConfig {
-            clipping: Clipping::adaptive(1.0),
-            ..ok
-        };
-        assert!(adaptive.validate().unwrap_err().contains("fixed"));
-        let median = StrategyConfig {
-            aggregation: Aggregation::Median,
-            ..ok
-        };
-        assert!(median.validate().is_err());
-        assert!((default_delta(1103) - 1.0 / 1103f64.powf(1.1)).abs() < 1e-15);
-    }
-}
+mod tests;
