@@ -192,6 +192,14 @@ impl<R: Role> Engine<R> {
             },
         );
         let num_params = config.num_params();
+        let device_noise = strategy
+            .device_noise(num_params)
+            .map_err(BuildError::Rounds)?;
+        if device_noise.is_some() && !(R::HOLDS_SESSIONS && R::COMMITS) {
+            return Err(BuildError::Rounds(
+                "distributed DP plans each round's noise for one server's sum: run it without a cluster".into(),
+            ));
+        }
         let clients: BTreeMap<String, usize> = clients
             .into_iter()
             .filter(|(_, chars)| config.rounds.plan(0).max_examples(*chars) > 0)

@@ -48,29 +48,23 @@ impl SecureOpen {
     }
 }
 
-/// The spec of secure round `id` of `clients` (each with at most
-/// `most_examples`), clipped to `bound`.
+/// The spec of secure round `id`, quantised by `quantizer`; weighted by
+/// examples (each client's over `weight_scale`) or uniformly (`None`).
 fn spec(
     id: u64,
     settings: &SecureRounds,
-    clients: usize,
-    most_examples: u64,
-    bound: f32,
-    weigh_by_examples: bool,
-    held_out_chars: u64,
+    quantizer: folio_secagg::Quantizer,
+    weight_scale: Option<u64>,
 ) -> SecureSpec {
+    let clients = quantizer.clients as usize;
     SecureSpec {
         id,
         threshold: settings
             .threshold
             .unwrap_or_else(|| folio_secagg::graph::majority(clients, settings.degree as usize)),
         degree: settings.degree,
-        quantizer: folio_secagg::Quantizer {
-            clients: clients as u32,
-            clip_bound: bound,
-            held_out_chars,
-        },
-        weight_scale: weigh_by_examples.then_some(most_examples.max(1)),
+        quantizer,
+        weight_scale,
     }
 }
 
@@ -127,8 +121,11 @@ impl SecureSum {
         let bound = f64::from(self.spec.quantizer.clip_bound);
         let norm = folio_fed::robust::l2_norm(&sum.weighted_delta);
         // Each client adds at most w·S (plus rounding): the sum's norm is at
-        // most Σw·S, and Σw at most one per client.
-        let slack = 1e-3 * bound * contributors as f64 + 1e-6;
+        // most Σw·S, and Σw at most one per client. The devices' noise under
+        // distributed DP adds its norm, σ·√d, and far less than 8σ more.
+        let dims = sum.weighted_delta.len() as f64;
+        let noise = self.spec.quantizer.noise_std(contributors) * (dims.sqrt() + 8.0);
+        let slack = 1e-3 * bound * contributors as f64 + 1e-6 + noise;
         // Each device's held-out figures are at most its characters (its loss
         // at most 16 nats each), its characters at most the cap.
         let held_out = sum.held_out;
@@ -172,6 +169,15 @@ impl SecureSum {
 }
 
 impl<R: Role> Engine<R> {
+    /// Distributed DP's plan for the devices' noise (`None`: none); checked
+    /// when the engine was built.
+    pub(crate) fn device_noise(&self) -> Option<folio_fed::DeviceNoisePlan> {
+        self.strategy
+            .device_noise(self.config.num_params())
+            .ok()
+            .flatten()
+    }
+
     /// The bound a secure round's clients clip to (`None` for plain rounds).
     pub(crate) fn secure_bound(
         &self,
@@ -216,15 +222,19 @@ impl<R: Role> Engine<R> {
             .filter(|f| R::HOLDS_SESSIONS && R::COMMITS && f.due(round))
             .map_or(0, |f| f.max_chars);
         let id = self.draw_u64();
-        let spec = spec(
-            id,
-            settings,
-            allowed_examples.len(),
-            most,
-            bound,
-            by_examples,
+        let quantizer = folio_secagg::Quantizer {
+            clients: allowed_examples.len() as u32,
+            clip_bound: bound,
             held_out_chars,
-        );
+            noise: self
+                .device_noise()
+                .map(|plan| folio_secagg::quantize::DeviceNoise {
+                    scaled_bound: plan.scaled_bound,
+                    rounded_bound: plan.rounded_bound,
+                    variance: plan.variance,
+                }),
+        };
+        let spec = spec(id, settings, quantizer, by_examples.then_some(most.max(1)));
         let graph_seed = self.draw_seed();
         let sessions = allowed_examples.keys().copied();
         let server = SecureServer::new(spec, self.config.num_params(), sessions, graph_seed)?;
@@ -243,6 +253,8 @@ impl<R: Role> Engine<R> {
     /// round changed (and may move again).
     pub(crate) fn step_secure(&mut self, now: Instant) -> bool {
         let quorum = self.quorum();
+        // Distributed DP's noise is planned for this many inputs at least.
+        let noise_inputs = self.device_noise().map_or(0, |plan| plan.min_inputs);
         let (step_timeout, min_cohort) = self
             .config
             .rounds
@@ -275,7 +287,7 @@ impl<R: Role> Engine<R> {
         // Nothing is revealed of fewer inputs than the quorum and the minimum
         // cohort: checked before any unmasking request goes out.
         let inputs = secure.server.contributors().len();
-        let required = quorum.max(min_cohort);
+        let required = quorum.max(min_cohort).max(noise_inputs);
         if secure.server.stage() == folio_secagg::Stage::Masked && inputs < required {
             let why =
                 format!("has {inputs} masked inputs, under the {required} a sum is revealed of");

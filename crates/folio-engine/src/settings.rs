@@ -219,6 +219,20 @@ impl RoundConfig {
                 ));
             }
         }
+        if self.strategy.dp.distributed.is_some() {
+            if self.strategy.kind != folio_fed::StrategyKind::DpFedAvg || self.secure.is_none() {
+                return Err(
+                    "distributed DP has the devices noise their updates inside a secure sum: it needs --strategy dp-fedavg and --secure"
+                        .into(),
+                );
+            }
+            if self.federated_eval.is_some() {
+                return Err(
+                    "under distributed DP the server sees no device figure un-noised: federated evaluation's held-out sums would be (leave out --federated-eval-every)"
+                        .into(),
+                );
+            }
+        }
         if let Some(federated) = &self.federated_eval {
             if federated.every == 0 || federated.devices == 0 || federated.max_chars == 0 {
                 return Err(

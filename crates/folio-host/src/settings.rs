@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use folio_engine::{AsyncRounds, FederatedEval, RoundConfig, SecureRounds};
 use folio_fed::{
-    AdaptiveClip, Aggregation, Clipping, DpConfig, Encoding, Selection, ServerOptimizerConfig,
-    StrategyConfig, StrategyKind, Weighting,
+    AdaptiveClip, Aggregation, Clipping, DistributedDp, DpConfig, Encoding, Selection,
+    ServerOptimizerConfig, StrategyConfig, StrategyKind, Weighting,
 };
 use folio_model::Preset;
 use folio_proto::{DataSource, Optimizer};
@@ -144,6 +144,17 @@ pub struct RunSettings {
     /// DP-FedAvg: the noise's standard deviation over the clip bound (z).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 1.0))]
     pub noise_multiplier: f64,
+    /// DP-FedAvg with --secure: the devices add the noise (Skellam) inside the
+    /// secure sum, so the server never sees an un-noised sum (distributed DP).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default)]
+    pub distributed_dp: bool,
+    /// Distributed DP: the fewest masked inputs a round's sum is unmasked with;
+    /// the devices' noise is planned so that any one fewer carry all of it
+    /// [default: 80 % of the clients a round expects, at least 3]
+    #[cfg_attr(feature = "clap", arg(long, requires = "distributed_dp"))]
+    #[serde(default)]
+    pub ddp_min_inputs: Option<u32>,
     /// DP-FedAvg: δ of the (ε, δ) guarantee [default: 1 / N^1.1 for N clients]
     #[cfg_attr(feature = "clap", arg(long))]
     pub dp_delta: Option<f64>,
@@ -321,6 +332,8 @@ impl Default for RunSettings {
             fresh: false,
             strategy: StrategyRule::Fedavg,
             noise_multiplier: 1.0,
+            distributed_dp: false,
+            ddp_min_inputs: None,
             dp_delta: None,
             epsilon_budget: None,
             dp_adaptive_quantile: None,
@@ -456,6 +469,9 @@ impl RunSettings {
                         .dp_count_noise
                         .unwrap_or(self.clients_per_round as f64 / 20.0),
                     learning_rate: self.dp_clip_lr,
+                }),
+                distributed: self.distributed_dp.then_some(DistributedDp {
+                    min_inputs: self.ddp_min_inputs,
                 }),
             },
         };

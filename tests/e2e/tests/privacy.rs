@@ -28,6 +28,7 @@ fn the_page_shows_epsilon_and_why_the_budget_stopped_training() -> anyhow::Resul
                 delta: None,
                 epsilon_budget: Some(3.0),
                 adaptive: None,
+                distributed: None,
             },
             ..StrategyConfig::fedavg(1103)
         },

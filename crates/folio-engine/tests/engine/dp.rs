@@ -11,6 +11,7 @@ fn dp_training_stops_before_a_round_would_exceed_the_budget_and_says_why() {
             delta: Some(1e-5),
             epsilon_budget: Some(4.0),
             adaptive: None,
+            distributed: None,
         },
         ..strategy_config(3, 3)
     };

@@ -18,6 +18,7 @@ mod admission;
 mod buffered;
 mod cluster;
 mod device_checks;
+mod devices_noise;
 mod devices_own_text;
 mod dp;
 mod hostile;

@@ -58,7 +58,10 @@ fn run_secure_round_with<R: Hosted + HoldsSessions>(
     let spec = start.secure.expect("a secure round");
     let mut clients = std::collections::BTreeMap::new();
     for (i, &session) in deltas.keys().enumerate() {
-        let (client, keys) = SecureClient::new(spec, [i as u8 + 1; 32]);
+        // Fresh for each round, as a device's is: its noise is drawn from it.
+        let mut entropy = [i as u8 + 1; 32];
+        entropy[..8].copy_from_slice(&spec.id.to_le_bytes());
+        let (client, keys) = SecureClient::new(spec, entropy);
         clients.insert(session, client);
         host.engine
             .secure(session, ClientStep::Keys(keys), host.now)
@@ -421,18 +424,26 @@ fn a_secure_dp_round_that_cannot_unmask_releases_noise_alone_and_is_never_drawn_
 }
 
 /// DP-FedAvg over secure rounds of four, q = 1 (a population of four), two
-/// rounds at most, and A–D joined.
-fn dp_secure_host() -> (Host, Vec<u64>) {
+/// rounds at most (thirty under distributed DP), and A–D joined.
+pub(super) fn dp_secure_host() -> (Host, Vec<u64>) {
+    dp_secure_host_with(None)
+}
+
+/// [`dp_secure_host`], the devices adding the noise where `distributed` is set.
+pub(super) fn dp_secure_host_with(
+    distributed: Option<folio_fed::DistributedDp>,
+) -> (Host, Vec<u64>) {
     let mut config = secure_config(4, 4);
     config.rounds.strategy = StrategyConfig {
         kind: folio_fed::StrategyKind::DpFedAvg,
         dp: folio_fed::DpConfig {
             noise_multiplier: 1.0,
+            distributed,
             ..folio_fed::DpConfig::default()
         },
         ..config.rounds.strategy
     };
-    config.max_rounds = Some(2);
+    config.max_rounds = Some(if distributed.is_some() { 30 } else { 2 });
     let start = Start {
         weights: vec![0.0; PARAMS],
         strategy: None,

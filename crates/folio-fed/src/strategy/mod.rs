@@ -28,6 +28,7 @@ use crate::codec::CheckedDelta;
 use crate::robust::{Aggregation, Clipping, FirstBound};
 use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig};
 
+pub use dp::distributed::ROUNDING_BETA;
 pub use dp::{
     AdaptiveClip, DeviceNoisePlan, DistributedDp, DpConfig, DpFedAvg, PrivacySpent, default_delta,
 };

@@ -54,7 +54,7 @@ impl DeviceNoisePlan {
         let room = f64::from(i32::MAX) - n - n * (dims as f64).sqrt();
         let scaled_bound =
             (room / (n + NOISE_TAIL * z * (n / shares).sqrt()) * (1.0 - 1e-6)).floor();
-        if !(scaled_bound >= 1.0) {
+        if scaled_bound.is_nan() || scaled_bound < 1.0 {
             return Err(format!(
                 "distributed DP cannot fit {most_inputs} updates of {dims} values in 32 bits"
             ));
