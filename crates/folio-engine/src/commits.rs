@@ -78,8 +78,10 @@ impl<R: Commits> Engine<R> {
         };
         if let Some(metrics) = result.secure {
             let weight = metrics.weight.max(f64::MIN_POSITIVE);
-            closing.train_loss = Some(metrics.loss_sum / weight);
-            closing.train_accuracy = Some(metrics.accuracy_sum / weight);
+            // Under distributed DP the devices send no figure of their own.
+            let summed = self.device_noise().is_none();
+            closing.train_loss = summed.then(|| metrics.loss_sum / weight);
+            closing.train_accuracy = summed.then(|| metrics.accuracy_sum / weight);
             closing.examples = metrics.examples;
             let held_out = metrics.held_out;
             closing.federated = (held_out.chars >= 0.5).then(|| crate::FederatedEvaluation {

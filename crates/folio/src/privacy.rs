@@ -3,8 +3,9 @@
 //! devices' Skellam noise under distributed DP).
 
 use clap::Subcommand;
+use folio_fed::DeviceNoisePlan;
 use folio_fed::accountant::{SampledGaussian, SampledSkellam, default_orders};
-use folio_fed::strategy::ROUNDING_BETA;
+use folio_fed::strategy::{ROUNDING_BETA, default_min_inputs};
 
 #[derive(Subcommand)]
 pub enum PrivacyCommand {
@@ -23,13 +24,22 @@ pub enum PrivacyCommand {
         rounds: u64,
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
-        /// Distributed DP: integer steps in one clip bound (the devices' scale);
-        /// the rounds are then the Skellam mechanism on D-value updates.
-        #[arg(long, requires = "dims")]
+        /// Distributed DP: the devices add Skellam noise to D-value updates
+        /// inside the secure sum, as `folio serve --distributed-dp` plans it for
+        /// a population of N (needs --population).
+        #[arg(long)]
+        distributed_dims: Option<usize>,
+        /// Distributed DP as the accountant sees it: C integer steps in one
+        /// clip bound (instead of the plan for --population).
+        #[arg(long, requires = "distributed_dims", conflicts_with = "population")]
         skellam_scale: Option<f64>,
-        /// Distributed DP: values an update has.
-        #[arg(long, requires = "skellam_scale")]
-        dims: Option<usize>,
+        /// Distributed DP: N, the clients a round may hold at most.
+        #[arg(long, requires = "distributed_dims")]
+        population: Option<usize>,
+        /// Distributed DP: M, the fewest inputs a sum is unmasked with
+        /// [default: 80 % of q·N, at least 3].
+        #[arg(long, requires = "distributed_dims")]
+        ddp_min_inputs: Option<usize>,
     },
 }
 
@@ -40,22 +50,48 @@ pub fn run(command: PrivacyCommand) -> anyhow::Result<()> {
             noise_multiplier,
             rounds,
             delta,
+            distributed_dims,
             skellam_scale,
-            dims,
+            population,
+            ddp_min_inputs,
         } => {
             let orders = default_orders();
-            let (spent, mechanism) = match (skellam_scale, dims) {
-                (Some(scaled_bound), Some(dims)) => (
-                    SampledSkellam {
+            let (spent, mechanism) = match (distributed_dims, population, skellam_scale) {
+                (Some(dims), _, Some(scaled_bound)) => {
+                    let accountant = SampledSkellam {
                         sampling_rate,
                         noise_multiplier,
                         scaled_bound,
                         dims,
                         rounding_beta: ROUNDING_BETA,
                         rounds,
-                    }
-                    .epsilon(delta, &orders),
-                    "Skellam",
+                    };
+                    (
+                        accountant.epsilon(delta, &orders),
+                        format!("Skellam, {scaled_bound} steps a clip bound"),
+                    )
+                }
+                (Some(dims), Some(population), None) => {
+                    let expected = sampling_rate * population as f64;
+                    let min_inputs = ddp_min_inputs.unwrap_or(default_min_inputs(expected));
+                    let plan = DeviceNoisePlan::new(noise_multiplier, min_inputs, population, dims)
+                        .map_err(anyhow::Error::msg)?;
+                    let accountant = SampledSkellam {
+                        rounds,
+                        ..plan.accountant(sampling_rate, noise_multiplier, dims)
+                    };
+                    (
+                        accountant.epsilon(delta, &orders),
+                        format!(
+                            "Skellam from the devices: {} steps a clip bound, variance {:.4e} steps² from each, any {} of them carrying z",
+                            plan.scaled_bound,
+                            plan.variance,
+                            min_inputs - 1
+                        ),
+                    )
+                }
+                (Some(_), None, None) => anyhow::bail!(
+                    "--distributed-dims needs --population N (the plan folio serve makes) or --skellam-scale C"
                 ),
                 _ => (
                     SampledGaussian {
@@ -64,7 +100,7 @@ pub fn run(command: PrivacyCommand) -> anyhow::Result<()> {
                         rounds,
                     }
                     .epsilon(delta, &orders),
-                    "Gaussian",
+                    "Gaussian from the server".to_owned(),
                 ),
             };
             let spent = spent.map_err(anyhow::Error::msg)?;

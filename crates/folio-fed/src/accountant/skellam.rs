@@ -223,6 +223,36 @@ mod tests {
         assert_eq!(skellam(0.0, 1.0, 1e5, 1000, 1).rdp(8.0), 0.0);
     }
 
+    /// Pinned from bench/ddp-accounting.sh: the papers' bound written again in
+    /// SciPy (agrees to 10⁻¹³), and the exact divergence of the sampled Skellam
+    /// mechanism summed over its support (d = 1), which ε must never be under.
+    #[test]
+    fn known_values_of_the_references() {
+        let pinned = [
+            // (q, z, c, rounds, closed form, exact)
+            (0.01, 1.0, 100.0, 100, 1.370_338_692_709_52, 1.293_69),
+            (0.1, 2.0, 10.0, 100, 4.327_921_127_311_042, 2.947_29),
+            (1.0, 0.5, 10_000.0, 1, 10.802_891_740_106_9, 10.802_8),
+        ];
+        for (q, z, c, rounds, closed, exact) in pinned {
+            let got = SampledSkellam {
+                rounding_beta: (-2f64).exp(),
+                ..skellam(q, z, c, 1, rounds)
+            }
+            .epsilon(1e-5, &default_orders())
+            .unwrap()
+            .epsilon;
+            assert!(
+                (got / closed - 1.0).abs() < 1e-9,
+                "q {q} z {z} c {c}: {got} vs {closed}"
+            );
+            assert!(
+                got >= exact,
+                "q {q} z {z} c {c}: {got} under the exact {exact}"
+            );
+        }
+    }
+
     #[test]
     fn bad_parameters_are_refused() {
         assert!(skellam(0.1, 0.0, 1e5, 10, 1).epsilon(1e-5, &[2.0]).is_err());

@@ -31,6 +31,7 @@ use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig};
 pub use dp::distributed::ROUNDING_BETA;
 pub use dp::{
     AdaptiveClip, DeviceNoisePlan, DistributedDp, DpConfig, DpFedAvg, PrivacySpent, default_delta,
+    default_min_inputs,
 };
 pub use fedavg::RobustFedAvg;
 pub use krum::Krum;

@@ -19,6 +19,12 @@ pub struct DistributedDp {
     pub min_inputs: Option<u32>,
 }
 
+/// M when not set: 80 % of the `expected` clients a round, at least 3.
+pub fn default_min_inputs(expected: f64) -> usize {
+    // The expected count is q·N, a product that may fall a hair under an integer.
+    ((0.8 * expected + 1e-9).floor() as usize).max(3)
+}
+
 /// β: the chance one conditional rounding misses its bound and is drawn again.
 pub const ROUNDING_BETA: f64 = 0.135_335_283_236_612_7; // e⁻²
 

@@ -46,7 +46,7 @@ pub mod distributed;
 use crate::codec::CheckedDelta;
 use crate::robust::{Aggregation, Clipping, over};
 use crate::server_opt::ServerOptimizer;
-pub use distributed::{DeviceNoisePlan, DistributedDp};
+pub use distributed::{DeviceNoisePlan, DistributedDp, default_min_inputs};
 
 const KIND: &str = "dp-fedavg";
 const VERSION: u32 = 1;
@@ -282,7 +282,7 @@ impl DpFedAvg {
     /// M: the fewest inputs a distributed-DP sum is unmasked with.
     fn min_inputs(&self, distributed: DistributedDp) -> usize {
         distributed.min_inputs.map_or_else(
-            || ((0.8 * self.expected_clients()).floor() as usize).max(3),
+            || distributed::default_min_inputs(self.expected_clients()),
             |m| m as usize,
         )
     }
