@@ -493,11 +493,11 @@ fn keys(value: &serde_json::Value, into: &mut std::collections::BTreeSet<String>
     }
 }
 
-/// A DP run of `folio serve` with three `folio client`s: every public endpoint,
-/// read throughout, and the server's output name no client that took part and
-/// give no exact count or norm; the operator, with the admin token, sees them.
-#[test]
-fn a_dp_run_publishes_no_participant_on_any_public_surface() {
+/// Runs a private federation (`folio serve` with `extra`: DP-FedAvg, q = 1 so
+/// all three `folio client`s take part in all 6 rounds), reading every public
+/// endpoint through the run; fails on any participant or exact count published
+/// there, in the printed table or in the logs. Returns the public bodies read.
+fn no_participant_published(extra: &[&str]) -> Vec<String> {
     let state = tempfile::tempdir().unwrap();
     let addr = free_address();
     let mut server = folio()
@@ -508,6 +508,7 @@ fn a_dp_run_publishes_no_participant_on_any_public_surface() {
         // round, so there is participation to leak.
         .args(["--clients-per-round", "100000", "--quorum", "1"])
         .args(["--strategy", "dp-fedavg", "--clip-bound", "0.5"])
+        .args(extra)
         .arg("--state-dir")
         .arg(state.path())
         .env("FOLIO_ADMIN_TOKEN", "operator-secret")
@@ -646,4 +647,44 @@ fn a_dp_run_publishes_no_participant_on_any_public_surface() {
         .find(|l| l.trim_start().starts_with("6 "))
         .expect("round 6");
     assert!(row.split_whitespace().nth(1) == Some("-"), "{row}");
+    public
+}
+
+/// A DP run of `folio serve` with three `folio client`s: every public endpoint,
+/// read throughout, and the server's output name no client that took part and
+/// give no exact count or norm; the operator, with the admin token, sees them.
+#[test]
+fn a_dp_run_publishes_no_participant_on_any_public_surface() {
+    no_participant_published(&[]);
+}
+
+/// Distributed DP on the binary: the same surfaces publish nothing of the
+/// participants, every round is a secure sum the devices noised, and ε grows.
+#[test]
+fn a_distributed_dp_run_publishes_no_participant_and_its_noise_is_the_devices() {
+    let public = no_participant_published(&[
+        "--secure-aggregation",
+        "--distributed-dp",
+        "--ddp-min-inputs",
+        "3",
+    ]);
+    let mut epsilons = Vec::new();
+    let mut secure_rounds = std::collections::BTreeSet::new();
+    for body in &public {
+        let value: serde_json::Value = serde_json::from_str(body).unwrap();
+        if let Some(privacy) = value.get("privacy").filter(|p| !p.is_null()) {
+            assert_eq!(privacy["distributed"], true, "{body}");
+            epsilons.push(privacy["epsilon"].as_f64().unwrap());
+        }
+        // /api/history: the records, an array.
+        for record in value.as_array().into_iter().flatten() {
+            if record["round"].as_u64() > Some(0) {
+                assert_eq!(record["secure"], true, "{record}");
+                secure_rounds.insert(record["round"].as_u64());
+            }
+        }
+    }
+    assert!(secure_rounds.len() >= 5, "{secure_rounds:?}");
+    assert!(epsilons.windows(2).all(|w| w[0] <= w[1]), "{epsilons:?}");
+    assert!(epsilons.last() > Some(&0.0), "{epsilons:?}");
 }
