@@ -6,7 +6,9 @@
 //! server's work are timed here, one client after another. A round's time is
 //! what it takes with each device on its own machine: one client's training
 //! and its own work, plus the server's work for the whole round (network
-//! time left out: loopback, or a LAN, adds milliseconds per step).
+//! time left out: loopback, or a LAN, adds milliseconds per step). The
+//! distributed-DP rows add each device's work on top: conditional rounding and
+//! its share of Skellam noise (z = 1, planned for 80 % of the clients).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -126,7 +128,29 @@ fn plain(params: usize, segments: &[usize], model: &[u8], deltas: &[Vec<f32>]) -
     cost
 }
 
-fn secure(params: usize, model: &[u8], deltas: &[Vec<f32>], degree: u32) -> Cost {
+/// The devices' noise of distributed DP at z = 1 for rounds of `n`.
+fn device_noise(n: usize, params: usize) -> folio_secagg::quantize::DeviceNoise {
+    let plan = folio_fed::DeviceNoisePlan::new(
+        1.0,
+        folio_fed::strategy::default_min_inputs(n as f64),
+        n,
+        params,
+    )
+    .expect("a plan fits");
+    folio_secagg::quantize::DeviceNoise {
+        scaled_bound: plan.scaled_bound,
+        rounded_bound: plan.rounded_bound,
+        variance: plan.variance,
+    }
+}
+
+fn secure(
+    params: usize,
+    model: &[u8],
+    deltas: &[Vec<f32>],
+    degree: u32,
+    noise: Option<folio_secagg::quantize::DeviceNoise>,
+) -> Cost {
     let n = deltas.len();
     let spec = SecureSpec {
         id: 1,
@@ -136,7 +160,7 @@ fn secure(params: usize, model: &[u8], deltas: &[Vec<f32>], degree: u32) -> Cost
             clients: n as u32,
             clip_bound: BOUND,
             held_out_chars: 0,
-            noise: None,
+            noise,
         },
         weight_scale: Some(40),
     };
@@ -224,7 +248,7 @@ pub fn run(args: SecaggBenchArgs) -> anyhow::Result<()> {
         "a round: one client's training (5 batches of 8 × 100 on flex, measured) + its own work + the server's; bytes per client, up and down"
     );
     println!(
-        "preset  clients  mode            up/client  down/client  bytes ×   client s  server s  round s  round ×"
+        "preset  clients  mode                up/client  down/client  bytes ×   client s  server s  round s  round ×"
     );
     for &preset in &args.presets {
         let config = preset.config();
@@ -248,19 +272,22 @@ pub fn run(args: SecaggBenchArgs) -> anyhow::Result<()> {
             // A warm-up round of each kind first (allocations, caches), then
             // the median of `repeats` rounds, the kinds interleaved.
             plain(params, &segments, &model, &deltas);
-            secure(params, &model, &deltas, 0);
+            secure(params, &model, &deltas, 0, None);
+            let noise = Some(device_noise(n, params));
             let plus = if args.degree == 0 {
                 2 * (n as f64).log2().ceil() as u32
             } else {
                 args.degree
             };
-            let mut runs: [Vec<Cost>; 3] = Default::default();
+            let mut runs: [Vec<Cost>; 5] = Default::default();
             for _ in 0..args.repeats.max(1) {
                 runs[0].push(plain(params, &segments, &model, &deltas));
-                runs[1].push(secure(params, &model, &deltas, 0));
-                runs[2].push(secure(params, &model, &deltas, plus));
+                runs[1].push(secure(params, &model, &deltas, 0, None));
+                runs[2].push(secure(params, &model, &deltas, plus, None));
+                runs[3].push(secure(params, &model, &deltas, 0, noise));
+                runs[4].push(secure(params, &model, &deltas, plus, noise));
             }
-            let [base, full, sparse] = runs.map(|mut costs| {
+            let [base, full, sparse, full_noised, sparse_noised] = runs.map(|mut costs| {
                 costs.sort_by(|a, b| a.seconds().total_cmp(&b.seconds()));
                 costs.swap_remove(costs.len() / 2)
             });
@@ -270,11 +297,13 @@ pub fn run(args: SecaggBenchArgs) -> anyhow::Result<()> {
                 ("plain".to_owned(), base),
                 ("secagg".to_owned(), full),
                 (format!("secagg+ k={plus}"), sparse),
+                ("secagg+ddp".to_owned(), full_noised),
+                (format!("secagg+ k={plus}+ddp"), sparse_noised),
             ];
             for (mode, cost) in rows {
                 let round = train + cost.seconds();
                 println!(
-                    "{:<6}  {n:>7}  {mode:<14}  {:>9}  {:>11}  {:>7.3}  {:>8.3}  {:>8.3}  {:>7.2}  {:>7.2}",
+                    "{:<6}  {n:>7}  {mode:<18}  {:>9}  {:>11}  {:>7.3}  {:>8.3}  {:>8.3}  {:>7.2}  {:>7.2}",
                     preset.name(),
                     cost.up,
                     cost.down,
