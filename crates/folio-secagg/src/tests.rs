@@ -546,3 +546,85 @@ fn correlation(a: &[f64], b: &[f64]) -> f64 {
     let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
     cov / (va * vb).sqrt()
 }
+
+/// Distributed DP through the whole protocol, in the browser too: each client
+/// masks its own update, noised from its own entropy, and the unmasked sum
+/// decodes to the clipped deltas' sum plus all the devices' noise, centred, of
+/// the variance they were told to add; no device figure but the weight is in it.
+#[cfg_attr(not(target_family = "wasm"), test)]
+#[cfg_attr(target_family = "wasm", wasm_bindgen_test::wasm_bindgen_test)]
+fn devices_noise_their_own_inputs_and_the_sum_carries_all_of_it() {
+    let (n, dims) = (6u64, 4_000);
+    let mut spec = spec(n as u32, 4, 0);
+    spec.quantizer.held_out_chars = 0;
+    // 10⁶ steps a clip bound of 1, each device adding (0.2·10⁶)² steps².
+    spec.quantizer.noise = Some(crate::quantize::DeviceNoise {
+        scaled_bound: 1e6,
+        rounded_bound: 1e6 + 100.0,
+        variance: 4e10,
+    });
+    let sessions: Vec<u64> = (100..100 + n).collect();
+    let mut server = SecureServer::new(spec, dims, sessions.clone(), [9; 32]).unwrap();
+    let mut clients = BTreeMap::new();
+    let mut deltas = BTreeMap::new();
+    for &s in &sessions {
+        let (client, keys) = SecureClient::new(spec, [s as u8; 32]);
+        clients.insert(s, client);
+        let delta: Vec<f32> = (0..dims)
+            .map(|i| ((s as usize * 7 + i) as f32).sin() * 0.01)
+            .collect();
+        deltas.insert(s, delta);
+        server.receive(s, ClientStep::Keys(keys)).unwrap();
+    }
+    let sum = loop {
+        let messages = match server.close().unwrap() {
+            Closed::Unmask(unmasking) => break unmasking.run(),
+            Closed::Send(messages) => messages,
+        };
+        for (s, message) in messages {
+            let client = clients.get_mut(&s).unwrap();
+            let reply = match message {
+                ServerStep::Roster(roster) => ClientStep::Shares(client.roster(roster).unwrap()),
+                ServerStep::Shares(shares) => ClientStep::Check(client.shares(shares).unwrap()),
+                ServerStep::Proceed(proceed) => {
+                    client.proceed(proceed).unwrap();
+                    let input = Input {
+                        delta: &deltas[&s],
+                        weight: 1.0,
+                        loss: 3.0,
+                        accuracy: 0.4,
+                        held_out: crate::HeldOut::default(),
+                    };
+                    ClientStep::Masked(client.mask(&input).unwrap())
+                }
+                ServerStep::Unmask(request) => ClientStep::Reveal(client.unmask(request).unwrap()),
+            };
+            server.receive(s, reply).unwrap();
+        }
+    };
+    let decoded = spec.quantizer.decode(&sum).unwrap();
+    let errors: Vec<f64> = (0..dims)
+        .map(|i| {
+            let exact: f64 = deltas.values().map(|d| f64::from(d[i])).sum();
+            f64::from(decoded.weighted_delta[i]) - exact
+        })
+        .collect();
+    let mean = errors.iter().sum::<f64>() / dims as f64;
+    let std = (errors.iter().map(|e| e * e).sum::<f64>() / dims as f64).sqrt();
+    // Six devices of 0.2 each: √6 · 0.2.
+    let expected = spec.quantizer.noise_std(n as usize);
+    assert!((expected - 6f64.sqrt() * 0.2).abs() < 1e-9);
+    assert!(
+        (std / expected - 1.0).abs() < 0.06,
+        "noise {std} vs {expected}"
+    );
+    assert!(
+        mean.abs() < 5.0 * expected / (dims as f64).sqrt(),
+        "mean {mean}"
+    );
+    assert!((decoded.weight - 6.0).abs() < 1e-6);
+    assert_eq!(
+        (decoded.weighted_loss, decoded.weighted_accuracy),
+        (0.0, 0.0)
+    );
+}
