@@ -211,7 +211,8 @@ function showPrivacy(status) {
   line.hidden = !p;
   if (!p) return;
   const budget = p.epsilon_budget === null ? "no budget" : `budget ε ≤ ${p.epsilon_budget}`;
-  line.textContent = `Differentially private (DP-FedAvg): ε = ${fmt(p.epsilon, 3)} at δ = ${p.delta.toExponential(2)} ` +
+  const who = p.distributed ? "distributed DP: each device adds its share of the noise before masking" : "DP-FedAvg";
+  line.textContent = `Differentially private (${who}): ε = ${fmt(p.epsilon, 3)} at δ = ${p.delta.toExponential(2)} ` +
     `after ${p.rounds} rounds · noise multiplier ${p.noise_multiplier}, clip bound ${p.clip_bound}, ` +
     `each of ${p.population.toLocaleString()} clients sampled with q = ${fmt(p.sampling_rate, 5)} · ${budget}` +
     (status.stopped ? ` · stopped: ${status.stopped}` : "");

@@ -125,16 +125,26 @@ impl SecureSum {
         // distributed DP adds its norm, σ·√d, and far less than 8σ more.
         let dims = sum.weighted_delta.len() as f64;
         let noise = self.spec.quantizer.noise_std(contributors) * (dims.sqrt() + 8.0);
-        let slack = 1e-3 * bound * contributors as f64 + 1e-6 + noise;
+        let rounding = 1e-3 * bound * contributors as f64 + 1e-6;
+        let slack = rounding + noise;
         // Each device's held-out figures are at most its characters (its loss
         // at most 16 nats each), its characters at most the cap.
         let held_out = sum.held_out;
         let most_chars = (contributors as u64 * self.spec.quantizer.held_out_chars) as f64;
         let within = |value: f64, most: f64| (-1.0..=most + 1.0).contains(&value);
+        // No coordinate beyond what the inputs at their bound and eight
+        // standard deviations of the noise make: a client cannot hide a large
+        // value in one coordinate behind the noise's norm.
+        let largest = sum
+            .weighted_delta
+            .iter()
+            .fold(0f64, |m, v| m.max(f64::from(v.abs())));
+        let reach = sum.weight * bound + 8.0 * self.spec.quantizer.noise_std(contributors);
         let plausible = sum.weight.is_finite()
             && sum.weight > 0.0
             && sum.weight <= contributors as f64 + 1e-6
             && norm <= sum.weight * bound + slack
+            && largest <= reach + rounding
             && within(held_out.chars, most_chars)
             && within(held_out.correct, held_out.chars)
             && within(

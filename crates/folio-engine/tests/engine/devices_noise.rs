@@ -2,7 +2,7 @@
 //! secure sum, the server adds none, and a round short of the inputs the noise
 //! is planned for unmasks nothing.
 
-use super::secure::{dp_secure_host_with, run_secure_round};
+use super::secure::{dp_secure_host_with, run_secure_round, run_secure_round_with};
 use super::*;
 
 fn distributed(min_inputs: u32) -> Option<folio_fed::DistributedDp> {
@@ -18,7 +18,7 @@ fn distributed(min_inputs: u32) -> Option<folio_fed::DistributedDp> {
 /// it would be √5, and with its alone 1.
 #[test]
 fn the_devices_noise_is_all_a_distributed_dp_round_releases() {
-    let (mut host, sessions) = dp_secure_host_with(distributed(2));
+    let (mut host, sessions) = dp_secure_host_with(distributed(2), 4);
     let spec = host.starts().last().unwrap().1.secure.unwrap();
     let noise = spec
         .quantizer
@@ -59,7 +59,7 @@ fn the_devices_noise_is_all_a_distributed_dp_round_releases() {
 /// not drawn again.
 #[test]
 fn a_distributed_dp_round_short_of_its_planned_inputs_unmasks_nothing() {
-    let (mut host, sessions) = dp_secure_host_with(distributed(4));
+    let (mut host, sessions) = dp_secure_host_with(distributed(4), 4);
     let deltas = sessions.iter().map(|&s| (s, [0.1; PARAMS])).collect();
     run_secure_round(&mut host, &deltas, &[sessions[3]]);
     host.wait(Duration::from_secs(70));
@@ -80,6 +80,36 @@ fn a_distributed_dp_round_short_of_its_planned_inputs_unmasks_nothing() {
     assert_eq!(host.engine.status(host.now).privacy.unwrap().rounds, 1);
     let round_one_starts = host.starts().iter().filter(|(_, s)| s.round == 1).count();
     assert_eq!(round_one_starts, 1, "not drawn again");
+}
+
+/// The noise is no cover for a large value: in a population of 40 (the field
+/// sized for 40 inputs at their bound plus their noise), a round of four where
+/// one client puts 17 clip bounds into one coordinate stays inside the field (and
+/// within the norm the noise allows, 4·S + σ(√d + 8) ≈ 18·S) but
+/// is refused: no coordinate of an honest sum of four exceeds 4·S plus eight
+/// standard deviations of its noise (≈ 15·S). Honest, the same round commits.
+#[test]
+fn a_value_hidden_behind_the_devices_noise_is_refused() {
+    let (mut host, sessions) = dp_secure_host_with(distributed(3), 40);
+    let spec = host.starts().last().unwrap().1.secure.unwrap();
+    let noise = spec.quantizer.noise.unwrap();
+    let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::seed_from_u64(1);
+    let input = folio_secagg::Input {
+        delta: &[0.0; PARAMS],
+        weight: 1.0,
+        loss: 0.0,
+        accuracy: 0.0,
+        held_out: folio_secagg::HeldOut::default(),
+    };
+    let mut hidden = spec.quantizer.encode(&input, &mut rng).unwrap();
+    hidden[0] = (17.0 * noise.scaled_bound) as i32 as u32;
+    let deltas = sessions.iter().map(|&s| (s, [0.1; PARAMS])).collect();
+    run_secure_round_with(&mut host, &deltas, &[], &[(sessions[3], hidden)]);
+    let refused = host.committed.last().unwrap();
+    assert_eq!((refused.round, refused.clients), (1, 0), "refused");
+    run_secure_round(&mut host, &deltas, &[]);
+    let honest = host.committed.last().unwrap();
+    assert_eq!((honest.round, honest.clients), (2, 4), "committed");
 }
 
 /// Distributed DP is refused where it cannot hold: without secure rounds,

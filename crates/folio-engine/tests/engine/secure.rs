@@ -47,7 +47,7 @@ pub(super) fn run_secure_round<R: Hosted + HoldsSessions>(
 
 /// [`run_secure_round`], where the clients in `hostile` mask integers of their
 /// own choosing (out of the quantiser's range) instead of their update.
-fn run_secure_round_with<R: Hosted + HoldsSessions>(
+pub(super) fn run_secure_round_with<R: Hosted + HoldsSessions>(
     host: &mut Host<R>,
     deltas: &std::collections::BTreeMap<u64, [f32; PARAMS]>,
     leave_after_shares: &[u64],
@@ -426,16 +426,19 @@ fn a_secure_dp_round_that_cannot_unmask_releases_noise_alone_and_is_never_drawn_
 /// DP-FedAvg over secure rounds of four, q = 1 (a population of four), two
 /// rounds at most (thirty under distributed DP), and A–D joined.
 pub(super) fn dp_secure_host() -> (Host, Vec<u64>) {
-    dp_secure_host_with(None)
+    dp_secure_host_with(None, 4)
 }
 
-/// [`dp_secure_host`], the devices adding the noise where `distributed` is set.
+/// [`dp_secure_host`] with a population of `population` (each client still
+/// sampled with q = 1), the devices adding the noise where `distributed` is set.
 pub(super) fn dp_secure_host_with(
     distributed: Option<folio_fed::DistributedDp>,
+    population: usize,
 ) -> (Host, Vec<u64>) {
     let mut config = secure_config(4, 4);
     config.rounds.strategy = StrategyConfig {
         kind: folio_fed::StrategyKind::DpFedAvg,
+        clients_per_round: population,
         dp: folio_fed::DpConfig {
             noise_multiplier: 1.0,
             distributed,
@@ -449,7 +452,7 @@ pub(super) fn dp_secure_host_with(
         strategy: None,
         history: Vec::new(),
     };
-    let mut host = Host::of_population(config, start, 4);
+    let mut host = Host::of_population(config, start, population);
     let sessions = ["A", "B", "C", "D"].iter().map(|c| host.join(c)).collect();
     (host, sessions)
 }
