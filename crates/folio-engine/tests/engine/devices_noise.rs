@@ -2,7 +2,9 @@
 //! secure sum, the server adds none, and a round short of the inputs the noise
 //! is planned for unmasks nothing.
 
-use super::secure::{dp_secure_host_with, run_secure_round, run_secure_round_with};
+use super::secure::{
+    dp_secure_host_with, run_secure_round, run_secure_round_with, unmask_requests,
+};
 use super::*;
 
 fn distributed(min_inputs: u32) -> Option<folio_fed::DistributedDp> {
@@ -63,17 +65,7 @@ fn a_distributed_dp_round_short_of_its_planned_inputs_unmasks_nothing() {
     let deltas = sessions.iter().map(|&s| (s, [0.1; PARAMS])).collect();
     run_secure_round(&mut host, &deltas, &[sessions[3]]);
     host.wait(Duration::from_secs(70));
-    let unmask_requests = host
-        .sent
-        .iter()
-        .filter(|(_, m)| {
-            matches!(
-                m.as_ref(),
-                ServerMessage::Secure(folio_secagg::ServerStep::Unmask(_))
-            )
-        })
-        .count();
-    assert_eq!(unmask_requests, 0);
+    assert_eq!(unmask_requests(&host), 0);
     let record = host.committed.last().unwrap();
     assert_eq!((record.round, record.clients), (1, 0));
     assert_eq!(host.engine.weights().as_slice(), [0.0; PARAMS]);

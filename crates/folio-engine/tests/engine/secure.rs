@@ -129,6 +129,19 @@ pub(super) fn run_secure_round_with<R: Hosted + HoldsSessions>(
     }
 }
 
+/// Unmasking requests the engine sent so far.
+pub(super) fn unmask_requests<R: Hosted>(host: &Host<R>) -> usize {
+    host.sent
+        .iter()
+        .filter(|(_, m)| {
+            matches!(
+                m.as_ref(),
+                ServerMessage::Secure(folio_secagg::ServerStep::Unmask(_))
+            )
+        })
+        .count()
+}
+
 /// A fresh federation of secure rounds of four (with `quorum`), and A–D joined.
 fn secure_host(quorum: usize) -> (Host, Vec<u64>) {
     let start = Start {
@@ -368,16 +381,7 @@ fn a_secure_sum_of_fewer_than_three_is_never_unmasked() {
         let sessions: Vec<u64> = ["A", "B"][..clients].iter().map(|c| host.join(c)).collect();
         let deltas = sessions.iter().map(|&s| (s, [0.1; PARAMS])).collect();
         run_secure_round(&mut host, &deltas, &[]);
-        let unmask_requests = host
-            .sent
-            .iter()
-            .filter(|(_, m)| {
-                matches!(
-                    m.as_ref(),
-                    ServerMessage::Secure(folio_secagg::ServerStep::Unmask(_))
-                )
-            })
-            .count();
+        let unmask_requests = unmask_requests(&host);
         let case = format!("{clients} clients, dp: {dp}");
         assert_eq!(unmask_requests, 0, "{case}");
         if dp {
