@@ -9,8 +9,13 @@ use folio_engine::RoundRecord;
 /// by `folio export` from a DP-FedAvg run), in one line.
 pub fn privacy_line(metadata: &BTreeMap<String, String>) -> Option<String> {
     let get = |key: &str| metadata.get(&format!("dp_{key}")).map(String::as_str);
+    // Files from before distributed DP name no mechanism: the server's.
+    let noise = match get("noise") {
+        Some("devices") => "the devices' Skellam noise",
+        _ => "the server's Gaussian noise",
+    };
     Some(format!(
-        "differentially private: (ε = {}, δ = {}) after {} rounds of ~{} clients (Poisson, q = {} of {}), noise multiplier {}, clip bound {}",
+        "differentially private: (ε = {}, δ = {}) after {} rounds of ~{} clients (Poisson, q = {} of {}), noise multiplier {} ({noise}), clip bound {}",
         get("epsilon")?,
         get("delta")?,
         get("rounds")?,
@@ -33,6 +38,15 @@ pub fn privacy_metadata(privacy: &folio_fed::PrivacySpent) -> BTreeMap<String, S
         ("population", privacy.population.to_string()),
         ("noise_multiplier", privacy.noise_multiplier.to_string()),
         ("clip_bound", privacy.clip_bound.to_string()),
+        (
+            "noise",
+            if privacy.distributed {
+                "devices"
+            } else {
+                "server"
+            }
+            .to_owned(),
+        ),
     ]
     .into_iter()
     .map(|(key, value)| (format!("dp_{key}"), value))
