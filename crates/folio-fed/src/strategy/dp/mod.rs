@@ -27,6 +27,10 @@
 //! noise come from ChaCha20 keyed by a secret the host draws from the OS: not
 //! from the federation's seed, which is no secret.
 
+pub mod distributed;
+
+pub use distributed::{DeviceNoisePlan, DistributedDp, default_min_inputs};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -40,13 +44,9 @@ use super::{
 };
 use crate::FedError;
 use crate::accountant::{SampledGaussian, default_orders, epsilon_of};
-
-pub mod distributed;
-
 use crate::codec::CheckedDelta;
 use crate::robust::{Aggregation, Clipping, over};
 use crate::server_opt::ServerOptimizer;
-pub use distributed::{DeviceNoisePlan, DistributedDp, default_min_inputs};
 
 const KIND: &str = "dp-fedavg";
 const VERSION: u32 = 1;
