@@ -33,8 +33,12 @@ import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 acc = {r["round"]: r["population_accuracy"] for r in rows if r.get("population_accuracy") is not None}
 eps = rows[-1].get("epsilon")
+rounds = [r for r in rows if r["round"] > 0]
+updates = sum(r["clients"] for r in rounds)
+per_update = sum(r["bytes_up"] for r in rounds if r["clients"]) / max(updates, 1)
+empty = sum(1 for r in rounds if not r["clients"])
 print(rows[-1]["round"], f"{acc.get(20, float('nan')):.4f}", f"{acc.get(40, float('nan')):.4f}",
-      "-" if eps is None else f"{eps:.3g}", rows[-1]["bytes_up"])
+      "-" if eps is None else f"{eps:.3g}", f"{per_update:,.0f}", updates, empty)
 PY
 }
 
@@ -61,7 +65,7 @@ matching_z() {
 
 for z in "${central[@]}"; do
     [[ -f "runs/dp-z$z/metrics.jsonl" ]] || { echo "runs/dp-z$z is missing: run bench/dp-accuracy.sh first" >&2; exit 1; }
-    read -r _ _ _ epsilon _ < <(summary "runs/dp-z$z")
+    read -r _ _ _ epsilon _ _ _ < <(summary "runs/dp-z$z")
     exact=$(python3 - "runs/dp-z$z/metrics.jsonl" <<'PY'
 import json, sys
 print(json.loads(open(sys.argv[1]).readlines()[-1])["epsilon"])
@@ -82,11 +86,11 @@ done >target/ddp-matched.txt
 echo
 echo "$rounds rounds of ≈ $clients clients (Poisson, q = $clients/$population), S = $bound, δ = 1/$population^1.1; distributed: 32-bit secure sum, noise planned for 80 % of the expected clients"
 echo
-echo "| run | z | ε | population test accuracy, round 20 | round 40 | bits a coordinate up | bytes up, round 40 |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| run | z | ε | population test accuracy, round 20 | round 40 | bits a coordinate up | bytes up an update | client updates | rounds unmasked of nothing |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 while read -r z zd; do
-    read -r _ a20 a40 eps bytes < <(summary "runs/dp-z$z")
-    echo "| central (server's Gaussian) | $z | $eps | $a20 | $a40 | 32 (f32) | $bytes |"
-    read -r _ a20 a40 eps bytes < <(summary "runs/ddp-z$z")
-    echo "| distributed (devices' Skellam) | $(printf %.4g "$zd") | $eps | $a20 | $a40 | 32 (Z/2³²) | $bytes |"
+    read -r _ a20 a40 eps bytes updates empty < <(summary "runs/dp-z$z")
+    echo "| central (server's Gaussian) | $z | $eps | $a20 | $a40 | 32 (f32) | $bytes | $updates | - |"
+    read -r _ a20 a40 eps bytes updates empty < <(summary "runs/ddp-z$z")
+    echo "| distributed (devices' Skellam) | $(printf %.4g "$zd") | $eps | $a20 | $a40 | 32 (Z/2³²) | $bytes | $updates | $empty |"
 done <target/ddp-matched.txt
