@@ -137,11 +137,7 @@ fn device_noise(n: usize, params: usize) -> folio_secagg::quantize::DeviceNoise 
         params,
     )
     .expect("a plan fits");
-    folio_secagg::quantize::DeviceNoise {
-        scaled_bound: plan.scaled_bound,
-        rounded_bound: plan.rounded_bound,
-        variance: plan.variance,
-    }
+    folio_engine::device_noise(&plan)
 }
 
 fn secure(

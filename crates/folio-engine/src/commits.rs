@@ -79,7 +79,7 @@ impl<R: Commits> Engine<R> {
         if let Some(metrics) = result.secure {
             let weight = metrics.weight.max(f64::MIN_POSITIVE);
             // Under distributed DP the devices send no figure of their own.
-            let summed = self.device_noise().is_none();
+            let summed = self.device_noise.is_none();
             closing.train_loss = summed.then(|| metrics.loss_sum / weight);
             closing.train_accuracy = summed.then(|| metrics.accuracy_sum / weight);
             closing.examples = metrics.examples;

@@ -28,6 +28,8 @@ use crate::{RoundPhase, RoundRecord};
 pub struct Engine<R: Role = Whole> {
     pub(crate) config: EngineConfig,
     pub(crate) strategy: Arc<dyn Strategy>,
+    /// Distributed DP: what each device of a secure round adds (`None`: none).
+    pub(crate) device_noise: Option<folio_fed::DeviceNoisePlan>,
     pub(crate) global: Global,
     pub(crate) history: Vec<RoundRecord>,
     pub(crate) phase: Phase,
@@ -234,6 +236,7 @@ impl<R: Role> Engine<R> {
             global: Global::new(Arc::new(start.weights), encoded, state, &config),
             config,
             strategy,
+            device_noise,
             history: start.history,
             phase: Phase::Idle,
             attempt: 0,

@@ -77,6 +77,7 @@ pub use record::{Evaluation, FederatedEvaluation, RoundRecord, model_hash};
 pub use release::{RECORD_WITHHELD, Release, STATUS_WITHHELD};
 pub use roles::{Action, Commits, Edge, EdgeAction, HoldsSessions, Role, Root, RootAction, Whole};
 pub use round::RoundPhase;
+pub use secure::device_noise;
 pub use settings::{AsyncRounds, FederatedEval, MIN_COHORT, RoundConfig, SecureRounds};
 
 use folio_fed::codec::CheckedDelta;

@@ -178,16 +178,16 @@ impl SecureSum {
     }
 }
 
-impl<R: Role> Engine<R> {
-    /// Distributed DP's plan for the devices' noise (`None`: none); checked
-    /// when the engine was built.
-    pub(crate) fn device_noise(&self) -> Option<folio_fed::DeviceNoisePlan> {
-        self.strategy
-            .device_noise(self.config.num_params())
-            .ok()
-            .flatten()
+/// What a device is told to add under distributed DP `plan`.
+pub fn device_noise(plan: &folio_fed::DeviceNoisePlan) -> folio_secagg::quantize::DeviceNoise {
+    folio_secagg::quantize::DeviceNoise {
+        scaled_bound: plan.scaled_bound,
+        rounded_bound: plan.rounded_bound,
+        variance: plan.variance,
     }
+}
 
+impl<R: Role> Engine<R> {
     /// The bound a secure round's clients clip to (`None` for plain rounds).
     pub(crate) fn secure_bound(
         &self,
@@ -236,13 +236,7 @@ impl<R: Role> Engine<R> {
             clients: allowed_examples.len() as u32,
             clip_bound: bound,
             held_out_chars,
-            noise: self
-                .device_noise()
-                .map(|plan| folio_secagg::quantize::DeviceNoise {
-                    scaled_bound: plan.scaled_bound,
-                    rounded_bound: plan.rounded_bound,
-                    variance: plan.variance,
-                }),
+            noise: self.device_noise.as_ref().map(device_noise),
         };
         let spec = spec(id, settings, quantizer, by_examples.then_some(most.max(1)));
         let graph_seed = self.draw_seed();
@@ -264,7 +258,7 @@ impl<R: Role> Engine<R> {
     pub(crate) fn step_secure(&mut self, now: Instant) -> bool {
         let quorum = self.quorum();
         // Distributed DP's noise is planned for this many inputs at least.
-        let noise_inputs = self.device_noise().map_or(0, |plan| plan.min_inputs);
+        let noise_inputs = self.device_noise.map_or(0, |plan| plan.min_inputs);
         let (step_timeout, min_cohort) = self
             .config
             .rounds

@@ -76,13 +76,16 @@ impl SampledSkellam {
         (l2 * (self.dims as f64).sqrt().min(l2), l2)
     }
 
-    /// Rényi DP of one round without sampling at integer `order` ≥ 2.
-    fn unsampled(&self, order: f64) -> f64 {
+    /// Rényi DP of one round without sampling, at each integer order ≥ 2.
+    fn unsampled(&self) -> impl Fn(u64) -> f64 {
         let (l1, l2) = self.sensitivities();
         let mu = (self.noise_multiplier * self.scaled_bound).powi(2);
-        order * l2 * l2 / (2.0 * mu)
-            + (((2.0 * order - 1.0) * l2 * l2 + 6.0 * l1) / (4.0 * mu * mu))
-                .min(3.0 * l1 / (2.0 * mu))
+        move |order| {
+            let order = order as f64;
+            order * l2 * l2 / (2.0 * mu)
+                + (((2.0 * order - 1.0) * l2 * l2 + 6.0 * l1) / (4.0 * mu * mu))
+                    .min(3.0 * l1 / (2.0 * mu))
+        }
     }
 
     /// Rényi DP of all the rounds at `order` (> 1).
@@ -95,11 +98,12 @@ impl SampledSkellam {
         if q == 0.0 {
             return 0.0;
         }
-        let plain = self.unsampled(alpha as f64);
+        let unsampled = self.unsampled();
+        let plain = unsampled(alpha);
         if q == 1.0 {
             return plain;
         }
-        plain.min(amplified(q, alpha, |l| self.unsampled(l as f64)))
+        plain.min(amplified(q, alpha, unsampled))
     }
 
     /// The smallest ε for `delta` over `orders`.
