@@ -169,11 +169,11 @@ impl Quantizer {
         let bound = f64::from(self.clip_bound);
         let weight = input.weight.clamp(0.0, 1.0);
         let clip = if norm > bound { bound / norm } else { 1.0 };
+        if let Some(noise) = self.noise {
+            return self.encode_noised(input.delta, clip, weight, noise, rng);
+        }
         let delta_scale = self.delta_scale() * clip * weight;
         let extra_scale = self.headroom();
-        if let Some(noise) = self.noise {
-            return self.encode_noised(input.delta, clip * weight, weight, noise, rng);
-        }
         let (chars, per_char) = match self.held_out_chars {
             0 => (0.0, 1.0),
             most => (
@@ -202,17 +202,17 @@ impl Quantizer {
         Ok(out)
     }
 
-    /// Distributed DP's encoding: the delta scaled by `factor` (its clip and
-    /// weight), rounded within the bound, noised; then the weight.
+    /// Distributed DP's encoding: the delta clipped (by `clip`) and weighted,
+    /// rounded within the bound, noised; then the weight.
     fn encode_noised(
         &self,
         delta: &[f32],
-        factor: f64,
+        clip: f64,
         weight: f64,
         noise: DeviceNoise,
         rng: &mut impl RngCore,
     ) -> Result<Vec<u32>, SecAggError> {
-        let scale = self.delta_scale() * factor;
+        let scale = self.delta_scale() * clip * weight;
         let bound_squared = noise.rounded_bound * noise.rounded_bound;
         let mut rounded = vec![0i64; delta.len()];
         let mut tries = 0;
@@ -552,5 +552,12 @@ mod tests {
         assert!(noised(2000, 1e8).check().is_ok());
         assert!(noised(2200, 1e8).check().is_err());
         assert!(noised(20, 1e16).check().is_err());
+        // What a hostile server could send instead of a plan.
+        for variance in [f64::NAN, f64::INFINITY, -1.0] {
+            assert!(noised(20, variance).check().is_err(), "{variance}");
+        }
+        let mut no_scale = noised(20, 1e8);
+        no_scale.noise.as_mut().unwrap().scaled_bound = f64::NAN;
+        assert!(no_scale.check().is_err());
     }
 }

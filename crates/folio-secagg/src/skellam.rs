@@ -11,12 +11,20 @@ pub fn skellam(variance: f64, rng: &mut impl RngCore) -> i64 {
     poisson(half, rng) - poisson(half, rng)
 }
 
+/// Means above this are drawn as two halves: f64 keeps every integer of the
+/// draw exact.
+const MOST_MEAN: f64 = (1u64 << 50) as f64;
+
 /// One Poisson draw of mean `mean`: by multiplication under 10, else by
 /// Hörmann's transformed rejection with squeeze (PTRS, 1993), whose acceptance
-/// test is taken in a form that keeps its precision at means of 10¹⁵.
+/// test is taken in a form that keeps its precision at means of 10¹⁵; above
+/// 2⁵⁰ as the sum of two draws of half the mean (a sum of Poissons is Poisson).
 pub fn poisson(mean: f64, rng: &mut impl RngCore) -> i64 {
     if mean <= 0.0 {
         return 0;
+    }
+    if mean > MOST_MEAN {
+        return poisson(mean / 2.0, rng) + poisson(mean / 2.0, rng);
     }
     if mean < 10.0 {
         let limit = (-mean).exp();
@@ -147,5 +155,13 @@ mod tests {
             );
         }
         assert_eq!(skellam(0.0, &mut rng), 0);
+        // Past 2⁵⁰ (drawn in halves): still the variance asked, and odd values
+        // as often as even ones (no granularity lost to f64).
+        let n = 20_000;
+        let draws: Vec<i64> = (0..n).map(|_| skellam(1e17, &mut rng)).collect();
+        let var = draws.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n as f64;
+        assert!((var / 1e17 - 1.0).abs() < 0.05, "variance {var}");
+        let odd = draws.iter().filter(|&&x| x % 2 != 0).count();
+        assert!((9_000..11_000).contains(&odd), "{odd} odd of {n}");
     }
 }
